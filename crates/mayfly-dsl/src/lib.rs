@@ -1,0 +1,17 @@
+//! The NoETL v2 playbook dialect: span-preserving parsing, validation and templating.
+//!
+//! Pure: no IO. Every error names `file:line:col` and, where relevant, the step.
+
+pub mod node;
+pub mod playbook;
+pub mod template;
+
+pub use node::{Loc, Node, NodeV};
+pub use playbook::{
+    Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec, Next,
+    NextMode, ParseOptions, Playbook, Rule, SetOp, SetTarget, Step, Task, ToolKind, parse,
+};
+pub use template::{TemplateError, Templates, templates, to_value, truthy};
+
+#[cfg(test)]
+mod tests;

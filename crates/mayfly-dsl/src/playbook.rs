@@ -1,0 +1,995 @@
+//! The NoETL v2 playbook model and its parser/validator.
+
+use crate::node::{Loc, Node, NodeV};
+use crate::template::{Templates, templates};
+use serde_json::{Map, Value};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+
+/// One validation or parse problem, located in the source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub loc: Loc,
+    pub step: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.loc.line, self.loc.col, self.message)?;
+        if let Some(s) = &self.step {
+            write!(f, " (step `{s}`)")?;
+        }
+        Ok(())
+    }
+}
+
+/// All problems found in a playbook (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DslError {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl fmt::Display for DslError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Tool kinds this build can execute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ToolKind {
+    Python,
+    Shell,
+    Http,
+    Playbook,
+    Noop,
+}
+
+impl ToolKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolKind::Python => "python",
+            ToolKind::Shell => "shell",
+            ToolKind::Http => "http",
+            ToolKind::Playbook => "playbook",
+            ToolKind::Noop => "noop",
+        }
+    }
+}
+
+/// Loop execution mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopMode {
+    Sequential,
+    Parallel,
+}
+
+/// Router mode of `next`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextMode {
+    /// First arc (in YAML order) whose `when` holds.
+    Exclusive,
+    /// Every arc whose `when` holds (parallel fan-out).
+    Inclusive,
+}
+
+/// Where a `set` key writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetTarget {
+    /// `ctx.x` or a bare `x`: execution-scoped, visible as `{{ x }}` and `{{ ctx.x }}`.
+    Ctx(String),
+    /// `step.x`: merged into this step's own result object.
+    Step(String),
+}
+
+/// One `set` assignment (value is a template node).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SetOp {
+    pub target: SetTarget,
+    pub value: Node,
+}
+
+/// Backoff curve for `do: retry`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backoff {
+    Fixed,
+    Linear,
+    Exponential,
+}
+
+/// What a task policy rule tells the worker to do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Directive {
+    Continue,
+    Retry { attempts: u32, delay_s: f64, backoff: Backoff, max_delay_s: f64 },
+    Jump { to: String },
+    Break,
+    Fail,
+}
+
+/// A policy rule: `when` (None = the `else` rule) → directive (+ set).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub when: Option<Node>,
+    pub directive: Directive,
+    pub set: Vec<SetOp>,
+    pub loc: Loc,
+}
+
+/// One task of a step's tool pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    pub name: String,
+    pub kind: ToolKind,
+    /// The task's fields other than `name`, `kind` and `spec` (templated at run time).
+    pub config: Node,
+    pub rules: Vec<Rule>,
+    pub timeout_s: Option<f64>,
+    pub loc: Loc,
+}
+
+/// `loop:` of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoopSpec {
+    pub items: Node,
+    pub iterator: String,
+    pub mode: LoopMode,
+    pub max_in_flight: Option<Node>,
+    pub loc: Loc,
+}
+
+/// One routing arc.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Arc {
+    pub step: String,
+    pub when: Option<Node>,
+    pub set: Vec<SetOp>,
+    pub loc: Loc,
+}
+
+/// `next:` of a step; no arcs = the branch ends here.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Next {
+    pub mode: NextMode,
+    pub arcs: Vec<Arc>,
+}
+
+/// One workflow step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub desc: Option<String>,
+    pub loc: Loc,
+    /// Empty = pure routing step (completed inline by the engine).
+    pub tasks: Vec<Task>,
+    pub input: Option<Node>,
+    pub set: Vec<SetOp>,
+    pub looping: Option<LoopSpec>,
+    pub next: Next,
+    pub timeout_s: Option<f64>,
+}
+
+impl Step {
+    /// True when the engine can complete this step itself: no tool, or only `noop` tasks.
+    pub fn is_inline(&self) -> bool {
+        self.tasks.iter().all(|t| t.kind == ToolKind::Noop)
+    }
+
+    /// The playbook task, when this step runs a child playbook.
+    pub fn playbook_task(&self) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.kind == ToolKind::Playbook)
+    }
+}
+
+/// A root `keychain:` entry (resolution happens in workers; see the server issue).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeychainEntry {
+    pub name: String,
+    pub kind: Option<String>,
+    pub spec: Value,
+    pub loc: Loc,
+}
+
+/// A parsed and validated playbook.
+#[derive(Clone, Debug)]
+pub struct Playbook {
+    pub file: String,
+    pub source: String,
+    /// `sha256:` of the source text: the playbook's immutable version id.
+    pub digest: String,
+    pub name: String,
+    /// Catalog path (`metadata.path`, defaulting to the name).
+    pub path: String,
+    pub description: Option<String>,
+    pub workload: Map<String, Value>,
+    pub keychain: Vec<KeychainEntry>,
+    pub steps: Vec<Step>,
+    index: HashMap<String, usize>,
+    /// reach[i][j]: step j can be reached from step i by following one or more arcs.
+    reach: Vec<Vec<bool>>,
+    in_degree: Vec<usize>,
+}
+
+/// The entry step name (the NoETL Rust engine's rule).
+pub const ENTRY_STEP: &str = "start";
+
+/// Names every template may read besides workload keys, step names and ctx keys.
+const SCOPE_NAMES: &[&str] = &[
+    "workload", "ctx", "steps", "iter", "event", "output", "result", "execution_id", "path", "version",
+    "loop_index", "keychain", "input", "attempt", "_prev", "data", "range", "dict", "namespace", "debug",
+    "lipsum", "cycler", "joiner", "true", "false", "none", "True", "False", "None",
+];
+
+/// Options for [`parse`].
+#[derive(Clone, Debug, Default)]
+pub struct ParseOptions {
+    /// Extra workload keys that will exist at run time (e.g. `--set` overrides).
+    pub extra_vars: Vec<String>,
+}
+
+impl Playbook {
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.index.get(name).map(|&i| &self.steps[i])
+    }
+
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// A join is a step that arcs from two or more distinct steps lead to.
+    pub fn is_join(&self, name: &str) -> bool {
+        self.index.get(name).is_some_and(|&i| self.in_degree[i] >= 2)
+    }
+
+    /// True when `to` can be reached from `from` by following arcs.
+    pub fn reaches(&self, from: &str, to: &str) -> bool {
+        match (self.index.get(from), self.index.get(to)) {
+            (Some(&f), Some(&t)) => self.reach[f][t],
+            _ => false,
+        }
+    }
+
+    /// Location string for messages: `file:line:col`.
+    pub fn at(&self, loc: Loc) -> String {
+        format!("{}:{}:{}", self.file, loc.line, loc.col)
+    }
+}
+
+/// Parse and validate a playbook. `file` is used only in messages.
+pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, DslError> {
+    let root: Node = serde_saphyr::from_str(source).map_err(|e| {
+        let loc = e
+            .location()
+            .map(|l| Loc { line: l.line() as u32, col: l.column() as u32 })
+            .unwrap_or(Loc { line: 1, col: 1 });
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("invalid YAML").to_owned();
+        DslError {
+            diagnostics: vec![Diagnostic {
+                file: file.to_owned(),
+                loc,
+                step: None,
+                message: format!("invalid YAML: {first}"),
+            }],
+        }
+    })?;
+    let mut p = Parser { file, diags: Vec::new(), step: None };
+    let pb = p.playbook(&root, source, opts);
+    if p.diags.is_empty()
+        && let Some(pb) = pb
+    {
+        return Ok(pb);
+    }
+    if p.diags.is_empty() {
+        p.diags.push(Diagnostic { file: file.into(), loc: root.loc, step: None, message: "invalid playbook".into() });
+    }
+    Err(DslError { diagnostics: p.diags })
+}
+
+struct Parser<'a> {
+    file: &'a str,
+    diags: Vec<Diagnostic>,
+    step: Option<String>,
+}
+
+impl Parser<'_> {
+    fn err(&mut self, loc: Loc, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            file: self.file.to_owned(),
+            loc,
+            step: self.step.clone(),
+            message: message.into(),
+        });
+    }
+
+    fn string(&mut self, n: &Node, what: &str) -> Option<String> {
+        match &n.v {
+            NodeV::Str(s) => Some(s.clone()),
+            NodeV::Int(i) => Some(i.to_string()),
+            NodeV::Float(f) => Some(f.to_string()),
+            NodeV::Bool(b) => Some(b.to_string()),
+            _ => {
+                self.err(n.loc, format!("`{what}` must be a string, found {}", n.type_name()));
+                None
+            }
+        }
+    }
+
+    fn number(&mut self, n: &Node, what: &str) -> Option<f64> {
+        match &n.v {
+            NodeV::Int(i) => Some(*i as f64),
+            NodeV::Float(f) => Some(*f),
+            NodeV::Str(s) => match s.trim().parse::<f64>() {
+                Ok(f) => Some(f),
+                Err(_) => {
+                    self.err(n.loc, format!("`{what}` must be a number, found `{s}`"));
+                    None
+                }
+            },
+            _ => {
+                self.err(n.loc, format!("`{what}` must be a number, found {}", n.type_name()));
+                None
+            }
+        }
+    }
+
+    fn map<'n>(&mut self, n: &'n Node, what: &str) -> Option<&'n [(String, Loc, Node)]> {
+        match &n.v {
+            NodeV::Map(m) => Some(m),
+            _ => {
+                self.err(n.loc, format!("`{what}` must be a mapping, found {}", n.type_name()));
+                None
+            }
+        }
+    }
+
+    fn check_templates(&mut self, n: &Node) {
+        match &n.v {
+            NodeV::Str(s) => {
+                if let Err(m) = templates().check(s) {
+                    self.err(n.loc, format!("template error: {m}"));
+                }
+            }
+            NodeV::Seq(items) => items.iter().for_each(|i| self.check_templates(i)),
+            NodeV::Map(entries) => entries.iter().for_each(|(_, _, v)| self.check_templates(v)),
+            _ => {}
+        }
+    }
+
+    fn playbook(&mut self, root: &Node, source: &str, opts: &ParseOptions) -> Option<Playbook> {
+        self.map(root, "document")?;
+        match root.get("apiVersion").and_then(Node::as_str) {
+            Some("noetl.io/v2") => {}
+            Some(other) => {
+                let loc = root.get("apiVersion").map(|n| n.loc).unwrap_or(root.loc);
+                self.err(loc, format!("unsupported apiVersion `{other}` (expected `noetl.io/v2`)"))
+            }
+            None => self.err(root.loc, "missing `apiVersion: noetl.io/v2`"),
+        }
+        match root.get("kind").and_then(Node::as_str) {
+            Some("Playbook") => {}
+            Some(other) => {
+                let loc = root.get("kind").map(|n| n.loc).unwrap_or(root.loc);
+                self.err(loc, format!("unsupported kind `{other}` (expected `Playbook`)"))
+            }
+            None => self.err(root.loc, "missing `kind: Playbook`"),
+        }
+        let (name, path, description) = match root.get("metadata") {
+            Some(m) if self.map(m, "metadata").is_some() => {
+                let name = match m.get("name") {
+                    Some(n) => self.string(n, "metadata.name"),
+                    None => {
+                        self.err(m.loc, "`metadata.name` is required");
+                        None
+                    }
+                };
+                let path = m.get("path").and_then(|p| self.string(p, "metadata.path"));
+                let desc = m.get("description").and_then(|d| self.string(d, "metadata.description"));
+                (name, path, desc)
+            }
+            Some(_) => (None, None, None),
+            None => {
+                self.err(root.loc, "missing `metadata` (with at least `name`)");
+                (None, None, None)
+            }
+        };
+        let workload = match root.get("workload") {
+            None => Map::new(),
+            Some(w) if w.is_null() => Map::new(),
+            Some(w) => match w.to_json() {
+                Value::Object(m) => m,
+                _ => {
+                    self.err(w.loc, "`workload` must be a mapping");
+                    Map::new()
+                }
+            },
+        };
+        let keychain = self.keychain(root.get("keychain"));
+        let workbook: HashMap<String, Node> = self.workbook(root.get("workbook"));
+
+        let Some(wf) = root.get("workflow") else {
+            self.err(root.loc, "missing `workflow` (a list of steps)");
+            return None;
+        };
+        let Some(items) = wf.as_seq() else {
+            self.err(wf.loc, format!("`workflow` must be a list of steps, found {}", wf.type_name()));
+            return None;
+        };
+        if items.is_empty() {
+            self.err(wf.loc, "`workflow` has no steps");
+        }
+        let mut steps = Vec::new();
+        let mut index = HashMap::new();
+        for item in items {
+            if let Some(step) = self.step_def(item, &workbook) {
+                if index.contains_key(&step.name) {
+                    self.step = Some(step.name.clone());
+                    self.err(step.loc, format!("duplicate step name `{}`", step.name));
+                } else {
+                    index.insert(step.name.clone(), steps.len());
+                    steps.push(step);
+                }
+            }
+            self.step = None;
+        }
+        if !steps.is_empty() && !index.contains_key(ENTRY_STEP) {
+            self.err(wf.loc, format!("no entry step: the workflow must contain a step named `{ENTRY_STEP}`"));
+        }
+        // Arcs must point at real steps.
+        for s in &steps {
+            for a in &s.next.arcs {
+                if !index.contains_key(&a.step) {
+                    self.step = Some(s.name.clone());
+                    let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+                    self.err(a.loc, format!("arc to unknown step `{}` (steps: {})", a.step, known.join(", ")));
+                }
+            }
+        }
+        self.step = None;
+        self.check_condition_scope(&steps, &workload, opts);
+
+        let n = steps.len();
+        let mut in_degree = vec![0usize; n];
+        let mut adj = vec![Vec::new(); n];
+        for (i, s) in steps.iter().enumerate() {
+            let mut seen = BTreeSet::new();
+            for a in &s.next.arcs {
+                if let Some(&j) = index.get(&a.step) {
+                    adj[i].push(j);
+                    if seen.insert(j) {
+                        in_degree[j] += 1;
+                    }
+                }
+            }
+        }
+        let reach = (0..n)
+            .map(|i| {
+                let mut r = vec![false; n];
+                let mut q: VecDeque<usize> = adj[i].iter().copied().collect();
+                while let Some(j) = q.pop_front() {
+                    if !r[j] {
+                        r[j] = true;
+                        q.extend(adj[j].iter().copied());
+                    }
+                }
+                r
+            })
+            .collect();
+        let name = name?;
+        Some(Playbook {
+            file: self.file.to_owned(),
+            source: source.to_owned(),
+            digest: mayfly_trust::sha256_digest(source.as_bytes()),
+            path: path.unwrap_or_else(|| name.clone()),
+            name,
+            description,
+            workload,
+            keychain,
+            steps,
+            index,
+            reach,
+            in_degree,
+        })
+    }
+
+    fn keychain(&mut self, n: Option<&Node>) -> Vec<KeychainEntry> {
+        let Some(n) = n else { return Vec::new() };
+        let Some(items) = n.as_seq() else {
+            if !n.is_null() {
+                self.err(n.loc, "`keychain` must be a list of {name, kind, …} entries");
+            }
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for it in items {
+            match it.get("name").and_then(Node::as_str) {
+                Some(name) => out.push(KeychainEntry {
+                    name: name.to_owned(),
+                    kind: it.get("kind").and_then(Node::as_str).map(str::to_owned),
+                    spec: it.to_json(),
+                    loc: it.loc,
+                }),
+                None => self.err(it.loc, "keychain entry needs a `name`"),
+            }
+        }
+        out
+    }
+
+    fn workbook(&mut self, n: Option<&Node>) -> HashMap<String, Node> {
+        let mut out = HashMap::new();
+        let Some(n) = n else { return out };
+        let Some(items) = n.as_seq() else {
+            if !n.is_null() {
+                self.err(n.loc, "`workbook` must be a list of {name, tool} entries");
+            }
+            return out;
+        };
+        for it in items {
+            match (it.get("name").and_then(Node::as_str), it.get("tool")) {
+                (Some(name), Some(tool)) => {
+                    out.insert(name.to_owned(), tool.clone());
+                }
+                _ => self.err(it.loc, "workbook entry needs `name` and `tool`"),
+            }
+        }
+        out
+    }
+
+    fn step_def(&mut self, n: &Node, workbook: &HashMap<String, Node>) -> Option<Step> {
+        let entries = self.map(n, "workflow item")?;
+        let name = match n.get("step") {
+            Some(s) => self.string(s, "step")?,
+            None => {
+                self.err(n.loc, "workflow item is missing `step` (its name)");
+                return None;
+            }
+        };
+        self.step = Some(name.clone());
+        for (k, loc, _) in entries {
+            match k.as_str() {
+                "case" => self.err(*loc, "legacy `case` routing is not supported; use `next: {arcs: [...]}`"),
+                "when" => self.err(*loc, "step-level `when` guards are not supported; put the condition on the incoming arc"),
+                _ => {}
+            }
+        }
+        let desc = n.get("desc").or(n.get("description")).and_then(|d| self.string(d, "desc"));
+        let input = n.get("input").filter(|i| !i.is_null()).cloned();
+        if let Some(i) = &input {
+            if self.map(i, "input").is_some() {
+                self.check_templates(i);
+            }
+        }
+        let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+        let mut timeout_s = None;
+        let mut step_rules = Vec::new();
+        if let Some(spec) = n.get("spec").filter(|s| !s.is_null()) {
+            if self.map(spec, "spec").is_some() {
+                timeout_s = spec.get("timeout").and_then(|t| self.number(t, "spec.timeout"));
+                if let Some(rules) = spec.get("policy").and_then(|p| p.get("rules")) {
+                    step_rules = self.rules(rules);
+                }
+            }
+        }
+        let mut tasks = match n.get("tool") {
+            None => Vec::new(),
+            Some(t) if t.is_null() => Vec::new(),
+            Some(t) => match &t.v {
+                NodeV::Map(_) => self.task(t, &name, workbook).into_iter().collect(),
+                NodeV::Seq(items) => items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, it)| self.task(it, &format!("task_{}", i + 1), workbook))
+                    .collect(),
+                _ => {
+                    self.err(t.loc, format!("`tool` must be a mapping or a list of tasks, found {}", t.type_name()));
+                    Vec::new()
+                }
+            },
+        };
+        for t in tasks.iter_mut() {
+            if t.rules.is_empty() {
+                t.rules = step_rules.clone();
+            }
+        }
+        let mut names = BTreeSet::new();
+        for t in &tasks {
+            if !names.insert(t.name.clone()) {
+                self.err(t.loc, format!("duplicate task name `{}` in the pipeline", t.name));
+            }
+        }
+        for t in &tasks {
+            for r in &t.rules {
+                if let Directive::Jump { to } = &r.directive
+                    && !names.contains(to)
+                {
+                    self.err(r.loc, format!("`jump` to unknown task `{to}`"));
+                }
+            }
+        }
+        if tasks.iter().any(|t| t.kind == ToolKind::Playbook) && tasks.len() > 1 {
+            let loc = tasks[0].loc;
+            self.err(loc, "a `playbook` task must be the only task of its step (the step awaits the child execution)");
+        }
+        let looping = n.get("loop").filter(|l| !l.is_null()).and_then(|l| self.loop_spec(l));
+        let next = self.next(n.get("next"));
+        Some(Step { name, desc, loc: n.loc, tasks, input, set, looping, next, timeout_s })
+    }
+
+    fn task(&mut self, n: &Node, default_name: &str, workbook: &HashMap<String, Node>) -> Option<Task> {
+        let entries = self.map(n, "tool")?;
+        let kind_node = match n.get("kind") {
+            Some(k) => k,
+            None => {
+                self.err(n.loc, "tool is missing `kind`");
+                return None;
+            }
+        };
+        let kind_str = self.string(kind_node, "kind")?;
+        if kind_str == "workbook" {
+            let Some(target) = n.get("name").and_then(Node::as_str) else {
+                self.err(n.loc, "`kind: workbook` needs `name` (the workbook task)");
+                return None;
+            };
+            let Some(tool) = workbook.get(target) else {
+                self.err(n.loc, format!("unknown workbook task `{target}`"));
+                return None;
+            };
+            // The reference's own `input` overrides the workbook task's.
+            let mut tool = tool.clone();
+            if let (Some(over), NodeV::Map(tm)) = (n.get("input"), &mut tool.v) {
+                match tm.iter_mut().find(|(k, _, _)| k == "input") {
+                    Some((_, _, existing)) => {
+                        if let (NodeV::Map(base), NodeV::Map(add)) = (&mut existing.v, &over.v) {
+                            for (k, l, v) in add {
+                                base.retain(|(bk, _, _)| bk != k);
+                                base.push((k.clone(), *l, v.clone()));
+                            }
+                        } else {
+                            *existing = over.clone();
+                        }
+                    }
+                    None => tm.push(("input".into(), over.loc, over.clone())),
+                }
+            }
+            if let NodeV::Map(tm) = &mut tool.v {
+                tm.retain(|(k, _, _)| k != "name");
+                tm.push(("name".into(), n.loc, Node { loc: n.loc, v: NodeV::Str(target.to_owned()) }));
+            }
+            return self.task(&tool, target, &HashMap::new());
+        }
+        let kind = match kind_str.as_str() {
+            "python" => ToolKind::Python,
+            "shell" => ToolKind::Shell,
+            "http" => ToolKind::Http,
+            "playbook" => ToolKind::Playbook,
+            "noop" => ToolKind::Noop,
+            "postgres" | "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai" | "secrets"
+            | "transfer" | "mcp" | "agent" => {
+                self.err(
+                    kind_node.loc,
+                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, playbook, noop)"),
+                );
+                return None;
+            }
+            other => {
+                self.err(
+                    kind_node.loc,
+                    format!("unknown tool kind `{other}` (available: python, shell, http, playbook, noop)"),
+                );
+                return None;
+            }
+        };
+        let name = n.get("name").and_then(Node::as_str).unwrap_or(default_name).to_owned();
+        let mut rules = Vec::new();
+        let mut timeout_s = None;
+        if let Some(spec) = n.get("spec").filter(|s| !s.is_null()) {
+            if let Some(r) = spec.get("policy").and_then(|p| p.get("rules")) {
+                rules = self.rules(r);
+            }
+            timeout_s = spec.get("timeout").and_then(|t| self.number(t, "spec.timeout"));
+        }
+        if let Some(t) = n.get("timeout_seconds").or(n.get("timeout")) {
+            timeout_s = self.number(t, "timeout");
+        }
+        let config_entries: Vec<(String, Loc, Node)> = entries
+            .iter()
+            .filter(|(k, _, _)| !matches!(k.as_str(), "name" | "kind" | "spec"))
+            .cloned()
+            .collect();
+        let config = Node { loc: n.loc, v: NodeV::Map(config_entries) };
+        match kind {
+            ToolKind::Python => match config.get("code") {
+                Some(c) if c.as_str().is_some() => {}
+                Some(c) => self.err(c.loc, "python `code` must be a string"),
+                None => self.err(n.loc, "python tool needs `code`"),
+            },
+            ToolKind::Shell => {
+                if config.get("cmds").or(config.get("command")).or(config.get("cmd")).is_none() {
+                    self.err(n.loc, "shell tool needs `cmds` (a list) or `command`");
+                }
+            }
+            ToolKind::Http => {
+                if config.get("url").or(config.get("endpoint")).is_none() {
+                    self.err(n.loc, "http tool needs `url`");
+                }
+            }
+            ToolKind::Playbook => {
+                if config.get("path").is_none() {
+                    self.err(n.loc, "playbook tool needs `path`");
+                }
+            }
+            ToolKind::Noop => {}
+        }
+        // `code` is handed to Python verbatim (never templated); check everything else.
+        if let NodeV::Map(m) = &config.v {
+            for (k, _, v) in m {
+                if !(kind == ToolKind::Python && k == "code") {
+                    self.check_templates(v);
+                }
+            }
+        }
+        Some(Task { name, kind, config, rules, timeout_s, loc: n.loc })
+    }
+
+    fn rules(&mut self, n: &Node) -> Vec<Rule> {
+        let Some(items) = n.as_seq() else {
+            self.err(n.loc, "`policy.rules` must be a list");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for it in items {
+            let (when, then) = if let Some(e) = it.get("else") {
+                (None, e.get("then").unwrap_or(e))
+            } else {
+                match it.get("then") {
+                    Some(t) => (it.get("when").cloned(), t),
+                    None => {
+                        self.err(it.loc, "policy rule needs `then` (or `else: {then: …}`)");
+                        continue;
+                    }
+                }
+            };
+            if let Some(w) = &when {
+                self.check_templates(w);
+            }
+            let (directive, set) = match &then.v {
+                NodeV::Str(s) => (self.directive(s, then, then.loc), Vec::new()),
+                NodeV::Map(_) => {
+                    let d = match then.get("do") {
+                        Some(dn) => match dn.as_str() {
+                            Some(s) => self.directive(s, then, dn.loc),
+                            None => {
+                                self.err(dn.loc, "`do` must be one of continue, retry, jump, break, fail");
+                                None
+                            }
+                        },
+                        None => Some(Directive::Continue),
+                    };
+                    let set = then.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+                    (d, set)
+                }
+                _ => {
+                    self.err(then.loc, "`then` must be a mapping like {do: retry, attempts: 3}");
+                    (None, Vec::new())
+                }
+            };
+            if let Some(directive) = directive {
+                out.push(Rule { when, directive, set, loc: it.loc });
+            }
+        }
+        out
+    }
+
+    fn directive(&mut self, s: &str, then: &Node, loc: Loc) -> Option<Directive> {
+        Some(match s {
+            "continue" => Directive::Continue,
+            "break" => Directive::Break,
+            "fail" => Directive::Fail,
+            "jump" => match then.get("to").and_then(Node::as_str) {
+                Some(to) => Directive::Jump { to: to.to_owned() },
+                None => {
+                    self.err(loc, "`do: jump` needs `to: <task name>`");
+                    return None;
+                }
+            },
+            "retry" => {
+                let attempts = match then.get("attempts").or(then.get("max_attempts")) {
+                    Some(a) => self.number(a, "attempts").map(|f| f.max(1.0) as u32).unwrap_or(3),
+                    None => 3,
+                };
+                let delay_s = then.get("delay").and_then(|d| self.number(d, "delay")).unwrap_or(1.0);
+                let max_delay_s = then.get("max_delay").and_then(|d| self.number(d, "max_delay")).unwrap_or(60.0);
+                let backoff = match then.get("backoff").and_then(Node::as_str) {
+                    None | Some("fixed") | Some("constant") => Backoff::Fixed,
+                    Some("linear") => Backoff::Linear,
+                    Some("exponential") => Backoff::Exponential,
+                    Some(other) => {
+                        self.err(loc, format!("unknown backoff `{other}` (fixed, linear, exponential)"));
+                        Backoff::Fixed
+                    }
+                };
+                Directive::Retry { attempts, delay_s, backoff, max_delay_s }
+            }
+            other => {
+                self.err(loc, format!("unknown policy directive `{other}` (continue, retry, jump, break, fail)"));
+                return None;
+            }
+        })
+    }
+
+    fn set_ops(&mut self, n: &Node) -> Vec<SetOp> {
+        let Some(entries) = self.map(n, "set") else { return Vec::new() };
+        let mut out = Vec::new();
+        for (k, loc, v) in entries {
+            self.check_templates(v);
+            let target = if let Some(rest) = k.strip_prefix("ctx.") {
+                SetTarget::Ctx(rest.to_owned())
+            } else if let Some(rest) = k.strip_prefix("step.") {
+                SetTarget::Step(rest.to_owned())
+            } else if k.starts_with("iter.") {
+                self.err(*loc, format!("`set: {k}`: iteration-scoped `iter.*` assignments are not supported; use `ctx.*` or `step.*`"));
+                continue;
+            } else {
+                SetTarget::Ctx(k.clone())
+            };
+            out.push(SetOp { target, value: v.clone() });
+        }
+        out
+    }
+
+    fn loop_spec(&mut self, n: &Node) -> Option<LoopSpec> {
+        self.map(n, "loop")?;
+        let Some(items) = n.get("in").or(n.get("items")) else {
+            self.err(n.loc, "`loop` needs `in` (the collection)");
+            return None;
+        };
+        self.check_templates(items);
+        let iterator = match n.get("iterator").or(n.get("element")) {
+            Some(i) => self.string(i, "iterator")?,
+            None => "item".to_owned(),
+        };
+        let spec = n.get("spec");
+        let mode_node = spec.and_then(|s| s.get("mode")).or(n.get("mode"));
+        let mode = match mode_node.and_then(Node::as_str) {
+            None | Some("sequential") => LoopMode::Sequential,
+            Some("parallel") | Some("async") => LoopMode::Parallel,
+            Some(other) => {
+                let loc = mode_node.map(|m| m.loc).unwrap_or(n.loc);
+                self.err(loc, format!("unknown loop mode `{other}` (sequential, parallel)"));
+                LoopMode::Sequential
+            }
+        };
+        let max_in_flight = spec.and_then(|s| s.get("max_in_flight")).or(n.get("concurrency")).cloned();
+        if let Some(m) = &max_in_flight {
+            self.check_templates(m);
+        }
+        Some(LoopSpec { items: items.clone(), iterator, mode, max_in_flight, loc: n.loc })
+    }
+
+    fn arc(&mut self, n: &Node) -> Option<Arc> {
+        match &n.v {
+            NodeV::Str(s) => Some(Arc { step: s.clone(), when: None, set: Vec::new(), loc: n.loc }),
+            NodeV::Map(_) => {
+                let Some(step) = n.get("step").and_then(|s| self.string(s, "step")) else {
+                    self.err(n.loc, "arc needs `step` (the target)");
+                    return None;
+                };
+                let when = n.get("when").cloned();
+                if let Some(w) = &when {
+                    self.check_templates(w);
+                }
+                let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+                Some(Arc { step, when, set, loc: n.loc })
+            }
+            _ => {
+                self.err(n.loc, format!("an arc must be a step name or a mapping, found {}", n.type_name()));
+                None
+            }
+        }
+    }
+
+    fn next(&mut self, n: Option<&Node>) -> Next {
+        let mut next = Next { mode: NextMode::Exclusive, arcs: Vec::new() };
+        let Some(n) = n else { return next };
+        match &n.v {
+            NodeV::Null => {}
+            NodeV::Str(_) => next.arcs.extend(self.arc(n)),
+            NodeV::Seq(items) => {
+                for it in items {
+                    next.arcs.extend(self.arc(it));
+                }
+            }
+            NodeV::Map(_) => {
+                if let Some(arcs) = n.get("arcs") {
+                    match arcs.as_seq() {
+                        Some(items) => {
+                            for it in items {
+                                next.arcs.extend(self.arc(it));
+                            }
+                        }
+                        None => self.err(arcs.loc, "`next.arcs` must be a list"),
+                    }
+                    let mode = n.get("spec").and_then(|s| s.get("mode"));
+                    match mode.and_then(Node::as_str) {
+                        None | Some("exclusive") => {}
+                        Some("inclusive") => next.mode = NextMode::Inclusive,
+                        Some(other) => {
+                            let loc = mode.map(|m| m.loc).unwrap_or(n.loc);
+                            self.err(loc, format!("unknown next mode `{other}` (exclusive, inclusive)"));
+                        }
+                    }
+                } else if n.get("step").is_some() {
+                    next.arcs.extend(self.arc(n));
+                } else {
+                    self.err(n.loc, "`next` must be a step name, a list of arcs, or {spec, arcs}");
+                }
+            }
+            _ => self.err(n.loc, format!("`next` must be a step name, a list or a mapping, found {}", n.type_name())),
+        }
+        next
+    }
+
+    /// Strict static check of `when` conditions: every root variable must be in scope.
+    /// Run time is lenient (chainable undefined) for NoETL compatibility; this catches typos.
+    fn check_condition_scope(&mut self, steps: &[Step], workload: &Map<String, Value>, opts: &ParseOptions) {
+        let mut known: BTreeSet<String> = SCOPE_NAMES.iter().map(|s| s.to_string()).collect();
+        known.extend(workload.keys().cloned());
+        known.extend(opts.extra_vars.iter().cloned());
+        for s in steps {
+            known.insert(s.name.clone());
+            if let Some(l) = &s.looping {
+                known.insert(l.iterator.clone());
+            }
+            let all_sets = s
+                .set
+                .iter()
+                .chain(s.next.arcs.iter().flat_map(|a| a.set.iter()))
+                .chain(s.tasks.iter().flat_map(|t| t.rules.iter().flat_map(|r| r.set.iter())));
+            for op in all_sets {
+                if let SetTarget::Ctx(k) = &op.target {
+                    known.insert(k.split('.').next().unwrap_or(k).to_owned());
+                }
+            }
+            for t in &s.tasks {
+                known.insert(t.name.clone());
+            }
+        }
+        for s in steps {
+            self.step = Some(s.name.clone());
+            let conds: Vec<&Node> = s
+                .next
+                .arcs
+                .iter()
+                .filter_map(|a| a.when.as_ref())
+                .chain(s.tasks.iter().flat_map(|t| t.rules.iter().filter_map(|r| r.when.as_ref())))
+                .collect();
+            for c in conds {
+                let Some(text) = c.as_str() else { continue };
+                match templates().variables(text, !Templates::is_template(text)) {
+                    Ok(vars) => {
+                        for v in vars {
+                            if !known.contains(&v) {
+                                self.err(
+                                    c.loc,
+                                    format!("undefined variable `{v}` in `when` (not a workload key, step, ctx key, loop iterator or scope name)"),
+                                );
+                            }
+                        }
+                    }
+                    // Template syntax errors were already reported by check_templates.
+                    Err(m) if !Templates::is_template(text) => self.err(c.loc, format!("invalid condition: {m}")),
+                    Err(_) => {}
+                }
+            }
+        }
+        self.step = None;
+    }
+}

@@ -1,0 +1,193 @@
+use crate::*;
+
+fn ok(src: &str) -> Playbook {
+    for (i, l) in src.lines().enumerate() {
+        eprintln!("{:3} {l}", i + 1);
+    }
+    match parse("pb.yaml", src, &ParseOptions::default()) {
+        Ok(p) => p,
+        Err(e) => panic!("unexpected error:\n{e}"),
+    }
+}
+
+fn err(src: &str) -> DslError {
+    match parse("pb.yaml", src, &ParseOptions::default()) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+const HEAD: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata:\n  name: t\n";
+
+#[test]
+fn full_dialect_parses() {
+    let src = format!("{HEAD}{}", r#"  path: demo/full
+workload:
+  users: [1, 2]
+  temp: 30
+keychain:
+  - name: pg
+    kind: secret_manager
+workbook:
+  - name: compute
+    tool: {kind: python, code: "result = 1", input: {a: 1}}
+workflow:
+  - step: start
+    desc: entry
+    tool: {kind: workbook, name: compute, input: {b: 2}}
+    set: {ctx.flag: "{{ start }}", step.extra: 1, plain: 2}
+    next:
+      spec: {mode: inclusive}
+      arcs:
+        - {step: a, when: "{{ temp > 20 }}", set: {ctx.x: 1}}
+        - step: b
+  - step: a
+    loop: {in: "{{ users }}", iterator: user, spec: {mode: parallel, max_in_flight: 4}}
+    tool:
+      - name: fetch
+        kind: http
+        url: "http://x/{{ user }}"
+        spec:
+          policy:
+            rules:
+              - when: "{{ output.status == 'error' }}"
+                then: {do: retry, attempts: 5, delay: 0.1, backoff: exponential}
+              - else:
+                  then: {do: continue, set: {ctx.ok: true}}
+      - name: post
+        kind: python
+        code: |
+          return {'x': input_data}
+    next: [end]
+  - step: b
+    tool: {kind: shell, cmds: ["echo hi"]}
+    next: end
+  - step: end
+"#);
+    let pb = ok(&src);
+    assert_eq!(pb.path, "demo/full");
+    assert!(pb.digest.starts_with("sha256:"));
+    assert_eq!(pb.keychain.len(), 1);
+    let start = pb.step("start").expect("start");
+    assert_eq!(start.tasks.len(), 1);
+    assert_eq!(start.tasks[0].name, "compute");
+    assert_eq!(start.tasks[0].kind, ToolKind::Python);
+    let input = start.tasks[0].config.get("input").expect("input").to_json();
+    assert_eq!(input, serde_json::json!({"a": 1, "b": 2}));
+    assert_eq!(start.set.len(), 3);
+    assert_eq!(start.set[1].target, SetTarget::Step("extra".into()));
+    assert_eq!(start.set[2].target, SetTarget::Ctx("plain".into()));
+    assert_eq!(start.next.mode, NextMode::Inclusive);
+    assert_eq!(start.next.arcs.len(), 2);
+    let a = pb.step("a").expect("a");
+    let l = a.looping.as_ref().expect("loop");
+    assert_eq!((l.iterator.as_str(), l.mode), ("user", LoopMode::Parallel));
+    assert_eq!(a.tasks.len(), 2);
+    assert_eq!(a.tasks[0].rules.len(), 2);
+    assert!(matches!(a.tasks[0].rules[0].directive, Directive::Retry { attempts: 5, backoff: Backoff::Exponential, .. }));
+    assert!(a.tasks[0].rules[1].when.is_none());
+    assert!(pb.is_join("end"));
+    assert!(!pb.is_join("a"));
+    assert!(pb.reaches("start", "end"));
+    assert!(!pb.reaches("end", "start"));
+    assert!(pb.step("end").expect("end").is_inline());
+}
+
+#[test]
+fn malformed_yaml_names_line_and_column() {
+    let e = err("apiVersion: noetl.io/v2\nkind: [unclosed\n");
+    let d = &e.diagnostics[0];
+    assert!(d.message.starts_with("invalid YAML"), "{d}");
+    assert!(d.loc.line >= 2, "{d}");
+    assert!(e.to_string().starts_with("pb.yaml:"));
+}
+
+#[test]
+fn unknown_tool_kind() {
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool:\n      kind: teleport\n"));
+    let d = &e.diagnostics[0];
+    assert_eq!((d.loc.line, d.loc.col), (8, 13));
+    assert_eq!(d.step.as_deref(), Some("start"));
+    assert!(d.message.contains("unknown tool kind `teleport`"), "{d}");
+}
+
+#[test]
+fn missing_start() {
+    let e = err(&format!("{HEAD}workflow:\n  - step: begin\n"));
+    assert!(e.diagnostics.iter().any(|d| d.message.contains("named `start`")), "{e}");
+}
+
+#[test]
+fn arc_to_unknown_step() {
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    next:\n      arcs:\n        - step: nowhere\n"));
+    let d = &e.diagnostics[0];
+    assert!(d.message.contains("unknown step `nowhere`"), "{d}");
+    assert_eq!(d.loc.line, 9);
+    assert_eq!(e.to_string(), format!("pb.yaml:9:11: {} (step `start`)", d.message));
+}
+
+#[test]
+fn template_syntax_error_is_located() {
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool:\n      kind: shell\n      cmds: [\"echo {{{{ x + }}}}\"]\n"
+    ));
+    let d = &e.diagnostics[0];
+    assert!(d.message.starts_with("template error"), "{d}");
+    assert_eq!(d.loc.line, 9);
+}
+
+#[test]
+fn undefined_variable_in_when_is_a_validation_error() {
+    let src = format!(
+        "{HEAD}workload: {{temp: 1}}\nworkflow:\n  - step: start\n    next:\n      arcs:\n        - {{step: end, when: \"{{{{ temprature > 1 }}}}\"}}\n  - step: end\n"
+    );
+    let e = err(&src);
+    let d = &e.diagnostics[0];
+    assert!(d.message.contains("undefined variable `temprature`"), "{d}");
+    assert_eq!(d.loc.line, 10);
+    // The same condition with the right name, or a --set override, is fine.
+    ok(&src.replace("temprature", "temp"));
+    let opts = ParseOptions { extra_vars: vec!["temprature".into()] };
+    assert!(parse("pb.yaml", &src, &opts).is_ok());
+}
+
+#[test]
+fn wrong_api_version_and_kind() {
+    let e = err("apiVersion: noetl.io/v1\nkind: Job\nmetadata: {name: x}\nworkflow: [{step: start}]\n");
+    assert_eq!(e.diagnostics.len(), 2, "{e}");
+    assert!(e.diagnostics[0].message.contains("apiVersion"));
+    assert!(e.diagnostics[1].message.contains("kind"));
+}
+
+#[test]
+fn structural_errors() {
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n  - step: start\n"));
+    assert!(e.diagnostics[0].message.contains("duplicate step"), "{e}");
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool: {{kind: python}}\n"));
+    assert!(e.diagnostics[0].message.contains("needs `code`"), "{e}");
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    loop: {{iterator: x}}\n"));
+    assert!(e.diagnostics[0].message.contains("needs `in`"), "{e}");
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    set: {{iter.x: 1}}\n"));
+    assert!(e.diagnostics[0].message.contains("iter.*"), "{e}");
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool:\n      - {{name: a, kind: noop, spec: {{policy: {{rules: [{{then: {{do: jump, to: zz}}}}]}}}}}}\n"
+    ));
+    assert!(e.diagnostics[0].message.contains("unknown task `zz`"), "{e}");
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool: {{kind: postgres, query: x}}\n"));
+    assert!(e.diagnostics[0].message.contains("not available"), "{e}");
+    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    case: []\n"));
+    assert!(e.diagnostics[0].message.contains("case"), "{e}");
+    let e = err(&format!("{HEAD}workflow: {{}}\n"));
+    assert!(e.diagnostics[0].message.contains("list of steps"), "{e}");
+}
+
+#[test]
+fn next_shorthands() {
+    let pb = ok(&format!(
+        "{HEAD}workflow:\n  - step: start\n    next: a\n  - step: a\n    next: [{{step: b, when: \"{{{{ true }}}}\"}}, c]\n  - step: b\n    next: {{step: c}}\n  - step: c\n"
+    ));
+    assert_eq!(pb.step("start").expect("s").next.arcs[0].step, "a");
+    assert_eq!(pb.step("a").expect("a").next.arcs.len(), 2);
+    assert_eq!(pb.step("b").expect("b").next.arcs[0].step, "c");
+    assert!(pb.is_join("c"));
+}

@@ -1,0 +1,368 @@
+//! Identifiers and the canonical event envelope shared by every mayfly crate.
+//!
+//! Nothing here performs IO. The envelope is the on-disk and on-wire contract of the
+//! event log (DESIGN §3); changing a field name is a breaking change to stored data.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Identifies one execution of a playbook. Opaque string (UUIDv7 when minted by mayfly).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExecutionId(pub String);
+
+impl fmt::Display for ExecutionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for ExecutionId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// Deterministic command id: `<execution_id>/<seq of its command.issued event>`.
+/// Deterministic so that replaying the log reproduces the same ids.
+pub fn command_id(execution: &ExecutionId, issued_seq: u64) -> String {
+    format!("{}/{}", execution.0, issued_seq)
+}
+
+/// Every kind of event the log can hold. Serialized as the dotted names used in DESIGN §3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "execution.requested")]
+    ExecutionRequested,
+    #[serde(rename = "execution.started")]
+    ExecutionStarted,
+    #[serde(rename = "execution.completed")]
+    ExecutionCompleted,
+    #[serde(rename = "execution.failed")]
+    ExecutionFailed,
+    #[serde(rename = "execution.cancelled")]
+    ExecutionCancelled,
+    #[serde(rename = "command.issued")]
+    CommandIssued,
+    #[serde(rename = "command.claimed")]
+    CommandClaimed,
+    #[serde(rename = "command.completed")]
+    CommandCompleted,
+    #[serde(rename = "step.started")]
+    StepStarted,
+    #[serde(rename = "step.finished")]
+    StepFinished,
+    #[serde(rename = "step.failed")]
+    StepFailed,
+    #[serde(rename = "step.routed")]
+    StepRouted,
+    #[serde(rename = "join.released")]
+    JoinReleased,
+    #[serde(rename = "loop.started")]
+    LoopStarted,
+    #[serde(rename = "loop.done")]
+    LoopDone,
+    #[serde(rename = "child.requested")]
+    ChildRequested,
+    #[serde(rename = "child.started")]
+    ChildStarted,
+}
+
+impl EventKind {
+    /// The dotted wire name, e.g. `step.finished`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::ExecutionRequested => "execution.requested",
+            EventKind::ExecutionStarted => "execution.started",
+            EventKind::ExecutionCompleted => "execution.completed",
+            EventKind::ExecutionFailed => "execution.failed",
+            EventKind::ExecutionCancelled => "execution.cancelled",
+            EventKind::CommandIssued => "command.issued",
+            EventKind::CommandClaimed => "command.claimed",
+            EventKind::CommandCompleted => "command.completed",
+            EventKind::StepStarted => "step.started",
+            EventKind::StepFinished => "step.finished",
+            EventKind::StepFailed => "step.failed",
+            EventKind::StepRouted => "step.routed",
+            EventKind::JoinReleased => "join.released",
+            EventKind::LoopStarted => "loop.started",
+            EventKind::LoopDone => "loop.done",
+            EventKind::ChildRequested => "child.requested",
+            EventKind::ChildStarted => "child.started",
+        }
+    }
+
+    /// Parse a dotted wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(Value::String(s.to_owned())).ok()
+    }
+
+    /// True for the kinds that end an execution.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            EventKind::ExecutionCompleted | EventKind::ExecutionFailed | EventKind::ExecutionCancelled
+        )
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The canonical event envelope (DESIGN §3). `hash = sha256(canonical(envelope without hash
+/// and position))`; `prev_hash` links to the previous event of the same execution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub execution_id: ExecutionId,
+    /// Dense per execution, starting at 1.
+    pub seq: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
+    /// Unix epoch milliseconds when the event was sealed.
+    pub at: u64,
+    /// Who appended it (`engine`, `worker:<id>`, `cli`).
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub playbook_digest: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_ref: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+    /// Global log position assigned by the store (the RootToken); not part of the hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+}
+
+/// The hash of "no previous event".
+pub const GENESIS_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// An event before it is sealed (seq, timestamps and hashes assigned by the appender).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Draft {
+    pub kind: EventKind,
+    pub step: Option<String>,
+    pub attempt: Option<u32>,
+    pub command_id: Option<String>,
+    pub payload: Value,
+}
+
+impl Draft {
+    /// A draft with only a kind and payload.
+    pub fn new(kind: EventKind, payload: Value) -> Self {
+        Self { kind, step: None, attempt: None, command_id: None, payload }
+    }
+
+    /// Attach the step name.
+    pub fn step(mut self, step: impl Into<String>) -> Self {
+        self.step = Some(step.into());
+        self
+    }
+
+    /// Attach a command id and its delivery attempt.
+    pub fn command(mut self, id: impl Into<String>, attempt: u32) -> Self {
+        self.command_id = Some(id.into());
+        self.attempt = Some(attempt);
+        self
+    }
+}
+
+/// A structured error carried in events and results. `code` is stable, `message` human.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorInfo {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { code: code.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Payload of `execution.requested`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionRequested {
+    /// Catalog path (`metadata.path`, or the playbook name).
+    pub path: String,
+    /// Where the playbook was loaded from, if a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The fully merged workload (playbook defaults overlaid with overrides).
+    pub workload: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// Link from a child execution (playbook tool) to the step that awaits it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub execution_id: ExecutionId,
+    pub step: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+/// Payload of `command.issued`: one block for a worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandIssued {
+    pub step: String,
+    /// Loop iteration index, when the step loops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+/// Payload of `step.finished` (a step, or one loop iteration when `index` is set).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepFinished {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub result: Value,
+    /// Context mutations produced by task policy `then.set` inside the worker.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub set: Map<String, Value>,
+    /// True when the engine completed the step itself (noop / pure routing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// Payload of `step.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepFailed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub error: ErrorInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// Payload of `step.routed`: the outcome of evaluating `set` and `next` after a step ends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRouted {
+    /// `call.done`, `call.error` or `loop.done`.
+    pub event: String,
+    pub to: Vec<String>,
+    /// Context mutations (step `set`, then the fired arcs' `set`), applied in order.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub set: Map<String, Value>,
+    /// Step-result mutations from `set: {step.x: …}`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub step_set: Map<String, Value>,
+}
+
+/// Payload of `loop.started`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopStarted {
+    pub items: Vec<Value>,
+}
+
+/// Payload of `loop.done`: per-iteration results in item order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopDone {
+    pub results: Vec<Value>,
+}
+
+/// Payload of `child.requested` (playbook tool).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildRequested {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub path: String,
+    pub input: Map<String, Value>,
+}
+
+/// Payload of `child.started`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChildStarted {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub child_execution_id: ExecutionId,
+}
+
+/// Payload of `execution.completed`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionCompleted {
+    pub result: Value,
+}
+
+/// Payload of `execution.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionFailed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub error: ErrorInfo,
+}
+
+/// Current wall clock in unix milliseconds. Used only by appenders, never by `decide()`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_kind_round_trips_every_name() {
+        let all = [
+            EventKind::ExecutionRequested,
+            EventKind::ExecutionStarted,
+            EventKind::ExecutionCompleted,
+            EventKind::ExecutionFailed,
+            EventKind::ExecutionCancelled,
+            EventKind::CommandIssued,
+            EventKind::CommandClaimed,
+            EventKind::CommandCompleted,
+            EventKind::StepStarted,
+            EventKind::StepFinished,
+            EventKind::StepFailed,
+            EventKind::StepRouted,
+            EventKind::JoinReleased,
+            EventKind::LoopStarted,
+            EventKind::LoopDone,
+            EventKind::ChildRequested,
+            EventKind::ChildStarted,
+        ];
+        for k in all {
+            assert_eq!(EventKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).ok(), Some(Value::String(k.as_str().into())));
+        }
+        assert_eq!(EventKind::parse("nope"), None);
+        assert!(EventKind::ExecutionFailed.is_terminal());
+        assert!(!EventKind::StepFinished.is_terminal());
+    }
+
+    #[test]
+    fn command_ids_are_deterministic() {
+        let e = ExecutionId::from("abc");
+        assert_eq!(command_id(&e, 7), "abc/7");
+    }
+
+    #[test]
+    fn step_finished_omits_empty_fields() {
+        let p = StepFinished { index: None, result: Value::Null, set: Map::new(), inline: false, duration_ms: None };
+        assert_eq!(serde_json::to_string(&p).ok().as_deref(), Some(r#"{"result":null}"#));
+    }
+}
