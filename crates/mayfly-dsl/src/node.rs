@@ -170,7 +170,7 @@ impl<'de> Deserialize<'de> for Key {
                 Ok(Key("null".into()))
             }
         }
-        d.deserialize_any(KV)
+        d.deserialize_string(KV)
     }
 }
 

@@ -265,7 +265,10 @@ impl Playbook {
 
 /// Parse and validate a playbook. `file` is used only in messages.
 pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, DslError> {
-    let root: Node = serde_saphyr::from_str(source).map_err(|e| {
+    // YAML 1.2 core booleans: `n`, `y`, `on`, `off` stay strings (keys like `n:` are common).
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let root: Node = serde_saphyr::from_str_with_options(source, options).map_err(|e| {
         let loc = e
             .location()
             .map(|l| Loc { line: l.line() as u32, col: l.column() as u32 })

@@ -191,3 +191,11 @@ fn next_shorthands() {
     assert_eq!(pb.step("b").expect("b").next.arcs[0].step, "c");
     assert!(pb.is_join("c"));
 }
+
+#[test]
+fn yaml_1_2_booleans_keep_short_keys_as_strings() {
+    let pb = ok(&format!("{HEAD}workload: {{n: 2, y: on, flag: true}}\nworkflow:\n  - step: start\n"));
+    assert_eq!(pb.workload.get("n"), Some(&serde_json::json!(2)));
+    assert_eq!(pb.workload.get("y"), Some(&serde_json::json!("on")));
+    assert_eq!(pb.workload.get("flag"), Some(&serde_json::json!(true)));
+}

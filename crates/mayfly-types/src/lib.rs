@@ -260,7 +260,11 @@ pub struct StepFailed {
 pub struct StepRouted {
     /// `call.done`, `call.error` or `loop.done`.
     pub event: String,
+    /// Targets entered now.
     pub to: Vec<String>,
+    /// Join targets: this arrival is counted; the join runs once nothing upstream is active.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joins: Vec<String>,
     /// Context mutations (step `set`, then the fired arcs' `set`), applied in order.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub set: Map<String, Value>,

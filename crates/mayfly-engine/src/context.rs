@@ -1,0 +1,58 @@
+//! The template scope of an execution, exactly as the NoETL reference describes it.
+//!
+//! Later writes win: workload keys (bare and `workload.*`) < step results (bare `<name>`
+//! with a `.data` alias, and `steps.<name>` envelopes) < ctx keys (bare and `ctx.*`).
+
+use crate::state::ExecState;
+use serde_json::{Map, Value, json};
+
+/// The loop iteration a block runs for.
+#[derive(Clone, Copy, Debug)]
+pub struct Iteration<'a> {
+    pub iterator: &'a str,
+    pub value: &'a Value,
+    pub index: usize,
+}
+
+/// A step's data as exposed bare: objects gain a `.data` alias of themselves, so
+/// `{{ fetch.x }}` and `{{ fetch.data.x }}` both work.
+pub fn alias(result: &Value) -> Value {
+    match result {
+        Value::Object(m) if !m.contains_key("data") => {
+            let mut out = m.clone();
+            out.insert("data".into(), result.clone());
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}
+
+/// Build the render context for a step (optionally inside a loop iteration).
+pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, Value> {
+    let mut m = st.workload.clone();
+    m.insert("workload".into(), Value::Object(st.workload.clone()));
+    let mut steps = Map::new();
+    for (name, rec) in &st.results {
+        let mut env = Map::new();
+        env.insert("status".into(), Value::String(rec.status.clone()));
+        env.insert("data".into(), rec.result.clone());
+        if let Some(e) = &rec.error {
+            env.insert("error".into(), json!(e));
+        }
+        steps.insert(name.clone(), Value::Object(env));
+        m.insert(name.clone(), alias(&rec.result));
+    }
+    m.insert("steps".into(), Value::Object(steps));
+    for (k, v) in &st.ctx {
+        m.insert(k.clone(), v.clone());
+    }
+    m.insert("ctx".into(), Value::Object(st.ctx.clone()));
+    m.insert("execution_id".into(), Value::String(st.execution_id.0.clone()));
+    m.insert("path".into(), Value::String(st.path.clone()));
+    if let Some(it) = iteration {
+        m.insert(it.iterator.to_owned(), it.value.clone());
+        m.insert("loop_index".into(), json!(it.index));
+        m.insert("iter".into(), json!({ it.iterator: it.value, "index": it.index }));
+    }
+    m
+}

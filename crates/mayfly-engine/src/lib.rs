@@ -1,0 +1,14 @@
+//! The pure orchestration core: execution state is a fold of events, and `decide()` says
+//! what happens next. No IO, no clocks, no randomness: replay reproduces every decision.
+
+pub mod context;
+pub mod decide;
+pub mod policy;
+pub mod state;
+
+pub use context::{Iteration, alias, context};
+pub use decide::{DEFAULT_PARALLEL_WINDOW, decide};
+pub use state::{ApplyError, ExecState, LoopState, PendingCommand, Report, StepRecord, Status};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,368 @@
+//! Execution state: a pure fold over the event log.
+
+use mayfly_types::{
+    ChildRequested, ChildStarted, CommandIssued, ErrorInfo, Event, EventKind, ExecutionCompleted, ExecutionFailed,
+    ExecutionId, ExecutionRequested, GENESIS_HASH, LoopDone, LoopStarted, ParentRef, StepFailed, StepFinished,
+    StepRouted,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Lifecycle of an execution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The latest outcome of a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// `ok` or `error`.
+    pub status: String,
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    /// How many times the step has completed (re-entry through cycles counts).
+    pub runs: u32,
+}
+
+/// Progress of a looping step.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct LoopState {
+    pub items: Vec<Value>,
+    /// Next item to issue.
+    pub next_index: usize,
+    /// Issued to workers/children and not yet finished.
+    pub in_flight: usize,
+    pub done: usize,
+    pub results: Vec<Value>,
+    pub finished: bool,
+    /// The first failed iteration aborts the loop; only its failure is routed.
+    pub first_failure: Option<usize>,
+}
+
+/// A block handed to a worker and not yet completed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingCommand {
+    pub step: String,
+    pub index: Option<usize>,
+    /// Latest delivery attempt that claimed it (0 = never claimed).
+    pub attempt: u32,
+}
+
+/// Everything known about one execution, derived only from its events.
+#[derive(Clone, Debug)]
+pub struct ExecState {
+    pub execution_id: ExecutionId,
+    pub path: String,
+    pub playbook_digest: String,
+    pub status: Status,
+    pub workload: Map<String, Value>,
+    pub ctx: Map<String, Value>,
+    pub results: BTreeMap<String, StepRecord>,
+    /// Active tokens per step (entered and not yet routed onwards).
+    pub active: BTreeMap<String, u32>,
+    /// Arrivals waiting at join steps.
+    pub arrivals: BTreeMap<String, u32>,
+    pub loops: BTreeMap<String, LoopState>,
+    pub commands: BTreeMap<String, PendingCommand>,
+    /// Child executions awaited: (step, index) → child id once started.
+    pub children: BTreeMap<(String, Option<usize>), Option<ExecutionId>>,
+    pub parent: Option<ParentRef>,
+    pub result: Option<Value>,
+    pub error: Option<ErrorInfo>,
+    pub failed_step: Option<String>,
+    /// Result of the most recent step that ended a branch (no outgoing arc fired).
+    pub last_terminal: Value,
+    pub last_seq: u64,
+    pub last_hash: String,
+    pub steps_finished: u64,
+}
+
+/// An event could not be folded (it does not fit the state: corrupt or foreign log).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot apply event seq {seq} ({kind}): {reason}")]
+pub struct ApplyError {
+    pub seq: u64,
+    pub kind: String,
+    pub reason: String,
+}
+
+impl ExecState {
+    /// Empty state for an execution id (before `execution.requested`).
+    pub fn new(execution_id: ExecutionId) -> Self {
+        ExecState {
+            execution_id,
+            path: String::new(),
+            playbook_digest: String::new(),
+            status: Status::Pending,
+            workload: Map::new(),
+            ctx: Map::new(),
+            results: BTreeMap::new(),
+            active: BTreeMap::new(),
+            arrivals: BTreeMap::new(),
+            loops: BTreeMap::new(),
+            commands: BTreeMap::new(),
+            children: BTreeMap::new(),
+            parent: None,
+            result: None,
+            error: None,
+            failed_step: None,
+            last_terminal: Value::Null,
+            last_seq: 0,
+            last_hash: GENESIS_HASH.to_owned(),
+            steps_finished: 0,
+        }
+    }
+
+    /// Fold a whole log.
+    pub fn fold<'a>(execution_id: ExecutionId, events: impl IntoIterator<Item = &'a Event>) -> Result<Self, ApplyError> {
+        let mut st = ExecState::new(execution_id);
+        for e in events {
+            st.apply(e)?;
+        }
+        Ok(st)
+    }
+
+    /// Total active tokens (entered steps not yet routed onwards).
+    pub fn active_total(&self) -> u32 {
+        self.active.values().sum()
+    }
+
+    fn dec_active(&mut self, step: &str) {
+        if let Some(n) = self.active.get_mut(step) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.active.remove(step);
+            }
+        }
+    }
+
+    /// Apply one event. Pure and deterministic: replay yields the same state.
+    pub fn apply(&mut self, ev: &Event) -> Result<(), ApplyError> {
+        let fail = |reason: String| ApplyError { seq: ev.seq, kind: ev.kind.to_string(), reason };
+        fn p<T: serde::de::DeserializeOwned>(ev: &Event) -> Result<T, ApplyError> {
+            serde_json::from_value(ev.payload.clone()).map_err(|e| ApplyError {
+                seq: ev.seq,
+                kind: ev.kind.to_string(),
+                reason: format!("bad payload: {e}"),
+            })
+        }
+        let step = || ev.step.clone().ok_or_else(|| fail("event has no step".into()));
+        match ev.kind {
+            EventKind::ExecutionRequested => {
+                let r: ExecutionRequested = p(ev)?;
+                self.path = r.path;
+                self.workload = r.workload;
+                self.parent = r.parent;
+                self.playbook_digest = ev.playbook_digest.clone();
+            }
+            EventKind::ExecutionStarted => {
+                self.status = Status::Running;
+                *self.active.entry(mayfly_dsl::ENTRY_STEP.to_owned()).or_default() += 1;
+            }
+            EventKind::CommandIssued => {
+                let c: CommandIssued = p(ev)?;
+                let id = ev.command_id.clone().ok_or_else(|| fail("command.issued without command_id".into()))?;
+                if let Some(i) = c.index {
+                    self.issue_item(&c.step, i);
+                }
+                self.commands.insert(id, PendingCommand { step: c.step, index: c.index, attempt: 0 });
+            }
+            EventKind::CommandClaimed => {
+                if let Some(c) = ev.command_id.as_ref().and_then(|id| self.commands.get_mut(id)) {
+                    c.attempt = ev.attempt.unwrap_or(1);
+                }
+            }
+            EventKind::StepStarted => {}
+            EventKind::CommandCompleted => {
+                if let Some(id) = &ev.command_id {
+                    self.commands.remove(id);
+                }
+            }
+            EventKind::StepFinished => {
+                let f: StepFinished = p(ev)?;
+                let s = step()?;
+                for (k, v) in f.set {
+                    self.ctx.insert(k, v);
+                }
+                self.steps_finished += 1;
+                match f.index {
+                    Some(i) => {
+                        self.children.remove(&(s.clone(), Some(i)));
+                        let l = self.loops.get_mut(&s).ok_or_else(|| fail(format!("no loop running for `{s}`")))?;
+                        if f.inline {
+                            l.next_index = l.next_index.max(i + 1);
+                        } else {
+                            l.in_flight = l.in_flight.saturating_sub(1);
+                        }
+                        if let Some(slot) = l.results.get_mut(i) {
+                            *slot = f.result;
+                        }
+                        l.done += 1;
+                    }
+                    None => {
+                        self.children.remove(&(s.clone(), None));
+                        let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
+                        self.results.insert(s, StepRecord { status: "ok".into(), result: f.result, error: None, runs });
+                    }
+                }
+            }
+            EventKind::StepFailed => {
+                let f: StepFailed = p(ev)?;
+                let s = step()?;
+                self.children.remove(&(s.clone(), f.index));
+                if let Some(i) = f.index {
+                    if let Some(l) = self.loops.get_mut(&s) {
+                        l.in_flight = l.in_flight.saturating_sub(1);
+                        l.done += 1;
+                        l.finished = true;
+                        l.first_failure.get_or_insert(i);
+                        if let Some(slot) = l.results.get_mut(i) {
+                            *slot = serde_json::json!({"error": f.error});
+                        }
+                    }
+                }
+                let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
+                self.results.insert(s, StepRecord { status: "error".into(), result: Value::Null, error: Some(f.error), runs });
+            }
+            EventKind::StepRouted => {
+                let r: StepRouted = p(ev)?;
+                let s = step()?;
+                for (k, v) in r.set {
+                    self.ctx.insert(k, v);
+                }
+                if let Some(rec) = self.results.get_mut(&s) {
+                    if !r.step_set.is_empty() {
+                        if !rec.result.is_object() {
+                            rec.result = Value::Object(Map::new());
+                        }
+                        if let Value::Object(m) = &mut rec.result {
+                            m.extend(r.step_set);
+                        }
+                    }
+                    if r.to.is_empty() && r.joins.is_empty() {
+                        self.last_terminal = rec.result.clone();
+                    }
+                }
+                self.dec_active(&s);
+                for t in r.to {
+                    *self.active.entry(t).or_default() += 1;
+                }
+                for j in r.joins {
+                    *self.arrivals.entry(j).or_default() += 1;
+                }
+            }
+            EventKind::JoinReleased => {
+                let s = step()?;
+                self.arrivals.remove(&s);
+                *self.active.entry(s).or_default() += 1;
+            }
+            EventKind::LoopStarted => {
+                let l: LoopStarted = p(ev)?;
+                let n = l.items.len();
+                self.loops.insert(step()?, LoopState { items: l.items, results: vec![Value::Null; n], ..Default::default() });
+            }
+            EventKind::LoopDone => {
+                let d: LoopDone = p(ev)?;
+                let s = step()?;
+                if let Some(l) = self.loops.get_mut(&s) {
+                    l.finished = true;
+                    // Items are no longer needed once the loop is done; keep memory bounded.
+                    l.items = Vec::new();
+                    l.results = Vec::new();
+                }
+                let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
+                self.results.insert(s, StepRecord { status: "ok".into(), result: Value::Array(d.results), error: None, runs });
+            }
+            EventKind::ChildRequested => {
+                let c: ChildRequested = p(ev)?;
+                let s = step()?;
+                if let Some(i) = c.index {
+                    self.issue_item(&s, i);
+                }
+                self.children.insert((s, c.index), None);
+            }
+            EventKind::ChildStarted => {
+                let c: ChildStarted = p(ev)?;
+                self.children.insert((step()?, c.index), Some(c.child_execution_id));
+            }
+            EventKind::ExecutionCompleted => {
+                let c: ExecutionCompleted = p(ev)?;
+                self.status = Status::Completed;
+                self.result = Some(c.result);
+            }
+            EventKind::ExecutionFailed => {
+                let f: ExecutionFailed = p(ev)?;
+                self.status = Status::Failed;
+                self.failed_step = f.step;
+                self.error = Some(f.error);
+            }
+            EventKind::ExecutionCancelled => {
+                self.status = Status::Cancelled;
+            }
+        }
+        self.last_seq = ev.seq;
+        self.last_hash = ev.hash.clone();
+        Ok(())
+    }
+
+    fn issue_item(&mut self, step: &str, i: usize) {
+        if let Some(l) = self.loops.get_mut(step) {
+            l.next_index = l.next_index.max(i + 1);
+            l.in_flight += 1;
+        }
+    }
+
+    /// The user-facing summary printed by `mayfly run` and `mayfly replay`.
+    pub fn report(&self) -> Report {
+        Report {
+            execution_id: self.execution_id.clone(),
+            path: self.path.clone(),
+            status: self.status,
+            result: self.result.clone().unwrap_or(Value::Null),
+            error: self.error.clone(),
+            failed_step: self.failed_step.clone(),
+            steps: self.results.iter().map(|(k, v)| (k.clone(), v.result.clone())).collect(),
+            ctx: self.ctx.clone(),
+            events: self.last_seq,
+        }
+    }
+}
+
+/// Final (or current) outcome of an execution.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub execution_id: ExecutionId,
+    pub path: String,
+    pub status: Status,
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    pub steps: BTreeMap<String, Value>,
+    pub ctx: Map<String, Value>,
+    pub events: u64,
+}

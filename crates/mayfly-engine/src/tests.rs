@@ -1,0 +1,350 @@
+//! decide() exercised through a deterministic in-memory driver that follows the appender
+//! contract (apply immediately, decide FIFO) and simulates workers with a closure.
+
+use crate::*;
+use mayfly_dsl::{ParseOptions, Playbook, parse};
+use mayfly_types::*;
+use serde_json::{Map, Value, json};
+use std::collections::VecDeque;
+
+type Worker = dyn Fn(&str, Option<usize>, &Map<String, Value>) -> Result<Value, String>;
+
+struct Sim {
+    pb: Playbook,
+    st: ExecState,
+    log: Vec<Event>,
+    /// Commands waiting for the simulated worker, in issue order.
+    pending: VecDeque<(String, String, Option<usize>)>,
+    max_concurrent: usize,
+    max_in_flight_seen: usize,
+}
+
+impl Sim {
+    fn new(src: &str) -> Sim {
+        let pb = parse("t.yaml", src, &ParseOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        Sim { pb, st: ExecState::new(ExecutionId::from("e1")), log: Vec::new(), pending: VecDeque::new(), max_concurrent: 0, max_in_flight_seen: 0 }
+    }
+
+    fn seal(&mut self, d: Draft) -> Event {
+        let seq = self.st.last_seq + 1;
+        let command_id = match d.kind {
+            EventKind::CommandIssued => Some(command_id(&self.st.execution_id, seq)),
+            _ => d.command_id,
+        };
+        Event {
+            execution_id: self.st.execution_id.clone(),
+            seq,
+            kind: d.kind,
+            step: d.step,
+            attempt: d.attempt,
+            command_id,
+            at: 0,
+            actor: "test".into(),
+            request_id: None,
+            playbook_digest: self.pb.digest.clone(),
+            payload: d.payload,
+            payload_ref: None,
+            prev_hash: String::new(),
+            hash: format!("h{seq}"),
+            position: None,
+        }
+    }
+
+    /// Append drafts following the contract; returns when the queue is drained.
+    fn push(&mut self, drafts: Vec<Draft>) {
+        let mut q = VecDeque::new();
+        for d in drafts {
+            let e = self.seal(d);
+            self.st.apply(&e).expect("apply");
+            self.log.push(e.clone());
+            q.push_back(e);
+        }
+        while let Some(ev) = q.pop_front() {
+            if ev.kind == EventKind::CommandIssued {
+                let p: CommandIssued = serde_json::from_value(ev.payload.clone()).expect("cmd");
+                self.pending.push_back((ev.command_id.clone().expect("id"), p.step, p.index));
+                self.max_in_flight_seen = self.max_in_flight_seen.max(self.pending.len());
+            }
+            for d in decide(&self.pb, &self.st, &ev) {
+                let e = self.seal(d);
+                self.st.apply(&e).expect("apply");
+                self.log.push(e.clone());
+                q.push_back(e);
+            }
+        }
+    }
+
+    fn run(&mut self, workload: Value, worker: &Worker) -> Report {
+        let Value::Object(mut w) = json!(self.pb.workload) else { unreachable!() };
+        if let Value::Object(o) = workload {
+            w.extend(o);
+        }
+        let req = ExecutionRequested { path: self.pb.path.clone(), source: None, workload: w, parent: None };
+        self.push(vec![Draft::new(EventKind::ExecutionRequested, json!(req))]);
+        let mut guard = 0;
+        while let Some((id, step, index)) = self.pending.pop_front() {
+            guard += 1;
+            assert!(guard < 100_000, "runaway");
+            self.max_concurrent = self.max_concurrent.max(self.pending.len() + 1);
+            let ctx = context(&self.st, None);
+            let outcome = worker(&step, index, &ctx);
+            let d = match outcome {
+                Ok(result) => Draft::new(
+                    EventKind::StepFinished,
+                    json!(StepFinished { index, result, set: Map::new(), inline: false, duration_ms: None }),
+                ),
+                Err(m) => Draft::new(
+                    EventKind::StepFailed,
+                    json!(StepFailed { index, error: ErrorInfo::new("tool_error", m), duration_ms: None }),
+                ),
+            };
+            let done = Draft::new(EventKind::CommandCompleted, json!({})).command(id.clone(), 1);
+            self.push(vec![d.step(&step).command(id, 1), done]);
+        }
+        // Replay must reproduce the same state.
+        let replayed = ExecState::fold(ExecutionId::from("e1"), &self.log).expect("fold");
+        assert_eq!(replayed.report(), self.st.report());
+        self.st.report()
+    }
+
+    fn kinds(&self) -> Vec<String> {
+        self.log
+            .iter()
+            .map(|e| match &e.step {
+                Some(s) => format!("{}:{s}", e.kind),
+                None => e.kind.to_string(),
+            })
+            .collect()
+    }
+
+    fn count(&self, kind: EventKind, step: &str) -> usize {
+        self.log.iter().filter(|e| e.kind == kind && e.step.as_deref() == Some(step)).count()
+    }
+}
+
+const H: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: t, path: tests/t}\n";
+
+fn echo(step: &str, index: Option<usize>, _: &Map<String, Value>) -> Result<Value, String> {
+    Ok(json!({"step": step, "index": index}))
+}
+
+#[test]
+fn linear_chain_completes_with_last_result() {
+    let mut s = Sim::new(&format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: b\n  - step: b\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n    tool: {{kind: python, code: x}}\n"
+    ));
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.result, json!({"step": "end", "index": null}));
+    assert_eq!(r.steps.len(), 3);
+    let k = s.kinds();
+    assert_eq!(&k[..3], ["execution.requested", "execution.started", "command.issued:start"]);
+    assert_eq!(k.last().map(String::as_str), Some("execution.completed"));
+    assert_eq!(s.count(EventKind::CommandIssued, "b"), 1);
+}
+
+#[test]
+fn set_and_scope_rules() {
+    let src = format!(
+        "{H}workload: {{message: hi, n: 2}}\nworkflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    set: {{ctx.seen: \"{{{{ start.v }}}}\", step.tag: extra, total: \"{{{{ n * 10 }}}}\"}}\n    next:\n      arcs:\n        - step: end\n          when: \"{{{{ ctx.seen == 7 and total == 20 and start.data.v == 7 and workload.message == message }}}}\"\n          set: {{ctx.arc: \"{{{{ seen + 1 }}}}\"}}\n  - step: end\n    input: {{msg: \"{{{{ message }}}}\", seen: \"{{{{ seen }}}}\", arc: \"{{{{ ctx.arc }}}}\", tag: \"{{{{ steps.start.data.tag }}}}\", st: \"{{{{ steps.start.status }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| Ok(json!({"v": 7})));
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.ctx, json!({"seen": 7, "total": 20, "arc": 8}).as_object().cloned().expect("o"));
+    assert_eq!(r.result, json!({"msg": "hi", "seen": 7, "arc": 8, "tag": "extra", "st": "ok"}));
+    assert_eq!(r.steps["start"], json!({"v": 7, "tag": "extra"}));
+}
+
+#[test]
+fn exclusive_picks_first_true_arc_in_order() {
+    let src = format!(
+        "{H}workload: {{t: 30}}\nworkflow:\n  - step: start\n    next:\n      spec: {{mode: exclusive}}\n      arcs:\n        - {{step: hot, when: \"{{{{ t >= 25 }}}}\"}}\n        - {{step: warm, when: \"{{{{ t >= 10 }}}}\"}}\n        - {{step: cold}}\n  - step: hot\n    next: end\n  - step: warm\n    next: end\n  - step: cold\n    next: end\n  - step: end\n"
+    );
+    for (t, want) in [(30, "hot"), (12, "warm"), (1, "cold")] {
+        let mut s = Sim::new(&src);
+        let r = s.run(json!({"t": t}), &echo);
+        assert_eq!(r.status, Status::Completed);
+        assert_eq!(r.steps.len(), 3, "t={t}");
+        assert!(r.steps.contains_key(want), "t={t}");
+        assert_eq!(s.count(EventKind::StepFinished, "end"), 1);
+    }
+}
+
+#[test]
+fn inclusive_fan_out_joins_once_after_both_branches() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    next:\n      spec: {{mode: inclusive}}\n      arcs: [{{step: a}}, {{step: b}}, {{step: never, when: \"{{{{ false }}}}\"}}]\n  - step: a\n    tool: {{kind: python, code: x}}\n    next: a2\n  - step: a2\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: b\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: never\n    next: end\n  - step: end\n    input: {{a: \"{{{{ a2.step }}}}\", b: \"{{{{ b.step }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(s.count(EventKind::StepFinished, "end"), 1, "{:#?}", s.kinds());
+    assert_eq!(s.count(EventKind::JoinReleased, "end"), 1);
+    assert_eq!(r.result, json!({"a": "a2", "b": "b"}));
+    assert!(!r.steps.contains_key("never"));
+    // both branches were in flight together
+    assert_eq!(s.max_in_flight_seen, 2);
+}
+
+#[test]
+fn exclusive_branches_converging_do_not_wait_for_the_untaken_branch() {
+    let src = format!(
+        "{H}workload: {{hot: true}}\nworkflow:\n  - step: start\n    next:\n      arcs:\n        - {{step: h, when: \"{{{{ hot }}}}\"}}\n        - {{step: c}}\n  - step: h\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: c\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(s.count(EventKind::StepFinished, "end"), 1);
+    assert!(!r.steps.contains_key("c"));
+}
+
+#[test]
+fn sequential_loop_runs_one_at_a_time_in_order() {
+    let src = format!(
+        "{H}workload: {{xs: [3, 1, 2]}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ xs }}}}\", iterator: x, spec: {{mode: sequential}}}}\n    tool: {{kind: python, code: x}}\n    next:\n      arcs:\n        - {{step: end, when: \"{{{{ event.name == 'loop.done' }}}}\"}}\n  - step: end\n    input: {{n: \"{{{{ start | length }}}}\", all: \"{{{{ start }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, i, _| Ok(json!(i.map(|i| i * 10))));
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.result, json!({"n": 3, "all": [0, 10, 20]}));
+    assert_eq!(s.max_in_flight_seen, 1);
+}
+
+#[test]
+fn parallel_loop_respects_window_and_keeps_item_order() {
+    let xs: Vec<u32> = (0..10).collect();
+    let src = format!(
+        "{H}workload: {{xs: {xs:?}}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ xs }}}}\", iterator: x, spec: {{mode: parallel, max_in_flight: 3}}}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, i, _| Ok(json!(i)));
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.result, json!(xs));
+    assert_eq!(s.max_in_flight_seen, 3);
+    assert_eq!(s.count(EventKind::CommandIssued, "start"), 10);
+}
+
+#[test]
+fn inline_noop_loop_fans_out_without_commands() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    loop: {{in: \"{{{{ range(1000) }}}}\", iterator: i, spec: {{mode: parallel}}}}\n    tool: {{kind: noop}}\n    input: {{sq: \"{{{{ i * i }}}}\", at: \"{{{{ loop_index }}}}\", it: \"{{{{ iter.i }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    let arr = r.result.as_array().expect("array");
+    assert_eq!(arr.len(), 1000);
+    assert_eq!(arr[999], json!({"sq": 998001, "at": 999, "it": 999}));
+    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::CommandIssued).count(), 0);
+    assert_eq!(s.count(EventKind::StepFinished, "start"), 1000);
+    assert_eq!(s.count(EventKind::LoopDone, "start"), 1);
+}
+
+#[test]
+fn sequential_inline_loop_and_empty_loop() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    loop: {{in: [a, b], iterator: v}}\n    next: e\n  - step: e\n    loop: {{in: [], iterator: v}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.steps["start"], json!(["a", "b"]));
+    assert_eq!(r.result, json!([]));
+}
+
+#[test]
+fn failure_without_error_arc_fails_execution() {
+    let src = format!("{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n");
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| Err("boom".into()));
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.failed_step.as_deref(), Some("start"));
+    assert_eq!(r.error.as_ref().map(|e| e.message.as_str()), Some("boom"));
+    assert!(!r.steps.contains_key("end"));
+}
+
+#[test]
+fn error_arcs_catch_failures() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next:\n      arcs:\n        - {{step: ok}}\n        - {{step: handle, when: \"{{{{ event.name == 'call.error' }}}}\", set: {{ctx.why: \"{{{{ error.message }}}}\"}}}}\n  - step: ok\n  - step: handle\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| Err("bad".into()));
+    assert_eq!(r.status, Status::Completed);
+    assert!(r.steps.contains_key("handle") && !r.steps.contains_key("ok"));
+    assert_eq!(r.ctx["why"], json!("bad"));
+}
+
+#[test]
+fn failed_iteration_fails_loop_once() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    loop: {{in: \"{{{{ range(6) }}}}\", iterator: i, spec: {{mode: parallel, max_in_flight: 3}}}}\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, i, _| if i == Some(1) || i == Some(2) { Err(format!("item {i:?}")) } else { Ok(json!(i)) });
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.error.as_ref().map(|e| e.message.as_str()), Some("item Some(1)"));
+    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::ExecutionFailed).count(), 1);
+    // No new items were issued after the failure.
+    assert!(s.count(EventKind::CommandIssued, "start") <= 4);
+}
+
+#[test]
+fn runtime_template_errors_fail_with_location() {
+    let src = format!(
+        "{H}workload: {{xs: 5}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ xs }}}}\", iterator: x}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Failed);
+    let e = r.error.expect("error");
+    assert_eq!(e.code, "loop_not_a_list");
+    assert!(e.message.starts_with("t.yaml:7:"), "{}", e.message);
+    let src = format!("{H}workflow:\n  - step: start\n    input: {{x: \"{{{{ 1 / 0 }}}}\"}}\n");
+    let r = Sim::new(&src).run(json!({}), &echo);
+    let e = r.error.expect("error");
+    assert_eq!(e.code, "template_error");
+    assert!(e.message.starts_with("t.yaml:6:") && e.message.contains("(step `start`)"), "{}", e.message);
+}
+
+#[test]
+fn child_playbook_request_carries_rendered_input() {
+    let src = format!(
+        "{H}workload: {{users: [{{id: 1}}, {{id: 2}}]}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ users }}}}\", iterator: user}}\n    tool:\n      - {{kind: playbook, path: ./child.yaml, input: {{user_data: \"{{{{ user }}}}\"}}}}\n"
+    );
+    let mut s = Sim::new(&src);
+    s.run(json!({}), &echo);
+    let reqs: Vec<&Event> = s.log.iter().filter(|e| e.kind == EventKind::ChildRequested).collect();
+    assert_eq!(reqs.len(), 1, "sequential: the next child waits for the first");
+    assert_eq!(reqs[0].payload, json!({"index": 0, "path": "./child.yaml", "input": {"user_data": {"id": 1}}}));
+    assert_eq!(s.st.status, Status::Running);
+    // Simulate the child finishing; the loop continues.
+    s.push(vec![Draft::new(EventKind::StepFinished, json!({"index": 0, "result": {"score": 1}})).step("start")]);
+    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::ChildRequested).count(), 2);
+    s.push(vec![Draft::new(EventKind::StepFinished, json!({"index": 1, "result": {"score": 2}})).step("start")]);
+    assert_eq!(s.st.status, Status::Completed);
+    assert_eq!(s.st.result, Some(json!([{"score": 1}, {"score": 2}])));
+}
+
+#[test]
+fn cycles_rerun_steps_until_condition() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    set: {{ctx.i: 0}}\n    next: body\n  - step: body\n    set: {{ctx.i: \"{{{{ i + 1 }}}}\"}}\n    next:\n      arcs:\n        - {{step: body, when: \"{{{{ i < 5 }}}}\"}}\n        - {{step: done}}\n  - step: done\n    input: {{i: \"{{{{ i }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(r.result, json!({"i": 5}));
+    assert_eq!(s.count(EventKind::StepFinished, "body"), 5);
+}
+
+#[test]
+fn terminal_state_ignores_further_events() {
+    let src = format!("{H}workflow:\n  - step: start\n");
+    let mut s = Sim::new(&src);
+    s.run(json!({}), &echo);
+    let n = s.log.len();
+    let last = s.log[n - 1].clone();
+    assert!(decide(&s.pb, &s.st, &last).is_empty());
+}
