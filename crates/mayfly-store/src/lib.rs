@@ -1,0 +1,140 @@
+//! The system of record: the append-only event log, the playbook catalog (immutable,
+//! content-addressed versions) and the durable command table that backs the embedded
+//! queue (transactional outbox with leases).
+//!
+//! Backends implement [`Store`]; every backend must pass [`conformance`].
+
+use async_trait::async_trait;
+use mayfly_types::{Event, ExecutionId};
+use serde::{Deserialize, Serialize};
+
+pub mod conformance;
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// Store failures. `Conflict` means an optimistic-concurrency check failed (another
+/// appender got there first); nothing of the batch was written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Db(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(d) = &e
+            && d.is_unique_violation()
+        {
+            return StoreError::Conflict(d.message().to_owned());
+        }
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// A change to the durable command table, committed atomically with events.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommandOp {
+    /// A new command (its `command.issued` event is in the same batch).
+    Insert { command_id: String, execution_id: ExecutionId, step: String, index: Option<usize> },
+    /// A worker claimed it until `lease_until` (unix ms).
+    Claim { command_id: String, worker: String, lease_until: u64, deliveries: u32 },
+    /// Lease extension for a long block (no event).
+    Extend { command_id: String, lease_until: u64 },
+    /// Completed (its `command.completed` event is in the same batch).
+    Done { command_id: String },
+}
+
+/// One atomic unit: events (already sealed) plus command-table changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub commands: Vec<CommandOp>,
+    /// Playbook versions to store (idempotent by digest).
+    pub playbooks: Vec<StoredPlaybook>,
+}
+
+/// A command that is not done yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandRow {
+    pub command_id: String,
+    pub execution_id: ExecutionId,
+    pub step: String,
+    pub index: Option<usize>,
+    /// `pending` or `claimed`.
+    pub state: String,
+    pub deliveries: u32,
+    pub lease_until: Option<u64>,
+    pub worker: Option<String>,
+}
+
+/// A stored playbook version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredPlaybook {
+    pub digest: String,
+    pub path: String,
+    pub source_name: String,
+    pub content: String,
+}
+
+/// Execution projection row.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionRow {
+    pub execution_id: ExecutionId,
+    pub path: String,
+    pub playbook_digest: String,
+    pub status: String,
+    pub parent_execution_id: Option<ExecutionId>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// The storage contract every backend implements.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Append batches atomically, each all-or-nothing. Backends may commit several
+    /// concurrent callers' batches in one transaction (group commit); a failing batch
+    /// never takes others down with it. Returns the global position of the last event.
+    async fn append(&self, batch: Batch) -> Result<Option<u64>, StoreError>;
+
+    /// Events of one execution with `seq >= from_seq`, in seq order, at most `limit`.
+    async fn read(&self, execution: &ExecutionId, from_seq: u64, limit: u32) -> Result<Vec<Event>, StoreError>;
+
+    /// Every event of one execution.
+    async fn read_all(&self, execution: &ExecutionId) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        loop {
+            let from = out.last().map(|e: &Event| e.seq + 1).unwrap_or(1);
+            let page = self.read(execution, from, 10_000).await?;
+            let done = page.len() < 10_000;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Store a playbook version (idempotent by digest).
+    async fn put_playbook(&self, pb: StoredPlaybook) -> Result<(), StoreError> {
+        self.append(Batch { playbooks: vec![pb], ..Default::default() }).await.map(|_| ())
+    }
+    async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError>;
+
+    async fn get_execution(&self, execution: &ExecutionId) -> Result<Option<ExecutionRow>, StoreError>;
+    /// Most recent first.
+    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError>;
+
+    /// Commands not done yet (optionally of one execution), oldest first.
+    async fn open_commands(&self, execution: Option<&ExecutionId>) -> Result<Vec<CommandRow>, StoreError>;
+
+    /// The current global log position (0 when empty).
+    async fn head(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,380 @@
+//! SQLite backend: WAL, `synchronous=FULL`, one writer task with group commit, a small
+//! reader pool. Many concurrent blocks share one fsync.
+
+use crate::{Batch, CommandOp, CommandRow, ExecutionRow, Store, StoreError, StoredPlaybook};
+use async_trait::async_trait;
+use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most rows in one multi-row INSERT (SQLite allows 32766 bound parameters).
+const CHUNK: usize = 1000;
+/// Most batches folded into one transaction.
+const MAX_GROUP: usize = 512;
+
+struct Job {
+    batch: Batch,
+    reply: oneshot::Sender<Result<Option<u64>, StoreError>>,
+}
+
+/// The embedded store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    read: SqlitePool,
+    tx: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+fn options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating if needed) the database at `path`.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+        }
+        let mut writer = SqliteConnection::connect_with(&options(&path)).await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Db(format!("migrating {}: {e}", path.display())))?;
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(options(&path).read_only(true)).await?;
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        tokio::spawn(writer_loop(writer, rx));
+        Ok(SqliteStore { read, tx, path })
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A plain connection for tests and tools (e.g. to prove tamper detection).
+    pub async fn raw_connection(path: impl AsRef<Path>) -> Result<SqliteConnection, StoreError> {
+        Ok(SqliteConnection::connect_with(&options(path.as_ref())).await?)
+    }
+}
+
+async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        match write_group(&mut conn, &jobs).await {
+            Ok(positions) => {
+                for (job, pos) in jobs.into_iter().zip(positions) {
+                    let _ = job.reply.send(Ok(pos));
+                }
+            }
+            Err(_) if jobs.len() > 1 => {
+                // Isolate the failing batch: every other caller still gets its commit.
+                for job in jobs {
+                    let r = write_group(&mut conn, std::slice::from_ref(&job)).await.map(|mut p| p.pop().flatten());
+                    let _ = job.reply.send(r);
+                }
+            }
+            Err(e) => {
+                if let Some(job) = jobs.pop() {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+async fn write_group(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<Vec<Option<u64>>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut positions = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut last = None;
+        for chunk in job.batch.events.chunks(CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO events (execution_id, seq, kind, step, attempt, command_id, at, actor, request_id, \
+                 playbook_digest, payload, payload_ref, prev_hash, hash) ",
+            );
+            let mut encode_err = None;
+            qb.push_values(chunk, |mut b, e| {
+                let payload = serde_json::to_string(&e.payload).unwrap_or_else(|err| {
+                    encode_err = Some(err.to_string());
+                    String::new()
+                });
+                b.push_bind(e.execution_id.0.clone())
+                    .push_bind(e.seq as i64)
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.step.clone())
+                    .push_bind(e.attempt.map(i64::from))
+                    .push_bind(e.command_id.clone())
+                    .push_bind(e.at as i64)
+                    .push_bind(e.actor.clone())
+                    .push_bind(e.request_id.clone())
+                    .push_bind(e.playbook_digest.clone())
+                    .push_bind(payload)
+                    .push_bind(e.payload_ref.clone())
+                    .push_bind(e.prev_hash.clone())
+                    .push_bind(e.hash.clone());
+            });
+            if let Some(err) = encode_err {
+                return Err(StoreError::Db(format!("cannot encode payload: {err}")));
+            }
+            let r = qb.build().execute(&mut *tx).await?;
+            last = Some(r.last_insert_rowid() as u64);
+        }
+        for pb in &job.batch.playbooks {
+            sqlx::query(
+                "INSERT OR IGNORE INTO playbooks (digest, path, source_name, content, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&pb.digest)
+            .bind(&pb.path)
+            .bind(&pb.source_name)
+            .bind(&pb.content)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        project_executions(&mut tx, &job.batch.events).await?;
+        apply_commands(&mut tx, &job.batch.commands).await?;
+        positions.push(last);
+    }
+    tx.commit().await?;
+    Ok(positions)
+}
+
+async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Result<(), StoreError> {
+    for e in events {
+        let status = match e.kind {
+            EventKind::ExecutionRequested => {
+                let path = e.payload.get("path").and_then(|p| p.as_str()).unwrap_or_default();
+                let parent = e.payload.get("parent").and_then(|p| p.get("execution_id")).and_then(|p| p.as_str());
+                sqlx::query(
+                    "INSERT OR IGNORE INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at) \
+                     VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                )
+                .bind(&e.execution_id.0)
+                .bind(path)
+                .bind(&e.playbook_digest)
+                .bind(parent)
+                .bind(e.at as i64)
+                .bind(e.at as i64)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            EventKind::ExecutionStarted => "running",
+            EventKind::ExecutionCompleted => "completed",
+            EventKind::ExecutionFailed => "failed",
+            EventKind::ExecutionCancelled => "cancelled",
+            _ => continue,
+        };
+        sqlx::query("UPDATE executions SET status = ?, updated_at = ? WHERE execution_id = ?")
+            .bind(status)
+            .bind(e.at as i64)
+            .bind(&e.execution_id.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<(), StoreError> {
+    let now = now_ms() as i64;
+    let inserts: Vec<&CommandOp> = ops.iter().filter(|o| matches!(o, CommandOp::Insert { .. })).collect();
+    for chunk in inserts.chunks(CHUNK) {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ");
+        qb.push_values(chunk, |mut b, op| {
+            if let CommandOp::Insert { command_id, execution_id, step, index } = op {
+                b.push_bind(command_id.clone())
+                    .push_bind(execution_id.0.clone())
+                    .push_bind(step.clone())
+                    .push_bind(index.map(|i| i as i64))
+                    .push_bind("pending")
+                    .push_bind(0i64)
+                    .push_bind(now);
+            }
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    for op in ops {
+        match op {
+            CommandOp::Insert { .. } => {}
+            CommandOp::Claim { command_id, worker, lease_until, deliveries } => {
+                let r = sqlx::query(
+                    "UPDATE commands SET state = 'claimed', worker = ?, lease_until = ?, deliveries = ? \
+                     WHERE command_id = ? AND state <> 'done'",
+                )
+                .bind(worker)
+                .bind(*lease_until as i64)
+                .bind(i64::from(*deliveries))
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!("command {command_id} is done or unknown")));
+                }
+            }
+            CommandOp::Extend { command_id, lease_until } => {
+                sqlx::query("UPDATE commands SET lease_until = ? WHERE command_id = ? AND state = 'claimed'")
+                    .bind(*lease_until as i64)
+                    .bind(command_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            CommandOp::Done { command_id } => {
+                sqlx::query("UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = ?")
+                    .bind(command_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| x as u64)
+}
+
+fn row_to_event(r: &sqlx::sqlite::SqliteRow) -> Result<Event, StoreError> {
+    let seq: i64 = r.try_get("seq")?;
+    let execution_id: String = r.try_get("execution_id")?;
+    let kind_s: String = r.try_get("kind")?;
+    let kind = EventKind::parse(&kind_s).ok_or_else(|| {
+        StoreError::Corrupt(format!("execution {execution_id} seq {seq}: unknown event kind `{kind_s}`"))
+    })?;
+    let payload_s: String = r.try_get("payload")?;
+    let payload = serde_json::from_str(&payload_s).map_err(|e| {
+        StoreError::Corrupt(format!("execution {execution_id} seq {seq}: payload is not JSON: {e}"))
+    })?;
+    Ok(Event {
+        execution_id: ExecutionId(execution_id),
+        seq: seq as u64,
+        kind,
+        step: r.try_get("step")?,
+        attempt: r.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32),
+        command_id: r.try_get("command_id")?,
+        at: r.try_get::<i64, _>("at")? as u64,
+        actor: r.try_get("actor")?,
+        request_id: r.try_get("request_id")?,
+        playbook_digest: r.try_get("playbook_digest")?,
+        payload,
+        payload_ref: r.try_get("payload_ref")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+        position: opt_u64(r.try_get("position")?),
+    })
+}
+
+fn row_to_execution(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRow, StoreError> {
+    Ok(ExecutionRow {
+        execution_id: ExecutionId(r.try_get("execution_id")?),
+        path: r.try_get("path")?,
+        playbook_digest: r.try_get("playbook_digest")?,
+        status: r.try_get("status")?,
+        parent_execution_id: r.try_get::<Option<String>, _>("parent_execution_id")?.map(ExecutionId),
+        created_at: r.try_get::<i64, _>("created_at")? as u64,
+        updated_at: r.try_get::<i64, _>("updated_at")? as u64,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn append(&self, batch: Batch) -> Result<Option<u64>, StoreError> {
+        if batch.events.is_empty() && batch.commands.is_empty() && batch.playbooks.is_empty() {
+            return Ok(None);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read(&self, execution: &ExecutionId, from_seq: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE execution_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(&execution.0)
+        .bind(from_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+
+    async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError> {
+        let row = sqlx::query("SELECT digest, path, source_name, content FROM playbooks WHERE digest = ?")
+            .bind(digest)
+            .fetch_optional(&self.read)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some(StoredPlaybook {
+                digest: r.try_get("digest")?,
+                path: r.try_get("path")?,
+                source_name: r.try_get("source_name")?,
+                content: r.try_get("content")?,
+            })),
+        }
+    }
+
+    async fn get_execution(&self, execution: &ExecutionId) -> Result<Option<ExecutionRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM executions WHERE execution_id = ?")
+            .bind(&execution.0)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(row_to_execution).transpose()
+    }
+
+    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(row_to_execution).collect()
+    }
+
+    async fn open_commands(&self, execution: Option<&ExecutionId>) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = match execution {
+            Some(e) => {
+                sqlx::query("SELECT * FROM commands WHERE state <> 'done' AND execution_id = ? ORDER BY rowid")
+                    .bind(&e.0)
+                    .fetch_all(&self.read)
+                    .await?
+            }
+            None => sqlx::query("SELECT * FROM commands WHERE state <> 'done' ORDER BY rowid").fetch_all(&self.read).await?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(CommandRow {
+                    command_id: r.try_get("command_id")?,
+                    execution_id: ExecutionId(r.try_get("execution_id")?),
+                    step: r.try_get("step")?,
+                    index: r.try_get::<Option<i64>, _>("idx")?.map(|i| i as usize),
+                    state: r.try_get("state")?,
+                    deliveries: r.try_get::<i64, _>("deliveries")? as u32,
+                    lease_until: opt_u64(r.try_get("lease_until")?),
+                    worker: r.try_get("worker")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS p FROM events").fetch_one(&self.read).await?;
+        Ok(row.try_get::<i64, _>("p")? as u64)
+    }
+}
