@@ -1,0 +1,77 @@
+# mayfly python worker driver: one long-lived interpreter, one JSON request per line on
+# stdin, one marked JSON response line on stdout. User output is captured, never mixed
+# with the protocol (stray writes to fd 1 are tolerated: the host skips unmarked lines).
+import ast, contextlib, io, json, sys, textwrap, traceback
+
+MARK = "\x1e@@MAYFLY@@"
+LIMIT = 65536
+
+
+def _has_top_level_return(tree):
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Return):
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _run(code, inp):
+    g = {"__name__": "__mayfly_step__", "__builtins__": __builtins__}
+    if isinstance(inp, dict):
+        g.update(inp)
+    g["input_data"] = inp
+    try:
+        tree = ast.parse(code, "<step>", "exec")
+        wrapped = False
+    except SyntaxError as e:
+        if "outside function" not in str(e):
+            raise
+        tree = None
+        wrapped = True
+    if tree is not None and _has_top_level_return(tree):
+        wrapped = True
+    if wrapped:
+        src = "def __mayfly_main__(input_data):\n" + textwrap.indent(code, "    ") + "\n    return locals().get('result')\n"
+        exec(compile(src, "<step>", "exec"), g)
+        return g["__mayfly_main__"](inp)
+    exec(compile(tree, "<step>", "exec"), g)
+    if "result" in g:
+        return g["result"]
+    main = g.get("main")
+    if callable(main):
+        try:
+            return main(**inp) if isinstance(inp, dict) else main(inp)
+        except TypeError:
+            return main(inp)
+    return None
+
+
+def _clip(s):
+    return s if len(s) <= LIMIT else s[:LIMIT] + "\n[truncated]"
+
+
+def serve():
+    out = sys.stdout
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        so, se = io.StringIO(), io.StringIO()
+        try:
+            req = json.loads(line)
+            with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+                value = _run(req.get("code", ""), req.get("input") or {})
+            resp = {"ok": True, "result": json.loads(json.dumps(value, default=str))}
+        except BaseException as e:  # noqa: B036 - report everything, including SystemExit
+            tb = traceback.format_exc(limit=8)
+            resp = {"ok": False, "error": {"type": type(e).__name__, "message": str(e), "traceback": _clip(tb)}}
+        resp["stdout"] = _clip(so.getvalue())
+        resp["stderr"] = _clip(se.getvalue())
+        out.write(MARK + json.dumps(resp) + "\n")
+        out.flush()
+
+
+serve()
