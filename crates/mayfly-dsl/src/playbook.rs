@@ -132,6 +132,8 @@ pub struct Task {
     /// The task's fields other than `name`, `kind` and `spec` (templated at run time).
     pub config: Node,
     pub rules: Vec<Rule>,
+    /// What an *error* does when no rule matched: `Fail` unless `on_unmatched: continue`.
+    pub on_unmatched_error: Directive,
     pub timeout_s: Option<f64>,
     pub loc: Loc,
 }
@@ -693,9 +695,17 @@ impl Parser<'_> {
         let name = n.get("name").and_then(Node::as_str).unwrap_or(default_name).to_owned();
         let mut rules = Vec::new();
         let mut timeout_s = None;
+        let mut on_unmatched_error = Directive::Fail;
         if let Some(spec) = n.get("spec").filter(|s| !s.is_null()) {
             if let Some(r) = spec.get("policy").and_then(|p| p.get("rules")) {
                 rules = self.rules(r);
+            }
+            if let Some(u) = spec.get("policy").and_then(|p| p.get("on_unmatched")) {
+                match u.as_str() {
+                    Some("continue") => on_unmatched_error = Directive::Continue,
+                    Some("fail") => {}
+                    _ => self.err(u.loc, "`on_unmatched` must be `continue` or `fail`"),
+                }
             }
             timeout_s = spec.get("timeout").and_then(|t| self.number(t, "spec.timeout"));
         }
@@ -739,7 +749,7 @@ impl Parser<'_> {
                 }
             }
         }
-        Some(Task { name, kind, config, rules, timeout_s, loc: n.loc })
+        Some(Task { name, kind, config, rules, on_unmatched_error, timeout_s, loc: n.loc })
     }
 
     fn rules(&mut self, n: &Node) -> Vec<Rule> {

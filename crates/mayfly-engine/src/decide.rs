@@ -110,7 +110,7 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
             Some(input) => templates().render_node(input, &ctx).map_err(|e| tmpl_err(pb, &step.name, e))?,
             None => item.map(|(_, v)| v.clone()).unwrap_or(Value::Null),
         };
-        let f = StepFinished { index, result, set: Map::new(), inline: true, duration_ms: None };
+        let f = StepFinished { index, result, set: Map::new(), inline: true, duration_ms: None, logs: None };
         return Ok(Draft::new(EventKind::StepFinished, payload(&f)).step(&step.name));
     }
     if let Some(task) = step.playbook_task() {

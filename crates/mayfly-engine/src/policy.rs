@@ -21,10 +21,12 @@ pub fn select_rule<'r>(rules: &'r [Rule], ctx: &minijinja::Value) -> Result<Opti
     Ok(None)
 }
 
-/// What to do when no rule matched: no rules at all → ok continues, error fails;
-/// rules present but none matched → continue (NoETL's `on_unmatched: continue`).
-pub fn default_directive(has_rules: bool, ok: bool) -> Directive {
-    if ok || has_rules { Directive::Continue } else { Directive::Fail }
+/// What to do when no rule matched: a success continues; an error does what the task's
+/// `on_unmatched` says, which is `fail` unless the author wrote `on_unmatched: continue`.
+/// (NoETL continues on unmatched errors by default; silently swallowing a failure because
+/// a retry rule did not match is a trap, so mayfly fails closed.)
+pub fn default_directive(ok: bool, on_unmatched_error: &Directive) -> Directive {
+    if ok { Directive::Continue } else { on_unmatched_error.clone() }
 }
 
 /// Delay before retry number `retry` (1-based), in seconds, capped at `max_delay_s`.
@@ -70,9 +72,9 @@ mod tests {
 
     #[test]
     fn defaults() {
-        assert_eq!(default_directive(false, true), Directive::Continue);
-        assert_eq!(default_directive(false, false), Directive::Fail);
-        assert_eq!(default_directive(true, false), Directive::Continue);
+        assert_eq!(default_directive(true, &Directive::Fail), Directive::Continue);
+        assert_eq!(default_directive(false, &Directive::Fail), Directive::Fail);
+        assert_eq!(default_directive(false, &Directive::Continue), Directive::Continue);
     }
 
     #[test]

@@ -91,11 +91,11 @@ impl Sim {
             let d = match outcome {
                 Ok(result) => Draft::new(
                     EventKind::StepFinished,
-                    json!(StepFinished { index, result, set: Map::new(), inline: false, duration_ms: None }),
+                    json!(StepFinished { index, result, set: Map::new(), inline: false, duration_ms: None, logs: None }),
                 ),
                 Err(m) => Draft::new(
                     EventKind::StepFailed,
-                    json!(StepFailed { index, error: ErrorInfo::new("tool_error", m), duration_ms: None }),
+                    json!(StepFailed { index, error: ErrorInfo::new("tool_error", m), duration_ms: None, logs: None }),
                 ),
             };
             let done = Draft::new(EventKind::CommandCompleted, json!({})).command(id.clone(), 1);

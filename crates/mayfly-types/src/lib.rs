@@ -243,6 +243,9 @@ pub struct StepFinished {
     pub inline: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// Captured tool stdout/stderr (clipped), when there was any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Value>,
 }
 
 /// Payload of `step.failed`.
@@ -253,6 +256,8 @@ pub struct StepFailed {
     pub error: ErrorInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Value>,
 }
 
 /// Payload of `step.routed`: the outcome of evaluating `set` and `next` after a step ends.
@@ -366,7 +371,7 @@ mod tests {
 
     #[test]
     fn step_finished_omits_empty_fields() {
-        let p = StepFinished { index: None, result: Value::Null, set: Map::new(), inline: false, duration_ms: None };
+        let p = StepFinished { index: None, result: Value::Null, set: Map::new(), inline: false, duration_ms: None, logs: None };
         assert_eq!(serde_json::to_string(&p).ok().as_deref(), Some(r#"{"result":null}"#));
     }
 }

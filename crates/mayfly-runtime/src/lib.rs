@@ -1,0 +1,211 @@
+//! The embedded runtime: one process, SQLite event log, in-process durable queue.
+//!
+//! The block contract holds even here: commands are rows in the store (transactional
+//! outbox), a worker *claims* one with a lease (`command.claimed`, `step.started`), runs it,
+//! and its completion (`step.finished|step.failed`, `command.completed`) is appended in the
+//! same transaction as the commands `decide()` derives from it. An expired lease is
+//! redelivered; a completion from a superseded attempt is refused.
+
+pub mod loader;
+mod orchestrator;
+pub mod worker;
+
+use mayfly_dsl::Playbook;
+use mayfly_engine::{ApplyError, Report};
+use mayfly_store::{Store, StoreError};
+use mayfly_tools::{Tools, ToolsConfig};
+use mayfly_types::{Event, ExecutionId, StepFailed, StepFinished};
+use orchestrator::{Msg, Orchestrator};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use loader::{LoadError, load_file, resolve_child};
+
+/// Runtime failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Apply(#[from] ApplyError),
+    #[error("unknown execution {0}")]
+    Unknown(ExecutionId),
+    #[error("stale claim: {0}")]
+    StaleClaim(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the runtime has shut down")]
+    Closed,
+}
+
+impl From<StoreError> for RuntimeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt(m) => RuntimeError::Corrupt(m),
+            other => RuntimeError::Store(other.to_string()),
+        }
+    }
+}
+
+impl From<mayfly_trust::TrustError> for RuntimeError {
+    fn from(e: mayfly_trust::TrustError) -> Self {
+        RuntimeError::Corrupt(e.to_string())
+    }
+}
+
+/// One unit of work for a worker: a command of an execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Block {
+    pub execution_id: ExecutionId,
+    pub command_id: String,
+    pub step: String,
+    pub index: Option<usize>,
+}
+
+/// A claimed block with everything needed to run it (the hydrated scope).
+#[derive(Clone, Debug)]
+pub struct Hydrated {
+    pub block: Block,
+    pub attempt: u32,
+    pub playbook: Arc<Playbook>,
+    pub context: Map<String, Value>,
+    pub lease: Duration,
+}
+
+/// A worker's result for a claimed block.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub block: Block,
+    pub attempt: u32,
+    pub worker: String,
+    pub outcome: Result<StepFinished, StepFailed>,
+}
+
+/// Tuning of the embedded runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Concurrent blocks (worker tasks) in this process; 0 = none (external workers only).
+    pub workers: usize,
+    /// How long a claim stays valid without a heartbeat.
+    pub lease: Duration,
+    pub tools: ToolsConfig,
+    pub worker_id: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        RuntimeConfig {
+            workers: 16,
+            lease: Duration::from_secs(30),
+            tools: ToolsConfig { python_pool: cpus.max(2), ..Default::default() },
+            worker_id: format!("local-{}", std::process::id()),
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the orchestrator (what workers use).
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    blocks: Arc<Mutex<mpsc::UnboundedReceiver<Block>>>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+impl RuntimeHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, RuntimeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| RuntimeError::Closed)?;
+        rx.await.map_err(|_| RuntimeError::Closed)
+    }
+
+    /// Start an execution; returns once `execution.requested` (and everything `decide`
+    /// derived from it) is durable.
+    pub async fn start(&self, pb: Arc<Playbook>, overrides: Map<String, Value>, request_id: Option<String>) -> Result<ExecutionId, RuntimeError> {
+        self.ask(|reply| Msg::Start { pb, overrides, request_id, reply }).await?
+    }
+
+    /// Load an unfinished execution from the log and continue it.
+    pub async fn resume(&self, id: &ExecutionId) -> Result<(), RuntimeError> {
+        self.ask(|reply| Msg::Resume { id: id.clone(), reply }).await?
+    }
+
+    /// Wait for an execution to end (answers at once for one that already has).
+    pub async fn wait(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {
+        self.ask(|reply| Msg::Wait { id: id.clone(), reply }).await?
+    }
+
+    /// The next dispatched block (None once the runtime has shut down).
+    pub async fn next_block(&self) -> Option<Block> {
+        self.blocks.lock().await.recv().await
+    }
+
+    /// Claim a block: None when it is already completed or validly held by another claim.
+    pub async fn claim(&self, block: Block, worker: &str) -> Option<Hydrated> {
+        self.ask(|reply| Msg::Claim { block, worker: worker.to_owned(), reply }).await.ok().flatten()
+    }
+
+    /// Record a block's outcome; refused when the claim was superseded.
+    pub async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
+        self.ask(|reply| Msg::Complete { completion: Box::new(c), reply }).await?
+    }
+
+    /// Heartbeat: extend the lease of a claim still being worked on.
+    pub fn extend(&self, command_id: &str, attempt: u32) {
+        let _ = self.tx.send(Msg::Extend { command_id: command_id.to_owned(), attempt });
+    }
+
+    /// Every committed event, as it is committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+}
+
+/// The embedded runtime: orchestrator + in-process worker pool.
+pub struct Runtime {
+    handle: RuntimeHandle,
+    pub tools: Arc<Tools>,
+    workers: Vec<JoinHandle<()>>,
+    orchestrator: JoinHandle<()>,
+}
+
+impl Runtime {
+    /// Start the orchestrator and `config.workers` worker tasks on `store`.
+    pub fn start(store: Arc<dyn Store>, config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let tools = Arc::new(Tools::new(config.tools.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (btx, brx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(16_384);
+        let orch = Orchestrator::new(store, btx, events.clone(), config.lease);
+        let orchestrator = tokio::spawn(orch.run(rx));
+        let handle = RuntimeHandle { tx, blocks: Arc::new(Mutex::new(brx)), events };
+        let workers = (0..config.workers)
+            .map(|i| tokio::spawn(worker::worker_loop(handle.clone(), tools.clone(), format!("{}-{i}", config.worker_id))))
+            .collect();
+        Ok(Runtime { handle, tools, workers, orchestrator })
+    }
+
+    pub fn handle(&self) -> RuntimeHandle {
+        self.handle.clone()
+    }
+
+    /// Start and wait: the whole execution.
+    pub async fn run(&self, pb: Playbook, overrides: Map<String, Value>) -> Result<Report, RuntimeError> {
+        let id = self.handle.start(Arc::new(pb), overrides, None).await?;
+        self.handle.wait(&id).await
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.abort();
+        }
+        self.orchestrator.abort();
+    }
+}

@@ -1,0 +1,522 @@
+//! The orchestrator: the single appender of the embedded runtime.
+//!
+//! One task owns the in-memory projections of live executions. Each *cycle* takes every
+//! message that has arrived, turns them into events (sealed into each execution's hash
+//! chain and applied at once), runs `decide()` on every new event (FIFO), collects the
+//! resulting commands into the same batch (transactional outbox), and commits the batch
+//! with one fsync. Only after the commit are commands dispatched, replies sent and events
+//! published: nobody ever observes an effect that is not durable.
+
+use crate::loader::{load_file, resolve_child};
+use crate::{Block, Completion, Hydrated, RuntimeError};
+use mayfly_dsl::{ParseOptions, Playbook, parse};
+use mayfly_engine::{ExecState, Iteration, Report, context, decide};
+use mayfly_store::{Batch, CommandOp, Store, StoredPlaybook};
+use mayfly_types::{
+    ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed, ExecutionId, ExecutionRequested,
+    ParentRef, StepFailed, StepFinished, command_id, now_ms,
+};
+use serde_json::{Map, Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub(crate) enum Msg {
+    Start {
+        pb: Arc<Playbook>,
+        overrides: Map<String, Value>,
+        request_id: Option<String>,
+        reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
+    },
+    Resume { id: ExecutionId, reply: oneshot::Sender<Result<(), RuntimeError>> },
+    Claim { block: Block, worker: String, reply: oneshot::Sender<Option<Hydrated>> },
+    Complete { completion: Box<Completion>, reply: oneshot::Sender<Result<(), RuntimeError>> },
+    Extend { command_id: String, attempt: u32 },
+    Wait { id: ExecutionId, reply: oneshot::Sender<Result<Report, RuntimeError>> },
+}
+
+struct Exec {
+    pb: Arc<Playbook>,
+    st: ExecState,
+    request_id: Option<String>,
+    source: Option<String>,
+}
+
+struct Lease {
+    attempt: u32,
+    deadline: Instant,
+    block: Block,
+}
+
+enum Reply {
+    Started(oneshot::Sender<Result<ExecutionId, RuntimeError>>, ExecutionId),
+    Resumed(oneshot::Sender<Result<(), RuntimeError>>),
+    Claimed(oneshot::Sender<Option<Hydrated>>, Hydrated),
+    Completed(oneshot::Sender<Result<(), RuntimeError>>),
+}
+
+#[derive(Default)]
+struct Cycle {
+    batch: Batch,
+    queue: VecDeque<(ExecutionId, Event)>,
+    dispatch: Vec<Block>,
+    replies: Vec<Reply>,
+    finished: Vec<ExecutionId>,
+    fatal: Option<RuntimeError>,
+}
+
+pub(crate) struct Orchestrator {
+    store: Arc<dyn Store>,
+    execs: HashMap<ExecutionId, Exec>,
+    leases: HashMap<String, Lease>,
+    dispatch: mpsc::UnboundedSender<Block>,
+    events: broadcast::Sender<Arc<Event>>,
+    waiters: HashMap<ExecutionId, Vec<oneshot::Sender<Result<Report, RuntimeError>>>>,
+    lease: Duration,
+}
+
+impl Orchestrator {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        dispatch: mpsc::UnboundedSender<Block>,
+        events: broadcast::Sender<Arc<Event>>,
+        lease: Duration,
+    ) -> Self {
+        Orchestrator {
+            store,
+            execs: HashMap::new(),
+            leases: HashMap::new(),
+            dispatch,
+            events,
+            waiters: HashMap::new(),
+            lease,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let period = (self.lease / 4).clamp(Duration::from_millis(20), Duration::from_millis(500));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    let mut msgs = vec![m];
+                    while msgs.len() < 4096 {
+                        match rx.try_recv() {
+                            Ok(m) => msgs.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    self.cycle(msgs).await;
+                }
+                _ = tick.tick() => self.reap(),
+            }
+        }
+    }
+
+    /// Redeliver commands whose lease expired (the worker died or hung).
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(k, _)| k.clone()).collect();
+        for k in expired {
+            if let Some(l) = self.leases.remove(&k) {
+                tracing::warn!(command = %k, attempt = l.attempt, "lease expired; redelivering");
+                let _ = self.dispatch.send(l.block);
+            }
+        }
+    }
+
+    async fn cycle(&mut self, msgs: Vec<Msg>) {
+        let mut c = Cycle::default();
+        for m in msgs {
+            match m {
+                Msg::Start { pb, overrides, request_id, reply } => {
+                    let id = ExecutionId(uuid::Uuid::now_v7().to_string());
+                    let mut workload = pb.workload.clone();
+                    workload.extend(overrides);
+                    let source = Some(pb.file.clone());
+                    c.batch.playbooks.push(stored(&pb));
+                    self.start_exec(&mut c, id.clone(), pb, workload, None, request_id, source);
+                    c.replies.push(Reply::Started(reply, id));
+                }
+                Msg::Resume { id, reply } => match self.resume(&mut c, &id).await {
+                    Ok(()) => c.replies.push(Reply::Resumed(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::Claim { block, worker, reply } => match self.claim(&mut c, block, &worker) {
+                    Some(h) => c.replies.push(Reply::Claimed(reply, h)),
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                },
+                Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
+                    Ok(()) => c.replies.push(Reply::Completed(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::Extend { command_id, attempt } => {
+                    if let Some(l) = self.leases.get_mut(&command_id)
+                        && l.attempt == attempt
+                    {
+                        l.deadline = Instant::now() + self.lease;
+                        let lease_until = now_ms() + self.lease.as_millis() as u64;
+                        c.batch.commands.push(CommandOp::Extend { command_id, lease_until });
+                    }
+                }
+                Msg::Wait { id, reply } => match self.execs.get(&id) {
+                    Some(_) => self.waiters.entry(id).or_default().push(reply),
+                    None => {
+                        // Not live: answer from the log.
+                        let r = self.report_from_store(&id).await;
+                        let _ = reply.send(r);
+                    }
+                },
+            }
+            self.drain(&mut c);
+        }
+        self.commit(c).await;
+    }
+
+    async fn commit(&mut self, c: Cycle) {
+        let Cycle { batch, dispatch, replies, finished, fatal, .. } = c;
+        let result = match fatal {
+            Some(e) => Err(e),
+            None => self.store.append(batch.clone()).await.map_err(RuntimeError::from),
+        };
+        if let Err(e) = result {
+            // In-memory state ran ahead of the log: forget the executions this cycle touched
+            // so they are reloaded from the log (resume) rather than trusted.
+            tracing::error!(error = %e, "commit failed; dropping in-memory state of affected executions");
+            let touched: std::collections::HashSet<ExecutionId> = batch.events.iter().map(|e| e.execution_id.clone()).collect();
+            for id in &touched {
+                self.execs.remove(id);
+                self.leases.retain(|_, l| &l.block.execution_id != id);
+            }
+            for r in replies {
+                match r {
+                    Reply::Started(tx, _) => {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                    Reply::Resumed(tx) | Reply::Completed(tx) => {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                    Reply::Claimed(tx, _) => {
+                        let _ = tx.send(None);
+                    }
+                }
+            }
+            for id in touched {
+                for w in self.waiters.remove(&id).unwrap_or_default() {
+                    let _ = w.send(Err(e.clone()));
+                }
+            }
+            return;
+        }
+        for b in dispatch {
+            let _ = self.dispatch.send(b);
+        }
+        for r in replies {
+            match r {
+                Reply::Started(tx, id) => {
+                    let _ = tx.send(Ok(id));
+                }
+                Reply::Resumed(tx) | Reply::Completed(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Reply::Claimed(tx, h) => {
+                    let _ = tx.send(Some(h));
+                }
+            }
+        }
+        if self.events.receiver_count() > 0 {
+            for e in batch.events {
+                let _ = self.events.send(Arc::new(e));
+            }
+        }
+        for id in finished {
+            if let Some(x) = self.execs.remove(&id) {
+                let report = x.st.report();
+                for w in self.waiters.remove(&id).unwrap_or_default() {
+                    let _ = w.send(Ok(report.clone()));
+                }
+            }
+            self.leases.retain(|_, l| l.block.execution_id != id);
+        }
+    }
+
+    async fn report_from_store(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {
+        let events = self.store.read_all(id).await?;
+        if events.is_empty() {
+            return Err(RuntimeError::Unknown(id.clone()));
+        }
+        mayfly_trust::verify_chain(&events)?;
+        Ok(ExecState::fold(id.clone(), &events)?.report())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_exec(
+        &mut self,
+        c: &mut Cycle,
+        id: ExecutionId,
+        pb: Arc<Playbook>,
+        workload: Map<String, Value>,
+        parent: Option<ParentRef>,
+        request_id: Option<String>,
+        source: Option<String>,
+    ) {
+        let req = ExecutionRequested { path: pb.path.clone(), source: source.clone(), workload, parent };
+        let st = ExecState::new(id.clone());
+        self.execs.insert(id.clone(), Exec { pb, st, request_id, source });
+        self.emit(c, &id, vec![Draft::new(EventKind::ExecutionRequested, json!(req))], "engine");
+    }
+
+    /// Seal drafts into the execution's chain, apply them now, queue them for decide.
+    fn emit(&mut self, c: &mut Cycle, id: &ExecutionId, drafts: Vec<Draft>, actor: &str) {
+        let Some(x) = self.execs.get_mut(id) else { return };
+        for d in drafts {
+            let seq = x.st.last_seq + 1;
+            let cmd = if d.kind == EventKind::CommandIssued { Some(command_id(id, seq)) } else { d.command_id };
+            let mut e = Event {
+                execution_id: id.clone(),
+                seq,
+                kind: d.kind,
+                step: d.step,
+                attempt: d.attempt,
+                command_id: cmd,
+                at: now_ms(),
+                actor: actor.to_owned(),
+                request_id: x.request_id.clone(),
+                playbook_digest: x.pb.digest.clone(),
+                payload: d.payload,
+                payload_ref: None,
+                prev_hash: x.st.last_hash.clone(),
+                hash: String::new(),
+                position: None,
+            };
+            if let Err(err) = mayfly_trust::seal(&mut e) {
+                c.fatal = Some(RuntimeError::Invalid(err.to_string()));
+                return;
+            }
+            if let Err(err) = x.st.apply(&e) {
+                c.fatal = Some(RuntimeError::Apply(err));
+                return;
+            }
+            c.batch.events.push(e.clone());
+            c.queue.push_back((id.clone(), e));
+        }
+    }
+
+    /// Run decide on every queued event, FIFO, performing the IO-side effects.
+    fn drain(&mut self, c: &mut Cycle) {
+        while let Some((id, ev)) = c.queue.pop_front() {
+            if c.fatal.is_some() {
+                return;
+            }
+            match ev.kind {
+                EventKind::CommandIssued => {
+                    let (Some(cmd), Some(step)) = (ev.command_id.clone(), ev.step.clone()) else { continue };
+                    let index = ev.payload.get("index").and_then(Value::as_u64).map(|i| i as usize);
+                    c.batch.commands.push(CommandOp::Insert {
+                        command_id: cmd.clone(),
+                        execution_id: id.clone(),
+                        step: step.clone(),
+                        index,
+                    });
+                    c.dispatch.push(Block { execution_id: id.clone(), command_id: cmd, step, index });
+                }
+                EventKind::ChildRequested => self.start_child(c, &id, &ev),
+                EventKind::ExecutionCompleted | EventKind::ExecutionFailed | EventKind::ExecutionCancelled => {
+                    self.finish(c, &id, &ev);
+                }
+                _ => {}
+            }
+            let drafts = match self.execs.get(&id) {
+                Some(x) => decide(&x.pb, &x.st, &ev),
+                None => continue,
+            };
+            if !drafts.is_empty() {
+                self.emit(c, &id, drafts, "engine");
+            }
+        }
+    }
+
+    fn start_child(&mut self, c: &mut Cycle, parent: &ExecutionId, ev: &Event) {
+        let Some(px) = self.execs.get(parent) else { return };
+        let Ok(req) = serde_json::from_value::<ChildRequested>(ev.payload.clone()) else { return };
+        let step = ev.step.clone().unwrap_or_default();
+        let loaded = resolve_child(px.source.as_deref(), &req.path)
+            .and_then(|p| load_file(&p, &ParseOptions { extra_vars: req.input.keys().cloned().collect() }));
+        let request_id = px.request_id.clone();
+        match loaded {
+            Err(e) => {
+                let f = StepFailed {
+                    index: req.index,
+                    error: ErrorInfo::new("child_load_failed", e.to_string()),
+                    duration_ms: None,
+                    logs: None,
+                };
+                self.emit(c, parent, vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)], "engine");
+            }
+            Ok(child) => {
+                let child = Arc::new(child);
+                let child_id = ExecutionId(uuid::Uuid::now_v7().to_string());
+                let mut workload = child.workload.clone();
+                workload.extend(req.input);
+                c.batch.playbooks.push(stored(&child));
+                let pref = ParentRef { execution_id: parent.clone(), step: step.clone(), index: req.index };
+                let source = Some(child.file.clone());
+                let started = ChildStarted { index: req.index, child_execution_id: child_id.clone() };
+                self.emit(c, parent, vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)], "engine");
+                self.start_exec(c, child_id, child, workload, Some(pref), request_id, source);
+            }
+        }
+    }
+
+    fn finish(&mut self, c: &mut Cycle, id: &ExecutionId, ev: &Event) {
+        c.finished.push(id.clone());
+        let Some(x) = self.execs.get(id) else { return };
+        // Abandoned commands (e.g. in-flight items of a failed loop) are closed, not left open.
+        for cmd in x.st.commands.keys() {
+            c.batch.commands.push(CommandOp::Done { command_id: cmd.clone() });
+            self.leases.remove(cmd);
+        }
+        let Some(parent) = x.st.parent.clone() else { return };
+        let draft = match ev.kind {
+            EventKind::ExecutionCompleted => {
+                let result = ev.payload.get("result").cloned().unwrap_or(Value::Null);
+                let f = StepFinished { index: parent.index, result, set: Map::new(), inline: false, duration_ms: None, logs: None };
+                Draft::new(EventKind::StepFinished, json!(f))
+            }
+            _ => {
+                let why = serde_json::from_value::<ExecutionFailed>(ev.payload.clone())
+                    .map(|f| f.error.to_string())
+                    .unwrap_or_else(|_| ev.kind.to_string());
+                let f = StepFailed {
+                    index: parent.index,
+                    error: ErrorInfo::new("child_failed", format!("child execution {id} failed: {why}")),
+                    duration_ms: None,
+                    logs: None,
+                };
+                Draft::new(EventKind::StepFailed, json!(f))
+            }
+        };
+        if self.execs.contains_key(&parent.execution_id) {
+            self.emit(c, &parent.execution_id, vec![draft.step(parent.step)], "engine");
+        }
+    }
+
+    fn claim(&mut self, c: &mut Cycle, block: Block, worker: &str) -> Option<Hydrated> {
+        let lease = self.lease;
+        let x = self.execs.get(&block.execution_id)?;
+        if x.st.status.is_terminal() {
+            return None;
+        }
+        // Completed already (duplicate delivery): ack without running.
+        let pending = x.st.commands.get(&block.command_id)?;
+        if let Some(l) = self.leases.get(&block.command_id)
+            && l.deadline > Instant::now()
+        {
+            return None;
+        }
+        let attempt = pending.attempt + 1;
+        let index = pending.index;
+        let item = index.and_then(|i| x.st.loops.get(&block.step).and_then(|l| l.items.get(i)).cloned());
+        let iterator = x.pb.step(&block.step).and_then(|s| s.looping.as_ref()).map(|l| l.iterator.clone());
+        let ctx = match (&iterator, &item, index) {
+            (Some(it), Some(v), Some(i)) => context(&x.st, Some(Iteration { iterator: it, value: v, index: i })),
+            _ => context(&x.st, None),
+        };
+        let pb = x.pb.clone();
+        let lease_until = now_ms() + lease.as_millis() as u64;
+        let claimed = Draft::new(EventKind::CommandClaimed, json!({"worker": worker, "lease_ms": lease.as_millis() as u64}))
+            .step(&block.step)
+            .command(&block.command_id, attempt);
+        let started = Draft::new(EventKind::StepStarted, json!({"index": index})).step(&block.step).command(&block.command_id, attempt);
+        self.emit(c, &block.execution_id, vec![claimed, started], &format!("worker:{worker}"));
+        c.batch.commands.push(CommandOp::Claim {
+            command_id: block.command_id.clone(),
+            worker: worker.to_owned(),
+            lease_until,
+            deliveries: attempt,
+        });
+        self.leases.insert(block.command_id.clone(), Lease { attempt, deadline: Instant::now() + lease, block: block.clone() });
+        Some(Hydrated { block, attempt, playbook: pb, context: ctx, lease })
+    }
+
+    fn complete(&mut self, c: &mut Cycle, done: Completion) -> Result<(), RuntimeError> {
+        let b = &done.block;
+        let x = self.execs.get(&b.execution_id).ok_or_else(|| RuntimeError::Unknown(b.execution_id.clone()))?;
+        let pending = x
+            .st
+            .commands
+            .get(&b.command_id)
+            .ok_or_else(|| RuntimeError::StaleClaim(format!("command {} is already completed", b.command_id)))?;
+        if pending.attempt != done.attempt {
+            return Err(RuntimeError::StaleClaim(format!(
+                "command {} attempt {} was superseded by attempt {}",
+                b.command_id, done.attempt, pending.attempt
+            )));
+        }
+        self.leases.remove(&b.command_id);
+        let end = match done.outcome {
+            Ok(f) => Draft::new(EventKind::StepFinished, json!(f)),
+            Err(f) => Draft::new(EventKind::StepFailed, json!(f)),
+        };
+        let completed = Draft::new(EventKind::CommandCompleted, json!({}));
+        let drafts = vec![
+            end.step(&b.step).command(&b.command_id, done.attempt),
+            completed.step(&b.step).command(&b.command_id, done.attempt),
+        ];
+        let id = b.execution_id.clone();
+        c.batch.commands.push(CommandOp::Done { command_id: b.command_id.clone() });
+        self.emit(c, &id, drafts, &format!("worker:{}", done.worker));
+        Ok(())
+    }
+
+    /// Load an execution from the log and re-dispatch whatever it was waiting for.
+    async fn resume(&mut self, c: &mut Cycle, id: &ExecutionId) -> Result<(), RuntimeError> {
+        let mut stack = vec![id.clone()];
+        while let Some(id) = stack.pop() {
+            if self.execs.contains_key(&id) {
+                continue;
+            }
+            let events = self.store.read_all(&id).await?;
+            let first = events.first().ok_or_else(|| RuntimeError::Unknown(id.clone()))?;
+            mayfly_trust::verify_chain(&events)?;
+            let digest = first.playbook_digest.clone();
+            let stored = self
+                .store
+                .get_playbook(&digest)
+                .await?
+                .ok_or_else(|| RuntimeError::Invalid(format!("playbook {digest} of execution {id} is not in the store")))?;
+            let st = ExecState::fold(id.clone(), &events)?;
+            if st.status.is_terminal() {
+                continue;
+            }
+            let extra = st.workload.keys().cloned().collect();
+            let pb = parse(&stored.source_name, &stored.content, &ParseOptions { extra_vars: extra })
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            let source = first.payload.get("source").and_then(Value::as_str).map(str::to_owned);
+            for (cmd, p) in &st.commands {
+                c.dispatch.push(Block { execution_id: id.clone(), command_id: cmd.clone(), step: p.step.clone(), index: p.index });
+            }
+            for child in st.children.values().flatten() {
+                stack.push(child.clone());
+            }
+            let request_id = first.request_id.clone();
+            self.execs.insert(id.clone(), Exec { pb: Arc::new(pb), st, request_id, source });
+            tracing::info!(execution = %id, "resumed from the log");
+        }
+        let _ = c;
+        Ok(())
+    }
+}
+
+fn stored(pb: &Playbook) -> StoredPlaybook {
+    StoredPlaybook { digest: pb.digest.clone(), path: pb.path.clone(), source_name: pb.file.clone(), content: pb.source.clone() }
+}
