@@ -1,7 +1,7 @@
 # mayfly python worker driver: one long-lived interpreter, one JSON request per line on
 # stdin, one marked JSON response line on stdout. User output is captured, never mixed
 # with the protocol (stray writes to fd 1 are tolerated: the host skips unmarked lines).
-import ast, contextlib, io, json, sys, textwrap, traceback
+import ast, contextlib, io, json, linecache, sys, textwrap, traceback
 
 MARK = "\x1e@@MAYFLY@@"
 LIMIT = 65536
@@ -36,8 +36,10 @@ def _run(code, inp):
         wrapped = True
     if wrapped:
         src = "def __mayfly_main__(input_data):\n" + textwrap.indent(code, "    ") + "\n    return locals().get('result')\n"
+        _remember(src)
         exec(compile(src, "<step>", "exec"), g)
         return g["__mayfly_main__"](inp)
+    _remember(code)
     exec(compile(tree, "<step>", "exec"), g)
     if "result" in g:
         return g["result"]
@@ -48,6 +50,18 @@ def _run(code, inp):
         except TypeError:
             return main(inp)
     return None
+
+
+def _remember(src):
+    # Lets tracebacks show the offending source line of the step.
+    linecache.cache["<step>"] = (len(src), None, src.splitlines(True), "<step>")
+
+
+def _traceback(e):
+    # Only the user's frames: the driver's own frames are noise.
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "<step>"]
+    text = "Traceback (most recent call last):\n" if frames else ""
+    return text + "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(e), e))
 
 
 def _clip(s):
@@ -66,7 +80,7 @@ def serve():
                 value = _run(req.get("code", ""), req.get("input") or {})
             resp = {"ok": True, "result": json.loads(json.dumps(value, default=str))}
         except BaseException as e:  # noqa: B036 - report everything, including SystemExit
-            tb = traceback.format_exc(limit=8)
+            tb = _traceback(e)
             resp = {"ok": False, "error": {"type": type(e).__name__, "message": str(e), "traceback": _clip(tb)}}
         resp["stdout"] = _clip(so.getvalue())
         resp["stderr"] = _clip(se.getvalue())

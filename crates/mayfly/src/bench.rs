@@ -1,0 +1,115 @@
+//! `mayfly bench`: orchestration overhead per durable step and fan-out throughput on the
+//! embedded store (SQLite, WAL, synchronous=FULL: every figure includes real fsyncs).
+
+use anyhow::{Result, bail};
+use clap::Args;
+use mayfly_dsl::{ParseOptions, parse};
+use mayfly_engine::Status;
+use mayfly_runtime::{Runtime, RuntimeConfig};
+use mayfly_store::SqliteStore;
+use serde_json::{Map, json};
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Steps in each sequential chain.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Items in the noop fan-out.
+    #[arg(long, default_value_t = 10_000)]
+    items: usize,
+    /// Items in the python fan-out.
+    #[arg(long, default_value_t = 1_000)]
+    python_items: usize,
+    /// Repetitions of each scenario (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Print one JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+fn chain(kind: &str, n: usize) -> String {
+    let mut s = String::from("apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: bench-chain}\nworkflow:\n");
+    for i in 0..n {
+        let name = if i == 0 { "start".to_owned() } else { format!("s{i}") };
+        let tool = match kind {
+            "python" => "{kind: python, code: 'result = 1'}",
+            _ => "{kind: noop}",
+        };
+        let _ = write!(s, "  - step: {name}\n    tool: {tool}\n");
+        if i + 1 < n {
+            let _ = writeln!(s, "    next: s{}", i + 1);
+        }
+    }
+    s
+}
+
+fn fanout(kind: &str, n: usize) -> String {
+    let tool = match kind {
+        "python" => "{kind: python, input: {i: \"{{ i }}\"}, code: 'result = i'}",
+        _ => "{kind: noop}",
+    };
+    format!(
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: bench-fanout}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ range({n}) }}}}\", iterator: i, spec: {{mode: parallel, max_in_flight: 64}}}}\n    tool: {tool}\n"
+    )
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of `runs` executions of `src` on a fresh runtime over one database.
+async fn measure(src: &str, runs: usize, warm_python: bool) -> Result<f64> {
+    let pb = parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(dir.path().join("bench.db")).await?);
+    let rt = Runtime::start(store, RuntimeConfig::default())?;
+    if warm_python {
+        rt.tools.python.warm().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    // One untimed warm-up run (page cache, interpreter imports).
+    let r = rt.run(pb.clone(), Map::new()).await?;
+    if r.status != Status::Completed {
+        bail!("benchmark playbook failed: {:?}", r.error);
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let r = rt.run(pb.clone(), Map::new()).await?;
+        times.push(t.elapsed().as_secs_f64());
+        if r.status != Status::Completed {
+            bail!("benchmark playbook failed: {:?}", r.error);
+        }
+    }
+    Ok(median(times))
+}
+
+pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let noop_chain = measure(&chain("noop", a.steps), a.runs, false).await?;
+    let py_chain = measure(&chain("python", a.steps), a.runs, true).await?;
+    let noop_fan = measure(&fanout("noop", a.items), a.runs, false).await?;
+    let py_fan = measure(&fanout("python", a.python_items), a.runs, true).await?;
+    let out = json!({
+        "machine": {"cpus": cpus, "store": "sqlite (WAL, synchronous=FULL)"},
+        "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
+        "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
+        "noop_fanout": {"items": a.items, "seconds": noop_fan, "steps_per_second": a.items as f64 / noop_fan},
+        "python_fanout": {"items": a.python_items, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("mayfly bench — embedded store, {cpus} CPUs, median of {} runs", a.runs);
+        println!("  {:<44} {:>10.3} ms/step", format!("sequential chain, {} noop steps", a.steps), out["noop_chain"]["ms_per_step"].as_f64().unwrap_or(0.0));
+        println!("  {:<44} {:>10.3} ms/step", format!("sequential chain, {} python steps", a.steps), out["python_chain"]["ms_per_step"].as_f64().unwrap_or(0.0));
+        println!("  {:<44} {:>10.0} steps/s", format!("parallel fan-out, {} noop items", a.items), out["noop_fanout"]["steps_per_second"].as_f64().unwrap_or(0.0));
+        println!("  {:<44} {:>10.0} steps/s", format!("parallel fan-out, {} python items", a.python_items), out["python_fanout"]["steps_per_second"].as_f64().unwrap_or(0.0));
+    }
+    Ok(ExitCode::SUCCESS)
+}

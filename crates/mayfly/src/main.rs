@@ -1,0 +1,320 @@
+//! The `mayfly` binary.
+
+mod bench;
+mod progress;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use mayfly_dsl::ParseOptions;
+use mayfly_engine::{ExecState, Report, Status};
+use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
+use mayfly_store::{SqliteStore, Store};
+use mayfly_types::ExecutionId;
+use serde_json::{Map, Value};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "mayfly", version, about = "A runtime for short-lived compute and trust: durable NoETL v2 playbooks on an append-only event log.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a playbook locally (embedded SQLite log, in-process workers) and print its result.
+    Run {
+        playbook: PathBuf,
+        /// Workload override `key=value` (value parsed as JSON when it is JSON, else a string).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Event log database (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        #[command(flatten)]
+        opts: RunOpts,
+    },
+    /// Validate a playbook: prints every problem as file:line:col.
+    Validate {
+        playbook: PathBuf,
+        /// Workload keys that will be provided with --set at run time.
+        #[arg(long = "var")]
+        vars: Vec<String>,
+    },
+    /// Print an execution's events.
+    Events {
+        execution_id: String,
+        #[arg(long)]
+        db: PathBuf,
+        /// First seq to print.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = u32::MAX)]
+        limit: u32,
+        /// One JSON event per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild an execution's state from its events (verifying the hash chain) and print it.
+    Replay {
+        execution_id: String,
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue an unfinished execution (e.g. after a crash) from its log.
+    Resume {
+        execution_id: String,
+        #[arg(long)]
+        db: PathBuf,
+        #[command(flatten)]
+        opts: RunOpts,
+    },
+    /// List executions in a database, most recent first.
+    Executions {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Measure orchestration overhead and fan-out throughput on the embedded store.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct RunOpts {
+    /// Print only the final report as one JSON document.
+    #[arg(long)]
+    json: bool,
+    /// Concurrent blocks (worker tasks).
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Warm python interpreters.
+    #[arg(long)]
+    python_pool: Option<usize>,
+    /// Hide the live progress display.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Run { playbook, set, db, opts } => run(&playbook, &set, db.as_deref(), &opts).await,
+        Cmd::Validate { playbook, vars } => validate(&playbook, vars),
+        Cmd::Events { execution_id, db, from, limit, json } => events(&db, &execution_id, from, limit, json).await,
+        Cmd::Replay { execution_id, db, json } => replay(&db, &execution_id, json).await,
+        Cmd::Resume { execution_id, db, opts } => resume(&db, &execution_id, &opts).await,
+        Cmd::Executions { db, limit } => executions(&db, limit).await,
+        Cmd::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Parse `--set key=value` pairs; values are JSON when they parse as JSON.
+fn overrides(pairs: &[String]) -> Result<Map<String, Value>> {
+    let mut m = Map::new();
+    for p in pairs {
+        let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("--set expects KEY=VALUE, got `{p}`"))?;
+        let k = k.trim();
+        if k.is_empty() {
+            bail!("--set expects KEY=VALUE, got `{p}`");
+        }
+        let v = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+        m.insert(k.to_owned(), v);
+    }
+    Ok(m)
+}
+
+/// An exclusive lock on the database for this process: embedded mode has one runner per
+/// log, so a resumed run may safely take over every claim left by a dead one.
+fn lock_db(db: &Path) -> Result<File> {
+    let lock_path = PathBuf::from(format!("{}.lock", db.display()));
+    if let Some(dir) = lock_path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let f = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    if f.try_lock().is_err() {
+        bail!("database {} is in use by another mayfly process", db.display());
+    }
+    Ok(f)
+}
+
+fn runtime_config(opts: &RunOpts) -> RuntimeConfig {
+    let mut cfg = RuntimeConfig { workers: opts.workers.max(1), ..Default::default() };
+    if let Some(n) = opts.python_pool {
+        cfg.tools.python_pool = n.max(1);
+    }
+    cfg
+}
+
+fn print_report(r: &Report, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        let secs = "";
+        eprintln!("{} {} ({} events){secs}", status_word(r.status), r.execution_id, r.events);
+        if let Some(e) = &r.error {
+            eprintln!("  step: {}", r.failed_step.as_deref().unwrap_or("-"));
+            eprintln!("  error: {e}");
+        }
+        println!("{}", serde_json::to_string_pretty(&r.result)?);
+    }
+    Ok(if r.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Completed => "completed",
+        Status::Failed => "FAILED",
+        Status::Cancelled => "cancelled",
+        Status::Running => "running",
+        Status::Pending => "pending",
+    }
+}
+
+async fn run(playbook: &Path, set: &[String], db: Option<&Path>, opts: &RunOpts) -> Result<ExitCode> {
+    let ov = overrides(set)?;
+    let parse_opts = ParseOptions { extra_vars: ov.keys().cloned().collect() };
+    let pb = match load_file(playbook, &parse_opts) {
+        Ok(pb) => pb,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let tmp;
+    let db_path = match db {
+        Some(p) => p.to_path_buf(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().join("mayfly.db")
+        }
+    };
+    let _lock = lock_db(&db_path)?;
+    let store = Arc::new(SqliteStore::open(&db_path).await.with_context(|| format!("opening {}", db_path.display()))?);
+    let runtime = Runtime::start(store, runtime_config(opts))?;
+    let handle = runtime.handle();
+    let events = handle.subscribe();
+    let pb = Arc::new(pb);
+    let id = handle.start(pb.clone(), ov, None).await?;
+    if !opts.json && db.is_some() {
+        eprintln!("execution {id} (db {})", db_path.display());
+    }
+    let display = (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
+    let report = handle.wait(&id).await?;
+    if let Some(d) = display {
+        d.finish().await;
+    }
+    print_report(&report, opts.json)
+}
+
+async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
+    if !db.exists() {
+        bail!("no database at {}", db.display());
+    }
+    let _lock = lock_db(db)?;
+    let store = Arc::new(SqliteStore::open(db).await?);
+    let runtime = Runtime::start(store, runtime_config(opts))?;
+    let handle = runtime.handle();
+    let id = ExecutionId::from(id);
+    handle.resume(&id).await?;
+    let report = handle.wait(&id).await?;
+    print_report(&report, opts.json)
+}
+
+fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
+    match load_file(playbook, &ParseOptions { extra_vars: vars }) {
+        Ok(pb) => {
+            println!("ok: {} ({} steps, digest {})", pb.path, pb.steps.len(), pb.digest);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn open_existing(db: &Path) -> Result<SqliteStore> {
+    if !db.exists() {
+        bail!("no database at {}", db.display());
+    }
+    Ok(SqliteStore::open(db).await?)
+}
+
+async fn events(db: &Path, id: &str, from: u64, limit: u32, json: bool) -> Result<ExitCode> {
+    let store = open_existing(db).await?;
+    let id = ExecutionId::from(id);
+    let evs = store.read(&id, from, limit).await?;
+    if evs.is_empty() && from <= 1 {
+        bail!("no events for execution {id}");
+    }
+    for e in &evs {
+        if json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            let step = e.step.as_deref().unwrap_or("");
+            let attempt = e.attempt.map(|a| format!(" #{a}")).unwrap_or_default();
+            let mut payload = serde_json::to_string(&e.payload)?;
+            if payload.len() > 160 {
+                let mut cut = 157;
+                while !payload.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                payload.truncate(cut);
+                payload.push_str("...");
+            }
+            println!("{:>5}  {:<20} {:<16}{attempt:<4} {:<14} {payload}", e.seq, e.kind.as_str(), step, e.actor);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(db: &Path, id: &str, json: bool) -> Result<ExitCode> {
+    let store = open_existing(db).await?;
+    let id = ExecutionId::from(id);
+    let evs = store.read_all(&id).await?;
+    if evs.is_empty() {
+        bail!("no events for execution {id}");
+    }
+    mayfly_trust::verify_chain(&evs)?;
+    let st = ExecState::fold(id, &evs)?;
+    if !json {
+        eprintln!("hash chain verified: {} events", evs.len());
+    }
+    print_report(&st.report(), json)
+}
+
+async fn executions(db: &Path, limit: u32) -> Result<ExitCode> {
+    let store = open_existing(db).await?;
+    for x in store.list_executions(limit).await? {
+        let parent = x.parent_execution_id.map(|p| format!(" (child of {p})")).unwrap_or_default();
+        println!("{}  {:<10} {}{parent}", x.execution_id, x.status, x.path);
+    }
+    Ok(ExitCode::SUCCESS)
+}
