@@ -8,8 +8,8 @@ pub mod template;
 
 pub use node::{Loc, Node, NodeV};
 pub use playbook::{
-    Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec, Next,
-    NextMode, ParseOptions, Playbook, Rule, SetOp, SetTarget, Step, Task, ToolKind, parse,
+    Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec,
+    Next, NextMode, ParseOptions, Playbook, Rule, SetOp, SetTarget, Step, Task, ToolKind, parse,
 };
 pub use template::{TemplateError, Templates, templates, to_value, truthy};
 

@@ -94,7 +94,9 @@ impl Node {
             NodeV::Null => Value::Null,
             NodeV::Bool(b) => Value::Bool(*b),
             NodeV::Int(i) => Value::Number((*i).into()),
-            NodeV::Float(f) => Number::from_f64(*f).map(Value::Number).unwrap_or(Value::Null),
+            NodeV::Float(f) => Number::from_f64(*f)
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
             NodeV::Str(s) => Value::String(s.clone()),
             NodeV::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
             NodeV::Map(entries) => {
@@ -118,22 +120,30 @@ impl Node {
             },
             Value::String(s) => NodeV::Str(s.clone()),
             Value::Array(a) => NodeV::Seq(a.iter().map(|x| Node::from_json(x, loc)).collect()),
-            Value::Object(m) => {
-                NodeV::Map(m.iter().map(|(k, x)| (k.clone(), loc, Node::from_json(x, loc))).collect())
-            }
+            Value::Object(m) => NodeV::Map(
+                m.iter()
+                    .map(|(k, x)| (k.clone(), loc, Node::from_json(x, loc)))
+                    .collect(),
+            ),
         };
         Node { loc, v: nv }
     }
 }
 
 fn loc_of(l: &serde_saphyr::Location) -> Loc {
-    Loc { line: l.line() as u32, col: l.column() as u32 }
+    Loc {
+        line: l.line() as u32,
+        col: l.column() as u32,
+    }
 }
 
 impl<'de> Deserialize<'de> for Node {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = Spanned::<NodeV>::deserialize(d)?;
-        Ok(Node { loc: loc_of(&s.referenced), v: s.value })
+        Ok(Node {
+            loc: loc_of(&s.referenced),
+            v: s.value,
+        })
     }
 }
 
@@ -189,7 +199,9 @@ impl<'de> Deserialize<'de> for NodeV {
                 Ok(NodeV::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<NodeV, E> {
-                Ok(i64::try_from(v).map(NodeV::Int).unwrap_or(NodeV::Float(v as f64)))
+                Ok(i64::try_from(v)
+                    .map(NodeV::Int)
+                    .unwrap_or(NodeV::Float(v as f64)))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<NodeV, E> {
                 Ok(NodeV::Float(v))
@@ -254,7 +266,12 @@ mod tests {
     #[test]
     fn map_order_is_preserved() {
         let n: Node = serde_saphyr::from_str("z: 1\na: 2\nm: 3\n").expect("parse");
-        let keys: Vec<&str> = n.as_map().expect("map").iter().map(|(k, _, _)| k.as_str()).collect();
+        let keys: Vec<&str> = n
+            .as_map()
+            .expect("map")
+            .iter()
+            .map(|(k, _, _)| k.as_str())
+            .collect();
         assert_eq!(keys, ["z", "a", "m"]);
     }
 }

@@ -17,7 +17,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.loc.line, self.loc.col, self.message)?;
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.loc.line, self.loc.col, self.message
+        )?;
         if let Some(s) = &self.step {
             write!(f, " (step `{s}`)")?;
         }
@@ -109,8 +113,15 @@ pub enum Backoff {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Directive {
     Continue,
-    Retry { attempts: u32, delay_s: f64, backoff: Backoff, max_delay_s: f64 },
-    Jump { to: String },
+    Retry {
+        attempts: u32,
+        delay_s: f64,
+        backoff: Backoff,
+        max_delay_s: f64,
+    },
+    Jump {
+        to: String,
+    },
     Break,
     Fail,
 }
@@ -225,9 +236,35 @@ pub const ENTRY_STEP: &str = "start";
 
 /// Names every template may read besides workload keys, step names and ctx keys.
 const SCOPE_NAMES: &[&str] = &[
-    "workload", "ctx", "steps", "iter", "event", "output", "result", "execution_id", "path", "version",
-    "loop_index", "keychain", "input", "attempt", "_prev", "data", "range", "dict", "namespace", "debug",
-    "lipsum", "cycler", "joiner", "true", "false", "none", "True", "False", "None",
+    "workload",
+    "ctx",
+    "steps",
+    "iter",
+    "event",
+    "output",
+    "result",
+    "execution_id",
+    "path",
+    "version",
+    "loop_index",
+    "keychain",
+    "input",
+    "attempt",
+    "_prev",
+    "data",
+    "range",
+    "dict",
+    "namespace",
+    "debug",
+    "lipsum",
+    "cycler",
+    "joiner",
+    "true",
+    "false",
+    "none",
+    "True",
+    "False",
+    "None",
 ];
 
 /// Options for [`parse`].
@@ -248,7 +285,9 @@ impl Playbook {
 
     /// A join is a step that arcs from two or more distinct steps lead to.
     pub fn is_join(&self, name: &str) -> bool {
-        self.index.get(name).is_some_and(|&i| self.in_degree[i] >= 2)
+        self.index
+            .get(name)
+            .is_some_and(|&i| self.in_degree[i] >= 2)
     }
 
     /// True when `to` can be reached from `from` by following arcs.
@@ -273,7 +312,10 @@ pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, 
     let root: Node = serde_saphyr::from_str_with_options(source, options).map_err(|e| {
         let loc = e
             .location()
-            .map(|l| Loc { line: l.line() as u32, col: l.column() as u32 })
+            .map(|l| Loc {
+                line: l.line() as u32,
+                col: l.column() as u32,
+            })
             .unwrap_or(Loc { line: 1, col: 1 });
         let text = e.to_string();
         let first = text.lines().next().unwrap_or("invalid YAML").to_owned();
@@ -286,7 +328,11 @@ pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, 
             }],
         }
     })?;
-    let mut p = Parser { file, diags: Vec::new(), step: None };
+    let mut p = Parser {
+        file,
+        diags: Vec::new(),
+        step: None,
+    };
     let pb = p.playbook(&root, source, opts);
     if p.diags.is_empty()
         && let Some(pb) = pb
@@ -294,9 +340,16 @@ pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, 
         return Ok(pb);
     }
     if p.diags.is_empty() {
-        p.diags.push(Diagnostic { file: file.into(), loc: root.loc, step: None, message: "invalid playbook".into() });
+        p.diags.push(Diagnostic {
+            file: file.into(),
+            loc: root.loc,
+            step: None,
+            message: "invalid playbook".into(),
+        });
     }
-    Err(DslError { diagnostics: p.diags })
+    Err(DslError {
+        diagnostics: p.diags,
+    })
 }
 
 struct Parser<'a> {
@@ -322,7 +375,10 @@ impl Parser<'_> {
             NodeV::Float(f) => Some(f.to_string()),
             NodeV::Bool(b) => Some(b.to_string()),
             _ => {
-                self.err(n.loc, format!("`{what}` must be a string, found {}", n.type_name()));
+                self.err(
+                    n.loc,
+                    format!("`{what}` must be a string, found {}", n.type_name()),
+                );
                 None
             }
         }
@@ -340,7 +396,10 @@ impl Parser<'_> {
                 }
             },
             _ => {
-                self.err(n.loc, format!("`{what}` must be a number, found {}", n.type_name()));
+                self.err(
+                    n.loc,
+                    format!("`{what}` must be a number, found {}", n.type_name()),
+                );
                 None
             }
         }
@@ -350,7 +409,10 @@ impl Parser<'_> {
         match &n.v {
             NodeV::Map(m) => Some(m),
             _ => {
-                self.err(n.loc, format!("`{what}` must be a mapping, found {}", n.type_name()));
+                self.err(
+                    n.loc,
+                    format!("`{what}` must be a mapping, found {}", n.type_name()),
+                );
                 None
             }
         }
@@ -375,7 +437,10 @@ impl Parser<'_> {
             Some("noetl.io/v2") => {}
             Some(other) => {
                 let loc = root.get("apiVersion").map(|n| n.loc).unwrap_or(root.loc);
-                self.err(loc, format!("unsupported apiVersion `{other}` (expected `noetl.io/v2`)"))
+                self.err(
+                    loc,
+                    format!("unsupported apiVersion `{other}` (expected `noetl.io/v2`)"),
+                )
             }
             None => self.err(root.loc, "missing `apiVersion: noetl.io/v2`"),
         }
@@ -383,7 +448,10 @@ impl Parser<'_> {
             Some("Playbook") => {}
             Some(other) => {
                 let loc = root.get("kind").map(|n| n.loc).unwrap_or(root.loc);
-                self.err(loc, format!("unsupported kind `{other}` (expected `Playbook`)"))
+                self.err(
+                    loc,
+                    format!("unsupported kind `{other}` (expected `Playbook`)"),
+                )
             }
             None => self.err(root.loc, "missing `kind: Playbook`"),
         }
@@ -397,7 +465,9 @@ impl Parser<'_> {
                     }
                 };
                 let path = m.get("path").and_then(|p| self.string(p, "metadata.path"));
-                let desc = m.get("description").and_then(|d| self.string(d, "metadata.description"));
+                let desc = m
+                    .get("description")
+                    .and_then(|d| self.string(d, "metadata.description"));
                 (name, path, desc)
             }
             Some(_) => (None, None, None),
@@ -425,7 +495,13 @@ impl Parser<'_> {
             return None;
         };
         let Some(items) = wf.as_seq() else {
-            self.err(wf.loc, format!("`workflow` must be a list of steps, found {}", wf.type_name()));
+            self.err(
+                wf.loc,
+                format!(
+                    "`workflow` must be a list of steps, found {}",
+                    wf.type_name()
+                ),
+            );
             return None;
         };
         if items.is_empty() {
@@ -446,7 +522,10 @@ impl Parser<'_> {
             self.step = None;
         }
         if !steps.is_empty() && !index.contains_key(ENTRY_STEP) {
-            self.err(wf.loc, format!("no entry step: the workflow must contain a step named `{ENTRY_STEP}`"));
+            self.err(
+                wf.loc,
+                format!("no entry step: the workflow must contain a step named `{ENTRY_STEP}`"),
+            );
         }
         // Arcs must point at real steps.
         for s in &steps {
@@ -454,7 +533,14 @@ impl Parser<'_> {
                 if !index.contains_key(&a.step) {
                     self.step = Some(s.name.clone());
                     let known: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
-                    self.err(a.loc, format!("arc to unknown step `{}` (steps: {})", a.step, known.join(", ")));
+                    self.err(
+                        a.loc,
+                        format!(
+                            "arc to unknown step `{}` (steps: {})",
+                            a.step,
+                            known.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -509,7 +595,10 @@ impl Parser<'_> {
         let Some(n) = n else { return Vec::new() };
         let Some(items) = n.as_seq() else {
             if !n.is_null() {
-                self.err(n.loc, "`keychain` must be a list of {name, kind, …} entries");
+                self.err(
+                    n.loc,
+                    "`keychain` must be a list of {name, kind, …} entries",
+                );
             }
             return Vec::new();
         };
@@ -565,22 +654,27 @@ impl Parser<'_> {
                 _ => {}
             }
         }
-        let desc = n.get("desc").or(n.get("description")).and_then(|d| self.string(d, "desc"));
+        let desc = n
+            .get("desc")
+            .or(n.get("description"))
+            .and_then(|d| self.string(d, "desc"));
         let input = n.get("input").filter(|i| !i.is_null()).cloned();
-        if let Some(i) = &input {
-            if self.map(i, "input").is_some() {
-                self.check_templates(i);
-            }
+        if let Some(i) = &input
+            && self.map(i, "input").is_some()
+        {
+            self.check_templates(i);
         }
         let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
         let mut timeout_s = None;
         let mut step_rules = Vec::new();
-        if let Some(spec) = n.get("spec").filter(|s| !s.is_null()) {
-            if self.map(spec, "spec").is_some() {
-                timeout_s = spec.get("timeout").and_then(|t| self.number(t, "spec.timeout"));
-                if let Some(rules) = spec.get("policy").and_then(|p| p.get("rules")) {
-                    step_rules = self.rules(rules);
-                }
+        if let Some(spec) = n.get("spec").filter(|s| !s.is_null())
+            && self.map(spec, "spec").is_some()
+        {
+            timeout_s = spec
+                .get("timeout")
+                .and_then(|t| self.number(t, "spec.timeout"));
+            if let Some(rules) = spec.get("policy").and_then(|p| p.get("rules")) {
+                step_rules = self.rules(rules);
             }
         }
         let mut tasks = match n.get("tool") {
@@ -594,7 +688,13 @@ impl Parser<'_> {
                     .filter_map(|(i, it)| self.task(it, &format!("task_{}", i + 1), workbook))
                     .collect(),
                 _ => {
-                    self.err(t.loc, format!("`tool` must be a mapping or a list of tasks, found {}", t.type_name()));
+                    self.err(
+                        t.loc,
+                        format!(
+                            "`tool` must be a mapping or a list of tasks, found {}",
+                            t.type_name()
+                        ),
+                    );
                     Vec::new()
                 }
             },
@@ -607,7 +707,10 @@ impl Parser<'_> {
         let mut names = BTreeSet::new();
         for t in &tasks {
             if !names.insert(t.name.clone()) {
-                self.err(t.loc, format!("duplicate task name `{}` in the pipeline", t.name));
+                self.err(
+                    t.loc,
+                    format!("duplicate task name `{}` in the pipeline", t.name),
+                );
             }
         }
         for t in &tasks {
@@ -623,12 +726,30 @@ impl Parser<'_> {
             let loc = tasks[0].loc;
             self.err(loc, "a `playbook` task must be the only task of its step (the step awaits the child execution)");
         }
-        let looping = n.get("loop").filter(|l| !l.is_null()).and_then(|l| self.loop_spec(l));
+        let looping = n
+            .get("loop")
+            .filter(|l| !l.is_null())
+            .and_then(|l| self.loop_spec(l));
         let next = self.next(n.get("next"));
-        Some(Step { name, desc, loc: n.loc, tasks, input, set, looping, next, timeout_s })
+        Some(Step {
+            name,
+            desc,
+            loc: n.loc,
+            tasks,
+            input,
+            set,
+            looping,
+            next,
+            timeout_s,
+        })
     }
 
-    fn task(&mut self, n: &Node, default_name: &str, workbook: &HashMap<String, Node>) -> Option<Task> {
+    fn task(
+        &mut self,
+        n: &Node,
+        default_name: &str,
+        workbook: &HashMap<String, Node>,
+    ) -> Option<Task> {
         let entries = self.map(n, "tool")?;
         let kind_node = match n.get("kind") {
             Some(k) => k,
@@ -666,7 +787,14 @@ impl Parser<'_> {
             }
             if let NodeV::Map(tm) = &mut tool.v {
                 tm.retain(|(k, _, _)| k != "name");
-                tm.push(("name".into(), n.loc, Node { loc: n.loc, v: NodeV::Str(target.to_owned()) }));
+                tm.push((
+                    "name".into(),
+                    n.loc,
+                    Node {
+                        loc: n.loc,
+                        v: NodeV::Str(target.to_owned()),
+                    },
+                ));
             }
             return self.task(&tool, target, &HashMap::new());
         }
@@ -676,8 +804,8 @@ impl Parser<'_> {
             "http" => ToolKind::Http,
             "playbook" => ToolKind::Playbook,
             "noop" => ToolKind::Noop,
-            "postgres" | "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai" | "secrets"
-            | "transfer" | "mcp" | "agent" => {
+            "postgres" | "duckdb" | "ducklake" | "snowflake" | "nats" | "container"
+            | "artifact" | "rhai" | "secrets" | "transfer" | "mcp" | "agent" => {
                 self.err(
                     kind_node.loc,
                     format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, playbook, noop)"),
@@ -692,7 +820,11 @@ impl Parser<'_> {
                 return None;
             }
         };
-        let name = n.get("name").and_then(Node::as_str).unwrap_or(default_name).to_owned();
+        let name = n
+            .get("name")
+            .and_then(Node::as_str)
+            .unwrap_or(default_name)
+            .to_owned();
         let mut rules = Vec::new();
         let mut timeout_s = None;
         let mut on_unmatched_error = Directive::Fail;
@@ -707,7 +839,9 @@ impl Parser<'_> {
                     _ => self.err(u.loc, "`on_unmatched` must be `continue` or `fail`"),
                 }
             }
-            timeout_s = spec.get("timeout").and_then(|t| self.number(t, "spec.timeout"));
+            timeout_s = spec
+                .get("timeout")
+                .and_then(|t| self.number(t, "spec.timeout"));
         }
         if let Some(t) = n.get("timeout_seconds").or(n.get("timeout")) {
             timeout_s = self.number(t, "timeout");
@@ -717,7 +851,10 @@ impl Parser<'_> {
             .filter(|(k, _, _)| !matches!(k.as_str(), "name" | "kind" | "spec"))
             .cloned()
             .collect();
-        let config = Node { loc: n.loc, v: NodeV::Map(config_entries) };
+        let config = Node {
+            loc: n.loc,
+            v: NodeV::Map(config_entries),
+        };
         match kind {
             ToolKind::Python => match config.get("code") {
                 Some(c) if c.as_str().is_some() => {}
@@ -725,7 +862,12 @@ impl Parser<'_> {
                 None => self.err(n.loc, "python tool needs `code`"),
             },
             ToolKind::Shell => {
-                if config.get("cmds").or(config.get("command")).or(config.get("cmd")).is_none() {
+                if config
+                    .get("cmds")
+                    .or(config.get("command"))
+                    .or(config.get("cmd"))
+                    .is_none()
+                {
                     self.err(n.loc, "shell tool needs `cmds` (a list) or `command`");
                 }
             }
@@ -749,7 +891,15 @@ impl Parser<'_> {
                 }
             }
         }
-        Some(Task { name, kind, config, rules, on_unmatched_error, timeout_s, loc: n.loc })
+        Some(Task {
+            name,
+            kind,
+            config,
+            rules,
+            on_unmatched_error,
+            timeout_s,
+            loc: n.loc,
+        })
     }
 
     fn rules(&mut self, n: &Node) -> Vec<Rule> {
@@ -780,7 +930,10 @@ impl Parser<'_> {
                         Some(dn) => match dn.as_str() {
                             Some(s) => self.directive(s, then, dn.loc),
                             None => {
-                                self.err(dn.loc, "`do` must be one of continue, retry, jump, break, fail");
+                                self.err(
+                                    dn.loc,
+                                    "`do` must be one of continue, retry, jump, break, fail",
+                                );
                                 None
                             }
                         },
@@ -790,12 +943,20 @@ impl Parser<'_> {
                     (d, set)
                 }
                 _ => {
-                    self.err(then.loc, "`then` must be a mapping like {do: retry, attempts: 3}");
+                    self.err(
+                        then.loc,
+                        "`then` must be a mapping like {do: retry, attempts: 3}",
+                    );
                     (None, Vec::new())
                 }
             };
             if let Some(directive) = directive {
-                out.push(Rule { when, directive, set, loc: it.loc });
+                out.push(Rule {
+                    when,
+                    directive,
+                    set,
+                    loc: it.loc,
+                });
             }
         }
         out
@@ -815,31 +976,55 @@ impl Parser<'_> {
             },
             "retry" => {
                 let attempts = match then.get("attempts").or(then.get("max_attempts")) {
-                    Some(a) => self.number(a, "attempts").map(|f| f.max(1.0) as u32).unwrap_or(3),
+                    Some(a) => self
+                        .number(a, "attempts")
+                        .map(|f| f.max(1.0) as u32)
+                        .unwrap_or(3),
                     None => 3,
                 };
-                let delay_s = then.get("delay").and_then(|d| self.number(d, "delay")).unwrap_or(1.0);
-                let max_delay_s = then.get("max_delay").and_then(|d| self.number(d, "max_delay")).unwrap_or(60.0);
+                let delay_s = then
+                    .get("delay")
+                    .and_then(|d| self.number(d, "delay"))
+                    .unwrap_or(1.0);
+                let max_delay_s = then
+                    .get("max_delay")
+                    .and_then(|d| self.number(d, "max_delay"))
+                    .unwrap_or(60.0);
                 let backoff = match then.get("backoff").and_then(Node::as_str) {
                     None | Some("fixed") | Some("constant") => Backoff::Fixed,
                     Some("linear") => Backoff::Linear,
                     Some("exponential") => Backoff::Exponential,
                     Some(other) => {
-                        self.err(loc, format!("unknown backoff `{other}` (fixed, linear, exponential)"));
+                        self.err(
+                            loc,
+                            format!("unknown backoff `{other}` (fixed, linear, exponential)"),
+                        );
                         Backoff::Fixed
                     }
                 };
-                Directive::Retry { attempts, delay_s, backoff, max_delay_s }
+                Directive::Retry {
+                    attempts,
+                    delay_s,
+                    backoff,
+                    max_delay_s,
+                }
             }
             other => {
-                self.err(loc, format!("unknown policy directive `{other}` (continue, retry, jump, break, fail)"));
+                self.err(
+                    loc,
+                    format!(
+                        "unknown policy directive `{other}` (continue, retry, jump, break, fail)"
+                    ),
+                );
                 return None;
             }
         })
     }
 
     fn set_ops(&mut self, n: &Node) -> Vec<SetOp> {
-        let Some(entries) = self.map(n, "set") else { return Vec::new() };
+        let Some(entries) = self.map(n, "set") else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (k, loc, v) in entries {
             self.check_templates(v);
@@ -853,7 +1038,10 @@ impl Parser<'_> {
             } else {
                 SetTarget::Ctx(k.clone())
             };
-            out.push(SetOp { target, value: v.clone() });
+            out.push(SetOp {
+                target,
+                value: v.clone(),
+            });
         }
         out
     }
@@ -876,20 +1064,37 @@ impl Parser<'_> {
             Some("parallel") | Some("async") => LoopMode::Parallel,
             Some(other) => {
                 let loc = mode_node.map(|m| m.loc).unwrap_or(n.loc);
-                self.err(loc, format!("unknown loop mode `{other}` (sequential, parallel)"));
+                self.err(
+                    loc,
+                    format!("unknown loop mode `{other}` (sequential, parallel)"),
+                );
                 LoopMode::Sequential
             }
         };
-        let max_in_flight = spec.and_then(|s| s.get("max_in_flight")).or(n.get("concurrency")).cloned();
+        let max_in_flight = spec
+            .and_then(|s| s.get("max_in_flight"))
+            .or(n.get("concurrency"))
+            .cloned();
         if let Some(m) = &max_in_flight {
             self.check_templates(m);
         }
-        Some(LoopSpec { items: items.clone(), iterator, mode, max_in_flight, loc: n.loc })
+        Some(LoopSpec {
+            items: items.clone(),
+            iterator,
+            mode,
+            max_in_flight,
+            loc: n.loc,
+        })
     }
 
     fn arc(&mut self, n: &Node) -> Option<Arc> {
         match &n.v {
-            NodeV::Str(s) => Some(Arc { step: s.clone(), when: None, set: Vec::new(), loc: n.loc }),
+            NodeV::Str(s) => Some(Arc {
+                step: s.clone(),
+                when: None,
+                set: Vec::new(),
+                loc: n.loc,
+            }),
             NodeV::Map(_) => {
                 let Some(step) = n.get("step").and_then(|s| self.string(s, "step")) else {
                     self.err(n.loc, "arc needs `step` (the target)");
@@ -900,17 +1105,31 @@ impl Parser<'_> {
                     self.check_templates(w);
                 }
                 let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
-                Some(Arc { step, when, set, loc: n.loc })
+                Some(Arc {
+                    step,
+                    when,
+                    set,
+                    loc: n.loc,
+                })
             }
             _ => {
-                self.err(n.loc, format!("an arc must be a step name or a mapping, found {}", n.type_name()));
+                self.err(
+                    n.loc,
+                    format!(
+                        "an arc must be a step name or a mapping, found {}",
+                        n.type_name()
+                    ),
+                );
                 None
             }
         }
     }
 
     fn next(&mut self, n: Option<&Node>) -> Next {
-        let mut next = Next { mode: NextMode::Exclusive, arcs: Vec::new() };
+        let mut next = Next {
+            mode: NextMode::Exclusive,
+            arcs: Vec::new(),
+        };
         let Some(n) = n else { return next };
         match &n.v {
             NodeV::Null => {}
@@ -936,23 +1155,40 @@ impl Parser<'_> {
                         Some("inclusive") => next.mode = NextMode::Inclusive,
                         Some(other) => {
                             let loc = mode.map(|m| m.loc).unwrap_or(n.loc);
-                            self.err(loc, format!("unknown next mode `{other}` (exclusive, inclusive)"));
+                            self.err(
+                                loc,
+                                format!("unknown next mode `{other}` (exclusive, inclusive)"),
+                            );
                         }
                     }
                 } else if n.get("step").is_some() {
                     next.arcs.extend(self.arc(n));
                 } else {
-                    self.err(n.loc, "`next` must be a step name, a list of arcs, or {spec, arcs}");
+                    self.err(
+                        n.loc,
+                        "`next` must be a step name, a list of arcs, or {spec, arcs}",
+                    );
                 }
             }
-            _ => self.err(n.loc, format!("`next` must be a step name, a list or a mapping, found {}", n.type_name())),
+            _ => self.err(
+                n.loc,
+                format!(
+                    "`next` must be a step name, a list or a mapping, found {}",
+                    n.type_name()
+                ),
+            ),
         }
         next
     }
 
     /// Strict static check of `when` conditions: every root variable must be in scope.
     /// Run time is lenient (chainable undefined) for NoETL compatibility; this catches typos.
-    fn check_condition_scope(&mut self, steps: &[Step], workload: &Map<String, Value>, opts: &ParseOptions) {
+    fn check_condition_scope(
+        &mut self,
+        steps: &[Step],
+        workload: &Map<String, Value>,
+        opts: &ParseOptions,
+    ) {
         let mut known: BTreeSet<String> = SCOPE_NAMES.iter().map(|s| s.to_string()).collect();
         known.extend(workload.keys().cloned());
         known.extend(opts.extra_vars.iter().cloned());
@@ -965,7 +1201,11 @@ impl Parser<'_> {
                 .set
                 .iter()
                 .chain(s.next.arcs.iter().flat_map(|a| a.set.iter()))
-                .chain(s.tasks.iter().flat_map(|t| t.rules.iter().flat_map(|r| r.set.iter())));
+                .chain(
+                    s.tasks
+                        .iter()
+                        .flat_map(|t| t.rules.iter().flat_map(|r| r.set.iter())),
+                );
             for op in all_sets {
                 if let SetTarget::Ctx(k) = &op.target {
                     known.insert(k.split('.').next().unwrap_or(k).to_owned());
@@ -982,7 +1222,11 @@ impl Parser<'_> {
                 .arcs
                 .iter()
                 .filter_map(|a| a.when.as_ref())
-                .chain(s.tasks.iter().flat_map(|t| t.rules.iter().filter_map(|r| r.when.as_ref())))
+                .chain(
+                    s.tasks
+                        .iter()
+                        .flat_map(|t| t.rules.iter().filter_map(|r| r.when.as_ref())),
+                )
                 .collect();
             for c in conds {
                 let Some(text) = c.as_str() else { continue };
@@ -998,7 +1242,9 @@ impl Parser<'_> {
                         }
                     }
                     // Template syntax errors were already reported by check_templates.
-                    Err(m) if !Templates::is_template(text) => self.err(c.loc, format!("invalid condition: {m}")),
+                    Err(m) if !Templates::is_template(text) => {
+                        self.err(c.loc, format!("invalid condition: {m}"))
+                    }
                     Err(_) => {}
                 }
             }

@@ -42,7 +42,8 @@ fn b64decode(v: String) -> Result<String, MjError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(v.trim().as_bytes())
         .map_err(|e| MjError::new(ErrorKind::InvalidOperation, format!("b64decode: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| MjError::new(ErrorKind::InvalidOperation, format!("b64decode: {e}")))
+    String::from_utf8(bytes)
+        .map_err(|e| MjError::new(ErrorKind::InvalidOperation, format!("b64decode: {e}")))
 }
 
 fn fromjson(v: String) -> Result<MjValue, MjError> {
@@ -110,17 +111,23 @@ impl Templates {
             return to_json(&v);
         }
         let tmpl = self.env.template_from_str(s).map_err(describe)?;
-        tmpl.render(ctx.clone()).map(Value::String).map_err(describe)
+        tmpl.render(ctx.clone())
+            .map(Value::String)
+            .map_err(describe)
     }
 
     /// Render every string inside a node, recursively.
     pub fn render_node(&self, n: &Node, ctx: &MjValue) -> Result<Value, TemplateError> {
         Ok(match &n.v {
-            NodeV::Str(s) => {
-                self.render_str(s, ctx).map_err(|message| TemplateError { loc: n.loc, message })?
-            }
+            NodeV::Str(s) => self.render_str(s, ctx).map_err(|message| TemplateError {
+                loc: n.loc,
+                message,
+            })?,
             NodeV::Seq(items) => Value::Array(
-                items.iter().map(|i| self.render_node(i, ctx)).collect::<Result<_, _>>()?,
+                items
+                    .iter()
+                    .map(|i| self.render_node(i, ctx))
+                    .collect::<Result<_, _>>()?,
             ),
             NodeV::Map(entries) => {
                 let mut m = Map::new();
@@ -135,11 +142,17 @@ impl Templates {
 
     /// Evaluate a condition (`when`). Non-string scalars are constants.
     pub fn eval_condition(&self, n: &Node, ctx: &MjValue) -> Result<bool, TemplateError> {
-        let err = |message: String| TemplateError { loc: n.loc, message };
+        let err = |message: String| TemplateError {
+            loc: n.loc,
+            message,
+        };
         match &n.v {
             NodeV::Str(s) => {
                 if let Some(expr) = Self::single_expression(s) {
-                    let compiled = self.env.compile_expression(expr).map_err(|e| err(describe(e)))?;
+                    let compiled = self
+                        .env
+                        .compile_expression(expr)
+                        .map_err(|e| err(describe(e)))?;
                     let v = compiled.eval(ctx.clone()).map_err(|e| err(describe(e)))?;
                     Ok(v.is_true())
                 } else if Self::is_template(s) {
@@ -147,19 +160,31 @@ impl Templates {
                     Ok(truthy(&out))
                 } else {
                     // A bare expression without braces, as some fixtures write `when: x > 1`.
-                    let compiled = self.env.compile_expression(s).map_err(|e| err(describe(e)))?;
+                    let compiled = self
+                        .env
+                        .compile_expression(s)
+                        .map_err(|e| err(describe(e)))?;
                     let v = compiled.eval(ctx.clone()).map_err(|e| err(describe(e)))?;
                     Ok(v.is_true())
                 }
             }
-            other => Ok(truthy(&Node { loc: n.loc, v: other.clone() }.to_json())),
+            other => Ok(truthy(
+                &Node {
+                    loc: n.loc,
+                    v: other.clone(),
+                }
+                .to_json(),
+            )),
         }
     }
 
     /// Syntax check of one string (no rendering).
     pub fn check(&self, s: &str) -> Result<(), String> {
         if let Some(expr) = Self::single_expression(s) {
-            self.env.compile_expression(expr).map(|_| ()).map_err(describe)
+            self.env
+                .compile_expression(expr)
+                .map(|_| ())
+                .map_err(describe)
         } else if Self::is_template(s) {
             self.env.template_from_str(s).map(|_| ()).map_err(describe)
         } else {
@@ -170,11 +195,20 @@ impl Templates {
     /// Root variable names a template (or bare condition expression) reads.
     pub fn variables(&self, s: &str, bare_expression: bool) -> Result<BTreeSet<String>, String> {
         let set = if let Some(expr) = Self::single_expression(s) {
-            self.env.compile_expression(expr).map_err(describe)?.undeclared_variables(false)
+            self.env
+                .compile_expression(expr)
+                .map_err(describe)?
+                .undeclared_variables(false)
         } else if Self::is_template(s) {
-            self.env.template_from_str(s).map_err(describe)?.undeclared_variables(false)
+            self.env
+                .template_from_str(s)
+                .map_err(describe)?
+                .undeclared_variables(false)
         } else if bare_expression {
-            self.env.compile_expression(s).map_err(describe)?.undeclared_variables(false)
+            self.env
+                .compile_expression(s)
+                .map_err(describe)?
+                .undeclared_variables(false)
         } else {
             Default::default()
         };
@@ -239,7 +273,10 @@ mod tests {
     fn single_expression_yields_native_values() {
         let t = templates();
         let c = ctx(json!({"users": [{"id": 1}, {"id": 2}], "n": 3}));
-        assert_eq!(t.render_str("{{ users }}", &c), Ok(json!([{"id": 1}, {"id": 2}])));
+        assert_eq!(
+            t.render_str("{{ users }}", &c),
+            Ok(json!([{"id": 1}, {"id": 2}]))
+        );
         assert_eq!(t.render_str(" {{ n + 1 }} ", &c), Ok(json!(4)));
         assert_eq!(t.render_str("n={{ n }}", &c), Ok(json!("n=3")));
         assert_eq!(t.render_str("plain", &c), Ok(json!("plain")));
@@ -258,27 +295,59 @@ mod tests {
     fn filters_and_pycompat_methods() {
         let t = templates();
         let c = ctx(json!({"m": {"k": "v"}, "s": "aGk="}));
-        assert_eq!(t.render_str("{{ 'hi' | b64encode }}", &c), Ok(json!("aGk=")));
+        assert_eq!(
+            t.render_str("{{ 'hi' | b64encode }}", &c),
+            Ok(json!("aGk="))
+        );
         assert_eq!(t.render_str("{{ s | b64decode }}", &c), Ok(json!("hi")));
-        assert_eq!(t.render_str("{{ '{\"a\": 1}' | fromjson }}", &c), Ok(json!({"a": 1})));
+        assert_eq!(
+            t.render_str("{{ '{\"a\": 1}' | fromjson }}", &c),
+            Ok(json!({"a": 1}))
+        );
         assert_eq!(t.render_str("{{ m.get('k') }}", &c), Ok(json!("v")));
         assert_eq!(t.render_str("{{ m | get('z', 'd') }}", &c), Ok(json!("d")));
         assert_eq!(t.render_str("{{ m | keys | list }}", &c), Ok(json!(["k"])));
-        assert_eq!(t.render_str("{{ m | tojson }}", &c), Ok(json!("{\"k\": \"v\"}")));
-        assert_eq!(t.render_str("{{ b64 | b64decode }}", &ctx(json!({"b64": "!!"}))).is_err(), true);
+        assert_eq!(
+            t.render_str("{{ m | tojson }}", &c),
+            Ok(json!("{\"k\": \"v\"}"))
+        );
+        assert!(
+            t.render_str("{{ b64 | b64decode }}", &ctx(json!({"b64": "!!"})))
+                .is_err()
+        );
     }
 
     #[test]
     fn conditions() {
         let t = templates();
         let c = ctx(json!({"x": {"is_hot": true}, "n": 0}));
-        let node = |s: &str| Node { loc: Loc { line: 3, col: 9 }, v: NodeV::Str(s.into()) };
-        assert_eq!(t.eval_condition(&node("{{ x.is_hot == true }}"), &c), Ok(true));
+        let node = |s: &str| Node {
+            loc: Loc { line: 3, col: 9 },
+            v: NodeV::Str(s.into()),
+        };
+        assert_eq!(
+            t.eval_condition(&node("{{ x.is_hot == true }}"), &c),
+            Ok(true)
+        );
         assert_eq!(t.eval_condition(&node("{{ n > 0 }}"), &c), Ok(false));
         assert_eq!(t.eval_condition(&node("n == 0"), &c), Ok(true));
-        assert_eq!(t.eval_condition(&node("{% if n %}yes{% endif %}"), &c), Ok(false));
-        assert_eq!(t.eval_condition(&Node { loc: Loc::default(), v: NodeV::Bool(true) }, &c), Ok(true));
-        let e = t.eval_condition(&node("{{ n + }}"), &c).expect_err("syntax");
+        assert_eq!(
+            t.eval_condition(&node("{% if n %}yes{% endif %}"), &c),
+            Ok(false)
+        );
+        assert_eq!(
+            t.eval_condition(
+                &Node {
+                    loc: Loc::default(),
+                    v: NodeV::Bool(true)
+                },
+                &c
+            ),
+            Ok(true)
+        );
+        let e = t
+            .eval_condition(&node("{{ n + }}"), &c)
+            .expect_err("syntax");
         assert_eq!(e.loc, Loc { line: 3, col: 9 });
         assert!(e.message.contains("syntax error"), "{}", e.message);
     }
@@ -286,7 +355,9 @@ mod tests {
     #[test]
     fn variables_are_extracted() {
         let t = templates();
-        let v = t.variables("{{ a.b == c and range(3) }}", false).expect("vars");
+        let v = t
+            .variables("{{ a.b == c and range(3) }}", false)
+            .expect("vars");
         assert!(v.contains("a") && v.contains("c"));
         assert!(t.variables("plain", false).expect("vars").is_empty());
         assert!(t.variables("x > y", true).expect("vars").contains("y"));
@@ -294,10 +365,25 @@ mod tests {
 
     #[test]
     fn truthiness() {
-        for v in [json!(null), json!(false), json!(0), json!(""), json!("False"), json!("none"), json!([])] {
+        for v in [
+            json!(null),
+            json!(false),
+            json!(0),
+            json!(""),
+            json!("False"),
+            json!("none"),
+            json!([]),
+        ] {
             assert!(!truthy(&v), "{v}");
         }
-        for v in [json!(true), json!(1), json!("True"), json!("x"), json!([1]), json!({"a": 1})] {
+        for v in [
+            json!(true),
+            json!(1),
+            json!("True"),
+            json!("x"),
+            json!([1]),
+            json!({"a": 1}),
+        ] {
             assert!(truthy(&v), "{v}");
         }
     }
@@ -305,9 +391,16 @@ mod tests {
     #[test]
     fn render_node_reports_location() {
         let t = templates();
-        let n: Node = serde_saphyr::from_str("a:\n  b: \"{{ x | nosuchfilter }}\"\n").expect("yaml");
-        let e = t.render_node(&n, &ctx(json!({"x": 1}))).expect_err("unknown filter");
+        let n: Node =
+            serde_saphyr::from_str("a:\n  b: \"{{ x | nosuchfilter }}\"\n").expect("yaml");
+        let e = t
+            .render_node(&n, &ctx(json!({"x": 1})))
+            .expect_err("unknown filter");
         assert_eq!(e.loc.line, 2);
-        assert!(e.message.contains("nosuchfilter") || e.message.contains("unknown filter"), "{}", e.message);
+        assert!(
+            e.message.contains("nosuchfilter") || e.message.contains("unknown filter"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -21,7 +21,9 @@ const HEAD: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata:\n  name: 
 
 #[test]
 fn full_dialect_parses() {
-    let src = format!("{HEAD}{}", r#"  path: demo/full
+    let src = format!(
+        "{HEAD}{}",
+        r#"  path: demo/full
 workload:
   users: [1, 2]
   temp: 30
@@ -63,7 +65,8 @@ workflow:
     tool: {kind: shell, cmds: ["echo hi"]}
     next: end
   - step: end
-"#);
+"#
+    );
     let pb = ok(&src);
     assert_eq!(pb.path, "demo/full");
     assert!(pb.digest.starts_with("sha256:"));
@@ -84,7 +87,14 @@ workflow:
     assert_eq!((l.iterator.as_str(), l.mode), ("user", LoopMode::Parallel));
     assert_eq!(a.tasks.len(), 2);
     assert_eq!(a.tasks[0].rules.len(), 2);
-    assert!(matches!(a.tasks[0].rules[0].directive, Directive::Retry { attempts: 5, backoff: Backoff::Exponential, .. }));
+    assert!(matches!(
+        a.tasks[0].rules[0].directive,
+        Directive::Retry {
+            attempts: 5,
+            backoff: Backoff::Exponential,
+            ..
+        }
+    ));
     assert!(a.tasks[0].rules[1].when.is_none());
     assert!(pb.is_join("end"));
     assert!(!pb.is_join("a"));
@@ -104,7 +114,9 @@ fn malformed_yaml_names_line_and_column() {
 
 #[test]
 fn unknown_tool_kind() {
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool:\n      kind: teleport\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool:\n      kind: teleport\n"
+    ));
     let d = &e.diagnostics[0];
     assert_eq!((d.loc.line, d.loc.col), (8, 13));
     assert_eq!(d.step.as_deref(), Some("start"));
@@ -114,16 +126,26 @@ fn unknown_tool_kind() {
 #[test]
 fn missing_start() {
     let e = err(&format!("{HEAD}workflow:\n  - step: begin\n"));
-    assert!(e.diagnostics.iter().any(|d| d.message.contains("named `start`")), "{e}");
+    assert!(
+        e.diagnostics
+            .iter()
+            .any(|d| d.message.contains("named `start`")),
+        "{e}"
+    );
 }
 
 #[test]
 fn arc_to_unknown_step() {
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    next:\n      arcs:\n        - step: nowhere\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    next:\n      arcs:\n        - step: nowhere\n"
+    ));
     let d = &e.diagnostics[0];
     assert!(d.message.contains("unknown step `nowhere`"), "{d}");
     assert_eq!(d.loc.line, 9);
-    assert_eq!(e.to_string(), format!("pb.yaml:9:11: {} (step `start`)", d.message));
+    assert_eq!(
+        e.to_string(),
+        format!("pb.yaml:9:11: {} (step `start`)", d.message)
+    );
 }
 
 #[test]
@@ -147,13 +169,16 @@ fn undefined_variable_in_when_is_a_validation_error() {
     assert_eq!(d.loc.line, 10);
     // The same condition with the right name, or a --set override, is fine.
     ok(&src.replace("temprature", "temp"));
-    let opts = ParseOptions { extra_vars: vec!["temprature".into()] };
+    let opts = ParseOptions {
+        extra_vars: vec!["temprature".into()],
+    };
     assert!(parse("pb.yaml", &src, &opts).is_ok());
 }
 
 #[test]
 fn wrong_api_version_and_kind() {
-    let e = err("apiVersion: noetl.io/v1\nkind: Job\nmetadata: {name: x}\nworkflow: [{step: start}]\n");
+    let e =
+        err("apiVersion: noetl.io/v1\nkind: Job\nmetadata: {name: x}\nworkflow: [{step: start}]\n");
     assert_eq!(e.diagnostics.len(), 2, "{e}");
     assert!(e.diagnostics[0].message.contains("apiVersion"));
     assert!(e.diagnostics[1].message.contains("kind"));
@@ -161,19 +186,32 @@ fn wrong_api_version_and_kind() {
 
 #[test]
 fn structural_errors() {
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n  - step: start\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n  - step: start\n"
+    ));
     assert!(e.diagnostics[0].message.contains("duplicate step"), "{e}");
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool: {{kind: python}}\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: python}}\n"
+    ));
     assert!(e.diagnostics[0].message.contains("needs `code`"), "{e}");
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    loop: {{iterator: x}}\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    loop: {{iterator: x}}\n"
+    ));
     assert!(e.diagnostics[0].message.contains("needs `in`"), "{e}");
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    set: {{iter.x: 1}}\n"));
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    set: {{iter.x: 1}}\n"
+    ));
     assert!(e.diagnostics[0].message.contains("iter.*"), "{e}");
     let e = err(&format!(
         "{HEAD}workflow:\n  - step: start\n    tool:\n      - {{name: a, kind: noop, spec: {{policy: {{rules: [{{then: {{do: jump, to: zz}}}}]}}}}}}\n"
     ));
-    assert!(e.diagnostics[0].message.contains("unknown task `zz`"), "{e}");
-    let e = err(&format!("{HEAD}workflow:\n  - step: start\n    tool: {{kind: postgres, query: x}}\n"));
+    assert!(
+        e.diagnostics[0].message.contains("unknown task `zz`"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: postgres, query: x}}\n"
+    ));
     assert!(e.diagnostics[0].message.contains("not available"), "{e}");
     let e = err(&format!("{HEAD}workflow:\n  - step: start\n    case: []\n"));
     assert!(e.diagnostics[0].message.contains("case"), "{e}");
@@ -194,7 +232,9 @@ fn next_shorthands() {
 
 #[test]
 fn yaml_1_2_booleans_keep_short_keys_as_strings() {
-    let pb = ok(&format!("{HEAD}workload: {{n: 2, y: on, flag: true}}\nworkflow:\n  - step: start\n"));
+    let pb = ok(&format!(
+        "{HEAD}workload: {{n: 2, y: on, flag: true}}\nworkflow:\n  - step: start\n"
+    ));
     assert_eq!(pb.workload.get("n"), Some(&serde_json::json!(2)));
     assert_eq!(pb.workload.get("y"), Some(&serde_json::json!("on")));
     assert_eq!(pb.workload.get("flag"), Some(&serde_json::json!(true)));

@@ -47,12 +47,18 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
         m.insert(k.clone(), v.clone());
     }
     m.insert("ctx".into(), Value::Object(st.ctx.clone()));
-    m.insert("execution_id".into(), Value::String(st.execution_id.0.clone()));
+    m.insert(
+        "execution_id".into(),
+        Value::String(st.execution_id.0.clone()),
+    );
     m.insert("path".into(), Value::String(st.path.clone()));
     if let Some(it) = iteration {
         m.insert(it.iterator.to_owned(), it.value.clone());
         m.insert("loop_index".into(), json!(it.index));
-        m.insert("iter".into(), json!({ it.iterator: it.value, "index": it.index }));
+        m.insert(
+            "iter".into(),
+            json!({ it.iterator: it.value, "index": it.index }),
+        );
     }
     m
 }

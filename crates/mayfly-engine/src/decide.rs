@@ -8,12 +8,14 @@
 
 use crate::context::{Iteration, context};
 use crate::state::{ExecState, Status};
-use mayfly_dsl::{LoopMode, NextMode, Playbook, SetTarget, Step, TemplateError, ToolKind, templates, to_value};
-use mayfly_types::{
-    ChildRequested, CommandIssued, Draft, ErrorInfo, Event, EventKind, ExecutionCompleted, ExecutionFailed, LoopDone,
-    LoopStarted, StepFailed, StepFinished, StepRouted,
+use mayfly_dsl::{
+    LoopMode, NextMode, Playbook, SetTarget, Step, TemplateError, ToolKind, templates, to_value,
 };
-use serde::Serialize;
+use mayfly_types::{
+    ChildRequested, CommandIssued, Draft, ErrorInfo, Event, EventKind, ExecutionCompleted,
+    ExecutionFailed, LoopDone, LoopStarted, StepFailed, StepFinished, StepRouted,
+};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 /// Default window of a `parallel` loop without `max_in_flight`.
@@ -33,7 +35,10 @@ fn payload<T: Serialize>(v: &T) -> Value {
 fn tmpl_err(pb: &Playbook, step: &str, e: TemplateError) -> Failure {
     Failure {
         step: Some(step.to_owned()),
-        error: ErrorInfo::new("template_error", format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message)),
+        error: ErrorInfo::new(
+            "template_error",
+            format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message),
+        ),
     }
 }
 
@@ -43,12 +48,18 @@ pub fn decide(pb: &Playbook, st: &ExecState, ev: &Event) -> Vec<Draft> {
         return Vec::new();
     }
     let out = match ev.kind {
-        EventKind::ExecutionRequested => Ok(vec![Draft::new(EventKind::ExecutionStarted, json!({}))]),
+        EventKind::ExecutionRequested => {
+            Ok(vec![Draft::new(EventKind::ExecutionStarted, json!({}))])
+        }
         EventKind::ExecutionStarted => enter(pb, st, mayfly_dsl::ENTRY_STEP),
         EventKind::StepFinished | EventKind::StepFailed => on_step_end(pb, st, ev),
         EventKind::LoopStarted => step_of(pb, ev).and_then(|s| fill_loop(pb, st, s)),
         EventKind::LoopDone => step_of(pb, ev).and_then(|s| {
-            let result = st.results.get(&s.name).map(|r| r.result.clone()).unwrap_or(Value::Null);
+            let result = st
+                .results
+                .get(&s.name)
+                .map(|r| r.result.clone())
+                .unwrap_or(Value::Null);
             route(pb, st, s, "loop.done", &result).map(|d| vec![d])
         }),
         EventKind::StepRouted => on_routed(pb, st, ev),
@@ -57,7 +68,13 @@ pub fn decide(pb: &Playbook, st: &ExecState, ev: &Event) -> Vec<Draft> {
     };
     match out {
         Ok(d) => d,
-        Err(f) => vec![Draft::new(EventKind::ExecutionFailed, payload(&ExecutionFailed { step: f.step, error: f.error }))],
+        Err(f) => vec![Draft::new(
+            EventKind::ExecutionFailed,
+            payload(&ExecutionFailed {
+                step: f.step,
+                error: f.error,
+            }),
+        )],
     }
 }
 
@@ -65,7 +82,10 @@ fn step_of<'p>(pb: &'p Playbook, ev: &Event) -> R<&'p Step> {
     let name = ev.step.as_deref().unwrap_or_default();
     pb.step(name).ok_or_else(|| Failure {
         step: ev.step.clone(),
-        error: ErrorInfo::new("unknown_step", format!("event refers to step `{name}` which the playbook does not define")),
+        error: ErrorInfo::new(
+            "unknown_step",
+            format!("event refers to step `{name}` which the playbook does not define"),
+        ),
     })
 }
 
@@ -77,7 +97,9 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
     })?;
     if let Some(l) = &step.looping {
         let ctx = to_value(&context(st, None));
-        let items = templates().render_node(&l.items, &ctx).map_err(|e| tmpl_err(pb, name, e))?;
+        let items = templates()
+            .render_node(&l.items, &ctx)
+            .map_err(|e| tmpl_err(pb, name, e))?;
         let items = match items {
             Value::Array(a) => a,
             Value::Null => Vec::new(),
@@ -86,12 +108,17 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
                     step: Some(name.to_owned()),
                     error: ErrorInfo::new(
                         "loop_not_a_list",
-                        format!("{}: `loop.in` must evaluate to a list, got {other} (step `{name}`)", pb.at(l.items.loc)),
+                        format!(
+                            "{}: `loop.in` must evaluate to a list, got {other} (step `{name}`)",
+                            pb.at(l.items.loc)
+                        ),
                     ),
                 });
             }
         };
-        return Ok(vec![Draft::new(EventKind::LoopStarted, payload(&LoopStarted { items })).step(name)]);
+        return Ok(vec![
+            Draft::new(EventKind::LoopStarted, payload(&LoopStarted { items })).step(name),
+        ]);
     }
     Ok(vec![issue(pb, st, step, None)?])
 }
@@ -99,7 +126,11 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
 /// The draft that runs one block (whole step, or one loop item).
 fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value)>) -> R<Draft> {
     let iteration = match (item, &step.looping) {
-        (Some((index, value)), Some(l)) => Some(Iteration { iterator: &l.iterator, value, index }),
+        (Some((index, value)), Some(l)) => Some(Iteration {
+            iterator: &l.iterator,
+            value,
+            index,
+        }),
         _ => None,
     };
     let index = item.map(|(i, _)| i);
@@ -107,15 +138,28 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         // Trivial blocks never cost a queue round-trip: the engine completes them itself.
         let ctx = to_value(&context(st, iteration));
         let result = match &step.input {
-            Some(input) => templates().render_node(input, &ctx).map_err(|e| tmpl_err(pb, &step.name, e))?,
+            Some(input) => templates()
+                .render_node(input, &ctx)
+                .map_err(|e| tmpl_err(pb, &step.name, e))?,
             None => item.map(|(_, v)| v.clone()).unwrap_or(Value::Null),
         };
-        let f = StepFinished { index, result, set: Map::new(), inline: true, duration_ms: None, logs: None };
+        let f = StepFinished {
+            index,
+            result,
+            set: Map::new(),
+            inline: true,
+            duration_ms: None,
+            logs: None,
+        };
         return Ok(Draft::new(EventKind::StepFinished, payload(&f)).step(&step.name));
     }
     if let Some(task) = step.playbook_task() {
         let ctx = to_value(&context(st, iteration));
-        let render = |n: &mayfly_dsl::Node| templates().render_node(n, &ctx).map_err(|e| tmpl_err(pb, &step.name, e));
+        let render = |n: &mayfly_dsl::Node| {
+            templates()
+                .render_node(n, &ctx)
+                .map_err(|e| tmpl_err(pb, &step.name, e))
+        };
         let path = match task.config.get("path") {
             Some(p) => match render(p)? {
                 Value::String(s) => s,
@@ -124,7 +168,14 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
             None => String::new(),
         };
         let mut input = Map::new();
-        for src in [step.input.as_ref(), task.config.get("args"), task.config.get("input")].into_iter().flatten() {
+        for src in [
+            step.input.as_ref(),
+            task.config.get("args"),
+            task.config.get("input"),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if let Value::Object(m) = render(src)? {
                 input.extend(m);
             }
@@ -132,7 +183,10 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         let c = ChildRequested { index, path, input };
         return Ok(Draft::new(EventKind::ChildRequested, payload(&c)).step(&step.name));
     }
-    let c = CommandIssued { step: step.name.clone(), index };
+    let c = CommandIssued {
+        step: step.name.clone(),
+        index,
+    };
     Ok(Draft::new(EventKind::CommandIssued, payload(&c)).step(&step.name))
 }
 
@@ -146,8 +200,12 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
     }
     let n = l.items.len();
     if l.done >= n {
-        let d = LoopDone { results: l.results.clone() };
-        return Ok(vec![Draft::new(EventKind::LoopDone, payload(&d)).step(&step.name)]);
+        let d = LoopDone {
+            results: l.results.clone(),
+        };
+        return Ok(vec![
+            Draft::new(EventKind::LoopDone, payload(&d)).step(&step.name),
+        ]);
     }
     let window = match spec.mode {
         LoopMode::Sequential => 1,
@@ -155,20 +213,32 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
             None => DEFAULT_PARALLEL_WINDOW,
             Some(node) => {
                 let ctx = to_value(&context(st, None));
-                let v = templates().render_node(node, &ctx).map_err(|e| tmpl_err(pb, &step.name, e))?;
-                let w = v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())).ok_or_else(|| Failure {
-                    step: Some(step.name.clone()),
-                    error: ErrorInfo::new(
-                        "bad_max_in_flight",
-                        format!("{}: `max_in_flight` must be a positive integer, got {v}", pb.at(node.loc)),
-                    ),
-                })?;
+                let v = templates()
+                    .render_node(node, &ctx)
+                    .map_err(|e| tmpl_err(pb, &step.name, e))?;
+                let w = v
+                    .as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                    .ok_or_else(|| Failure {
+                        step: Some(step.name.clone()),
+                        error: ErrorInfo::new(
+                            "bad_max_in_flight",
+                            format!(
+                                "{}: `max_in_flight` must be a positive integer, got {v}",
+                                pb.at(node.loc)
+                            ),
+                        ),
+                    })?;
                 (w as usize).max(1)
             }
         },
     };
     // Sequential loops must also wait for an inline item to be *done* before the next.
-    let busy = if spec.mode == LoopMode::Sequential { l.next_index - l.done } else { l.in_flight };
+    let busy = if spec.mode == LoopMode::Sequential {
+        l.next_index - l.done
+    } else {
+        l.in_flight
+    };
     let mut out = Vec::new();
     let mut next = l.next_index;
     let budget = window.saturating_sub(busy);
@@ -183,7 +253,7 @@ fn on_step_end(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
     let step = step_of(pb, ev)?;
     let index = ev.payload.get("index").and_then(Value::as_u64);
     if ev.kind == EventKind::StepFailed {
-        let f: StepFailed = serde_json::from_value(ev.payload.clone()).map_err(|e| Failure {
+        let f = StepFailed::deserialize(&ev.payload).map_err(|e| Failure {
             step: Some(step.name.clone()),
             error: ErrorInfo::new("bad_event", e.to_string()),
         })?;
@@ -196,13 +266,20 @@ fn on_step_end(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
         let ctx = error_context(st, &step.name, &f.error);
         return match route_error(pb, st, step, &ctx)? {
             Some(d) => Ok(vec![d]),
-            None => Err(Failure { step: Some(step.name.clone()), error: f.error }),
+            None => Err(Failure {
+                step: Some(step.name.clone()),
+                error: f.error,
+            }),
         };
     }
     if index.is_some() {
         return fill_loop(pb, st, step);
     }
-    let result = st.results.get(&step.name).map(|r| r.result.clone()).unwrap_or(Value::Null);
+    let result = st
+        .results
+        .get(&step.name)
+        .map(|r| r.result.clone())
+        .unwrap_or(Value::Null);
     Ok(vec![route(pb, st, step, "call.done", &result)?])
 }
 
@@ -210,20 +287,31 @@ fn error_context(st: &ExecState, step: &str, error: &ErrorInfo) -> Map<String, V
     let mut ctx = context(st, None);
     ctx.insert("event".into(), json!({"name": "call.error", "step": step}));
     ctx.insert("error".into(), json!(error));
-    ctx.insert("output".into(), json!({"status": "error", "error": error, "data": null}));
+    ctx.insert(
+        "output".into(),
+        json!({"status": "error", "error": error, "data": null}),
+    );
     ctx
 }
 
 /// On failure only arcs whose `when` explicitly holds fire; an unconditional arc does not
 /// swallow errors.
-fn route_error(pb: &Playbook, st: &ExecState, step: &Step, ctx: &Map<String, Value>) -> R<Option<Draft>> {
+fn route_error(
+    pb: &Playbook,
+    st: &ExecState,
+    step: &Step,
+    ctx: &Map<String, Value>,
+) -> R<Option<Draft>> {
     let _ = st;
     let mctx = to_value(ctx);
     let mut to = Vec::new();
     let mut set = Map::new();
     for arc in &step.next.arcs {
         let Some(w) = &arc.when else { continue };
-        if templates().eval_condition(w, &mctx).map_err(|e| tmpl_err(pb, &step.name, e))? {
+        if templates()
+            .eval_condition(w, &mctx)
+            .map_err(|e| tmpl_err(pb, &step.name, e))?
+        {
             apply_set(pb, &step.name, &arc.set, &mctx, &mut set, &mut Map::new())?;
             to.push(arc.step.clone());
             if step.next.mode == NextMode::Exclusive {
@@ -234,7 +322,14 @@ fn route_error(pb: &Playbook, st: &ExecState, step: &Step, ctx: &Map<String, Val
     if to.is_empty() {
         return Ok(None);
     }
-    Ok(Some(routed(pb, &step.name, "call.error", to, set, Map::new())))
+    Ok(Some(routed(
+        pb,
+        &step.name,
+        "call.error",
+        to,
+        set,
+        Map::new(),
+    )))
 }
 
 fn apply_set(
@@ -246,7 +341,9 @@ fn apply_set(
     step_set: &mut Map<String, Value>,
 ) -> R<()> {
     for op in ops {
-        let v = templates().render_node(&op.value, ctx).map_err(|e| tmpl_err(pb, step, e))?;
+        let v = templates()
+            .render_node(&op.value, ctx)
+            .map_err(|e| tmpl_err(pb, step, e))?;
         match &op.target {
             SetTarget::Ctx(k) => {
                 set.insert(k.clone(), v);
@@ -259,9 +356,22 @@ fn apply_set(
     Ok(())
 }
 
-fn routed(pb: &Playbook, step: &str, event: &str, targets: Vec<String>, set: Map<String, Value>, step_set: Map<String, Value>) -> Draft {
+fn routed(
+    pb: &Playbook,
+    step: &str,
+    event: &str,
+    targets: Vec<String>,
+    set: Map<String, Value>,
+    step_set: Map<String, Value>,
+) -> Draft {
     let (joins, to): (Vec<String>, Vec<String>) = targets.into_iter().partition(|t| pb.is_join(t));
-    let r = StepRouted { event: event.to_owned(), to, joins, set, step_set };
+    let r = StepRouted {
+        event: event.to_owned(),
+        to,
+        joins,
+        set,
+        step_set,
+    };
     Draft::new(EventKind::StepRouted, payload(&r)).step(step)
 }
 
@@ -273,7 +383,14 @@ fn route(pb: &Playbook, st: &ExecState, step: &Step, event: &str, result: &Value
     ctx.insert("output".into(), json!({"status": "ok", "data": result}));
     let mut set = Map::new();
     let mut step_set = Map::new();
-    apply_set(pb, &step.name, &step.set, &to_value(&ctx), &mut set, &mut step_set)?;
+    apply_set(
+        pb,
+        &step.name,
+        &step.set,
+        &to_value(&ctx),
+        &mut set,
+        &mut step_set,
+    )?;
     // Arcs see the step's own assignments.
     for (k, v) in &set {
         ctx.insert(k.clone(), v.clone());
@@ -286,7 +403,9 @@ fn route(pb: &Playbook, st: &ExecState, step: &Step, event: &str, result: &Value
     for arc in &step.next.arcs {
         let fires = match &arc.when {
             None => true,
-            Some(w) => templates().eval_condition(w, &mctx).map_err(|e| tmpl_err(pb, &step.name, e))?,
+            Some(w) => templates()
+                .eval_condition(w, &mctx)
+                .map_err(|e| tmpl_err(pb, &step.name, e))?,
         };
         if fires {
             apply_set(pb, &step.name, &arc.set, &mctx, &mut set, &mut step_set)?;
@@ -302,8 +421,10 @@ fn route(pb: &Playbook, st: &ExecState, step: &Step, event: &str, result: &Value
 /// After a routing: enter the targets, release joins nothing upstream can still reach,
 /// and complete the execution when nothing is active.
 fn on_routed(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
-    let r: StepRouted = serde_json::from_value(ev.payload.clone())
-        .map_err(|e| Failure { step: ev.step.clone(), error: ErrorInfo::new("bad_event", e.to_string()) })?;
+    let r = StepRouted::deserialize(&ev.payload).map_err(|e| Failure {
+        step: ev.step.clone(),
+        error: ErrorInfo::new("bad_event", e.to_string()),
+    })?;
     let mut out = Vec::new();
     for t in &r.to {
         out.extend(enter(pb, st, t)?);
@@ -317,8 +438,14 @@ fn on_routed(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
             out.push(Draft::new(EventKind::JoinReleased, json!({})).step(join));
         }
     }
-    if out.is_empty() && st.active_total() == 0 && st.arrivals.values().all(|n| *n == 0) && st.status == Status::Running {
-        let c = ExecutionCompleted { result: st.last_terminal.clone() };
+    if out.is_empty()
+        && st.active_total() == 0
+        && st.arrivals.values().all(|n| *n == 0)
+        && st.status == Status::Running
+    {
+        let c = ExecutionCompleted {
+            result: st.last_terminal.clone(),
+        };
         out.push(Draft::new(EventKind::ExecutionCompleted, payload(&c)));
     }
     Ok(out)

@@ -8,7 +8,7 @@ pub mod state;
 
 pub use context::{Iteration, alias, context};
 pub use decide::{DEFAULT_PARALLEL_WINDOW, decide};
-pub use state::{ApplyError, ExecState, LoopState, PendingCommand, Report, StepRecord, Status};
+pub use state::{ApplyError, ExecState, LoopState, PendingCommand, Report, Status, StepRecord};
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,10 @@ use mayfly_dsl::{Backoff, Directive, Rule, TemplateError, templates};
 
 /// The rule that applies to a task outcome, if any. `ctx` must contain `output`.
 /// The first rule whose `when` holds wins; an `else` rule matches anything.
-pub fn select_rule<'r>(rules: &'r [Rule], ctx: &minijinja::Value) -> Result<Option<&'r Rule>, TemplateError> {
+pub fn select_rule<'r>(
+    rules: &'r [Rule],
+    ctx: &minijinja::Value,
+) -> Result<Option<&'r Rule>, TemplateError> {
     for r in rules {
         match &r.when {
             None => return Ok(Some(r)),
@@ -26,7 +29,11 @@ pub fn select_rule<'r>(rules: &'r [Rule], ctx: &minijinja::Value) -> Result<Opti
 /// (NoETL continues on unmatched errors by default; silently swallowing a failure because
 /// a retry rule did not match is a trap, so mayfly fails closed.)
 pub fn default_directive(ok: bool, on_unmatched_error: &Directive) -> Directive {
-    if ok { Directive::Continue } else { on_unmatched_error.clone() }
+    if ok {
+        Directive::Continue
+    } else {
+        on_unmatched_error.clone()
+    }
 }
 
 /// Delay before retry number `retry` (1-based), in seconds, capped at `max_delay_s`.
@@ -48,7 +55,10 @@ mod tests {
 
     fn rule(when: Option<&str>, d: Directive) -> Rule {
         Rule {
-            when: when.map(|w| Node { loc: Loc::default(), v: NodeV::Str(w.into()) }),
+            when: when.map(|w| Node {
+                loc: Loc::default(),
+                v: NodeV::Str(w.into()),
+            }),
             directive: d,
             set: Vec::new(),
             loc: Loc::default(),
@@ -63,18 +73,37 @@ mod tests {
             rule(None, Directive::Continue),
         ];
         let ctx = |v| to_value(&json!({"output": v}));
-        let pick = |v| select_rule(&rules, &ctx(v)).expect("eval").map(|r| r.directive.clone());
+        let pick = |v| {
+            select_rule(&rules, &ctx(v))
+                .expect("eval")
+                .map(|r| r.directive.clone())
+        };
         assert_eq!(pick(json!({"status": "error"})), Some(Directive::Fail));
-        assert_eq!(pick(json!({"status": "ok", "data": {"n": 2}})), Some(Directive::Break));
-        assert_eq!(pick(json!({"status": "ok", "data": {"n": 0}})), Some(Directive::Continue));
-        assert_eq!(select_rule(&rules[..2], &ctx(json!({"status": "ok", "data": {"n": 0}}))).expect("e"), None);
+        assert_eq!(
+            pick(json!({"status": "ok", "data": {"n": 2}})),
+            Some(Directive::Break)
+        );
+        assert_eq!(
+            pick(json!({"status": "ok", "data": {"n": 0}})),
+            Some(Directive::Continue)
+        );
+        assert_eq!(
+            select_rule(&rules[..2], &ctx(json!({"status": "ok", "data": {"n": 0}}))).expect("e"),
+            None
+        );
     }
 
     #[test]
     fn defaults() {
-        assert_eq!(default_directive(true, &Directive::Fail), Directive::Continue);
+        assert_eq!(
+            default_directive(true, &Directive::Fail),
+            Directive::Continue
+        );
         assert_eq!(default_directive(false, &Directive::Fail), Directive::Fail);
-        assert_eq!(default_directive(false, &Directive::Continue), Directive::Continue);
+        assert_eq!(
+            default_directive(false, &Directive::Continue),
+            Directive::Continue
+        );
     }
 
     #[test]

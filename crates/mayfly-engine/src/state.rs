@@ -1,9 +1,9 @@
 //! Execution state: a pure fold over the event log.
 
 use mayfly_types::{
-    ChildRequested, ChildStarted, CommandIssued, ErrorInfo, Event, EventKind, ExecutionCompleted, ExecutionFailed,
-    ExecutionId, ExecutionRequested, GENESIS_HASH, LoopDone, LoopStarted, ParentRef, StepFailed, StepFinished,
-    StepRouted,
+    ChildRequested, ChildStarted, CommandIssued, ErrorInfo, Event, EventKind, ExecutionCompleted,
+    ExecutionFailed, ExecutionId, ExecutionRequested, GENESIS_HASH, LoopDone, LoopStarted,
+    ParentRef, StepFailed, StepFinished, StepRouted,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -137,7 +137,10 @@ impl ExecState {
     }
 
     /// Fold a whole log.
-    pub fn fold<'a>(execution_id: ExecutionId, events: impl IntoIterator<Item = &'a Event>) -> Result<Self, ApplyError> {
+    pub fn fold<'a>(
+        execution_id: ExecutionId,
+        events: impl IntoIterator<Item = &'a Event>,
+    ) -> Result<Self, ApplyError> {
         let mut st = ExecState::new(execution_id);
         for e in events {
             st.apply(e)?;
@@ -161,15 +164,23 @@ impl ExecState {
 
     /// Apply one event. Pure and deterministic: replay yields the same state.
     pub fn apply(&mut self, ev: &Event) -> Result<(), ApplyError> {
-        let fail = |reason: String| ApplyError { seq: ev.seq, kind: ev.kind.to_string(), reason };
-        fn p<T: serde::de::DeserializeOwned>(ev: &Event) -> Result<T, ApplyError> {
-            serde_json::from_value(ev.payload.clone()).map_err(|e| ApplyError {
+        let fail = |reason: String| ApplyError {
+            seq: ev.seq,
+            kind: ev.kind.to_string(),
+            reason,
+        };
+        fn p<'a, T: serde::Deserialize<'a>>(ev: &'a Event) -> Result<T, ApplyError> {
+            T::deserialize(&ev.payload).map_err(|e| ApplyError {
                 seq: ev.seq,
                 kind: ev.kind.to_string(),
                 reason: format!("bad payload: {e}"),
             })
         }
-        let step = || ev.step.clone().ok_or_else(|| fail("event has no step".into()));
+        let step = || {
+            ev.step
+                .clone()
+                .ok_or_else(|| fail("event has no step".into()))
+        };
         match ev.kind {
             EventKind::ExecutionRequested => {
                 let r: ExecutionRequested = p(ev)?;
@@ -180,18 +191,35 @@ impl ExecState {
             }
             EventKind::ExecutionStarted => {
                 self.status = Status::Running;
-                *self.active.entry(mayfly_dsl::ENTRY_STEP.to_owned()).or_default() += 1;
+                *self
+                    .active
+                    .entry(mayfly_dsl::ENTRY_STEP.to_owned())
+                    .or_default() += 1;
             }
             EventKind::CommandIssued => {
                 let c: CommandIssued = p(ev)?;
-                let id = ev.command_id.clone().ok_or_else(|| fail("command.issued without command_id".into()))?;
+                let id = ev
+                    .command_id
+                    .clone()
+                    .ok_or_else(|| fail("command.issued without command_id".into()))?;
                 if let Some(i) = c.index {
                     self.issue_item(&c.step, i);
                 }
-                self.commands.insert(id, PendingCommand { step: c.step, index: c.index, attempt: 0 });
+                self.commands.insert(
+                    id,
+                    PendingCommand {
+                        step: c.step,
+                        index: c.index,
+                        attempt: 0,
+                    },
+                );
             }
             EventKind::CommandClaimed => {
-                if let Some(c) = ev.command_id.as_ref().and_then(|id| self.commands.get_mut(id)) {
+                if let Some(c) = ev
+                    .command_id
+                    .as_ref()
+                    .and_then(|id| self.commands.get_mut(id))
+                {
                     c.attempt = ev.attempt.unwrap_or(1);
                 }
             }
@@ -211,7 +239,10 @@ impl ExecState {
                 match f.index {
                     Some(i) => {
                         self.children.remove(&(s.clone(), Some(i)));
-                        let l = self.loops.get_mut(&s).ok_or_else(|| fail(format!("no loop running for `{s}`")))?;
+                        let l = self
+                            .loops
+                            .get_mut(&s)
+                            .ok_or_else(|| fail(format!("no loop running for `{s}`")))?;
                         if f.inline {
                             l.next_index = l.next_index.max(i + 1);
                         } else {
@@ -225,7 +256,15 @@ impl ExecState {
                     None => {
                         self.children.remove(&(s.clone(), None));
                         let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
-                        self.results.insert(s, StepRecord { status: "ok".into(), result: f.result, error: None, runs });
+                        self.results.insert(
+                            s,
+                            StepRecord {
+                                status: "ok".into(),
+                                result: f.result,
+                                error: None,
+                                runs,
+                            },
+                        );
                     }
                 }
             }
@@ -233,19 +272,27 @@ impl ExecState {
                 let f: StepFailed = p(ev)?;
                 let s = step()?;
                 self.children.remove(&(s.clone(), f.index));
-                if let Some(i) = f.index {
-                    if let Some(l) = self.loops.get_mut(&s) {
-                        l.in_flight = l.in_flight.saturating_sub(1);
-                        l.done += 1;
-                        l.finished = true;
-                        l.first_failure.get_or_insert(i);
-                        if let Some(slot) = l.results.get_mut(i) {
-                            *slot = serde_json::json!({"error": f.error});
-                        }
+                if let Some(i) = f.index
+                    && let Some(l) = self.loops.get_mut(&s)
+                {
+                    l.in_flight = l.in_flight.saturating_sub(1);
+                    l.done += 1;
+                    l.finished = true;
+                    l.first_failure.get_or_insert(i);
+                    if let Some(slot) = l.results.get_mut(i) {
+                        *slot = serde_json::json!({"error": f.error});
                     }
                 }
                 let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
-                self.results.insert(s, StepRecord { status: "error".into(), result: Value::Null, error: Some(f.error), runs });
+                self.results.insert(
+                    s,
+                    StepRecord {
+                        status: "error".into(),
+                        result: Value::Null,
+                        error: Some(f.error),
+                        runs,
+                    },
+                );
             }
             EventKind::StepRouted => {
                 let r: StepRouted = p(ev)?;
@@ -282,7 +329,14 @@ impl ExecState {
             EventKind::LoopStarted => {
                 let l: LoopStarted = p(ev)?;
                 let n = l.items.len();
-                self.loops.insert(step()?, LoopState { items: l.items, results: vec![Value::Null; n], ..Default::default() });
+                self.loops.insert(
+                    step()?,
+                    LoopState {
+                        items: l.items,
+                        results: vec![Value::Null; n],
+                        ..Default::default()
+                    },
+                );
             }
             EventKind::LoopDone => {
                 let d: LoopDone = p(ev)?;
@@ -294,7 +348,15 @@ impl ExecState {
                     l.results = Vec::new();
                 }
                 let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
-                self.results.insert(s, StepRecord { status: "ok".into(), result: Value::Array(d.results), error: None, runs });
+                self.results.insert(
+                    s,
+                    StepRecord {
+                        status: "ok".into(),
+                        result: Value::Array(d.results),
+                        error: None,
+                        runs,
+                    },
+                );
             }
             EventKind::ChildRequested => {
                 let c: ChildRequested = p(ev)?;
@@ -306,7 +368,8 @@ impl ExecState {
             }
             EventKind::ChildStarted => {
                 let c: ChildStarted = p(ev)?;
-                self.children.insert((step()?, c.index), Some(c.child_execution_id));
+                self.children
+                    .insert((step()?, c.index), Some(c.child_execution_id));
             }
             EventKind::ExecutionCompleted => {
                 let c: ExecutionCompleted = p(ev)?;
@@ -344,7 +407,11 @@ impl ExecState {
             result: self.result.clone().unwrap_or(Value::Null),
             error: self.error.clone(),
             failed_step: self.failed_step.clone(),
-            steps: self.results.iter().map(|(k, v)| (k.clone(), v.result.clone())).collect(),
+            steps: self
+                .results
+                .iter()
+                .map(|(k, v)| (k.clone(), v.result.clone()))
+                .collect(),
             ctx: self.ctx.clone(),
             events: self.last_seq,
         }

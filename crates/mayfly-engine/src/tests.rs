@@ -22,7 +22,14 @@ struct Sim {
 impl Sim {
     fn new(src: &str) -> Sim {
         let pb = parse("t.yaml", src, &ParseOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-        Sim { pb, st: ExecState::new(ExecutionId::from("e1")), log: Vec::new(), pending: VecDeque::new(), max_concurrent: 0, max_in_flight_seen: 0 }
+        Sim {
+            pb,
+            st: ExecState::new(ExecutionId::from("e1")),
+            log: Vec::new(),
+            pending: VecDeque::new(),
+            max_concurrent: 0,
+            max_in_flight_seen: 0,
+        }
     }
 
     fn seal(&mut self, d: Draft) -> Event {
@@ -62,7 +69,8 @@ impl Sim {
         while let Some(ev) = q.pop_front() {
             if ev.kind == EventKind::CommandIssued {
                 let p: CommandIssued = serde_json::from_value(ev.payload.clone()).expect("cmd");
-                self.pending.push_back((ev.command_id.clone().expect("id"), p.step, p.index));
+                self.pending
+                    .push_back((ev.command_id.clone().expect("id"), p.step, p.index));
                 self.max_in_flight_seen = self.max_in_flight_seen.max(self.pending.len());
             }
             for d in decide(&self.pb, &self.st, &ev) {
@@ -75,11 +83,18 @@ impl Sim {
     }
 
     fn run(&mut self, workload: Value, worker: &Worker) -> Report {
-        let Value::Object(mut w) = json!(self.pb.workload) else { unreachable!() };
+        let Value::Object(mut w) = json!(self.pb.workload) else {
+            unreachable!()
+        };
         if let Value::Object(o) = workload {
             w.extend(o);
         }
-        let req = ExecutionRequested { path: self.pb.path.clone(), source: None, workload: w, parent: None };
+        let req = ExecutionRequested {
+            path: self.pb.path.clone(),
+            source: None,
+            workload: w,
+            parent: None,
+        };
         self.push(vec![Draft::new(EventKind::ExecutionRequested, json!(req))]);
         let mut guard = 0;
         while let Some((id, step, index)) = self.pending.pop_front() {
@@ -91,11 +106,23 @@ impl Sim {
             let d = match outcome {
                 Ok(result) => Draft::new(
                     EventKind::StepFinished,
-                    json!(StepFinished { index, result, set: Map::new(), inline: false, duration_ms: None, logs: None }),
+                    json!(StepFinished {
+                        index,
+                        result,
+                        set: Map::new(),
+                        inline: false,
+                        duration_ms: None,
+                        logs: None
+                    }),
                 ),
                 Err(m) => Draft::new(
                     EventKind::StepFailed,
-                    json!(StepFailed { index, error: ErrorInfo::new("tool_error", m), duration_ms: None, logs: None }),
+                    json!(StepFailed {
+                        index,
+                        error: ErrorInfo::new("tool_error", m),
+                        duration_ms: None,
+                        logs: None
+                    }),
                 ),
             };
             let done = Draft::new(EventKind::CommandCompleted, json!({})).command(id.clone(), 1);
@@ -118,7 +145,10 @@ impl Sim {
     }
 
     fn count(&self, kind: EventKind, step: &str) -> usize {
-        self.log.iter().filter(|e| e.kind == kind && e.step.as_deref() == Some(step)).count()
+        self.log
+            .iter()
+            .filter(|e| e.kind == kind && e.step.as_deref() == Some(step))
+            .count()
     }
 }
 
@@ -138,7 +168,14 @@ fn linear_chain_completes_with_last_result() {
     assert_eq!(r.result, json!({"step": "end", "index": null}));
     assert_eq!(r.steps.len(), 3);
     let k = s.kinds();
-    assert_eq!(&k[..3], ["execution.requested", "execution.started", "command.issued:start"]);
+    assert_eq!(
+        &k[..3],
+        [
+            "execution.requested",
+            "execution.started",
+            "command.issued:start"
+        ]
+    );
     assert_eq!(k.last().map(String::as_str), Some("execution.completed"));
     assert_eq!(s.count(EventKind::CommandIssued, "b"), 1);
 }
@@ -151,8 +188,17 @@ fn set_and_scope_rules() {
     let mut s = Sim::new(&src);
     let r = s.run(json!({}), &|_, _, _| Ok(json!({"v": 7})));
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
-    assert_eq!(r.ctx, json!({"seen": 7, "total": 20, "arc": 8}).as_object().cloned().expect("o"));
-    assert_eq!(r.result, json!({"msg": "hi", "seen": 7, "arc": 8, "tag": "extra", "st": "ok"}));
+    assert_eq!(
+        r.ctx,
+        json!({"seen": 7, "total": 20, "arc": 8})
+            .as_object()
+            .cloned()
+            .expect("o")
+    );
+    assert_eq!(
+        r.result,
+        json!({"msg": "hi", "seen": 7, "arc": 8, "tag": "extra", "st": "ok"})
+    );
     assert_eq!(r.steps["start"], json!({"v": 7, "tag": "extra"}));
 }
 
@@ -179,7 +225,12 @@ fn inclusive_fan_out_joins_once_after_both_branches() {
     let mut s = Sim::new(&src);
     let r = s.run(json!({}), &echo);
     assert_eq!(r.status, Status::Completed);
-    assert_eq!(s.count(EventKind::StepFinished, "end"), 1, "{:#?}", s.kinds());
+    assert_eq!(
+        s.count(EventKind::StepFinished, "end"),
+        1,
+        "{:#?}",
+        s.kinds()
+    );
     assert_eq!(s.count(EventKind::JoinReleased, "end"), 1);
     assert_eq!(r.result, json!({"a": "a2", "b": "b"}));
     assert!(!r.steps.contains_key("never"));
@@ -236,7 +287,13 @@ fn inline_noop_loop_fans_out_without_commands() {
     let arr = r.result.as_array().expect("array");
     assert_eq!(arr.len(), 1000);
     assert_eq!(arr[999], json!({"sq": 998001, "at": 999, "it": 999}));
-    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::CommandIssued).count(), 0);
+    assert_eq!(
+        s.log
+            .iter()
+            .filter(|e| e.kind == EventKind::CommandIssued)
+            .count(),
+        0
+    );
     assert_eq!(s.count(EventKind::StepFinished, "start"), 1000);
     assert_eq!(s.count(EventKind::LoopDone, "start"), 1);
 }
@@ -255,7 +312,9 @@ fn sequential_inline_loop_and_empty_loop() {
 
 #[test]
 fn failure_without_error_arc_fails_execution() {
-    let src = format!("{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n");
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n"
+    );
     let mut s = Sim::new(&src);
     let r = s.run(json!({}), &|_, _, _| Err("boom".into()));
     assert_eq!(r.status, Status::Failed);
@@ -282,10 +341,25 @@ fn failed_iteration_fails_loop_once() {
         "{H}workflow:\n  - step: start\n    loop: {{in: \"{{{{ range(6) }}}}\", iterator: i, spec: {{mode: parallel, max_in_flight: 3}}}}\n    tool: {{kind: python, code: x}}\n    next: end\n  - step: end\n"
     );
     let mut s = Sim::new(&src);
-    let r = s.run(json!({}), &|_, i, _| if i == Some(1) || i == Some(2) { Err(format!("item {i:?}")) } else { Ok(json!(i)) });
+    let r = s.run(json!({}), &|_, i, _| {
+        if i == Some(1) || i == Some(2) {
+            Err(format!("item {i:?}"))
+        } else {
+            Ok(json!(i))
+        }
+    });
     assert_eq!(r.status, Status::Failed);
-    assert_eq!(r.error.as_ref().map(|e| e.message.as_str()), Some("item Some(1)"));
-    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::ExecutionFailed).count(), 1);
+    assert_eq!(
+        r.error.as_ref().map(|e| e.message.as_str()),
+        Some("item Some(1)")
+    );
+    assert_eq!(
+        s.log
+            .iter()
+            .filter(|e| e.kind == EventKind::ExecutionFailed)
+            .count(),
+        1
+    );
     // No new items were issued after the failure.
     assert!(s.count(EventKind::CommandIssued, "start") <= 4);
 }
@@ -305,7 +379,11 @@ fn runtime_template_errors_fail_with_location() {
     let r = Sim::new(&src).run(json!({}), &echo);
     let e = r.error.expect("error");
     assert_eq!(e.code, "template_error");
-    assert!(e.message.starts_with("t.yaml:6:") && e.message.contains("(step `start`)"), "{}", e.message);
+    assert!(
+        e.message.starts_with("t.yaml:6:") && e.message.contains("(step `start`)"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
@@ -315,14 +393,43 @@ fn child_playbook_request_carries_rendered_input() {
     );
     let mut s = Sim::new(&src);
     s.run(json!({}), &echo);
-    let reqs: Vec<&Event> = s.log.iter().filter(|e| e.kind == EventKind::ChildRequested).collect();
-    assert_eq!(reqs.len(), 1, "sequential: the next child waits for the first");
-    assert_eq!(reqs[0].payload, json!({"index": 0, "path": "./child.yaml", "input": {"user_data": {"id": 1}}}));
+    let reqs: Vec<&Event> = s
+        .log
+        .iter()
+        .filter(|e| e.kind == EventKind::ChildRequested)
+        .collect();
+    assert_eq!(
+        reqs.len(),
+        1,
+        "sequential: the next child waits for the first"
+    );
+    assert_eq!(
+        reqs[0].payload,
+        json!({"index": 0, "path": "./child.yaml", "input": {"user_data": {"id": 1}}})
+    );
     assert_eq!(s.st.status, Status::Running);
     // Simulate the child finishing; the loop continues.
-    s.push(vec![Draft::new(EventKind::StepFinished, json!({"index": 0, "result": {"score": 1}})).step("start")]);
-    assert_eq!(s.log.iter().filter(|e| e.kind == EventKind::ChildRequested).count(), 2);
-    s.push(vec![Draft::new(EventKind::StepFinished, json!({"index": 1, "result": {"score": 2}})).step("start")]);
+    s.push(vec![
+        Draft::new(
+            EventKind::StepFinished,
+            json!({"index": 0, "result": {"score": 1}}),
+        )
+        .step("start"),
+    ]);
+    assert_eq!(
+        s.log
+            .iter()
+            .filter(|e| e.kind == EventKind::ChildRequested)
+            .count(),
+        2
+    );
+    s.push(vec![
+        Draft::new(
+            EventKind::StepFinished,
+            json!({"index": 1, "result": {"score": 2}}),
+        )
+        .step("start"),
+    ]);
     assert_eq!(s.st.status, Status::Completed);
     assert_eq!(s.st.result, Some(json!([{"score": 1}, {"score": 2}])));
 }

@@ -99,11 +99,16 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         RuntimeConfig {
             workers: 16,
             lease: Duration::from_secs(30),
-            tools: ToolsConfig { python_pool: cpus.max(2), ..Default::default() },
+            tools: ToolsConfig {
+                python_pool: cpus.max(2),
+                ..Default::default()
+            },
             worker_id: format!("local-{}", std::process::id()),
         }
     }
@@ -118,7 +123,10 @@ pub struct RuntimeHandle {
 }
 
 impl RuntimeHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, RuntimeError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+    ) -> Result<T, RuntimeError> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(make(tx)).map_err(|_| RuntimeError::Closed)?;
         rx.await.map_err(|_| RuntimeError::Closed)
@@ -126,18 +134,37 @@ impl RuntimeHandle {
 
     /// Start an execution; returns once `execution.requested` (and everything `decide`
     /// derived from it) is durable.
-    pub async fn start(&self, pb: Arc<Playbook>, overrides: Map<String, Value>, request_id: Option<String>) -> Result<ExecutionId, RuntimeError> {
-        self.ask(|reply| Msg::Start { pb, overrides, request_id, reply }).await?
+    pub async fn start(
+        &self,
+        pb: Arc<Playbook>,
+        overrides: Map<String, Value>,
+        request_id: Option<String>,
+    ) -> Result<ExecutionId, RuntimeError> {
+        self.ask(|reply| Msg::Start {
+            pb,
+            overrides,
+            request_id,
+            reply,
+        })
+        .await?
     }
 
     /// Load an unfinished execution from the log and continue it.
     pub async fn resume(&self, id: &ExecutionId) -> Result<(), RuntimeError> {
-        self.ask(|reply| Msg::Resume { id: id.clone(), reply }).await?
+        self.ask(|reply| Msg::Resume {
+            id: id.clone(),
+            reply,
+        })
+        .await?
     }
 
     /// Wait for an execution to end (answers at once for one that already has).
     pub async fn wait(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {
-        self.ask(|reply| Msg::Wait { id: id.clone(), reply }).await?
+        self.ask(|reply| Msg::Wait {
+            id: id.clone(),
+            reply,
+        })
+        .await?
     }
 
     /// The next dispatched block (None once the runtime has shut down).
@@ -147,17 +174,31 @@ impl RuntimeHandle {
 
     /// Claim a block: None when it is already completed or validly held by another claim.
     pub async fn claim(&self, block: Block, worker: &str) -> Option<Hydrated> {
-        self.ask(|reply| Msg::Claim { block, worker: worker.to_owned(), reply }).await.ok().flatten()
+        self.ask(|reply| Msg::Claim {
+            block,
+            worker: worker.to_owned(),
+            reply,
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Record a block's outcome; refused when the claim was superseded.
     pub async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
-        self.ask(|reply| Msg::Complete { completion: Box::new(c), reply }).await?
+        self.ask(|reply| Msg::Complete {
+            completion: Box::new(c),
+            reply,
+        })
+        .await?
     }
 
     /// Heartbeat: extend the lease of a claim still being worked on.
     pub fn extend(&self, command_id: &str, attempt: u32) {
-        let _ = self.tx.send(Msg::Extend { command_id: command_id.to_owned(), attempt });
+        let _ = self.tx.send(Msg::Extend {
+            command_id: command_id.to_owned(),
+            attempt,
+        });
     }
 
     /// Every committed event, as it is committed.
@@ -177,17 +218,34 @@ pub struct Runtime {
 impl Runtime {
     /// Start the orchestrator and `config.workers` worker tasks on `store`.
     pub fn start(store: Arc<dyn Store>, config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        let tools = Arc::new(Tools::new(config.tools.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?);
+        let tools = Arc::new(
+            Tools::new(config.tools.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16_384);
         let orch = Orchestrator::new(store, btx, events.clone(), config.lease);
         let orchestrator = tokio::spawn(orch.run(rx));
-        let handle = RuntimeHandle { tx, blocks: Arc::new(Mutex::new(brx)), events };
+        let handle = RuntimeHandle {
+            tx,
+            blocks: Arc::new(Mutex::new(brx)),
+            events,
+        };
         let workers = (0..config.workers)
-            .map(|i| tokio::spawn(worker::worker_loop(handle.clone(), tools.clone(), format!("{}-{i}", config.worker_id))))
+            .map(|i| {
+                tokio::spawn(worker::worker_loop(
+                    handle.clone(),
+                    tools.clone(),
+                    format!("{}-{i}", config.worker_id),
+                ))
+            })
             .collect();
-        Ok(Runtime { handle, tools, workers, orchestrator })
+        Ok(Runtime {
+            handle,
+            tools,
+            workers,
+            orchestrator,
+        })
     }
 
     pub fn handle(&self) -> RuntimeHandle {
@@ -195,7 +253,11 @@ impl Runtime {
     }
 
     /// Start and wait: the whole execution.
-    pub async fn run(&self, pb: Playbook, overrides: Map<String, Value>) -> Result<Report, RuntimeError> {
+    pub async fn run(
+        &self,
+        pb: Playbook,
+        overrides: Map<String, Value>,
+    ) -> Result<Report, RuntimeError> {
         let id = self.handle.start(Arc::new(pb), overrides, None).await?;
         self.handle.wait(&id).await
     }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(#[from] mayfly_dsl::DslError),
     #[error("playbook `{path}` not found (looked for {tried})")]
@@ -16,8 +19,10 @@ pub enum LoadError {
 
 /// Read and validate a playbook file.
 pub fn load_file(path: &Path, opts: &ParseOptions) -> Result<Playbook, LoadError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     Ok(parse(&path.display().to_string(), &text, opts)?)
 }
 
@@ -31,8 +36,16 @@ pub fn resolve_child(parent_source: Option<&str>, child: &str) -> Result<PathBuf
         .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
     let child_path = Path::new(child);
-    let root = if child_path.is_absolute() { child_path.to_path_buf() } else { base.join(child_path) };
-    let mut candidates = vec![root.clone(), root.with_extension("yaml"), root.with_extension("yml")];
+    let root = if child_path.is_absolute() {
+        child_path.to_path_buf()
+    } else {
+        base.join(child_path)
+    };
+    let mut candidates = vec![
+        root.clone(),
+        root.with_extension("yaml"),
+        root.with_extension("yml"),
+    ];
     if let Some(name) = child_path.file_name() {
         let leaf = base.join(name);
         candidates.extend([leaf.with_extension("yaml"), leaf.with_extension("yml")]);
@@ -44,6 +57,10 @@ pub fn resolve_child(parent_source: Option<&str>, child: &str) -> Result<PathBuf
     }
     Err(LoadError::NotFound {
         path: child.to_owned(),
-        tried: candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", "),
+        tried: candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }

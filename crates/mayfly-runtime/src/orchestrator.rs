@@ -13,8 +13,8 @@ use mayfly_dsl::{ParseOptions, Playbook, parse};
 use mayfly_engine::{ExecState, Iteration, Report, context, decide};
 use mayfly_store::{Batch, CommandOp, Store, StoredPlaybook};
 use mayfly_types::{
-    ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed, ExecutionId, ExecutionRequested,
-    ParentRef, StepFailed, StepFinished, command_id, now_ms,
+    ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed, ExecutionId,
+    ExecutionRequested, ParentRef, StepFailed, StepFinished, command_id, now_ms,
 };
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, VecDeque};
@@ -29,11 +29,27 @@ pub(crate) enum Msg {
         request_id: Option<String>,
         reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
     },
-    Resume { id: ExecutionId, reply: oneshot::Sender<Result<(), RuntimeError>> },
-    Claim { block: Block, worker: String, reply: oneshot::Sender<Option<Hydrated>> },
-    Complete { completion: Box<Completion>, reply: oneshot::Sender<Result<(), RuntimeError>> },
-    Extend { command_id: String, attempt: u32 },
-    Wait { id: ExecutionId, reply: oneshot::Sender<Result<Report, RuntimeError>> },
+    Resume {
+        id: ExecutionId,
+        reply: oneshot::Sender<Result<(), RuntimeError>>,
+    },
+    Claim {
+        block: Block,
+        worker: String,
+        reply: oneshot::Sender<Option<Hydrated>>,
+    },
+    Complete {
+        completion: Box<Completion>,
+        reply: oneshot::Sender<Result<(), RuntimeError>>,
+    },
+    Extend {
+        command_id: String,
+        attempt: u32,
+    },
+    Wait {
+        id: ExecutionId,
+        reply: oneshot::Sender<Result<Report, RuntimeError>>,
+    },
 }
 
 struct Exec {
@@ -50,7 +66,10 @@ struct Lease {
 }
 
 enum Reply {
-    Started(oneshot::Sender<Result<ExecutionId, RuntimeError>>, ExecutionId),
+    Started(
+        oneshot::Sender<Result<ExecutionId, RuntimeError>>,
+        ExecutionId,
+    ),
     Resumed(oneshot::Sender<Result<(), RuntimeError>>),
     Claimed(oneshot::Sender<Option<Hydrated>>, Hydrated),
     Completed(oneshot::Sender<Result<(), RuntimeError>>),
@@ -59,7 +78,8 @@ enum Reply {
 #[derive(Default)]
 struct Cycle {
     batch: Batch,
-    queue: VecDeque<(ExecutionId, Event)>,
+    /// Events awaiting decide: (execution, index into `batch.events`).
+    queue: VecDeque<(ExecutionId, usize)>,
     dispatch: Vec<Block>,
     replies: Vec<Reply>,
     finished: Vec<ExecutionId>,
@@ -119,7 +139,12 @@ impl Orchestrator {
     /// Redeliver commands whose lease expired (the worker died or hung).
     fn reap(&mut self) {
         let now = Instant::now();
-        let expired: Vec<String> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in expired {
             if let Some(l) = self.leases.remove(&k) {
                 tracing::warn!(command = %k, attempt = l.attempt, "lease expired; redelivering");
@@ -132,7 +157,12 @@ impl Orchestrator {
         let mut c = Cycle::default();
         for m in msgs {
             match m {
-                Msg::Start { pb, overrides, request_id, reply } => {
+                Msg::Start {
+                    pb,
+                    overrides,
+                    request_id,
+                    reply,
+                } => {
                     let id = ExecutionId(uuid::Uuid::now_v7().to_string());
                     let mut workload = pb.workload.clone();
                     workload.extend(overrides);
@@ -147,7 +177,11 @@ impl Orchestrator {
                         let _ = reply.send(Err(e));
                     }
                 },
-                Msg::Claim { block, worker, reply } => match self.claim(&mut c, block, &worker) {
+                Msg::Claim {
+                    block,
+                    worker,
+                    reply,
+                } => match self.claim(&mut c, block, &worker) {
                     Some(h) => c.replies.push(Reply::Claimed(reply, h)),
                     None => {
                         let _ = reply.send(None);
@@ -159,13 +193,19 @@ impl Orchestrator {
                         let _ = reply.send(Err(e));
                     }
                 },
-                Msg::Extend { command_id, attempt } => {
+                Msg::Extend {
+                    command_id,
+                    attempt,
+                } => {
                     if let Some(l) = self.leases.get_mut(&command_id)
                         && l.attempt == attempt
                     {
                         l.deadline = Instant::now() + self.lease;
                         let lease_until = now_ms() + self.lease.as_millis() as u64;
-                        c.batch.commands.push(CommandOp::Extend { command_id, lease_until });
+                        c.batch.commands.push(CommandOp::Extend {
+                            command_id,
+                            lease_until,
+                        });
                     }
                 }
                 Msg::Wait { id, reply } => match self.execs.get(&id) {
@@ -183,16 +223,33 @@ impl Orchestrator {
     }
 
     async fn commit(&mut self, c: Cycle) {
-        let Cycle { batch, dispatch, replies, finished, fatal, .. } = c;
+        let Cycle {
+            batch,
+            dispatch,
+            replies,
+            finished,
+            fatal,
+            ..
+        } = c;
+        let batch = Arc::new(batch);
         let result = match fatal {
             Some(e) => Err(e),
-            None => self.store.append(batch.clone()).await.map_err(RuntimeError::from),
+            None => self
+                .store
+                .append(batch.clone())
+                .await
+                .map_err(RuntimeError::from),
         };
+        let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
         if let Err(e) = result {
             // In-memory state ran ahead of the log: forget the executions this cycle touched
             // so they are reloaded from the log (resume) rather than trusted.
             tracing::error!(error = %e, "commit failed; dropping in-memory state of affected executions");
-            let touched: std::collections::HashSet<ExecutionId> = batch.events.iter().map(|e| e.execution_id.clone()).collect();
+            let touched: std::collections::HashSet<ExecutionId> = batch
+                .events
+                .iter()
+                .map(|e| e.execution_id.clone())
+                .collect();
             for id in &touched {
                 self.execs.remove(id);
                 self.leases.retain(|_, l| &l.block.execution_id != id);
@@ -269,18 +326,42 @@ impl Orchestrator {
         request_id: Option<String>,
         source: Option<String>,
     ) {
-        let req = ExecutionRequested { path: pb.path.clone(), source: source.clone(), workload, parent };
+        let req = ExecutionRequested {
+            path: pb.path.clone(),
+            source: source.clone(),
+            workload,
+            parent,
+        };
         let st = ExecState::new(id.clone());
-        self.execs.insert(id.clone(), Exec { pb, st, request_id, source });
-        self.emit(c, &id, vec![Draft::new(EventKind::ExecutionRequested, json!(req))], "engine");
+        self.execs.insert(
+            id.clone(),
+            Exec {
+                pb,
+                st,
+                request_id,
+                source,
+            },
+        );
+        self.emit(
+            c,
+            &id,
+            vec![Draft::new(EventKind::ExecutionRequested, json!(req))],
+            "engine",
+        );
     }
 
     /// Seal drafts into the execution's chain, apply them now, queue them for decide.
     fn emit(&mut self, c: &mut Cycle, id: &ExecutionId, drafts: Vec<Draft>, actor: &str) {
-        let Some(x) = self.execs.get_mut(id) else { return };
+        let Some(x) = self.execs.get_mut(id) else {
+            return;
+        };
         for d in drafts {
             let seq = x.st.last_seq + 1;
-            let cmd = if d.kind == EventKind::CommandIssued { Some(command_id(id, seq)) } else { d.command_id };
+            let cmd = if d.kind == EventKind::CommandIssued {
+                Some(command_id(id, seq))
+            } else {
+                d.command_id
+            };
             let mut e = Event {
                 execution_id: id.clone(),
                 seq,
@@ -306,37 +387,56 @@ impl Orchestrator {
                 c.fatal = Some(RuntimeError::Apply(err));
                 return;
             }
-            c.batch.events.push(e.clone());
-            c.queue.push_back((id.clone(), e));
+            c.queue.push_back((id.clone(), c.batch.events.len()));
+            c.batch.events.push(e);
         }
     }
 
     /// Run decide on every queued event, FIFO, performing the IO-side effects.
     fn drain(&mut self, c: &mut Cycle) {
-        while let Some((id, ev)) = c.queue.pop_front() {
+        while let Some((id, i)) = c.queue.pop_front() {
             if c.fatal.is_some() {
                 return;
             }
-            match ev.kind {
+            let kind = c.batch.events[i].kind;
+            match kind {
                 EventKind::CommandIssued => {
-                    let (Some(cmd), Some(step)) = (ev.command_id.clone(), ev.step.clone()) else { continue };
-                    let index = ev.payload.get("index").and_then(Value::as_u64).map(|i| i as usize);
+                    let ev = &c.batch.events[i];
+                    let (Some(cmd), Some(step)) = (ev.command_id.clone(), ev.step.clone()) else {
+                        continue;
+                    };
+                    let index = ev
+                        .payload
+                        .get("index")
+                        .and_then(Value::as_u64)
+                        .map(|i| i as usize);
                     c.batch.commands.push(CommandOp::Insert {
                         command_id: cmd.clone(),
                         execution_id: id.clone(),
                         step: step.clone(),
                         index,
                     });
-                    c.dispatch.push(Block { execution_id: id.clone(), command_id: cmd, step, index });
+                    c.dispatch.push(Block {
+                        execution_id: id.clone(),
+                        command_id: cmd,
+                        step,
+                        index,
+                    });
                 }
-                EventKind::ChildRequested => self.start_child(c, &id, &ev),
-                EventKind::ExecutionCompleted | EventKind::ExecutionFailed | EventKind::ExecutionCancelled => {
+                EventKind::ChildRequested => {
+                    let ev = c.batch.events[i].clone();
+                    self.start_child(c, &id, &ev);
+                }
+                EventKind::ExecutionCompleted
+                | EventKind::ExecutionFailed
+                | EventKind::ExecutionCancelled => {
+                    let ev = c.batch.events[i].clone();
                     self.finish(c, &id, &ev);
                 }
                 _ => {}
             }
             let drafts = match self.execs.get(&id) {
-                Some(x) => decide(&x.pb, &x.st, &ev),
+                Some(x) => decide(&x.pb, &x.st, &c.batch.events[i]),
                 None => continue,
             };
             if !drafts.is_empty() {
@@ -346,11 +446,21 @@ impl Orchestrator {
     }
 
     fn start_child(&mut self, c: &mut Cycle, parent: &ExecutionId, ev: &Event) {
-        let Some(px) = self.execs.get(parent) else { return };
-        let Ok(req) = serde_json::from_value::<ChildRequested>(ev.payload.clone()) else { return };
+        let Some(px) = self.execs.get(parent) else {
+            return;
+        };
+        let Ok(req) = serde_json::from_value::<ChildRequested>(ev.payload.clone()) else {
+            return;
+        };
         let step = ev.step.clone().unwrap_or_default();
-        let loaded = resolve_child(px.source.as_deref(), &req.path)
-            .and_then(|p| load_file(&p, &ParseOptions { extra_vars: req.input.keys().cloned().collect() }));
+        let loaded = resolve_child(px.source.as_deref(), &req.path).and_then(|p| {
+            load_file(
+                &p,
+                &ParseOptions {
+                    extra_vars: req.input.keys().cloned().collect(),
+                },
+            )
+        });
         let request_id = px.request_id.clone();
         match loaded {
             Err(e) => {
@@ -360,7 +470,12 @@ impl Orchestrator {
                     duration_ms: None,
                     logs: None,
                 };
-                self.emit(c, parent, vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)], "engine");
+                self.emit(
+                    c,
+                    parent,
+                    vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)],
+                    "engine",
+                );
             }
             Ok(child) => {
                 let child = Arc::new(child);
@@ -368,10 +483,22 @@ impl Orchestrator {
                 let mut workload = child.workload.clone();
                 workload.extend(req.input);
                 c.batch.playbooks.push(stored(&child));
-                let pref = ParentRef { execution_id: parent.clone(), step: step.clone(), index: req.index };
+                let pref = ParentRef {
+                    execution_id: parent.clone(),
+                    step: step.clone(),
+                    index: req.index,
+                };
                 let source = Some(child.file.clone());
-                let started = ChildStarted { index: req.index, child_execution_id: child_id.clone() };
-                self.emit(c, parent, vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)], "engine");
+                let started = ChildStarted {
+                    index: req.index,
+                    child_execution_id: child_id.clone(),
+                };
+                self.emit(
+                    c,
+                    parent,
+                    vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)],
+                    "engine",
+                );
                 self.start_exec(c, child_id, child, workload, Some(pref), request_id, source);
             }
         }
@@ -382,14 +509,25 @@ impl Orchestrator {
         let Some(x) = self.execs.get(id) else { return };
         // Abandoned commands (e.g. in-flight items of a failed loop) are closed, not left open.
         for cmd in x.st.commands.keys() {
-            c.batch.commands.push(CommandOp::Done { command_id: cmd.clone() });
+            c.batch.commands.push(CommandOp::Done {
+                command_id: cmd.clone(),
+            });
             self.leases.remove(cmd);
         }
-        let Some(parent) = x.st.parent.clone() else { return };
+        let Some(parent) = x.st.parent.clone() else {
+            return;
+        };
         let draft = match ev.kind {
             EventKind::ExecutionCompleted => {
                 let result = ev.payload.get("result").cloned().unwrap_or(Value::Null);
-                let f = StepFinished { index: parent.index, result, set: Map::new(), inline: false, duration_ms: None, logs: None };
+                let f = StepFinished {
+                    index: parent.index,
+                    result,
+                    set: Map::new(),
+                    inline: false,
+                    duration_ms: None,
+                    logs: None,
+                };
                 Draft::new(EventKind::StepFinished, json!(f))
             }
             _ => {
@@ -398,7 +536,10 @@ impl Orchestrator {
                     .unwrap_or_else(|_| ev.kind.to_string());
                 let f = StepFailed {
                     index: parent.index,
-                    error: ErrorInfo::new("child_failed", format!("child execution {id} failed: {why}")),
+                    error: ErrorInfo::new(
+                        "child_failed",
+                        format!("child execution {id} failed: {why}"),
+                    ),
                     duration_ms: None,
                     logs: None,
                 };
@@ -406,7 +547,12 @@ impl Orchestrator {
             }
         };
         if self.execs.contains_key(&parent.execution_id) {
-            self.emit(c, &parent.execution_id, vec![draft.step(parent.step)], "engine");
+            self.emit(
+                c,
+                &parent.execution_id,
+                vec![draft.step(parent.step)],
+                "engine",
+            );
         }
     }
 
@@ -425,37 +571,76 @@ impl Orchestrator {
         }
         let attempt = pending.attempt + 1;
         let index = pending.index;
-        let item = index.and_then(|i| x.st.loops.get(&block.step).and_then(|l| l.items.get(i)).cloned());
-        let iterator = x.pb.step(&block.step).and_then(|s| s.looping.as_ref()).map(|l| l.iterator.clone());
+        let item = index.and_then(|i| {
+            x.st.loops
+                .get(&block.step)
+                .and_then(|l| l.items.get(i))
+                .cloned()
+        });
+        let iterator =
+            x.pb.step(&block.step)
+                .and_then(|s| s.looping.as_ref())
+                .map(|l| l.iterator.clone());
         let ctx = match (&iterator, &item, index) {
-            (Some(it), Some(v), Some(i)) => context(&x.st, Some(Iteration { iterator: it, value: v, index: i })),
+            (Some(it), Some(v), Some(i)) => context(
+                &x.st,
+                Some(Iteration {
+                    iterator: it,
+                    value: v,
+                    index: i,
+                }),
+            ),
             _ => context(&x.st, None),
         };
         let pb = x.pb.clone();
         let lease_until = now_ms() + lease.as_millis() as u64;
-        let claimed = Draft::new(EventKind::CommandClaimed, json!({"worker": worker, "lease_ms": lease.as_millis() as u64}))
+        let claimed = Draft::new(
+            EventKind::CommandClaimed,
+            json!({"worker": worker, "lease_ms": lease.as_millis() as u64}),
+        )
+        .step(&block.step)
+        .command(&block.command_id, attempt);
+        let started = Draft::new(EventKind::StepStarted, json!({"index": index}))
             .step(&block.step)
             .command(&block.command_id, attempt);
-        let started = Draft::new(EventKind::StepStarted, json!({"index": index})).step(&block.step).command(&block.command_id, attempt);
-        self.emit(c, &block.execution_id, vec![claimed, started], &format!("worker:{worker}"));
+        self.emit(
+            c,
+            &block.execution_id,
+            vec![claimed, started],
+            &format!("worker:{worker}"),
+        );
         c.batch.commands.push(CommandOp::Claim {
             command_id: block.command_id.clone(),
             worker: worker.to_owned(),
             lease_until,
             deliveries: attempt,
         });
-        self.leases.insert(block.command_id.clone(), Lease { attempt, deadline: Instant::now() + lease, block: block.clone() });
-        Some(Hydrated { block, attempt, playbook: pb, context: ctx, lease })
+        self.leases.insert(
+            block.command_id.clone(),
+            Lease {
+                attempt,
+                deadline: Instant::now() + lease,
+                block: block.clone(),
+            },
+        );
+        Some(Hydrated {
+            block,
+            attempt,
+            playbook: pb,
+            context: ctx,
+            lease,
+        })
     }
 
     fn complete(&mut self, c: &mut Cycle, done: Completion) -> Result<(), RuntimeError> {
         let b = &done.block;
-        let x = self.execs.get(&b.execution_id).ok_or_else(|| RuntimeError::Unknown(b.execution_id.clone()))?;
-        let pending = x
-            .st
-            .commands
-            .get(&b.command_id)
-            .ok_or_else(|| RuntimeError::StaleClaim(format!("command {} is already completed", b.command_id)))?;
+        let x = self
+            .execs
+            .get(&b.execution_id)
+            .ok_or_else(|| RuntimeError::Unknown(b.execution_id.clone()))?;
+        let pending = x.st.commands.get(&b.command_id).ok_or_else(|| {
+            RuntimeError::StaleClaim(format!("command {} is already completed", b.command_id))
+        })?;
         if pending.attempt != done.attempt {
             return Err(RuntimeError::StaleClaim(format!(
                 "command {} attempt {} was superseded by attempt {}",
@@ -473,7 +658,9 @@ impl Orchestrator {
             completed.step(&b.step).command(&b.command_id, done.attempt),
         ];
         let id = b.execution_id.clone();
-        c.batch.commands.push(CommandOp::Done { command_id: b.command_id.clone() });
+        c.batch.commands.push(CommandOp::Done {
+            command_id: b.command_id.clone(),
+        });
         self.emit(c, &id, drafts, &format!("worker:{}", done.worker));
         Ok(())
     }
@@ -486,30 +673,53 @@ impl Orchestrator {
                 continue;
             }
             let events = self.store.read_all(&id).await?;
-            let first = events.first().ok_or_else(|| RuntimeError::Unknown(id.clone()))?;
+            let first = events
+                .first()
+                .ok_or_else(|| RuntimeError::Unknown(id.clone()))?;
             mayfly_trust::verify_chain(&events)?;
             let digest = first.playbook_digest.clone();
-            let stored = self
-                .store
-                .get_playbook(&digest)
-                .await?
-                .ok_or_else(|| RuntimeError::Invalid(format!("playbook {digest} of execution {id} is not in the store")))?;
+            let stored = self.store.get_playbook(&digest).await?.ok_or_else(|| {
+                RuntimeError::Invalid(format!(
+                    "playbook {digest} of execution {id} is not in the store"
+                ))
+            })?;
             let st = ExecState::fold(id.clone(), &events)?;
             if st.status.is_terminal() {
                 continue;
             }
             let extra = st.workload.keys().cloned().collect();
-            let pb = parse(&stored.source_name, &stored.content, &ParseOptions { extra_vars: extra })
-                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
-            let source = first.payload.get("source").and_then(Value::as_str).map(str::to_owned);
+            let pb = parse(
+                &stored.source_name,
+                &stored.content,
+                &ParseOptions { extra_vars: extra },
+            )
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            let source = first
+                .payload
+                .get("source")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             for (cmd, p) in &st.commands {
-                c.dispatch.push(Block { execution_id: id.clone(), command_id: cmd.clone(), step: p.step.clone(), index: p.index });
+                c.dispatch.push(Block {
+                    execution_id: id.clone(),
+                    command_id: cmd.clone(),
+                    step: p.step.clone(),
+                    index: p.index,
+                });
             }
             for child in st.children.values().flatten() {
                 stack.push(child.clone());
             }
             let request_id = first.request_id.clone();
-            self.execs.insert(id.clone(), Exec { pb: Arc::new(pb), st, request_id, source });
+            self.execs.insert(
+                id.clone(),
+                Exec {
+                    pb: Arc::new(pb),
+                    st,
+                    request_id,
+                    source,
+                },
+            );
             tracing::info!(execution = %id, "resumed from the log");
         }
         let _ = c;
@@ -518,5 +728,10 @@ impl Orchestrator {
 }
 
 fn stored(pb: &Playbook) -> StoredPlaybook {
-    StoredPlaybook { digest: pb.digest.clone(), path: pb.path.clone(), source_name: pb.file.clone(), content: pb.source.clone() }
+    StoredPlaybook {
+        digest: pb.digest.clone(),
+        path: pb.path.clone(),
+        source_name: pb.file.clone(),
+        content: pb.source.clone(),
+    }
 }

@@ -17,7 +17,9 @@ const LOG_CLIP: usize = 8192;
 /// Pull blocks until the runtime shuts down.
 pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: String) {
     while let Some(block) = handle.next_block().await {
-        let Some(h) = handle.claim(block, &worker).await else { continue };
+        let Some(h) = handle.claim(block, &worker).await else {
+            continue;
+        };
         // Heartbeats keep the lease alive while a long block runs.
         let hb = {
             let handle = handle.clone();
@@ -35,7 +37,12 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
         };
         let outcome = run_block(&tools, &h).await;
         hb.abort();
-        let c = Completion { block: h.block.clone(), attempt: h.attempt, worker: worker.clone(), outcome };
+        let c = Completion {
+            block: h.block.clone(),
+            attempt: h.attempt,
+            worker: worker.clone(),
+            outcome,
+        };
         if let Err(e) = handle.complete(c).await {
             tracing::warn!(command = %h.block.command_id, error = %e, "completion refused");
         }
@@ -43,7 +50,10 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
 }
 
 fn tmpl(pb: &mayfly_dsl::Playbook, step: &str, e: TemplateError) -> ErrorInfo {
-    ErrorInfo::new("template_error", format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message))
+    ErrorInfo::new(
+        "template_error",
+        format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message),
+    )
 }
 
 fn clip_logs(logs: Option<Value>) -> Option<Value> {
@@ -82,7 +92,14 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
         logs: clip_logs(logs),
     };
     let Some(step) = pb.step(&h.block.step) else {
-        return Err(fail(ErrorInfo::new("unknown_step", format!("step `{}` is not defined", h.block.step)), None, started));
+        return Err(fail(
+            ErrorInfo::new(
+                "unknown_step",
+                format!("step `{}` is not defined", h.block.step),
+            ),
+            None,
+            started,
+        ));
     };
     let mut ctx = h.context.clone();
     let base_input = match &step.input {
@@ -102,7 +119,13 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
     while i < step.tasks.len() {
         runs += 1;
         if runs > MAX_TASK_RUNS {
-            let e = ErrorInfo::new("pipeline_runaway", format!("more than {MAX_TASK_RUNS} task runs in step `{}`", step.name));
+            let e = ErrorInfo::new(
+                "pipeline_runaway",
+                format!(
+                    "more than {MAX_TASK_RUNS} task runs in step `{}`",
+                    step.name
+                ),
+            );
             return Err(fail(e, logs, started));
         }
         let task = &step.tasks[i];
@@ -128,8 +151,14 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
                 input.extend(m.clone());
             }
         }
-        let timeout = task.timeout_s.or(step.timeout_s).filter(|t| t.is_finite() && *t > 0.0).map(Duration::from_secs_f64);
-        let out: ToolOutput = tools.run(task.kind.as_str(), &config, &input, timeout).await;
+        let timeout = task
+            .timeout_s
+            .or(step.timeout_s)
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(Duration::from_secs_f64);
+        let out: ToolOutput = tools
+            .run(task.kind.as_str(), &config, &input, timeout)
+            .await;
         if out.logs.is_some() {
             logs = out.logs.clone();
         }
@@ -147,7 +176,8 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
             for op in &r.set {
                 match templates().render_node(&op.value, &pctx_v) {
                     Ok(v) => {
-                        let (mayfly_dsl::SetTarget::Ctx(k) | mayfly_dsl::SetTarget::Step(k)) = &op.target;
+                        let (mayfly_dsl::SetTarget::Ctx(k) | mayfly_dsl::SetTarget::Step(k)) =
+                            &op.target;
                         set.insert(k.clone(), v.clone());
                         ctx.insert(k.clone(), v);
                     }
@@ -155,8 +185,14 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
                 }
             }
         }
-        let directive = rule.map(|r| r.directive.clone()).unwrap_or_else(|| default_directive(out.ok, &task.on_unmatched_error));
-        let value = if out.ok { out.data.clone() } else { output.clone() };
+        let directive = rule
+            .map(|r| r.directive.clone())
+            .unwrap_or_else(|| default_directive(out.ok, &task.on_unmatched_error));
+        let value = if out.ok {
+            out.data.clone()
+        } else {
+            output.clone()
+        };
         let error_of = |out: &ToolOutput, task: &str| match &out.error {
             Some(e) => {
                 let mut info = e.info();
@@ -170,13 +206,20 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
             None => ErrorInfo::new("policy_fail", format!("a policy rule failed task `{task}`")),
         };
         match directive {
-            Directive::Retry { attempts, delay_s, backoff, max_delay_s } if tries + 1 < attempts => {
+            Directive::Retry {
+                attempts,
+                delay_s,
+                backoff,
+                max_delay_s,
+            } if tries + 1 < attempts => {
                 tries += 1;
                 let d = backoff_delay(backoff, delay_s, tries, max_delay_s);
                 tokio::time::sleep(Duration::from_secs_f64(d)).await;
                 continue;
             }
-            Directive::Retry { .. } if !out.ok => return Err(fail(error_of(&out, &task.name), logs, started)),
+            Directive::Retry { .. } if !out.ok => {
+                return Err(fail(error_of(&out, &task.name), logs, started));
+            }
             Directive::Fail => return Err(fail(error_of(&out, &task.name), logs, started)),
             Directive::Continue | Directive::Retry { .. } => {
                 ctx.insert(task.name.clone(), value.clone());
@@ -189,7 +232,11 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
                 ctx.insert(task.name.clone(), value.clone());
                 ctx.insert("_prev".into(), value.clone());
                 last = value;
-                i = step.tasks.iter().position(|t| t.name == to).unwrap_or(step.tasks.len());
+                i = step
+                    .tasks
+                    .iter()
+                    .position(|t| t.name == to)
+                    .unwrap_or(step.tasks.len());
                 tries = 0;
             }
             Directive::Break => {

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
 }
 
 struct Env {
@@ -22,20 +24,36 @@ struct Env {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db")).await.expect("store"));
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
     let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("runtime");
-    Env { _dir: dir, store, rt }
+    Env {
+        _dir: dir,
+        store,
+        rt,
+    }
 }
 
 async fn run(env: &Env, name: &str, overrides: Value) -> Report {
     let overrides: Map<String, Value> = overrides.as_object().cloned().unwrap_or_default();
-    let opts = ParseOptions { extra_vars: overrides.keys().cloned().collect() };
+    let opts = ParseOptions {
+        extra_vars: overrides.keys().cloned().collect(),
+    };
     let pb = load_file(&example(name), &opts).unwrap_or_else(|e| panic!("{e}"));
     let report = env.rt.run(pb, overrides).await.expect("run");
     // The log is the system of record: verify the chain and rebuild the same state.
-    let events = env.store.read_all(&report.execution_id).await.expect("events");
+    let events = env
+        .store
+        .read_all(&report.execution_id)
+        .await
+        .expect("events");
     mayfly_trust::verify_chain(&events).expect("chain verifies");
-    let replayed = ExecState::fold(report.execution_id.clone(), &events).expect("fold").report();
+    let replayed = ExecState::fold(report.execution_id.clone(), &events)
+        .expect("fold")
+        .report();
     assert_eq!(replayed, report, "replay reproduces the final state");
     report
 }
@@ -45,13 +63,27 @@ async fn hello() {
     let env = env().await;
     let r = run(&env, "hello.yaml", json!({})).await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
-    assert_eq!(r.result, json!({"status": "ok", "data": {"message": "Hello World, mayfly!", "chars": 11}}));
-    assert_eq!(r.steps["start"], json!({"message": "Hello World", "length": 11}));
-    let r = run(&env, "hello.yaml", json!({"message": "  Hi  ", "name": "you"})).await;
+    assert_eq!(
+        r.result,
+        json!({"status": "ok", "data": {"message": "Hello World, mayfly!", "chars": 11}})
+    );
+    assert_eq!(
+        r.steps["start"],
+        json!({"message": "Hello World", "length": 11})
+    );
+    let r = run(
+        &env,
+        "hello.yaml",
+        json!({"message": "  Hi  ", "name": "you"}),
+    )
+    .await;
     assert_eq!(r.result["data"]["message"], json!("Hi, you!"));
     // the print() in the last step was captured into its step.finished event
     let events = env.store.read_all(&r.execution_id).await.expect("events");
-    let end = events.iter().find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("end")).expect("end");
+    let end = events
+        .iter()
+        .find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("end"))
+        .expect("end");
     assert_eq!(end.payload["logs"]["stdout"], json!("done: Hi, you!\n"));
 }
 
@@ -60,10 +92,16 @@ async fn branching_hot_fans_out_and_joins_once() {
     let env = env().await;
     let r = run(&env, "branching.yaml", json!({})).await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
-    assert_eq!(r.result, json!({"path": "hot", "advice": ["drink water", "close the blinds"]}));
+    assert_eq!(
+        r.result,
+        json!({"path": "hot", "advice": ["drink water", "close the blinds"]})
+    );
     assert!(!r.steps.contains_key("cold_path"));
     let events = env.store.read_all(&r.execution_id).await.expect("events");
-    let ends = events.iter().filter(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("end")).count();
+    let ends = events
+        .iter()
+        .filter(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("end"))
+        .count();
     assert_eq!(ends, 1, "the join runs exactly once");
     let r = run(&env, "branching.yaml", json!({"temperature_c": 5})).await;
     assert_eq!(r.result, json!({"path": "cold", "advice": ["wear a coat"]}));
@@ -83,7 +121,10 @@ async fn loops_sequential_and_parallel() {
     let events = env.store.read_all(&r.execution_id).await.expect("events");
     let mut open = 0i32;
     let mut peak = 0;
-    for e in events.iter().filter(|e| e.step.as_deref() == Some("squares")) {
+    for e in events
+        .iter()
+        .filter(|e| e.step.as_deref() == Some("squares"))
+    {
         match e.kind {
             EventKind::CommandIssued => open += 1,
             EventKind::CommandCompleted => open -= 1,
@@ -98,16 +139,30 @@ async fn loops_sequential_and_parallel() {
 async fn retry_with_backoff_recovers() {
     let env = env().await;
     let dir = tempfile::tempdir().expect("tmp");
-    let r = run(&env, "retry.yaml", json!({"counter_dir": dir.path().display().to_string()})).await;
+    let r = run(
+        &env,
+        "retry.yaml",
+        json!({"counter_dir": dir.path().display().to_string()}),
+    )
+    .await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
     assert_eq!(r.result, json!({"recovered_after": 3}));
     assert_eq!(r.ctx["flaky_attempts"], json!(3));
     // Too few attempts: the policy gives up and the execution fails with the python error.
-    let r = run(&env, "retry.yaml", json!({"counter_dir": dir.path().display().to_string(), "succeed_on": 9})).await;
+    let r = run(
+        &env,
+        "retry.yaml",
+        json!({"counter_dir": dir.path().display().to_string(), "succeed_on": 9}),
+    )
+    .await;
     assert_eq!(r.status, Status::Failed);
     let e = r.error.expect("error");
     assert_eq!(e.code, "python_exception");
-    assert!(e.message.starts_with("RuntimeError: attempt 5 failed"), "{}", e.message);
+    assert!(
+        e.message.starts_with("RuntimeError: attempt 5 failed"),
+        "{}",
+        e.message
+    );
 }
 
 async fn weather_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
@@ -118,19 +173,28 @@ async fn weather_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     let app = Router::new()
         .route(
             "/weather",
-            get(move |Query(q): Query<std::collections::HashMap<String, String>>| {
-                let h = h.clone();
-                async move {
-                    // The first call fails with 503 to exercise the retry rule.
-                    if h.fetch_add(1, Ordering::SeqCst) == 0 {
-                        return Err(StatusCode::SERVICE_UNAVAILABLE);
+            get(
+                move |Query(q): Query<std::collections::HashMap<String, String>>| {
+                    let h = h.clone();
+                    async move {
+                        // The first call fails with 503 to exercise the retry rule.
+                        if h.fetch_add(1, Ordering::SeqCst) == 0 {
+                            return Err(StatusCode::SERVICE_UNAVAILABLE);
+                        }
+                        Ok(Json(json!({"city": q.get("city"), "temperature": 21.5})))
                     }
-                    Ok(Json(json!({"city": q.get("city"), "temperature": 21.5})))
-                }
-            }),
+                },
+            ),
         )
-        .route("/reports", post(|Json(v): Json<Value>| async move { (StatusCode::CREATED, Json(json!({"stored": v}))) }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        .route(
+            "/reports",
+            post(|Json(v): Json<Value>| async move {
+                (StatusCode::CREATED, Json(json!({"stored": v})))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     (format!("http://{addr}"), hits)
@@ -142,8 +206,15 @@ async fn http_against_a_local_server() {
     let (base, hits) = weather_server().await;
     let r = run(&env, "http.yaml", json!({"base_url": base})).await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
-    assert_eq!(r.result, json!({"temperature": 21.5, "stored": {"city": "Lisbon", "temperature": 21.5}, "status": 201}));
-    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2, "one 503, one retry");
+    assert_eq!(
+        r.result,
+        json!({"temperature": 21.5, "stored": {"city": "Lisbon", "temperature": 21.5}, "status": 201})
+    );
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one 503, one retry"
+    );
 }
 
 #[tokio::test]
@@ -152,10 +223,18 @@ async fn http_connection_refused_fails_cleanly() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     drop(l);
-    let r = run(&env, "http.yaml", json!({"base_url": format!("http://127.0.0.1:{port}")})).await;
+    let r = run(
+        &env,
+        "http.yaml",
+        json!({"base_url": format!("http://127.0.0.1:{port}")}),
+    )
+    .await;
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.failed_step.as_deref(), Some("start"));
-    assert_eq!(r.error.map(|e| e.code), Some("connection_failed".to_owned()));
+    assert_eq!(
+        r.error.map(|e| e.code),
+        Some("connection_failed".to_owned())
+    );
 }
 
 #[tokio::test]

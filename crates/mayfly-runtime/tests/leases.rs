@@ -14,38 +14,78 @@ use std::time::Duration;
 const PB: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: lease}\nworkflow:\n  - step: start\n    tool: {kind: python, code: 'result = 1'}\n";
 
 fn finished(v: serde_json::Value) -> StepFinished {
-    StepFinished { index: None, result: v, set: Map::new(), inline: false, duration_ms: None, logs: None }
+    StepFinished {
+        index: None,
+        result: v,
+        set: Map::new(),
+        inline: false,
+        duration_ms: None,
+        logs: None,
+    }
 }
 
 #[tokio::test]
 async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db")).await.expect("store"));
-    let cfg = RuntimeConfig { workers: 0, lease: Duration::from_millis(200), ..Default::default() };
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let cfg = RuntimeConfig {
+        workers: 0,
+        lease: Duration::from_millis(200),
+        ..Default::default()
+    };
     let rt = Runtime::start(store.clone(), cfg).expect("rt");
     let h = rt.handle();
     let pb = parse("lease.yaml", PB, &ParseOptions::default()).expect("pb");
-    let id = h.start(Arc::new(pb), Map::new(), Some("req-42".into())).await.expect("start");
+    let id = h
+        .start(Arc::new(pb), Map::new(), Some("req-42".into()))
+        .await
+        .expect("start");
 
     // Worker A claims and then goes silent (no heartbeat).
-    let block = tokio::time::timeout(Duration::from_secs(5), h.next_block()).await.expect("dispatched").expect("block");
+    let block = tokio::time::timeout(Duration::from_secs(5), h.next_block())
+        .await
+        .expect("dispatched")
+        .expect("block");
     let a = h.claim(block.clone(), "A").await.expect("A claims");
     assert_eq!(a.attempt, 1);
     // While A's lease is valid nobody else can claim the same block.
     assert!(h.claim(block.clone(), "B").await.is_none());
     let open = store.open_commands(Some(&id)).await.expect("open");
-    assert_eq!((open[0].state.as_str(), open[0].worker.as_deref()), ("claimed", Some("A")));
+    assert_eq!(
+        (open[0].state.as_str(), open[0].worker.as_deref()),
+        ("claimed", Some("A"))
+    );
 
     // The lease expires: the block is delivered again and B claims attempt 2.
-    let again = tokio::time::timeout(Duration::from_secs(5), h.next_block()).await.expect("redelivered").expect("block");
+    let again = tokio::time::timeout(Duration::from_secs(5), h.next_block())
+        .await
+        .expect("redelivered")
+        .expect("block");
     assert_eq!(again, block);
     let b = h.claim(again.clone(), "B").await.expect("B claims");
     assert_eq!(b.attempt, 2);
 
     // A wakes up and reports: refused, its claim was superseded.
-    let late = Completion { block: block.clone(), attempt: 1, worker: "A".into(), outcome: Ok(finished(json!("from A"))) };
-    assert!(matches!(h.complete(late).await, Err(RuntimeError::StaleClaim(_))));
-    let good = Completion { block: block.clone(), attempt: 2, worker: "B".into(), outcome: Ok(finished(json!("from B"))) };
+    let late = Completion {
+        block: block.clone(),
+        attempt: 1,
+        worker: "A".into(),
+        outcome: Ok(finished(json!("from A"))),
+    };
+    assert!(matches!(
+        h.complete(late).await,
+        Err(RuntimeError::StaleClaim(_))
+    ));
+    let good = Completion {
+        block: block.clone(),
+        attempt: 2,
+        worker: "B".into(),
+        outcome: Ok(finished(json!("from B"))),
+    };
     h.complete(good.clone()).await.expect("B completes");
     let report = h.wait(&id).await.expect("report");
     assert_eq!(report.status, Status::Completed);
@@ -57,27 +97,59 @@ async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
     assert!(h.complete(good).await.is_err());
 
     let events = store.read_all(&id).await.expect("events");
-    let finishes: Vec<_> = events.iter().filter(|e| e.kind == EventKind::StepFinished).collect();
+    let finishes: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::StepFinished)
+        .collect();
     assert_eq!(finishes.len(), 1, "exactly one step.finished");
     assert_eq!(finishes[0].attempt, Some(2));
     assert_eq!(finishes[0].actor, "worker:B");
-    let claims: Vec<_> = events.iter().filter(|e| e.kind == EventKind::CommandClaimed).map(|e| e.attempt).collect();
+    let claims: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::CommandClaimed)
+        .map(|e| e.attempt)
+        .collect();
     assert_eq!(claims, [Some(1), Some(2)]);
-    assert!(events.iter().all(|e| e.request_id.as_deref() == Some("req-42")), "request id is on every event");
-    assert!(store.open_commands(Some(&id)).await.expect("open").is_empty());
+    assert!(
+        events
+            .iter()
+            .all(|e| e.request_id.as_deref() == Some("req-42")),
+        "request id is on every event"
+    );
+    assert!(
+        store
+            .open_commands(Some(&id))
+            .await
+            .expect("open")
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn heartbeats_keep_a_long_block_from_being_redelivered() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(SqliteStore::open(dir.path().join("m.db")).await.expect("store"));
-    let cfg = RuntimeConfig { workers: 2, lease: Duration::from_millis(300), ..Default::default() };
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let cfg = RuntimeConfig {
+        workers: 2,
+        lease: Duration::from_millis(300),
+        ..Default::default()
+    };
     let rt = Runtime::start(store.clone(), cfg).expect("rt");
     let src = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: slow}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(1.2)\\nresult = 'slow'\"}\n";
     let pb = parse("slow.yaml", src, &ParseOptions::default()).expect("pb");
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert_eq!(report.result, json!("slow"));
     let events = store.read_all(&report.execution_id).await.expect("events");
-    let claims = events.iter().filter(|e| e.kind == EventKind::CommandClaimed).count();
-    assert_eq!(claims, 1, "a block that heartbeats keeps its lease (1.2s run, 0.3s lease)");
+    let claims = events
+        .iter()
+        .filter(|e| e.kind == EventKind::CommandClaimed)
+        .count();
+    assert_eq!(
+        claims, 1,
+        "a block that heartbeats keeps its lease (1.2s run, 0.3s lease)"
+    );
 }

@@ -8,7 +8,12 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// Build `n` sealed, chained events for `exec` starting after `prev` (seq, hash).
-pub fn chain(exec: &str, start_seq: u64, prev_hash: &str, kinds: &[(EventKind, Option<&str>, Value)]) -> Vec<Event> {
+pub fn chain(
+    exec: &str,
+    start_seq: u64,
+    prev_hash: &str,
+    kinds: &[(EventKind, Option<&str>, Value)],
+) -> Vec<Event> {
     let mut prev = prev_hash.to_owned();
     kinds
         .iter()
@@ -41,7 +46,11 @@ pub fn chain(exec: &str, start_seq: u64, prev_hash: &str, kinds: &[(EventKind, O
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), mayfly_types::now_ms() % 1_000_000_007)
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        mayfly_types::now_ms() % 1_000_000_007
+    )
 }
 
 /// Run every check against `store`.
@@ -63,17 +72,38 @@ pub async fn append_read_round_trip(store: &dyn Store) {
         1,
         GENESIS_HASH,
         &[
-            (EventKind::ExecutionRequested, None, json!({"path": "p", "workload": {"x": 1.5, "s": "ü"}})),
+            (
+                EventKind::ExecutionRequested,
+                None,
+                json!({"path": "p", "workload": {"x": 1.5, "s": "ü"}}),
+            ),
             (EventKind::ExecutionStarted, None, json!({})),
-            (EventKind::StepFinished, None, json!({"result": [1, {"a": null}], "big": u64::MAX})),
+            (
+                EventKind::StepFinished,
+                None,
+                json!({"result": [1, {"a": null}], "big": u64::MAX}),
+            ),
         ],
     );
     let head_before = store.head().await.expect("head");
-    let pos = store.append(Batch { events: evs.clone(), ..Default::default() }).await.expect("append");
+    let pos = store
+        .append(Arc::new(Batch {
+            events: evs.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("append");
     let pos = pos.expect("a position");
     assert!(pos > head_before, "position must advance");
-    assert_eq!(store.head().await.expect("head"), pos, "head is the last position");
-    let back = store.read_all(&ExecutionId::from(exec.as_str())).await.expect("read");
+    assert_eq!(
+        store.head().await.expect("head"),
+        pos,
+        "head is the last position"
+    );
+    let back = store
+        .read_all(&ExecutionId::from(exec.as_str()))
+        .await
+        .expect("read");
     assert_eq!(back.len(), 3);
     for (a, b) in evs.iter().zip(&back) {
         let mut b = b.clone();
@@ -82,8 +112,15 @@ pub async fn append_read_round_trip(store: &dyn Store) {
         assert_eq!(a, &b, "event round-trips unchanged");
     }
     assert!(back[0].position < back[1].position && back[1].position < back[2].position);
-    assert_eq!(mayfly_trust::verify_chain(&back), Ok(()), "stored chain verifies");
-    let page = store.read(&ExecutionId::from(exec.as_str()), 2, 1).await.expect("page");
+    assert_eq!(
+        mayfly_trust::verify_chain(&back),
+        Ok(()),
+        "stored chain verifies"
+    );
+    let page = store
+        .read(&ExecutionId::from(exec.as_str()), 2, 1)
+        .await
+        .expect("page");
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].seq, 2, "read honours from_seq and limit");
 }
@@ -91,13 +128,34 @@ pub async fn append_read_round_trip(store: &dyn Store) {
 /// A duplicate (execution, seq) is a conflict and the whole batch is rejected.
 pub async fn seq_conflict_writes_nothing(store: &dyn Store) {
     let exec = unique("conflict");
-    let first = chain(&exec, 1, GENESIS_HASH, &[(EventKind::ExecutionStarted, None, json!({}))]);
-    store.append(Batch { events: first.clone(), ..Default::default() }).await.expect("first");
-    let mut second = chain(&exec, 2, &first[0].hash, &[(EventKind::StepStarted, None, json!({}))]);
-    second.extend(chain(&exec, 1, GENESIS_HASH, &[(EventKind::StepStarted, None, json!({}))]));
+    let first = chain(
+        &exec,
+        1,
+        GENESIS_HASH,
+        &[(EventKind::ExecutionStarted, None, json!({}))],
+    );
+    store
+        .append(Arc::new(Batch {
+            events: first.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("first");
+    let mut second = chain(
+        &exec,
+        2,
+        &first[0].hash,
+        &[(EventKind::StepStarted, None, json!({}))],
+    );
+    second.extend(chain(
+        &exec,
+        1,
+        GENESIS_HASH,
+        &[(EventKind::StepStarted, None, json!({}))],
+    ));
     let cmd = unique("cmd");
     let r = store
-        .append(Batch {
+        .append(Arc::new(Batch {
             events: second,
             commands: vec![CommandOp::Insert {
                 command_id: cmd.clone(),
@@ -106,12 +164,21 @@ pub async fn seq_conflict_writes_nothing(store: &dyn Store) {
                 index: None,
             }],
             ..Default::default()
-        })
+        }))
         .await;
-    assert!(matches!(r, Err(StoreError::Conflict(_))), "duplicate seq must conflict, got {r:?}");
-    let back = store.read_all(&ExecutionId::from(exec.as_str())).await.expect("read");
+    assert!(
+        matches!(r, Err(StoreError::Conflict(_))),
+        "duplicate seq must conflict, got {r:?}"
+    );
+    let back = store
+        .read_all(&ExecutionId::from(exec.as_str()))
+        .await
+        .expect("read");
     assert_eq!(back.len(), 1, "a rejected batch writes nothing");
-    let open = store.open_commands(Some(&ExecutionId::from(exec.as_str()))).await.expect("open");
+    let open = store
+        .open_commands(Some(&ExecutionId::from(exec.as_str())))
+        .await
+        .expect("open");
     assert!(open.is_empty(), "a rejected batch writes no commands");
 }
 
@@ -119,11 +186,35 @@ pub async fn seq_conflict_writes_nothing(store: &dyn Store) {
 pub async fn completion_recorded_once(store: &dyn Store) {
     let exec = unique("once");
     let cmd = format!("{exec}/1");
-    let a = chain(&exec, 1, GENESIS_HASH, &[(EventKind::StepFinished, Some(&cmd), json!({"result": 1}))]);
-    store.append(Batch { events: a.clone(), ..Default::default() }).await.expect("first completion");
-    let b = chain(&exec, 2, &a[0].hash, &[(EventKind::StepFinished, Some(&cmd), json!({"result": 2}))]);
-    let r = store.append(Batch { events: b, ..Default::default() }).await;
-    assert!(matches!(r, Err(StoreError::Conflict(_))), "second completion must conflict, got {r:?}");
+    let a = chain(
+        &exec,
+        1,
+        GENESIS_HASH,
+        &[(EventKind::StepFinished, Some(&cmd), json!({"result": 1}))],
+    );
+    store
+        .append(Arc::new(Batch {
+            events: a.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("first completion");
+    let b = chain(
+        &exec,
+        2,
+        &a[0].hash,
+        &[(EventKind::StepFinished, Some(&cmd), json!({"result": 2}))],
+    );
+    let r = store
+        .append(Arc::new(Batch {
+            events: b,
+            ..Default::default()
+        }))
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict(_))),
+        "second completion must conflict, got {r:?}"
+    );
 }
 
 /// Concurrent batches commit together; one bad batch does not fail the others.
@@ -134,22 +225,48 @@ pub async fn group_commit_isolates_failures(store: Arc<dyn Store>) {
         let store = store.clone();
         let exec = format!("{exec}-{i}");
         tasks.push(tokio::spawn(async move {
-            let evs = chain(&exec, 1, GENESIS_HASH, &[(EventKind::ExecutionStarted, None, json!({"i": i}))]);
-            store.append(Batch { events: evs, ..Default::default() }).await
+            let evs = chain(
+                &exec,
+                1,
+                GENESIS_HASH,
+                &[(EventKind::ExecutionStarted, None, json!({"i": i}))],
+            );
+            store
+                .append(Arc::new(Batch {
+                    events: evs,
+                    ..Default::default()
+                }))
+                .await
         }));
     }
     // A poisoned batch in the middle of the burst: seq 1 twice.
     let bad_exec = format!("{exec}-bad");
-    let mut bad = chain(&bad_exec, 1, GENESIS_HASH, &[(EventKind::ExecutionStarted, None, json!({}))]);
+    let mut bad = chain(
+        &bad_exec,
+        1,
+        GENESIS_HASH,
+        &[(EventKind::ExecutionStarted, None, json!({}))],
+    );
     bad.extend(bad.clone());
-    let bad_r = store.append(Batch { events: bad, ..Default::default() }).await;
+    let bad_r = store
+        .append(Arc::new(Batch {
+            events: bad,
+            ..Default::default()
+        }))
+        .await;
     assert!(bad_r.is_err(), "poisoned batch must fail");
     for t in tasks {
         let r = t.await.expect("join");
-        assert!(r.is_ok(), "healthy batches commit despite a failing neighbour: {r:?}");
+        assert!(
+            r.is_ok(),
+            "healthy batches commit despite a failing neighbour: {r:?}"
+        );
     }
     for i in 0..64u64 {
-        let back = store.read_all(&ExecutionId(format!("{exec}-{i}"))).await.expect("read");
+        let back = store
+            .read_all(&ExecutionId(format!("{exec}-{i}")))
+            .await
+            .expect("read");
         assert_eq!(back.len(), 1);
     }
 }
@@ -160,28 +277,95 @@ pub async fn command_lifecycle(store: &dyn Store) {
     let id = ExecutionId::from(exec.as_str());
     let c1 = format!("{exec}/3");
     let c2 = format!("{exec}/4");
-    let ins = |c: &str, index| CommandOp::Insert { command_id: c.into(), execution_id: id.clone(), step: "s".into(), index };
-    store.append(Batch { commands: vec![ins(&c1, None), ins(&c2, Some(7))], ..Default::default() }).await.expect("insert");
+    let ins = |c: &str, index| CommandOp::Insert {
+        command_id: c.into(),
+        execution_id: id.clone(),
+        step: "s".into(),
+        index,
+    };
+    store
+        .append(Arc::new(Batch {
+            commands: vec![ins(&c1, None), ins(&c2, Some(7))],
+            ..Default::default()
+        }))
+        .await
+        .expect("insert");
     let open = store.open_commands(Some(&id)).await.expect("open");
     assert_eq!(open.len(), 2);
     assert_eq!((open[0].state.as_str(), open[0].deliveries), ("pending", 0));
     assert_eq!(open[1].index, Some(7));
-    let claim = CommandOp::Claim { command_id: c1.clone(), worker: "w1".into(), lease_until: 5_000, deliveries: 1 };
-    store.append(Batch { commands: vec![claim], ..Default::default() }).await.expect("claim");
-    let extend = CommandOp::Extend { command_id: c1.clone(), lease_until: 9_000 };
-    store.append(Batch { commands: vec![extend], ..Default::default() }).await.expect("extend");
+    let claim = CommandOp::Claim {
+        command_id: c1.clone(),
+        worker: "w1".into(),
+        lease_until: 5_000,
+        deliveries: 1,
+    };
+    store
+        .append(Arc::new(Batch {
+            commands: vec![claim],
+            ..Default::default()
+        }))
+        .await
+        .expect("claim");
+    let extend = CommandOp::Extend {
+        command_id: c1.clone(),
+        lease_until: 9_000,
+    };
+    store
+        .append(Arc::new(Batch {
+            commands: vec![extend],
+            ..Default::default()
+        }))
+        .await
+        .expect("extend");
     let open = store.open_commands(Some(&id)).await.expect("open");
     let row = open.iter().find(|r| r.command_id == c1).expect("c1");
-    assert_eq!((row.state.as_str(), row.deliveries, row.lease_until, row.worker.as_deref()), ("claimed", 1, Some(9_000), Some("w1")));
-    store.append(Batch { commands: vec![CommandOp::Done { command_id: c1.clone() }], ..Default::default() }).await.expect("done");
+    assert_eq!(
+        (
+            row.state.as_str(),
+            row.deliveries,
+            row.lease_until,
+            row.worker.as_deref()
+        ),
+        ("claimed", 1, Some(9_000), Some("w1"))
+    );
+    store
+        .append(Arc::new(Batch {
+            commands: vec![CommandOp::Done {
+                command_id: c1.clone(),
+            }],
+            ..Default::default()
+        }))
+        .await
+        .expect("done");
     let open = store.open_commands(Some(&id)).await.expect("open");
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].command_id, c2);
     // A done command cannot be claimed again.
-    let late = CommandOp::Claim { command_id: c1, worker: "w2".into(), lease_until: 1, deliveries: 2 };
-    let r = store.append(Batch { commands: vec![late], ..Default::default() }).await;
-    assert!(matches!(r, Err(StoreError::Conflict(_))), "claiming a done command must conflict: {r:?}");
-    assert!(store.open_commands(None).await.expect("all").iter().any(|r| r.command_id == c2));
+    let late = CommandOp::Claim {
+        command_id: c1,
+        worker: "w2".into(),
+        lease_until: 1,
+        deliveries: 2,
+    };
+    let r = store
+        .append(Arc::new(Batch {
+            commands: vec![late],
+            ..Default::default()
+        }))
+        .await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict(_))),
+        "claiming a done command must conflict: {r:?}"
+    );
+    assert!(
+        store
+            .open_commands(None)
+            .await
+            .expect("all")
+            .iter()
+            .any(|r| r.command_id == c2)
+    );
 }
 
 /// The executions projection follows lifecycle events in the same transaction.
@@ -192,9 +376,19 @@ pub async fn execution_projection(store: &dyn Store) {
         &exec,
         1,
         GENESIS_HASH,
-        &[(EventKind::ExecutionRequested, None, json!({"path": "a/b", "workload": {}, "parent": {"execution_id": "p1", "step": "s"}}))],
+        &[(
+            EventKind::ExecutionRequested,
+            None,
+            json!({"path": "a/b", "workload": {}, "parent": {"execution_id": "p1", "step": "s"}}),
+        )],
     );
-    store.append(Batch { events: evs.clone(), ..Default::default() }).await.expect("req");
+    store
+        .append(Arc::new(Batch {
+            events: evs.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("req");
     let row = store.get_execution(&id).await.expect("get").expect("row");
     assert_eq!((row.path.as_str(), row.status.as_str()), ("a/b", "pending"));
     assert_eq!(row.parent_execution_id, Some(ExecutionId::from("p1")));
@@ -202,24 +396,60 @@ pub async fn execution_projection(store: &dyn Store) {
         &exec,
         2,
         &evs[0].hash,
-        &[(EventKind::ExecutionStarted, None, json!({})), (EventKind::ExecutionCompleted, None, json!({"result": 1}))],
+        &[
+            (EventKind::ExecutionStarted, None, json!({})),
+            (EventKind::ExecutionCompleted, None, json!({"result": 1})),
+        ],
     );
-    store.append(Batch { events: more, ..Default::default() }).await.expect("more");
+    store
+        .append(Arc::new(Batch {
+            events: more,
+            ..Default::default()
+        }))
+        .await
+        .expect("more");
     let row = store.get_execution(&id).await.expect("get").expect("row");
     assert_eq!(row.status, "completed");
     let list = store.list_executions(1000).await.expect("list");
     assert!(list.iter().any(|r| r.execution_id == id));
-    assert!(store.get_execution(&ExecutionId::from("nope")).await.expect("get").is_none());
+    assert!(
+        store
+            .get_execution(&ExecutionId::from("nope"))
+            .await
+            .expect("get")
+            .is_none()
+    );
 }
 
 /// Putting the same digest twice is a no-op; content is returned verbatim.
 pub async fn playbooks_are_immutable_by_digest(store: &dyn Store) {
     let content = format!("apiVersion: noetl.io/v2 # {}\n", unique("pb"));
     let digest = mayfly_trust::sha256_digest(content.as_bytes());
-    let pb = StoredPlaybook { digest: digest.clone(), path: "x/y".into(), source_name: "y.yaml".into(), content: content.clone() };
+    let pb = StoredPlaybook {
+        digest: digest.clone(),
+        path: "x/y".into(),
+        source_name: "y.yaml".into(),
+        content: content.clone(),
+    };
     store.put_playbook(pb.clone()).await.expect("put");
-    store.put_playbook(StoredPlaybook { path: "other".into(), ..pb.clone() }).await.expect("put again");
-    let back = store.get_playbook(&digest).await.expect("get").expect("stored");
+    store
+        .put_playbook(StoredPlaybook {
+            path: "other".into(),
+            ..pb.clone()
+        })
+        .await
+        .expect("put again");
+    let back = store
+        .get_playbook(&digest)
+        .await
+        .expect("get")
+        .expect("stored");
     assert_eq!(back, pb, "first version wins; identical digest is a no-op");
-    assert!(store.get_playbook("sha256:none").await.expect("get").is_none());
+    assert!(
+        store
+            .get_playbook("sha256:none")
+            .await
+            .expect("get")
+            .is_none()
+    );
 }

@@ -7,6 +7,7 @@
 use async_trait::async_trait;
 use mayfly_types::{Event, ExecutionId};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 pub mod conformance;
 mod sqlite;
@@ -44,11 +45,24 @@ impl From<sqlx::Error> for StoreError {
 #[derive(Clone, Debug, PartialEq)]
 pub enum CommandOp {
     /// A new command (its `command.issued` event is in the same batch).
-    Insert { command_id: String, execution_id: ExecutionId, step: String, index: Option<usize> },
+    Insert {
+        command_id: String,
+        execution_id: ExecutionId,
+        step: String,
+        index: Option<usize>,
+    },
     /// A worker claimed it until `lease_until` (unix ms).
-    Claim { command_id: String, worker: String, lease_until: u64, deliveries: u32 },
+    Claim {
+        command_id: String,
+        worker: String,
+        lease_until: u64,
+        deliveries: u32,
+    },
     /// Lease extension for a long block (no event).
-    Extend { command_id: String, lease_until: u64 },
+    Extend {
+        command_id: String,
+        lease_until: u64,
+    },
     /// Completed (its `command.completed` event is in the same batch).
     Done { command_id: String },
 }
@@ -103,10 +117,15 @@ pub trait Store: Send + Sync + 'static {
     /// Append batches atomically, each all-or-nothing. Backends may commit several
     /// concurrent callers' batches in one transaction (group commit); a failing batch
     /// never takes others down with it. Returns the global position of the last event.
-    async fn append(&self, batch: Batch) -> Result<Option<u64>, StoreError>;
+    async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError>;
 
     /// Events of one execution with `seq >= from_seq`, in seq order, at most `limit`.
-    async fn read(&self, execution: &ExecutionId, from_seq: u64, limit: u32) -> Result<Vec<Event>, StoreError>;
+    async fn read(
+        &self,
+        execution: &ExecutionId,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError>;
 
     /// Every event of one execution.
     async fn read_all(&self, execution: &ExecutionId) -> Result<Vec<Event>, StoreError> {
@@ -124,16 +143,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Store a playbook version (idempotent by digest).
     async fn put_playbook(&self, pb: StoredPlaybook) -> Result<(), StoreError> {
-        self.append(Batch { playbooks: vec![pb], ..Default::default() }).await.map(|_| ())
+        self.append(Arc::new(Batch {
+            playbooks: vec![pb],
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
     }
     async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError>;
 
-    async fn get_execution(&self, execution: &ExecutionId) -> Result<Option<ExecutionRow>, StoreError>;
+    async fn get_execution(
+        &self,
+        execution: &ExecutionId,
+    ) -> Result<Option<ExecutionRow>, StoreError>;
     /// Most recent first.
     async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError>;
 
     /// Commands not done yet (optionally of one execution), oldest first.
-    async fn open_commands(&self, execution: Option<&ExecutionId>) -> Result<Vec<CommandRow>, StoreError>;
+    async fn open_commands(
+        &self,
+        execution: Option<&ExecutionId>,
+    ) -> Result<Vec<CommandRow>, StoreError>;
 
     /// The current global log position (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;

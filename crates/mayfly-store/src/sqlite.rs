@@ -7,6 +7,7 @@ use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -16,7 +17,7 @@ const CHUNK: usize = 1000;
 const MAX_GROUP: usize = 512;
 
 struct Job {
-    batch: Batch,
+    batch: Arc<Batch>,
     reply: oneshot::Sender<Result<Option<u64>, StoreError>>,
 }
 
@@ -43,14 +44,18 @@ impl SqliteStore {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
         let mut writer = SqliteConnection::connect_with(&options(&path)).await?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut writer)
             .await
             .map_err(|e| StoreError::Db(format!("migrating {}: {e}", path.display())))?;
-        let read = SqlitePoolOptions::new().max_connections(4).connect_with(options(&path).read_only(true)).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options(&path).read_only(true))
+            .await?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
         tokio::spawn(writer_loop(writer, rx));
         Ok(SqliteStore { read, tx, path })
@@ -85,7 +90,9 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
             Err(_) if jobs.len() > 1 => {
                 // Isolate the failing batch: every other caller still gets its commit.
                 for job in jobs {
-                    let r = write_group(&mut conn, std::slice::from_ref(&job)).await.map(|mut p| p.pop().flatten());
+                    let r = write_group(&mut conn, std::slice::from_ref(&job))
+                        .await
+                        .map(|mut p| p.pop().flatten());
                     let _ = job.reply.send(r);
                 }
             }
@@ -98,7 +105,10 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-async fn write_group(conn: &mut SqliteConnection, jobs: &[Job]) -> Result<Vec<Option<u64>>, StoreError> {
+async fn write_group(
+    conn: &mut SqliteConnection,
+    jobs: &[Job],
+) -> Result<Vec<Option<u64>>, StoreError> {
     let mut tx = conn.begin().await?;
     let mut positions = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -159,8 +169,16 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
     for e in events {
         let status = match e.kind {
             EventKind::ExecutionRequested => {
-                let path = e.payload.get("path").and_then(|p| p.as_str()).unwrap_or_default();
-                let parent = e.payload.get("parent").and_then(|p| p.get("execution_id")).and_then(|p| p.as_str());
+                let path = e
+                    .payload
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or_default();
+                let parent = e
+                    .payload
+                    .get("parent")
+                    .and_then(|p| p.get("execution_id"))
+                    .and_then(|p| p.as_str());
                 sqlx::query(
                     "INSERT OR IGNORE INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at) \
                      VALUES (?, ?, ?, 'pending', ?, ?, ?)",
@@ -193,12 +211,22 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
 
 async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<(), StoreError> {
     let now = now_ms() as i64;
-    let inserts: Vec<&CommandOp> = ops.iter().filter(|o| matches!(o, CommandOp::Insert { .. })).collect();
+    let inserts: Vec<&CommandOp> = ops
+        .iter()
+        .filter(|o| matches!(o, CommandOp::Insert { .. }))
+        .collect();
     for chunk in inserts.chunks(CHUNK) {
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ");
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ",
+        );
         qb.push_values(chunk, |mut b, op| {
-            if let CommandOp::Insert { command_id, execution_id, step, index } = op {
+            if let CommandOp::Insert {
+                command_id,
+                execution_id,
+                step,
+                index,
+            } = op
+            {
                 b.push_bind(command_id.clone())
                     .push_bind(execution_id.0.clone())
                     .push_bind(step.clone())
@@ -213,7 +241,12 @@ async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<
     for op in ops {
         match op {
             CommandOp::Insert { .. } => {}
-            CommandOp::Claim { command_id, worker, lease_until, deliveries } => {
+            CommandOp::Claim {
+                command_id,
+                worker,
+                lease_until,
+                deliveries,
+            } => {
                 let r = sqlx::query(
                     "UPDATE commands SET state = 'claimed', worker = ?, lease_until = ?, deliveries = ? \
                      WHERE command_id = ? AND state <> 'done'",
@@ -225,10 +258,15 @@ async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<
                 .execute(&mut *tx)
                 .await?;
                 if r.rows_affected() == 0 {
-                    return Err(StoreError::Conflict(format!("command {command_id} is done or unknown")));
+                    return Err(StoreError::Conflict(format!(
+                        "command {command_id} is done or unknown"
+                    )));
                 }
             }
-            CommandOp::Extend { command_id, lease_until } => {
+            CommandOp::Extend {
+                command_id,
+                lease_until,
+            } => {
                 sqlx::query("UPDATE commands SET lease_until = ? WHERE command_id = ? AND state = 'claimed'")
                     .bind(*lease_until as i64)
                     .bind(command_id)
@@ -236,10 +274,12 @@ async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<
                     .await?;
             }
             CommandOp::Done { command_id } => {
-                sqlx::query("UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = ?")
-                    .bind(command_id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = ?",
+                )
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
             }
         }
     }
@@ -255,11 +295,15 @@ fn row_to_event(r: &sqlx::sqlite::SqliteRow) -> Result<Event, StoreError> {
     let execution_id: String = r.try_get("execution_id")?;
     let kind_s: String = r.try_get("kind")?;
     let kind = EventKind::parse(&kind_s).ok_or_else(|| {
-        StoreError::Corrupt(format!("execution {execution_id} seq {seq}: unknown event kind `{kind_s}`"))
+        StoreError::Corrupt(format!(
+            "execution {execution_id} seq {seq}: unknown event kind `{kind_s}`"
+        ))
     })?;
     let payload_s: String = r.try_get("payload")?;
     let payload = serde_json::from_str(&payload_s).map_err(|e| {
-        StoreError::Corrupt(format!("execution {execution_id} seq {seq}: payload is not JSON: {e}"))
+        StoreError::Corrupt(format!(
+            "execution {execution_id} seq {seq}: payload is not JSON: {e}"
+        ))
     })?;
     Ok(Event {
         execution_id: ExecutionId(execution_id),
@@ -286,7 +330,9 @@ fn row_to_execution(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRow, StoreEr
         path: r.try_get("path")?,
         playbook_digest: r.try_get("playbook_digest")?,
         status: r.try_get("status")?,
-        parent_execution_id: r.try_get::<Option<String>, _>("parent_execution_id")?.map(ExecutionId),
+        parent_execution_id: r
+            .try_get::<Option<String>, _>("parent_execution_id")?
+            .map(ExecutionId),
         created_at: r.try_get::<i64, _>("created_at")? as u64,
         updated_at: r.try_get::<i64, _>("updated_at")? as u64,
     })
@@ -294,16 +340,24 @@ fn row_to_execution(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRow, StoreEr
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn append(&self, batch: Batch) -> Result<Option<u64>, StoreError> {
+    async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
         if batch.events.is_empty() && batch.commands.is_empty() && batch.playbooks.is_empty() {
             return Ok(None);
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read(&self, execution: &ExecutionId, from_seq: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+    async fn read(
+        &self,
+        execution: &ExecutionId,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM events WHERE execution_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
         )
@@ -316,10 +370,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError> {
-        let row = sqlx::query("SELECT digest, path, source_name, content FROM playbooks WHERE digest = ?")
-            .bind(digest)
-            .fetch_optional(&self.read)
-            .await?;
+        let row = sqlx::query(
+            "SELECT digest, path, source_name, content FROM playbooks WHERE digest = ?",
+        )
+        .bind(digest)
+        .fetch_optional(&self.read)
+        .await?;
         match row {
             None => Ok(None),
             Some(r) => Ok(Some(StoredPlaybook {
@@ -331,7 +387,10 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn get_execution(&self, execution: &ExecutionId) -> Result<Option<ExecutionRow>, StoreError> {
+    async fn get_execution(
+        &self,
+        execution: &ExecutionId,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
         let row = sqlx::query("SELECT * FROM executions WHERE execution_id = ?")
             .bind(&execution.0)
             .fetch_optional(&self.read)
@@ -340,22 +399,31 @@ impl Store for SqliteStore {
     }
 
     async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT ?")
-            .bind(i64::from(limit))
-            .fetch_all(&self.read)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
         rows.iter().map(row_to_execution).collect()
     }
 
-    async fn open_commands(&self, execution: Option<&ExecutionId>) -> Result<Vec<CommandRow>, StoreError> {
+    async fn open_commands(
+        &self,
+        execution: Option<&ExecutionId>,
+    ) -> Result<Vec<CommandRow>, StoreError> {
         let rows = match execution {
-            Some(e) => {
-                sqlx::query("SELECT * FROM commands WHERE state <> 'done' AND execution_id = ? ORDER BY rowid")
-                    .bind(&e.0)
+            Some(e) => sqlx::query(
+                "SELECT * FROM commands WHERE state <> 'done' AND execution_id = ? ORDER BY rowid",
+            )
+            .bind(&e.0)
+            .fetch_all(&self.read)
+            .await?,
+            None => {
+                sqlx::query("SELECT * FROM commands WHERE state <> 'done' ORDER BY rowid")
                     .fetch_all(&self.read)
                     .await?
             }
-            None => sqlx::query("SELECT * FROM commands WHERE state <> 'done' ORDER BY rowid").fetch_all(&self.read).await?,
         };
         rows.iter()
             .map(|r| {
@@ -374,7 +442,9 @@ impl Store for SqliteStore {
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS p FROM events").fetch_one(&self.read).await?;
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS p FROM events")
+            .fetch_one(&self.read)
+            .await?;
         Ok(row.try_get::<i64, _>("p")? as u64)
     }
 }

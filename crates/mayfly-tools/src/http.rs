@@ -16,16 +16,29 @@ pub fn client() -> Result<reqwest::Client, ToolError> {
 }
 
 fn text(v: &Value) -> String {
-    v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
+    v.as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
 }
 
-pub async fn run(client: &reqwest::Client, config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
+pub async fn run(
+    client: &reqwest::Client,
+    config: &Map<String, Value>,
+    timeout: Duration,
+) -> ToolOutput {
     let Some(url) = config.get("url").or(config.get("endpoint")).map(text) else {
         return ToolOutput::failed(ToolError::new("bad_config", "http needs `url`"));
     };
-    let method = config.get("method").map(text).unwrap_or_else(|| "GET".into()).to_uppercase();
+    let method = config
+        .get("method")
+        .map(text)
+        .unwrap_or_else(|| "GET".into())
+        .to_uppercase();
     let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
-        return ToolOutput::failed(ToolError::new("bad_config", format!("invalid http method `{method}`")));
+        return ToolOutput::failed(ToolError::new(
+            "bad_config",
+            format!("invalid http method `{method}`"),
+        ));
     };
     let timeout = crate::seconds(config.get("timeout")).unwrap_or(timeout);
     let mut req = client.request(method, &url).timeout(timeout);
@@ -49,7 +62,13 @@ pub async fn run(client: &reqwest::Client, config: &Map<String, Value>, timeout:
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            let code = if e.is_timeout() { "timeout" } else if e.is_connect() { "connection_failed" } else { "http_error" };
+            let code = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connection_failed"
+            } else {
+                "http_error"
+            };
             // reqwest's Display omits the cause chain; include it so "connection refused" shows.
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -64,21 +83,36 @@ pub async fn run(client: &reqwest::Client, config: &Map<String, Value>, timeout:
     let final_url = resp.url().to_string();
     let mut headers = Map::new();
     for (k, v) in resp.headers() {
-        headers.insert(k.as_str().to_owned(), Value::String(v.to_str().unwrap_or_default().to_owned()));
+        headers.insert(
+            k.as_str().to_owned(),
+            Value::String(v.to_str().unwrap_or_default().to_owned()),
+        );
     }
-    let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|c| c.contains("json"));
+    let is_json = headers
+        .get("content-type")
+        .and_then(Value::as_str)
+        .is_some_and(|c| c.contains("json"));
     let body = match resp.text().await {
         Ok(b) => b,
-        Err(e) => return ToolOutput::failed(ToolError::new("http_error", format!("reading body: {e}"))),
+        Err(e) => {
+            return ToolOutput::failed(ToolError::new("http_error", format!("reading body: {e}")));
+        }
     };
     let mut data = json!({"status_code": status, "headers": headers, "url": final_url});
-    let parsed = if is_json { serde_json::from_str::<Value>(&body).ok() } else { None };
+    let parsed = if is_json {
+        serde_json::from_str::<Value>(&body).ok()
+    } else {
+        None
+    };
     match parsed {
         Some(j) => data["json"] = j,
         None => data["text"] = Value::String(body),
     }
     let mut out = if status >= 400 {
-        let mut o = ToolOutput::failed(ToolError::new("http_status", format!("{url} answered {status}")));
+        let mut o = ToolOutput::failed(ToolError::new(
+            "http_status",
+            format!("{url} answered {status}"),
+        ));
         o.data = data;
         o
     } else {

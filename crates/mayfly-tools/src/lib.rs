@@ -27,7 +27,11 @@ pub struct ToolError {
 
 impl ToolError {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        ToolError { code: code.into(), message: message.into(), detail: None }
+        ToolError {
+            code: code.into(),
+            message: message.into(),
+            detail: None,
+        }
     }
 
     pub fn info(&self) -> ErrorInfo {
@@ -50,22 +54,39 @@ pub struct ToolOutput {
 
 impl ToolOutput {
     pub fn ok(data: Value) -> Self {
-        ToolOutput { ok: true, data, error: None, meta: Map::new(), logs: None }
+        ToolOutput {
+            ok: true,
+            data,
+            error: None,
+            meta: Map::new(),
+            logs: None,
+        }
     }
 
     pub fn failed(e: ToolError) -> Self {
-        ToolOutput { ok: false, data: Value::Null, error: Some(e), meta: Map::new(), logs: None }
+        ToolOutput {
+            ok: false,
+            data: Value::Null,
+            error: Some(e),
+            meta: Map::new(),
+            logs: None,
+        }
     }
 
     /// The `output` object that policy rules see.
     pub fn as_output(&self) -> Value {
         let mut m = self.meta.clone();
-        m.insert("status".into(), Value::String(if self.ok { "ok" } else { "error" }.into()));
+        m.insert(
+            "status".into(),
+            Value::String(if self.ok { "ok" } else { "error" }.into()),
+        );
         m.insert("data".into(), self.data.clone());
         m.insert(
             "error".into(),
             match &self.error {
-                Some(e) => serde_json::json!({"code": e.code, "message": e.message, "detail": e.detail}),
+                Some(e) => {
+                    serde_json::json!({"code": e.code, "message": e.message, "detail": e.detail})
+                }
                 None => Value::Null,
             },
         );
@@ -83,7 +104,11 @@ pub struct ToolsConfig {
 
 impl Default for ToolsConfig {
     fn default() -> Self {
-        ToolsConfig { python: "python3".into(), python_pool: 4, default_timeout: Duration::from_secs(300) }
+        ToolsConfig {
+            python: "python3".into(),
+            python_pool: 4,
+            default_timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -96,22 +121,40 @@ pub struct Tools {
 
 impl Tools {
     pub fn new(config: ToolsConfig) -> Result<Self, ToolError> {
-        Ok(Tools { python: PythonPool::new(config.python.clone(), config.python_pool), http: http::client()?, config })
+        Ok(Tools {
+            python: PythonPool::new(config.python.clone(), config.python_pool),
+            http: http::client()?,
+            config,
+        })
     }
 
     /// Run one task. `config` is the task's rendered fields; `input` the merged step and
     /// task input. `code` for python is passed verbatim (never templated).
-    pub async fn run(&self, kind: &str, config: &Map<String, Value>, input: &Map<String, Value>, timeout: Option<Duration>) -> ToolOutput {
+    pub async fn run(
+        &self,
+        kind: &str,
+        config: &Map<String, Value>,
+        input: &Map<String, Value>,
+        timeout: Option<Duration>,
+    ) -> ToolOutput {
         let timeout = timeout.unwrap_or(self.config.default_timeout);
         match kind {
             "python" => {
-                let code = config.get("code").and_then(Value::as_str).unwrap_or_default();
-                self.python.run(code, &Value::Object(input.clone()), timeout).await
+                let code = config
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                self.python
+                    .run(code, &Value::Object(input.clone()), timeout)
+                    .await
             }
             "shell" => shell::run(config, timeout).await,
             "http" => http::run(&self.http, config, timeout).await,
             "noop" => ToolOutput::ok(Value::Object(input.clone())),
-            other => ToolOutput::failed(ToolError::new("unknown_tool", format!("tool kind `{other}` cannot run in a worker"))),
+            other => ToolOutput::failed(ToolError::new(
+                "unknown_tool",
+                format!("tool kind `{other}` cannot run in a worker"),
+            )),
         }
     }
 }

@@ -35,7 +35,12 @@ impl PythonPool {
     /// A pool of at most `size` interpreters of `python` (e.g. `python3`).
     pub fn new(python: impl Into<String>, size: usize) -> Self {
         let size = size.max(1);
-        PythonPool { python: python.into(), idle: Mutex::new(Vec::new()), slots: Semaphore::new(size), size }
+        PythonPool {
+            python: python.into(),
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(size),
+            size,
+        }
     }
 
     pub fn size(&self) -> usize {
@@ -52,10 +57,25 @@ impl PythonPool {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| ToolError::new("python_unavailable", format!("cannot start `{}`: {e}", self.python)))?;
-        let stdin = child.stdin.take().ok_or_else(|| ToolError::new("python_unavailable", "no stdin pipe"))?;
-        let stdout = child.stdout.take().ok_or_else(|| ToolError::new("python_unavailable", "no stdout pipe"))?;
-        Ok(Interp { _child: child, stdin, stdout: BufReader::new(stdout) })
+            .map_err(|e| {
+                ToolError::new(
+                    "python_unavailable",
+                    format!("cannot start `{}`: {e}", self.python),
+                )
+            })?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| ToolError::new("python_unavailable", "no stdin pipe"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| ToolError::new("python_unavailable", "no stdout pipe"))?;
+        Ok(Interp {
+            _child: child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        })
     }
 
     /// Start interpreters until `size` are idle, so the first steps pay no start-up.
@@ -64,7 +84,12 @@ impl PythonPool {
         for _ in have..self.size {
             let mut it = self.spawn()?;
             // A no-op round trip proves the interpreter is ready.
-            exchange(&mut it, &json!({"code": "result = None", "input": {}}), Duration::from_secs(30)).await?;
+            exchange(
+                &mut it,
+                &json!({"code": "result = None", "input": {}}),
+                Duration::from_secs(30),
+            )
+            .await?;
             if let Ok(mut v) = self.idle.lock() {
                 v.push(it);
             }
@@ -96,7 +121,8 @@ impl PythonPool {
                     "stderr": resp.get("stderr").cloned().unwrap_or(Value::Null),
                 });
                 if resp.get("ok").and_then(Value::as_bool) == Some(true) {
-                    let mut out = ToolOutput::ok(resp.get("result").cloned().unwrap_or(Value::Null));
+                    let mut out =
+                        ToolOutput::ok(resp.get("result").cloned().unwrap_or(Value::Null));
                     out.logs = Some(logs);
                     out
                 } else {
@@ -117,7 +143,8 @@ impl PythonPool {
 }
 
 async fn exchange(it: &mut Interp, req: &Value, timeout: Duration) -> Result<Value, ToolError> {
-    let mut line = serde_json::to_string(req).map_err(|e| ToolError::new("python_protocol", e.to_string()))?;
+    let mut line =
+        serde_json::to_string(req).map_err(|e| ToolError::new("python_protocol", e.to_string()))?;
     line.push('\n');
     let io = async {
         it.stdin.write_all(line.as_bytes()).await?;
@@ -127,7 +154,10 @@ async fn exchange(it: &mut Interp, req: &Value, timeout: Duration) -> Result<Val
             buf.clear();
             let n = it.stdout.read_line(&mut buf).await?;
             if n == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "interpreter exited"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "interpreter exited",
+                ));
             }
             if let Some(rest) = buf.strip_prefix(MARK) {
                 return Ok(rest.to_owned());
@@ -137,10 +167,19 @@ async fn exchange(it: &mut Interp, req: &Value, timeout: Duration) -> Result<Val
     };
     let resp = match tokio::time::timeout(timeout, io).await {
         Err(_) => {
-            return Err(ToolError::new("timeout", format!("python step exceeded {:.3}s", timeout.as_secs_f64())));
+            return Err(ToolError::new(
+                "timeout",
+                format!("python step exceeded {:.3}s", timeout.as_secs_f64()),
+            ));
         }
-        Ok(Err(e)) => return Err(ToolError::new("python_crashed", format!("python interpreter failed: {e}"))),
+        Ok(Err(e)) => {
+            return Err(ToolError::new(
+                "python_crashed",
+                format!("python interpreter failed: {e}"),
+            ));
+        }
         Ok(Ok(s)) => s,
     };
-    serde_json::from_str(&resp).map_err(|e| ToolError::new("python_protocol", format!("bad response: {e}")))
+    serde_json::from_str(&resp)
+        .map_err(|e| ToolError::new("python_protocol", format!("bad response: {e}")))
 }

@@ -11,19 +11,47 @@ const LIMIT: usize = 1 << 20;
 
 fn clip(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(&b[..b.len().min(LIMIT)]).into_owned();
-    if b.len() > LIMIT { s + "\n[truncated]" } else { s }
+    if b.len() > LIMIT {
+        s + "\n[truncated]"
+    } else {
+        s
+    }
 }
 
 pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
-    let cmds: Vec<String> = match config.get("cmds").or(config.get("command")).or(config.get("cmd")) {
-        Some(Value::Array(a)) => a.iter().map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())).collect(),
+    let cmds: Vec<String> = match config
+        .get("cmds")
+        .or(config.get("command"))
+        .or(config.get("cmd"))
+    {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect(),
         Some(Value::String(s)) => vec![s.clone()],
-        _ => return ToolOutput::failed(ToolError::new("bad_config", "shell needs `cmds` (list) or `command` (string)")),
+        _ => {
+            return ToolOutput::failed(ToolError::new(
+                "bad_config",
+                "shell needs `cmds` (list) or `command` (string)",
+            ));
+        }
     };
     let env: Vec<(String, String)> = match config.get("env") {
-        Some(Value::Object(m)) => {
-            m.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))).collect()
-        }
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
+            .collect(),
         _ => Vec::new(),
     };
     let cwd = config.get("cwd").and_then(Value::as_str);
@@ -32,15 +60,27 @@ pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
     let mut code = 0;
     for c in &cmds {
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(c).envs(env.iter().cloned()).stdin(Stdio::null()).kill_on_drop(true);
+        cmd.arg("-c")
+            .arg(c)
+            .envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }
         let out = match tokio::time::timeout_at(deadline, cmd.output()).await {
             Err(_) => {
-                return ToolOutput::failed(ToolError::new("timeout", format!("shell exceeded {:.3}s running `{c}`", timeout.as_secs_f64())));
+                return ToolOutput::failed(ToolError::new(
+                    "timeout",
+                    format!("shell exceeded {:.3}s running `{c}`", timeout.as_secs_f64()),
+                ));
             }
-            Ok(Err(e)) => return ToolOutput::failed(ToolError::new("spawn_failed", format!("cannot run `{c}`: {e}"))),
+            Ok(Err(e)) => {
+                return ToolOutput::failed(ToolError::new(
+                    "spawn_failed",
+                    format!("cannot run `{c}`: {e}"),
+                ));
+            }
             Ok(Ok(o)) => o,
         };
         stdout.push_str(&clip(&out.stdout));

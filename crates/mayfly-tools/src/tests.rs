@@ -6,18 +6,28 @@ fn input(v: Value) -> Map<String, Value> {
 }
 
 fn tools(pool: usize) -> Tools {
-    Tools::new(ToolsConfig { python_pool: pool, ..Default::default() }).expect("tools")
+    Tools::new(ToolsConfig {
+        python_pool: pool,
+        ..Default::default()
+    })
+    .expect("tools")
 }
 
 async fn py(t: &Tools, code: &str, inp: Value) -> ToolOutput {
     let cfg = input(json!({ "code": code }));
-    t.run("python", &cfg, &input(inp), Some(Duration::from_secs(10))).await
+    t.run("python", &cfg, &input(inp), Some(Duration::from_secs(10)))
+        .await
 }
 
 #[tokio::test]
 async fn python_result_assignment_and_globals() {
     let t = tools(1);
-    let o = py(&t, "result = {'msg': message.upper(), 'n': n + 1}", json!({"message": "hi", "n": 1})).await;
+    let o = py(
+        &t,
+        "result = {'msg': message.upper(), 'n': n + 1}",
+        json!({"message": "hi", "n": 1}),
+    )
+    .await;
     assert!(o.ok, "{o:?}");
     assert_eq!(o.data, json!({"msg": "HI", "n": 2}));
 }
@@ -25,14 +35,23 @@ async fn python_result_assignment_and_globals() {
 #[tokio::test]
 async fn python_top_level_return_with_input_data() {
     let t = tools(1);
-    let code = "x = input_data.get('x', 0)\nif x > 1:\n    return {'big': x}\nreturn {'small': x}\n";
+    let code =
+        "x = input_data.get('x', 0)\nif x > 1:\n    return {'big': x}\nreturn {'small': x}\n";
     assert_eq!(py(&t, code, json!({"x": 5})).await.data, json!({"big": 5}));
-    assert_eq!(py(&t, code, json!({"x": 0})).await.data, json!({"small": 0}));
+    assert_eq!(
+        py(&t, code, json!({"x": 0})).await.data,
+        json!({"small": 0})
+    );
     // A return only inside a def is not top-level: plain exec semantics.
     let o = py(&t, "def f():\n    return 3\nresult = f()", json!({})).await;
     assert_eq!(o.data, json!(3));
     // main(**input) convention
-    let o = py(&t, "def main(a, b):\n    return a * b", json!({"a": 6, "b": 7})).await;
+    let o = py(
+        &t,
+        "def main(a, b):\n    return a * b",
+        json!({"a": 6, "b": 7}),
+    )
+    .await;
     assert_eq!(o.data, json!(42));
 }
 
@@ -44,68 +63,125 @@ async fn python_exceptions_become_errors_with_traceback() {
     let e = o.error.expect("error");
     assert_eq!(e.code, "python_exception");
     assert_eq!(e.message, "ValueError: nope");
-    assert!(e.detail.as_ref().and_then(Value::as_str).is_some_and(|tb| tb.contains("Traceback")));
+    assert!(
+        e.detail
+            .as_ref()
+            .and_then(Value::as_str)
+            .is_some_and(|tb| tb.contains("Traceback"))
+    );
     assert_eq!(o.logs.expect("logs")["stdout"], json!("before\n"));
     // the interpreter survives and is reused
     assert!(py(&t, "result = 1", json!({})).await.ok);
     let o = py(&t, "result = (", json!({})).await;
-    assert_eq!(o.error.map(|e| e.message.starts_with("SyntaxError")), Some(true));
+    assert_eq!(
+        o.error.map(|e| e.message.starts_with("SyntaxError")),
+        Some(true)
+    );
 }
 
 #[tokio::test]
 async fn python_pool_is_warm_and_isolated() {
     let t = tools(1);
     t.python.warm().await.expect("warm");
-    let a = py(&t, "import os\nleak = 1\nresult = os.getpid()", json!({})).await.data;
-    let b = py(&t, "import os\nresult = [os.getpid(), 'leak' in globals()]", json!({})).await.data;
+    let a = py(&t, "import os\nleak = 1\nresult = os.getpid()", json!({}))
+        .await
+        .data;
+    let b = py(
+        &t,
+        "import os\nresult = [os.getpid(), 'leak' in globals()]",
+        json!({}),
+    )
+    .await
+    .data;
     assert_eq!(b, json!([a, false]), "same interpreter, fresh globals");
 }
 
 #[tokio::test]
 async fn python_timeout_kills_and_replaces_the_interpreter() {
     let t = tools(1);
-    let pid = py(&t, "import os\nresult = os.getpid()", json!({})).await.data;
+    let pid = py(&t, "import os\nresult = os.getpid()", json!({}))
+        .await
+        .data;
     let cfg = input(json!({"code": "import time\ntime.sleep(30)"}));
-    let o = t.run("python", &cfg, &Map::new(), Some(Duration::from_millis(300))).await;
+    let o = t
+        .run(
+            "python",
+            &cfg,
+            &Map::new(),
+            Some(Duration::from_millis(300)),
+        )
+        .await;
     assert_eq!(o.error.map(|e| e.code), Some("timeout".to_owned()));
-    let pid2 = py(&t, "import os\nresult = os.getpid()", json!({})).await.data;
+    let pid2 = py(&t, "import os\nresult = os.getpid()", json!({}))
+        .await
+        .data;
     assert_ne!(pid, pid2, "a timed-out interpreter is never reused");
 }
 
 #[tokio::test]
 async fn python_stray_stdout_does_not_break_the_protocol() {
     let t = tools(1);
-    let o = py(&t, "import os\nos.write(1, b'raw line\\n')\nresult = 'fine'", json!({})).await;
+    let o = py(
+        &t,
+        "import os\nos.write(1, b'raw line\\n')\nresult = 'fine'",
+        json!({}),
+    )
+    .await;
     assert_eq!(o.data, json!("fine"));
     let o = py(&t, "import os\nos._exit(3)", json!({})).await;
     assert_eq!(o.error.map(|e| e.code), Some("python_crashed".to_owned()));
-    assert!(py(&t, "result = 2", json!({})).await.ok, "pool recovers after a crash");
+    assert!(
+        py(&t, "result = 2", json!({})).await.ok,
+        "pool recovers after a crash"
+    );
 }
 
 #[tokio::test]
 async fn shell_runs_commands_in_order() {
     let t = tools(1);
-    let cfg = input(json!({"cmds": ["echo one", "echo $GREETING >&2", "echo two"], "env": {"GREETING": "hey"}}));
+    let cfg = input(
+        json!({"cmds": ["echo one", "echo $GREETING >&2", "echo two"], "env": {"GREETING": "hey"}}),
+    );
     let o = t.run("shell", &cfg, &Map::new(), None).await;
     assert!(o.ok);
-    assert_eq!(o.data, json!({"stdout": "one\ntwo\n", "stderr": "hey\n", "exit_code": 0}));
+    assert_eq!(
+        o.data,
+        json!({"stdout": "one\ntwo\n", "stderr": "hey\n", "exit_code": 0})
+    );
     let cfg = input(json!({"cmds": ["echo a", "exit 3", "echo never"]}));
     let o = t.run("shell", &cfg, &Map::new(), None).await;
     assert!(!o.ok);
     assert_eq!(o.data["exit_code"], json!(3));
     assert_eq!(o.data["stdout"], json!("a\n"));
     let cfg = input(json!({"command": "sleep 5"}));
-    let o = t.run("shell", &cfg, &Map::new(), Some(Duration::from_millis(200))).await;
+    let o = t
+        .run("shell", &cfg, &Map::new(), Some(Duration::from_millis(200)))
+        .await;
     assert_eq!(o.error.map(|e| e.code), Some("timeout".to_owned()));
 }
 
 async fn server() -> String {
     use axum::{Json, Router, extract::Query, http::StatusCode, routing::get, routing::post};
     let app = Router::new()
-        .route("/hello", get(|Query(q): Query<std::collections::HashMap<String, String>>| async move { Json(json!({"hello": q.get("name")})) }))
-        .route("/echo", post(|Json(v): Json<Value>| async move { Json(json!({"got": v})) }))
-        .route("/fail", get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        .route(
+            "/hello",
+            get(
+                |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    Json(json!({"hello": q.get("name")}))
+                },
+            ),
+        )
+        .route(
+            "/echo",
+            post(|Json(v): Json<Value>| async move { Json(json!({"got": v})) }),
+        )
+        .route(
+            "/fail",
+            get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
@@ -121,8 +197,13 @@ async fn http_get_post_and_errors() {
     assert_eq!(o.data["status_code"], json!(200));
     assert_eq!(o.data["json"], json!({"hello": "ann"}));
     assert_eq!(o.as_output()["http"]["status"], json!(200));
-    let cfg = input(json!({"url": format!("{base}/echo"), "method": "post", "json": {"a": [1, 2]}, "headers": {"x-t": "1"}}));
-    assert_eq!(t.run("http", &cfg, &Map::new(), None).await.data["json"], json!({"got": {"a": [1, 2]}}));
+    let cfg = input(
+        json!({"url": format!("{base}/echo"), "method": "post", "json": {"a": [1, 2]}, "headers": {"x-t": "1"}}),
+    );
+    assert_eq!(
+        t.run("http", &cfg, &Map::new(), None).await.data["json"],
+        json!({"got": {"a": [1, 2]}})
+    );
     let cfg = input(json!({"url": format!("{base}/fail")}));
     let o = t.run("http", &cfg, &Map::new(), None).await;
     assert!(!o.ok);
@@ -137,5 +218,9 @@ async fn http_get_post_and_errors() {
     let o = t.run("http", &cfg, &Map::new(), None).await;
     let e = o.error.expect("error");
     assert_eq!(e.code, "connection_failed");
-    assert!(e.message.to_lowercase().contains("refused"), "{}", e.message);
+    assert!(
+        e.message.to_lowercase().contains("refused"),
+        "{}",
+        e.message
+    );
 }

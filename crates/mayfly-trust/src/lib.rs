@@ -13,7 +13,11 @@ pub enum TrustError {
     #[error("cannot canonicalize value: {0}")]
     Canonical(String),
     #[error("event log of execution {execution} is corrupted at seq {seq}: {reason}")]
-    Chain { execution: String, seq: u64, reason: String },
+    Chain {
+        execution: String,
+        seq: u64,
+        reason: String,
+    },
 }
 
 /// RFC 8785 canonical JSON bytes of any serializable value.
@@ -100,7 +104,10 @@ pub fn verify_chain(events: &[Event]) -> Result<(), TrustError> {
         }
         let h = event_hash(ev)?;
         if h != ev.hash {
-            return Err(bad(format!("hash mismatch (stored {}, computed {h})", ev.hash)));
+            return Err(bad(format!(
+                "hash mismatch (stored {}, computed {h})",
+                ev.hash
+            )));
         }
         prev = h;
     }
@@ -144,7 +151,10 @@ mod tests {
     #[test]
     fn canonical_sorts_keys_and_is_stable() {
         let a = canonical(&json!({"b": 1, "a": [true, null, 1.5]})).expect("c");
-        assert_eq!(String::from_utf8(a).expect("utf8"), r#"{"a":[true,null,1.5],"b":1}"#);
+        assert_eq!(
+            String::from_utf8(a).expect("utf8"),
+            r#"{"a":[true,null,1.5],"b":1}"#
+        );
         assert_eq!(digest_of(&json!({"x": 1})), digest_of(&json!({"x": 1})));
         assert!(sha256_digest(b"").starts_with("sha256:e3b0c442"));
     }
@@ -174,9 +184,15 @@ mod tests {
     fn broken_link_and_gap_are_detected() {
         let mut c = chain(4);
         c[3].prev_hash = GENESIS_HASH.into();
-        assert!(matches!(verify_chain(&c), Err(TrustError::Chain { seq: 4, .. })));
+        assert!(matches!(
+            verify_chain(&c),
+            Err(TrustError::Chain { seq: 4, .. })
+        ));
         let mut c = chain(4);
         c.remove(1);
-        assert!(matches!(verify_chain(&c), Err(TrustError::Chain { seq: 3, .. })));
+        assert!(matches!(
+            verify_chain(&c),
+            Err(TrustError::Chain { seq: 3, .. })
+        ));
     }
 }

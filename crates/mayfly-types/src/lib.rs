@@ -102,7 +102,9 @@ impl EventKind {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            EventKind::ExecutionCompleted | EventKind::ExecutionFailed | EventKind::ExecutionCancelled
+            EventKind::ExecutionCompleted
+                | EventKind::ExecutionFailed
+                | EventKind::ExecutionCancelled
         )
     }
 }
@@ -146,7 +148,8 @@ pub struct Event {
 }
 
 /// The hash of "no previous event".
-pub const GENESIS_HASH: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+pub const GENESIS_HASH: &str =
+    "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
 /// An event before it is sealed (seq, timestamps and hashes assigned by the appender).
 #[derive(Clone, Debug, PartialEq)]
@@ -161,7 +164,13 @@ pub struct Draft {
 impl Draft {
     /// A draft with only a kind and payload.
     pub fn new(kind: EventKind, payload: Value) -> Self {
-        Self { kind, step: None, attempt: None, command_id: None, payload }
+        Self {
+            kind,
+            step: None,
+            attempt: None,
+            command_id: None,
+            payload,
+        }
     }
 
     /// Attach the step name.
@@ -187,7 +196,10 @@ pub struct ErrorInfo {
 
 impl ErrorInfo {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code: code.into(), message: message.into() }
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -356,7 +368,10 @@ mod tests {
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));
-            assert_eq!(serde_json::to_value(k).ok(), Some(Value::String(k.as_str().into())));
+            assert_eq!(
+                serde_json::to_value(k).ok(),
+                Some(Value::String(k.as_str().into()))
+            );
         }
         assert_eq!(EventKind::parse("nope"), None);
         assert!(EventKind::ExecutionFailed.is_terminal());
@@ -371,7 +386,17 @@ mod tests {
 
     #[test]
     fn step_finished_omits_empty_fields() {
-        let p = StepFinished { index: None, result: Value::Null, set: Map::new(), inline: false, duration_ms: None, logs: None };
-        assert_eq!(serde_json::to_string(&p).ok().as_deref(), Some(r#"{"result":null}"#));
+        let p = StepFinished {
+            index: None,
+            result: Value::Null,
+            set: Map::new(),
+            inline: false,
+            duration_ms: None,
+            logs: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&p).ok().as_deref(),
+            Some(r#"{"result":null}"#)
+        );
     }
 }

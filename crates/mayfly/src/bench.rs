@@ -33,9 +33,15 @@ pub struct BenchArgs {
 }
 
 fn chain(kind: &str, n: usize) -> String {
-    let mut s = String::from("apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: bench-chain}\nworkflow:\n");
+    let mut s = String::from(
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: bench-chain}\nworkflow:\n",
+    );
     for i in 0..n {
-        let name = if i == 0 { "start".to_owned() } else { format!("s{i}") };
+        let name = if i == 0 {
+            "start".to_owned()
+        } else {
+            format!("s{i}")
+        };
         let tool = match kind {
             "python" => "{kind: python, code: 'result = 1'}",
             _ => "{kind: noop}",
@@ -65,12 +71,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median seconds of `runs` executions of `src` on a fresh runtime over one database.
 async fn measure(src: &str, runs: usize, warm_python: bool) -> Result<f64> {
-    let pb = parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pb =
+        parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(dir.path().join("bench.db")).await?);
     let rt = Runtime::start(store, RuntimeConfig::default())?;
     if warm_python {
-        rt.tools.python.warm().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        rt.tools
+            .python
+            .warm()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     // One untimed warm-up run (page cache, interpreter imports).
     let r = rt.run(pb.clone(), Map::new()).await?;
@@ -90,7 +101,9 @@ async fn measure(src: &str, runs: usize, warm_python: bool) -> Result<f64> {
 }
 
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let noop_chain = measure(&chain("noop", a.steps), a.runs, false).await?;
     let py_chain = measure(&chain("python", a.steps), a.runs, true).await?;
     let noop_fan = measure(&fanout("noop", a.items), a.runs, false).await?;
@@ -105,11 +118,34 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     if a.json {
         println!("{out}");
     } else {
-        println!("mayfly bench — embedded store, {cpus} CPUs, median of {} runs", a.runs);
-        println!("  {:<44} {:>10.3} ms/step", format!("sequential chain, {} noop steps", a.steps), out["noop_chain"]["ms_per_step"].as_f64().unwrap_or(0.0));
-        println!("  {:<44} {:>10.3} ms/step", format!("sequential chain, {} python steps", a.steps), out["python_chain"]["ms_per_step"].as_f64().unwrap_or(0.0));
-        println!("  {:<44} {:>10.0} steps/s", format!("parallel fan-out, {} noop items", a.items), out["noop_fanout"]["steps_per_second"].as_f64().unwrap_or(0.0));
-        println!("  {:<44} {:>10.0} steps/s", format!("parallel fan-out, {} python items", a.python_items), out["python_fanout"]["steps_per_second"].as_f64().unwrap_or(0.0));
+        println!(
+            "mayfly bench — embedded store, {cpus} CPUs, median of {} runs",
+            a.runs
+        );
+        println!(
+            "  {:<44} {:>10.3} ms/step",
+            format!("sequential chain, {} noop steps", a.steps),
+            out["noop_chain"]["ms_per_step"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  {:<44} {:>10.3} ms/step",
+            format!("sequential chain, {} python steps", a.steps),
+            out["python_chain"]["ms_per_step"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  {:<44} {:>10.0} steps/s",
+            format!("parallel fan-out, {} noop items", a.items),
+            out["noop_fanout"]["steps_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
+        println!(
+            "  {:<44} {:>10.0} steps/s",
+            format!("parallel fan-out, {} python items", a.python_items),
+            out["python_fanout"]["steps_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "mayfly", version, about = "A runtime for short-lived compute and trust: durable NoETL v2 playbooks on an append-only event log.")]
+#[command(
+    name = "mayfly",
+    version,
+    about = "A runtime for short-lived compute and trust: durable NoETL v2 playbooks on an append-only event log."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -102,10 +106,17 @@ struct RunOpts {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -123,11 +134,30 @@ fn main() -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
-        Cmd::Run { playbook, set, db, opts } => run(&playbook, &set, db.as_deref(), &opts).await,
+        Cmd::Run {
+            playbook,
+            set,
+            db,
+            opts,
+        } => run(&playbook, &set, db.as_deref(), &opts).await,
         Cmd::Validate { playbook, vars } => validate(&playbook, vars),
-        Cmd::Events { execution_id, db, from, limit, json } => events(&db, &execution_id, from, limit, json).await,
-        Cmd::Replay { execution_id, db, json } => replay(&db, &execution_id, json).await,
-        Cmd::Resume { execution_id, db, opts } => resume(&db, &execution_id, &opts).await,
+        Cmd::Events {
+            execution_id,
+            db,
+            from,
+            limit,
+            json,
+        } => events(&db, &execution_id, from, limit, json).await,
+        Cmd::Replay {
+            execution_id,
+            db,
+            json,
+        } => replay(&db, &execution_id, json).await,
+        Cmd::Resume {
+            execution_id,
+            db,
+            opts,
+        } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
     }
@@ -137,7 +167,9 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
 fn overrides(pairs: &[String]) -> Result<Map<String, Value>> {
     let mut m = Map::new();
     for p in pairs {
-        let (k, v) = p.split_once('=').ok_or_else(|| anyhow!("--set expects KEY=VALUE, got `{p}`"))?;
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--set expects KEY=VALUE, got `{p}`"))?;
         let k = k.trim();
         if k.is_empty() {
             bail!("--set expects KEY=VALUE, got `{p}`");
@@ -157,15 +189,22 @@ fn lock_db(db: &Path) -> Result<File> {
     {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let f = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let f =
+        File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     if f.try_lock().is_err() {
-        bail!("database {} is in use by another mayfly process", db.display());
+        bail!(
+            "database {} is in use by another mayfly process",
+            db.display()
+        );
     }
     Ok(f)
 }
 
 fn runtime_config(opts: &RunOpts) -> RuntimeConfig {
-    let mut cfg = RuntimeConfig { workers: opts.workers.max(1), ..Default::default() };
+    let mut cfg = RuntimeConfig {
+        workers: opts.workers.max(1),
+        ..Default::default()
+    };
     if let Some(n) = opts.python_pool {
         cfg.tools.python_pool = n.max(1);
     }
@@ -177,14 +216,23 @@ fn print_report(r: &Report, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string(r)?);
     } else {
         let secs = "";
-        eprintln!("{} {} ({} events){secs}", status_word(r.status), r.execution_id, r.events);
+        eprintln!(
+            "{} {} ({} events){secs}",
+            status_word(r.status),
+            r.execution_id,
+            r.events
+        );
         if let Some(e) = &r.error {
             eprintln!("  step: {}", r.failed_step.as_deref().unwrap_or("-"));
             eprintln!("  error: {e}");
         }
         println!("{}", serde_json::to_string_pretty(&r.result)?);
     }
-    Ok(if r.status == Status::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.status == Status::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn status_word(s: Status) -> &'static str {
@@ -197,9 +245,16 @@ fn status_word(s: Status) -> &'static str {
     }
 }
 
-async fn run(playbook: &Path, set: &[String], db: Option<&Path>, opts: &RunOpts) -> Result<ExitCode> {
+async fn run(
+    playbook: &Path,
+    set: &[String],
+    db: Option<&Path>,
+    opts: &RunOpts,
+) -> Result<ExitCode> {
     let ov = overrides(set)?;
-    let parse_opts = ParseOptions { extra_vars: ov.keys().cloned().collect() };
+    let parse_opts = ParseOptions {
+        extra_vars: ov.keys().cloned().collect(),
+    };
     let pb = match load_file(playbook, &parse_opts) {
         Ok(pb) => pb,
         Err(e) => {
@@ -216,7 +271,11 @@ async fn run(playbook: &Path, set: &[String], db: Option<&Path>, opts: &RunOpts)
         }
     };
     let _lock = lock_db(&db_path)?;
-    let store = Arc::new(SqliteStore::open(&db_path).await.with_context(|| format!("opening {}", db_path.display()))?);
+    let store = Arc::new(
+        SqliteStore::open(&db_path)
+            .await
+            .with_context(|| format!("opening {}", db_path.display()))?,
+    );
     let runtime = Runtime::start(store, runtime_config(opts))?;
     let handle = runtime.handle();
     let events = handle.subscribe();
@@ -225,7 +284,8 @@ async fn run(playbook: &Path, set: &[String], db: Option<&Path>, opts: &RunOpts)
     if !opts.json && db.is_some() {
         eprintln!("execution {id} (db {})", db_path.display());
     }
-    let display = (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
+    let display =
+        (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
     let report = handle.wait(&id).await?;
     if let Some(d) = display {
         d.finish().await;
@@ -250,7 +310,12 @@ async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
 fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
     match load_file(playbook, &ParseOptions { extra_vars: vars }) {
         Ok(pb) => {
-            println!("ok: {} ({} steps, digest {})", pb.path, pb.steps.len(), pb.digest);
+            println!(
+                "ok: {} ({} steps, digest {})",
+                pb.path,
+                pb.steps.len(),
+                pb.digest
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -289,7 +354,13 @@ async fn events(db: &Path, id: &str, from: u64, limit: u32, json: bool) -> Resul
                 payload.truncate(cut);
                 payload.push_str("...");
             }
-            println!("{:>5}  {:<20} {:<16}{attempt:<4} {:<14} {payload}", e.seq, e.kind.as_str(), step, e.actor);
+            println!(
+                "{:>5}  {:<20} {:<16}{attempt:<4} {:<14} {payload}",
+                e.seq,
+                e.kind.as_str(),
+                step,
+                e.actor
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -313,7 +384,10 @@ async fn replay(db: &Path, id: &str, json: bool) -> Result<ExitCode> {
 async fn executions(db: &Path, limit: u32) -> Result<ExitCode> {
     let store = open_existing(db).await?;
     for x in store.list_executions(limit).await? {
-        let parent = x.parent_execution_id.map(|p| format!(" (child of {p})")).unwrap_or_default();
+        let parent = x
+            .parent_execution_id
+            .map(|p| format!(" (child of {p})"))
+            .unwrap_or_default();
         println!("{}  {:<10} {}{parent}", x.execution_id, x.status, x.path);
     }
     Ok(ExitCode::SUCCESS)

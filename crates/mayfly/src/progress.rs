@@ -33,7 +33,10 @@ struct View {
 
 impl View {
     fn line(&self, total_steps: usize) -> String {
-        let mut s = format!("{} step runs done ({} steps in playbook)", self.done, total_steps);
+        let mut s = format!(
+            "{} step runs done ({} steps in playbook)",
+            self.done, total_steps
+        );
         if !self.running.is_empty() {
             s.push_str(" · running: ");
             s.push_str(&self.running.iter().cloned().collect::<Vec<_>>().join(", "));
@@ -48,9 +51,16 @@ impl View {
     }
 }
 
-pub fn spawn(mut rx: broadcast::Receiver<Arc<Event>>, pb: Arc<Playbook>, id: ExecutionId) -> Display {
+pub fn spawn(
+    mut rx: broadcast::Receiver<Arc<Event>>,
+    pb: Arc<Playbook>,
+    id: ExecutionId,
+) -> Display {
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message(format!("starting {}", pb.path));
     let b = bar.clone();
@@ -75,7 +85,12 @@ pub fn spawn(mut rx: broadcast::Receiver<Arc<Event>>, pb: Arc<Playbook>, id: Exe
                     v.running.insert(step);
                 }
                 EventKind::LoopStarted => {
-                    let n = e.payload.get("items").and_then(|i| i.as_array()).map(Vec::len).unwrap_or(0);
+                    let n = e
+                        .payload
+                        .get("items")
+                        .and_then(|i| i.as_array())
+                        .map(Vec::len)
+                        .unwrap_or(0);
                     v.loops.insert(step, (0, n));
                 }
                 EventKind::StepFinished | EventKind::StepFailed if indexed => {

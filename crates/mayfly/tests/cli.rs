@@ -25,38 +25,73 @@ fn err(o: &Output) -> String {
 }
 
 fn json(o: &Output) -> Value {
-    serde_json::from_str(out(o).trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", out(o), err(o)))
+    serde_json::from_str(out(o).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", out(o), err(o)))
 }
 
 fn last_execution(db: &Path) -> String {
-    let o = bin().args(["executions", "--db"]).arg(db).output().expect("executions");
+    let o = bin()
+        .args(["executions", "--db"])
+        .arg(db)
+        .output()
+        .expect("executions");
     assert!(o.status.success(), "{}", err(&o));
-    out(&o).split_whitespace().next().expect("an execution").to_owned()
+    out(&o)
+        .split_whitespace()
+        .next()
+        .expect("an execution")
+        .to_owned()
 }
 
 #[test]
 fn run_prints_result_and_replay_reproduces_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = dir.path().join("m.db");
-    let o = bin().arg("run").arg(examples().join("loop.yaml")).arg("--db").arg(&db).arg("--json").output().expect("run");
+    let o = bin()
+        .arg("run")
+        .arg(examples().join("loop.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .arg("--json")
+        .output()
+        .expect("run");
     assert!(o.status.success(), "{}", err(&o));
     let report = json(&o);
     assert_eq!(report["status"], "completed");
     assert_eq!(report["result"]["sum_of_squares"], 204);
     let id = report["execution_id"].as_str().expect("id");
-    let r = bin().args(["replay", id, "--json", "--db"]).arg(&db).output().expect("replay");
+    let r = bin()
+        .args(["replay", id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("replay");
     assert!(r.status.success(), "{}", err(&r));
     assert_eq!(json(&r), report, "replay prints the same final state");
-    let e = bin().args(["events", id, "--json", "--db"]).arg(&db).output().expect("events");
-    let lines: Vec<Value> = out(&e).lines().map(|l| serde_json::from_str(l).expect("event json")).collect();
+    let e = bin()
+        .args(["events", id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("events");
+    let lines: Vec<Value> = out(&e)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect();
     assert_eq!(lines.len() as u64, report["events"].as_u64().expect("n"));
     assert_eq!(lines[0]["kind"], "execution.requested");
-    assert_eq!(lines.last().map(|l| l["kind"].clone()), Some(Value::from("execution.completed")));
+    assert_eq!(
+        lines.last().map(|l| l["kind"].clone()),
+        Some(Value::from("execution.completed"))
+    );
 }
 
 #[test]
 fn set_overrides_and_exit_codes() {
-    let o = bin().arg("run").arg(examples().join("hello.yaml")).args(["--set", "name=crew", "--set", "message=Yo"]).output().expect("run");
+    let o = bin()
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .args(["--set", "name=crew", "--set", "message=Yo"])
+        .output()
+        .expect("run");
     assert!(o.status.success(), "{}", err(&o));
     let result: Value = serde_json::from_str(&out(&o)).expect("result json");
     assert_eq!(result["data"]["message"], "Yo, crew!");
@@ -68,7 +103,11 @@ fn set_overrides_and_exit_codes() {
         .arg(format!("counter_dir={}", dir.path().display()))
         .output()
         .expect("run");
-    assert_eq!(o.status.code(), Some(1), "a failed execution exits non-zero");
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a failed execution exits non-zero"
+    );
     assert_eq!(json(&o)["status"], "failed");
 }
 
@@ -79,19 +118,39 @@ fn validate_reports_file_line_col() {
     std::fs::write(&bad, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x}\nworkflow:\n  - step: start\n    tool: {kind: python, code: x}\n    next: [nowhere]\n").expect("write");
     let o = bin().arg("validate").arg(&bad).output().expect("validate");
     assert_eq!(o.status.code(), Some(2));
-    assert!(err(&o).contains(&format!("{}:7:", bad.display())), "{}", err(&o));
+    assert!(
+        err(&o).contains(&format!("{}:7:", bad.display())),
+        "{}",
+        err(&o)
+    );
     assert!(err(&o).contains("unknown step `nowhere`"), "{}", err(&o));
-    std::fs::write(&bad, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x\n").expect("write");
+    std::fs::write(
+        &bad,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x\n",
+    )
+    .expect("write");
     let o = bin().arg("run").arg(&bad).output().expect("run");
     assert_eq!(o.status.code(), Some(2));
     assert!(err(&o).contains("invalid YAML"), "{}", err(&o));
-    let o = bin().arg("validate").arg(examples().join("branching.yaml")).output().expect("validate");
+    let o = bin()
+        .arg("validate")
+        .arg(examples().join("branching.yaml"))
+        .output()
+        .expect("validate");
     assert!(o.status.success());
-    assert!(out(&o).starts_with("ok: examples/branching (7 steps"), "{}", out(&o));
+    assert!(
+        out(&o).starts_with("ok: examples/branching (7 steps"),
+        "{}",
+        out(&o)
+    );
 }
 
 fn count(file: &Path, word: &str) -> usize {
-    std::fs::read_to_string(file).unwrap_or_default().lines().filter(|l| *l == word).count()
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == word)
+        .count()
 }
 
 #[test]
@@ -147,7 +206,10 @@ workflow:
     // Wait until the slow step is running (it created its flag), then SIGKILL.
     let t = Instant::now();
     while !flag.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "slow step never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "slow step never started"
+        );
         if let Some(st) = child.try_wait().expect("try_wait") {
             panic!("run exited early with {st}");
         }
@@ -160,26 +222,56 @@ workflow:
     assert_eq!(count(&marks, "end"), 0);
 
     let id = last_execution(&db);
-    let o = bin().args(["resume", &id, "--json", "--db"]).arg(&db).output().expect("resume");
+    let o = bin()
+        .args(["resume", &id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("resume");
     assert!(o.status.success(), "resume failed: {}", err(&o));
     let report = json(&o);
     assert_eq!(report["status"], "completed");
     assert_eq!(report["result"], serde_json::json!({"prev": "b"}));
-    assert_eq!(count(&marks, "start"), 1, "a recorded step never runs again");
-    assert_eq!(count(&marks, "slow"), 2, "the in-flight step is redelivered (at-least-once)");
+    assert_eq!(
+        count(&marks, "start"),
+        1,
+        "a recorded step never runs again"
+    );
+    assert_eq!(
+        count(&marks, "slow"),
+        2,
+        "the in-flight step is redelivered (at-least-once)"
+    );
     assert_eq!(count(&marks, "end"), 1);
 
-    let e = bin().args(["events", &id, "--json", "--db"]).arg(&db).output().expect("events");
-    let evs: Vec<Value> = out(&e).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let e = bin()
+        .args(["events", &id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("events");
+    let evs: Vec<Value> = out(&e)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
     let claims: Vec<u64> = evs
         .iter()
         .filter(|e| e["kind"] == "command.claimed" && e["step"] == "slow")
         .map(|e| e["attempt"].as_u64().expect("attempt"))
         .collect();
     assert_eq!(claims, [1, 2]);
-    let finished = |s: &str| evs.iter().filter(|e| e["kind"] == "step.finished" && e["step"] == s).count();
-    assert_eq!((finished("start"), finished("slow"), finished("end")), (1, 1, 1));
-    let r = bin().args(["replay", &id, "--json", "--db"]).arg(&db).output().expect("replay");
+    let finished = |s: &str| {
+        evs.iter()
+            .filter(|e| e["kind"] == "step.finished" && e["step"] == s)
+            .count()
+    };
+    assert_eq!(
+        (finished("start"), finished("slow"), finished("end")),
+        (1, 1, 1)
+    );
+    let r = bin()
+        .args(["replay", &id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("replay");
     assert_eq!(json(&r), report);
 }
 
@@ -187,7 +279,14 @@ workflow:
 fn a_corrupted_event_is_reported_by_seq_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = dir.path().join("m.db");
-    let o = bin().arg("run").arg(examples().join("hello.yaml")).arg("--db").arg(&db).arg("--json").output().expect("run");
+    let o = bin()
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .arg("--json")
+        .output()
+        .expect("run");
     assert!(o.status.success(), "{}", err(&o));
     let report = json(&o);
     let id = report["execution_id"].as_str().expect("id").to_owned();
@@ -205,15 +304,38 @@ fn a_corrupted_event_is_reported_by_seq_and_nothing_is_overwritten() {
     assert!(tamper.status.success(), "{}", err(&tamper));
     let before = std::fs::read(&db).expect("db bytes").len();
     for args in [vec!["replay", id.as_str()], vec!["resume", id.as_str()]] {
-        let o = bin().args(&args).arg("--db").arg(&db).output().expect("cmd");
+        let o = bin()
+            .args(&args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .expect("cmd");
         assert_eq!(o.status.code(), Some(1), "{args:?} must refuse");
         let e = err(&o);
-        assert!(e.contains("corrupted at seq 4") && e.contains("hash mismatch"), "{args:?}: {e}");
+        assert!(
+            e.contains("corrupted at seq 4") && e.contains("hash mismatch"),
+            "{args:?}: {e}"
+        );
     }
-    let e = bin().args(["events", &id, "--json", "--db"]).arg(&db).output().expect("events");
-    let evs: Vec<Value> = out(&e).lines().map(|l| serde_json::from_str(l).expect("json")).collect();
-    assert_eq!(evs[3]["payload"], serde_json::json!({"evil": 1}), "the damaged row is left for inspection");
-    assert_eq!(Some(evs.len() as u64), report["events"].as_u64(), "nothing was appended");
+    let e = bin()
+        .args(["events", &id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("events");
+    let evs: Vec<Value> = out(&e)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(
+        evs[3]["payload"],
+        serde_json::json!({"evil": 1}),
+        "the damaged row is left for inspection"
+    );
+    assert_eq!(
+        Some(evs.len() as u64),
+        report["events"].as_u64(),
+        "nothing was appended"
+    );
     assert!(std::fs::read(&db).expect("db").len() >= before);
 }
 
@@ -223,7 +345,16 @@ fn one_process_per_database() {
     let db = dir.path().join("m.db");
     let pb = dir.path().join("sleep.yaml");
     std::fs::write(&pb, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: s}\nworkflow:\n  - step: start\n    tool: {kind: shell, cmds: ['sleep 3']}\n").expect("write");
-    let mut first = bin().arg("run").arg(&pb).arg("--db").arg(&db).arg("--quiet").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut first = bin()
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .arg("--quiet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
     let lock = PathBuf::from(format!("{}.lock", db.display()));
     let t = Instant::now();
     while !lock.exists() || !db.exists() {
@@ -231,8 +362,18 @@ fn one_process_per_database() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let o = bin().arg("run").arg(&pb).arg("--db").arg(&db).output().expect("second");
+    let o = bin()
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("second");
     assert_eq!(o.status.code(), Some(1));
-    assert!(err(&o).contains("in use by another mayfly process"), "{}", err(&o));
+    assert!(
+        err(&o).contains("in use by another mayfly process"),
+        "{}",
+        err(&o)
+    );
     assert!(first.wait().expect("first").success());
 }
