@@ -211,13 +211,13 @@ fn runtime_config(opts: &RunOpts) -> RuntimeConfig {
     cfg
 }
 
-fn print_report(r: &Report, json: bool) -> Result<ExitCode> {
+fn print_report(r: &Report, json: bool, elapsed: Option<std::time::Duration>) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string(r)?);
     } else {
-        let secs = "";
+        let took = elapsed.map(|d| format!(" in {:.3}s", d.as_secs_f64())).unwrap_or_default();
         eprintln!(
-            "{} {} ({} events){secs}",
+            "{} {}{took} ({} events)",
             status_word(r.status),
             r.execution_id,
             r.events
@@ -280,6 +280,7 @@ async fn run(
     let handle = runtime.handle();
     let events = handle.subscribe();
     let pb = Arc::new(pb);
+    let began = std::time::Instant::now();
     let id = handle.start(pb.clone(), ov, None).await?;
     if !opts.json && db.is_some() {
         eprintln!("execution {id} (db {})", db_path.display());
@@ -290,7 +291,7 @@ async fn run(
     if let Some(d) = display {
         d.finish().await;
     }
-    print_report(&report, opts.json)
+    print_report(&report, opts.json, Some(began.elapsed()))
 }
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
@@ -302,9 +303,10 @@ async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     let runtime = Runtime::start(store, runtime_config(opts))?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
+    let began = std::time::Instant::now();
     handle.resume(&id).await?;
     let report = handle.wait(&id).await?;
-    print_report(&report, opts.json)
+    print_report(&report, opts.json, Some(began.elapsed()))
 }
 
 fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
@@ -378,7 +380,7 @@ async fn replay(db: &Path, id: &str, json: bool) -> Result<ExitCode> {
     if !json {
         eprintln!("hash chain verified: {} events", evs.len());
     }
-    print_report(&st.report(), json)
+    print_report(&st.report(), json, None)
 }
 
 async fn executions(db: &Path, limit: u32) -> Result<ExitCode> {
