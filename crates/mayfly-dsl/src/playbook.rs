@@ -92,6 +92,9 @@ pub enum SetTarget {
     Ctx(String),
     /// `step.x`: merged into this step's own result object.
     Step(String),
+    /// `iter.x`: block-local (one loop iteration / one pipeline run); visible to the
+    /// following tasks as `iter.x` and `x`, never persisted. Only in task policy `then.set`.
+    Iter(String),
 }
 
 /// One `set` assignment (value is a template node).
@@ -664,7 +667,10 @@ impl Parser<'_> {
         {
             self.check_templates(i);
         }
-        let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+        let set = n
+            .get("set")
+            .map(|s| self.set_ops(s, false))
+            .unwrap_or_default();
         let mut timeout_s = None;
         let mut step_rules = Vec::new();
         if let Some(spec) = n.get("spec").filter(|s| !s.is_null())
@@ -939,7 +945,10 @@ impl Parser<'_> {
                         },
                         None => Some(Directive::Continue),
                     };
-                    let set = then.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+                    let set = then
+                        .get("set")
+                        .map(|s| self.set_ops(s, true))
+                        .unwrap_or_default();
                     (d, set)
                 }
                 _ => {
@@ -1021,7 +1030,7 @@ impl Parser<'_> {
         })
     }
 
-    fn set_ops(&mut self, n: &Node) -> Vec<SetOp> {
+    fn set_ops(&mut self, n: &Node, in_block: bool) -> Vec<SetOp> {
         let Some(entries) = self.map(n, "set") else {
             return Vec::new();
         };
@@ -1032,9 +1041,15 @@ impl Parser<'_> {
                 SetTarget::Ctx(rest.to_owned())
             } else if let Some(rest) = k.strip_prefix("step.") {
                 SetTarget::Step(rest.to_owned())
-            } else if k.starts_with("iter.") {
-                self.err(*loc, format!("`set: {k}`: iteration-scoped `iter.*` assignments are not supported; use `ctx.*` or `step.*`"));
-                continue;
+            } else if let Some(rest) = k.strip_prefix("iter.") {
+                if !in_block {
+                    self.err(
+                        *loc,
+                        format!("`set: {k}`: `iter.*` is block-local and only valid in a task policy rule's `then.set`; use `ctx.*` or `step.*` here"),
+                    );
+                    continue;
+                }
+                SetTarget::Iter(rest.to_owned())
             } else {
                 SetTarget::Ctx(k.clone())
             };
@@ -1104,7 +1119,10 @@ impl Parser<'_> {
                 if let Some(w) = &when {
                     self.check_templates(w);
                 }
-                let set = n.get("set").map(|s| self.set_ops(s)).unwrap_or_default();
+                let set = n
+                    .get("set")
+                    .map(|s| self.set_ops(s, false))
+                    .unwrap_or_default();
                 Some(Arc {
                     step,
                     when,

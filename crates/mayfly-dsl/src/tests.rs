@@ -201,7 +201,7 @@ fn structural_errors() {
     let e = err(&format!(
         "{HEAD}workflow:\n  - step: start\n    set: {{iter.x: 1}}\n"
     ));
-    assert!(e.diagnostics[0].message.contains("iter.*"), "{e}");
+    assert!(e.diagnostics[0].message.contains("block-local"), "{e}");
     let e = err(&format!(
         "{HEAD}workflow:\n  - step: start\n    tool:\n      - {{name: a, kind: noop, spec: {{policy: {{rules: [{{then: {{do: jump, to: zz}}}}]}}}}}}\n"
     ));

@@ -351,6 +351,8 @@ fn apply_set(
             SetTarget::Step(k) => {
                 step_set.insert(k.clone(), v);
             }
+            // Rejected by the parser outside policy rules; nothing to persist.
+            SetTarget::Iter(_) => {}
         }
     }
     Ok(())

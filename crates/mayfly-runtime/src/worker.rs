@@ -112,6 +112,7 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
     };
     ctx.insert("input".into(), Value::Object(base_input.clone()));
     let mut set = Map::new();
+    let mut step_fields = Map::new();
     let mut last = Value::Null;
     let mut i = 0usize;
     let mut tries = 0u32;
@@ -174,14 +175,34 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
         };
         if let Some(r) = rule {
             for op in &r.set {
-                match templates().render_node(&op.value, &pctx_v) {
-                    Ok(v) => {
-                        let (mayfly_dsl::SetTarget::Ctx(k) | mayfly_dsl::SetTarget::Step(k)) =
-                            &op.target;
+                let v = match templates().render_node(&op.value, &pctx_v) {
+                    Ok(v) => v,
+                    Err(e) => return Err(fail(tmpl(pb, &step.name, e), logs, started)),
+                };
+                match &op.target {
+                    mayfly_dsl::SetTarget::Ctx(k) => {
                         set.insert(k.clone(), v.clone());
+                        if let Some(Value::Object(c)) = ctx.get_mut("ctx") {
+                            c.insert(k.clone(), v.clone());
+                        }
                         ctx.insert(k.clone(), v);
                     }
-                    Err(e) => return Err(fail(tmpl(pb, &step.name, e), logs, started)),
+                    mayfly_dsl::SetTarget::Step(k) => {
+                        step_fields.insert(k.clone(), v);
+                    }
+                    mayfly_dsl::SetTarget::Iter(k) => {
+                        match ctx.get_mut("iter") {
+                            Some(Value::Object(it)) => {
+                                it.insert(k.clone(), v.clone());
+                            }
+                            _ => {
+                                let mut it = Map::new();
+                                it.insert(k.clone(), v.clone());
+                                ctx.insert("iter".into(), Value::Object(it));
+                            }
+                        }
+                        ctx.insert(k.clone(), v);
+                    }
                 }
             }
         }
@@ -243,6 +264,14 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
                 last = value;
                 break;
             }
+        }
+    }
+    if !step_fields.is_empty() {
+        if !last.is_object() {
+            last = Value::Object(Map::new());
+        }
+        if let Value::Object(m) = &mut last {
+            m.extend(step_fields);
         }
     }
     Ok(StepFinished {

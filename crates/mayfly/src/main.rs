@@ -215,7 +215,9 @@ fn print_report(r: &Report, json: bool, elapsed: Option<std::time::Duration>) ->
     if json {
         println!("{}", serde_json::to_string(r)?);
     } else {
-        let took = elapsed.map(|d| format!(" in {:.3}s", d.as_secs_f64())).unwrap_or_default();
+        let took = elapsed
+            .map(|d| format!(" in {:.3}s", d.as_secs_f64()))
+            .unwrap_or_default();
         eprintln!(
             "{} {}{took} ({} events)",
             status_word(r.status),
