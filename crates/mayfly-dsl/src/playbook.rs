@@ -387,7 +387,21 @@ impl Parser<'_> {
         }
     }
 
+    /// A finite, non-negative number of at most one year (all numbers here are counts or
+    /// seconds; anything else would overflow a `Duration` or is a mistake).
     fn number(&mut self, n: &Node, what: &str) -> Option<f64> {
+        let v = self.raw_number(n, what)?;
+        if !v.is_finite() || !(0.0..=31_536_000.0).contains(&v) {
+            self.err(
+                n.loc,
+                format!("`{what}` must be between 0 and 31536000, found {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    }
+
+    fn raw_number(&mut self, n: &Node, what: &str) -> Option<f64> {
         match &n.v {
             NodeV::Int(i) => Some(*i as f64),
             NodeV::Float(f) => Some(*f),

@@ -239,3 +239,28 @@ fn yaml_1_2_booleans_keep_short_keys_as_strings() {
     assert_eq!(pb.workload.get("y"), Some(&serde_json::json!("on")));
     assert_eq!(pb.workload.get("flag"), Some(&serde_json::json!(true)));
 }
+
+#[test]
+fn numbers_must_be_finite_and_in_range() {
+    for bad in [
+        "delay: .nan",
+        "delay: .inf",
+        "delay: -1",
+        "max_delay: 1e30",
+        "attempts: 1e40",
+    ] {
+        let src = format!(
+            "{HEAD}workflow:\n  - step: start\n    tool:\n      kind: noop\n      spec: {{policy: {{rules: [{{then: {{do: retry, {bad}}}}}]}}}}\n"
+        );
+        let e = err(&src);
+        let m = &e.diagnostics[0].message;
+        assert!(
+            m.contains("between 0 and") || m.contains("non-finite"),
+            "{bad}: {e}"
+        );
+    }
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    spec: {{timeout: 1e20}}\n"
+    ));
+    assert!(e.diagnostics[0].message.contains("between 0 and"), "{e}");
+}

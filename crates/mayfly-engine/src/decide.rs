@@ -52,6 +52,9 @@ pub fn decide(pb: &Playbook, st: &ExecState, ev: &Event) -> Vec<Draft> {
             Ok(vec![Draft::new(EventKind::ExecutionStarted, json!({}))])
         }
         EventKind::ExecutionStarted => enter(pb, st, mayfly_dsl::ENTRY_STEP),
+        EventKind::StepFinished | EventKind::StepFailed if st.stale.contains(&ev.seq) => {
+            Ok(Vec::new())
+        }
         EventKind::StepFinished | EventKind::StepFailed => on_step_end(pb, st, ev),
         EventKind::LoopStarted => step_of(pb, ev).and_then(|s| fill_loop(pb, st, s)),
         EventKind::LoopDone => step_of(pb, ev).and_then(|s| {
@@ -431,13 +434,24 @@ fn on_routed(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
     for t in &r.to {
         out.extend(enter(pb, st, t)?);
     }
-    for (join, _) in st.arrivals.iter().filter(|(_, n)| **n > 0) {
+    let waiting: Vec<&String> = st
+        .arrivals
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(j, _)| j)
+        .collect();
+    for join in &waiting {
         let upstream_active = st
             .active
             .iter()
-            .any(|(s, n)| *n > 0 && s != join && pb.reaches(s, join));
-        if !upstream_active {
-            out.push(Draft::new(EventKind::JoinReleased, json!({})).step(join));
+            .any(|(s, n)| *n > 0 && s != *join && pb.reaches(s, join));
+        // A join that is itself waiting upstream (chained joins) will arrive here later.
+        // Mutually reachable joins (a cycle) are ordered by name so neither waits forever.
+        let upstream_join = waiting
+            .iter()
+            .any(|k| k != join && pb.reaches(k, join) && (!pb.reaches(join, k) || k < join));
+        if !upstream_active && !upstream_join {
+            out.push(Draft::new(EventKind::JoinReleased, json!({})).step(join.as_str()));
         }
     }
     if out.is_empty()

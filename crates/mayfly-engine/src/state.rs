@@ -7,7 +7,7 @@ use mayfly_types::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Lifecycle of an execution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +60,17 @@ pub struct LoopState {
     pub finished: bool,
     /// The first failed iteration aborts the loop; only its failure is routed.
     pub first_failure: Option<usize>,
+    /// Seq of the `loop.started` that began this run of the loop. A loop step can be
+    /// re-entered (an arc back to it) while items of the previous run are still in flight;
+    /// their completions must not count toward the new run.
+    pub generation: u64,
+}
+
+impl LoopState {
+    /// True when a command of `generation` belongs to this run and it still accepts items.
+    pub fn accepts(&self, generation: Option<u64>) -> bool {
+        !self.finished && generation == Some(self.generation)
+    }
 }
 
 /// A block handed to a worker and not yet completed.
@@ -69,6 +80,8 @@ pub struct PendingCommand {
     pub index: Option<usize>,
     /// Latest delivery attempt that claimed it (0 = never claimed).
     pub attempt: u32,
+    /// For loop items: the generation (seq of `loop.started`) the item belongs to.
+    pub generation: Option<u64>,
 }
 
 /// Everything known about one execution, derived only from its events.
@@ -98,6 +111,8 @@ pub struct ExecState {
     pub last_seq: u64,
     pub last_hash: String,
     pub steps_finished: u64,
+    /// Seqs of completions that belonged to an earlier run of a loop (ignored by decide).
+    pub stale: BTreeSet<u64>,
 }
 
 /// An event could not be folded (it does not fit the state: corrupt or foreign log).
@@ -133,6 +148,7 @@ impl ExecState {
             last_seq: 0,
             last_hash: GENESIS_HASH.to_owned(),
             steps_finished: 0,
+            stale: BTreeSet::new(),
         }
     }
 
@@ -202,12 +218,16 @@ impl ExecState {
                     .command_id
                     .clone()
                     .ok_or_else(|| fail("command.issued without command_id".into()))?;
+                let generation = c
+                    .index
+                    .and_then(|_| self.loops.get(&c.step).map(|l| l.generation));
                 if let Some(i) = c.index {
                     self.issue_item(&c.step, i);
                 }
                 self.commands.insert(
                     id,
                     PendingCommand {
+                        generation,
                         step: c.step,
                         index: c.index,
                         attempt: 0,
@@ -232,6 +252,10 @@ impl ExecState {
             EventKind::StepFinished => {
                 let f: StepFinished = p(ev)?;
                 let s = step()?;
+                if self.is_stale(ev, &s, f.index) {
+                    self.stale.insert(ev.seq);
+                    return self.advance(ev);
+                }
                 for (k, v) in f.set {
                     self.ctx.insert(k, v);
                 }
@@ -271,6 +295,10 @@ impl ExecState {
             EventKind::StepFailed => {
                 let f: StepFailed = p(ev)?;
                 let s = step()?;
+                if self.is_stale(ev, &s, f.index) {
+                    self.stale.insert(ev.seq);
+                    return self.advance(ev);
+                }
                 self.children.remove(&(s.clone(), f.index));
                 if let Some(i) = f.index
                     && let Some(l) = self.loops.get_mut(&s)
@@ -332,6 +360,7 @@ impl ExecState {
                 self.loops.insert(
                     step()?,
                     LoopState {
+                        generation: ev.seq,
                         items: l.items,
                         results: vec![Value::Null; n],
                         ..Default::default()
@@ -386,9 +415,26 @@ impl ExecState {
                 self.status = Status::Cancelled;
             }
         }
+        self.advance(ev)
+    }
+
+    fn advance(&mut self, ev: &Event) -> Result<(), ApplyError> {
         self.last_seq = ev.seq;
         self.last_hash = ev.hash.clone();
         Ok(())
+    }
+
+    /// A worker's completion of a loop item from an earlier run of the loop.
+    fn is_stale(&self, ev: &Event, step: &str, index: Option<usize>) -> bool {
+        let (Some(_), Some(cmd)) = (index, ev.command_id.as_ref()) else {
+            return false;
+        };
+        let Some(pending) = self.commands.get(cmd) else {
+            return false;
+        };
+        self.loops
+            .get(step)
+            .is_some_and(|l| pending.generation != Some(l.generation))
     }
 
     fn issue_item(&mut self, step: &str, i: usize) {

@@ -7,7 +7,7 @@ use mayfly_types::*;
 use serde_json::{Map, Value, json};
 use std::collections::VecDeque;
 
-type Worker = dyn Fn(&str, Option<usize>, &Map<String, Value>) -> Result<Value, String>;
+type Worker<'a> = dyn Fn(&str, Option<usize>, &Map<String, Value>) -> Result<Value, String> + 'a;
 
 struct Sim {
     pb: Playbook,
@@ -82,7 +82,7 @@ impl Sim {
         }
     }
 
-    fn run(&mut self, workload: Value, worker: &Worker) -> Report {
+    fn run(&mut self, workload: Value, worker: &Worker<'_>) -> Report {
         let Value::Object(mut w) = json!(self.pb.workload) else {
             unreachable!()
         };
@@ -454,4 +454,54 @@ fn terminal_state_ignores_further_events() {
     let n = s.log.len();
     let last = s.log[n - 1].clone();
     assert!(decide(&s.pb, &s.st, &last).is_empty());
+}
+
+#[test]
+fn chained_joins_release_in_order_and_run_once() {
+    // start → a, b, c; a,b → ab (join); ab, c → final (join). c finishes first, then a, b.
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    next:\n      spec: {{mode: inclusive}}\n      arcs: [{{step: a}}, {{step: b}}, {{step: c}}]\n  - step: a\n    tool: {{kind: python, code: x}}\n    next: ab\n  - step: b\n    tool: {{kind: python, code: x}}\n    next: ab\n  - step: c\n    next: final\n  - step: ab\n    next: final\n  - step: final\n    input: {{a: \"{{{{ a.step }}}}\", b: \"{{{{ b.step }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &echo);
+    assert_eq!(r.status, Status::Completed);
+    assert_eq!(
+        s.count(EventKind::StepFinished, "final"),
+        1,
+        "{:#?}",
+        s.kinds()
+    );
+    assert_eq!(s.count(EventKind::StepFinished, "ab"), 1);
+    assert_eq!(r.result, json!({"a": "a", "b": "b"}));
+}
+
+#[test]
+fn re_entered_loop_ignores_completions_from_its_previous_run() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    loop: {{in: [a, b, c], iterator: x, spec: {{mode: parallel, max_in_flight: 3}}}}\n    tool: {{kind: python, code: x}}\n    next:\n      arcs:\n        - {{step: start, when: \"{{{{ event.name == 'call.error' }}}}\"}}\n        - {{step: end, when: \"{{{{ event.name == 'loop.done' }}}}\"}}\n  - step: end\n    input: {{r: \"{{{{ start }}}}\"}}\n"
+    );
+    let calls = std::cell::Cell::new(0u32);
+    let worker = |_: &str, i: Option<usize>, _: &Map<String, Value>| {
+        calls.set(calls.get() + 1);
+        if calls.get() == 1 {
+            Err("first item fails once".to_owned())
+        } else {
+            Ok(json!(format!(
+                "call{}-item{}",
+                calls.get(),
+                i.unwrap_or(99)
+            )))
+        }
+    };
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &worker);
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(s.count(EventKind::LoopStarted, "start"), 2);
+    assert_eq!(s.count(EventKind::LoopDone, "start"), 1);
+    // Calls 2 and 3 were the first run's items 1 and 2 (stale); the new run is calls 4..6.
+    assert_eq!(
+        r.result,
+        json!({"r": ["call4-item0", "call5-item1", "call6-item2"]})
+    );
+    assert_eq!(s.st.stale.len(), 2);
 }

@@ -16,6 +16,7 @@ use mayfly_types::{
     ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed, ExecutionId,
     ExecutionRequested, ParentRef, StepFailed, StepFinished, command_id, now_ms,
 };
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -83,6 +84,8 @@ struct Cycle {
     dispatch: Vec<Block>,
     replies: Vec<Reply>,
     finished: Vec<ExecutionId>,
+    /// Executions loaded from the log this cycle (dropped again if the commit fails).
+    loaded: Vec<ExecutionId>,
     fatal: Option<RuntimeError>,
 }
 
@@ -229,6 +232,7 @@ impl Orchestrator {
             replies,
             finished,
             fatal,
+            loaded,
             ..
         } = c;
         let batch = Arc::new(batch);
@@ -249,6 +253,7 @@ impl Orchestrator {
                 .events
                 .iter()
                 .map(|e| e.execution_id.clone())
+                .chain(loaded)
                 .collect();
             for id in &touched {
                 self.execs.remove(id);
@@ -307,12 +312,7 @@ impl Orchestrator {
     }
 
     async fn report_from_store(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {
-        let events = self.store.read_all(id).await?;
-        if events.is_empty() {
-            return Err(RuntimeError::Unknown(id.clone()));
-        }
-        mayfly_trust::verify_chain(&events)?;
-        Ok(ExecState::fold(id.clone(), &events)?.report())
+        Ok(self.load(id).await?.1.report())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -424,8 +424,14 @@ impl Orchestrator {
                     });
                 }
                 EventKind::ChildRequested => {
-                    let ev = c.batch.events[i].clone();
-                    self.start_child(c, &id, &ev);
+                    let live = self
+                        .execs
+                        .get(&id)
+                        .is_some_and(|x| !x.st.status.is_terminal());
+                    if live {
+                        let ev = c.batch.events[i].clone();
+                        self.start_child(c, &id, &ev);
+                    }
                 }
                 EventKind::ExecutionCompleted
                 | EventKind::ExecutionFailed
@@ -514,12 +520,60 @@ impl Orchestrator {
             });
             self.leases.remove(cmd);
         }
-        let Some(parent) = x.st.parent.clone() else {
+        // Children still running are cancelled with their parent: nothing is left orphaned.
+        let live_children: Vec<ExecutionId> =
+            x.st.children
+                .values()
+                .flatten()
+                .filter(|c| {
+                    self.execs
+                        .get(*c)
+                        .is_some_and(|cx| !cx.st.status.is_terminal())
+                })
+                .cloned()
+                .collect();
+        let parent = x.st.parent.clone();
+        for child in live_children {
+            let why = json!({"reason": format!("parent execution {id} ended")});
+            self.emit(
+                c,
+                &child,
+                vec![Draft::new(EventKind::ExecutionCancelled, why)],
+                "engine",
+            );
+        }
+        let Some(parent) = parent else { return };
+        let outcome = match ev.kind {
+            EventKind::ExecutionCompleted => {
+                Ok(ev.payload.get("result").cloned().unwrap_or(Value::Null))
+            }
+            EventKind::ExecutionFailed => Err(ExecutionFailed::deserialize(&ev.payload)
+                .map(|f| f.error.to_string())
+                .unwrap_or_else(|_| ev.kind.to_string())),
+            _ => Err("cancelled".to_owned()),
+        };
+        self.notify_parent(c, &parent, id, outcome);
+    }
+
+    /// Complete the parent step (or loop item) that awaits child `child`, unless the parent
+    /// has ended or no longer waits for this child (a re-entered loop started a new one).
+    fn notify_parent(
+        &mut self,
+        c: &mut Cycle,
+        parent: &ParentRef,
+        child: &ExecutionId,
+        outcome: Result<Value, String>,
+    ) {
+        let Some(px) = self.execs.get(&parent.execution_id) else {
             return;
         };
-        let draft = match ev.kind {
-            EventKind::ExecutionCompleted => {
-                let result = ev.payload.get("result").cloned().unwrap_or(Value::Null);
+        let awaited =
+            px.st.children.get(&(parent.step.clone(), parent.index)) == Some(&Some(child.clone()));
+        if px.st.status.is_terminal() || !awaited {
+            return;
+        }
+        let draft = match outcome {
+            Ok(result) => {
                 let f = StepFinished {
                     index: parent.index,
                     result,
@@ -530,15 +584,12 @@ impl Orchestrator {
                 };
                 Draft::new(EventKind::StepFinished, json!(f))
             }
-            _ => {
-                let why = serde_json::from_value::<ExecutionFailed>(ev.payload.clone())
-                    .map(|f| f.error.to_string())
-                    .unwrap_or_else(|_| ev.kind.to_string());
+            Err(why) => {
                 let f = StepFailed {
                     index: parent.index,
                     error: ErrorInfo::new(
                         "child_failed",
-                        format!("child execution {id} failed: {why}"),
+                        format!("child execution {child} failed: {why}"),
                     ),
                     duration_ms: None,
                     logs: None,
@@ -546,14 +597,12 @@ impl Orchestrator {
                 Draft::new(EventKind::StepFailed, json!(f))
             }
         };
-        if self.execs.contains_key(&parent.execution_id) {
-            self.emit(
-                c,
-                &parent.execution_id,
-                vec![draft.step(parent.step)],
-                "engine",
-            );
-        }
+        self.emit(
+            c,
+            &parent.execution_id,
+            vec![draft.step(parent.step.clone())],
+            "engine",
+        );
     }
 
     fn claim(&mut self, c: &mut Cycle, block: Block, worker: &str) -> Option<Hydrated> {
@@ -567,6 +616,23 @@ impl Orchestrator {
         if let Some(l) = self.leases.get(&block.command_id)
             && l.deadline > Instant::now()
         {
+            return None;
+        }
+        // An item of an aborted or superseded loop run: close it without running it.
+        if pending.index.is_some()
+            && !x
+                .st
+                .loops
+                .get(&block.step)
+                .is_some_and(|l| l.accepts(pending.generation))
+        {
+            let done = Draft::new(EventKind::CommandCompleted, json!({"abandoned": true}))
+                .step(&block.step)
+                .command(&block.command_id, pending.attempt);
+            c.batch.commands.push(CommandOp::Done {
+                command_id: block.command_id.clone(),
+            });
+            self.emit(c, &block.execution_id, vec![done], "engine");
             return None;
         }
         let attempt = pending.attempt + 1;
@@ -638,6 +704,12 @@ impl Orchestrator {
             .execs
             .get(&b.execution_id)
             .ok_or_else(|| RuntimeError::Unknown(b.execution_id.clone()))?;
+        if x.st.status.is_terminal() {
+            return Err(RuntimeError::StaleClaim(format!(
+                "execution {} has already ended",
+                b.execution_id
+            )));
+        }
         let pending = x.st.commands.get(&b.command_id).ok_or_else(|| {
             RuntimeError::StaleClaim(format!("command {} is already completed", b.command_id))
         })?;
@@ -667,26 +739,42 @@ impl Orchestrator {
 
     /// Load an execution from the log and re-dispatch whatever it was waiting for.
     async fn resume(&mut self, c: &mut Cycle, id: &ExecutionId) -> Result<(), RuntimeError> {
-        let mut stack = vec![id.clone()];
+        // A child is resumed through its root: the parent must be live to receive its result.
+        let mut root = id.clone();
+        for _ in 0..64 {
+            let first = self.store.read(&root, 1, 1).await?;
+            let first = first
+                .first()
+                .ok_or_else(|| RuntimeError::Unknown(root.clone()))?;
+            match first
+                .payload
+                .get("parent")
+                .and_then(|p| ParentRef::deserialize(p).ok())
+            {
+                Some(p) => root = p.execution_id,
+                None => break,
+            }
+        }
+        let mut stack = vec![root];
         while let Some(id) = stack.pop() {
             if self.execs.contains_key(&id) {
                 continue;
             }
-            let events = self.store.read_all(&id).await?;
-            let first = events
-                .first()
-                .ok_or_else(|| RuntimeError::Unknown(id.clone()))?;
-            mayfly_trust::verify_chain(&events)?;
-            let digest = first.playbook_digest.clone();
-            let stored = self.store.get_playbook(&digest).await?.ok_or_else(|| {
-                RuntimeError::Invalid(format!(
-                    "playbook {digest} of execution {id} is not in the store"
-                ))
-            })?;
-            let st = ExecState::fold(id.clone(), &events)?;
+            let (events, st) = self.load(&id).await?;
             if st.status.is_terminal() {
                 continue;
             }
+            let first = &events[0];
+            let stored = self
+                .store
+                .get_playbook(&first.playbook_digest)
+                .await?
+                .ok_or_else(|| {
+                    RuntimeError::Invalid(format!(
+                        "playbook {} of execution {id} is not in the store",
+                        first.playbook_digest
+                    ))
+                })?;
             let extra = st.workload.keys().cloned().collect();
             let pb = parse(
                 &stored.source_name,
@@ -707,9 +795,13 @@ impl Orchestrator {
                     index: p.index,
                 });
             }
-            for child in st.children.values().flatten() {
-                stack.push(child.clone());
-            }
+            let awaited: Vec<(String, Option<usize>, ExecutionId)> = st
+                .children
+                .iter()
+                .filter_map(|((step, index), child)| {
+                    child.clone().map(|ch| (step.clone(), *index, ch))
+                })
+                .collect();
             let request_id = first.request_id.clone();
             self.execs.insert(
                 id.clone(),
@@ -720,10 +812,41 @@ impl Orchestrator {
                     source,
                 },
             );
+            c.loaded.push(id.clone());
             tracing::info!(execution = %id, "resumed from the log");
+            for (step, index, child) in awaited {
+                let (_, cst) = self.load(&child).await?;
+                if cst.status.is_terminal() {
+                    // The child ended but its parent never heard (it was not live): tell it now.
+                    let outcome = match (cst.status, cst.result.clone(), cst.error.clone()) {
+                        (mayfly_engine::Status::Completed, r, _) => Ok(r.unwrap_or(Value::Null)),
+                        (_, _, Some(e)) => Err(e.to_string()),
+                        (s, _, None) => Err(s.as_str().to_owned()),
+                    };
+                    let pref = ParentRef {
+                        execution_id: id.clone(),
+                        step,
+                        index,
+                    };
+                    self.notify_parent(c, &pref, &child, outcome);
+                    self.drain(c);
+                } else {
+                    stack.push(child);
+                }
+            }
         }
-        let _ = c;
         Ok(())
+    }
+
+    /// Read, verify and fold one execution's log.
+    async fn load(&self, id: &ExecutionId) -> Result<(Vec<Event>, ExecState), RuntimeError> {
+        let events = self.store.read_all(id).await?;
+        if events.is_empty() {
+            return Err(RuntimeError::Unknown(id.clone()));
+        }
+        mayfly_trust::verify_chain(&events)?;
+        let st = ExecState::fold(id.clone(), &events)?;
+        Ok((events, st))
     }
 }
 

@@ -21,22 +21,40 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
             continue;
         };
         // Heartbeats keep the lease alive while a long block runs.
-        let hb = {
+        let _hb = {
             let handle = handle.clone();
             let cmd = h.block.command_id.clone();
             let attempt = h.attempt;
             let every = h.lease / 3;
-            tokio::spawn(async move {
+            AbortOnDrop(tokio::spawn(async move {
                 let mut t = tokio::time::interval(every.max(Duration::from_millis(10)));
                 t.tick().await;
                 loop {
                     t.tick().await;
                     handle.extend(&cmd, attempt);
                 }
-            })
+            }))
         };
-        let outcome = run_block(&tools, &h).await;
-        hb.abort();
+        // The block runs in its own task so that even a panic becomes a recorded failure
+        // (and the heartbeat stops with it) instead of a silently lost worker.
+        let job = {
+            let tools = tools.clone();
+            let h = h.clone();
+            tokio::spawn(async move { run_block(&tools, &h).await })
+        };
+        let outcome = match job.await {
+            Ok(o) => o,
+            Err(e) => Err(StepFailed {
+                index: h.block.index,
+                error: ErrorInfo::new(
+                    "worker_panic",
+                    format!("the block crashed the worker task: {e}"),
+                ),
+                duration_ms: None,
+                logs: None,
+            }),
+        };
+        drop(_hb);
         let c = Completion {
             block: h.block.clone(),
             attempt: h.attempt,
@@ -47,6 +65,20 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
             tracing::warn!(command = %h.block.command_id, error = %e, "completion refused");
         }
     }
+}
+
+/// Aborts a background task when dropped (heartbeats must never outlive their block).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Seconds to a Duration without panicking on values the parser would not let through.
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(31_536_000))
 }
 
 fn tmpl(pb: &mayfly_dsl::Playbook, step: &str, e: TemplateError) -> ErrorInfo {
@@ -156,7 +188,7 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
             .timeout_s
             .or(step.timeout_s)
             .filter(|t| t.is_finite() && *t > 0.0)
-            .map(Duration::from_secs_f64);
+            .map(secs);
         let out: ToolOutput = tools
             .run(task.kind.as_str(), &config, &input, timeout)
             .await;
@@ -235,7 +267,7 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
             } if tries + 1 < attempts => {
                 tries += 1;
                 let d = backoff_delay(backoff, delay_s, tries, max_delay_s);
-                tokio::time::sleep(Duration::from_secs_f64(d)).await;
+                tokio::time::sleep(secs(d)).await;
                 continue;
             }
             Directive::Retry { .. } if !out.ok => {

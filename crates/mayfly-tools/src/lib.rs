@@ -166,7 +166,11 @@ pub fn seconds(v: Option<&Value>) -> Option<Duration> {
         Value::String(s) => s.trim().parse().ok()?,
         _ => return None,
     };
-    (f.is_finite() && f > 0.0).then(|| Duration::from_secs_f64(f))
+    if f > 0.0 {
+        Duration::try_from_secs_f64(f).ok()
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

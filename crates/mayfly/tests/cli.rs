@@ -377,3 +377,77 @@ fn one_process_per_database() {
     );
     assert!(first.wait().expect("first").success());
 }
+
+#[test]
+fn a_crash_inside_a_child_playbook_resumes_through_the_child_or_the_parent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("nested.db");
+    let flag = dir.path().join("child-slept");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, input: {n: 21}}\n    next: end\n  - step: end\n    input: {doubled: \"{{ start.n2 }}\"}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: child}}\nworkload: {{n: 0}}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {{n: \"{{{{ n }}}}\", flag: \"{}\"}}\n      code: |\n        import os, time\n        if not os.path.exists(flag):\n            open(flag, 'w').write('1')\n            time.sleep(60)\n        result = {{'n2': n * 2}}\n",
+            flag.display()
+        ),
+    )
+    .expect("write");
+    let mut child = bin()
+        .arg("run")
+        .arg(dir.path().join("parent.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t = Instant::now();
+    while !flag.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "child step never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+    let o = bin()
+        .args(["executions", "--db"])
+        .arg(&db)
+        .output()
+        .expect("executions");
+    let listing = out(&o);
+    let child_line = listing
+        .lines()
+        .find(|l| l.contains("child of"))
+        .expect("child listed");
+    let child_id = child_line.split_whitespace().next().expect("id").to_owned();
+    let parent_id = listing
+        .lines()
+        .find(|l| !l.contains("child of"))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("parent")
+        .to_owned();
+    // Resuming the child resumes it through its parent…
+    let o = bin()
+        .args(["resume", &child_id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("resume child");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(json(&o)["result"], serde_json::json!({"n2": 42}));
+    // …and the parent, resumed afterwards, receives the child's result and completes.
+    let o = bin()
+        .args(["resume", &parent_id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("resume parent");
+    assert!(o.status.success(), "{}", err(&o));
+    let report = json(&o);
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["result"], serde_json::json!({"doubled": 42}));
+}

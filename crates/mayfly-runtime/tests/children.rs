@@ -1,0 +1,60 @@
+//! Child executions: a failing child fails its parent and the siblings still running are
+//! cancelled with it (no orphans).
+
+use mayfly_dsl::ParseOptions;
+use mayfly_engine::Status;
+use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
+use mayfly_store::{SqliteStore, Store};
+use serde_json::Map;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkload: {xs: [fast_fail, slow]}\nworkflow:\n  - step: start\n    loop: {in: \"{{ xs }}\", iterator: x, spec: {mode: parallel}}\n    tool: {kind: playbook, path: child, input: {mode: \"{{ x }}\"}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {mode: x}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {mode: \"{{ mode }}\"}\n      code: |\n        import time\n        if mode == 'fast_fail':\n            time.sleep(0.3)\n            raise ValueError('child says no')\n        time.sleep(20)\n        result = 'late'\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let t = Instant::now();
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "the parent does not wait for the slow sibling"
+    );
+    assert_eq!(report.status, Status::Failed);
+    let e = report.error.expect("error");
+    assert_eq!(e.code, "child_failed");
+    assert!(
+        e.message.contains("ValueError: child says no"),
+        "{}",
+        e.message
+    );
+    let mut statuses: Vec<String> = store
+        .list_executions(10)
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|x| x.parent_execution_id.as_ref() == Some(&report.execution_id))
+        .map(|x| x.status)
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, ["cancelled", "failed"]);
+    assert!(
+        store.open_commands(None).await.expect("open").is_empty(),
+        "no command left open"
+    );
+}
