@@ -9,10 +9,23 @@ use mayfly_types::{Event, ExecutionId};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+mod common;
 pub mod conformance;
+mod postgres;
 mod sqlite;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+/// Open a store from a location: `postgres://…` / `postgresql://…` for Postgres, anything
+/// else is a SQLite file path.
+pub async fn open(location: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(location).await?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(location).await?))
+    }
+}
 
 /// Store failures. `Conflict` means an optimistic-concurrency check failed (another
 /// appender got there first); nothing of the batch was written.
@@ -167,4 +180,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The current global log position (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;
+
+    /// Events of every execution with `position > after`, in position order, at most
+    /// `limit`. A tail that repeats this with the last position it saw never skips an event,
+    /// even when appenders commit concurrently.
+    async fn read_since(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError>;
 }

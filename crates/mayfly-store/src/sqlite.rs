@@ -1,6 +1,7 @@
 //! SQLite backend: WAL, `synchronous=FULL`, one writer task with group commit, a small
 //! reader pool. Many concurrent blocks share one fsync.
 
+use crate::common::{GroupWriter, Job, opt_u64, row_to_event, row_to_execution, writer_loop};
 use crate::{Batch, CommandOp, CommandRow, ExecutionRow, Store, StoreError, StoredPlaybook};
 use async_trait::async_trait;
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
@@ -13,13 +14,6 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most rows in one multi-row INSERT (SQLite allows 32766 bound parameters).
 const CHUNK: usize = 1000;
-/// Most batches folded into one transaction.
-const MAX_GROUP: usize = 512;
-
-struct Job {
-    batch: Arc<Batch>,
-    reply: oneshot::Sender<Result<Option<u64>, StoreError>>,
-}
 
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -57,7 +51,7 @@ impl SqliteStore {
             .connect_with(options(&path).read_only(true))
             .await?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
-        tokio::spawn(writer_loop(writer, rx));
+        tokio::spawn(writer_loop(SqliteWriter(writer), rx));
         Ok(SqliteStore { read, tx, path })
     }
 
@@ -72,36 +66,11 @@ impl SqliteStore {
     }
 }
 
-async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        match write_group(&mut conn, &jobs).await {
-            Ok(positions) => {
-                for (job, pos) in jobs.into_iter().zip(positions) {
-                    let _ = job.reply.send(Ok(pos));
-                }
-            }
-            Err(_) if jobs.len() > 1 => {
-                // Isolate the failing batch: every other caller still gets its commit.
-                for job in jobs {
-                    let r = write_group(&mut conn, std::slice::from_ref(&job))
-                        .await
-                        .map(|mut p| p.pop().flatten());
-                    let _ = job.reply.send(r);
-                }
-            }
-            Err(e) => {
-                if let Some(job) = jobs.pop() {
-                    let _ = job.reply.send(Err(e));
-                }
-            }
-        }
+struct SqliteWriter(SqliteConnection);
+
+impl GroupWriter for SqliteWriter {
+    async fn write_group(&mut self, jobs: &[Job]) -> Result<Vec<Option<u64>>, StoreError> {
+        write_group(&mut self.0, jobs).await
     }
 }
 
@@ -286,58 +255,6 @@ async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<
     Ok(())
 }
 
-fn opt_u64(v: Option<i64>) -> Option<u64> {
-    v.map(|x| x as u64)
-}
-
-fn row_to_event(r: &sqlx::sqlite::SqliteRow) -> Result<Event, StoreError> {
-    let seq: i64 = r.try_get("seq")?;
-    let execution_id: String = r.try_get("execution_id")?;
-    let kind_s: String = r.try_get("kind")?;
-    let kind = EventKind::parse(&kind_s).ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "execution {execution_id} seq {seq}: unknown event kind `{kind_s}`"
-        ))
-    })?;
-    let payload_s: String = r.try_get("payload")?;
-    let payload = serde_json::from_str(&payload_s).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "execution {execution_id} seq {seq}: payload is not JSON: {e}"
-        ))
-    })?;
-    Ok(Event {
-        execution_id: ExecutionId(execution_id),
-        seq: seq as u64,
-        kind,
-        step: r.try_get("step")?,
-        attempt: r.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32),
-        command_id: r.try_get("command_id")?,
-        at: r.try_get::<i64, _>("at")? as u64,
-        actor: r.try_get("actor")?,
-        request_id: r.try_get("request_id")?,
-        playbook_digest: r.try_get("playbook_digest")?,
-        payload,
-        payload_ref: r.try_get("payload_ref")?,
-        prev_hash: r.try_get("prev_hash")?,
-        hash: r.try_get("hash")?,
-        position: opt_u64(r.try_get("position")?),
-    })
-}
-
-fn row_to_execution(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRow, StoreError> {
-    Ok(ExecutionRow {
-        execution_id: ExecutionId(r.try_get("execution_id")?),
-        path: r.try_get("path")?,
-        playbook_digest: r.try_get("playbook_digest")?,
-        status: r.try_get("status")?,
-        parent_execution_id: r
-            .try_get::<Option<String>, _>("parent_execution_id")?
-            .map(ExecutionId),
-        created_at: r.try_get::<i64, _>("created_at")? as u64,
-        updated_at: r.try_get::<i64, _>("updated_at")? as u64,
-    })
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
@@ -439,6 +356,15 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn read_since(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM events WHERE position > ? ORDER BY position LIMIT ?")
+            .bind(after as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(row_to_event).collect()
     }
 
     async fn head(&self) -> Result<u64, StoreError> {

@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Print one JSON document.
     #[arg(long)]
     json: bool,
+    /// Event log to measure: a `postgres://` URL (default: a temporary SQLite file).
+    #[arg(long)]
+    db: Option<String>,
 }
 
 fn chain(kind: &str, n: usize) -> String {
@@ -70,11 +73,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median seconds of `runs` executions of `src` on a fresh runtime over one database.
-async fn measure(src: &str, runs: usize, warm_python: bool) -> Result<f64> {
+async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) -> Result<f64> {
     let pb =
         parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(SqliteStore::open(dir.path().join("bench.db")).await?);
+    let store: Arc<dyn mayfly_store::Store> = match db {
+        Some(url) => mayfly_store::open(url).await?,
+        None => Arc::new(SqliteStore::open(dir.path().join("bench.db")).await?),
+    };
     let rt = Runtime::start(store, RuntimeConfig::default())?;
     if warm_python {
         rt.tools
@@ -104,12 +110,18 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let noop_chain = measure(&chain("noop", a.steps), a.runs, false).await?;
-    let py_chain = measure(&chain("python", a.steps), a.runs, true).await?;
-    let noop_fan = measure(&fanout("noop", a.items), a.runs, false).await?;
-    let py_fan = measure(&fanout("python", a.python_items), a.runs, true).await?;
+    let db = a.db.as_deref();
+    let store_name = if db.is_some() {
+        "postgres"
+    } else {
+        "sqlite (WAL, synchronous=FULL)"
+    };
+    let noop_chain = measure(&chain("noop", a.steps), a.runs, false, db).await?;
+    let py_chain = measure(&chain("python", a.steps), a.runs, true, db).await?;
+    let noop_fan = measure(&fanout("noop", a.items), a.runs, false, db).await?;
+    let py_fan = measure(&fanout("python", a.python_items), a.runs, true, db).await?;
     let out = json!({
-        "machine": {"cpus": cpus, "store": "sqlite (WAL, synchronous=FULL)"},
+        "machine": {"cpus": cpus, "store": store_name},
         "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
         "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
         "noop_fanout": {"items": a.items, "seconds": noop_fan, "steps_per_second": a.items as f64 / noop_fan},
@@ -119,7 +131,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         println!("{out}");
     } else {
         println!(
-            "mayfly bench — embedded store, {cpus} CPUs, median of {} runs",
+            "mayfly bench — {store_name} event log, {cpus} CPUs, median of {} runs",
             a.runs
         );
         println!(

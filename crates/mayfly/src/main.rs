@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use mayfly_dsl::ParseOptions;
 use mayfly_engine::{ExecState, Report, Status};
 use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
-use mayfly_store::{SqliteStore, Store};
+use mayfly_store::Store;
 use mayfly_types::ExecutionId;
 use serde_json::{Map, Value};
 use std::fs::File;
@@ -87,6 +87,33 @@ enum Cmd {
     },
     /// Measure orchestration overhead and fan-out throughput on the embedded store.
     Bench(bench::BenchArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_db_urls_are_never_shown() {
+        assert_eq!(
+            shown(Path::new("postgres://u:secret@h:5432/db")),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(shown(Path::new("/tmp/x.db")), "/tmp/x.db");
+        assert!(!shown(Path::new("postgresql://u:p%40ss@h/db")).contains("p%40ss"));
+    }
+
+    #[test]
+    fn set_values_parse_as_json_or_strings() {
+        let m =
+            overrides(&["n=5".into(), "s=bob".into(), "l=[1,2]".into(), "e=".into()]).expect("ok");
+        assert_eq!(
+            Value::Object(m),
+            serde_json::json!({"n": 5, "s": "bob", "l": [1, 2], "e": ""})
+        );
+        assert!(overrides(&["novalue".into()]).is_err());
+        assert!(overrides(&["=x".into()]).is_err());
+    }
 }
 
 #[derive(Args, Clone)]
@@ -272,12 +299,7 @@ async fn run(
             tmp.path().join("mayfly.db")
         }
     };
-    let _lock = lock_db(&db_path)?;
-    let store = Arc::new(
-        SqliteStore::open(&db_path)
-            .await
-            .with_context(|| format!("opening {}", db_path.display()))?,
-    );
+    let (store, _lock) = open_db(&db_path, false, true).await?;
     let runtime = Runtime::start(store, runtime_config(opts))?;
     let handle = runtime.handle();
     let events = handle.subscribe();
@@ -285,7 +307,7 @@ async fn run(
     let began = std::time::Instant::now();
     let id = handle.start(pb.clone(), ov, None).await?;
     if !opts.json && db.is_some() {
-        eprintln!("execution {id} (db {})", db_path.display());
+        eprintln!("execution {id} (db {})", shown(&db_path));
     }
     let display =
         (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
@@ -297,11 +319,7 @@ async fn run(
 }
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
-    if !db.exists() {
-        bail!("no database at {}", db.display());
-    }
-    let _lock = lock_db(db)?;
-    let store = Arc::new(SqliteStore::open(db).await?);
+    let (store, _lock) = open_db(db, true, true).await?;
     let runtime = Runtime::start(store, runtime_config(opts))?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
@@ -329,11 +347,51 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
     }
 }
 
-async fn open_existing(db: &Path) -> Result<SqliteStore> {
-    if !db.exists() {
+async fn open_existing(db: &Path) -> Result<Arc<dyn Store>> {
+    Ok(open_db(db, true, false).await?.0)
+}
+
+/// A database location fit for printing: a URL's password is never shown.
+fn shown(db: &Path) -> String {
+    let s = db.to_string_lossy().into_owned();
+    match (s.find("://"), s.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user_pass = &s[scheme + 3..at];
+            let user = user_pass.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &s[..scheme + 3], &s[at..])
+        }
+        _ => s,
+    }
+}
+
+fn is_postgres(db: &Path) -> bool {
+    let s = db.to_string_lossy();
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// Open the event log at `db`: a SQLite file, or a `postgres://` URL. File databases get the
+/// one-process lock; a Postgres log is shared by design (one runner per execution is the
+/// operator's responsibility until distributed workers land).
+async fn open_db(
+    db: &Path,
+    must_exist: bool,
+    lock: bool,
+) -> Result<(Arc<dyn Store>, Option<File>)> {
+    let location = db.to_string_lossy().into_owned();
+    if is_postgres(db) {
+        let store = mayfly_store::open(&location)
+            .await
+            .context("connecting to postgres")?;
+        return Ok((store, None));
+    }
+    if must_exist && !db.exists() {
         bail!("no database at {}", db.display());
     }
-    Ok(SqliteStore::open(db).await?)
+    let guard = if lock { Some(lock_db(db)?) } else { None };
+    let store = mayfly_store::open(&location)
+        .await
+        .with_context(|| format!("opening {}", db.display()))?;
+    Ok((store, guard))
 }
 
 async fn events(db: &Path, id: &str, from: u64, limit: u32, json: bool) -> Result<ExitCode> {

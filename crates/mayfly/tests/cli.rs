@@ -451,3 +451,38 @@ fn a_crash_inside_a_child_playbook_resumes_through_the_child_or_the_parent() {
     assert_eq!(report["status"], "completed");
     assert_eq!(report["result"], serde_json::json!({"doubled": 42}));
 }
+
+#[test]
+fn run_and_replay_with_the_event_log_in_postgres() {
+    let reachable = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().expect("addr"),
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    if !reachable {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but Postgres is down"
+        );
+        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+        return;
+    }
+    let url = std::env::var("MAYFLY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let o = bin()
+        .arg("run")
+        .arg(examples().join("nested.yaml"))
+        .args(["--json", "--db", &url])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    let report = json(&o);
+    assert_eq!(report["result"]["best"], "ann");
+    let id = report["execution_id"].as_str().expect("id");
+    let r = bin()
+        .args(["replay", id, "--json", "--db", &url])
+        .output()
+        .expect("replay");
+    assert!(r.status.success(), "{}", err(&r));
+    assert_eq!(json(&r), report, "replay from Postgres reproduces the run");
+}

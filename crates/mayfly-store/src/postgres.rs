@@ -1,0 +1,417 @@
+//! Postgres backend (distributed mode): the same contract as SQLite, shared by many
+//! processes. Appenders take a transaction-scoped advisory lock so that global positions
+//! become visible in commit order: a tail reading `position > last` never skips a row that
+//! committed late (the classic BIGSERIAL gap problem).
+
+use crate::common::{GroupWriter, Job, opt_u64, row_to_event, row_to_execution, writer_loop};
+use crate::{Batch, CommandOp, CommandRow, ExecutionRow, Store, StoreError, StoredPlaybook};
+use async_trait::async_trait;
+use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{
+    AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Postgres, QueryBuilder, Row,
+};
+use std::str::FromStr;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Most rows in one multi-row INSERT (Postgres allows 65535 bound parameters).
+const CHUNK: usize = 1000;
+/// Advisory lock key of the append path ("mayfly" in ASCII).
+const APPEND_LOCK: i64 = 0x6d61_7966_6c79;
+
+/// The Postgres store. Cheap to share behind an `Arc`.
+pub struct PostgresStore {
+    read: PgPool,
+    tx: mpsc::Sender<Job>,
+}
+
+impl PostgresStore {
+    /// Connect to `url` (e.g. `postgres://127.0.0.1:5432/test`) and migrate.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Db(format!("bad postgres url: {e}")))?;
+        Self::open_with(opts).await
+    }
+
+    /// Connect with every table in `schema` (created if missing). Used to isolate test runs
+    /// and tenants of a shared database.
+    pub async fn connect_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || schema.is_empty()
+        {
+            return Err(StoreError::Db(format!("invalid schema name `{schema}`")));
+        }
+        let base = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Db(format!("bad postgres url: {e}")))?;
+        let mut conn = base.connect().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}"
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await?;
+        Self::open_with(base.options([("search_path", schema)])).await
+    }
+
+    /// Drop a schema created by [`Self::connect_schema`] (tests clean up after themselves).
+    pub async fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || schema.is_empty()
+        {
+            return Err(StoreError::Db(format!("invalid schema name `{schema}`")));
+        }
+        let mut conn = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Db(e.to_string()))?
+            .connect()
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn open_with(opts: PgConnectOptions) -> Result<Self, StoreError> {
+        let mut writer = opts.connect().await?;
+        // Several processes may start at once: migrate under a session advisory lock.
+        sqlx::migrate!("./migrations/postgres")
+            .run(&mut writer)
+            .await
+            .map_err(|e| StoreError::Db(format!("migrating postgres: {e}")))?;
+        let read = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await?;
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        tokio::spawn(writer_loop(PgWriter(writer), rx));
+        Ok(PostgresStore { read, tx })
+    }
+}
+
+struct PgWriter(PgConnection);
+
+impl GroupWriter for PgWriter {
+    async fn write_group(&mut self, jobs: &[Job]) -> Result<Vec<Option<u64>>, StoreError> {
+        write_group(&mut self.0, jobs).await
+    }
+}
+
+async fn write_group(
+    conn: &mut PgConnection,
+    jobs: &[Job],
+) -> Result<Vec<Option<u64>>, StoreError> {
+    let mut tx = conn.begin().await?;
+    // Serialize appenders (across processes too) so positions become visible in order.
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let mut positions = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let mut last = None;
+        for chunk in job.batch.events.chunks(CHUNK) {
+            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+                "INSERT INTO events (execution_id, seq, kind, step, attempt, command_id, at, actor, request_id, \
+                 playbook_digest, payload, payload_ref, prev_hash, hash) ",
+            );
+            let mut encode_err = None;
+            qb.push_values(chunk, |mut b, e| {
+                let payload = serde_json::to_string(&e.payload).unwrap_or_else(|err| {
+                    encode_err = Some(err.to_string());
+                    String::new()
+                });
+                b.push_bind(e.execution_id.0.clone())
+                    .push_bind(e.seq as i64)
+                    .push_bind(e.kind.as_str())
+                    .push_bind(e.step.clone())
+                    .push_bind(e.attempt.map(i64::from))
+                    .push_bind(e.command_id.clone())
+                    .push_bind(e.at as i64)
+                    .push_bind(e.actor.clone())
+                    .push_bind(e.request_id.clone())
+                    .push_bind(e.playbook_digest.clone())
+                    .push_bind(payload)
+                    .push_bind(e.payload_ref.clone())
+                    .push_bind(e.prev_hash.clone())
+                    .push_bind(e.hash.clone());
+            });
+            if let Some(err) = encode_err {
+                return Err(StoreError::Db(format!("cannot encode payload: {err}")));
+            }
+            qb.push(" RETURNING position");
+            let rows = qb.build().fetch_all(&mut *tx).await?;
+            last = rows
+                .iter()
+                .filter_map(|r| r.try_get::<i64, _>("position").ok())
+                .max()
+                .map(|p| p as u64)
+                .or(last);
+        }
+        for pb in &job.batch.playbooks {
+            sqlx::query(
+                "INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
+            )
+            .bind(&pb.digest)
+            .bind(&pb.path)
+            .bind(&pb.source_name)
+            .bind(&pb.content)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        project_executions(&mut tx, &job.batch.events).await?;
+        apply_commands(&mut tx, &job.batch.commands).await?;
+        positions.push(last);
+    }
+    tx.commit().await?;
+    Ok(positions)
+}
+
+async fn project_executions(tx: &mut PgConnection, events: &[Event]) -> Result<(), StoreError> {
+    for e in events {
+        let status = match e.kind {
+            EventKind::ExecutionRequested => {
+                let path = e
+                    .payload
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or_default();
+                let parent = e
+                    .payload
+                    .get("parent")
+                    .and_then(|p| p.get("execution_id"))
+                    .and_then(|p| p.as_str());
+                sqlx::query(
+                    "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at) \
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6) ON CONFLICT (execution_id) DO NOTHING",
+                )
+                .bind(&e.execution_id.0)
+                .bind(path)
+                .bind(&e.playbook_digest)
+                .bind(parent)
+                .bind(e.at as i64)
+                .bind(e.at as i64)
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            EventKind::ExecutionStarted => "running",
+            EventKind::ExecutionCompleted => "completed",
+            EventKind::ExecutionFailed => "failed",
+            EventKind::ExecutionCancelled => "cancelled",
+            _ => continue,
+        };
+        sqlx::query("UPDATE executions SET status = $1, updated_at = $2 WHERE execution_id = $3")
+            .bind(status)
+            .bind(e.at as i64)
+            .bind(&e.execution_id.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn apply_commands(tx: &mut PgConnection, ops: &[CommandOp]) -> Result<(), StoreError> {
+    let now = now_ms() as i64;
+    let inserts: Vec<&CommandOp> = ops
+        .iter()
+        .filter(|o| matches!(o, CommandOp::Insert { .. }))
+        .collect();
+    for chunk in inserts.chunks(CHUNK) {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, op| {
+            if let CommandOp::Insert {
+                command_id,
+                execution_id,
+                step,
+                index,
+            } = op
+            {
+                b.push_bind(command_id.clone())
+                    .push_bind(execution_id.0.clone())
+                    .push_bind(step.clone())
+                    .push_bind(index.map(|i| i as i64))
+                    .push_bind("pending")
+                    .push_bind(0i64)
+                    .push_bind(now);
+            }
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    for op in ops {
+        match op {
+            CommandOp::Insert { .. } => {}
+            CommandOp::Claim {
+                command_id,
+                worker,
+                lease_until,
+                deliveries,
+            } => {
+                let r = sqlx::query(
+                    "UPDATE commands SET state = 'claimed', worker = $1, lease_until = $2, deliveries = $3 \
+                     WHERE command_id = $4 AND state <> 'done'",
+                )
+                .bind(worker)
+                .bind(*lease_until as i64)
+                .bind(i64::from(*deliveries))
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "command {command_id} is done or unknown"
+                    )));
+                }
+            }
+            CommandOp::Extend {
+                command_id,
+                lease_until,
+            } => {
+                sqlx::query("UPDATE commands SET lease_until = $1 WHERE command_id = $2 AND state = 'claimed'")
+                    .bind(*lease_until as i64)
+                    .bind(command_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            CommandOp::Done { command_id } => {
+                sqlx::query(
+                    "UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = $1",
+                )
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+#[async_trait]
+impl Store for PostgresStore {
+    async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
+        if batch.events.is_empty() && batch.commands.is_empty() && batch.playbooks.is_empty() {
+            return Ok(None);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read(
+        &self,
+        execution: &ExecutionId,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE execution_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(&execution.0)
+        .bind(from_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+
+    async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError> {
+        let row = sqlx::query(
+            "SELECT digest, path, source_name, content FROM playbooks WHERE digest = $1",
+        )
+        .bind(digest)
+        .fetch_optional(&self.read)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some(StoredPlaybook {
+                digest: r.try_get("digest")?,
+                path: r.try_get("path")?,
+                source_name: r.try_get("source_name")?,
+                content: r.try_get("content")?,
+            })),
+        }
+    }
+
+    async fn get_execution(
+        &self,
+        execution: &ExecutionId,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM executions WHERE execution_id = $1")
+            .bind(&execution.0)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(row_to_execution).transpose()
+    }
+
+    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(row_to_execution).collect()
+    }
+
+    async fn open_commands(
+        &self,
+        execution: Option<&ExecutionId>,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = match execution {
+            Some(e) => sqlx::query(
+                "SELECT * FROM commands WHERE state <> 'done' AND execution_id = $1 ORDER BY ord",
+            )
+            .bind(&e.0)
+            .fetch_all(&self.read)
+            .await?,
+            None => {
+                sqlx::query("SELECT * FROM commands WHERE state <> 'done' ORDER BY ord")
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(CommandRow {
+                    command_id: r.try_get("command_id")?,
+                    execution_id: ExecutionId(r.try_get("execution_id")?),
+                    step: r.try_get("step")?,
+                    index: r.try_get::<Option<i64>, _>("idx")?.map(|i| i as usize),
+                    state: r.try_get("state")?,
+                    deliveries: r.try_get::<i64, _>("deliveries")? as u32,
+                    lease_until: opt_u64(r.try_get("lease_until")?),
+                    worker: r.try_get("worker")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn read_since(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE position > $1 ORDER BY position LIMIT $2")
+                .bind(after as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS p FROM events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(row.try_get::<i64, _>("p")? as u64)
+    }
+}
