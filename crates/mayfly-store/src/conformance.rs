@@ -62,7 +62,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     command_lifecycle(store.as_ref()).await;
     execution_projection(store.as_ref()).await;
     playbooks_are_immutable_by_digest(store.as_ref()).await;
-    tail_never_skips_concurrent_commits(&[store.clone()], store.clone()).await;
+    tail_never_skips_concurrent_commits(std::slice::from_ref(&store), store.clone()).await;
 }
 
 /// A tail following `read_since(last)` while many appenders commit concurrently sees every
