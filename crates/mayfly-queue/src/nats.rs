@@ -1,0 +1,161 @@
+//! NATS JetStream backend: a work-queue stream and one durable pull consumer shared by all
+//! workers. Publishing sets `Nats-Msg-Id` to the command id, so a re-published command
+//! (e.g. the outbox re-sending after a crash) is delivered once within the dedupe window.
+
+use crate::{Acker, CommandQueue, Delivery, QueueConfig, QueueError};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, stream::RetentionPolicy};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use std::time::Duration;
+
+const MSG_ID: &str = "Nats-Msg-Id";
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+/// A JetStream-backed command queue.
+pub struct NatsQueue {
+    js: jetstream::Context,
+    subject: String,
+    consumer: PullConsumer,
+    cfg: QueueConfig,
+}
+
+impl NatsQueue {
+    /// Connect to `url` and create (or reuse) stream `name` with its durable consumer.
+    pub async fn connect(url: &str, name: &str, cfg: QueueConfig) -> Result<Self, QueueError> {
+        let client = async_nats::connect(url).await.map_err(unavailable)?;
+        let js = jetstream::new(client);
+        let subject = format!("{name}.commands");
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subject.clone()],
+                retention: RetentionPolicy::WorkQueue,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                "workers",
+                jetstream::consumer::pull::Config {
+                    durable_name: Some("workers".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: cfg.ack_wait,
+                    max_deliver: if cfg.max_deliver == 0 {
+                        -1
+                    } else {
+                        i64::from(cfg.max_deliver)
+                    },
+                    // Backoff is applied on nak by this client, so both backends agree on it.
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(NatsQueue {
+            js,
+            subject,
+            consumer,
+            cfg,
+        })
+    }
+
+    /// Delete stream `name` (tests clean up after themselves).
+    pub async fn delete(url: &str, name: &str) -> Result<(), QueueError> {
+        let client = async_nats::connect(url).await.map_err(unavailable)?;
+        jetstream::new(client)
+            .delete_stream(name)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+struct NatsAcker {
+    msg: jetstream::Message,
+    delivered: u32,
+    cfg: QueueConfig,
+}
+
+impl NatsAcker {
+    async fn send(&self, kind: AckKind) -> Result<(), QueueError> {
+        self.msg.ack_with(kind).await.map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), QueueError> {
+        // Wait for the server's confirmation: a lost ack would mean a duplicate run.
+        self.msg.double_ack().await.map_err(unavailable)
+    }
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), QueueError> {
+        let d = delay.unwrap_or_else(|| self.cfg.backoff_for(self.delivered));
+        self.send(AckKind::Nak((!d.is_zero()).then_some(d))).await
+    }
+    async fn in_progress(&self) -> Result<(), QueueError> {
+        self.send(AckKind::Progress).await
+    }
+    async fn term(&self) -> Result<(), QueueError> {
+        self.send(AckKind::Term).await
+    }
+}
+
+#[async_trait]
+impl CommandQueue for NatsQueue {
+    async fn publish(&self, id: &str, payload: &[u8]) -> Result<(), QueueError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(MSG_ID, id);
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, payload.to_vec().into())
+            .await
+            .map_err(unavailable)?;
+        ack.await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn pull(&self, wait: Duration) -> Result<Option<Delivery>, QueueError> {
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(1)
+            .expires(wait.max(Duration::from_millis(10)))
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        let Some(next) = batch.next().await else {
+            return Ok(None);
+        };
+        let msg = next.map_err(unavailable)?;
+        let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(MSG_ID))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        let payload = msg.payload.to_vec();
+        let acker = Box::new(NatsAcker {
+            msg,
+            delivered,
+            cfg: self.cfg.clone(),
+        });
+        Ok(Some(Delivery {
+            id,
+            payload,
+            delivered,
+            acker,
+        }))
+    }
+
+    async fn depth(&self) -> Result<u64, QueueError> {
+        let mut c = self.consumer.clone();
+        let info = c.info().await.map_err(unavailable)?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
+    }
+}
