@@ -95,6 +95,9 @@ pub struct RuntimeConfig {
     pub lease: Duration,
     pub tools: ToolsConfig,
     pub worker_id: String,
+    /// Master key and tenant for keychain resolution inside blocks (None: steps that use
+    /// the keychain fail closed).
+    pub keychain: Option<(mayfly_trust::keychain::MasterKey, String)>,
 }
 
 impl Default for RuntimeConfig {
@@ -110,6 +113,7 @@ impl Default for RuntimeConfig {
                 ..Default::default()
             },
             worker_id: format!("local-{}", std::process::id()),
+            keychain: None,
         }
     }
 }
@@ -224,6 +228,13 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16_384);
+        let secrets = config.keychain.clone().map(|(key, tenant)| {
+            Arc::new(worker::Secrets {
+                store: store.clone(),
+                key,
+                tenant,
+            })
+        });
         let orch = Orchestrator::new(store, btx, events.clone(), config.lease);
         let orchestrator = tokio::spawn(orch.run(rx));
         let handle = RuntimeHandle {
@@ -236,6 +247,7 @@ impl Runtime {
                 tokio::spawn(worker::worker_loop(
                     handle.clone(),
                     tools.clone(),
+                    secrets.clone(),
                     format!("{}-{i}", config.worker_id),
                 ))
             })

@@ -15,7 +15,12 @@ const MAX_TASK_RUNS: usize = 10_000;
 const LOG_CLIP: usize = 8192;
 
 /// Pull blocks until the runtime shuts down.
-pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: String) {
+pub async fn worker_loop(
+    handle: RuntimeHandle,
+    tools: Arc<Tools>,
+    secrets: Option<Arc<Secrets>>,
+    worker: String,
+) {
     while let Some(block) = handle.next_block().await {
         let Some(h) = handle.claim(block, &worker).await else {
             continue;
@@ -39,8 +44,9 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
         // (and the heartbeat stops with it) instead of a silently lost worker.
         let job = {
             let tools = tools.clone();
+            let secrets = secrets.clone();
             let h = h.clone();
-            tokio::spawn(async move { run_block(&tools, &h).await })
+            tokio::spawn(async move { run_block(&tools, secrets.as_deref(), &h).await })
         };
         let outcome = match job.await {
             Ok(o) => o,
@@ -65,6 +71,36 @@ pub async fn worker_loop(handle: RuntimeHandle, tools: Arc<Tools>, worker: Strin
             tracing::warn!(command = %h.block.command_id, error = %e, "completion refused");
         }
     }
+}
+
+/// `auth: <alias>`: http gets `Authorization` (token → Bearer, username/password → Basic)
+/// and any `headers` of the credential; other tools receive it as the `auth` input.
+fn apply_auth(
+    kind: ToolKind,
+    config: &mut Map<String, Value>,
+    input: &mut Map<String, Value>,
+    cred: &Value,
+) {
+    if kind != ToolKind::Http {
+        input.insert("auth".into(), cred.clone());
+        return;
+    }
+    let mut headers = match config.remove("headers") {
+        Some(Value::Object(h)) => h,
+        _ => Map::new(),
+    };
+    let field = |k: &str| cred.get(k).and_then(Value::as_str).map(str::to_owned);
+    if let Some(t) = field("token").or_else(|| cred.as_str().map(str::to_owned)) {
+        headers.insert("authorization".into(), Value::String(format!("Bearer {t}")));
+    } else if let (Some(u), Some(p)) = (field("username"), field("password")) {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        headers.insert("authorization".into(), Value::String(format!("Basic {b}")));
+    }
+    if let Some(Value::Object(extra)) = cred.get("headers") {
+        headers.extend(extra.clone());
+    }
+    config.insert("headers".into(), Value::Object(headers));
 }
 
 /// Aborts a background task when dropped (heartbeats must never outlive their block).
@@ -111,8 +147,219 @@ fn clip_logs(logs: Option<Value>) -> Option<Value> {
     any.then_some(logs)
 }
 
-/// Execute one block: the step's task pipeline under its policy rules.
-pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, StepFailed> {
+/// Execute one block: resolve the keychain aliases it uses (only here, inside the worker),
+/// run the task pipeline, and redact every resolved secret value from what it returns.
+pub async fn run_block(
+    tools: &Tools,
+    secrets: Option<&Secrets>,
+    h: &Hydrated,
+) -> Result<StepFinished, StepFailed> {
+    let index = h.block.index;
+    let Some(step) = h.playbook.step(&h.block.step) else {
+        let e = ErrorInfo::new(
+            "unknown_step",
+            format!("step `{}` is not defined", h.block.step),
+        );
+        return Err(StepFailed {
+            index,
+            error: e,
+            duration_ms: None,
+            logs: None,
+        });
+    };
+    let aliases = referenced_aliases(step, &h.context);
+    if aliases.is_empty() {
+        return run_pipeline(tools, h, None).await;
+    }
+    let resolved = match secrets {
+        Some(s) => s.resolve(&aliases).await,
+        None => Err(ErrorInfo::new(
+            "keychain_unavailable",
+            format!(
+                "step `{}` uses the keychain but no master key is configured",
+                step.name
+            ),
+        )),
+    };
+    let (values, redactor) = match resolved {
+        Ok(v) => v,
+        Err(error) => {
+            return Err(StepFailed {
+                index,
+                error,
+                duration_ms: None,
+                logs: None,
+            });
+        }
+    };
+    let out = run_pipeline(tools, h, Some(values)).await;
+    match out {
+        Ok(mut f) => {
+            redactor.value(&mut f.result);
+            for v in f.set.values_mut() {
+                redactor.value(v);
+            }
+            if let Some(l) = &mut f.logs {
+                redactor.value(l);
+            }
+            Ok(f)
+        }
+        Err(mut f) => {
+            f.error.message = redactor.text(&f.error.message);
+            if let Some(l) = &mut f.logs {
+                redactor.value(l);
+            }
+            Err(f)
+        }
+    }
+}
+
+/// Aliases a step uses: `auth: <alias>` on its tasks and `keychain.<alias>` in any field.
+fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<String> {
+    fn scan(n: &mayfly_dsl::Node, out: &mut std::collections::BTreeSet<String>) {
+        match &n.v {
+            NodeV::Str(s) => {
+                let mut rest = s.as_str();
+                while let Some(i) = rest.find("keychain.") {
+                    let after = &rest[i + "keychain.".len()..];
+                    let name: String = after
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '-')
+                        .collect();
+                    if !name.is_empty() {
+                        out.insert(name);
+                    }
+                    rest = after;
+                }
+            }
+            NodeV::Seq(items) => items.iter().for_each(|i| scan(i, out)),
+            NodeV::Map(m) => m.iter().for_each(|(_, _, v)| scan(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    let mctx = to_value(ctx);
+    for t in &step.tasks {
+        scan(&t.config, &mut out);
+        if let Some(a) = t.config.get("auth")
+            && let Ok(Value::String(alias)) = templates().render_node(a, &mctx)
+            && !alias.is_empty()
+        {
+            out.insert(alias);
+        }
+    }
+    if let Some(i) = &step.input {
+        scan(i, &mut out);
+    }
+    out.into_iter().collect()
+}
+
+/// Worker-side keychain access: sealed values from the store, opened with the master key.
+pub struct Secrets {
+    pub store: Arc<dyn mayfly_store::Store>,
+    pub key: mayfly_trust::keychain::MasterKey,
+    pub tenant: String,
+}
+
+impl Secrets {
+    async fn resolve(&self, aliases: &[String]) -> Result<(Value, Redactor), ErrorInfo> {
+        let mut values = Map::new();
+        let mut redactor = Redactor::default();
+        for alias in aliases {
+            let sealed = self
+                .store
+                .get_secret(&self.tenant, alias)
+                .await
+                .map_err(|e| ErrorInfo::new("keychain_unavailable", e.to_string()))?
+                .ok_or_else(|| {
+                    ErrorInfo::new(
+                        "keychain_missing",
+                        format!(
+                            "keychain alias `{alias}` is not set for tenant `{}`",
+                            self.tenant
+                        ),
+                    )
+                })?;
+            let plain = self.key.open(&self.tenant, alias, &sealed).map_err(|e| {
+                ErrorInfo::new("keychain_sealed", format!("keychain alias `{alias}`: {e}"))
+            })?;
+            let text = String::from_utf8_lossy(&plain).into_owned();
+            let v = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text));
+            redactor.learn(&v);
+            values.insert(alias.clone(), v);
+        }
+        Ok((Value::Object(values), redactor))
+    }
+}
+
+/// Replaces resolved secret values wherever they surface in a block's output.
+#[derive(Default)]
+struct Redactor {
+    needles: Vec<String>,
+}
+
+/// Secret strings shorter than this are not redacted (they would shred ordinary output);
+/// such values are too weak to be secrets anyway.
+const MIN_SECRET_LEN: usize = 4;
+
+impl Redactor {
+    fn learn(&mut self, v: &Value) {
+        match v {
+            Value::String(s) if s.len() >= MIN_SECRET_LEN => self.needles.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|x| self.learn(x)),
+            Value::Object(m) => {
+                if let (Some(Value::String(u)), Some(Value::String(p))) =
+                    (m.get("username"), m.get("password"))
+                {
+                    use base64::Engine as _;
+                    self.needles
+                        .push(base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")));
+                }
+                m.values().for_each(|x| self.learn(x));
+            }
+            Value::Number(n) if n.to_string().len() >= MIN_SECRET_LEN => {
+                self.needles.push(n.to_string())
+            }
+            _ => {}
+        }
+        // Longest first, so a secret containing another is removed whole.
+        self.needles.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        self.needles.dedup();
+    }
+
+    fn text(&self, s: &str) -> String {
+        let mut out = s.to_owned();
+        for n in &self.needles {
+            if out.contains(n.as_str()) {
+                out = out.replace(n.as_str(), "[REDACTED]");
+            }
+        }
+        out
+    }
+
+    fn value(&self, v: &mut Value) {
+        match v {
+            Value::String(s) => *s = self.text(s),
+            Value::Array(a) => a.iter_mut().for_each(|x| self.value(x)),
+            Value::Object(m) => {
+                for x in m.values_mut() {
+                    self.value(x);
+                }
+            }
+            Value::Number(n) if self.needles.iter().any(|k| *k == n.to_string()) => {
+                *v = Value::String("[REDACTED]".into())
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The task pipeline under its policy rules.
+async fn run_pipeline(
+    tools: &Tools,
+    h: &Hydrated,
+    keychain: Option<Value>,
+) -> Result<StepFinished, StepFailed> {
     let started = Instant::now();
     let index = h.block.index;
     let pb = &h.playbook;
@@ -134,6 +381,9 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
         ));
     };
     let mut ctx = h.context.clone();
+    if let Some(k) = keychain {
+        ctx.insert("keychain".into(), k);
+    }
     let base_input = match &step.input {
         Some(n) => match templates().render_node(n, &to_value(&ctx)) {
             Ok(Value::Object(m)) => m,
@@ -183,6 +433,14 @@ pub async fn run_block(tools: &Tools, h: &Hydrated) -> Result<StepFinished, Step
             if let Some(Value::Object(m)) = config.get(key) {
                 input.extend(m.clone());
             }
+        }
+        if let Some(Value::String(alias)) = config.get("auth").cloned() {
+            let cred = ctx
+                .get("keychain")
+                .and_then(|k| k.get(&alias))
+                .cloned()
+                .unwrap_or(Value::Null);
+            apply_auth(task.kind, &mut config, &mut input, &cred);
         }
         let timeout = task
             .timeout_s

@@ -62,6 +62,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     command_lifecycle(store.as_ref()).await;
     execution_projection(store.as_ref()).await;
     playbooks_are_immutable_by_digest(store.as_ref()).await;
+    keychain_slots(store.as_ref()).await;
     tail_never_skips_concurrent_commits(std::slice::from_ref(&store), store.clone()).await;
 }
 
@@ -524,5 +525,72 @@ pub async fn playbooks_are_immutable_by_digest(store: &dyn Store) {
             .await
             .expect("get")
             .is_none()
+    );
+}
+
+/// Keychain rows: put/overwrite/list/delete, per tenant, values never listed.
+pub async fn keychain_slots(store: &dyn Store) {
+    use crate::SecretOp;
+    let t1 = unique("tenant-a");
+    let t2 = unique("tenant-b");
+    let put = |t: &str, a: &str, v: &str| SecretOp::Put {
+        tenant: t.into(),
+        alias: a.into(),
+        sealed: v.into(),
+    };
+    store
+        .append(Arc::new(Batch {
+            secrets: vec![
+                put(&t1, "pg", "mk1.x.1"),
+                put(&t1, "api", "mk1.x.2"),
+                put(&t2, "pg", "mk1.x.3"),
+            ],
+            ..Default::default()
+        }))
+        .await
+        .expect("put");
+    assert_eq!(
+        store.get_secret(&t1, "pg").await.expect("get").as_deref(),
+        Some("mk1.x.1")
+    );
+    assert_eq!(
+        store.get_secret(&t2, "pg").await.expect("get").as_deref(),
+        Some("mk1.x.3"),
+        "tenants are separate"
+    );
+    let list: Vec<String> = store
+        .list_secrets(&t1)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.alias)
+        .collect();
+    assert_eq!(list, ["api", "pg"]);
+    store
+        .append(Arc::new(Batch {
+            secrets: vec![put(&t1, "pg", "mk1.x.9")],
+            ..Default::default()
+        }))
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        store.get_secret(&t1, "pg").await.expect("get").as_deref(),
+        Some("mk1.x.9")
+    );
+    let del = SecretOp::Delete {
+        tenant: t1.clone(),
+        alias: "pg".into(),
+    };
+    store
+        .append(Arc::new(Batch {
+            secrets: vec![del],
+            ..Default::default()
+        }))
+        .await
+        .expect("delete");
+    assert!(store.get_secret(&t1, "pg").await.expect("get").is_none());
+    assert!(
+        store.get_secret(&t2, "pg").await.expect("get").is_some(),
+        "delete is per tenant"
     );
 }

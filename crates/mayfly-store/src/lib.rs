@@ -87,6 +87,29 @@ pub struct Batch {
     pub commands: Vec<CommandOp>,
     /// Playbook versions to store (idempotent by digest).
     pub playbooks: Vec<StoredPlaybook>,
+    /// Keychain changes (values are already sealed).
+    pub secrets: Vec<SecretOp>,
+}
+
+/// A keychain change. The store only ever sees sealed values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SecretOp {
+    Put {
+        tenant: String,
+        alias: String,
+        sealed: String,
+    },
+    Delete {
+        tenant: String,
+        alias: String,
+    },
+}
+
+/// A keychain entry as listed (never the value).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecretEntry {
+    pub alias: String,
+    pub updated_at: u64,
 }
 
 /// A command that is not done yet.
@@ -177,6 +200,11 @@ pub trait Store: Send + Sync + 'static {
         &self,
         execution: Option<&ExecutionId>,
     ) -> Result<Vec<CommandRow>, StoreError>;
+
+    /// The sealed value of a keychain alias.
+    async fn get_secret(&self, tenant: &str, alias: &str) -> Result<Option<String>, StoreError>;
+    /// Aliases of a tenant, sorted (values are never listed).
+    async fn list_secrets(&self, tenant: &str) -> Result<Vec<SecretEntry>, StoreError>;
 
     /// The current global log position (0 when empty).
     async fn head(&self) -> Result<u64, StoreError>;

@@ -4,7 +4,10 @@
 //! committed late (the classic BIGSERIAL gap problem).
 
 use crate::common::{GroupWriter, Job, opt_u64, row_to_event, row_to_execution, writer_loop};
-use crate::{Batch, CommandOp, CommandRow, ExecutionRow, Store, StoreError, StoredPlaybook};
+use crate::{
+    Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, Store, StoreError,
+    StoredPlaybook,
+};
 use async_trait::async_trait;
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -165,6 +168,30 @@ async fn write_group(
             .execute(&mut *tx)
             .await?;
         }
+        for op in &job.batch.secrets {
+            match op {
+                SecretOp::Put {
+                    tenant,
+                    alias,
+                    sealed,
+                } => {
+                    sqlx::query("INSERT INTO keychain (tenant, alias, sealed, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, alias) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at")
+                        .bind(tenant)
+                        .bind(alias)
+                        .bind(sealed)
+                        .bind(now_ms() as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                SecretOp::Delete { tenant, alias } => {
+                    sqlx::query("DELETE FROM keychain WHERE tenant = $1 AND alias = $2")
+                        .bind(tenant)
+                        .bind(alias)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
         project_executions(&mut tx, &job.batch.events).await?;
         apply_commands(&mut tx, &job.batch.commands).await?;
         positions.push(last);
@@ -298,7 +325,11 @@ async fn apply_commands(tx: &mut PgConnection, ops: &[CommandOp]) -> Result<(), 
 #[async_trait]
 impl Store for PostgresStore {
     async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
-        if batch.events.is_empty() && batch.commands.is_empty() && batch.playbooks.is_empty() {
+        if batch.events.is_empty()
+            && batch.commands.is_empty()
+            && batch.playbooks.is_empty()
+            && batch.secrets.is_empty()
+        {
             return Ok(None);
         }
         let (reply, rx) = oneshot::channel();
@@ -393,6 +424,34 @@ impl Store for PostgresStore {
                     deliveries: r.try_get::<i64, _>("deliveries")? as u32,
                     lease_until: opt_u64(r.try_get("lease_until")?),
                     worker: r.try_get("worker")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn get_secret(&self, tenant: &str, alias: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT sealed FROM keychain WHERE tenant = $1 AND alias = $2")
+            .bind(tenant)
+            .bind(alias)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get::<String, _>("sealed")?),
+            None => None,
+        })
+    }
+
+    async fn list_secrets(&self, tenant: &str) -> Result<Vec<SecretEntry>, StoreError> {
+        let rows =
+            sqlx::query("SELECT alias, updated_at FROM keychain WHERE tenant = $1 ORDER BY alias")
+                .bind(tenant)
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretEntry {
+                    alias: r.try_get("alias")?,
+                    updated_at: r.try_get::<i64, _>("updated_at")? as u64,
                 })
             })
             .collect()

@@ -196,3 +196,4 @@ mod tests {
         ));
     }
 }
+pub mod keychain;

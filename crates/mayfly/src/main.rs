@@ -1,6 +1,7 @@
 //! The `mayfly` binary.
 
 mod bench;
+mod keychain;
 mod progress;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -87,6 +88,13 @@ enum Cmd {
     },
     /// Measure orchestration overhead and fan-out throughput on the embedded store.
     Bench(bench::BenchArgs),
+    /// Manage credentials: stored sealed, resolved by alias only inside steps.
+    Keychain {
+        #[command(subcommand)]
+        cmd: keychain::KeychainCmd,
+        #[command(flatten)]
+        key: keychain::KeyOpts,
+    },
 }
 
 #[cfg(test)]
@@ -130,6 +138,8 @@ struct RunOpts {
     /// Hide the live progress display.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    key: keychain::KeyOpts,
 }
 
 fn main() -> ExitCode {
@@ -187,6 +197,12 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Keychain { cmd, key } => {
+            keychain::run(cmd, key, async |db: &Path| {
+                open_db(db, false, false).await.map(|(s, _)| s)
+            })
+            .await
+        }
     }
 }
 
@@ -227,7 +243,7 @@ fn lock_db(db: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn runtime_config(opts: &RunOpts) -> RuntimeConfig {
+fn runtime_config(opts: &RunOpts) -> Result<RuntimeConfig> {
     let mut cfg = RuntimeConfig {
         workers: opts.workers.max(1),
         ..Default::default()
@@ -235,7 +251,8 @@ fn runtime_config(opts: &RunOpts) -> RuntimeConfig {
     if let Some(n) = opts.python_pool {
         cfg.tools.python_pool = n.max(1);
     }
-    cfg
+    cfg.keychain = keychain::master_key(&opts.key, false)?.map(|k| (k, opts.key.tenant.clone()));
+    Ok(cfg)
 }
 
 fn print_report(r: &Report, json: bool, elapsed: Option<std::time::Duration>) -> Result<ExitCode> {
@@ -300,7 +317,7 @@ async fn run(
         }
     };
     let (store, _lock) = open_db(&db_path, false, true).await?;
-    let runtime = Runtime::start(store, runtime_config(opts))?;
+    let runtime = Runtime::start(store, runtime_config(opts)?)?;
     let handle = runtime.handle();
     let events = handle.subscribe();
     let pb = Arc::new(pb);
@@ -320,7 +337,7 @@ async fn run(
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     let (store, _lock) = open_db(db, true, true).await?;
-    let runtime = Runtime::start(store, runtime_config(opts))?;
+    let runtime = Runtime::start(store, runtime_config(opts)?)?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
     let began = std::time::Instant::now();

@@ -486,3 +486,241 @@ fn run_and_replay_with_the_event_log_in_postgres() {
     assert!(r.status.success(), "{}", err(&r));
     assert_eq!(json(&r), report, "replay from Postgres reproduces the run");
 }
+
+/// A local HTTP server (own thread and runtime) that echoes the request's Authorization.
+fn echo_auth_server() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async move {
+            use axum::{Json, Router, http::HeaderMap, routing::get};
+            let app = Router::new().route(
+                "/whoami",
+                get(|h: HeaderMap| async move {
+                    let auth = h
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    Json(serde_json::json!({"you_sent": auth}))
+                }),
+            );
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(l.local_addr().expect("addr").port()).expect("send");
+            axum::serve(l, app).await.expect("serve");
+        });
+    });
+    format!("http://127.0.0.1:{}", rx.recv().expect("port"))
+}
+
+fn files_contain(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        let p = e.path();
+        if p.is_file()
+            && std::fs::read(&p)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+                .unwrap_or(false)
+        {
+            hits.push(p);
+        }
+    }
+    hits
+}
+
+#[test]
+fn keychain_secrets_resolve_inside_steps_and_never_reach_the_log_or_output() {
+    const SECRET: &str = "s3cr3t-planted-XYZ-8472";
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path().join("home");
+    let db = dir.path().join("m.db");
+    let kc = |args: &[&str]| {
+        let mut c = bin();
+        c.env("MAYFLY_HOME", &home)
+            .env_remove("MAYFLY_MASTER_KEY")
+            .arg("keychain")
+            .args(args)
+            .arg("--db")
+            .arg(&db);
+        c
+    };
+    let mut set = kc(&["set", "api"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("set");
+    std::io::Write::write_all(
+        set.stdin.as_mut().expect("stdin"),
+        format!("{{\"token\": \"{SECRET}\", \"user\": \"bob\"}}").as_bytes(),
+    )
+    .expect("write");
+    let o = set.wait_with_output().expect("set");
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        home.join("master.key").exists(),
+        "the master key file is created on first use"
+    );
+    let o = kc(&["list"]).output().expect("list");
+    assert_eq!(out(&o).trim(), "api");
+    assert!(!out(&o).contains(SECRET) && !err(&o).contains(SECRET));
+
+    let base = echo_auth_server();
+    let pb = dir.path().join("uses-secret.yaml");
+    std::fs::write(
+        &pb,
+        format!(
+            r#"apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {{name: uses-secret}}
+keychain:
+  - {{name: api, kind: secret}}
+workflow:
+  - step: start
+    tool: {{kind: http, url: "{base}/whoami", auth: api}}
+    next: py
+  - step: py
+    tool:
+      kind: python
+      input: {{tok: "{{{{ keychain.api.token }}}}", who: "{{{{ keychain.api.user }}}}"}}
+      code: |
+        print("token is", tok)
+        result = {{"echo": tok, "len": len(tok), "who": who}}
+    next: end
+  - step: end
+    input: {{echoed: "{{{{ start.json.you_sent }}}}", py: "{{{{ py }}}}"}}
+"#
+        ),
+    )
+    .expect("write");
+    let o = bin()
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .arg("--json")
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    let report = json(&o);
+    assert_eq!(report["status"], "completed");
+    // The secret really was used (the server saw it, python computed on it)…
+    assert_eq!(report["result"]["py"]["len"], SECRET.len());
+    assert_eq!(
+        report["result"]["py"]["who"], "bob",
+        "short values (<4 chars… 'bob' is 3) are not secrets to redact"
+    );
+    // …and every place it surfaced is redacted.
+    assert_eq!(report["result"]["echoed"], "Bearer [REDACTED]");
+    assert_eq!(report["result"]["py"]["echo"], "[REDACTED]");
+    assert!(
+        !out(&o).contains(SECRET) && !err(&o).contains(SECRET),
+        "not in the CLI output"
+    );
+    let id = report["execution_id"].as_str().expect("id");
+    let e = bin()
+        .args(["events", id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("events");
+    assert!(
+        out(&e).contains("token is [REDACTED]"),
+        "captured stdout is redacted too"
+    );
+    assert!(!out(&e).contains(SECRET));
+    assert!(
+        files_contain(dir.path(), SECRET).is_empty(),
+        "the secret is in no database file: {:?}",
+        files_contain(dir.path(), SECRET)
+    );
+
+    // An error message carrying the secret is redacted as well.
+    let bad = dir.path().join("leaks-in-error.yaml");
+    std::fs::write(&bad, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: leak}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {t: \"{{ keychain.api.token }}\"}, code: \"raise ValueError('bad token ' + t)\"}\n").expect("write");
+    let o = bin()
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&bad)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("ValueError: bad token [REDACTED]"),
+        "{}",
+        err(&o)
+    );
+    assert!(!err(&o).contains(SECRET) && !out(&o).contains(SECRET));
+    assert!(files_contain(dir.path(), SECRET).is_empty());
+
+    // Fail closed: an unknown alias, or no master key at all.
+    let missing = dir.path().join("missing.yaml");
+    std::fs::write(&missing, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: m}\nworkflow:\n  - step: start\n    tool: {kind: http, url: http://127.0.0.1:9/x, auth: nope}\n").expect("write");
+    let o = bin()
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&missing)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("run");
+    assert!(err(&o).contains("keychain_missing"), "{}", err(&o));
+    let o = bin()
+        .env("MAYFLY_HOME", dir.path().join("elsewhere"))
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("keychain_unavailable"), "{}", err(&o));
+
+    // Rotation re-seals under a new key; the old key then no longer opens anything.
+    let newkey = dir.path().join("new.key");
+    let newkey_s = newkey.display().to_string();
+    let o = kc(&["rotate", "--new-key-file", &newkey_s])
+        .output()
+        .expect("rotate");
+    assert!(o.status.success(), "{}", err(&o));
+    let o = bin()
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .expect("run");
+    assert!(
+        err(&o).contains("keychain_sealed"),
+        "old key refused after rotation: {}",
+        err(&o)
+    );
+    let o = bin()
+        .env_remove("MAYFLY_MASTER_KEY")
+        .arg("run")
+        .arg(&pb)
+        .arg("--db")
+        .arg(&db)
+        .arg("--master-key-file")
+        .arg(&newkey)
+        .arg("--json")
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    let o = kc(&["delete", "api"]).output().expect("delete");
+    assert!(o.status.success());
+    assert_eq!(out(&kc(&["list"]).output().expect("list")).trim(), "");
+}
