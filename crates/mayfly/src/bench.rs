@@ -47,6 +47,9 @@ fn chain(kind: &str, n: usize) -> String {
         };
         let tool = match kind {
             "python" => "{kind: python, code: 'result = 1'}",
+            "keychain" => {
+                "{kind: python, input: {t: \"{{ keychain.api.token }}\"}, code: 'result = len(t)'}"
+            }
             _ => "{kind: noop}",
         };
         let _ = write!(s, "  - step: {name}\n    tool: {tool}\n");
@@ -81,7 +84,25 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
         Some(url) => mayfly_store::open(url).await?,
         None => Arc::new(SqliteStore::open(dir.path().join("bench.db")).await?),
     };
-    let rt = Runtime::start(store, RuntimeConfig::default())?;
+    // Every scenario gets a keychain with one credential; only the `keychain` chain reads it.
+    let key = mayfly_trust::keychain::MasterKey::generate();
+    let sealed = key.seal("bench", "api", br#"{"token": "bench-token-0123456789"}"#)?;
+    let op = mayfly_store::SecretOp::Put {
+        tenant: "bench".into(),
+        alias: "api".into(),
+        sealed,
+    };
+    store
+        .append(Arc::new(mayfly_store::Batch {
+            secrets: vec![op],
+            ..Default::default()
+        }))
+        .await?;
+    let cfg = RuntimeConfig {
+        keychain: Some((key, "bench".into())),
+        ..Default::default()
+    };
+    let rt = Runtime::start(store, cfg)?;
     if warm_python {
         rt.tools
             .python
@@ -120,12 +141,14 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let py_chain = measure(&chain("python", a.steps), a.runs, true, db).await?;
     let noop_fan = measure(&fanout("noop", a.items), a.runs, false, db).await?;
     let py_fan = measure(&fanout("python", a.python_items), a.runs, true, db).await?;
+    let kc_chain = measure(&chain("keychain", a.steps), a.runs, true, db).await?;
     let out = json!({
         "machine": {"cpus": cpus, "store": store_name},
         "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
         "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
         "noop_fanout": {"items": a.items, "seconds": noop_fan, "steps_per_second": a.items as f64 / noop_fan},
         "python_fanout": {"items": a.python_items, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
+        "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
     });
     if a.json {
         println!("{out}");
@@ -155,6 +178,13 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             "  {:<44} {:>10.0} steps/s",
             format!("parallel fan-out, {} python items", a.python_items),
             out["python_fanout"]["steps_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
+        println!(
+            "  {:<44} {:>10.3} ms/step",
+            format!("chain, {} python steps reading a secret", a.steps),
+            out["keychain_python_chain"]["ms_per_step"]
                 .as_f64()
                 .unwrap_or(0.0)
         );
