@@ -55,6 +55,7 @@ pub enum ToolKind {
     Http,
     Playbook,
     Noop,
+    Postgres,
 }
 
 impl ToolKind {
@@ -65,6 +66,7 @@ impl ToolKind {
             ToolKind::Http => "http",
             ToolKind::Playbook => "playbook",
             ToolKind::Noop => "noop",
+            ToolKind::Postgres => "postgres",
         }
     }
 }
@@ -824,18 +826,19 @@ impl Parser<'_> {
             "http" => ToolKind::Http,
             "playbook" => ToolKind::Playbook,
             "noop" => ToolKind::Noop,
-            "postgres" | "duckdb" | "ducklake" | "snowflake" | "nats" | "container"
-            | "artifact" | "rhai" | "secrets" | "transfer" | "mcp" | "agent" => {
+            "postgres" => ToolKind::Postgres,
+            "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai"
+            | "secrets" | "transfer" | "mcp" | "agent" => {
                 self.err(
                     kind_node.loc,
-                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, playbook, noop)"),
+                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, postgres, playbook, noop)"),
                 );
                 return None;
             }
             other => {
                 self.err(
                     kind_node.loc,
-                    format!("unknown tool kind `{other}` (available: python, shell, http, playbook, noop)"),
+                    format!("unknown tool kind `{other}` (available: python, shell, http, postgres, playbook, noop)"),
                 );
                 return None;
             }
@@ -902,6 +905,16 @@ impl Parser<'_> {
                 }
             }
             ToolKind::Noop => {}
+            ToolKind::Postgres => {
+                if config
+                    .get("query")
+                    .or(config.get("sql"))
+                    .or(config.get("command"))
+                    .is_none()
+                {
+                    self.err(n.loc, "postgres tool needs `query` or `command`");
+                }
+            }
         }
         // `code` is handed to Python verbatim (never templated); check everything else.
         if let NodeV::Map(m) = &config.v {

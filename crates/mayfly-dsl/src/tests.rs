@@ -210,9 +210,18 @@ fn structural_errors() {
         "{e}"
     );
     let e = err(&format!(
-        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: postgres, query: x}}\n"
+        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: duckdb, query: x}}\n"
     ));
     assert!(e.diagnostics[0].message.contains("not available"), "{e}");
+    let e = err(&format!(
+        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: postgres, auth: pg}}\n"
+    ));
+    assert!(
+        e.diagnostics[0]
+            .message
+            .contains("needs `query` or `command`"),
+        "{e}"
+    );
     let e = err(&format!("{HEAD}workflow:\n  - step: start\n    case: []\n"));
     assert!(e.diagnostics[0].message.contains("case"), "{e}");
     let e = err(&format!("{HEAD}workflow: {{}}\n"));

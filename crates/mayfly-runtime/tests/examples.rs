@@ -263,3 +263,61 @@ async fn nested_playbooks_in_a_loop() {
         mayfly_trust::verify_chain(&ev).expect("child chain");
     }
 }
+
+#[tokio::test]
+async fn postgres_through_a_keychain_credential() {
+    let up = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().expect("addr"),
+        std::time::Duration::from_secs(2),
+    )
+    .is_ok();
+    if !up {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but Postgres is down"
+        );
+        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let key = mayfly_trust::keychain::MasterKey::generate();
+    let sealed = key
+        .seal(
+            "default",
+            "pg_local",
+            br#"{"dsn": "postgres://postgres@127.0.0.1:5432/test"}"#,
+        )
+        .expect("seal");
+    let op = mayfly_store::SecretOp::Put {
+        tenant: "default".into(),
+        alias: "pg_local".into(),
+        sealed,
+    };
+    store
+        .append(Arc::new(mayfly_store::Batch {
+            secrets: vec![op],
+            ..Default::default()
+        }))
+        .await
+        .expect("put");
+    let cfg = RuntimeConfig {
+        keychain: Some((key, "default".into())),
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let pb = load_file(&example("postgres.yaml"), &ParseOptions::default()).expect("pb");
+    let r = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, json!({"top": "ann", "total": 22, "rows": 3}));
+    let events = store.read_all(&r.execution_id).await.expect("events");
+    let text = serde_json::to_string(&events).expect("json");
+    assert!(
+        !text.contains("postgres://postgres@"),
+        "the dsn never reaches the log"
+    );
+}

@@ -1,11 +1,12 @@
-//! Tool kinds executed inside atomic blocks: `python` (warm interpreter pool), `shell`
-//! and `http`. (`noop` and `playbook` never reach a worker: the engine completes noops
+//! Tool kinds executed inside atomic blocks: `python` (warm interpreter pool), `shell`,
+//! `http` and `postgres`. (`noop` and `playbook` never reach a worker: the engine completes noops
 //! inline and runs child playbooks as their own executions.)
 //!
 //! A tool never panics or returns a Rust error for a user-level failure: failures become
 //! `ToolOutput { ok: false, error }`, which task policy rules can act on.
 
 mod http;
+mod postgres;
 mod python;
 mod shell;
 
@@ -116,6 +117,7 @@ impl Default for ToolsConfig {
 pub struct Tools {
     pub python: PythonPool,
     http: reqwest::Client,
+    postgres: postgres::Pools,
     pub config: ToolsConfig,
 }
 
@@ -124,6 +126,7 @@ impl Tools {
         Ok(Tools {
             python: PythonPool::new(config.python.clone(), config.python_pool),
             http: http::client()?,
+            postgres: postgres::Pools::default(),
             config,
         })
     }
@@ -150,6 +153,7 @@ impl Tools {
             }
             "shell" => shell::run(config, timeout).await,
             "http" => http::run(&self.http, config, timeout).await,
+            "postgres" => postgres::run(&self.postgres, config, input, timeout).await,
             "noop" => ToolOutput::ok(Value::Object(input.clone())),
             other => ToolOutput::failed(ToolError::new(
                 "unknown_tool",

@@ -224,3 +224,91 @@ async fn http_get_post_and_errors() {
         e.message
     );
 }
+
+fn pg() -> Option<Value> {
+    let up = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5432".parse().expect("addr"),
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    if !up {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but Postgres is down"
+        );
+        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+        return None;
+    }
+    Some(json!({"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}))
+}
+
+#[tokio::test]
+async fn postgres_commands_queries_params_and_types() {
+    let Some(cred) = pg() else { return };
+    let t = tools(1);
+    let table = format!("mayfly_tool_t_{}", std::process::id());
+    let auth = input(json!({ "auth": cred }));
+    let run = |cfg: Value| {
+        let cfg = input(cfg);
+        let auth = auth.clone();
+        let t = &t;
+        async move {
+            t.run("postgres", &cfg, &auth, Some(Duration::from_secs(20)))
+                .await
+        }
+    };
+    let o = run(json!({"command": format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int primary key, name text, score numeric(6,2), meta jsonb, at timestamptz default '2026-01-02T03:04:05Z')")})).await;
+    assert!(o.ok, "{o:?}");
+    let o = run(json!({"command": format!("INSERT INTO {table} (id, name, score, meta) VALUES ($1, $2, $3, $4::jsonb), ($5, $6, $7, $8::jsonb)"),
+        "params": [1, "ann", 12.5, {"tags": ["a"]}, 2, "bob", 3, null]})).await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(o.data, json!({"rows_affected": 2}));
+    let o = run(json!({"query": format!("SELECT id, name, score, meta, at FROM {table} WHERE id >= $1 ORDER BY id;"), "params": [1]})).await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(
+        o.data,
+        json!([
+            {"id": 1, "name": "ann", "score": 12.50, "meta": {"tags": ["a"]}, "at": "2026-01-02T03:04:05+00:00"},
+            {"id": 2, "name": "bob", "score": 3.00, "meta": null, "at": "2026-01-02T03:04:05+00:00"}
+        ])
+    );
+    let o = run(json!({"query": format!("INSERT INTO {table} (id, name) VALUES (3, 'cyd') RETURNING id, name")})).await;
+    assert_eq!(
+        o.data,
+        json!([{"id": 3, "name": "cyd"}]),
+        "INSERT … RETURNING works as a query"
+    );
+    let o = run(json!({"query": format!("SELECT * FROM {table} WHERE id > 100")})).await;
+    assert_eq!(o.data, json!([]));
+    let o = run(json!({"query": "SELEC nope"})).await;
+    let e = o.error.expect("error");
+    assert_eq!(e.code, "postgres_error");
+    assert!(e.message.contains("SQLSTATE 42601"), "{}", e.message);
+    let o = run(json!({"command": format!("INSERT INTO {table} (id) VALUES (1)")})).await;
+    assert!(o.error.expect("dup").message.contains("23505"));
+    let o = run(json!({"command": format!("DROP TABLE {table}")})).await;
+    assert!(o.ok);
+    // A credential that cannot connect fails cleanly.
+    let bad = input(json!({"auth": {"host": "127.0.0.1", "port": 1, "user": "x"}}));
+    let o = t
+        .run(
+            "postgres",
+            &input(json!({"query": "select 1"})),
+            &bad,
+            Some(Duration::from_secs(2)),
+        )
+        .await;
+    assert_eq!(
+        o.error.map(|e| e.code),
+        Some("connection_failed".to_owned())
+    );
+    let o = t
+        .run(
+            "postgres",
+            &input(json!({"query": "select 1"})),
+            &Map::new(),
+            None,
+        )
+        .await;
+    assert_eq!(o.error.map(|e| e.code), Some("bad_config".to_owned()));
+}
