@@ -1,6 +1,6 @@
 //! What every SQL backend shares: the group-commit writer loop and row decoding.
 
-use crate::{Batch, ExecutionRow, StoreError};
+use crate::{Batch, CatalogEntry, ExecutionRow, StoreError};
 use mayfly_types::{Event, EventKind, ExecutionId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use std::sync::Arc;
@@ -133,5 +133,14 @@ pub(crate) fn row_to_execution<R: DbRow>(r: &R) -> Result<ExecutionRow, StoreErr
         parent_execution_id: r.opt_string("parent_execution_id")?.map(ExecutionId),
         created_at: r.i64("created_at")? as u64,
         updated_at: r.i64("updated_at")? as u64,
+    })
+}
+
+pub(crate) fn catalog_row<R: DbRow>(r: &R) -> Result<CatalogEntry, StoreError> {
+    Ok(CatalogEntry {
+        path: r.string("path")?,
+        version: r.i64("version")? as u32,
+        digest: r.string("digest")?,
+        created_at: r.i64("created_at")? as u64,
     })
 }

@@ -63,6 +63,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     execution_projection(store.as_ref()).await;
     playbooks_are_immutable_by_digest(store.as_ref()).await;
     keychain_slots(store.as_ref()).await;
+    catalog_versions(store.clone()).await;
     tail_never_skips_concurrent_commits(std::slice::from_ref(&store), store.clone()).await;
 }
 
@@ -592,5 +593,90 @@ pub async fn keychain_slots(store: &dyn Store) {
     assert!(
         store.get_secret(&t2, "pg").await.expect("get").is_some(),
         "delete is per tenant"
+    );
+}
+
+/// Catalog: immutable dense versions per (tenant, path); identical content is a no-op;
+/// concurrent registrations never collide.
+pub async fn catalog_versions(store: Arc<dyn Store>) {
+    let tenant = unique("cat");
+    let pb = |content: &str| StoredPlaybook {
+        digest: mayfly_trust::sha256_digest(content.as_bytes()),
+        path: "team/flow".into(),
+        source_name: "flow.yaml".into(),
+        content: content.into(),
+    };
+    let (e1, new1) = store
+        .register(&tenant, pb("v-one"))
+        .await
+        .expect("register");
+    assert_eq!((e1.version, new1), (1, true));
+    let (again, new_again) = store
+        .register(&tenant, pb("v-one"))
+        .await
+        .expect("register again");
+    assert_eq!(
+        (again.version, new_again),
+        (1, false),
+        "identical content is a no-op"
+    );
+    let (e2, new2) = store
+        .register(&tenant, pb("v-two"))
+        .await
+        .expect("register v2");
+    assert_eq!((e2.version, new2), (2, true));
+    let (latest, content) = store
+        .resolve(&tenant, "team/flow", None)
+        .await
+        .expect("resolve")
+        .expect("found");
+    assert_eq!((latest.version, content.content.as_str()), (2, "v-two"));
+    let (first, content) = store
+        .resolve(&tenant, "team/flow", Some(1))
+        .await
+        .expect("resolve")
+        .expect("found");
+    assert_eq!((first.version, content.content.as_str()), (1, "v-one"));
+    assert!(
+        store
+            .resolve(&tenant, "team/flow", Some(9))
+            .await
+            .expect("resolve")
+            .is_none()
+    );
+    assert!(
+        store
+            .resolve(&unique("other"), "team/flow", None)
+            .await
+            .expect("resolve")
+            .is_none(),
+        "catalogs are per tenant"
+    );
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        let tenant = tenant.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .register(&tenant, pb(&format!("concurrent-{i}")))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .expect("join")
+            .expect("concurrent registration succeeds");
+    }
+    let versions: Vec<u32> = store
+        .list_catalog(&tenant)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=10).collect::<Vec<u32>>(),
+        "versions are dense and unique"
     );
 }

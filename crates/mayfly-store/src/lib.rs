@@ -91,6 +91,15 @@ pub struct Batch {
     pub secrets: Vec<SecretOp>,
 }
 
+/// One catalog version of a playbook.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub path: String,
+    pub version: u32,
+    pub digest: String,
+    pub created_at: u64,
+}
+
 /// A keychain change. The store only ever sees sealed values.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SecretOp {
@@ -200,6 +209,23 @@ pub trait Store: Send + Sync + 'static {
         &self,
         execution: Option<&ExecutionId>,
     ) -> Result<Vec<CommandRow>, StoreError>;
+
+    /// Register `pb` in `tenant`'s catalog under `pb.path`: a new immutable version, or the
+    /// existing one when identical content was registered before (returned with `false`).
+    async fn register(
+        &self,
+        tenant: &str,
+        pb: StoredPlaybook,
+    ) -> Result<(CatalogEntry, bool), StoreError>;
+    /// A catalog version (the latest when `version` is None) with its content.
+    async fn resolve(
+        &self,
+        tenant: &str,
+        path: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(CatalogEntry, StoredPlaybook)>, StoreError>;
+    /// Every version in a tenant's catalog, by path then version.
+    async fn list_catalog(&self, tenant: &str) -> Result<Vec<CatalogEntry>, StoreError>;
 
     /// The sealed value of a keychain alias.
     async fn get_secret(&self, tenant: &str, alias: &str) -> Result<Option<String>, StoreError>;

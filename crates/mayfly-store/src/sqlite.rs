@@ -1,7 +1,10 @@
 //! SQLite backend: WAL, `synchronous=FULL`, one writer task with group commit, a small
 //! reader pool. Many concurrent blocks share one fsync.
 
-use crate::common::{GroupWriter, Job, opt_u64, row_to_event, row_to_execution, writer_loop};
+use crate::CatalogEntry;
+use crate::common::{
+    GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
+};
 use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, Store, StoreError,
     StoredPlaybook,
@@ -387,6 +390,75 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn register(
+        &self,
+        tenant: &str,
+        pb: StoredPlaybook,
+    ) -> Result<(CatalogEntry, bool), StoreError> {
+        // BEGIN IMMEDIATE: take the write lock up front, so concurrent registrations serialize.
+        let mut conn = SqliteConnection::connect_with(&options(&self.path)).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING")
+            .bind(&pb.digest)
+            .bind(&pb.path)
+            .bind(&pb.source_name)
+            .bind(&pb.content)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(r) = sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = ? AND path = ? AND digest = ?").bind(tenant).bind(&pb.path).bind(&pb.digest).fetch_optional(&mut *tx).await? {
+            let e = catalog_row(&r)?;
+            tx.commit().await?;
+            return Ok((e, false));
+        }
+        let v: i64 = sqlx::query(
+            "SELECT COALESCE(MAX(version), 0) + 1 AS v FROM catalog WHERE tenant = ? AND path = ?",
+        )
+        .bind(tenant)
+        .bind(&pb.path)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("v")?;
+        let at = now_ms();
+        sqlx::query("INSERT INTO catalog (tenant, path, version, digest, created_at) VALUES (?, ?, ?, ?, ?)").bind(tenant).bind(&pb.path).bind(v).bind(&pb.digest).bind(at as i64).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok((
+            CatalogEntry {
+                path: pb.path,
+                version: v as u32,
+                digest: pb.digest,
+                created_at: at,
+            },
+            true,
+        ))
+    }
+
+    async fn resolve(
+        &self,
+        tenant: &str,
+        path: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(CatalogEntry, StoredPlaybook)>, StoreError> {
+        let row = match version {
+            Some(v) => sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = ? AND path = ? AND version = ?").bind(tenant).bind(path).bind(i64::from(v)).fetch_optional(&self.read).await?,
+            None => sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = ? AND path = ? ORDER BY version DESC LIMIT 1").bind(tenant).bind(path).fetch_optional(&self.read).await?,
+        };
+        let Some(r) = row else { return Ok(None) };
+        let e = catalog_row(&r)?;
+        let pb = self.get_playbook(&e.digest).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "catalog {}@{} points at missing content {}",
+                e.path, e.version, e.digest
+            ))
+        })?;
+        Ok(Some((e, pb)))
+    }
+
+    async fn list_catalog(&self, tenant: &str) -> Result<Vec<CatalogEntry>, StoreError> {
+        let rows = sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = ? ORDER BY path, version").bind(tenant).fetch_all(&self.read).await?;
+        rows.iter().map(catalog_row).collect()
     }
 
     async fn get_secret(&self, tenant: &str, alias: &str) -> Result<Option<String>, StoreError> {

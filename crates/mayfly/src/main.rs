@@ -31,6 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a playbook locally (embedded SQLite log, in-process workers) and print its result.
+    /// PLAYBOOK is a file, or with --db a catalog reference `path[@version]`.
     Run {
         playbook: PathBuf,
         /// Workload override `key=value` (value parsed as JSON when it is JSON, else a string).
@@ -88,6 +89,21 @@ enum Cmd {
     },
     /// Measure orchestration overhead and fan-out throughput on the embedded store.
     Bench(bench::BenchArgs),
+    /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
+    Register {
+        playbook: PathBuf,
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// List the catalog (every version).
+    Catalog {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
     /// Manage credentials: stored sealed, resolved by alias only inside steps.
     Keychain {
         #[command(subcommand)]
@@ -197,6 +213,12 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Register {
+            playbook,
+            db,
+            tenant,
+        } => register(&db, &playbook, &tenant).await,
+        Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
         Cmd::Keychain { cmd, key } => {
             keychain::run(cmd, key, async |db: &Path| {
                 open_db(db, false, false).await.map(|(s, _)| s)
@@ -301,13 +323,6 @@ async fn run(
     let parse_opts = ParseOptions {
         extra_vars: ov.keys().cloned().collect(),
     };
-    let pb = match load_file(playbook, &parse_opts) {
-        Ok(pb) => pb,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::from(2));
-        }
-    };
     let tmp;
     let db_path = match db {
         Some(p) => p.to_path_buf(),
@@ -317,6 +332,25 @@ async fn run(
         }
     };
     let (store, _lock) = open_db(&db_path, false, true).await?;
+    // A file, or (with --db) a catalog reference `path[@version]`.
+    let loaded = if playbook.exists() || db.is_none() {
+        load_file(playbook, &parse_opts).map_err(|e| e.to_string())
+    } else {
+        from_catalog(
+            store.as_ref(),
+            &opts.key.tenant,
+            &playbook.to_string_lossy(),
+            &parse_opts,
+        )
+        .await?
+    };
+    let pb = match loaded {
+        Ok(pb) => pb,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let runtime = Runtime::start(store, runtime_config(opts)?)?;
     let handle = runtime.handle();
     let events = handle.subscribe();
@@ -362,6 +396,63 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// Resolve `path[@version]` from the tenant's catalog (outer error: the store failed;
+/// inner: not found or invalid).
+async fn from_catalog(
+    store: &dyn Store,
+    tenant: &str,
+    reference: &str,
+    opts: &ParseOptions,
+) -> Result<Result<mayfly_dsl::Playbook, String>> {
+    let (path, version) = match reference.rsplit_once('@') {
+        Some((p, v)) => match v.parse::<u32>() {
+            Ok(v) => (p, Some(v)),
+            Err(_) => return Ok(Err(format!("bad catalog version in `{reference}`"))),
+        },
+        None => (reference, None),
+    };
+    let Some((entry, stored)) = store.resolve(tenant, path, version).await? else {
+        return Ok(Err(format!(
+            "`{reference}` is neither a file nor a playbook in the catalog of tenant `{tenant}`"
+        )));
+    };
+    Ok(mayfly_dsl::parse(
+        &format!("{}@{}", entry.path, entry.version),
+        &stored.content,
+        opts,
+    )
+    .map_err(|e| e.to_string()))
+}
+
+async fn register(db: &Path, file: &Path, tenant: &str) -> Result<ExitCode> {
+    let pb = match load_file(file, &ParseOptions::default()) {
+        Ok(pb) => pb,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let store = open_db(db, false, false).await?.0;
+    let stored = mayfly_store::StoredPlaybook {
+        digest: pb.digest.clone(),
+        path: pb.path.clone(),
+        source_name: pb.file.clone(),
+        content: pb.source.clone(),
+    };
+    let (e, created) = store.register(tenant, stored).await?;
+    let what = if created { "registered" } else { "unchanged" };
+    println!("{what} {}@{} {}", e.path, e.version, e.digest);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn catalog(db: &Path, tenant: &str) -> Result<ExitCode> {
+    let store = open_existing(db).await?;
+    for e in store.list_catalog(tenant).await? {
+        println!("{}@{}  {}", e.path, e.version, e.digest);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn open_existing(db: &Path) -> Result<Arc<dyn Store>> {

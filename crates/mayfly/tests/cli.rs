@@ -724,3 +724,68 @@ workflow:
     assert!(o.status.success());
     assert_eq!(out(&kc(&["list"]).output().expect("list")).trim(), "");
 }
+
+#[test]
+fn register_in_the_catalog_and_run_by_path_and_version() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("m.db");
+    let file = dir.path().join("flow.yaml");
+    let v1 = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: flow, path: team/flow}\nworkflow:\n  - step: start\n    input: {v: 1}\n";
+    std::fs::write(&file, v1).expect("write");
+    let reg = || {
+        bin()
+            .arg("register")
+            .arg(&file)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .expect("register")
+    };
+    let o = reg();
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).starts_with("registered team/flow@1 sha256:"),
+        "{}",
+        out(&o)
+    );
+    assert!(
+        out(&reg()).starts_with("unchanged team/flow@1 "),
+        "identical content is a no-op"
+    );
+    std::fs::write(&file, v1.replace("v: 1", "v: 2")).expect("write");
+    assert!(out(&reg()).starts_with("registered team/flow@2 "));
+    let run = |r: &str| {
+        bin()
+            .args(["run", r, "--json", "--db"])
+            .arg(&db)
+            .output()
+            .expect("run")
+    };
+    assert_eq!(
+        json(&run("team/flow"))["result"],
+        serde_json::json!({"v": 2}),
+        "latest by default"
+    );
+    assert_eq!(
+        json(&run("team/flow@1"))["result"],
+        serde_json::json!({"v": 1})
+    );
+    let o = run("team/flow@7");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains("neither a file nor a playbook in the catalog"),
+        "{}",
+        err(&o)
+    );
+    let o = bin()
+        .args(["catalog", "--db"])
+        .arg(&db)
+        .output()
+        .expect("catalog");
+    assert_eq!(out(&o).lines().count(), 2);
+    // Invalid content is refused at registration with its location.
+    std::fs::write(&file, "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x}\nworkflow:\n  - step: begin\n").expect("write");
+    let o = reg();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err(&o).contains("named `start`"), "{}", err(&o));
+}
