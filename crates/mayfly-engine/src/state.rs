@@ -89,6 +89,7 @@ pub struct PendingCommand {
 pub struct ExecState {
     pub execution_id: ExecutionId,
     pub path: String,
+    pub tenant: String,
     pub playbook_digest: String,
     pub status: Status,
     pub workload: Map<String, Value>,
@@ -130,6 +131,7 @@ impl ExecState {
         ExecState {
             execution_id,
             path: String::new(),
+            tenant: mayfly_types::DEFAULT_TENANT.to_owned(),
             playbook_digest: String::new(),
             status: Status::Pending,
             workload: Map::new(),
@@ -202,6 +204,9 @@ impl ExecState {
                 let r: ExecutionRequested = p(ev)?;
                 self.path = r.path;
                 self.workload = r.workload;
+                if let Some(t) = r.tenant {
+                    self.tenant = t;
+                }
                 self.parent = r.parent;
                 self.playbook_digest = ev.playbook_digest.clone();
             }

@@ -94,6 +94,7 @@ impl Sim {
             source: None,
             workload: w,
             parent: None,
+            tenant: None,
         };
         self.push(vec![Draft::new(EventKind::ExecutionRequested, json!(req))]);
         let mut guard = 0;

@@ -71,6 +71,8 @@ pub struct Block {
 #[derive(Clone, Debug)]
 pub struct Hydrated {
     pub block: Block,
+    /// The execution's tenant (keychain lookups are scoped to it).
+    pub tenant: String,
     pub attempt: u32,
     pub playbook: Arc<Playbook>,
     pub context: Map<String, Value>,
@@ -95,9 +97,9 @@ pub struct RuntimeConfig {
     pub lease: Duration,
     pub tools: ToolsConfig,
     pub worker_id: String,
-    /// Master key and tenant for keychain resolution inside blocks (None: steps that use
-    /// the keychain fail closed).
-    pub keychain: Option<(mayfly_trust::keychain::MasterKey, String)>,
+    /// Master key for keychain resolution inside blocks, in each execution's tenant
+    /// (None: steps that use the keychain fail closed).
+    pub keychain: Option<mayfly_trust::keychain::MasterKey>,
 }
 
 impl Default for RuntimeConfig {
@@ -144,10 +146,22 @@ impl RuntimeHandle {
         overrides: Map<String, Value>,
         request_id: Option<String>,
     ) -> Result<ExecutionId, RuntimeError> {
+        self.start_as(pb, overrides, request_id, None).await
+    }
+
+    /// Start an execution owned by `tenant` (None = the default tenant).
+    pub async fn start_as(
+        &self,
+        pb: Arc<Playbook>,
+        overrides: Map<String, Value>,
+        request_id: Option<String>,
+        tenant: Option<String>,
+    ) -> Result<ExecutionId, RuntimeError> {
         self.ask(|reply| Msg::Start {
             pb,
             overrides,
             request_id,
+            tenant,
             reply,
         })
         .await?
@@ -228,11 +242,10 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16_384);
-        let secrets = config.keychain.clone().map(|(key, tenant)| {
+        let secrets = config.keychain.clone().map(|key| {
             Arc::new(worker::Secrets {
                 store: store.clone(),
                 key,
-                tenant,
             })
         });
         let orch = Orchestrator::new(store, btx, events.clone(), config.lease);

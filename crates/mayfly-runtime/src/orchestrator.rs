@@ -28,6 +28,7 @@ pub(crate) enum Msg {
         pb: Arc<Playbook>,
         overrides: Map<String, Value>,
         request_id: Option<String>,
+        tenant: Option<String>,
         reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
     },
     Resume {
@@ -58,6 +59,16 @@ struct Exec {
     st: ExecState,
     request_id: Option<String>,
     source: Option<String>,
+}
+
+/// What a new execution starts from.
+struct Start {
+    pb: Arc<Playbook>,
+    workload: Map<String, Value>,
+    parent: Option<ParentRef>,
+    request_id: Option<String>,
+    source: Option<String>,
+    tenant: Option<String>,
 }
 
 struct Lease {
@@ -164,6 +175,7 @@ impl Orchestrator {
                     pb,
                     overrides,
                     request_id,
+                    tenant,
                     reply,
                 } => {
                     let id = ExecutionId(uuid::Uuid::now_v7().to_string());
@@ -171,7 +183,15 @@ impl Orchestrator {
                     workload.extend(overrides);
                     let source = Some(pb.file.clone());
                     c.batch.playbooks.push(stored(&pb));
-                    self.start_exec(&mut c, id.clone(), pb, workload, None, request_id, source);
+                    let start = Start {
+                        pb,
+                        workload,
+                        parent: None,
+                        request_id,
+                        source,
+                        tenant,
+                    };
+                    self.start_exec(&mut c, id.clone(), start);
                     c.replies.push(Reply::Started(reply, id));
                 }
                 Msg::Resume { id, reply } => match self.resume(&mut c, &id).await {
@@ -315,22 +335,21 @@ impl Orchestrator {
         Ok(self.load(id).await?.1.report())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_exec(
-        &mut self,
-        c: &mut Cycle,
-        id: ExecutionId,
-        pb: Arc<Playbook>,
-        workload: Map<String, Value>,
-        parent: Option<ParentRef>,
-        request_id: Option<String>,
-        source: Option<String>,
-    ) {
+    fn start_exec(&mut self, c: &mut Cycle, id: ExecutionId, start: Start) {
+        let Start {
+            pb,
+            workload,
+            parent,
+            request_id,
+            source,
+            tenant,
+        } = start;
         let req = ExecutionRequested {
             path: pb.path.clone(),
             source: source.clone(),
             workload,
             parent,
+            tenant,
         };
         let st = ExecState::new(id.clone());
         self.execs.insert(
@@ -468,6 +487,7 @@ impl Orchestrator {
             )
         });
         let request_id = px.request_id.clone();
+        let tenant = Some(px.st.tenant.clone());
         match loaded {
             Err(e) => {
                 let f = StepFailed {
@@ -505,7 +525,15 @@ impl Orchestrator {
                     vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)],
                     "engine",
                 );
-                self.start_exec(c, child_id, child, workload, Some(pref), request_id, source);
+                let start = Start {
+                    pb: child,
+                    workload,
+                    parent: Some(pref),
+                    request_id,
+                    source,
+                    tenant,
+                };
+                self.start_exec(c, child_id, start);
             }
         }
     }
@@ -659,6 +687,7 @@ impl Orchestrator {
             _ => context(&x.st, None),
         };
         let pb = x.pb.clone();
+        let tenant = x.st.tenant.clone();
         let lease_until = now_ms() + lease.as_millis() as u64;
         let claimed = Draft::new(
             EventKind::CommandClaimed,
@@ -690,6 +719,7 @@ impl Orchestrator {
             },
         );
         Some(Hydrated {
+            tenant,
             block,
             attempt,
             playbook: pb,

@@ -172,7 +172,7 @@ pub async fn run_block(
         return run_pipeline(tools, h, None).await;
     }
     let resolved = match secrets {
-        Some(s) => s.resolve(&aliases).await,
+        Some(s) => s.resolve(&h.tenant, &aliases).await,
         None => Err(ErrorInfo::new(
             "keychain_unavailable",
             format!(
@@ -258,29 +258,29 @@ fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<
 pub struct Secrets {
     pub store: Arc<dyn mayfly_store::Store>,
     pub key: mayfly_trust::keychain::MasterKey,
-    pub tenant: String,
 }
 
 impl Secrets {
-    async fn resolve(&self, aliases: &[String]) -> Result<(Value, Redactor), ErrorInfo> {
+    async fn resolve(
+        &self,
+        tenant: &str,
+        aliases: &[String],
+    ) -> Result<(Value, Redactor), ErrorInfo> {
         let mut values = Map::new();
         let mut redactor = Redactor::default();
         for alias in aliases {
             let sealed = self
                 .store
-                .get_secret(&self.tenant, alias)
+                .get_secret(tenant, alias)
                 .await
                 .map_err(|e| ErrorInfo::new("keychain_unavailable", e.to_string()))?
                 .ok_or_else(|| {
                     ErrorInfo::new(
                         "keychain_missing",
-                        format!(
-                            "keychain alias `{alias}` is not set for tenant `{}`",
-                            self.tenant
-                        ),
+                        format!("keychain alias `{alias}` is not set for tenant `{tenant}`"),
                     )
                 })?;
-            let plain = self.key.open(&self.tenant, alias, &sealed).map_err(|e| {
+            let plain = self.key.open(tenant, alias, &sealed).map_err(|e| {
                 ErrorInfo::new("keychain_sealed", format!("keychain alias `{alias}`: {e}"))
             })?;
             let text = String::from_utf8_lossy(&plain).into_owned();

@@ -44,7 +44,7 @@ async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
         e.message
     );
     let mut statuses: Vec<String> = store
-        .list_executions(10)
+        .list_executions(None, 10)
         .await
         .expect("list")
         .into_iter()

@@ -249,7 +249,7 @@ async fn nested_playbooks_in_a_loop() {
     // three child executions, each linked to its parent, each with a valid chain
     let children: Vec<_> = env
         .store
-        .list_executions(100)
+        .list_executions(None, 100)
         .await
         .expect("list")
         .into_iter()
@@ -306,7 +306,7 @@ async fn postgres_through_a_keychain_credential() {
         .await
         .expect("put");
     let cfg = RuntimeConfig {
-        keychain: Some((key, "default".into())),
+        keychain: Some(key),
         ..Default::default()
     };
     let rt = Runtime::start(store.clone(), cfg).expect("rt");

@@ -131,6 +131,7 @@ pub(crate) fn row_to_execution<R: DbRow>(r: &R) -> Result<ExecutionRow, StoreErr
         playbook_digest: r.string("playbook_digest")?,
         status: r.string("status")?,
         parent_execution_id: r.opt_string("parent_execution_id")?.map(ExecutionId),
+        tenant: r.string("tenant")?,
         created_at: r.i64("created_at")? as u64,
         updated_at: r.i64("updated_at")? as u64,
     })

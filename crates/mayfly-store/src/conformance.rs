@@ -64,6 +64,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     playbooks_are_immutable_by_digest(store.as_ref()).await;
     keychain_slots(store.as_ref()).await;
     catalog_versions(store.clone()).await;
+    tokens_are_stored_by_hash(store.as_ref()).await;
     tail_never_skips_concurrent_commits(std::slice::from_ref(&store), store.clone()).await;
 }
 
@@ -485,8 +486,49 @@ pub async fn execution_projection(store: &dyn Store) {
         .expect("more");
     let row = store.get_execution(&id).await.expect("get").expect("row");
     assert_eq!(row.status, "completed");
-    let list = store.list_executions(1000).await.expect("list");
+    let list = store.list_executions(None, 1000).await.expect("list");
     assert!(list.iter().any(|r| r.execution_id == id));
+    assert_eq!(
+        row.tenant, "default",
+        "no tenant in the request means the default tenant"
+    );
+    // A tenant's listing holds only its own executions.
+    let tenant = unique("ten");
+    let other = unique("exec-t");
+    let evs = chain(
+        &other,
+        1,
+        GENESIS_HASH,
+        &[(
+            EventKind::ExecutionRequested,
+            None,
+            json!({"path": "p", "workload": {}, "tenant": tenant}),
+        )],
+    );
+    store
+        .append(Arc::new(Batch {
+            events: evs,
+            ..Default::default()
+        }))
+        .await
+        .expect("req");
+    let mine = store
+        .list_executions(Some(&tenant), 100)
+        .await
+        .expect("list");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        (mine[0].execution_id.0.as_str(), mine[0].tenant.as_str()),
+        (other.as_str(), tenant.as_str())
+    );
+    assert!(
+        !store
+            .list_executions(Some("nobody"), 100)
+            .await
+            .expect("list")
+            .iter()
+            .any(|r| r.execution_id.0 == other)
+    );
     assert!(
         store
             .get_execution(&ExecutionId::from("nope"))
@@ -678,5 +720,40 @@ pub async fn catalog_versions(store: Arc<dyn Store>) {
         versions,
         (1..=10).collect::<Vec<u32>>(),
         "versions are dense and unique"
+    );
+}
+
+/// Token grants are found by hash only.
+pub async fn tokens_are_stored_by_hash(store: &dyn Store) {
+    let before = store.count_tokens().await.expect("count");
+    let hash = mayfly_trust::sha256_digest(unique("tok").as_bytes());
+    let g = crate::TokenGrant {
+        tenant: "acme".into(),
+        role: "operator".into(),
+        name: "ci".into(),
+    };
+    store.put_token(&hash, &g).await.expect("put");
+    assert_eq!(store.find_token(&hash).await.expect("find"), Some(g));
+    assert_eq!(store.count_tokens().await.expect("count"), before + 1);
+    assert!(
+        store
+            .find_token("sha256:unknown")
+            .await
+            .expect("find")
+            .is_none()
+    );
+    assert!(
+        store
+            .put_token(
+                &hash,
+                &crate::TokenGrant {
+                    tenant: "x".into(),
+                    role: "admin".into(),
+                    name: "dup".into()
+                }
+            )
+            .await
+            .is_err(),
+        "a hash is granted once"
     );
 }

@@ -89,6 +89,16 @@ pub struct Batch {
     pub playbooks: Vec<StoredPlaybook>,
     /// Keychain changes (values are already sealed).
     pub secrets: Vec<SecretOp>,
+    /// New API tokens: (sha256 of the token, grant). The token itself is never stored.
+    pub tokens: Vec<(String, TokenGrant)>,
+}
+
+/// What an API token grants: a role within one tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    pub tenant: String,
+    pub role: String,
+    pub name: String,
 }
 
 /// One catalog version of a playbook.
@@ -152,6 +162,7 @@ pub struct ExecutionRow {
     pub playbook_digest: String,
     pub status: String,
     pub parent_execution_id: Option<ExecutionId>,
+    pub tenant: String,
     pub created_at: u64,
     pub updated_at: u64,
 }
@@ -201,8 +212,19 @@ pub trait Store: Send + Sync + 'static {
         &self,
         execution: &ExecutionId,
     ) -> Result<Option<ExecutionRow>, StoreError>;
-    /// Most recent first.
-    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError>;
+    /// Most recent first; only `tenant`'s when given.
+    async fn list_executions(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRow>, StoreError>;
+
+    /// Store a token grant under the token's hash.
+    async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError>;
+    /// The grant of a token hash.
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenGrant>, StoreError>;
+    /// How many tokens exist (0 = the server must bootstrap an admin token).
+    async fn count_tokens(&self) -> Result<u64, StoreError>;
 
     /// Commands not done yet (optionally of one execution), oldest first.
     async fn open_commands(

@@ -3,7 +3,6 @@
 //! become visible in commit order: a tail reading `position > last` never skips a row that
 //! committed late (the classic BIGSERIAL gap problem).
 
-use crate::CatalogEntry;
 use crate::common::{
     GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
 };
@@ -11,6 +10,7 @@ use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, Store, StoreError,
     StoredPlaybook,
 };
+use crate::{CatalogEntry, TokenGrant};
 use async_trait::async_trait;
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -171,6 +171,16 @@ async fn write_group(
             .execute(&mut *tx)
             .await?;
         }
+        for (hash, g) in &job.batch.tokens {
+            sqlx::query("INSERT INTO tokens (hash, tenant, role, name, created_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(hash)
+                .bind(&g.tenant)
+                .bind(&g.role)
+                .bind(&g.name)
+                .bind(now_ms() as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         for op in &job.batch.secrets {
             match op {
                 SecretOp::Put {
@@ -218,8 +228,8 @@ async fn project_executions(tx: &mut PgConnection, events: &[Event]) -> Result<(
                     .and_then(|p| p.get("execution_id"))
                     .and_then(|p| p.as_str());
                 sqlx::query(
-                    "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at) \
-                     VALUES ($1, $2, $3, 'pending', $4, $5, $6) ON CONFLICT (execution_id) DO NOTHING",
+                    "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at, tenant) \
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7) ON CONFLICT (execution_id) DO NOTHING",
                 )
                 .bind(&e.execution_id.0)
                 .bind(path)
@@ -227,6 +237,7 @@ async fn project_executions(tx: &mut PgConnection, events: &[Event]) -> Result<(
                 .bind(parent)
                 .bind(e.at as i64)
                 .bind(e.at as i64)
+                .bind(e.payload.get("tenant").and_then(|t| t.as_str()).unwrap_or(mayfly_types::DEFAULT_TENANT))
                 .execute(&mut *tx)
                 .await?;
                 continue;
@@ -332,6 +343,7 @@ impl Store for PostgresStore {
             && batch.commands.is_empty()
             && batch.playbooks.is_empty()
             && batch.secrets.is_empty()
+            && batch.tokens.is_empty()
         {
             return Ok(None);
         }
@@ -389,14 +401,47 @@ impl Store for PostgresStore {
         row.as_ref().map(row_to_execution).transpose()
     }
 
-    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?;
+    async fn list_executions(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        let rows = match tenant {
+            Some(t) => sqlx::query("SELECT * FROM executions WHERE tenant = $1 ORDER BY created_at DESC, execution_id DESC LIMIT $2").bind(t).bind(i64::from(limit)).fetch_all(&self.read).await?,
+            None => sqlx::query("SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT $1").bind(i64::from(limit)).fetch_all(&self.read).await?,
+        };
         rows.iter().map(row_to_execution).collect()
+    }
+
+    async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError> {
+        self.append(Arc::new(Batch {
+            tokens: vec![(hash.to_owned(), grant.clone())],
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenGrant>, StoreError> {
+        let row = sqlx::query("SELECT tenant, role, name FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(TokenGrant {
+                tenant: r.try_get("tenant")?,
+                role: r.try_get("role")?,
+                name: r.try_get("name")?,
+            }),
+            None => None,
+        })
+    }
+
+    async fn count_tokens(&self) -> Result<u64, StoreError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(r.try_get::<i64, _>("n")? as u64)
     }
 
     async fn open_commands(

@@ -1,7 +1,6 @@
 //! SQLite backend: WAL, `synchronous=FULL`, one writer task with group commit, a small
 //! reader pool. Many concurrent blocks share one fsync.
 
-use crate::CatalogEntry;
 use crate::common::{
     GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
 };
@@ -9,6 +8,7 @@ use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, Store, StoreError,
     StoredPlaybook,
 };
+use crate::{CatalogEntry, TokenGrant};
 use async_trait::async_trait;
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -132,6 +132,18 @@ async fn write_group(
             .execute(&mut *tx)
             .await?;
         }
+        for (hash, g) in &job.batch.tokens {
+            sqlx::query(
+                "INSERT INTO tokens (hash, tenant, role, name, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(hash)
+            .bind(&g.tenant)
+            .bind(&g.role)
+            .bind(&g.name)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         for op in &job.batch.secrets {
             match op {
                 SecretOp::Put {
@@ -179,8 +191,8 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
                     .and_then(|p| p.get("execution_id"))
                     .and_then(|p| p.as_str());
                 sqlx::query(
-                    "INSERT OR IGNORE INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at) \
-                     VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                    "INSERT OR IGNORE INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at, tenant) \
+                     VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
                 )
                 .bind(&e.execution_id.0)
                 .bind(path)
@@ -188,6 +200,7 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
                 .bind(parent)
                 .bind(e.at as i64)
                 .bind(e.at as i64)
+                .bind(e.payload.get("tenant").and_then(|t| t.as_str()).unwrap_or(mayfly_types::DEFAULT_TENANT))
                 .execute(&mut *tx)
                 .await?;
                 continue;
@@ -292,6 +305,7 @@ impl Store for SqliteStore {
             && batch.commands.is_empty()
             && batch.playbooks.is_empty()
             && batch.secrets.is_empty()
+            && batch.tokens.is_empty()
         {
             return Ok(None);
         }
@@ -349,14 +363,47 @@ impl Store for SqliteStore {
         row.as_ref().map(row_to_execution).transpose()
     }
 
-    async fn list_executions(&self, limit: u32) -> Result<Vec<ExecutionRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT ?",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?;
+    async fn list_executions(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        let rows = match tenant {
+            Some(t) => sqlx::query("SELECT * FROM executions WHERE tenant = ? ORDER BY created_at DESC, execution_id DESC LIMIT ?").bind(t).bind(i64::from(limit)).fetch_all(&self.read).await?,
+            None => sqlx::query("SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT ?").bind(i64::from(limit)).fetch_all(&self.read).await?,
+        };
         rows.iter().map(row_to_execution).collect()
+    }
+
+    async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError> {
+        self.append(Arc::new(Batch {
+            tokens: vec![(hash.to_owned(), grant.clone())],
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenGrant>, StoreError> {
+        let row = sqlx::query("SELECT tenant, role, name FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(TokenGrant {
+                tenant: r.try_get("tenant")?,
+                role: r.try_get("role")?,
+                name: r.try_get("name")?,
+            }),
+            None => None,
+        })
+    }
+
+    async fn count_tokens(&self) -> Result<u64, StoreError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(r.try_get::<i64, _>("n")? as u64)
     }
 
     async fn open_commands(

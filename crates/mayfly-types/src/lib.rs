@@ -221,7 +221,13 @@ pub struct ExecutionRequested {
     pub workload: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// Tenant the execution belongs to (None = `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
+
+/// The tenant of executions started without one.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// Link from a child execution (playbook tool) to the step that awaits it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

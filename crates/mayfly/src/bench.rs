@@ -86,9 +86,9 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
     };
     // Every scenario gets a keychain with one credential; only the `keychain` chain reads it.
     let key = mayfly_trust::keychain::MasterKey::generate();
-    let sealed = key.seal("bench", "api", br#"{"token": "bench-token-0123456789"}"#)?;
+    let sealed = key.seal("default", "api", br#"{"token": "bench-token-0123456789"}"#)?;
     let op = mayfly_store::SecretOp::Put {
-        tenant: "bench".into(),
+        tenant: "default".into(),
         alias: "api".into(),
         sealed,
     };
@@ -99,7 +99,7 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
         }))
         .await?;
     let cfg = RuntimeConfig {
-        keychain: Some((key, "bench".into())),
+        keychain: Some(key),
         ..Default::default()
     };
     let rt = Runtime::start(store, cfg)?;

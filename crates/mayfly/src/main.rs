@@ -273,7 +273,7 @@ fn runtime_config(opts: &RunOpts) -> Result<RuntimeConfig> {
     if let Some(n) = opts.python_pool {
         cfg.tools.python_pool = n.max(1);
     }
-    cfg.keychain = keychain::master_key(&opts.key, false)?.map(|k| (k, opts.key.tenant.clone()));
+    cfg.keychain = keychain::master_key(&opts.key, false)?;
     Ok(cfg)
 }
 
@@ -356,7 +356,9 @@ async fn run(
     let events = handle.subscribe();
     let pb = Arc::new(pb);
     let began = std::time::Instant::now();
-    let id = handle.start(pb.clone(), ov, None).await?;
+    let id = handle
+        .start_as(pb.clone(), ov, None, Some(opts.key.tenant.clone()))
+        .await?;
     if !opts.json && db.is_some() {
         eprintln!("execution {id} (db {})", shown(&db_path));
     }
@@ -553,7 +555,7 @@ async fn replay(db: &Path, id: &str, json: bool) -> Result<ExitCode> {
 
 async fn executions(db: &Path, limit: u32) -> Result<ExitCode> {
     let store = open_existing(db).await?;
-    for x in store.list_executions(limit).await? {
+    for x in store.list_executions(None, limit).await? {
         let parent = x
             .parent_execution_id
             .map(|p| format!(" (child of {p})"))
