@@ -159,6 +159,13 @@ impl MasterKey {
     }
 }
 
+/// A fresh random secret token with a prefix (e.g. an API token `mf_…`), 256 bits of entropy.
+pub fn random_token(prefix: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let key = chacha20poly1305::Key::generate();
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(key.as_slice()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,17 @@ enum Cmd {
     },
     /// Measure orchestration overhead and fan-out throughput on the embedded store.
     Bench(bench::BenchArgs),
+    /// Serve the gateway (HTTP API, SSE) with an embedded runtime: SQLite (or Postgres) log,
+    /// in-process workers. Prints an admin token on first start.
+    Server {
+        /// Event log: a SQLite file or a postgres:// URL.
+        #[arg(long, default_value = "mayfly.db")]
+        db: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        opts: RunOpts,
+    },
     /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
     Register {
         playbook: PathBuf,
@@ -213,6 +224,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Server { db, listen, opts } => server(&db, &listen, &opts).await,
         Cmd::Register {
             playbook,
             db,
@@ -398,6 +410,44 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+async fn server(db: &Path, listen: &str, opts: &RunOpts) -> Result<ExitCode> {
+    let (store, _lock) = open_db(db, false, true).await?;
+    let runtime = Runtime::start(store.clone(), runtime_config(opts)?)?;
+    // Resume whatever was in flight when the previous server stopped.
+    for x in store.list_executions(None, 10_000).await? {
+        if matches!(x.status.as_str(), "pending" | "running")
+            && x.parent_execution_id.is_none()
+            && let Err(e) = runtime.handle().resume(&x.execution_id).await
+        {
+            eprintln!("warning: could not resume {}: {e}", x.execution_id);
+        }
+    }
+    if let Some(token) = mayfly_gateway::bootstrap_admin(store.as_ref()).await? {
+        eprintln!(
+            "admin token (shown once; tenant `{}`): {token}",
+            mayfly_gateway::SYSTEM_TENANT
+        );
+    }
+    let app = mayfly_gateway::router(mayfly_gateway::Gateway {
+        store,
+        runtime: runtime.handle(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!(
+        "mayfly gateway on http://{} (db {})",
+        listener.local_addr()?,
+        shown(db)
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolve `path[@version]` from the tenant's catalog (outer error: the store failed;

@@ -789,3 +789,78 @@ fn register_in_the_catalog_and_run_by_path_and_version() {
     assert_eq!(o.status.code(), Some(2));
     assert!(err(&o).contains("named `start`"), "{}", err(&o));
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read");
+    buf
+}
+
+#[test]
+fn server_prints_an_admin_token_once_and_serves_the_api() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("srv.db");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let start = || {
+        bin()
+            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+            .arg(&db)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server")
+    };
+    let read_banner = |child: &mut std::process::Child| {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let mut seen = Vec::new();
+        for l in lines.by_ref() {
+            let l = l.expect("line");
+            let done = l.starts_with("mayfly gateway on");
+            seen.push(l);
+            if done {
+                break;
+            }
+        }
+        seen
+    };
+    let mut first = start();
+    let banner = read_banner(&mut first);
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.contains("admin token") && l.contains("mf_")),
+        "{banner:?}"
+    );
+    let health = http_get(port, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("\"ok\""),
+        "{health}"
+    );
+    let unauth = http_get(port, "/v1/executions");
+    assert!(
+        unauth.starts_with("HTTP/1.1 401") && unauth.contains("application/problem+json"),
+        "{unauth}"
+    );
+    first.kill().expect("stop");
+    first.wait().expect("wait");
+    let mut second = start();
+    let banner = read_banner(&mut second);
+    assert!(
+        !banner.iter().any(|l| l.contains("admin token")),
+        "the token is shown only on first start: {banner:?}"
+    );
+    second.kill().expect("stop");
+    second.wait().expect("wait");
+}

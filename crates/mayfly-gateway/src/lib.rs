@@ -1,0 +1,593 @@
+//! The gateway: the only component clients talk to. It authenticates (hashed, tenant-scoped
+//! API tokens with roles), correlates requests (`x-request-id`, carried into every event),
+//! routes to the catalog and the runtime, and streams execution events (SSE). It never reads
+//! or writes domain data and never runs tools.
+//!
+//! Every error is `application/problem+json` with a stable `code`.
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use mayfly_dsl::ParseOptions;
+use mayfly_engine::ExecState;
+use mayfly_runtime::RuntimeHandle;
+use mayfly_store::{Store, StoredPlaybook, TokenGrant};
+use mayfly_types::{EventKind, ExecutionId};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY: usize = 1 << 20;
+/// The platform tenant: its admins may create tokens for any tenant.
+pub const SYSTEM_TENANT: &str = "system";
+
+/// Roles, weakest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Author,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "author" => Some(Role::Author),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct Gateway {
+    pub store: Arc<dyn Store>,
+    pub runtime: RuntimeHandle,
+}
+
+/// An error answered as problem+json.
+#[derive(Debug)]
+pub struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    extra: Map<String, Value>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            code,
+            detail: detail.into(),
+            extra: Map::new(),
+        }
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+    fn not_found(what: impl Into<String>) -> Self {
+        Problem::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "type": format!("https://mayfly.dev/problems/{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        if let Value::Object(m) = &mut body {
+            m.extend(self.extra);
+        }
+        let mut r = (self.status, Json(body)).into_response();
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, Problem>;
+
+/// The caller, after authentication.
+#[derive(Clone, Debug)]
+struct Caller {
+    tenant: String,
+    role: Role,
+    request_id: String,
+}
+
+impl Caller {
+    fn require(&self, role: Role) -> ApiResult<()> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            tracing::warn!(target: "mayfly::audit", tenant = %self.tenant, request_id = %self.request_id, needed = ?role, had = ?self.role, "forbidden");
+            Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this needs the {role:?} role"),
+            ))
+        }
+    }
+}
+
+/// Hash of an API token as stored (the token itself is never stored).
+pub fn token_hash(token: &str) -> String {
+    mayfly_trust::sha256_digest(token.as_bytes())
+}
+
+/// Create the first admin token when none exists; returns it (shown once) or None.
+pub async fn bootstrap_admin(
+    store: &dyn Store,
+) -> Result<Option<String>, mayfly_store::StoreError> {
+    if store.count_tokens().await? > 0 {
+        return Ok(None);
+    }
+    let token = mayfly_trust::keychain::random_token("mf_");
+    let grant = TokenGrant {
+        tenant: SYSTEM_TENANT.into(),
+        role: "admin".into(),
+        name: "bootstrap".into(),
+    };
+    store.put_token(&token_hash(&token), &grant).await?;
+    Ok(Some(token))
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// Authenticate every `/v1` request; attach the request id to the response.
+async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -> Response {
+    let rid = request_id(req.headers());
+    let too_big = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_BODY);
+    // Copy what we need out of the request: it is not Sync, so no borrow may cross an await.
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let path = req.uri().path().to_owned();
+    let result: ApiResult<Caller> = async {
+        if too_big {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("bodies are limited to {MAX_BODY} bytes"),
+            ));
+        }
+        let token = bearer.ok_or_else(|| {
+            Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send `Authorization: Bearer <token>`",
+            )
+        })?;
+        let grant = gw
+            .store
+            .find_token(&token_hash(&token))
+            .await
+            .map_err(Problem::internal)?
+            .ok_or_else(|| {
+                Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown token")
+            })?;
+        let role = Role::parse(&grant.role)
+            .ok_or_else(|| Problem::internal("token has an unknown role"))?;
+        Ok(Caller {
+            tenant: grant.tenant,
+            role,
+            request_id: rid.clone(),
+        })
+    }
+    .await;
+    let mut resp = match result {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(p) => {
+            if p.status == StatusCode::UNAUTHORIZED {
+                tracing::warn!(target: "mayfly::audit", request_id = %rid, path = %path, "unauthenticated request refused");
+            }
+            p.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// The HTTP API.
+pub fn router(gw: Gateway) -> Router {
+    let v1 = Router::new()
+        .route("/playbooks", post(register).get(list_playbooks))
+        .route("/playbooks/{*path}", get(get_playbook))
+        .route("/executions", post(start).get(list_executions))
+        .route("/executions/{id}", get(status))
+        .route("/executions/{id}/events", get(events))
+        .route("/executions/{id}/stream", get(stream))
+        .route("/tokens", post(create_token))
+        .layer(middleware::from_fn_with_state(gw.clone(), authenticate));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(gw)
+}
+
+async fn register(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    body: String,
+) -> ApiResult<Response> {
+    c.require(Role::Author)?;
+    let pb = mayfly_dsl::parse("request", &body, &ParseOptions::default()).map_err(|e| {
+        let diags: Vec<Value> = e
+            .diagnostics
+            .iter()
+            .map(|d| json!({"line": d.loc.line, "col": d.loc.col, "step": d.step, "message": d.message}))
+            .collect();
+        let mut p = Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string());
+        p.extra.insert("diagnostics".into(), Value::Array(diags));
+        p
+    })?;
+    let stored = StoredPlaybook {
+        digest: pb.digest.clone(),
+        path: pb.path.clone(),
+        source_name: pb.path.clone(),
+        content: body,
+    };
+    let (entry, created) = gw
+        .store
+        .register(&c.tenant, stored)
+        .await
+        .map_err(Problem::internal)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"path": entry.path, "version": entry.version, "digest": entry.digest, "created": created}))).into_response())
+}
+
+async fn list_playbooks(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> ApiResult<Json<Value>> {
+    let list = gw
+        .store
+        .list_catalog(&c.tenant)
+        .await
+        .map_err(Problem::internal)?;
+    Ok(Json(json!({"playbooks": list})))
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<u32>,
+}
+
+async fn get_playbook(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(path): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult<Json<Value>> {
+    let (e, pb) = gw
+        .store
+        .resolve(&c.tenant, &path, q.version)
+        .await
+        .map_err(Problem::internal)?
+        .ok_or_else(|| Problem::not_found(format!("no playbook `{path}` in the catalog")))?;
+    Ok(Json(
+        json!({"path": e.path, "version": e.version, "digest": e.digest, "content": pb.content}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct StartRequest {
+    path: String,
+    version: Option<u32>,
+    #[serde(default)]
+    workload: Map<String, Value>,
+}
+
+async fn start(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    body: String,
+) -> ApiResult<Response> {
+    c.require(Role::Operator)?;
+    let req: StartRequest = serde_json::from_str(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("body: {e}"),
+        )
+    })?;
+    let (entry, stored) = gw
+        .store
+        .resolve(&c.tenant, &req.path, req.version)
+        .await
+        .map_err(Problem::internal)?
+        .ok_or_else(|| Problem::not_found(format!("no playbook `{}` in the catalog", req.path)))?;
+    let opts = ParseOptions {
+        extra_vars: req.workload.keys().cloned().collect(),
+    };
+    let name = format!("{}@{}", entry.path, entry.version);
+    let pb = mayfly_dsl::parse(&name, &stored.content, &opts)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string()))?;
+    let id = gw
+        .runtime
+        .start_as(
+            Arc::new(pb),
+            req.workload,
+            Some(c.request_id.clone()),
+            Some(c.tenant.clone()),
+        )
+        .await
+        .map_err(Problem::internal)?;
+    let body = json!({"execution_id": id, "path": entry.path, "version": entry.version});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+struct Page {
+    limit: Option<u32>,
+    from: Option<u64>,
+}
+
+async fn list_executions(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Query(p): Query<Page>,
+) -> ApiResult<Json<Value>> {
+    let rows = gw
+        .store
+        .list_executions(Some(&c.tenant), p.limit.unwrap_or(50).min(1000))
+        .await
+        .map_err(Problem::internal)?;
+    Ok(Json(json!({"executions": rows})))
+}
+
+/// The execution, if it belongs to the caller's tenant (else 404: existence is not leaked).
+async fn owned(gw: &Gateway, c: &Caller, id: &str) -> ApiResult<ExecutionId> {
+    let id = ExecutionId::from(id);
+    match gw
+        .store
+        .get_execution(&id)
+        .await
+        .map_err(Problem::internal)?
+    {
+        Some(row) if row.tenant == c.tenant => Ok(id),
+        Some(_) => {
+            tracing::warn!(target: "mayfly::audit", tenant = %c.tenant, request_id = %c.request_id, execution = %id, "cross-tenant access refused");
+            Err(Problem::not_found(format!("no execution {id}")))
+        }
+        None => Err(Problem::not_found(format!("no execution {id}"))),
+    }
+}
+
+async fn status(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = owned(&gw, &c, &id).await?;
+    let evs = gw.store.read_all(&id).await.map_err(Problem::internal)?;
+    mayfly_trust::verify_chain(&evs).map_err(Problem::internal)?;
+    let st = ExecState::fold(id, &evs).map_err(Problem::internal)?;
+    Ok(Json(
+        serde_json::to_value(st.report()).map_err(Problem::internal)?,
+    ))
+}
+
+async fn events(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    Query(p): Query<Page>,
+) -> ApiResult<Json<Value>> {
+    let id = owned(&gw, &c, &id).await?;
+    let limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    let evs = gw
+        .store
+        .read(&id, p.from.unwrap_or(1), limit)
+        .await
+        .map_err(Problem::internal)?;
+    let next = (evs.len() as u32 == limit)
+        .then(|| evs.last().map(|e| e.seq + 1))
+        .flatten();
+    Ok(Json(json!({"events": evs, "next": next})))
+}
+
+/// SSE of an execution's events: `id` is the seq (resume with `Last-Event-ID`), `event` the
+/// kind. The stream ends after the execution's terminal event.
+async fn stream(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let id = owned(&gw, &c, &id).await?;
+    let mut next = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| s + 1)
+        .unwrap_or(1);
+    let mut wake = gw.runtime.subscribe();
+    let store = gw.store.clone();
+    let s = async_stream(move |tx| async move {
+        loop {
+            let page = match store.read(&id, next, 500).await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let mut ended = false;
+            for e in &page {
+                next = e.seq + 1;
+                ended |= e.kind.is_terminal()
+                    && matches!(
+                        e.kind,
+                        EventKind::ExecutionCompleted
+                            | EventKind::ExecutionFailed
+                            | EventKind::ExecutionCancelled
+                    );
+                let data = serde_json::to_string(e).unwrap_or_default();
+                let ev = SseEvent::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.as_str())
+                    .data(data);
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
+                return;
+            }
+            if page.is_empty() {
+                // Wait for a commit of this execution (or poll: committed events may come
+                // from another process sharing the log).
+                let wait = async {
+                    loop {
+                        match wake.recv().await {
+                            Ok(e) if e.execution_id == id => return,
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(500), wait).await;
+            }
+        }
+    });
+    Ok(Sse::new(s).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a producer task through a bounded channel (back-pressure to the client).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[derive(Deserialize)]
+struct TokenRequest {
+    tenant: Option<String>,
+    role: String,
+    name: String,
+}
+
+async fn create_token(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    body: String,
+) -> ApiResult<Response> {
+    c.require(Role::Admin)?;
+    let req: TokenRequest = serde_json::from_str(&body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("body: {e}"),
+        )
+    })?;
+    Role::parse(&req.role).ok_or_else(|| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "role must be viewer, operator, author or admin",
+        )
+    })?;
+    let tenant = req.tenant.unwrap_or_else(|| c.tenant.clone());
+    if tenant != c.tenant && c.tenant != SYSTEM_TENANT {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "tenant admins create tokens for their own tenant only",
+        ));
+    }
+    let token = mayfly_trust::keychain::random_token("mf_");
+    let grant = TokenGrant {
+        tenant: tenant.clone(),
+        role: req.role.clone(),
+        name: req.name,
+    };
+    gw.store
+        .put_token(&token_hash(&token), &grant)
+        .await
+        .map_err(Problem::internal)?;
+    let body = json!({"token": token, "tenant": tenant, "role": req.role});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The OpenAPI 3.1 description of this API.
+pub fn openapi() -> Value {
+    let problem = json!({"description": "problem+json", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
+    let ok = |d: &str| json!({"description": d, "content": {"application/json": {}}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "mayfly gateway", "version": env!("CARGO_PKG_VERSION")},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Problem": {"type": "object", "required": ["type", "status", "code", "detail"], "properties": {
+                "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "internal"]},
+                "detail": {"type": "string"}, "diagnostics": {"type": "array"}}}}
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/playbooks": {
+                "post": {"summary": "Register a playbook (YAML body) as the next immutable catalog version", "responses": {"201": ok("registered"), "200": ok("identical content: unchanged"), "400": problem, "401": problem, "403": problem, "413": problem}},
+                "get": {"summary": "List the catalog", "responses": {"200": ok("catalog entries"), "401": problem}}
+            },
+            "/v1/playbooks/{path}": {"get": {"summary": "A catalog version (latest, or ?version=N) with content", "parameters": [{"name": "path", "in": "path", "required": true, "schema": {"type": "string"}}, {"name": "version", "in": "query", "schema": {"type": "integer"}}], "responses": {"200": ok("playbook"), "404": problem}}},
+            "/v1/executions": {
+                "post": {"summary": "Start an execution: {path, version?, workload?}", "responses": {"201": ok("started"), "400": problem, "404": problem}},
+                "get": {"summary": "List the tenant's executions", "responses": {"200": ok("executions")}}
+            },
+            "/v1/executions/{id}": {"get": {"summary": "Status and result (rebuilt from the verified log)", "responses": {"200": ok("report"), "404": problem}}},
+            "/v1/executions/{id}/events": {"get": {"summary": "Events, paged (?from=SEQ&limit=N)", "responses": {"200": ok("events and next"), "404": problem}}},
+            "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
+            "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
+            "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
+            "/openapi.json": {"get": {"security": [], "summary": "This document", "responses": {"200": ok("OpenAPI")}}}
+        }
+    })
+}

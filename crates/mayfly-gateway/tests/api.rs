@@ -1,0 +1,322 @@
+//! The gateway over real HTTP: authentication and tenant scoping, problem+json errors,
+//! catalog registration, starting and following executions (status, events, SSE resume).
+
+use mayfly_gateway::{Gateway, bootstrap_admin, router};
+use mayfly_runtime::{Runtime, RuntimeConfig};
+use mayfly_store::{SqliteStore, Store};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Server {
+    base: String,
+    admin: String,
+    _rt: Runtime,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+async fn server() -> Server {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("runtime");
+    let admin = bootstrap_admin(store.as_ref())
+        .await
+        .expect("bootstrap")
+        .expect("first start mints a token");
+    assert!(
+        bootstrap_admin(store.as_ref())
+            .await
+            .expect("again")
+            .is_none(),
+        "only once"
+    );
+    let app = router(Gateway {
+        store,
+        runtime: rt.handle(),
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Server {
+        base,
+        admin,
+        _rt: rt,
+        _dir: dir,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Server {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("x-request-id", "req-test-1");
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        let resp = r.send().await.expect("send");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
+        )
+    }
+
+    async fn token(&self, tenant: &str, role: &str) -> String {
+        let body =
+            json!({"tenant": tenant, "role": role, "name": format!("{tenant}-{role}")}).to_string();
+        let (s, v, _) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/tokens",
+                Some(&self.admin),
+                Some(body),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["token"].as_str().expect("token").to_owned()
+    }
+}
+
+const HELLO: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: hi, path: team/hi}\nworkload: {who: world}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {who: \"{{ who }}\"}, code: \"result = {'hello': who}\"}\n";
+
+#[tokio::test]
+async fn authentication_roles_and_problem_json() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let (st, v, h) = s.call(M::GET, "/v1/playbooks", None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["code"], "unauthenticated");
+    assert_eq!(
+        h.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        h.get("x-request-id").and_then(|v| v.to_str().ok()),
+        Some("req-test-1"),
+        "request id echoed"
+    );
+    let (st, v, _) = s
+        .call(M::GET, "/v1/playbooks", Some("mf_not-a-token"), None)
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
+    );
+
+    let viewer = s.token("acme", "viewer").await;
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&viewer), Some(HELLO.into()))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    // A tenant admin cannot mint tokens for another tenant.
+    let acme_admin = s.token("acme", "admin").await;
+    let (st, _, _) = s
+        .call(
+            M::POST,
+            "/v1/tokens",
+            Some(&acme_admin),
+            Some(json!({"tenant": "beta", "role": "admin", "name": "x"}).to_string()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+
+    let author = s.token("acme", "author").await;
+    let bad = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x}\nworkflow:\n  - step: start\n    next: nowhere\n";
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(bad.into()))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_playbook"))
+    );
+    assert_eq!(v["diagnostics"][0]["line"], 6);
+    assert!(
+        v["diagnostics"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nowhere"))
+    );
+    let big = "x".repeat(2 << 20);
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(big))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+    let (st, v, _) = s.call(M::GET, "/openapi.json", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(v["paths"]["/v1/executions/{id}/stream"].is_object());
+}
+
+#[tokio::test]
+async fn register_start_follow_and_tenant_isolation() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let author = s.token("acme", "author").await;
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(HELLO.into()))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (
+            v["path"].as_str(),
+            v["version"].as_u64(),
+            v["created"].as_bool()
+        ),
+        (Some("team/hi"), Some(1), Some(true))
+    );
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(HELLO.into()))
+        .await;
+    assert_eq!(
+        (st, v["created"].as_bool()),
+        (StatusCode::OK, Some(false)),
+        "re-registering is a no-op"
+    );
+    let (st, v, _) = s
+        .call(M::GET, "/v1/playbooks/team/hi", Some(&author), None)
+        .await;
+    assert_eq!((st, v["content"].as_str()), (StatusCode::OK, Some(HELLO)));
+
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(json!({"path": "team/nope"}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(json!({"path": "team/hi", "workload": {"who": "gw"}}).to_string()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["execution_id"].as_str().expect("id").to_owned();
+
+    // SSE: follow to the end.
+    let resp = s
+        .http
+        .get(format!("{}/v1/executions/{id}/stream", s.base))
+        .bearer_auth(&author)
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = tokio::time::timeout(Duration::from_secs(30), resp.text())
+        .await
+        .expect("stream ends")
+        .expect("body");
+    assert!(
+        text.contains("event: execution.requested") && text.contains("event: execution.completed"),
+        "{text}"
+    );
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    // Resume after event 3: only the later ones.
+    let resp = s
+        .http
+        .get(format!("{}/v1/executions/{id}/stream", s.base))
+        .bearer_auth(&author)
+        .header("last-event-id", "3")
+        .send()
+        .await
+        .expect("sse");
+    let text = resp.text().await.expect("body");
+    let first = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("an id");
+    assert_eq!(first.trim(), "4");
+
+    let (st, v, _) = s
+        .call(M::GET, &format!("/v1/executions/{id}"), Some(&author), None)
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        (v["status"].as_str(), &v["result"]),
+        (Some("completed"), &json!({"hello": "gw"}))
+    );
+    let (_, v, _) = s
+        .call(
+            M::GET,
+            &format!("/v1/executions/{id}/events?limit=2"),
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(v["events"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["next"], 3);
+    assert_eq!(
+        v["events"][0]["request_id"], "req-test-1",
+        "the request id is carried into events"
+    );
+    let (_, v, _) = s.call(M::GET, "/v1/executions", Some(&author), None).await;
+    assert_eq!(v["executions"].as_array().map(Vec::len), Some(1));
+
+    // Another tenant sees nothing of acme's.
+    let beta = s.token("beta", "admin").await;
+    let (st, v, _) = s
+        .call(M::GET, &format!("/v1/executions/{id}"), Some(&beta), None)
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (st, _, _) = s
+        .call(
+            M::GET,
+            &format!("/v1/executions/{id}/stream"),
+            Some(&beta),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (_, v, _) = s.call(M::GET, "/v1/executions", Some(&beta), None).await;
+    assert_eq!(v["executions"].as_array().map(Vec::len), Some(0));
+    let (st, _, _) = s
+        .call(M::GET, "/v1/playbooks/team/hi", Some(&beta), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "catalogs are per tenant");
+}
