@@ -236,6 +236,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/executions/{id}", get(status))
         .route("/executions/{id}/events", get(events))
         .route("/executions/{id}/stream", get(stream))
+        .route("/executions/{id}/cancel", post(cancel))
         .route("/tokens", post(create_token))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate));
     Router::new()
@@ -508,6 +509,28 @@ where
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+async fn cancel(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    c.require(Role::Operator)?;
+    let id = owned(&gw, &c, &id).await?;
+    match gw
+        .runtime
+        .cancel(&id, &format!("cancelled by request {}", c.request_id))
+        .await
+    {
+        Ok(()) => Ok(Json(json!({"execution_id": id, "status": "cancelled"}))),
+        Err(mayfly_runtime::RuntimeError::Ended(_)) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("execution {id} has already ended"),
+        )),
+        Err(e) => Err(Problem::internal(e)),
+    }
+}
+
 #[derive(Deserialize)]
 struct TokenRequest {
     tenant: Option<String>,
@@ -568,7 +591,7 @@ pub fn openapi() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Problem": {"type": "object", "required": ["type", "status", "code", "detail"], "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "internal"]},
+                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "already_ended", "internal"]},
                 "detail": {"type": "string"}, "diagnostics": {"type": "array"}}}}
         },
         "security": [{"bearer": []}],
@@ -585,6 +608,7 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}": {"get": {"summary": "Status and result (rebuilt from the verified log)", "responses": {"200": ok("report"), "404": problem}}},
             "/v1/executions/{id}/events": {"get": {"summary": "Events, paged (?from=SEQ&limit=N)", "responses": {"200": ok("events and next"), "404": problem}}},
             "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
+            "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
             "/openapi.json": {"get": {"security": [], "summary": "This document", "responses": {"200": ok("OpenAPI")}}}

@@ -320,3 +320,84 @@ async fn register_start_follow_and_tenant_isolation() {
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "catalogs are per tenant");
 }
+
+#[tokio::test]
+async fn cancel_stops_a_running_execution() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let op = s.token("acme", "author").await;
+    let viewer = s.token("acme", "viewer").await;
+    let slow = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: slow, path: team/slow}\nworkflow:\n  - step: start\n    tool: {kind: shell, cmds: ['sleep 20']}\n    next: after\n  - step: after\n";
+    let (st, _, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&op), Some(slow.into()))
+        .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (_, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&op),
+            Some(json!({"path": "team/slow"}).to_string()),
+        )
+        .await;
+    let id = v["execution_id"].as_str().expect("id").to_owned();
+    // Wait until the block is running.
+    for _ in 0..100 {
+        let (_, v, _) = s
+            .call(
+                M::GET,
+                &format!("/v1/executions/{id}/events"),
+                Some(&op),
+                None,
+            )
+            .await;
+        if v["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["kind"] == "step.started"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (st, _, _) = s
+        .call(
+            M::POST,
+            &format!("/v1/executions/{id}/cancel"),
+            Some(&viewer),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            &format!("/v1/executions/{id}/cancel"),
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{v}"
+    );
+    let (_, v, _) = s
+        .call(M::GET, &format!("/v1/executions/{id}"), Some(&op), None)
+        .await;
+    assert_eq!(v["status"], "cancelled");
+    assert!(v["steps"].get("after").is_none());
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            &format!("/v1/executions/{id}/cancel"),
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::CONFLICT, Some("already_ended"))
+    );
+    let (_, v, _) = s.call(M::GET, "/v1/executions", Some(&op), None).await;
+    assert_eq!(v["executions"][0]["status"], "cancelled");
+}

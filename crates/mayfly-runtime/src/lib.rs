@@ -35,6 +35,8 @@ pub enum RuntimeError {
     Apply(#[from] ApplyError),
     #[error("unknown execution {0}")]
     Unknown(ExecutionId),
+    #[error("execution {0} has already ended")]
+    Ended(ExecutionId),
     #[error("stale claim: {0}")]
     StaleClaim(String),
     #[error("{0}")]
@@ -206,6 +208,17 @@ impl RuntimeHandle {
     pub async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
         self.ask(|reply| Msg::Complete {
             completion: Box::new(c),
+            reply,
+        })
+        .await?
+    }
+
+    /// Cancel a running execution (and its children); in-flight blocks' completions are
+    /// then refused.
+    pub async fn cancel(&self, id: &ExecutionId, reason: &str) -> Result<(), RuntimeError> {
+        self.ask(|reply| Msg::Cancel {
+            id: id.clone(),
+            reason: reason.to_owned(),
             reply,
         })
         .await?

@@ -48,6 +48,11 @@ pub(crate) enum Msg {
         command_id: String,
         attempt: u32,
     },
+    Cancel {
+        id: ExecutionId,
+        reason: String,
+        reply: oneshot::Sender<Result<(), RuntimeError>>,
+    },
     Wait {
         id: ExecutionId,
         reply: oneshot::Sender<Result<Report, RuntimeError>>,
@@ -231,6 +236,24 @@ impl Orchestrator {
                         });
                     }
                 }
+                Msg::Cancel { id, reason, reply } => match self.execs.get(&id) {
+                    Some(x) if !x.st.status.is_terminal() => {
+                        let d =
+                            Draft::new(EventKind::ExecutionCancelled, json!({"reason": reason}));
+                        self.emit(&mut c, &id, vec![d], "engine");
+                        c.replies.push(Reply::Completed(reply));
+                    }
+                    _ => {
+                        let r = match self.report_from_store(&id).await {
+                            Ok(r) if r.status.is_terminal() => Err(RuntimeError::Ended(id.clone())),
+                            Ok(_) => Err(RuntimeError::Invalid(format!(
+                                "execution {id} is not running in this process"
+                            ))),
+                            Err(e) => Err(e),
+                        };
+                        let _ = reply.send(r);
+                    }
+                },
                 Msg::Wait { id, reply } => match self.execs.get(&id) {
                     Some(_) => self.waiters.entry(id).or_default().push(reply),
                     None => {
