@@ -3,6 +3,7 @@
 mod bench;
 mod keychain;
 mod progress;
+mod remote;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
@@ -101,10 +102,11 @@ enum Cmd {
         opts: RunOpts,
     },
     /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
+    /// Without --db it registers on the server at MAYFLY_URL (token MAYFLY_TOKEN).
     Register {
         playbook: PathBuf,
         #[arg(long)]
-        db: PathBuf,
+        db: Option<PathBuf>,
         #[arg(long, default_value = "default")]
         tenant: String,
     },
@@ -114,6 +116,11 @@ enum Cmd {
         db: PathBuf,
         #[arg(long, default_value = "default")]
         tenant: String,
+    },
+    /// Executions on a server (MAYFLY_URL, MAYFLY_TOKEN): start, status, watch, cancel, list.
+    Exec {
+        #[command(subcommand)]
+        cmd: remote::ExecCmd,
     },
     /// Manage credentials: stored sealed, resolved by alias only inside steps.
     Keychain {
@@ -229,8 +236,12 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             playbook,
             db,
             tenant,
-        } => register(&db, &playbook, &tenant).await,
+        } => match db {
+            Some(db) => register(&db, &playbook, &tenant).await,
+            None => remote::register(&playbook).await,
+        },
         Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
+        Cmd::Exec { cmd } => remote::exec(cmd, overrides).await,
         Cmd::Keychain { cmd, key } => {
             keychain::run(cmd, key, async |db: &Path| {
                 open_db(db, false, false).await.map(|(s, _)| s)
@@ -241,7 +252,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
 }
 
 /// Parse `--set key=value` pairs; values are JSON when they parse as JSON.
-fn overrides(pairs: &[String]) -> Result<Map<String, Value>> {
+pub(crate) fn overrides(pairs: &[String]) -> Result<Map<String, Value>> {
     let mut m = Map::new();
     for p in pairs {
         let (k, v) = p

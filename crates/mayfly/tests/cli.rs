@@ -864,3 +864,91 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
     second.kill().expect("stop");
     second.wait().expect("wait");
 }
+
+#[test]
+fn cli_against_a_server_registers_starts_watches_and_lists() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut server = bin()
+        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+        .arg(dir.path().join("srv.db"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let mut token = String::new();
+    for l in std::io::BufReader::new(server.stderr.take().expect("stderr")).lines() {
+        let l = l.expect("line");
+        if let Some(t) = l.split_whitespace().find(|w| w.starts_with("mf_")) {
+            token = t.to_owned();
+        }
+        if l.starts_with("mayfly gateway on") {
+            break;
+        }
+    }
+    assert!(!token.is_empty());
+    let url = format!("http://127.0.0.1:{port}");
+    let remote = |args: &[&str]| {
+        bin()
+            .env("MAYFLY_URL", &url)
+            .env("MAYFLY_TOKEN", &token)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let o = remote(&[
+        "register",
+        examples().join("hello.yaml").to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).starts_with("registered examples/hello@1 "),
+        "{}",
+        out(&o)
+    );
+    let o = remote(&[
+        "exec",
+        "start",
+        "examples/hello",
+        "--set",
+        "name=cli",
+        "--watch",
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let result: Value = serde_json::from_str(&out(&o)).expect("result json");
+    assert_eq!(result["data"]["message"], "Hello World, cli!");
+    assert!(
+        err(&o).contains("execution.completed"),
+        "watch shows the events: {}",
+        err(&o)
+    );
+    let o = remote(&["exec", "list"]);
+    let id = out(&o)
+        .split_whitespace()
+        .next()
+        .expect("an execution")
+        .to_owned();
+    assert!(out(&o).contains("completed"));
+    let o = remote(&["exec", "status", &id]);
+    assert!(o.status.success());
+    assert_eq!(json(&o)["status"], "completed");
+    let o = bin()
+        .env("MAYFLY_URL", &url)
+        .env("MAYFLY_TOKEN", "mf_wrong")
+        .args(["exec", "list"])
+        .output()
+        .expect("cli");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("401") && err(&o).contains("unauthenticated"),
+        "{}",
+        err(&o)
+    );
+    server.kill().expect("stop");
+    server.wait().expect("wait");
+}
