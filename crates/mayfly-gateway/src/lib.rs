@@ -18,6 +18,7 @@ use mayfly_engine::ExecState;
 use mayfly_runtime::RuntimeHandle;
 use mayfly_store::{Store, StoredPlaybook, TokenGrant};
 use mayfly_types::{EventKind, ExecutionId};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::convert::Infallible;
@@ -55,6 +56,26 @@ impl Role {
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub runtime: RuntimeHandle,
+    /// Renders `/metrics` (None: the endpoint answers 404).
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Install the process-wide Prometheus recorder (once) and return its handle.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets(&latency)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
 }
 
 /// An error answered as problem+json.
@@ -243,6 +264,7 @@ pub fn router(gw: Gateway) -> Router {
         .nest("/v1", v1)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
+        .route("/metrics", get(metrics_text))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(gw)
 }
@@ -580,6 +602,18 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// Prometheus text exposition (unauthenticated, like `/healthz`: no tenant data in it).
+async fn metrics_text(State(gw): State<Gateway>) -> Response {
+    match &gw.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => Problem::not_found("metrics are not enabled").into_response(),
+    }
+}
+
 /// The OpenAPI 3.1 description of this API.
 pub fn openapi() -> Value {
     let problem = json!({"description": "problem+json", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}});
@@ -611,6 +645,7 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
+            "/metrics": {"get": {"security": [], "summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition"}}}},
             "/openapi.json": {"get": {"security": [], "summary": "This document", "responses": {"200": ok("OpenAPI")}}}
         }
     })

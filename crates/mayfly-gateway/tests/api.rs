@@ -40,6 +40,7 @@ async fn server() -> Server {
     let app = router(Gateway {
         store,
         runtime: rt.handle(),
+        metrics: mayfly_gateway::install_metrics(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -294,6 +295,19 @@ async fn register_start_follow_and_tenant_isolation() {
     );
     let (_, v, _) = s.call(M::GET, "/v1/executions", Some(&author), None).await;
     assert_eq!(v["executions"].as_array().map(Vec::len), Some(1));
+    let (st, m, _) = s.call(M::GET, "/metrics", None, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let m = m.as_str().unwrap_or_default().to_owned();
+    for name in [
+        "mayfly_events_appended_total",
+        "mayfly_event_append_seconds_bucket",
+        "mayfly_blocks_total{status=\"ok\"}",
+        "mayfly_step_duration_seconds_bucket",
+        "mayfly_queue_depth",
+        "mayfly_blocks_in_flight",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics:\n{m}");
+    }
 
     // Another tenant sees nothing of acme's.
     let beta = s.token("beta", "admin").await;

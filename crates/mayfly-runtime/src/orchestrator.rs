@@ -279,6 +279,7 @@ impl Orchestrator {
             ..
         } = c;
         let batch = Arc::new(batch);
+        let began = Instant::now();
         let result = match fatal {
             Some(e) => Err(e),
             None => self
@@ -287,6 +288,11 @@ impl Orchestrator {
                 .await
                 .map_err(RuntimeError::from),
         };
+        if result.is_ok() && !batch.events.is_empty() {
+            metrics::histogram!("mayfly_event_append_seconds")
+                .record(began.elapsed().as_secs_f64());
+            metrics::counter!("mayfly_events_appended_total").increment(batch.events.len() as u64);
+        }
         let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
         if let Err(e) = result {
             // In-memory state ran ahead of the log: forget the executions this cycle touched
@@ -352,6 +358,15 @@ impl Orchestrator {
             }
             self.leases.retain(|_, l| l.block.execution_id != id);
         }
+        self.record_gauges();
+    }
+
+    /// Autoscaling signals: blocks claimed and running, and blocks waiting for a worker.
+    fn record_gauges(&self) {
+        let open: usize = self.execs.values().map(|x| x.st.commands.len()).sum();
+        metrics::gauge!("mayfly_blocks_in_flight").set(self.leases.len() as f64);
+        metrics::gauge!("mayfly_queue_depth").set(open.saturating_sub(self.leases.len()) as f64);
+        metrics::gauge!("mayfly_live_executions").set(self.execs.len() as f64);
     }
 
     async fn report_from_store(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {

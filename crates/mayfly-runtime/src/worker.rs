@@ -61,6 +61,15 @@ pub async fn worker_loop(
             }),
         };
         drop(_hb);
+        let status = if outcome.is_ok() { "ok" } else { "error" };
+        metrics::counter!("mayfly_blocks_total", "status" => status).increment(1);
+        let ms = match &outcome {
+            Ok(f) => f.duration_ms,
+            Err(f) => f.duration_ms,
+        };
+        if let Some(ms) = ms {
+            metrics::histogram!("mayfly_step_duration_seconds").record(ms as f64 / 1000.0);
+        }
         let c = Completion {
             block: h.block.clone(),
             attempt: h.attempt,

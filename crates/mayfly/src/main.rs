@@ -444,6 +444,7 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts) -> Result<ExitCode> {
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
         store,
         runtime: runtime.handle(),
+        metrics: mayfly_gateway::install_metrics(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
