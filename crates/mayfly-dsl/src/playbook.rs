@@ -56,6 +56,8 @@ pub enum ToolKind {
     Playbook,
     Noop,
     Postgres,
+    /// Park the step until a callback arrives (no worker is held).
+    Wait,
 }
 
 impl ToolKind {
@@ -67,6 +69,7 @@ impl ToolKind {
             ToolKind::Playbook => "playbook",
             ToolKind::Noop => "noop",
             ToolKind::Postgres => "postgres",
+            ToolKind::Wait => "wait",
         }
     }
 }
@@ -201,6 +204,11 @@ impl Step {
         self.tasks.iter().all(|t| t.kind == ToolKind::Noop)
     }
 
+    /// The wait task, when this step parks for a callback.
+    pub fn wait_task(&self) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.kind == ToolKind::Wait)
+    }
+
     /// The playbook task, when this step runs a child playbook.
     pub fn playbook_task(&self) -> Option<&Task> {
         self.tasks.iter().find(|t| t.kind == ToolKind::Playbook)
@@ -241,6 +249,8 @@ pub const ENTRY_STEP: &str = "start";
 
 /// Names every template may read besides workload keys, step names and ctx keys.
 const SCOPE_NAMES: &[&str] = &[
+    "callbacks",
+    "error",
     "workload",
     "ctx",
     "steps",
@@ -744,6 +754,10 @@ impl Parser<'_> {
                 }
             }
         }
+        if tasks.iter().any(|t| t.kind == ToolKind::Wait) && tasks.len() > 1 {
+            let loc = tasks[0].loc;
+            self.err(loc, "a `wait` task must be the only task of its step (the step parks until its callback)");
+        }
         if tasks.iter().any(|t| t.kind == ToolKind::Playbook) && tasks.len() > 1 {
             let loc = tasks[0].loc;
             self.err(loc, "a `playbook` task must be the only task of its step (the step awaits the child execution)");
@@ -827,18 +841,19 @@ impl Parser<'_> {
             "playbook" => ToolKind::Playbook,
             "noop" => ToolKind::Noop,
             "postgres" => ToolKind::Postgres,
+            "wait" | "callback" => ToolKind::Wait,
             "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai"
             | "secrets" | "transfer" | "mcp" | "agent" => {
                 self.err(
                     kind_node.loc,
-                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, postgres, playbook, noop)"),
+                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, postgres, playbook, wait, noop)"),
                 );
                 return None;
             }
             other => {
                 self.err(
                     kind_node.loc,
-                    format!("unknown tool kind `{other}` (available: python, shell, http, postgres, playbook, noop)"),
+                    format!("unknown tool kind `{other}` (available: python, shell, http, postgres, playbook, wait, noop)"),
                 );
                 return None;
             }
@@ -905,6 +920,7 @@ impl Parser<'_> {
                 }
             }
             ToolKind::Noop => {}
+            ToolKind::Wait => {}
             ToolKind::Postgres => {
                 if config
                     .get("query")

@@ -47,6 +47,17 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
         m.insert(k.clone(), v.clone());
     }
     m.insert("ctx".into(), Value::Object(st.ctx.clone()));
+    if !st.waiting.is_empty() {
+        // Where to send each parked step's callback (for a sibling branch to hand out).
+        let mut cbs = Map::new();
+        for (token, w) in &st.waiting {
+            cbs.insert(
+                w.step.clone(),
+                json!({"token": token, "url": format!("/callbacks/{token}")}),
+            );
+        }
+        m.insert("callbacks".into(), Value::Object(cbs));
+    }
     m.insert(
         "execution_id".into(),
         Value::String(st.execution_id.0.clone()),

@@ -156,6 +156,19 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         };
         return Ok(Draft::new(EventKind::StepFinished, payload(&f)).step(&step.name));
     }
+    if let Some(task) = step.wait_task() {
+        // Parks without a worker; the appender fills in the one-time token.
+        let timeout_ms = task
+            .timeout_s
+            .or(step.timeout_s)
+            .map(|s| (s * 1000.0) as u64);
+        let w = mayfly_types::StepWaiting {
+            index,
+            token: String::new(),
+            timeout_ms,
+        };
+        return Ok(Draft::new(EventKind::StepWaiting, payload(&w)).step(&step.name));
+    }
     if let Some(task) = step.playbook_task() {
         let ctx = to_value(&context(st, iteration));
         let render = |n: &mayfly_dsl::Node| {

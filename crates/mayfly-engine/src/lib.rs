@@ -8,7 +8,9 @@ pub mod state;
 
 pub use context::{Iteration, alias, context};
 pub use decide::{DEFAULT_PARALLEL_WINDOW, decide};
-pub use state::{ApplyError, ExecState, LoopState, PendingCommand, Report, Status, StepRecord};
+pub use state::{
+    ApplyError, ExecState, LoopState, PendingCommand, Report, Status, StepRecord, Waiting,
+};
 
 #[cfg(test)]
 mod tests;

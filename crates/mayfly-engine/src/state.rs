@@ -114,6 +114,18 @@ pub struct ExecState {
     pub steps_finished: u64,
     /// Seqs of completions that belonged to an earlier run of a loop (ignored by decide).
     pub stale: BTreeSet<u64>,
+    /// Steps (or loop items) parked for a callback, by one-time token.
+    pub waiting: BTreeMap<String, Waiting>,
+}
+
+/// A step parked until `POST /callbacks/{token}` (or its timeout).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    pub step: String,
+    pub index: Option<usize>,
+    /// When it started waiting (unix ms) and for how long it may (ms).
+    pub since: u64,
+    pub timeout_ms: Option<u64>,
 }
 
 /// An event could not be folded (it does not fit the state: corrupt or foreign log).
@@ -151,6 +163,7 @@ impl ExecState {
             last_hash: GENESIS_HASH.to_owned(),
             steps_finished: 0,
             stale: BTreeSet::new(),
+            waiting: BTreeMap::new(),
         }
     }
 
@@ -261,6 +274,8 @@ impl ExecState {
                     self.stale.insert(ev.seq);
                     return self.advance(ev);
                 }
+                self.waiting
+                    .retain(|_, w| !(w.step == s && w.index == f.index));
                 for (k, v) in f.set {
                     self.ctx.insert(k, v);
                 }
@@ -304,6 +319,8 @@ impl ExecState {
                     self.stale.insert(ev.seq);
                     return self.advance(ev);
                 }
+                self.waiting
+                    .retain(|_, w| !(w.step == s && w.index == f.index));
                 self.children.remove(&(s.clone(), f.index));
                 if let Some(i) = f.index
                     && let Some(l) = self.loops.get_mut(&s)
@@ -404,6 +421,26 @@ impl ExecState {
                 let c: ChildStarted = p(ev)?;
                 self.children
                     .insert((step()?, c.index), Some(c.child_execution_id));
+            }
+            EventKind::StepWaiting => {
+                let w: mayfly_types::StepWaiting = p(ev)?;
+                let s = step()?;
+                if let Some(i) = w.index {
+                    self.issue_item(&s, i);
+                }
+                self.waiting.insert(
+                    w.token,
+                    Waiting {
+                        step: s,
+                        index: w.index,
+                        since: ev.at,
+                        timeout_ms: w.timeout_ms,
+                    },
+                );
+            }
+            EventKind::CallbackReceived => {
+                let c: mayfly_types::CallbackReceived = p(ev)?;
+                self.waiting.remove(&c.token);
             }
             EventKind::ExecutionCompleted => {
                 let c: ExecutionCompleted = p(ev)?;

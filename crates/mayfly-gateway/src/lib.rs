@@ -265,6 +265,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
+        .route("/callbacks/{token}", post(callback))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(gw)
 }
@@ -602,6 +603,42 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// `POST /callbacks/{token}`: authenticated by the one-time token itself. The JSON body
+/// (empty = null) becomes the parked step's result.
+async fn callback(
+    State(gw): State<Gateway>,
+    Path(token): Path<String>,
+    body: String,
+) -> ApiResult<Json<Value>> {
+    let payload: Value = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("body must be JSON: {e}"),
+            )
+        })?
+    };
+    match gw.runtime.callback(&token, payload).await {
+        Ok((id, step)) => Ok(Json(
+            json!({"execution_id": id, "step": step, "status": "resumed"}),
+        )),
+        Err(mayfly_runtime::RuntimeError::CallbackUnknown) => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "unknown_callback",
+            "no step waits for this token",
+        )),
+        Err(mayfly_runtime::RuntimeError::CallbackUsed) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "callback_used",
+            "this token was already used or has timed out",
+        )),
+        Err(e) => Err(Problem::internal(e)),
+    }
+}
+
 /// Prometheus text exposition (unauthenticated, like `/healthz`: no tenant data in it).
 async fn metrics_text(State(gw): State<Gateway>) -> Response {
     match &gw.metrics {
@@ -625,7 +662,7 @@ pub fn openapi() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Problem": {"type": "object", "required": ["type", "status", "code", "detail"], "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "already_ended", "internal"]},
+                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "already_ended", "unknown_callback", "callback_used", "internal"]},
                 "detail": {"type": "string"}, "diagnostics": {"type": "array"}}}}
         },
         "security": [{"bearer": []}],
@@ -645,6 +682,7 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
+            "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},
             "/metrics": {"get": {"security": [], "summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition"}}}},
             "/openapi.json": {"get": {"security": [], "summary": "This document", "responses": {"200": ok("OpenAPI")}}}
         }

@@ -415,3 +415,87 @@ async fn cancel_stops_a_running_execution() {
     let (_, v, _) = s.call(M::GET, "/v1/executions", Some(&op), None).await;
     assert_eq!(v["executions"][0]["status"], "cancelled");
 }
+
+#[tokio::test]
+async fn callbacks_resume_a_parked_step_once() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let op = s.token("acme", "author").await;
+    let pb = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: approve, path: team/approve}\nworkflow:\n  - step: start\n    tool: {kind: wait}\n    next: end\n  - step: end\n    input: {ok: \"{{ start.approved }}\"}\n";
+    s.call(M::POST, "/v1/playbooks", Some(&op), Some(pb.into()))
+        .await;
+    let (_, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&op),
+            Some(json!({"path": "team/approve"}).to_string()),
+        )
+        .await;
+    let id = v["execution_id"].as_str().expect("id").to_owned();
+    let mut token = String::new();
+    for _ in 0..100 {
+        let (_, v, _) = s
+            .call(
+                M::GET,
+                &format!("/v1/executions/{id}/events"),
+                Some(&op),
+                None,
+            )
+            .await;
+        if let Some(t) = v["events"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["kind"] == "step.waiting"))
+            .and_then(|e| e["payload"]["token"].as_str())
+        {
+            token = t.to_owned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(token.starts_with("cb_"));
+    // No bearer token: the callback token is the credential.
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            &format!("/callbacks/{token}"),
+            None,
+            Some(json!({"approved": true}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["step"].as_str()),
+        (StatusCode::OK, Some("start")),
+        "{v}"
+    );
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            &format!("/callbacks/{token}"),
+            None,
+            Some("{}".into()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::CONFLICT, Some("callback_used"))
+    );
+    let (st, v, _) = s
+        .call(M::POST, "/callbacks/cb_unknown", None, Some("{}".into()))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("unknown_callback"))
+    );
+    for _ in 0..100 {
+        let (_, v, _) = s
+            .call(M::GET, &format!("/v1/executions/{id}"), Some(&op), None)
+            .await;
+        if v["status"] == "completed" {
+            assert_eq!(v["result"], json!({"ok": true}));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("execution did not complete after its callback");
+}

@@ -37,6 +37,10 @@ pub enum RuntimeError {
     Unknown(ExecutionId),
     #[error("execution {0} has already ended")]
     Ended(ExecutionId),
+    #[error("unknown callback token")]
+    CallbackUnknown,
+    #[error("this callback token was already used (or timed out)")]
+    CallbackUsed,
     #[error("stale claim: {0}")]
     StaleClaim(String),
     #[error("{0}")]
@@ -208,6 +212,20 @@ impl RuntimeHandle {
     pub async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
         self.ask(|reply| Msg::Complete {
             completion: Box::new(c),
+            reply,
+        })
+        .await?
+    }
+
+    /// Deliver a callback: the parked step completes with `payload` as its result.
+    pub async fn callback(
+        &self,
+        token: &str,
+        payload: Value,
+    ) -> Result<(ExecutionId, String), RuntimeError> {
+        self.ask(|reply| Msg::Callback {
+            token: token.to_owned(),
+            payload,
             reply,
         })
         .await?

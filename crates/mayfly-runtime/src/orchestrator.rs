@@ -48,6 +48,14 @@ pub(crate) enum Msg {
         command_id: String,
         attempt: u32,
     },
+    Callback {
+        token: String,
+        payload: Value,
+        reply: oneshot::Sender<Result<(ExecutionId, String), RuntimeError>>,
+    },
+    CallbackTimeout {
+        token: String,
+    },
     Cancel {
         id: ExecutionId,
         reason: String,
@@ -83,6 +91,10 @@ struct Lease {
 }
 
 enum Reply {
+    Called(
+        oneshot::Sender<Result<(ExecutionId, String), RuntimeError>>,
+        (ExecutionId, String),
+    ),
     Started(
         oneshot::Sender<Result<ExecutionId, RuntimeError>>,
         ExecutionId,
@@ -113,6 +125,10 @@ pub(crate) struct Orchestrator {
     events: broadcast::Sender<Arc<Event>>,
     waiters: HashMap<ExecutionId, Vec<oneshot::Sender<Result<Report, RuntimeError>>>>,
     lease: Duration,
+    /// Parked steps by callback token (rebuilt from the log on resume).
+    callbacks: HashMap<String, ExecutionId>,
+    /// Tokens already used or expired: a replay answers "used", not "unknown".
+    spent: std::collections::HashSet<String>,
 }
 
 impl Orchestrator {
@@ -130,6 +146,8 @@ impl Orchestrator {
             events,
             waiters: HashMap::new(),
             lease,
+            callbacks: HashMap::new(),
+            spent: std::collections::HashSet::new(),
         }
     }
 
@@ -150,13 +168,34 @@ impl Orchestrator {
                     }
                     self.cycle(msgs).await;
                 }
-                _ = tick.tick() => self.reap(),
+                _ = tick.tick() => {
+                    let timeouts = self.reap();
+                    if !timeouts.is_empty() {
+                        self.cycle(timeouts).await;
+                    }
+                }
             }
         }
     }
 
     /// Redeliver commands whose lease expired (the worker died or hung).
-    fn reap(&mut self) {
+    /// Redeliver expired leases; return the callbacks whose timeout has passed.
+    fn reap(&mut self) -> Vec<Msg> {
+        let wall = now_ms();
+        let timed_out: Vec<Msg> = self
+            .callbacks
+            .iter()
+            .filter(|(token, exec)| {
+                self.execs
+                    .get(*exec)
+                    .and_then(|x| x.st.waiting.get(*token))
+                    .and_then(|w| w.timeout_ms.map(|t| w.since + t <= wall))
+                    .unwrap_or(false)
+            })
+            .map(|(token, _)| Msg::CallbackTimeout {
+                token: token.clone(),
+            })
+            .collect();
         let now = Instant::now();
         let expired: Vec<String> = self
             .leases
@@ -170,6 +209,7 @@ impl Orchestrator {
                 let _ = self.dispatch.send(l.block);
             }
         }
+        timed_out
     }
 
     async fn cycle(&mut self, msgs: Vec<Msg>) {
@@ -234,6 +274,61 @@ impl Orchestrator {
                             command_id,
                             lease_until,
                         });
+                    }
+                }
+                Msg::Callback {
+                    token,
+                    payload,
+                    reply,
+                } => match self.take_callback(&token) {
+                    Some((exec, step, index)) => {
+                        let got = Draft::new(
+                            EventKind::CallbackReceived,
+                            json!({"index": index, "token": token}),
+                        );
+                        let f = StepFinished {
+                            index,
+                            result: payload,
+                            set: Map::new(),
+                            inline: false,
+                            duration_ms: None,
+                            logs: None,
+                        };
+                        let done = Draft::new(EventKind::StepFinished, json!(f));
+                        self.emit(
+                            &mut c,
+                            &exec,
+                            vec![got.step(&step), done.step(&step)],
+                            "callback",
+                        );
+                        c.replies.push(Reply::Called(reply, (exec, step)));
+                    }
+                    None => {
+                        let e = if self.spent.contains(&token) {
+                            RuntimeError::CallbackUsed
+                        } else {
+                            RuntimeError::CallbackUnknown
+                        };
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Msg::CallbackTimeout { token } => {
+                    if let Some((exec, step, index)) = self.take_callback(&token) {
+                        let f = StepFailed {
+                            index,
+                            error: ErrorInfo::new(
+                                "callback_timeout",
+                                format!("no callback arrived for step `{step}` in time"),
+                            ),
+                            duration_ms: None,
+                            logs: None,
+                        };
+                        self.emit(
+                            &mut c,
+                            &exec,
+                            vec![Draft::new(EventKind::StepFailed, json!(f)).step(&step)],
+                            "engine",
+                        );
                     }
                 }
                 Msg::Cancel { id, reason, reply } => match self.execs.get(&id) {
@@ -319,6 +414,9 @@ impl Orchestrator {
                     Reply::Claimed(tx, _) => {
                         let _ = tx.send(None);
                     }
+                    Reply::Called(tx, _) => {
+                        let _ = tx.send(Err(e.clone()));
+                    }
                 }
             }
             for id in touched {
@@ -342,6 +440,9 @@ impl Orchestrator {
                 Reply::Claimed(tx, h) => {
                     let _ = tx.send(Some(h));
                 }
+                Reply::Called(tx, v) => {
+                    let _ = tx.send(Ok(v));
+                }
             }
         }
         if self.events.receiver_count() > 0 {
@@ -359,6 +460,22 @@ impl Orchestrator {
             self.leases.retain(|_, l| l.block.execution_id != id);
         }
         self.record_gauges();
+    }
+
+    /// Claim a parked step's token (one time): (execution, step, index).
+    fn take_callback(&mut self, token: &str) -> Option<(ExecutionId, String, Option<usize>)> {
+        let exec = self.callbacks.get(token)?.clone();
+        let w = self
+            .execs
+            .get(&exec)
+            .filter(|x| !x.st.status.is_terminal())?
+            .st
+            .waiting
+            .get(token)?
+            .clone();
+        self.callbacks.remove(token);
+        self.spent.insert(token.to_owned());
+        Some((exec, w.step, w.index))
     }
 
     /// Autoscaling signals: blocks claimed and running, and blocks waiting for a worker.
@@ -414,6 +531,19 @@ impl Orchestrator {
         };
         for d in drafts {
             let seq = x.st.last_seq + 1;
+            let mut d = d;
+            if d.kind == EventKind::StepWaiting
+                && let Value::Object(m) = &mut d.payload
+                && m.get("token")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+            {
+                // The one-time capability is minted here, not in decide(): decide stays pure.
+                m.insert(
+                    "token".into(),
+                    Value::String(mayfly_trust::keychain::random_token("cb_")),
+                );
+            }
             let cmd = if d.kind == EventKind::CommandIssued {
                 Some(command_id(id, seq))
             } else {
@@ -479,6 +609,15 @@ impl Orchestrator {
                         step,
                         index,
                     });
+                }
+                EventKind::StepWaiting => {
+                    if let Some(t) = c.batch.events[i]
+                        .payload
+                        .get("token")
+                        .and_then(Value::as_str)
+                    {
+                        self.callbacks.insert(t.to_owned(), id.clone());
+                    }
                 }
                 EventKind::ChildRequested => {
                     let live = self
@@ -578,6 +717,7 @@ impl Orchestrator {
 
     fn finish(&mut self, c: &mut Cycle, id: &ExecutionId, ev: &Event) {
         c.finished.push(id.clone());
+        self.callbacks.retain(|_, e| e != id);
         let Some(x) = self.execs.get(id) else { return };
         // Abandoned commands (e.g. in-flight items of a failed loop) are closed, not left open.
         for cmd in x.st.commands.keys() {
@@ -881,6 +1021,11 @@ impl Orchestrator {
                 },
             );
             c.loaded.push(id.clone());
+            if let Some(x) = self.execs.get(&id) {
+                for token in x.st.waiting.keys() {
+                    self.callbacks.insert(token.clone(), id.clone());
+                }
+            }
             tracing::info!(execution = %id, "resumed from the log");
             for (step, index, child) in awaited {
                 let (_, cst) = self.load(&child).await?;

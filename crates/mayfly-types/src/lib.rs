@@ -67,6 +67,10 @@ pub enum EventKind {
     ChildRequested,
     #[serde(rename = "child.started")]
     ChildStarted,
+    #[serde(rename = "step.waiting")]
+    StepWaiting,
+    #[serde(rename = "callback.received")]
+    CallbackReceived,
 }
 
 impl EventKind {
@@ -90,6 +94,8 @@ impl EventKind {
             EventKind::LoopDone => "loop.done",
             EventKind::ChildRequested => "child.requested",
             EventKind::ChildStarted => "child.started",
+            EventKind::StepWaiting => "step.waiting",
+            EventKind::CallbackReceived => "callback.received",
         }
     }
 
@@ -325,6 +331,26 @@ pub struct ChildStarted {
     pub child_execution_id: ExecutionId,
 }
 
+/// Payload of `step.waiting`: the step (or loop item) waits for `POST /callbacks/{token}`
+/// without holding a worker. The appender fills in the one-time token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepWaiting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    #[serde(default)]
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Payload of `callback.received` (the callback's body becomes the step's result).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallbackReceived {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub token: String,
+}
+
 /// Payload of `execution.completed`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExecutionCompleted {
@@ -371,6 +397,8 @@ mod tests {
             EventKind::LoopDone,
             EventKind::ChildRequested,
             EventKind::ChildStarted,
+            EventKind::StepWaiting,
+            EventKind::CallbackReceived,
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));
