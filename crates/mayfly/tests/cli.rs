@@ -43,6 +43,20 @@ fn last_execution(db: &Path) -> String {
         .to_owned()
 }
 
+/// `mayfly events ID --json --db DB`, parsed.
+fn events_json(db: &Path, id: &str) -> Vec<Value> {
+    let o = bin()
+        .args(["events", id, "--json", "--db"])
+        .arg(db)
+        .output()
+        .expect("events");
+    assert!(o.status.success(), "{}", err(&o));
+    out(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect()
+}
+
 #[test]
 fn run_prints_result_and_replay_reproduces_it() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -67,15 +81,7 @@ fn run_prints_result_and_replay_reproduces_it() {
         .expect("replay");
     assert!(r.status.success(), "{}", err(&r));
     assert_eq!(json(&r), report, "replay prints the same final state");
-    let e = bin()
-        .args(["events", id, "--json", "--db"])
-        .arg(&db)
-        .output()
-        .expect("events");
-    let lines: Vec<Value> = out(&e)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("event json"))
-        .collect();
+    let lines = events_json(&db, id);
     assert_eq!(lines.len() as u64, report["events"].as_u64().expect("n"));
     assert_eq!(lines[0]["kind"], "execution.requested");
     assert_eq!(
@@ -243,15 +249,7 @@ workflow:
     );
     assert_eq!(count(&marks, "end"), 1);
 
-    let e = bin()
-        .args(["events", &id, "--json", "--db"])
-        .arg(&db)
-        .output()
-        .expect("events");
-    let evs: Vec<Value> = out(&e)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let evs = events_json(&db, &id);
     let claims: Vec<u64> = evs
         .iter()
         .filter(|e| e["kind"] == "command.claimed" && e["step"] == "slow")
@@ -317,15 +315,7 @@ fn a_corrupted_event_is_reported_by_seq_and_nothing_is_overwritten() {
             "{args:?}: {e}"
         );
     }
-    let e = bin()
-        .args(["events", &id, "--json", "--db"])
-        .arg(&db)
-        .output()
-        .expect("events");
-    let evs: Vec<Value> = out(&e)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let evs = events_json(&db, &id);
     assert_eq!(
         evs[3]["payload"],
         serde_json::json!({"evil": 1}),
