@@ -506,3 +506,47 @@ fn re_entered_loop_ignores_completions_from_its_previous_run() {
     );
     assert_eq!(s.st.stale.len(), 2);
 }
+
+#[test]
+fn wait_steps_park_without_commands_and_expose_their_callback() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    next:\n      spec: {{mode: inclusive}}\n      arcs: [{{step: approval}}, {{step: notify}}]\n  - step: approval\n    tool: {{kind: wait, timeout: 60}}\n    next: done\n  - step: notify\n    tool: {{kind: python, code: x}}\n  - step: done\n    input: {{by: \"{{{{ approval.by }}}}\"}}\n"
+    );
+    let mut s = Sim::new(&src);
+    // A worker step hydrated after the wait began sees where to send the callback.
+    s.run(json!({}), &|step: &str, _, ctx: &Map<String, Value>| {
+        Ok(if step == "notify" {
+            json!({"url": ctx["callbacks"]["approval"]["url"]})
+        } else {
+            Value::Null
+        })
+    });
+    let waiting: Vec<&Event> = s
+        .log
+        .iter()
+        .filter(|e| e.kind == EventKind::StepWaiting)
+        .collect();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(
+        waiting[0].payload,
+        json!({"token": "", "timeout_ms": 60000}),
+        "decide leaves the token to the appender"
+    );
+    assert_eq!(
+        s.count(EventKind::CommandIssued, "approval"),
+        0,
+        "no command for a waiting step"
+    );
+    assert_eq!(s.st.status, Status::Running);
+    assert_eq!(s.st.waiting.len(), 1);
+    // (The simulator does not mint tokens, so the URL ends at the prefix.)
+    assert_eq!(s.st.results["notify"].result, json!({"url": "/callbacks/"}));
+    // The callback arrives: the step finishes with the payload and routing continues.
+    s.push(vec![
+        Draft::new(EventKind::CallbackReceived, json!({"token": ""})).step("approval"),
+        Draft::new(EventKind::StepFinished, json!({"result": {"by": "ann"}})).step("approval"),
+    ]);
+    assert!(s.st.waiting.is_empty());
+    assert_eq!(s.st.status, Status::Completed);
+    assert_eq!(s.st.result, Some(json!({"by": "ann"})));
+}
