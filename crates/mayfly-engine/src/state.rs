@@ -270,12 +270,9 @@ impl ExecState {
             EventKind::StepFinished => {
                 let f: StepFinished = p(ev)?;
                 let s = step()?;
-                if self.is_stale(ev, &s, f.index) {
-                    self.stale.insert(ev.seq);
+                if !self.end_block(ev, &s, f.index) {
                     return self.advance(ev);
                 }
-                self.waiting
-                    .retain(|_, w| !(w.step == s && w.index == f.index));
                 for (k, v) in f.set {
                     self.ctx.insert(k, v);
                 }
@@ -315,12 +312,9 @@ impl ExecState {
             EventKind::StepFailed => {
                 let f: StepFailed = p(ev)?;
                 let s = step()?;
-                if self.is_stale(ev, &s, f.index) {
-                    self.stale.insert(ev.seq);
+                if !self.end_block(ev, &s, f.index) {
                     return self.advance(ev);
                 }
-                self.waiting
-                    .retain(|_, w| !(w.step == s && w.index == f.index));
                 self.children.remove(&(s.clone(), f.index));
                 if let Some(i) = f.index
                     && let Some(l) = self.loops.get_mut(&s)
@@ -464,6 +458,18 @@ impl ExecState {
         self.last_seq = ev.seq;
         self.last_hash = ev.hash.clone();
         Ok(())
+    }
+
+    /// Bookkeeping common to a step (or item) ending: false when the completion is stale
+    /// (an earlier run of a loop), which is then only remembered; else clears its wait.
+    fn end_block(&mut self, ev: &Event, step: &str, index: Option<usize>) -> bool {
+        if self.is_stale(ev, step, index) {
+            self.stale.insert(ev.seq);
+            return false;
+        }
+        self.waiting
+            .retain(|_, w| !(w.step == step && w.index == index));
+        true
     }
 
     /// A worker's completion of a loop item from an earlier run of the loop.
