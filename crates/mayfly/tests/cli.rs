@@ -43,6 +43,20 @@ fn last_execution(db: &Path) -> String {
         .to_owned()
 }
 
+/// `mayfly run FILE --db DB --json`, which must succeed; its report.
+fn run_json(file: &Path, db: &Path) -> Value {
+    let o = bin()
+        .arg("run")
+        .arg(file)
+        .arg("--db")
+        .arg(db)
+        .arg("--json")
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    json(&o)
+}
+
 /// `mayfly events ID --json --db DB`, parsed.
 fn events_json(db: &Path, id: &str) -> Vec<Value> {
     let o = bin()
@@ -61,16 +75,7 @@ fn events_json(db: &Path, id: &str) -> Vec<Value> {
 fn run_prints_result_and_replay_reproduces_it() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = dir.path().join("m.db");
-    let o = bin()
-        .arg("run")
-        .arg(examples().join("loop.yaml"))
-        .arg("--db")
-        .arg(&db)
-        .arg("--json")
-        .output()
-        .expect("run");
-    assert!(o.status.success(), "{}", err(&o));
-    let report = json(&o);
+    let report = run_json(&examples().join("loop.yaml"), &db);
     assert_eq!(report["status"], "completed");
     assert_eq!(report["result"]["sum_of_squares"], 204);
     let id = report["execution_id"].as_str().expect("id");
@@ -277,16 +282,7 @@ workflow:
 fn a_corrupted_event_is_reported_by_seq_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().expect("tmp");
     let db = dir.path().join("m.db");
-    let o = bin()
-        .arg("run")
-        .arg(examples().join("hello.yaml"))
-        .arg("--db")
-        .arg(&db)
-        .arg("--json")
-        .output()
-        .expect("run");
-    assert!(o.status.success(), "{}", err(&o));
-    let report = json(&o);
+    let report = run_json(&examples().join("hello.yaml"), &db);
     let id = report["execution_id"].as_str().expect("id").to_owned();
     // Tamper with seq 4 behind mayfly's back (the trigger forbids it, so drop it first).
     let tamper = Command::new("python3")
