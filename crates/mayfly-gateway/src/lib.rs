@@ -262,7 +262,7 @@ pub fn router(gw: Gateway) -> Router {
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate));
     Router::new()
         .nest("/v1", v1)
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
         .route("/callbacks/{token}", post(callback))
@@ -637,6 +637,26 @@ async fn callback(
         )),
         Err(e) => Err(Problem::internal(e)),
     }
+}
+
+/// Liveness and dependencies: 200 `ok`, or 503 `degraded` naming what is down (the store,
+/// or the command queue in distributed mode). Degraded is not lossy: appends fail without
+/// effect and commands are retried until the queue takes them.
+async fn health(State(gw): State<Gateway>) -> Response {
+    let store_up = gw.store.head().await.is_ok();
+    let queue_up = gw.runtime.queue_up();
+    let ok = store_up && queue_up;
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "store": if store_up { "up" } else { "down" },
+        "queue": if queue_up { "up" } else { "down" },
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 /// Prometheus text exposition (unauthenticated, like `/healthz`: no tenant data in it).

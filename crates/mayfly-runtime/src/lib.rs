@@ -8,6 +8,7 @@
 
 pub mod loader;
 mod orchestrator;
+pub mod remote;
 pub mod worker;
 
 use mayfly_dsl::Playbook;
@@ -64,8 +65,8 @@ impl From<mayfly_trust::TrustError> for RuntimeError {
     }
 }
 
-/// One unit of work for a worker: a command of an execution.
-#[derive(Clone, Debug, PartialEq)]
+/// One unit of work for a worker: a command of an execution (also the queue message).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Block {
     pub execution_id: ExecutionId,
     pub command_id: String,
@@ -86,7 +87,7 @@ pub struct Hydrated {
 }
 
 /// A worker's result for a claimed block.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     pub block: Block,
     pub attempt: u32,
@@ -94,8 +95,20 @@ pub struct Completion {
     pub outcome: Result<StepFinished, StepFailed>,
 }
 
-/// Tuning of the embedded runtime.
+/// The answer to a claim.
 #[derive(Clone, Debug)]
+pub enum Claim {
+    /// Run it: the claim holds a lease of `lease` for attempt `attempt`.
+    Granted(Box<Hydrated>),
+    /// Nothing to run: the command is completed, abandoned, or its execution is not live
+    /// here (a resume re-issues what is still open). The delivery can be dropped.
+    Done,
+    /// Another claim holds a valid lease for this long; deliver again later.
+    Busy(Duration),
+}
+
+/// Tuning of the embedded runtime.
+#[derive(Clone)]
 pub struct RuntimeConfig {
     /// Concurrent blocks (worker tasks) in this process; 0 = none (external workers only).
     pub workers: usize,
@@ -106,6 +119,9 @@ pub struct RuntimeConfig {
     /// Master key for keychain resolution inside blocks, in each execution's tenant
     /// (None: steps that use the keychain fail closed).
     pub keychain: Option<mayfly_trust::keychain::MasterKey>,
+    /// Distributed dispatch: commands are published to this queue (for `mayfly worker`
+    /// processes) instead of the in-process channel; `workers` must then be 0.
+    pub queue: Option<Arc<dyn mayfly_queue::CommandQueue>>,
 }
 
 impl Default for RuntimeConfig {
@@ -122,6 +138,7 @@ impl Default for RuntimeConfig {
             },
             worker_id: format!("local-{}", std::process::id()),
             keychain: None,
+            queue: None,
         }
     }
 }
@@ -130,8 +147,10 @@ impl Default for RuntimeConfig {
 #[derive(Clone)]
 pub struct RuntimeHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    store: Arc<dyn Store>,
     blocks: Arc<Mutex<mpsc::UnboundedReceiver<Block>>>,
     events: broadcast::Sender<Arc<Event>>,
+    queue_health: remote::QueueHealth,
 }
 
 impl RuntimeHandle {
@@ -196,16 +215,37 @@ impl RuntimeHandle {
         self.blocks.lock().await.recv().await
     }
 
-    /// Claim a block: None when it is already completed or validly held by another claim.
-    pub async fn claim(&self, block: Block, worker: &str) -> Option<Hydrated> {
+    /// Claim a block: granted (with a lease), done (nothing to run) or busy (another
+    /// claim's lease is still valid).
+    pub async fn claim(&self, block: Block, worker: &str) -> Result<Claim, RuntimeError> {
         self.ask(|reply| Msg::Claim {
             block,
             worker: worker.to_owned(),
             reply,
         })
         .await
+    }
+
+    /// The tenant of the execution a live claim `(command_id, attempt)` belongs to (None
+    /// when no such claim holds a valid lease). Remote workers' keychain reads are
+    /// authorised by this.
+    pub async fn claim_tenant(&self, command_id: &str, attempt: u32) -> Option<String> {
+        self.ask(|reply| Msg::ClaimTenant {
+            command_id: command_id.to_owned(),
+            attempt,
+            reply,
+        })
+        .await
         .ok()
         .flatten()
+    }
+
+    /// A stored playbook version by digest (remote workers fetch what they run).
+    pub async fn playbook(
+        &self,
+        digest: &str,
+    ) -> Result<Option<mayfly_store::StoredPlaybook>, RuntimeError> {
+        Ok(self.store.get_playbook(digest).await?)
     }
 
     /// Record a block's outcome; refused when the claim was superseded.
@@ -250,6 +290,12 @@ impl RuntimeHandle {
         });
     }
 
+    /// False while commands cannot be published to the queue (distributed mode): they are
+    /// retried, not lost, but no new block starts meanwhile.
+    pub fn queue_up(&self) -> bool {
+        self.queue_health.up()
+    }
+
     /// Every committed event, as it is committed.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
@@ -273,29 +319,49 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16_384);
-        let secrets = config.keychain.clone().map(|key| {
-            Arc::new(worker::Secrets {
-                store: store.clone(),
-                key,
-            })
-        });
-        let orch = Orchestrator::new(store, btx, events.clone(), config.lease);
+        let orch = Orchestrator::new(store.clone(), btx, events.clone(), config.lease);
         let orchestrator = tokio::spawn(orch.run(rx));
+        let mut background = Vec::new();
+        let health = remote::QueueHealth::default();
+        let blocks = match &config.queue {
+            Some(q) => {
+                if config.workers > 0 {
+                    return Err(RuntimeError::Invalid(
+                        "with a queue, workers are separate processes (workers must be 0)".into(),
+                    ));
+                }
+                background.push(tokio::spawn(remote::publisher(
+                    brx,
+                    q.clone(),
+                    health.clone(),
+                )));
+                background.push(tokio::spawn(remote::lag_reporter(
+                    q.clone(),
+                    health.clone(),
+                )));
+                // Nothing is dispatched in process: next_block() ends at once.
+                mpsc::unbounded_channel().1
+            }
+            None => brx,
+        };
         let handle = RuntimeHandle {
             tx,
-            blocks: Arc::new(Mutex::new(brx)),
+            store,
+            blocks: Arc::new(Mutex::new(blocks)),
             events,
+            queue_health: health,
         };
-        let workers = (0..config.workers)
+        let mut workers: Vec<JoinHandle<()>> = (0..config.workers)
             .map(|i| {
                 tokio::spawn(worker::worker_loop(
                     handle.clone(),
                     tools.clone(),
-                    secrets.clone(),
+                    config.keychain.clone(),
                     format!("{}-{i}", config.worker_id),
                 ))
             })
             .collect();
+        workers.append(&mut background);
         Ok(Runtime {
             handle,
             tools,

@@ -8,7 +8,7 @@
 //! published: nobody ever observes an effect that is not durable.
 
 use crate::loader::{load_file, resolve_child};
-use crate::{Block, Completion, Hydrated, RuntimeError};
+use crate::{Block, Claim, Completion, Hydrated, RuntimeError};
 use mayfly_dsl::{ParseOptions, Playbook, parse};
 use mayfly_engine::{ExecState, Iteration, Report, context, decide};
 use mayfly_store::{Batch, CommandOp, Store, StoredPlaybook};
@@ -38,7 +38,12 @@ pub(crate) enum Msg {
     Claim {
         block: Block,
         worker: String,
-        reply: oneshot::Sender<Option<Hydrated>>,
+        reply: oneshot::Sender<Claim>,
+    },
+    ClaimTenant {
+        command_id: String,
+        attempt: u32,
+        reply: oneshot::Sender<Option<String>>,
     },
     Complete {
         completion: Box<Completion>,
@@ -100,7 +105,7 @@ enum Reply {
         ExecutionId,
     ),
     Resumed(oneshot::Sender<Result<(), RuntimeError>>),
-    Claimed(oneshot::Sender<Option<Hydrated>>, Hydrated),
+    Claimed(oneshot::Sender<Claim>, Box<Hydrated>),
     Completed(oneshot::Sender<Result<(), RuntimeError>>),
 }
 
@@ -250,11 +255,24 @@ impl Orchestrator {
                     worker,
                     reply,
                 } => match self.claim(&mut c, block, &worker) {
-                    Some(h) => c.replies.push(Reply::Claimed(reply, h)),
-                    None => {
-                        let _ = reply.send(None);
+                    Claim::Granted(h) => c.replies.push(Reply::Claimed(reply, h)),
+                    other => {
+                        let _ = reply.send(other);
                     }
                 },
+                Msg::ClaimTenant {
+                    command_id,
+                    attempt,
+                    reply,
+                } => {
+                    let tenant = self
+                        .leases
+                        .get(&command_id)
+                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
+                        .and_then(|l| self.execs.get(&l.block.execution_id))
+                        .map(|x| x.st.tenant.clone());
+                    let _ = reply.send(tenant);
+                }
                 Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
                     Ok(()) => c.replies.push(Reply::Completed(reply)),
                     Err(e) => {
@@ -412,7 +430,8 @@ impl Orchestrator {
                         let _ = tx.send(Err(e.clone()));
                     }
                     Reply::Claimed(tx, _) => {
-                        let _ = tx.send(None);
+                        // Not durable, so not granted; the block is delivered again.
+                        let _ = tx.send(Claim::Busy(Duration::from_secs(1)));
                     }
                     Reply::Called(tx, _) => {
                         let _ = tx.send(Err(e.clone()));
@@ -438,7 +457,7 @@ impl Orchestrator {
                     let _ = tx.send(Ok(()));
                 }
                 Reply::Claimed(tx, h) => {
-                    let _ = tx.send(Some(h));
+                    let _ = tx.send(Claim::Granted(h));
                 }
                 Reply::Called(tx, v) => {
                     let _ = tx.send(Ok(v));
@@ -811,18 +830,23 @@ impl Orchestrator {
         );
     }
 
-    fn claim(&mut self, c: &mut Cycle, block: Block, worker: &str) -> Option<Hydrated> {
+    fn claim(&mut self, c: &mut Cycle, block: Block, worker: &str) -> Claim {
         let lease = self.lease;
-        let x = self.execs.get(&block.execution_id)?;
+        let Some(x) = self.execs.get(&block.execution_id) else {
+            return Claim::Done;
+        };
         if x.st.status.is_terminal() {
-            return None;
+            return Claim::Done;
         }
         // Completed already (duplicate delivery): ack without running.
-        let pending = x.st.commands.get(&block.command_id)?;
-        if let Some(l) = self.leases.get(&block.command_id)
-            && l.deadline > Instant::now()
-        {
-            return None;
+        let Some(pending) = x.st.commands.get(&block.command_id) else {
+            return Claim::Done;
+        };
+        if let Some(l) = self.leases.get(&block.command_id) {
+            let now = Instant::now();
+            if l.deadline > now {
+                return Claim::Busy(l.deadline - now);
+            }
         }
         // An item of an aborted or superseded loop run: close it without running it.
         if pending.index.is_some()
@@ -839,7 +863,7 @@ impl Orchestrator {
                 command_id: block.command_id.clone(),
             });
             self.emit(c, &block.execution_id, vec![done], "engine");
-            return None;
+            return Claim::Done;
         }
         let attempt = pending.attempt + 1;
         let index = pending.index;
@@ -896,14 +920,14 @@ impl Orchestrator {
                 block: block.clone(),
             },
         );
-        Some(Hydrated {
+        Claim::Granted(Box::new(Hydrated {
             tenant,
             block,
             attempt,
             playbook: pb,
             context: ctx,
             lease,
-        })
+        }))
     }
 
     fn complete(&mut self, c: &mut Cycle, done: Completion) -> Result<(), RuntimeError> {

@@ -1,7 +1,7 @@
 //! The block loop: claim → hydrate → execute (the task pipeline with its policy rules) →
 //! record → release. Workers hold no state between blocks.
 
-use crate::{Completion, Hydrated, RuntimeHandle};
+use crate::{Block, Claim, Completion, Hydrated, RuntimeError};
 use mayfly_dsl::{Directive, NodeV, TemplateError, ToolKind, templates, to_value};
 use mayfly_engine::policy::{backoff_delay, default_directive, select_rule};
 use mayfly_tools::{ToolOutput, Tools};
@@ -14,41 +14,94 @@ use std::time::{Duration, Instant};
 const MAX_TASK_RUNS: usize = 10_000;
 const LOG_CLIP: usize = 8192;
 
-/// Pull blocks until the runtime shuts down.
-pub async fn worker_loop(
-    handle: RuntimeHandle,
+/// What a worker needs from whoever hands out blocks: the embedded orchestrator (an
+/// in-process channel) or a remote one (NATS JetStream deliveries + request/reply).
+pub trait Coordinator: Clone + Send + Sync + 'static {
+    /// The queue delivery a block arrived with; settled once the block is done with.
+    type Ticket: Send + 'static;
+    /// The next block (None: shut down).
+    fn next(&self) -> impl Future<Output = Option<(Block, Self::Ticket)>> + Send;
+    fn claim(
+        &self,
+        block: Block,
+        worker: &str,
+    ) -> impl Future<Output = Result<Claim, RuntimeError>> + Send;
+    /// Keep a claim alive while its block runs.
+    fn heartbeat(
+        &self,
+        ticket: &Self::Ticket,
+        command_id: &str,
+        attempt: u32,
+    ) -> impl Future<Output = ()> + Send;
+    fn complete(&self, c: Completion) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Acknowledge the delivery, or ask for it again after a delay.
+    fn settle(&self, ticket: Self::Ticket, settle: Settle) -> impl Future<Output = ()> + Send;
+    /// The sealed keychain value of `alias` in the claim's tenant (None: not set).
+    fn sealed_secret(
+        &self,
+        h: &Hydrated,
+        alias: &str,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+}
+
+/// What becomes of a delivery.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Settle {
+    /// Done with: never deliver again.
+    Ack,
+    /// Deliver again after this delay.
+    Retry(Duration),
+}
+
+/// Pull blocks until the coordinator shuts down.
+pub async fn worker_loop<C: Coordinator>(
+    coord: C,
     tools: Arc<Tools>,
-    secrets: Option<Arc<Secrets>>,
+    key: Option<mayfly_trust::keychain::MasterKey>,
     worker: String,
 ) {
-    while let Some(block) = handle.next_block().await {
-        let Some(h) = handle.claim(block, &worker).await else {
-            continue;
+    while let Some((block, ticket)) = coord.next().await {
+        let h = match coord.claim(block, &worker).await {
+            Ok(Claim::Granted(h)) => h,
+            Ok(Claim::Done) => {
+                coord.settle(ticket, Settle::Ack).await;
+                continue;
+            }
+            Ok(Claim::Busy(d)) => {
+                coord.settle(ticket, Settle::Retry(d)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claim failed; the block will be delivered again");
+                coord
+                    .settle(ticket, Settle::Retry(Duration::from_secs(1)))
+                    .await;
+                continue;
+            }
         };
-        // Heartbeats keep the lease alive while a long block runs.
-        let _hb = {
-            let handle = handle.clone();
-            let cmd = h.block.command_id.clone();
-            let attempt = h.attempt;
-            let every = h.lease / 3;
-            AbortOnDrop(tokio::spawn(async move {
-                let mut t = tokio::time::interval(every.max(Duration::from_millis(10)));
-                t.tick().await;
-                loop {
-                    t.tick().await;
-                    handle.extend(&cmd, attempt);
-                }
-            }))
-        };
+        metrics::gauge!("mayfly_worker_blocks_in_flight").increment(1.0);
         // The block runs in its own task so that even a panic becomes a recorded failure
-        // (and the heartbeat stops with it) instead of a silently lost worker.
-        let job = {
+        // instead of a silently lost worker; heartbeats keep the lease alive meanwhile.
+        let mut job = {
             let tools = tools.clone();
-            let secrets = secrets.clone();
+            let coord = coord.clone();
+            let key = key.clone();
             let h = h.clone();
-            tokio::spawn(async move { run_block(&tools, secrets.as_deref(), &h).await })
+            tokio::spawn(async move {
+                let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
+                run_block(&tools, secrets.as_ref(), &h).await
+            })
         };
-        let outcome = match job.await {
+        let mut beat = tokio::time::interval((h.lease / 3).max(Duration::from_millis(10)));
+        beat.tick().await;
+        let joined = loop {
+            tokio::select! {
+                r = &mut job => break r,
+                _ = beat.tick() => coord.heartbeat(&ticket, &h.block.command_id, h.attempt).await,
+            }
+        };
+        metrics::gauge!("mayfly_worker_blocks_in_flight").decrement(1.0);
+        let outcome = match joined {
             Ok(o) => o,
             Err(e) => Err(StepFailed {
                 index: h.block.index,
@@ -60,7 +113,6 @@ pub async fn worker_loop(
                 logs: None,
             }),
         };
-        drop(_hb);
         let status = if outcome.is_ok() { "ok" } else { "error" };
         metrics::counter!("mayfly_blocks_total", "status" => status).increment(1);
         let ms = match &outcome {
@@ -76,9 +128,68 @@ pub async fn worker_loop(
             worker: worker.clone(),
             outcome,
         };
-        if let Err(e) = handle.complete(c).await {
-            tracing::warn!(command = %h.block.command_id, error = %e, "completion refused");
+        let settle = report(&coord, &ticket, c, h.lease).await;
+        coord.settle(ticket, settle).await;
+    }
+}
+
+/// Record a completion. While the coordinator is unreachable the claim is kept alive and
+/// the completion retried until the lease would lapse; then the delivery is given back
+/// (the block runs again — at least once).
+async fn report<C: Coordinator>(
+    coord: &C,
+    ticket: &C::Ticket,
+    c: Completion,
+    lease: Duration,
+) -> Settle {
+    let deadline = Instant::now() + lease;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match coord.complete(c.clone()).await {
+            Ok(()) => return Settle::Ack,
+            Err(e @ (RuntimeError::Closed | RuntimeError::Store(_))) => {
+                if Instant::now() + pause >= deadline {
+                    tracing::warn!(command = %c.block.command_id, error = %e, "completion not recorded; giving the block back");
+                    return Settle::Retry(Duration::ZERO);
+                }
+                tracing::warn!(command = %c.block.command_id, error = %e, "completion not recorded yet; retrying");
+                tokio::time::sleep(pause).await;
+                coord
+                    .heartbeat(ticket, &c.block.command_id, c.attempt)
+                    .await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                // Superseded, already recorded, or the execution ended: nothing to retry.
+                tracing::warn!(command = %c.block.command_id, error = %e, "completion refused");
+                return Settle::Ack;
+            }
         }
+    }
+}
+
+impl Coordinator for crate::RuntimeHandle {
+    type Ticket = ();
+
+    async fn next(&self) -> Option<(Block, ())> {
+        self.next_block().await.map(|b| (b, ()))
+    }
+    async fn claim(&self, block: Block, worker: &str) -> Result<Claim, RuntimeError> {
+        crate::RuntimeHandle::claim(self, block, worker).await
+    }
+    async fn heartbeat(&self, _: &(), command_id: &str, attempt: u32) {
+        self.extend(command_id, attempt);
+    }
+    async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
+        crate::RuntimeHandle::complete(self, c).await
+    }
+    // In process a busy or lost block is re-dispatched by the orchestrator's lease reaper.
+    async fn settle(&self, _: (), _: Settle) {}
+    async fn sealed_secret(&self, h: &Hydrated, alias: &str) -> Result<Option<String>, String> {
+        self.store
+            .get_secret(&h.tenant, alias)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -110,15 +221,6 @@ fn apply_auth(
         headers.extend(extra.clone());
     }
     config.insert("headers".into(), Value::Object(headers));
-}
-
-/// Aborts a background task when dropped (heartbeats must never outlive their block).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Seconds to a Duration without panicking on values the parser would not let through.
@@ -158,9 +260,9 @@ fn clip_logs(logs: Option<Value>) -> Option<Value> {
 
 /// Execute one block: resolve the keychain aliases it uses (only here, inside the worker),
 /// run the task pipeline, and redact every resolved secret value from what it returns.
-pub async fn run_block(
+pub async fn run_block<C: Coordinator>(
     tools: &Tools,
-    secrets: Option<&Secrets>,
+    secrets: Option<&Secrets<'_, C>>,
     h: &Hydrated,
 ) -> Result<StepFinished, StepFailed> {
     let index = h.block.index;
@@ -181,7 +283,7 @@ pub async fn run_block(
         return run_pipeline(tools, h, None).await;
     }
     let resolved = match secrets {
-        Some(s) => s.resolve(&h.tenant, &aliases).await,
+        Some(s) => s.resolve(h, &aliases).await,
         None => Err(ErrorInfo::new(
             "keychain_unavailable",
             format!(
@@ -263,26 +365,28 @@ fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<
     out.into_iter().collect()
 }
 
-/// Worker-side keychain access: sealed values from the store, opened with the master key.
-pub struct Secrets {
-    pub store: Arc<dyn mayfly_store::Store>,
-    pub key: mayfly_trust::keychain::MasterKey,
+/// Worker-side keychain access: sealed values from the coordinator, opened here with the
+/// master key (the orchestrator never sees a plaintext value).
+pub struct Secrets<'a, C> {
+    pub coord: &'a C,
+    pub key: &'a mayfly_trust::keychain::MasterKey,
 }
 
-impl Secrets {
+impl<C: Coordinator> Secrets<'_, C> {
     async fn resolve(
         &self,
-        tenant: &str,
+        h: &Hydrated,
         aliases: &[String],
     ) -> Result<(Value, Redactor), ErrorInfo> {
+        let tenant = h.tenant.as_str();
         let mut values = Map::new();
         let mut redactor = Redactor::default();
         for alias in aliases {
             let sealed = self
-                .store
-                .get_secret(tenant, alias)
+                .coord
+                .sealed_secret(h, alias)
                 .await
-                .map_err(|e| ErrorInfo::new("keychain_unavailable", e.to_string()))?
+                .map_err(|e| ErrorInfo::new("keychain_unavailable", e))?
                 .ok_or_else(|| {
                     ErrorInfo::new(
                         "keychain_missing",

@@ -4,7 +4,7 @@
 
 use mayfly_dsl::{ParseOptions, parse};
 use mayfly_engine::Status;
-use mayfly_runtime::{Completion, Runtime, RuntimeConfig, RuntimeError};
+use mayfly_runtime::{Claim, Completion, Runtime, RuntimeConfig, RuntimeError};
 use mayfly_store::{SqliteStore, Store};
 use mayfly_types::{EventKind, StepFinished};
 use serde_json::{Map, json};
@@ -50,10 +50,14 @@ async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
         .await
         .expect("dispatched")
         .expect("block");
-    let a = h.claim(block.clone(), "A").await.expect("A claims");
+    let a = granted(h.claim(block.clone(), "A").await);
     assert_eq!(a.attempt, 1);
-    // While A's lease is valid nobody else can claim the same block.
-    assert!(h.claim(block.clone(), "B").await.is_none());
+    // While A's lease is valid nobody else can claim the same block: busy, with the time
+    // the lease still has.
+    match h.claim(block.clone(), "B").await.expect("claim") {
+        Claim::Busy(left) => assert!(left <= Duration::from_millis(200), "{left:?}"),
+        other => panic!("expected busy, got {other:?}"),
+    }
     let open = store.open_commands(Some(&id)).await.expect("open");
     assert_eq!(
         (open[0].state.as_str(), open[0].worker.as_deref()),
@@ -66,7 +70,7 @@ async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
         .expect("redelivered")
         .expect("block");
     assert_eq!(again, block);
-    let b = h.claim(again.clone(), "B").await.expect("B claims");
+    let b = granted(h.claim(again.clone(), "B").await);
     assert_eq!(b.attempt, 2);
 
     // A wakes up and reports: refused, its claim was superseded.
@@ -93,7 +97,7 @@ async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
 
     // Duplicate delivery of a completed command is acked without running; a second
     // completion is refused.
-    assert!(h.claim(block.clone(), "C").await.is_none());
+    assert!(matches!(h.claim(block.clone(), "C").await, Ok(Claim::Done)));
     assert!(h.complete(good).await.is_err());
 
     let events = store.read_all(&id).await.expect("events");
@@ -123,6 +127,13 @@ async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
             .expect("open")
             .is_empty()
     );
+}
+
+fn granted(c: Result<Claim, RuntimeError>) -> Box<mayfly_runtime::Hydrated> {
+    match c {
+        Ok(Claim::Granted(h)) => h,
+        other => panic!("expected a granted claim, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -17,13 +17,63 @@ mod sqlite;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-/// Open a store from a location: `postgres://…` / `postgresql://…` for Postgres, anything
-/// else is a SQLite file path.
+/// Open a store from a location: `postgres://…` / `postgresql://…` for Postgres (a
+/// `schema=NAME` query parameter keeps every table in that schema, created if missing),
+/// anything else is a SQLite file path.
 pub async fn open(location: &str) -> Result<Arc<dyn Store>, StoreError> {
     if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(location).await?))
+        match split_schema(location) {
+            (url, Some(schema)) => Ok(Arc::new(
+                PostgresStore::connect_schema(&url, &schema).await?,
+            )),
+            (url, None) => Ok(Arc::new(PostgresStore::connect(&url).await?)),
+        }
     } else {
         Ok(Arc::new(SqliteStore::open(location).await?))
+    }
+}
+
+/// Take `schema=…` out of a Postgres URL's query string.
+fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("schema=") {
+            Some(v) => {
+                schema = Some(v.to_owned());
+                false
+            }
+            None => !kv.is_empty(),
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, schema)
+}
+
+#[cfg(test)]
+mod url_tests {
+    #[test]
+    fn schema_is_taken_out_of_the_query() {
+        let s = super::split_schema;
+        assert_eq!(s("postgres://h/db"), ("postgres://h/db".into(), None));
+        assert_eq!(
+            s("postgres://h/db?schema=t1"),
+            ("postgres://h/db".into(), Some("t1".into()))
+        );
+        assert_eq!(
+            s("postgres://h/db?sslmode=disable&schema=t1&application_name=x"),
+            (
+                "postgres://h/db?sslmode=disable&application_name=x".into(),
+                Some("t1".into())
+            )
+        );
     }
 }
 

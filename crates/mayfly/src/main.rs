@@ -100,6 +100,29 @@ enum Cmd {
         listen: String,
         #[command(flatten)]
         opts: RunOpts,
+        #[command(flatten)]
+        dist: DistOpts,
+    },
+    /// A stateless worker process for a distributed server (`server --queue nats://…`):
+    /// pulls blocks from the JetStream work queue, claims, runs and completes them.
+    /// Needs only NATS (and the master key when steps use the keychain).
+    Worker {
+        #[command(flatten)]
+        dist: DistOpts,
+        /// Concurrent blocks in this process.
+        #[arg(long, default_value_t = 16)]
+        slots: usize,
+        /// Warm python interpreters.
+        #[arg(long)]
+        python_pool: Option<usize>,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Worker id recorded on its claims (default: host-pid).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        key: keychain::KeyOpts,
     },
     /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
     /// Without --db it registers on the server at MAYFLY_URL (token MAYFLY_TOKEN).
@@ -155,6 +178,51 @@ mod tests {
         );
         assert!(overrides(&["novalue".into()]).is_err());
         assert!(overrides(&["=x".into()]).is_err());
+    }
+}
+
+/// Distributed mode: where commands go and how long a claim lives.
+#[derive(Args, Clone)]
+struct DistOpts {
+    /// Command queue: a nats:// URL (JetStream). Without it the server runs blocks itself.
+    #[arg(long, env = "MAYFLY_QUEUE")]
+    queue: Option<String>,
+    /// JetStream stream (and subject prefix) of the command queue.
+    #[arg(long, default_value = "mayfly")]
+    queue_name: String,
+    /// Seconds a claim stays valid without a heartbeat (the queue's ack_wait).
+    #[arg(long, default_value_t = 30.0)]
+    lease: f64,
+}
+
+impl DistOpts {
+    fn lease(&self) -> Result<std::time::Duration> {
+        std::time::Duration::try_from_secs_f64(self.lease)
+            .ok()
+            .filter(|d| *d >= std::time::Duration::from_millis(100))
+            .ok_or_else(|| anyhow::anyhow!("--lease must be at least 0.1 seconds"))
+    }
+
+    fn queue_config(&self) -> Result<mayfly_queue::QueueConfig> {
+        Ok(mayfly_queue::QueueConfig {
+            ack_wait: self.lease()?,
+            // A block lost with its worker this many times is given up by the queue; the
+            // orchestrator's lease reaper still re-dispatches it (nothing is silently lost).
+            max_deliver: 100,
+            backoff: vec![
+                std::time::Duration::from_millis(100),
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(5),
+            ],
+        })
+    }
+
+    fn nats_url(&self) -> Result<Option<&str>> {
+        match self.queue.as_deref() {
+            None => Ok(None),
+            Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => Ok(Some(u)),
+            Some(u) => bail!("--queue must be a nats:// URL, not `{u}`"),
+        }
     }
 }
 
@@ -231,7 +299,30 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
-        Cmd::Server { db, listen, opts } => server(&db, &listen, &opts).await,
+        Cmd::Server {
+            db,
+            listen,
+            opts,
+            dist,
+        } => server(&db, &listen, &opts, &dist).await,
+        Cmd::Worker {
+            dist,
+            slots,
+            python_pool,
+            metrics_listen,
+            id,
+            key,
+        } => {
+            worker(
+                &dist,
+                slots,
+                python_pool,
+                metrics_listen.as_deref(),
+                id,
+                &key,
+            )
+            .await
+        }
         Cmd::Register {
             playbook,
             db,
@@ -423,9 +514,29 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
     }
 }
 
-async fn server(db: &Path, listen: &str, opts: &RunOpts) -> Result<ExitCode> {
+async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Result<ExitCode> {
     let (store, _lock) = open_db(db, false, true).await?;
-    let runtime = Runtime::start(store.clone(), runtime_config(opts)?)?;
+    let mut cfg = runtime_config(opts)?;
+    cfg.lease = dist.lease()?;
+    let mut nats = None;
+    if let Some(url) = dist.nats_url()? {
+        let queue = mayfly_queue::NatsQueue::connect(url, &dist.queue_name, dist.queue_config()?)
+            .await
+            .with_context(|| format!("connecting to the queue at {url}"))?;
+        cfg.queue = Some(Arc::new(queue));
+        cfg.workers = 0;
+        let client = async_nats::connect(url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        nats = Some(client);
+    }
+    let runtime = Runtime::start(store.clone(), cfg)?;
+    let _rpc = match nats {
+        Some(client) => {
+            Some(mayfly_runtime::remote::serve(runtime.handle(), client, &dist.queue_name).await?)
+        }
+        None => None,
+    };
     // Resume whatever was in flight when the previous server stopped.
     for x in store.list_executions(None, 10_000).await? {
         if matches!(x.status.as_str(), "pending" | "running")
@@ -449,8 +560,12 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
+    let mode = match &dist.queue {
+        Some(q) => format!("queue {q}, stream {}", dist.queue_name),
+        None => "in-process workers".into(),
+    };
     eprintln!(
-        "mayfly gateway on http://{} (db {})",
+        "mayfly gateway on http://{} (db {}, {mode})",
         listener.local_addr()?,
         shown(db)
     );
@@ -459,6 +574,68 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts) -> Result<ExitCode> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker(
+    dist: &DistOpts,
+    slots: usize,
+    python_pool: Option<usize>,
+    metrics_listen: Option<&str>,
+    id: Option<String>,
+    key: &keychain::KeyOpts,
+) -> Result<ExitCode> {
+    let Some(url) = dist.nats_url()? else {
+        bail!("a worker needs --queue nats://… (or MAYFLY_QUEUE)");
+    };
+    let coord = mayfly_runtime::remote::RemoteCoordinator::connect(
+        url,
+        &dist.queue_name,
+        dist.queue_config()?,
+    )
+    .await?;
+    let mut tools_cfg = RuntimeConfig::default().tools;
+    if let Some(n) = python_pool {
+        tools_cfg.python_pool = n.max(1);
+    }
+    let tools = Arc::new(mayfly_tools::Tools::new(tools_cfg)?);
+    let key = keychain::master_key(key, false)?;
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+    let id = id.unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    if let Some(addr) = metrics_listen {
+        let handle = mayfly_gateway::install_metrics();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let h = handle.clone();
+                async move { h.map(|h| h.render()).unwrap_or_default() }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        eprintln!("worker metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+    }
+    eprintln!(
+        "mayfly worker {id}: {slots} slots on {url} (stream {})",
+        dist.queue_name
+    );
+    let mut loops = tokio::task::JoinSet::new();
+    for i in 0..slots.max(1) {
+        loops.spawn(mayfly_runtime::worker::worker_loop(
+            coord.clone(),
+            tools.clone(),
+            key.clone(),
+            format!("{id}/{i}"),
+        ));
+    }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = loops.join_next() => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,251 @@
+//! Distributed mode inside one test process, against the real local Postgres and NATS:
+//! the orchestrator appends to a Postgres log and publishes commands to a JetStream work
+//! queue; workers reach it only through NATS (`RemoteCoordinator`), never the store.
+//! Skipped loudly when Postgres or NATS is down; with CI=true their absence is a failure.
+
+use mayfly_dsl::ParseOptions;
+use mayfly_engine::{ExecState, Report, Status};
+use mayfly_queue::{NatsQueue, QueueConfig};
+use mayfly_runtime::remote::{RemoteCoordinator, serve};
+use mayfly_runtime::worker::worker_loop;
+use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
+use mayfly_store::{PostgresStore, Store};
+use mayfly_tools::{Tools, ToolsConfig};
+use mayfly_types::EventKind;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+fn up(addr: &str, what: &str) -> bool {
+    let ok =
+        std::net::TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(2))
+            .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but {what} is not reachable at {addr}"
+        );
+        eprintln!("SKIPPED: {what} is not reachable at {addr}");
+    }
+    ok
+}
+
+fn services() -> bool {
+    up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")
+}
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+fn queue_config() -> QueueConfig {
+    QueueConfig {
+        ack_wait: Duration::from_secs(5),
+        max_deliver: 100,
+        backoff: vec![Duration::from_millis(50)],
+    }
+}
+
+/// A server half (orchestrator + RPC) and `workers` remote worker "processes" with
+/// `slots` block loops each, every one on its own NATS connection.
+struct Cluster {
+    schema: String,
+    stream: String,
+    store: Arc<PostgresStore>,
+    rt: Runtime,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Cluster {
+    async fn start(
+        workers: usize,
+        slots: usize,
+        key: Option<mayfly_trust::keychain::MasterKey>,
+    ) -> Cluster {
+        let schema = unique("mayfly_dist");
+        let stream = unique("MAYFLY_DIST");
+        let store = Arc::new(
+            PostgresStore::connect_schema(PG, &schema)
+                .await
+                .expect("postgres"),
+        );
+        let queue = NatsQueue::connect(NATS, &stream, queue_config())
+            .await
+            .expect("queue");
+        let cfg = RuntimeConfig {
+            workers: 0,
+            lease: Duration::from_secs(5),
+            queue: Some(Arc::new(queue)),
+            // The orchestrator holds no master key: only workers open secrets.
+            keychain: None,
+            ..Default::default()
+        };
+        let rt = Runtime::start(store.clone(), cfg).expect("runtime");
+        let client = async_nats::connect(NATS).await.expect("nats");
+        let mut tasks = vec![serve(rt.handle(), client, &stream).await.expect("serve")];
+        for w in 0..workers {
+            let coord = RemoteCoordinator::connect(NATS, &stream, queue_config())
+                .await
+                .expect("worker connects");
+            let tools = Arc::new(
+                Tools::new(ToolsConfig {
+                    python_pool: slots,
+                    ..Default::default()
+                })
+                .expect("tools"),
+            );
+            for s in 0..slots {
+                tasks.push(tokio::spawn(worker_loop(
+                    coord.clone(),
+                    tools.clone(),
+                    key.clone(),
+                    format!("w{w}/{s}"),
+                )));
+            }
+        }
+        Cluster {
+            schema,
+            stream,
+            store,
+            rt,
+            tasks,
+        }
+    }
+
+    async fn run(&self, name: &str, overrides: Value) -> Report {
+        let overrides: Map<String, Value> = overrides.as_object().cloned().unwrap_or_default();
+        let opts = ParseOptions {
+            extra_vars: overrides.keys().cloned().collect(),
+        };
+        let pb = load_file(&example(name), &opts).unwrap_or_else(|e| panic!("{e}"));
+        let report = tokio::time::timeout(Duration::from_secs(60), self.rt.run(pb, overrides))
+            .await
+            .expect("finishes in time")
+            .expect("run");
+        let events = self
+            .store
+            .read_all(&report.execution_id)
+            .await
+            .expect("events");
+        mayfly_trust::verify_chain(&events).expect("chain verifies");
+        let replayed = ExecState::fold(report.execution_id.clone(), &events)
+            .expect("fold")
+            .report();
+        assert_eq!(replayed, report, "replay reproduces the final state");
+        report
+    }
+
+    async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        drop(self.rt);
+        NatsQueue::delete(NATS, &self.stream)
+            .await
+            .expect("delete stream");
+        PostgresStore::drop_schema(PG, &self.schema)
+            .await
+            .expect("drop schema");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn examples_run_on_remote_workers_over_nats() {
+    if !services() {
+        return;
+    }
+    let c = Cluster::start(2, 4, None).await;
+
+    let r = c.run("loop.yaml", json!({})).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result["sum_of_squares"], json!(204));
+    assert_eq!(r.result["order"], json!([0, 1, 2]));
+
+    let r = c.run("branching.yaml", json!({})).await;
+    assert_eq!(
+        r.result,
+        json!({"path": "hot", "advice": ["drink water", "close the blinds"]})
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let r = c
+        .run(
+            "retry.yaml",
+            json!({"counter_dir": dir.path().display().to_string()}),
+        )
+        .await;
+    assert_eq!(r.result, json!({"recovered_after": 3}));
+
+    let r = c.run("nested.yaml", json!({})).await;
+    assert_eq!(r.result["best"], json!("ann"));
+
+    // Every block was claimed by a remote worker, and both worker processes took work.
+    let mut who = BTreeSet::new();
+    for x in c.store.list_executions(None, 100).await.expect("list") {
+        for e in c.store.read_all(&x.execution_id).await.expect("events") {
+            if e.kind == EventKind::CommandClaimed {
+                let w = e.payload["worker"].as_str().expect("worker").to_owned();
+                who.insert(w.split('/').next().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    assert_eq!(
+        who,
+        BTreeSet::from(["w0".to_owned(), "w1".to_owned()]),
+        "both workers ran blocks"
+    );
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_workers_open_keychain_values_the_orchestrator_never_sees() {
+    if !services() {
+        return;
+    }
+    let key = mayfly_trust::keychain::MasterKey::generate();
+    let c = Cluster::start(1, 2, Some(key.clone())).await;
+    let dsn = "postgres://postgres@127.0.0.1:5432/test";
+    let sealed = key
+        .seal(
+            "default",
+            "pg_local",
+            format!(r#"{{"dsn": "{dsn}"}}"#).as_bytes(),
+        )
+        .expect("seal");
+    c.store
+        .append(Arc::new(mayfly_store::Batch {
+            secrets: vec![mayfly_store::SecretOp::Put {
+                tenant: "default".into(),
+                alias: "pg_local".into(),
+                sealed,
+            }],
+            ..Default::default()
+        }))
+        .await
+        .expect("put");
+    let r = c.run("postgres.yaml", json!({})).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, json!({"top": "ann", "total": 22, "rows": 3}));
+    let events = c.store.read_all(&r.execution_id).await.expect("events");
+    let text = serde_json::to_string(&events).expect("json");
+    assert!(
+        !text.contains(dsn),
+        "the resolved DSN never reaches the log"
+    );
+    c.stop().await;
+}

@@ -1,0 +1,254 @@
+//! Distributed mode with real processes: `mayfly server --db postgres://… --queue nats://…`
+//! and `mayfly worker` processes, one of which is killed with SIGKILL in the middle of a
+//! step. Needs the local Postgres and NATS (skipped loudly without them; with CI=true their
+//! absence is a failure).
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
+    c.env("MAYFLY_LOG", "warn");
+    c.env_remove("MAYFLY_QUEUE");
+    c
+}
+
+fn up(addr: &str, what: &str) -> bool {
+    let ok =
+        std::net::TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(2))
+            .is_ok();
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but {what} is not reachable at {addr}"
+        );
+        eprintln!("SKIPPED: {what} is not reachable at {addr}");
+    }
+    ok
+}
+
+/// Child processes killed when the test ends, however it ends.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// Wait for a line of a child's stderr that contains `needle`; every line is kept in `seen`.
+fn wait_line(
+    lines: &mut impl Iterator<Item = String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    for l in lines.by_ref() {
+        seen.push(l.clone());
+        if l.contains(needle) {
+            return l;
+        }
+    }
+    panic!(
+        "process ended before printing `{needle}`; it said:\n{}",
+        seen.join("\n")
+    );
+}
+
+fn events(db: &str, id: &str) -> Vec<Value> {
+    let o = bin()
+        .args(["events", id, "--json", "--db", db])
+        .output()
+        .expect("events");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let began = Instant::now();
+    while !f() {
+        assert!(began.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn worker(stream: &str, id: &str, slots: &str) -> Child {
+    bin()
+        .args([
+            "worker",
+            "--queue",
+            NATS,
+            "--queue-name",
+            stream,
+            "--lease",
+            "2",
+        ])
+        .args(["--slots", slots, "--python-pool", "1", "--id", id])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker")
+}
+
+const SLOW: &str = r#"apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: slow, path: tests/slow}
+workflow:
+  - step: start
+    tool: {kind: python, code: "import time\ntime.sleep(4)\nresult = {'slept': 4}"}
+    next: [{step: end}]
+  - step: end
+    tool: {kind: python, input: {slept: "{{ start.slept }}"}, code: "result = {'after': slept * 10}"}
+"#;
+
+#[test]
+fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
+    if !(up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")) {
+        return;
+    }
+    let schema = unique("mayfly_kill");
+    let stream = unique("MAYFLY_KILL");
+    let db = format!("{PG}?schema={schema}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut procs = Procs(Vec::new());
+
+    let mut server = bin()
+        .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
+        .args(["--queue", NATS, "--queue-name", &stream, "--lease", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let stderr = server.stderr.take().expect("stderr");
+    procs.0.push(server);
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let mut seen = Vec::new();
+    let token = wait_line(&mut lines, "admin token", &mut seen)
+        .rsplit(' ')
+        .next()
+        .expect("token")
+        .to_owned();
+    let url = wait_line(&mut lines, "mayfly gateway on", &mut seen)
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url")
+        .to_owned();
+    // Keep draining the server's stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    procs.0.push(worker(&stream, "A", "1"));
+    let file = dir.path().join("slow.yaml");
+    std::fs::write(&file, SLOW).expect("write");
+    let remote = |args: &[&str]| {
+        let o = bin()
+            .args(args)
+            .env("MAYFLY_URL", &url)
+            .env("MAYFLY_TOKEN", &token)
+            .output()
+            .expect("cli");
+        let stdout = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        assert!(
+            o.status.success(),
+            "{args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        stdout
+    };
+    remote(&["register", file.to_str().expect("path")]);
+    let id = remote(&["exec", "start", "tests/slow"]);
+
+    // Worker A claims `start` and is killed while the step sleeps.
+    wait_for("A to start the slow step", Duration::from_secs(30), || {
+        events(&db, &id).iter().any(|e| {
+            e["kind"] == "step.started"
+                && e["step"] == "start"
+                && e["actor"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("worker:A/"))
+        })
+    });
+    let a = procs.0.get_mut(1).expect("worker A");
+    a.kill().expect("SIGKILL worker A");
+    a.wait().expect("reaped");
+
+    // Worker B gets the redelivered command and the execution completes.
+    procs.0.push(worker(&stream, "B", "2"));
+    wait_for("the execution to complete", Duration::from_secs(60), || {
+        let s: Value = serde_json::from_str(&remote(&["exec", "status", &id])).expect("status");
+        s["status"] == "completed"
+    });
+    let status: Value = serde_json::from_str(&remote(&["exec", "status", &id])).expect("status");
+    assert_eq!(status["result"], serde_json::json!({"after": 40}));
+
+    let evs = events(&db, &id);
+    let of = |kind: &str| -> Vec<&Value> {
+        evs.iter()
+            .filter(|e| e["kind"] == kind && e["step"] == "start")
+            .collect()
+    };
+    let claims: Vec<(u64, String)> = of("command.claimed")
+        .iter()
+        .map(|e| {
+            (
+                e["attempt"].as_u64().expect("attempt"),
+                e["payload"]["worker"].as_str().expect("worker").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(claims.len(), 2, "claimed by A, then by B: {claims:?}");
+    assert!(
+        claims[0].0 == 1 && claims[0].1.starts_with("A/"),
+        "{claims:?}"
+    );
+    assert!(
+        claims[1].0 == 2 && claims[1].1.starts_with("B/"),
+        "{claims:?}"
+    );
+    let finished = of("step.finished");
+    assert_eq!(
+        finished.len(),
+        1,
+        "exactly one step.finished for the command"
+    );
+    assert_eq!(finished[0]["attempt"], 2);
+    assert_eq!(of("command.completed").len(), 1);
+    assert_eq!(
+        evs.last().map(|e| e["kind"].clone()),
+        Some(Value::from("execution.completed"))
+    );
+
+    drop(procs);
+    cleanup(&schema, &stream, dir.path());
+}
+
+fn cleanup(schema: &str, stream: &str, _dir: &Path) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        mayfly_queue::NatsQueue::delete(NATS, stream)
+            .await
+            .expect("delete stream");
+        mayfly_store::PostgresStore::drop_schema(PG, schema)
+            .await
+            .expect("drop schema");
+    });
+}
