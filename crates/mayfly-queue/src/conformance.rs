@@ -39,6 +39,7 @@ async fn assert_empty(q: &dyn CommandQueue, why: &str) {
 pub async fn run_all(q: Arc<dyn CommandQueue>) {
     publish_pull_ack(q.as_ref()).await;
     publish_is_deduplicated(q.as_ref()).await;
+    batch_pull_returns_what_is_there_without_waiting_to_fill(q.as_ref()).await;
     nak_with_delay_redelivers_later(q.as_ref()).await;
     unacked_delivery_is_redelivered_after_ack_wait(q.as_ref()).await;
     in_progress_extends_the_ack_wait(q.as_ref()).await;
@@ -63,6 +64,27 @@ pub async fn publish_pull_ack(q: &dyn CommandQueue) {
     );
     d.ack().await.expect("ack");
     assert_empty(q, "after ack").await;
+}
+
+pub async fn batch_pull_returns_what_is_there_without_waiting_to_fill(q: &dyn CommandQueue) {
+    let ids = [id("b1"), id("b2"), id("b3")];
+    for i in &ids {
+        q.publish(i, i.as_bytes()).await.expect("publish");
+    }
+    // Two of three in one batch, then the third: each message exactly once, in order.
+    let first = q.pull_batch(2, SOME_WAIT).await.expect("batch");
+    let began = std::time::Instant::now();
+    let rest = q.pull_batch(10, SOME_WAIT).await.expect("batch");
+    assert!(
+        began.elapsed() < SOME_WAIT,
+        "a batch with messages available must not wait for the batch to fill"
+    );
+    let got: Vec<&str> = first.iter().chain(&rest).map(|d| d.id.as_str()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    for d in first.into_iter().chain(rest) {
+        d.ack().await.expect("ack");
+    }
+    assert_empty(q, "after acking the batch").await;
 }
 
 pub async fn publish_is_deduplicated(q: &dyn CommandQueue) {

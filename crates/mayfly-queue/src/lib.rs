@@ -116,6 +116,21 @@ pub trait CommandQueue: Send + Sync + 'static {
     async fn publish(&self, id: &str, payload: &[u8]) -> Result<(), QueueError>;
     /// The next deliverable message, waiting up to `wait`.
     async fn pull(&self, wait: Duration) -> Result<Option<Delivery>, QueueError>;
+    /// Up to `max` deliverable messages: returns as soon as at least one is available
+    /// (waiting up to `wait` for the first), without waiting to fill the batch.
+    async fn pull_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let mut out = Vec::new();
+        if let Some(d) = self.pull(wait).await? {
+            out.push(d);
+            while out.len() < max {
+                match self.pull(Duration::ZERO).await? {
+                    Some(d) => out.push(d),
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
     /// Messages not yet acknowledged (waiting or in flight): the consumer lag autoscalers read.
     async fn depth(&self) -> Result<u64, QueueError>;
 }

@@ -120,37 +120,44 @@ impl CommandQueue for NatsQueue {
     }
 
     async fn pull(&self, wait: Duration) -> Result<Option<Delivery>, QueueError> {
+        Ok(self.pull_batch(1, wait).await?.into_iter().next())
+    }
+
+    async fn pull_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        // A no-wait fetch with an expiry: the server answers with what is available (up to
+        // `max`) at once, and waits up to `wait` only while nothing is.
         let mut batch = self
             .consumer
             .fetch()
-            .max_messages(1)
+            .max_messages(max.max(1))
             .expires(wait.max(Duration::from_millis(10)))
             .messages()
             .await
             .map_err(unavailable)?;
-        let Some(next) = batch.next().await else {
-            return Ok(None);
-        };
-        let msg = next.map_err(unavailable)?;
-        let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-        let id = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(MSG_ID))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        let payload = msg.payload.to_vec();
-        let acker = Box::new(NatsAcker {
-            msg,
-            delivered,
-            cfg: self.cfg.clone(),
-        });
-        Ok(Some(Delivery {
-            id,
-            payload,
-            delivered,
-            acker,
-        }))
+        let mut out = Vec::new();
+        while let Some(next) = batch.next().await {
+            let msg = next.map_err(unavailable)?;
+            let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+            let id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(MSG_ID))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            let payload = msg.payload.to_vec();
+            let acker = Box::new(NatsAcker {
+                msg,
+                delivered,
+                cfg: self.cfg.clone(),
+            });
+            out.push(Delivery {
+                id,
+                payload,
+                delivered,
+                acker,
+            });
+        }
+        Ok(out)
     }
 
     async fn depth(&self) -> Result<u64, QueueError> {

@@ -15,13 +15,14 @@ use crate::{Block, Claim, Completion, Hydrated, RuntimeError, RuntimeHandle};
 use futures_util::StreamExt;
 use mayfly_dsl::{ParseOptions, Playbook};
 use mayfly_queue::{CommandQueue, Delivery, NatsQueue};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Publishes in flight at once (JetStream acks each publish; pipelining them is what makes
@@ -323,7 +324,9 @@ type PlaybookKey = (String, Vec<String>);
 
 struct Inner {
     client: async_nats::Client,
-    queue: NatsQueue,
+    /// Idle slots ask the fetcher for a delivery here.
+    wants: mpsc::UnboundedSender<oneshot::Sender<(Block, Delivery)>>,
+    fetcher: JoinHandle<()>,
     prefix: String,
     /// Parsed playbooks by (digest, extra workload keys): workers fetch each version once.
     playbooks: Mutex<HashMap<PlaybookKey, Arc<Playbook>>>,
@@ -344,10 +347,13 @@ impl RemoteCoordinator {
         let queue = NatsQueue::connect(url, prefix, cfg)
             .await
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let (wants, rx) = mpsc::unbounded_channel();
+        let fetcher = tokio::spawn(fetcher(queue, rx));
         Ok(RemoteCoordinator {
             inner: Arc::new(Inner {
                 client,
-                queue,
+                wants,
+                fetcher,
                 prefix: prefix.to_owned(),
                 playbooks: Mutex::new(HashMap::new()),
             }),
@@ -360,6 +366,7 @@ impl RemoteCoordinator {
         req: &Req,
     ) -> Result<T, RuntimeError> {
         let subject = format!("{}.rpc.{verb}", self.inner.prefix);
+        let began = std::time::Instant::now();
         let msg = self
             .inner
             .client
@@ -370,6 +377,8 @@ impl RemoteCoordinator {
                 tracing::debug!(error = %e, verb, "orchestrator unreachable");
                 RuntimeError::Closed
             })?;
+        metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.to_owned())
+            .record(began.elapsed().as_secs_f64());
         let a: Answer<T> = serde_json::from_slice(&msg.payload)
             .map_err(|e| RuntimeError::Invalid(format!("malformed answer to {verb}: {e}")))?;
         a.map_err(RuntimeError::from)
@@ -417,28 +426,83 @@ impl RemoteCoordinator {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.fetcher.abort();
+    }
+}
+
+/// One puller per worker process: it asks JetStream for exactly as many messages as there
+/// are idle slots (one request for all of them), so no message waits in a local buffer
+/// while its ack_wait runs, and an idle worker costs one pending pull request.
+async fn fetcher(
+    queue: NatsQueue,
+    mut wants: mpsc::UnboundedReceiver<oneshot::Sender<(Block, Delivery)>>,
+) {
+    let mut idle: std::collections::VecDeque<oneshot::Sender<(Block, Delivery)>> =
+        std::collections::VecDeque::new();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if idle.is_empty() {
+            match wants.recv().await {
+                Some(w) => idle.push_back(w),
+                None => return,
+            }
+        }
+        while let Ok(w) = wants.try_recv() {
+            idle.push_back(w);
+        }
+        idle.retain(|w| !w.is_closed());
+        if idle.is_empty() {
+            continue;
+        }
+        let batch = match queue.pull_batch(idle.len(), Duration::from_secs(5)).await {
+            Ok(b) => {
+                pause = Duration::from_millis(100);
+                b
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queue unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        for d in batch {
+            let b = match serde_json::from_slice::<Block>(&d.payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, id = %d.id, "malformed command; terminating it");
+                    let _ = d.term().await;
+                    continue;
+                }
+            };
+            let mut item = (b, d);
+            loop {
+                match idle.pop_front() {
+                    Some(w) => match w.send(item) {
+                        Ok(()) => break,
+                        // That slot is gone: offer the delivery to the next one.
+                        Err(back) => item = back,
+                    },
+                    None => {
+                        // Every slot that asked is gone: give the delivery back at once.
+                        let _ = item.1.nak(None).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Coordinator for RemoteCoordinator {
     type Ticket = Delivery;
 
     async fn next(&self) -> Option<(Block, Delivery)> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.inner.queue.pull(Duration::from_secs(5)).await {
-                Ok(Some(d)) => match serde_json::from_slice::<Block>(&d.payload) {
-                    Ok(b) => return Some((b, d)),
-                    Err(e) => {
-                        tracing::error!(error = %e, id = %d.id, "malformed command; terminating it");
-                        let _ = d.term().await;
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "queue unavailable; retrying");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let (tx, rx) = oneshot::channel();
+        self.inner.wants.send(tx).ok()?;
+        rx.await.ok()
     }
 
     async fn claim(&self, block: Block, worker: &str) -> Result<Claim, RuntimeError> {
@@ -489,14 +553,17 @@ impl Coordinator for RemoteCoordinator {
     }
 
     async fn settle(&self, ticket: Delivery, settle: Settle) {
-        let r = match settle {
-            Settle::Ack => ticket.ack().await,
-            Settle::Retry(d) => ticket.nak(Some(d)).await,
-        };
-        // A lost ack means a redelivery, which the claim protocol answers with `done`.
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "could not settle a delivery");
-        }
+        // Off the slot's path: the slot pulls its next block while JetStream confirms. A
+        // lost ack means a redelivery, which the claim protocol answers with `done`.
+        tokio::spawn(async move {
+            let r = match settle {
+                Settle::Ack => ticket.ack().await,
+                Settle::Retry(d) => ticket.nak(Some(d)).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not settle a delivery");
+            }
+        });
     }
 
     async fn sealed_secret(&self, h: &Hydrated, alias: &str) -> Result<Option<String>, String> {

@@ -33,6 +33,16 @@ pub struct BenchArgs {
     /// Event log to measure: a `postgres://` URL (default: a temporary SQLite file).
     #[arg(long)]
     db: Option<String>,
+    /// Benchmark the running server at MAYFLY_URL (token MAYFLY_TOKEN, role author) through
+    /// its HTTP API instead of an embedded runtime.
+    #[arg(long)]
+    server: bool,
+    /// Distributed mode: for each count in --worker-counts, spawn `mayfly server --db DB
+    /// --queue URL` and that many `mayfly worker` processes, then benchmark the server.
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    worker_counts: Vec<usize>,
 }
 
 fn chain(kind: &str, n: usize) -> String {
@@ -128,6 +138,21 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
 }
 
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
+    if a.server {
+        let c = crate::remote::Client::from_env()?;
+        let out = against_server(&c, &a).await?;
+        print_remote(&a, &[("server".into(), out)]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(q) = a.queue.clone() {
+        let mut rows = Vec::new();
+        for &n in &a.worker_counts {
+            let out = distributed(&a, &q, n).await?;
+            rows.push((format!("{n} worker{}", if n == 1 { "" } else { "s" }), out));
+        }
+        print_remote(&a, &rows);
+        return Ok(ExitCode::SUCCESS);
+    }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -190,4 +215,166 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Median seconds of `runs` executions of catalog playbook `path` on a server (after one
+/// untimed warm-up run), each timed from the start request to the end of its SSE stream.
+async fn measure_remote(c: &crate::remote::Client, path: &str, runs: usize) -> Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..=runs.max(1) {
+        let t = Instant::now();
+        let v = c
+            .send(
+                reqwest::Method::POST,
+                "/v1/executions",
+                Some(json!({"path": path}).to_string()),
+            )
+            .await?;
+        let id = v["execution_id"].as_str().unwrap_or_default().to_owned();
+        let end = c.await_end(&id).await?;
+        if end["status"] != "completed" {
+            bail!(
+                "benchmark execution {id} ended {}: {}",
+                end["status"],
+                end["error"]
+            );
+        }
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// The worker-bound scenarios through a server's API: python chain and python fan-out.
+async fn against_server(c: &crate::remote::Client, a: &BenchArgs) -> Result<serde_json::Value> {
+    for src in [
+        chain("python", a.steps).replace("bench-chain", "bench-python-chain"),
+        fanout("python", a.python_items).replace("bench-fanout", "bench-python-fanout"),
+    ] {
+        c.send(reqwest::Method::POST, "/v1/playbooks", Some(src))
+            .await?;
+    }
+    let py_chain = measure_remote(c, "bench-python-chain", a.runs).await?;
+    let py_fan = measure_remote(c, "bench-python-fanout", a.runs).await?;
+    Ok(json!({
+        "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
+        "python_fanout": {"items": a.python_items, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
+    }))
+}
+
+/// Spawn a distributed server and `workers` worker processes, benchmark, tear down.
+async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe()?;
+    let tag = format!("{}_{}", std::process::id(), workers);
+    let stream = format!("MAYFLY_BENCH_{tag}");
+    let dir = tempfile::tempdir()?;
+    let (db, schema) = match &a.db {
+        Some(url) => {
+            let schema = format!("mayfly_bench_{tag}");
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (format!("{url}{sep}schema={schema}"), Some(schema))
+        }
+        None => (dir.path().join("bench.db").display().to_string(), None),
+    };
+    let mut server = tokio::process::Command::new(&exe)
+        .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
+        .args(["--queue", queue, "--queue-name", &stream])
+        .env("MAYFLY_LOG", "error")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = server
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no server stderr"))?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let (mut token, mut url) = (None, None);
+    while token.is_none() || url.is_none() {
+        let Some(l) = lines.next_line().await? else {
+            bail!("the server exited before it was ready");
+        };
+        if l.contains("admin token") {
+            token = l.rsplit(' ').next().map(str::to_owned);
+        } else if l.contains("mayfly gateway on") {
+            url = l
+                .split_whitespace()
+                .find(|w| w.starts_with("http://"))
+                .map(str::to_owned);
+        } else if l.starts_with("error") {
+            bail!("server: {l}");
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut procs = Vec::new();
+    for i in 0..workers {
+        procs.push(
+            tokio::process::Command::new(&exe)
+                .args(["worker", "--queue", queue, "--queue-name", &stream])
+                .args(["--id", &format!("bench{i}")])
+                .env("MAYFLY_LOG", "error")
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let c = crate::remote::Client::new(
+        url.as_deref().unwrap_or_default(),
+        token.as_deref().unwrap_or_default(),
+    );
+    let out = against_server(&c, a).await;
+    for mut p in procs.into_iter().chain([server]) {
+        let _ = p.kill().await;
+    }
+    if let Err(e) = mayfly_queue::NatsQueue::delete(queue, &stream).await {
+        eprintln!("warning: could not delete stream {stream}: {e}");
+    }
+    if let (Some(url), Some(schema)) = (&a.db, schema)
+        && let Err(e) = mayfly_store::PostgresStore::drop_schema(url, &schema).await
+    {
+        eprintln!("warning: could not drop schema {schema}: {e}");
+    }
+    out
+}
+
+fn print_remote(a: &BenchArgs, rows: &[(String, serde_json::Value)]) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if a.json {
+        let m: Map<String, serde_json::Value> =
+            rows.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        println!("{}", json!({"machine": {"cpus": cpus}, "runs": m}));
+        return;
+    }
+    let log = match &a.db {
+        Some(_) => "postgres",
+        None => "sqlite",
+    };
+    println!(
+        "mayfly bench — through the server's API ({log} log{}), {cpus} CPUs, median of {} runs",
+        if a.queue.is_some() {
+            ", NATS JetStream queue, worker processes"
+        } else {
+            ""
+        },
+        a.runs
+    );
+    for (name, v) in rows {
+        println!(
+            "  {:<14} {:<40} {:>8.3} ms/step",
+            name,
+            format!("sequential chain, {} python steps", a.steps),
+            v["python_chain"]["ms_per_step"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  {:<14} {:<40} {:>8.0} steps/s",
+            name,
+            format!("parallel fan-out, {} python items", a.python_items),
+            v["python_fanout"]["steps_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
+    }
 }

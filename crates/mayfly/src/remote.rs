@@ -48,7 +48,41 @@ impl Client {
         })
     }
 
-    async fn send(
+    /// A client for `base` authenticated by `token`.
+    pub fn new(base: &str, token: &str) -> Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Client {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Follow an execution's SSE stream silently until it ends; its final status.
+    pub async fn await_end(&self, id: &str) -> Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/executions/{id}/stream", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.base))?;
+        if !resp.status().is_success() {
+            bail!(
+                "{}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            chunk?;
+        }
+        self.send(reqwest::Method::GET, &format!("/v1/executions/{id}"), None)
+            .await
+    }
+
+    pub(crate) async fn send(
         &self,
         method: reqwest::Method,
         path: &str,

@@ -130,47 +130,14 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut procs = Procs(Vec::new());
 
-    let mut server = bin()
-        .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
-        .args(["--queue", NATS, "--queue-name", &stream, "--lease", "2"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server");
-    let stderr = server.stderr.take().expect("stderr");
+    let (server, url, token) = start_server(&db, &stream);
+    let token = token.expect("first start prints the admin token");
     procs.0.push(server);
-    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-    let mut seen = Vec::new();
-    let token = wait_line(&mut lines, "admin token", &mut seen)
-        .rsplit(' ')
-        .next()
-        .expect("token")
-        .to_owned();
-    let url = wait_line(&mut lines, "mayfly gateway on", &mut seen)
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("url")
-        .to_owned();
-    // Keep draining the server's stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
 
     procs.0.push(worker(&stream, "A", "1"));
     let file = dir.path().join("slow.yaml");
     std::fs::write(&file, SLOW).expect("write");
-    let remote = |args: &[&str]| {
-        let o = bin()
-            .args(args)
-            .env("MAYFLY_URL", &url)
-            .env("MAYFLY_TOKEN", &token)
-            .output()
-            .expect("cli");
-        let stdout = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-        assert!(
-            o.status.success(),
-            "{args:?}: {stdout}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        stdout
-    };
+    let remote = |args: &[&str]| remote(&url, &token, args);
     remote(&["register", file.to_str().expect("path")]);
     let id = remote(&["exec", "start", "tests/slow"]);
 
@@ -191,11 +158,12 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     // Worker B gets the redelivered command and the execution completes.
     procs.0.push(worker(&stream, "B", "2"));
     wait_for("the execution to complete", Duration::from_secs(60), || {
-        let s: Value = serde_json::from_str(&remote(&["exec", "status", &id])).expect("status");
-        s["status"] == "completed"
+        status(&url, &token, &id)["status"] == "completed"
     });
-    let status: Value = serde_json::from_str(&remote(&["exec", "status", &id])).expect("status");
-    assert_eq!(status["result"], serde_json::json!({"after": 40}));
+    assert_eq!(
+        status(&url, &token, &id)["result"],
+        serde_json::json!({"after": 40})
+    );
 
     let evs = events(&db, &id);
     let of = |kind: &str| -> Vec<&Value> {
@@ -234,6 +202,115 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
         Some(Value::from("execution.completed"))
     );
 
+    drop(procs);
+    cleanup(&schema, &stream, dir.path());
+}
+
+/// Start a distributed server; (child, base url, admin token if this start printed one).
+fn start_server(db: &str, stream: &str) -> (Child, String, Option<String>) {
+    let mut server = bin()
+        .args(["server", "--db", db, "--listen", "127.0.0.1:0"])
+        .args(["--queue", NATS, "--queue-name", stream, "--lease", "2"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let stderr = server.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let mut seen = Vec::new();
+    let ready = wait_line(&mut lines, "mayfly gateway on", &mut seen);
+    let url = ready
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("url")
+        .to_owned();
+    let token = seen
+        .iter()
+        .find(|l| l.contains("admin token"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_owned);
+    // Keep draining the server's stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, url, token)
+}
+
+fn remote(url: &str, token: &str, args: &[&str]) -> String {
+    let o = bin()
+        .args(args)
+        .env("MAYFLY_URL", url)
+        .env("MAYFLY_TOKEN", token)
+        .output()
+        .expect("cli");
+    let stdout = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert!(
+        o.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+fn status(url: &str, token: &str, id: &str) -> Value {
+    serde_json::from_str(&remote(url, token, &["exec", "status", id])).expect("status")
+}
+
+#[test]
+fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
+    if !(up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")) {
+        return;
+    }
+    let schema = unique("mayfly_srvkill");
+    let stream = unique("MAYFLY_SRVKILL");
+    let db = format!("{PG}?schema={schema}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut procs = Procs(Vec::new());
+    let (server, url, token) = start_server(&db, &stream);
+    let token = token.expect("first start prints the admin token");
+    procs.0.push(server);
+    procs.0.push(worker(&stream, "A", "2"));
+    let file = dir.path().join("slow.yaml");
+    std::fs::write(&file, SLOW).expect("write");
+    remote(&url, &token, &["register", file.to_str().expect("path")]);
+    let id = remote(&url, &token, &["exec", "start", "tests/slow"]);
+    wait_for("A to start the slow step", Duration::from_secs(30), || {
+        events(&db, &id)
+            .iter()
+            .any(|e| e["kind"] == "step.started" && e["step"] == "start")
+    });
+
+    // The server dies with the step in flight, and comes back on the same log and queue.
+    let s = procs.0.get_mut(0).expect("server");
+    s.kill().expect("SIGKILL server");
+    s.wait().expect("reaped");
+    let (server, url, again) = start_server(&db, &stream);
+    assert!(again.is_none(), "the admin token is printed only once");
+    procs.0[0] = server;
+    wait_for("the execution to complete", Duration::from_secs(60), || {
+        status(&url, &token, &id)["status"] == "completed"
+    });
+    assert_eq!(
+        status(&url, &token, &id)["result"],
+        serde_json::json!({"after": 40})
+    );
+    let evs = events(&db, &id);
+    let finished: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "step.finished" && e["step"] == "start")
+        .collect();
+    assert_eq!(
+        finished.len(),
+        1,
+        "one step.finished for the step, whoever ran it"
+    );
+    let completed = evs
+        .iter()
+        .filter(|e| e["kind"] == "execution.completed")
+        .count();
+    assert_eq!(completed, 1);
+    let o = bin()
+        .args(["replay", &id, "--json", "--db", &db])
+        .output()
+        .expect("replay");
+    assert!(o.status.success(), "the chain verifies after the crash");
     drop(procs);
     cleanup(&schema, &stream, dir.path());
 }
