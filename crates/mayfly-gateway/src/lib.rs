@@ -16,7 +16,7 @@ use futures_util::Stream;
 use mayfly_dsl::ParseOptions;
 use mayfly_engine::ExecState;
 use mayfly_runtime::RuntimeHandle;
-use mayfly_store::{Store, StoredPlaybook, TokenGrant};
+use mayfly_store::{AuditRecord, Store, StoredPlaybook, TokenGrant};
 use mayfly_types::{EventKind, ExecutionId};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
@@ -127,12 +127,57 @@ impl IntoResponse for Problem {
 
 type ApiResult<T> = Result<T, Problem>;
 
+/// Writes audit records to the store in the background, in batches. The channel is
+/// bounded so that a flood of refused requests cannot grow memory without limit: beyond it
+/// records are dropped and counted (`mayfly_audit_dropped_total`), never silently.
+#[derive(Clone)]
+struct Auditor(tokio::sync::mpsc::Sender<AuditRecord>);
+
+impl Auditor {
+    fn spawn(store: Arc<dyn Store>) -> Auditor {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditRecord>(10_000);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut audit = vec![first];
+                while audit.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(r) => audit.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let n = audit.len();
+                let batch = Arc::new(mayfly_store::Batch {
+                    audit,
+                    ..Default::default()
+                });
+                if let Err(e) = store.append(batch).await {
+                    metrics::counter!("mayfly_audit_dropped_total").increment(n as u64);
+                    tracing::error!(target: "mayfly::audit", error = %e, records = n, "audit records could not be stored");
+                }
+            }
+        });
+        Auditor(tx)
+    }
+
+    fn record(&self, r: AuditRecord) {
+        tracing::warn!(target: "mayfly::audit", tenant = ?r.tenant, actor = ?r.actor, action = %r.action, outcome = %r.outcome, request_id = %r.request_id, "{}", r.detail);
+        if self.0.try_send(r).is_err() {
+            metrics::counter!("mayfly_audit_dropped_total").increment(1);
+        }
+    }
+}
+
 /// The caller, after authentication.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Caller {
     tenant: String,
     role: Role,
     request_id: String,
+    /// The token's name.
+    actor: String,
+    /// `METHOD /path` of this request.
+    action: String,
+    audit: Option<Auditor>,
 }
 
 impl Caller {
@@ -140,13 +185,33 @@ impl Caller {
         if self.role >= role {
             Ok(())
         } else {
-            tracing::warn!(target: "mayfly::audit", tenant = %self.tenant, request_id = %self.request_id, needed = ?role, had = ?self.role, "forbidden");
-            Err(Problem::new(
+            Err(self.deny(
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 format!("this needs the {role:?} role"),
             ))
         }
+    }
+
+    /// Refuse the request and record why (durably, in the audit table).
+    fn deny(&self, status: StatusCode, outcome: &'static str, detail: String) -> Problem {
+        if let Some(a) = &self.audit {
+            a.record(AuditRecord {
+                id: 0,
+                at_ms: mayfly_types::now_ms(),
+                tenant: Some(self.tenant.clone()),
+                actor: Some(self.actor.clone()),
+                action: self.action.clone(),
+                outcome: if status == StatusCode::NOT_FOUND {
+                    "cross_tenant".into()
+                } else {
+                    outcome.into()
+                },
+                detail: detail.clone(),
+                request_id: self.request_id.clone(),
+            });
+        }
+        Problem::new(status, outcome, detail)
     }
 }
 
@@ -197,7 +262,14 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_owned());
-    let path = req.uri().path().to_owned();
+    // Inside the nested `/v1` router the URI has lost its prefix; audit the original.
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map(|u| u.path().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned());
+    let action = format!("{} {path}", req.method());
+    let audit = req.extensions().get::<Auditor>().cloned();
     let result: ApiResult<Caller> = async {
         if too_big {
             return Err(Problem::new(
@@ -227,6 +299,9 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
             tenant: grant.tenant,
             role,
             request_id: rid.clone(),
+            actor: grant.name,
+            action: action.clone(),
+            audit: audit.clone(),
         })
     }
     .await;
@@ -236,8 +311,19 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
             next.run(req).await
         }
         Err(p) => {
-            if p.status == StatusCode::UNAUTHORIZED {
-                tracing::warn!(target: "mayfly::audit", request_id = %rid, path = %path, "unauthenticated request refused");
+            if p.status == StatusCode::UNAUTHORIZED
+                && let Some(a) = &audit
+            {
+                a.record(AuditRecord {
+                    id: 0,
+                    at_ms: mayfly_types::now_ms(),
+                    tenant: None,
+                    actor: None,
+                    action: action.clone(),
+                    outcome: "unauthenticated".into(),
+                    detail: p.detail.clone(),
+                    request_id: rid.clone(),
+                });
             }
             p.into_response()
         }
@@ -259,7 +345,9 @@ pub fn router(gw: Gateway) -> Router {
         .route("/executions/{id}/stream", get(stream))
         .route("/executions/{id}/cancel", post(cancel))
         .route("/tokens", post(create_token))
-        .layer(middleware::from_fn_with_state(gw.clone(), authenticate));
+        .route("/audit", get(list_audit))
+        .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
+        .layer(axum::Extension(Auditor::spawn(gw.store.clone())));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(health))
@@ -415,10 +503,12 @@ async fn owned(gw: &Gateway, c: &Caller, id: &str) -> ApiResult<ExecutionId> {
         .map_err(Problem::internal)?
     {
         Some(row) if row.tenant == c.tenant => Ok(id),
-        Some(_) => {
-            tracing::warn!(target: "mayfly::audit", tenant = %c.tenant, request_id = %c.request_id, execution = %id, "cross-tenant access refused");
-            Err(Problem::not_found(format!("no execution {id}")))
-        }
+        // Recorded as a cross-tenant attempt, answered exactly like a missing execution.
+        Some(_) => Err(c.deny(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no execution {id}"),
+        )),
         None => Err(Problem::not_found(format!("no execution {id}"))),
     }
 }
@@ -561,6 +651,34 @@ struct TokenRequest {
     name: String,
 }
 
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+    tenant: Option<String>,
+}
+
+/// Audit records, most recent first: admins see their tenant's; `system` admins see every
+/// tenant's (and refused unauthenticated requests), or one tenant's with `?tenant=`.
+async fn list_audit(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Value>> {
+    c.require(Role::Admin)?;
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let tenant = if c.tenant == SYSTEM_TENANT {
+        q.tenant
+    } else {
+        Some(c.tenant.clone())
+    };
+    let rows = gw
+        .store
+        .list_audit(tenant.as_deref(), limit)
+        .await
+        .map_err(Problem::internal)?;
+    Ok(Json(json!({"audit": rows})))
+}
+
 async fn create_token(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
@@ -583,10 +701,10 @@ async fn create_token(
     })?;
     let tenant = req.tenant.unwrap_or_else(|| c.tenant.clone());
     if tenant != c.tenant && c.tenant != SYSTEM_TENANT {
-        return Err(Problem::new(
+        return Err(c.deny(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "tenant admins create tokens for their own tenant only",
+            format!("tenant admins create tokens for their own tenant only (asked for `{tenant}`)"),
         ));
     }
     let token = mayfly_trust::keychain::random_token("mf_");
@@ -700,6 +818,7 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}/events": {"get": {"summary": "Events, paged (?from=SEQ&limit=N)", "responses": {"200": ok("events and next"), "404": problem}}},
             "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
+            "/v1/audit": {"get": {"summary": "Audit records of refused requests, most recent first (admin; system admins: every tenant or ?tenant=)", "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}, {"name": "tenant", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{audit: [...]}"), "403": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
             "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},

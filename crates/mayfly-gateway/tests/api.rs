@@ -85,6 +85,23 @@ impl Server {
         )
     }
 
+    /// The audit visible to `token`, once it holds at least `n` records (they are written
+    /// in the background, in batches).
+    async fn audit(&self, token: &str, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let (st, v, _) = self
+                .call(reqwest::Method::GET, "/v1/audit", Some(token), None)
+                .await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let rows = v["audit"].as_array().cloned().unwrap_or_default();
+            if rows.len() >= n {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("fewer than {n} audit records appeared");
+    }
+
     async fn token(&self, tenant: &str, role: &str) -> String {
         let body =
             json!({"tenant": tenant, "role": role, "name": format!("{tenant}-{role}")}).to_string();
@@ -173,6 +190,37 @@ async fn authentication_roles_and_problem_json() {
     let (st, v, _) = s.call(M::GET, "/openapi.json", None, None).await;
     assert_eq!(st, StatusCode::OK);
     assert!(v["paths"]["/v1/executions/{id}/stream"].is_object());
+
+    // Every refusal is in the durable audit: the system admin sees all four, acme's admin
+    // only acme's, and a viewer none at all.
+    let all = s.audit(&s.admin, 4).await;
+    let outcomes: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|a| {
+            (
+                a["outcome"].as_str().unwrap_or(""),
+                a["tenant"].as_str().unwrap_or("-"),
+                a["action"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("forbidden", "acme", "POST /v1/tokens"),
+            ("forbidden", "acme", "POST /v1/playbooks"),
+            ("unauthenticated", "-", "GET /v1/playbooks"),
+            ("unauthenticated", "-", "GET /v1/playbooks"),
+        ]
+    );
+    assert!(all.iter().all(|a| a["request_id"] == "req-test-1"));
+    let acme = s.audit(&acme_admin, 2).await;
+    assert!(acme.iter().all(|a| a["tenant"] == "acme"));
+    let (st, v, _) = s.call(M::GET, "/v1/audit", Some(&viewer), None).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
 }
 
 #[tokio::test]
@@ -333,6 +381,31 @@ async fn register_start_follow_and_tenant_isolation() {
         .call(M::GET, "/v1/playbooks/team/hi", Some(&beta), None)
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "catalogs are per tenant");
+
+    // The two cross-tenant reads of an existing execution are in beta's audit (the answer
+    // was a plain 404; the record says what it was).
+    let audit = s.audit(&beta, 2).await;
+    let got: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["outcome"].as_str().unwrap_or(""),
+                a["action"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "cross_tenant",
+                format!("GET /v1/executions/{id}/stream").as_str()
+            ),
+            ("cross_tenant", format!("GET /v1/executions/{id}").as_str()),
+        ]
+    );
+    assert_eq!(audit[0]["tenant"], "beta");
+    assert_eq!(audit[0]["actor"], "beta-admin");
 }
 
 #[tokio::test]

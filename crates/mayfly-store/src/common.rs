@@ -1,6 +1,6 @@
 //! What every SQL backend shares: the group-commit writer loop and row decoding.
 
-use crate::{Batch, CatalogEntry, ExecutionRow, StoreError};
+use crate::{AuditRecord, Batch, CatalogEntry, ExecutionRow, StoreError};
 use mayfly_types::{Event, EventKind, ExecutionId};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use std::sync::Arc;
@@ -143,5 +143,18 @@ pub(crate) fn catalog_row<R: DbRow>(r: &R) -> Result<CatalogEntry, StoreError> {
         version: r.i64("version")? as u32,
         digest: r.string("digest")?,
         created_at: r.i64("created_at")? as u64,
+    })
+}
+
+pub(crate) fn audit_row<R: DbRow>(r: &R) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        id: r.i64("id")? as u64,
+        at_ms: r.i64("at_ms")? as u64,
+        tenant: r.opt_string("tenant")?,
+        actor: r.opt_string("actor")?,
+        action: r.string("action")?,
+        outcome: r.string("outcome")?,
+        detail: r.string("detail")?,
+        request_id: r.string("request_id")?,
     })
 }

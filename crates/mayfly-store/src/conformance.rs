@@ -65,7 +65,53 @@ pub async fn run_all(store: Arc<dyn Store>) {
     keychain_slots(store.as_ref()).await;
     catalog_versions(store.clone()).await;
     tokens_are_stored_by_hash(store.as_ref()).await;
+    audit_is_append_only_and_tenant_scoped(store.as_ref()).await;
     tail_never_skips_concurrent_commits(std::slice::from_ref(&store), store.clone()).await;
+}
+
+/// Audit records come back most recent first, filtered by tenant, with store-assigned ids.
+pub async fn audit_is_append_only_and_tenant_scoped(store: &dyn Store) {
+    let t = unique("audit-tenant");
+    let rec = |tenant: Option<&str>, outcome: &str, rid: &str| crate::AuditRecord {
+        id: 0,
+        at_ms: 1_700_000_000_000,
+        tenant: tenant.map(str::to_owned),
+        actor: tenant.map(|_| "ci-token".to_owned()),
+        action: "POST /v1/playbooks".into(),
+        outcome: outcome.into(),
+        detail: "needs author".into(),
+        request_id: rid.into(),
+    };
+    let batch = Batch {
+        audit: vec![
+            rec(Some(&t), "forbidden", "r1"),
+            rec(None, "unauthenticated", "r2"),
+            rec(Some(&t), "cross_tenant", "r3"),
+        ],
+        ..Default::default()
+    };
+    store.append(Arc::new(batch)).await.expect("append audit");
+    let mine = store.list_audit(Some(&t), 10).await.expect("list");
+    let got: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|a| (a.request_id.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(got, [("r3", "cross_tenant"), ("r1", "forbidden")]);
+    assert!(mine[0].id > mine[1].id, "ids grow");
+    assert_eq!(
+        mine[1],
+        crate::AuditRecord {
+            id: mine[1].id,
+            ..rec(Some(&t), "forbidden", "r1")
+        }
+    );
+    let all = store.list_audit(None, 3).await.expect("list all");
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        all[1].tenant, None,
+        "the unauthenticated attempt, between the two"
+    );
+    assert_eq!(store.list_audit(Some(&t), 1).await.expect("limit").len(), 1);
 }
 
 /// A tail following `read_since(last)` while many appenders commit concurrently sees every

@@ -141,6 +141,26 @@ pub struct Batch {
     pub secrets: Vec<SecretOp>,
     /// New API tokens: (sha256 of the token, grant). The token itself is never stored.
     pub tokens: Vec<(String, TokenGrant)>,
+    /// Audit records (append-only).
+    pub audit: Vec<AuditRecord>,
+}
+
+/// One audit record: who tried what, and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Assigned by the store (0 before it is stored).
+    pub id: u64,
+    pub at_ms: u64,
+    /// The caller's tenant (None: the caller was not authenticated).
+    pub tenant: Option<String>,
+    /// The token's name.
+    pub actor: Option<String>,
+    /// `METHOD /path`.
+    pub action: String,
+    /// `unauthenticated`, `forbidden`, `cross_tenant`, …
+    pub outcome: String,
+    pub detail: String,
+    pub request_id: String,
 }
 
 /// What an API token grants: a role within one tenant.
@@ -275,6 +295,12 @@ pub trait Store: Send + Sync + 'static {
     async fn find_token(&self, hash: &str) -> Result<Option<TokenGrant>, StoreError>;
     /// How many tokens exist (0 = the server must bootstrap an admin token).
     async fn count_tokens(&self) -> Result<u64, StoreError>;
+    /// Audit records, most recent first: one tenant's, or every one (None).
+    async fn list_audit(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Commands not done yet (optionally of one execution), oldest first.
     async fn open_commands(

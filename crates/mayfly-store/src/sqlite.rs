@@ -4,11 +4,11 @@
 use crate::common::{
     GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
 };
+use crate::{AuditRecord, CatalogEntry, TokenGrant};
 use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, Store, StoreError,
     StoredPlaybook,
 };
-use crate::{CatalogEntry, TokenGrant};
 use async_trait::async_trait;
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -129,6 +129,20 @@ async fn write_group(
             .bind(&pb.source_name)
             .bind(&pb.content)
             .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for a in &job.batch.audit {
+            sqlx::query(
+                "INSERT INTO audit (at_ms, tenant, actor, action, outcome, detail, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(a.at_ms as i64)
+            .bind(&a.tenant)
+            .bind(&a.actor)
+            .bind(&a.action)
+            .bind(&a.outcome)
+            .bind(&a.detail)
+            .bind(&a.request_id)
             .execute(&mut *tx)
             .await?;
         }
@@ -306,6 +320,7 @@ impl Store for SqliteStore {
             && batch.playbooks.is_empty()
             && batch.secrets.is_empty()
             && batch.tokens.is_empty()
+            && batch.audit.is_empty()
         {
             return Ok(None);
         }
@@ -397,6 +412,29 @@ impl Store for SqliteStore {
             }),
             None => None,
         })
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = match tenant {
+            Some(t) => {
+                sqlx::query("SELECT * FROM audit WHERE tenant = ? ORDER BY id DESC LIMIT ?")
+                    .bind(t)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM audit ORDER BY id DESC LIMIT ?")
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
+        rows.iter().map(crate::common::audit_row).collect()
     }
 
     async fn count_tokens(&self) -> Result<u64, StoreError> {
