@@ -134,6 +134,9 @@ pub(crate) struct Orchestrator {
     callbacks: HashMap<String, ExecutionId>,
     /// Tokens already used or expired: a replay answers "used", not "unknown".
     spent: std::collections::HashSet<String>,
+    /// Executions dropped from memory by a failed commit, reloaded from the log as soon as
+    /// the store answers again (the store going away must not strand them).
+    reload: std::collections::BTreeSet<ExecutionId>,
 }
 
 impl Orchestrator {
@@ -153,6 +156,7 @@ impl Orchestrator {
             lease,
             callbacks: HashMap::new(),
             spent: std::collections::HashSet::new(),
+            reload: std::collections::BTreeSet::new(),
         }
     }
 
@@ -177,6 +181,9 @@ impl Orchestrator {
                     let timeouts = self.reap();
                     if !timeouts.is_empty() {
                         self.cycle(timeouts).await;
+                    }
+                    if !self.reload.is_empty() {
+                        self.reload_dropped().await;
                     }
                 }
             }
@@ -420,6 +427,7 @@ impl Orchestrator {
             for id in &touched {
                 self.execs.remove(id);
                 self.leases.retain(|_, l| &l.block.execution_id != id);
+                self.reload.insert(id.clone());
             }
             for r in replies {
                 match r {
@@ -833,6 +841,9 @@ impl Orchestrator {
     fn claim(&mut self, c: &mut Cycle, block: Block, worker: &str) -> Claim {
         let lease = self.lease;
         let Some(x) = self.execs.get(&block.execution_id) else {
+            if self.reload.contains(&block.execution_id) {
+                return Claim::Busy(Duration::from_secs(1));
+            }
             return Claim::Done;
         };
         if x.st.status.is_terminal() {
@@ -930,8 +941,38 @@ impl Orchestrator {
         }))
     }
 
+    /// Reload executions a failed commit dropped (each through its root, like `resume`).
+    /// Those whose log cannot be read yet stay queued for the next tick.
+    async fn reload_dropped(&mut self) {
+        let ids: Vec<ExecutionId> = self.reload.iter().cloned().collect();
+        let mut c = Cycle::default();
+        for id in ids {
+            match self.resume(&mut c, &id).await {
+                // Resumed, already live, ended, or never committed at all: nothing to wait for.
+                Ok(()) | Err(RuntimeError::Unknown(_)) => {
+                    self.reload.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(execution = %id, error = %e, "reload after a failed commit: not yet");
+                    // Whatever this cycle half-loaded is dropped again and re-queued.
+                    c.fatal = Some(e);
+                    break;
+                }
+            }
+            self.drain(&mut c);
+        }
+        self.commit(c).await;
+    }
+
     fn complete(&mut self, c: &mut Cycle, done: Completion) -> Result<(), RuntimeError> {
         let b = &done.block;
+        if !self.execs.contains_key(&b.execution_id) && self.reload.contains(&b.execution_id) {
+            // Not refused: the worker retries while the execution is reloaded.
+            return Err(RuntimeError::Store(format!(
+                "execution {} is being reloaded from the log",
+                b.execution_id
+            )));
+        }
         let x = self
             .execs
             .get(&b.execution_id)

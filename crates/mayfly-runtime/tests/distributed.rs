@@ -249,3 +249,76 @@ async fn remote_workers_open_keychain_values_the_orchestrator_never_sees() {
     );
     c.stop().await;
 }
+
+/// Postgres drops every connection of the runtime while a step runs: the completion's
+/// commit fails, the execution is reloaded from the log once the store answers again, and
+/// it completes with exactly one `step.finished` for the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_going_away_mid_run_loses_and_duplicates_nothing() {
+    if !up("127.0.0.1:5432", "Postgres") {
+        return;
+    }
+    let schema = unique("mayfly_pgloss");
+    let app = format!("mayfly_{schema}");
+    let store = Arc::new(
+        PostgresStore::connect_schema(&format!("{PG}?application_name={app}"), &schema)
+            .await
+            .expect("postgres"),
+    );
+    let cfg = RuntimeConfig {
+        workers: 2,
+        lease: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("runtime");
+    let src = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pgloss}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(1)\\nresult = 7\"}\n    next: [{step: end}]\n  - step: end\n    tool: {kind: python, input: {v: \"{{ start }}\"}, code: \"result = v * 6\"}\n";
+    let pb = mayfly_dsl::parse("pgloss.yaml", src, &ParseOptions::default()).expect("pb");
+    let h = rt.handle();
+    let id = h
+        .start(Arc::new(pb), Map::new(), None)
+        .await
+        .expect("start");
+    loop {
+        let evs = store.read_all(&id).await.expect("events");
+        if evs.iter().any(|e| e.kind == EventKind::StepStarted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut admin = {
+        use sqlx::{ConnectOptions, postgres::PgConnectOptions};
+        let opts: PgConnectOptions = PG.parse().expect("url");
+        opts.connect().await.expect("admin")
+    };
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&app)
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(killed >= 1);
+    let began = std::time::Instant::now();
+    let report = loop {
+        if let Ok(r) = h.wait(&id).await
+            && r.status.is_terminal()
+        {
+            break r;
+        }
+        assert!(began.elapsed() < Duration::from_secs(60), "never completed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report.status, Status::Completed, "{:?}", report.error);
+    assert_eq!(report.result, json!(42));
+    let evs = store.read_all(&id).await.expect("events");
+    mayfly_trust::verify_chain(&evs).expect("chain");
+    let finished = evs
+        .iter()
+        .filter(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("start"))
+        .count();
+    assert_eq!(finished, 1, "exactly one step.finished for the step");
+    drop(rt);
+    PostgresStore::drop_schema(PG, &schema)
+        .await
+        .expect("drop schema");
+}

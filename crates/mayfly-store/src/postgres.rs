@@ -92,19 +92,40 @@ impl PostgresStore {
             .map_err(|e| StoreError::Db(format!("migrating postgres: {e}")))?;
         let read = PgPoolOptions::new()
             .max_connections(8)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
-        tokio::spawn(writer_loop(PgWriter(writer), rx));
+        tokio::spawn(writer_loop(
+            PgWriter {
+                conn: Some(writer),
+                opts,
+            },
+            rx,
+        ));
         Ok(PostgresStore { read, tx })
     }
 }
 
-struct PgWriter(PgConnection);
+/// The single writer connection. When Postgres goes away (restart, failover, a killed
+/// backend) the failed group is reported to its callers — nothing half-written is retried
+/// blindly — and the next group runs on a fresh connection.
+struct PgWriter {
+    conn: Option<PgConnection>,
+    opts: PgConnectOptions,
+}
 
 impl GroupWriter for PgWriter {
     async fn write_group(&mut self, jobs: &[Job]) -> Result<Vec<Option<u64>>, StoreError> {
-        write_group(&mut self.0, jobs).await
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(self.opts.connect().await?),
+        };
+        let r = write_group(conn, jobs).await;
+        if r.is_err() && conn.ping().await.is_err() {
+            tracing::warn!("postgres writer connection lost; reconnecting for the next commit");
+            self.conn = None;
+        }
+        r
     }
 }
 
