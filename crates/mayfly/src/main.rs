@@ -51,11 +51,11 @@ enum Cmd {
         #[arg(long = "var")]
         vars: Vec<String>,
     },
-    /// Print an execution's events.
+    /// Print an execution's events (without --db: from the server at MAYFLY_URL).
     Events {
         execution_id: String,
         #[arg(long)]
-        db: PathBuf,
+        db: Option<PathBuf>,
         /// First seq to print.
         #[arg(long, default_value_t = 1)]
         from: u64,
@@ -286,7 +286,22 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             from,
             limit,
             json,
-        } => events(&db, &execution_id, from, limit, json).await,
+        } => {
+            let evs = match db {
+                Some(db) => {
+                    let store = open_existing(&db).await?;
+                    store
+                        .read(&ExecutionId::from(execution_id.as_str()), from, limit)
+                        .await?
+                }
+                None => {
+                    remote::Client::from_env()?
+                        .events(&execution_id, from, limit)
+                        .await?
+                }
+            };
+            events(&execution_id, &evs, from, json)
+        }
         Cmd::Replay {
             execution_id,
             db,
@@ -743,14 +758,11 @@ async fn open_db(
     Ok((store, guard))
 }
 
-async fn events(db: &Path, id: &str, from: u64, limit: u32, json: bool) -> Result<ExitCode> {
-    let store = open_existing(db).await?;
-    let id = ExecutionId::from(id);
-    let evs = store.read(&id, from, limit).await?;
+fn events(id: &str, evs: &[mayfly_types::Event], from: u64, json: bool) -> Result<ExitCode> {
     if evs.is_empty() && from <= 1 {
         bail!("no events for execution {id}");
     }
-    for e in &evs {
+    for e in evs {
         if json {
             println!("{}", serde_json::to_string(e)?);
         } else {

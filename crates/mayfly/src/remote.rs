@@ -82,6 +82,35 @@ impl Client {
             .await
     }
 
+    /// An execution's events from `from`, at most `limit`, following the server's pages.
+    pub async fn events(
+        &self,
+        id: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<mayfly_types::Event>> {
+        let mut out = Vec::new();
+        let mut next = Some(from);
+        while let Some(at) = next {
+            if out.len() as u64 >= u64::from(limit) {
+                break;
+            }
+            let page = (u64::from(limit) - out.len() as u64).min(1000);
+            let v = self
+                .send(
+                    reqwest::Method::GET,
+                    &format!("/v1/executions/{id}/events?from={at}&limit={page}"),
+                    None,
+                )
+                .await?;
+            let evs: Vec<mayfly_types::Event> = serde_json::from_value(v["events"].clone())
+                .context("the server sent malformed events")?;
+            out.extend(evs);
+            next = v["next"].as_u64();
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn send(
         &self,
         method: reqwest::Method,

@@ -306,6 +306,12 @@ fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
         .filter(|e| e["kind"] == "execution.completed")
         .count();
     assert_eq!(completed, 1);
+    // `mayfly events` without --db reads the same log through the server's API.
+    let via_api: Vec<Value> = remote(&url, &token, &["events", &id, "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event json"))
+        .collect();
+    assert_eq!(via_api, evs);
     let o = bin()
         .args(["replay", &id, "--json", "--db", &db])
         .output()
