@@ -5,7 +5,6 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,29 +118,36 @@ workflow:
     tool: {kind: python, input: {slept: "{{ start.slept }}"}, code: "result = {'after': slept * 10}"}
 "#;
 
-#[test]
-fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
+/// A distributed server (procs[0]) and worker A (procs[1]) running the `start` step of
+/// [`SLOW`]; None when Postgres or NATS is absent (skipped loudly).
+struct Running {
+    schema: String,
+    stream: String,
+    db: String,
+    _dir: tempfile::TempDir,
+    procs: Procs,
+    url: String,
+    token: String,
+    id: String,
+}
+
+fn slow_step_running(tag: &str, a_slots: &str) -> Option<Running> {
     if !(up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")) {
-        return;
+        return None;
     }
-    let schema = unique("mayfly_kill");
-    let stream = unique("MAYFLY_KILL");
+    let schema = unique(&format!("mayfly_{tag}"));
+    let stream = unique(&format!("MAYFLY_{}", tag.to_uppercase()));
     let db = format!("{PG}?schema={schema}");
     let dir = tempfile::tempdir().expect("tmp");
     let mut procs = Procs(Vec::new());
-
     let (server, url, token) = start_server(&db, &stream);
     let token = token.expect("first start prints the admin token");
     procs.0.push(server);
-
-    procs.0.push(worker(&stream, "A", "1"));
+    procs.0.push(worker(&stream, "A", a_slots));
     let file = dir.path().join("slow.yaml");
     std::fs::write(&file, SLOW).expect("write");
-    let remote = |args: &[&str]| remote(&url, &token, args);
-    remote(&["register", file.to_str().expect("path")]);
-    let id = remote(&["exec", "start", "tests/slow"]);
-
-    // Worker A claims `start` and is killed while the step sleeps.
+    remote(&url, &token, &["register", file.to_str().expect("path")]);
+    let id = remote(&url, &token, &["exec", "start", "tests/slow"]);
     wait_for("A to start the slow step", Duration::from_secs(30), || {
         events(&db, &id).iter().any(|e| {
             e["kind"] == "step.started"
@@ -151,6 +157,57 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
                     .is_some_and(|a| a.starts_with("worker:A/"))
         })
     });
+    Some(Running {
+        schema,
+        stream,
+        db,
+        _dir: dir,
+        procs,
+        url,
+        token,
+        id,
+    })
+}
+
+impl Running {
+    /// Kill every process, then delete the stream and the schema.
+    fn cleanup(self) {
+        let Running {
+            schema,
+            stream,
+            procs,
+            ..
+        } = self;
+        drop(procs);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            mayfly_queue::NatsQueue::delete(NATS, &stream)
+                .await
+                .expect("delete stream");
+            mayfly_store::PostgresStore::drop_schema(PG, &schema)
+                .await
+                .expect("drop schema");
+        });
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
+    let Some(mut r) = slow_step_running("kill", "1") else {
+        return;
+    };
+    let (db, url, token, id, stream) = (
+        r.db.clone(),
+        r.url.clone(),
+        r.token.clone(),
+        r.id.clone(),
+        r.stream.clone(),
+    );
+    let procs = &mut r.procs;
+    // Worker A is killed while the step sleeps.
     let a = procs.0.get_mut(1).expect("worker A");
     a.kill().expect("SIGKILL worker A");
     a.wait().expect("reaped");
@@ -201,9 +258,7 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
         evs.last().map(|e| e["kind"].clone()),
         Some(Value::from("execution.completed"))
     );
-
-    drop(procs);
-    cleanup(&schema, &stream, dir.path());
+    r.cleanup();
 }
 
 /// Start a distributed server; (child, base url, admin token if this start printed one).
@@ -255,27 +310,16 @@ fn status(url: &str, token: &str, id: &str) -> Value {
 
 #[test]
 fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
-    if !(up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")) {
+    let Some(mut r) = slow_step_running("srvkill", "2") else {
         return;
-    }
-    let schema = unique("mayfly_srvkill");
-    let stream = unique("MAYFLY_SRVKILL");
-    let db = format!("{PG}?schema={schema}");
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut procs = Procs(Vec::new());
-    let (server, url, token) = start_server(&db, &stream);
-    let token = token.expect("first start prints the admin token");
-    procs.0.push(server);
-    procs.0.push(worker(&stream, "A", "2"));
-    let file = dir.path().join("slow.yaml");
-    std::fs::write(&file, SLOW).expect("write");
-    remote(&url, &token, &["register", file.to_str().expect("path")]);
-    let id = remote(&url, &token, &["exec", "start", "tests/slow"]);
-    wait_for("A to start the slow step", Duration::from_secs(30), || {
-        events(&db, &id)
-            .iter()
-            .any(|e| e["kind"] == "step.started" && e["step"] == "start")
-    });
+    };
+    let (db, token, id, stream) = (
+        r.db.clone(),
+        r.token.clone(),
+        r.id.clone(),
+        r.stream.clone(),
+    );
+    let procs = &mut r.procs;
 
     // The server dies with the step in flight, and comes back on the same log and queue.
     let s = procs.0.get_mut(0).expect("server");
@@ -317,21 +361,5 @@ fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
         .output()
         .expect("replay");
     assert!(o.status.success(), "the chain verifies after the crash");
-    drop(procs);
-    cleanup(&schema, &stream, dir.path());
-}
-
-fn cleanup(schema: &str, stream: &str, _dir: &Path) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        mayfly_queue::NatsQueue::delete(NATS, stream)
-            .await
-            .expect("delete stream");
-        mayfly_store::PostgresStore::drop_schema(PG, schema)
-            .await
-            .expect("drop schema");
-    });
+    r.cleanup();
 }
