@@ -4,7 +4,7 @@
 //! Skipped loudly when Postgres or NATS is down; with CI=true their absence is a failure.
 
 use mayfly_dsl::ParseOptions;
-use mayfly_engine::{ExecState, Report, Status};
+use mayfly_engine::{Report, Status};
 use mayfly_queue::{NatsQueue, QueueConfig};
 use mayfly_runtime::remote::{RemoteCoordinator, serve};
 use mayfly_runtime::worker::worker_loop;
@@ -14,7 +14,6 @@ use mayfly_tools::{Tools, ToolsConfig};
 use mayfly_types::EventKind;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,11 +38,8 @@ fn services() -> bool {
     up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")
 }
 
-fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples")
-        .join(name)
-}
+mod common;
+use common::{assert_replays, example};
 
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -137,16 +133,7 @@ impl Cluster {
             .await
             .expect("finishes in time")
             .expect("run");
-        let events = self
-            .store
-            .read_all(&report.execution_id)
-            .await
-            .expect("events");
-        mayfly_trust::verify_chain(&events).expect("chain verifies");
-        let replayed = ExecState::fold(report.execution_id.clone(), &events)
-            .expect("fold")
-            .report();
-        assert_eq!(replayed, report, "replay reproduces the final state");
+        assert_replays(self.store.as_ref(), &report).await;
         report
     }
 

@@ -2,19 +2,15 @@
 //! its hash chain verified and its state rebuilt by replay.
 
 use mayfly_dsl::ParseOptions;
-use mayfly_engine::{ExecState, Report, Status};
+use mayfly_engine::{Report, Status};
 use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
 use mayfly_store::{SqliteStore, Store};
 use mayfly_types::EventKind;
 use serde_json::{Map, Value, json};
-use std::path::PathBuf;
 use std::sync::Arc;
 
-fn example(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples")
-        .join(name)
-}
+mod common;
+use common::{assert_replays, example};
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -44,17 +40,7 @@ async fn run(env: &Env, name: &str, overrides: Value) -> Report {
     };
     let pb = load_file(&example(name), &opts).unwrap_or_else(|e| panic!("{e}"));
     let report = env.rt.run(pb, overrides).await.expect("run");
-    // The log is the system of record: verify the chain and rebuild the same state.
-    let events = env
-        .store
-        .read_all(&report.execution_id)
-        .await
-        .expect("events");
-    mayfly_trust::verify_chain(&events).expect("chain verifies");
-    let replayed = ExecState::fold(report.execution_id.clone(), &events)
-        .expect("fold")
-        .report();
-    assert_eq!(replayed, report, "replay reproduces the final state");
+    assert_replays(env.store.as_ref(), &report).await;
     report
 }
 
