@@ -188,13 +188,22 @@ impl Caller {
             Err(self.deny(
                 StatusCode::FORBIDDEN,
                 "forbidden",
+                "forbidden",
                 format!("this needs the {role:?} role"),
             ))
         }
     }
 
-    /// Refuse the request and record why (durably, in the audit table).
-    fn deny(&self, status: StatusCode, outcome: &'static str, detail: String) -> Problem {
+    /// Refuse the request with problem `code` and record it (durably, in the audit table)
+    /// as `outcome` — which can say more than the answer does (a cross-tenant read is
+    /// answered like a missing object).
+    fn deny(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        outcome: &str,
+        detail: String,
+    ) -> Problem {
         if let Some(a) = &self.audit {
             a.record(AuditRecord {
                 id: 0,
@@ -202,16 +211,12 @@ impl Caller {
                 tenant: Some(self.tenant.clone()),
                 actor: Some(self.actor.clone()),
                 action: self.action.clone(),
-                outcome: if status == StatusCode::NOT_FOUND {
-                    "cross_tenant".into()
-                } else {
-                    outcome.into()
-                },
+                outcome: outcome.into(),
                 detail: detail.clone(),
                 request_id: self.request_id.clone(),
             });
         }
-        Problem::new(status, outcome, detail)
+        Problem::new(status, code, detail)
     }
 }
 
@@ -507,6 +512,7 @@ async fn owned(gw: &Gateway, c: &Caller, id: &str) -> ApiResult<ExecutionId> {
         Some(_) => Err(c.deny(
             StatusCode::NOT_FOUND,
             "not_found",
+            "cross_tenant",
             format!("no execution {id}"),
         )),
         None => Err(Problem::not_found(format!("no execution {id}"))),
@@ -703,6 +709,7 @@ async fn create_token(
     if tenant != c.tenant && c.tenant != SYSTEM_TENANT {
         return Err(c.deny(
             StatusCode::FORBIDDEN,
+            "forbidden",
             "forbidden",
             format!("tenant admins create tokens for their own tenant only (asked for `{tenant}`)"),
         ));
