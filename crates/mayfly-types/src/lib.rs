@@ -365,6 +365,83 @@ pub struct ExecutionFailed {
     pub error: ErrorInfo,
 }
 
+/// How a cached payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheFormat {
+    /// UTF-8 JSON text of the value.
+    Json,
+    /// An Arrow IPC stream of one record batch (a table: list of flat records).
+    Arrow,
+}
+
+/// A value held in the shared cache instead of inline in an event (DESIGN §3: events carry
+/// refs, never large payloads). It appears in results exactly where the value would be, as
+/// `{"$ref": "sha256:…", "format": "arrow", "bytes": …, "count": …, "columns": […]}`, so
+/// routing conditions can read its summary and a worker hydrates it only when a template of
+/// the block binds it. `item` narrows the ref to one element (a loop iteration over a ref).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRef {
+    /// Content digest of the stored bytes (`sha256:<hex>`); also the cache key.
+    #[serde(rename = "$ref")]
+    pub digest: String,
+    pub format: CacheFormat,
+    /// Size of the stored bytes.
+    pub bytes: u64,
+    /// Elements of the value: rows of a table, items of a list (None for other values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Column names of a table, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<u64>,
+}
+
+impl CacheRef {
+    /// The ref a JSON value spells, if it is one (strict: the digest form and every field
+    /// must match, so ordinary data with a `$ref` key, e.g. JSON Schema, is not mistaken).
+    pub fn parse(v: &Value) -> Option<CacheRef> {
+        let Value::Object(m) = v else { return None };
+        let Some(Value::String(d)) = m.get("$ref") else {
+            return None;
+        };
+        if !is_sha256_digest(d) || !m.contains_key("format") {
+            return None;
+        }
+        serde_json::from_value(v.clone()).ok()
+    }
+
+    /// The JSON spelling of the ref.
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// The ref to element `i` of this (list or table) payload.
+    pub fn element(&self, i: u64) -> CacheRef {
+        CacheRef {
+            item: Some(i),
+            ..self.clone()
+        }
+    }
+
+    /// True when `v` holds a ref anywhere inside.
+    pub fn any_in(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => CacheRef::parse(v).is_some() || m.values().any(CacheRef::any_in),
+            Value::Array(a) => a.iter().any(CacheRef::any_in),
+            _ => false,
+        }
+    }
+}
+
+/// `sha256:` followed by 64 lowercase hex digits.
+pub fn is_sha256_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 /// Current wall clock in unix milliseconds. Used only by appenders, never by `decide()`.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -376,6 +453,49 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    const D: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn cache_ref_round_trips_and_is_strict() {
+        let r = CacheRef {
+            digest: D.into(),
+            format: CacheFormat::Arrow,
+            bytes: 10,
+            count: Some(3),
+            columns: vec!["a".into()],
+            item: None,
+        };
+        let v = r.to_value();
+        assert_eq!(v["$ref"], D);
+        assert_eq!(v["format"], "arrow");
+        assert_eq!(CacheRef::parse(&v), Some(r.clone()));
+        assert_eq!(
+            CacheRef::parse(&r.element(2).to_value()).and_then(|r| r.item),
+            Some(2)
+        );
+        // Not refs: JSON Schema `$ref`, bad digests, missing format, extra fields.
+        assert_eq!(
+            CacheRef::parse(&json!({"$ref": "#/definitions/x", "format": "json", "bytes": 1})),
+            None
+        );
+        assert_eq!(
+            CacheRef::parse(&json!({"$ref": "sha256:abc", "format": "json", "bytes": 1})),
+            None
+        );
+        assert_eq!(CacheRef::parse(&json!({"$ref": D, "bytes": 1})), None);
+        assert_eq!(
+            CacheRef::parse(&json!({"$ref": D, "format": "json", "bytes": 1, "x": 1})),
+            None
+        );
+        assert_eq!(
+            CacheRef::parse(&json!({"$ref": D.to_uppercase(), "format": "json", "bytes": 1})),
+            None
+        );
+        assert!(CacheRef::any_in(&json!({"a": [1, {"b": v}]})));
+        assert!(!CacheRef::any_in(&json!({"a": [1, {"$ref": "#/x"}]})));
+    }
 
     #[test]
     fn event_kind_round_trips_every_name() {
