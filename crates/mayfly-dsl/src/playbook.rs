@@ -209,6 +209,48 @@ impl Step {
         self.tasks.iter().find(|t| t.kind == ToolKind::Wait)
     }
 
+    /// Template paths the step's block binds (`fetch.rows`, `steps.x.data`, `row`): every
+    /// field a worker renders or evaluates (input, task fields but python `code`, policy
+    /// rule conditions and `set` values). Used to hydrate only the cached payloads a block
+    /// reads.
+    pub fn bound_paths(&self) -> BTreeSet<String> {
+        fn scan(n: &Node, bare: bool, out: &mut BTreeSet<String>) {
+            match &n.v {
+                NodeV::Str(s) => {
+                    if let Ok(p) = templates().paths(s, bare) {
+                        out.extend(p);
+                    }
+                }
+                NodeV::Seq(items) => items.iter().for_each(|i| scan(i, false, out)),
+                NodeV::Map(m) => m.iter().for_each(|(_, _, v)| scan(v, false, out)),
+                _ => {}
+            }
+        }
+        let mut out = BTreeSet::new();
+        if let Some(i) = &self.input {
+            scan(i, false, &mut out);
+        }
+        for t in &self.tasks {
+            if let NodeV::Map(entries) = &t.config.v {
+                for (k, _, v) in entries {
+                    // Python code is handed over verbatim, never rendered.
+                    if !(t.kind == ToolKind::Python && k == "code") {
+                        scan(v, false, &mut out);
+                    }
+                }
+            }
+            for r in &t.rules {
+                if let Some(w) = &r.when {
+                    scan(w, true, &mut out);
+                }
+                for op in &r.set {
+                    scan(&op.value, false, &mut out);
+                }
+            }
+        }
+        out
+    }
+
     /// The playbook task, when this step runs a child playbook.
     pub fn playbook_task(&self) -> Option<&Task> {
         self.tasks.iter().find(|t| t.kind == ToolKind::Playbook)

@@ -192,23 +192,38 @@ impl Templates {
         }
     }
 
+    /// Variable paths a template (or bare condition expression) reads, as far as they are
+    /// static attribute chains (`fetch.rows` for `{{ fetch.rows[0].id }}`).
+    pub fn paths(&self, s: &str, bare_expression: bool) -> Result<BTreeSet<String>, String> {
+        self.undeclared(s, bare_expression, true)
+    }
+
     /// Root variable names a template (or bare condition expression) reads.
     pub fn variables(&self, s: &str, bare_expression: bool) -> Result<BTreeSet<String>, String> {
+        self.undeclared(s, bare_expression, false)
+    }
+
+    fn undeclared(
+        &self,
+        s: &str,
+        bare_expression: bool,
+        nested: bool,
+    ) -> Result<BTreeSet<String>, String> {
         let set = if let Some(expr) = Self::single_expression(s) {
             self.env
                 .compile_expression(expr)
                 .map_err(describe)?
-                .undeclared_variables(false)
+                .undeclared_variables(nested)
         } else if Self::is_template(s) {
             self.env
                 .template_from_str(s)
                 .map_err(describe)?
-                .undeclared_variables(false)
+                .undeclared_variables(nested)
         } else if bare_expression {
             self.env
                 .compile_expression(s)
                 .map_err(describe)?
-                .undeclared_variables(false)
+                .undeclared_variables(nested)
         } else {
             Default::default()
         };

@@ -273,3 +273,25 @@ fn numbers_must_be_finite_and_in_range() {
     ));
     assert!(e.diagnostics[0].message.contains("between 0 and"), "{e}");
 }
+
+#[test]
+fn template_paths_follow_static_attribute_chains() {
+    let t = crate::templates();
+    let p = t
+        .paths(
+            "{{ fetch.rows[0].id }} {{ steps.fetch.data | length }} {{ row }}",
+            false,
+        )
+        .expect("paths");
+    assert!(p.contains("fetch.rows"), "{p:?}");
+    assert!(p.contains("steps.fetch.data"), "{p:?}");
+    assert!(p.contains("row"), "{p:?}");
+    let v = t.variables("{{ fetch.rows[0].id }}", false).expect("vars");
+    assert_eq!(v.into_iter().collect::<Vec<_>>(), vec!["fetch".to_owned()]);
+    assert!(
+        t.paths("x > 1 and y.z", true)
+            .expect("bare")
+            .contains("y.z")
+    );
+    assert!(t.paths("plain text", false).expect("none").is_empty());
+}

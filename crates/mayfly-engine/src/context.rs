@@ -4,7 +4,9 @@
 //! with a `.data` alias, and `steps.<name>` envelopes) < ctx keys (bare and `ctx.*`).
 
 use crate::state::ExecState;
+use mayfly_types::CacheRef;
 use serde_json::{Map, Value, json};
+use std::collections::BTreeSet;
 
 /// The loop iteration a block runs for.
 #[derive(Clone, Copy, Debug)]
@@ -16,9 +18,11 @@ pub struct Iteration<'a> {
 
 /// A step's data as exposed bare: objects gain a `.data` alias of themselves, so
 /// `{{ fetch.x }}` and `{{ fetch.data.x }}` both work.
+///
+/// A cached ref stays a ref (the worker that hydrates it aliases the value).
 pub fn alias(result: &Value) -> Value {
     match result {
-        Value::Object(m) if !m.contains_key("data") => {
+        Value::Object(m) if !m.contains_key("data") && CacheRef::parse(result).is_none() => {
             let mut out = m.clone();
             out.insert("data".into(), result.clone());
             Value::Object(out)
@@ -72,4 +76,27 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
         );
     }
     m
+}
+
+/// True when one of `paths` (see `Step::bound_paths`) reaches a cached ref in `ctx`, at the
+/// path or beneath it: the block needs the shared cache, so it cannot complete inline.
+pub fn binds_ref(ctx: &Map<String, Value>, paths: &BTreeSet<String>) -> bool {
+    paths.iter().any(|p| {
+        let mut parts = p.split('.');
+        let Some(mut node) = parts.next().and_then(|root| ctx.get(root)) else {
+            return false;
+        };
+        loop {
+            if CacheRef::parse(node).is_some() {
+                return true;
+            }
+            match parts.next() {
+                None => return CacheRef::any_in(node),
+                Some(k) => match node.get(k) {
+                    Some(n) => node = n,
+                    None => return false,
+                },
+            }
+        }
+    })
 }

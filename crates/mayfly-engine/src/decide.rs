@@ -6,14 +6,15 @@
 //! and every guard (loop windows, loop completion, joins, execution completion) is
 //! state-based so that no decision is ever taken twice.
 
-use crate::context::{Iteration, context};
+use crate::context::{Iteration, binds_ref, context};
 use crate::state::{ExecState, Status};
 use mayfly_dsl::{
     LoopMode, NextMode, Playbook, SetTarget, Step, TemplateError, ToolKind, templates, to_value,
 };
 use mayfly_types::{
-    ChildRequested, CommandIssued, Draft, ErrorInfo, Event, EventKind, ExecutionCompleted,
-    ExecutionFailed, LoopDone, LoopStarted, StepFailed, StepFinished, StepRouted,
+    CacheRef, ChildRequested, CommandIssued, Draft, ErrorInfo, Event, EventKind,
+    ExecutionCompleted, ExecutionFailed, LoopDone, LoopStarted, StepFailed, StepFinished,
+    StepRouted,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -103,6 +104,20 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
         let items = templates()
             .render_node(&l.items, &ctx)
             .map_err(|e| tmpl_err(pb, name, e))?;
+        // A large list arrives as a ref: loop over its elements by reference, never
+        // copying the list into the log (each item's worker hydrates only its element).
+        if let Some(r) = CacheRef::parse(&items)
+            && r.item.is_none()
+            && r.count.is_some()
+        {
+            let l = LoopStarted {
+                items: Vec::new(),
+                source: Some(r),
+            };
+            return Ok(vec![
+                Draft::new(EventKind::LoopStarted, payload(&l)).step(name),
+            ]);
+        }
         let items = match items {
             Value::Array(a) => a,
             Value::Null => Vec::new(),
@@ -120,7 +135,14 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
             }
         };
         return Ok(vec![
-            Draft::new(EventKind::LoopStarted, payload(&LoopStarted { items })).step(name),
+            Draft::new(
+                EventKind::LoopStarted,
+                payload(&LoopStarted {
+                    items,
+                    source: None,
+                }),
+            )
+            .step(name),
         ]);
     }
     Ok(vec![issue(pb, st, step, None)?])
@@ -137,9 +159,16 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         _ => None,
     };
     let index = item.map(|(i, _)| i);
-    if step.is_inline() {
+    let inline_ctx = step
+        .is_inline()
+        .then(|| context(st, iteration))
+        .filter(|c| {
+            // A block that reads a cached payload goes to a worker (the engine does no IO).
+            !(c.values().any(CacheRef::any_in) && binds_ref(c, &step.bound_paths()))
+        });
+    if let Some(ctx) = inline_ctx {
         // Trivial blocks never cost a queue round-trip: the engine completes them itself.
-        let ctx = to_value(&context(st, iteration));
+        let ctx = to_value(&ctx);
         let result = match &step.input {
             Some(input) => templates()
                 .render_node(input, &ctx)
@@ -214,7 +243,7 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
     if l.finished {
         return Ok(Vec::new());
     }
-    let n = l.items.len();
+    let n = l.len();
     if l.done >= n {
         let d = LoopDone {
             results: l.results.clone(),
@@ -259,7 +288,8 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
     let mut next = l.next_index;
     let budget = window.saturating_sub(busy);
     while next < n && out.len() < budget {
-        out.push(issue(pb, st, step, Some((next, &l.items[next])))?);
+        let item = l.item(next).unwrap_or(Value::Null);
+        out.push(issue(pb, st, step, Some((next, &item)))?);
         next += 1;
     }
     Ok(out)

@@ -6,7 +6,7 @@ pub mod decide;
 pub mod policy;
 pub mod state;
 
-pub use context::{Iteration, alias, context};
+pub use context::{Iteration, alias, binds_ref, context};
 pub use decide::{DEFAULT_PARALLEL_WINDOW, decide};
 pub use state::{
     ApplyError, ExecState, LoopState, PendingCommand, Report, Status, StepRecord, Waiting,

@@ -1,9 +1,9 @@
 //! Execution state: a pure fold over the event log.
 
 use mayfly_types::{
-    ChildRequested, ChildStarted, CommandIssued, ErrorInfo, Event, EventKind, ExecutionCompleted,
-    ExecutionFailed, ExecutionId, ExecutionRequested, GENESIS_HASH, LoopDone, LoopStarted,
-    ParentRef, StepFailed, StepFinished, StepRouted,
+    CacheRef, ChildRequested, ChildStarted, CommandIssued, ErrorInfo, Event, EventKind,
+    ExecutionCompleted, ExecutionFailed, ExecutionId, ExecutionRequested, GENESIS_HASH, LoopDone,
+    LoopStarted, ParentRef, StepFailed, StepFinished, StepRouted,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -51,6 +51,8 @@ pub struct StepRecord {
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct LoopState {
     pub items: Vec<Value>,
+    /// Items by reference: the elements of a cached payload (see [`LoopStarted::source`]).
+    pub source: Option<CacheRef>,
     /// Next item to issue.
     pub next_index: usize,
     /// Issued to workers/children and not yet finished.
@@ -67,6 +69,28 @@ pub struct LoopState {
 }
 
 impl LoopState {
+    /// Number of items of this run.
+    pub fn len(&self) -> usize {
+        match &self.source {
+            Some(r) => r.count.unwrap_or(0) as usize,
+            None => self.items.len(),
+        }
+    }
+
+    /// True when the loop has no items.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Item `i`: the value itself, or a ref to element `i` of the source payload (hydrated
+    /// by the worker that runs the item, only if the block's templates bind it).
+    pub fn item(&self, i: usize) -> Option<Value> {
+        match &self.source {
+            Some(r) => (i < self.len()).then(|| r.element(i as u64).to_value()),
+            None => self.items.get(i).cloned(),
+        }
+    }
+
     /// True when a command of `generation` belongs to this run and it still accepts items.
     pub fn accepts(&self, generation: Option<u64>) -> bool {
         !self.finished && generation == Some(self.generation)
@@ -372,12 +396,16 @@ impl ExecState {
             }
             EventKind::LoopStarted => {
                 let l: LoopStarted = p(ev)?;
-                let n = l.items.len();
+                let n = match &l.source {
+                    Some(r) => r.count.unwrap_or(0) as usize,
+                    None => l.items.len(),
+                };
                 self.loops.insert(
                     step()?,
                     LoopState {
                         generation: ev.seq,
                         items: l.items,
+                        source: l.source,
                         results: vec![Value::Null; n],
                         ..Default::default()
                     },
@@ -390,6 +418,7 @@ impl ExecState {
                     l.finished = true;
                     // Items are no longer needed once the loop is done; keep memory bounded.
                     l.items = Vec::new();
+                    l.source = None;
                     l.results = Vec::new();
                 }
                 let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;

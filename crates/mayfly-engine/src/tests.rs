@@ -550,3 +550,62 @@ fn wait_steps_park_without_commands_and_expose_their_callback() {
     assert_eq!(s.st.status, Status::Completed);
     assert_eq!(s.st.result, Some(json!({"by": "ann"})));
 }
+
+const REF_DIGEST: &str = "sha256:5d5b09f6dcb2d53a5fffc60c4ac0d55fabdf556069d6631545f42aa6e3500f2e";
+
+fn table_ref(count: u64) -> Value {
+    json!({"$ref": REF_DIGEST, "format": "arrow", "bytes": 4096, "count": count, "columns": ["id"]})
+}
+
+#[test]
+fn loop_over_a_cached_result_iterates_by_element_ref() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next:\n      arcs:\n        - {{step: each, when: \"{{{{ start.rows.count > 2 and start.status == 'ok' }}}}\"}}\n  - step: each\n    loop: {{in: \"{{{{ start.rows }}}}\", iterator: row, spec: {{mode: parallel}}}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|step, i, ctx| match step {
+        "start" => Ok(json!({"status": "ok", "rows": table_ref(3)})),
+        _ => {
+            // The bare step name exposes the ref itself (no `.data` alias inside a ref).
+            assert_eq!(ctx["start"]["rows"], table_ref(3));
+            Ok(json!(i))
+        }
+    });
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, json!([0, 1, 2]));
+    let started = s
+        .log
+        .iter()
+        .find(|e| e.kind == EventKind::LoopStarted)
+        .expect("loop.started");
+    let l: LoopStarted = serde_json::from_value(started.payload.clone()).expect("payload");
+    assert!(l.items.is_empty(), "the list is not copied into the log");
+    assert_eq!(l.source.as_ref().and_then(|r| r.count), Some(3));
+    assert_eq!(s.count(EventKind::CommandIssued, "each"), 3);
+}
+
+#[test]
+fn loop_state_hands_out_element_refs() {
+    let r = CacheRef::parse(&table_ref(2)).expect("ref");
+    let l = LoopState {
+        source: Some(r.clone()),
+        ..Default::default()
+    };
+    assert_eq!(l.len(), 2);
+    assert_eq!(l.item(1), Some(r.element(1).to_value()));
+    assert_eq!(l.item(2), None);
+    assert_eq!(alias(&table_ref(2)), table_ref(2));
+}
+
+#[test]
+fn a_ref_without_a_count_is_not_a_list() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: each\n  - step: each\n    loop: {{in: \"{{{{ start }}}}\", iterator: row}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| {
+        Ok(json!({"$ref": REF_DIGEST, "format": "json", "bytes": 99999}))
+    });
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.error.map(|e| e.code), Some("loop_not_a_list".into()));
+}

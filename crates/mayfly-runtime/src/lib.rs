@@ -8,6 +8,7 @@
 
 pub mod loader;
 mod orchestrator;
+pub mod payload;
 pub mod remote;
 pub mod worker;
 
@@ -122,6 +123,8 @@ pub struct RuntimeConfig {
     /// Distributed dispatch: commands are published to this queue (for `mayfly worker`
     /// processes) instead of the in-process channel; `workers` must then be 0.
     pub queue: Option<Arc<dyn mayfly_queue::CommandQueue>>,
+    /// The shared cache for in-process workers (None: results stay inline).
+    pub cache: Option<Arc<mayfly_cache::Payloads>>,
 }
 
 impl Default for RuntimeConfig {
@@ -139,6 +142,7 @@ impl Default for RuntimeConfig {
             worker_id: format!("local-{}", std::process::id()),
             keychain: None,
             queue: None,
+            cache: None,
         }
     }
 }
@@ -357,6 +361,7 @@ impl Runtime {
                     handle.clone(),
                     tools.clone(),
                     config.keychain.clone(),
+                    config.cache.clone(),
                     format!("{}-{i}", config.worker_id),
                 ))
             })

@@ -878,12 +878,7 @@ impl Orchestrator {
         }
         let attempt = pending.attempt + 1;
         let index = pending.index;
-        let item = index.and_then(|i| {
-            x.st.loops
-                .get(&block.step)
-                .and_then(|l| l.items.get(i))
-                .cloned()
-        });
+        let item = index.and_then(|i| x.st.loops.get(&block.step).and_then(|l| l.item(i)));
         let iterator =
             x.pb.step(&block.step)
                 .and_then(|s| s.looping.as_ref())

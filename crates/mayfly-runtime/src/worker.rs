@@ -2,6 +2,7 @@
 //! record → release. Workers hold no state between blocks.
 
 use crate::{Block, Claim, Completion, Hydrated, RuntimeError};
+use mayfly_cache::{CacheError, Payloads};
 use mayfly_dsl::{Directive, NodeV, TemplateError, ToolKind, templates, to_value};
 use mayfly_engine::policy::{backoff_delay, default_directive, select_rule};
 use mayfly_tools::{ToolOutput, Tools};
@@ -54,10 +55,14 @@ pub enum Settle {
 }
 
 /// Pull blocks until the coordinator shuts down.
+///
+/// With `payloads`, the refs a block binds are hydrated from the shared cache before it runs
+/// and the large parts of its result are stored there before its completion is reported.
 pub async fn worker_loop<C: Coordinator>(
     coord: C,
     tools: Arc<Tools>,
     key: Option<mayfly_trust::keychain::MasterKey>,
+    payloads: Option<Arc<Payloads>>,
     worker: String,
 ) {
     while let Some((block, ticket)) = coord.next().await {
@@ -86,10 +91,18 @@ pub async fn worker_loop<C: Coordinator>(
             let tools = tools.clone();
             let coord = coord.clone();
             let key = key.clone();
-            let h = h.clone();
+            let payloads = payloads.clone();
+            let mut h = h.clone();
             tokio::spawn(async move {
+                if let Some(p) = &payloads {
+                    crate::payload::hydrate(p, &mut h).await?;
+                }
                 let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
-                run_block(&tools, secrets.as_ref(), &h).await
+                let mut out = run_block(&tools, secrets.as_ref(), &h).await;
+                if let Some(p) = &payloads {
+                    crate::payload::externalize(p, &h.tenant, &mut out).await?;
+                }
+                Ok::<_, CacheError>(out)
             })
         };
         let mut beat = tokio::time::interval((h.lease / 3).max(Duration::from_millis(10)));
@@ -102,7 +115,21 @@ pub async fn worker_loop<C: Coordinator>(
         };
         metrics::gauge!("mayfly_worker_blocks_in_flight").decrement(1.0);
         let outcome = match joined {
-            Ok(o) => o,
+            Ok(Ok(o)) => o,
+            Ok(Err(e @ CacheError::Unavailable(_))) => {
+                // Like a lost store: give the block back; it runs again once the cache is up.
+                tracing::warn!(command = %h.block.command_id, error = %e, "shared cache unavailable; the block will be delivered again");
+                coord
+                    .settle(ticket, Settle::Retry(Duration::from_secs(1)))
+                    .await;
+                continue;
+            }
+            Ok(Err(e)) => Err(StepFailed {
+                index: h.block.index,
+                error: ErrorInfo::new(e.code(), e.to_string()),
+                duration_ms: None,
+                logs: None,
+            }),
             Err(e) => Err(StepFailed {
                 index: h.block.index,
                 error: ErrorInfo::new(
@@ -496,6 +523,29 @@ async fn run_pipeline(
     let mut ctx = h.context.clone();
     if let Some(k) = keychain {
         ctx.insert("keychain".into(), k);
+    }
+    if step.is_inline() {
+        // Sent here only because it reads a cached payload: the same result the engine
+        // computes for an inline block (the rendered `input`, else the loop item).
+        let result = match &step.input {
+            Some(n) => match templates().render_node(n, &to_value(&ctx)) {
+                Ok(v) => v,
+                Err(e) => return Err(fail(tmpl(pb, &step.name, e), None, started)),
+            },
+            None => step
+                .looping
+                .as_ref()
+                .and_then(|l| ctx.get(&l.iterator).cloned())
+                .unwrap_or(Value::Null),
+        };
+        return Ok(StepFinished {
+            index,
+            result,
+            set: Map::new(),
+            inline: false,
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+            logs: None,
+        });
     }
     let base_input = match &step.input {
         Some(n) => match templates().render_node(n, &to_value(&ctx)) {

@@ -62,6 +62,8 @@ fn queue_config() -> QueueConfig {
 struct Cluster {
     schema: String,
     stream: String,
+    bucket: String,
+    cache: Arc<mayfly_cache::Payloads>,
     store: Arc<PostgresStore>,
     rt: Runtime,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -93,7 +95,20 @@ impl Cluster {
         };
         let rt = Runtime::start(store.clone(), cfg).expect("runtime");
         let client = async_nats::connect(NATS).await.expect("nats");
-        let mut tasks = vec![serve(rt.handle(), client, &stream).await.expect("serve")];
+        let mut tasks = vec![
+            serve(rt.handle(), client.clone(), &stream)
+                .await
+                .expect("serve"),
+        ];
+        let bucket = unique("mayfly_cache");
+        let cache = Arc::new(mayfly_cache::Payloads::new(
+            Arc::new(
+                mayfly_cache::NatsCache::open(client.clone(), &bucket)
+                    .await
+                    .expect("object store"),
+            ),
+            mayfly_cache::DEFAULT_INLINE_LIMIT,
+        ));
         for w in 0..workers {
             let coord = RemoteCoordinator::connect(NATS, &stream, queue_config())
                 .await
@@ -110,6 +125,7 @@ impl Cluster {
                     coord.clone(),
                     tools.clone(),
                     key.clone(),
+                    Some(cache.clone()),
                     format!("w{w}/{s}"),
                 )));
             }
@@ -117,6 +133,8 @@ impl Cluster {
         Cluster {
             schema,
             stream,
+            bucket,
+            cache,
             store,
             rt,
             tasks,
@@ -145,6 +163,10 @@ impl Cluster {
         NatsQueue::delete(NATS, &self.stream)
             .await
             .expect("delete stream");
+        let client = async_nats::connect(NATS).await.expect("nats");
+        mayfly_cache::NatsCache::delete(client, &self.bucket)
+            .await
+            .expect("delete bucket");
         PostgresStore::drop_schema(PG, &self.schema)
             .await
             .expect("drop schema");
@@ -180,6 +202,32 @@ async fn examples_run_on_remote_workers_over_nats() {
 
     let r = c.run("nested.yaml", json!({})).await;
     assert_eq!(r.result["best"], json!("ann"));
+
+    // Large results go through the NATS object store: the rows leave one worker as an
+    // Arrow table and reach others by ref (the event carries only the ref).
+    let r = c.run("table.yaml", json!({})).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(
+        r.result,
+        json!({"n": 1000, "total": 49950.0, "top": "user-321", "evens": 500})
+    );
+    let finished = c
+        .store
+        .read_all(&r.execution_id)
+        .await
+        .expect("events")
+        .into_iter()
+        .find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("start"))
+        .expect("start finished");
+    let rows = mayfly_types::CacheRef::parse(&finished.payload["result"]["rows"]).expect("ref");
+    let stored = c
+        .cache
+        .cache()
+        .get("default", &rows.digest)
+        .await
+        .expect("object store")
+        .expect("stored");
+    assert_eq!(stored.len() as u64, rows.bytes);
 
     // Every block was claimed by a remote worker, and both worker processes took work.
     let mut who = BTreeSet::new();

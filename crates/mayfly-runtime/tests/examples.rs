@@ -8,6 +8,7 @@ use mayfly_store::{SqliteStore, Store};
 use mayfly_types::EventKind;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 use common::{assert_replays, example};
@@ -16,6 +17,7 @@ struct Env {
     _dir: tempfile::TempDir,
     store: Arc<SqliteStore>,
     rt: Runtime,
+    cache: Arc<CountingCache>,
 }
 
 async fn env() -> Env {
@@ -25,11 +27,52 @@ async fn env() -> Env {
             .await
             .expect("store"),
     );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("runtime");
+    let cache = Arc::new(CountingCache {
+        inner: mayfly_cache::LocalCache::new(dir.path().join("cache")),
+        gets: AtomicUsize::new(0),
+    });
+    let cfg = RuntimeConfig {
+        cache: Some(Arc::new(mayfly_cache::Payloads::new(
+            cache.clone(),
+            mayfly_cache::DEFAULT_INLINE_LIMIT,
+        ))),
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("runtime");
     Env {
         _dir: dir,
         store,
         rt,
+        cache,
+    }
+}
+
+/// The real local cache, counting reads (to show refs are hydrated only when bound).
+struct CountingCache {
+    inner: mayfly_cache::LocalCache,
+    gets: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl mayfly_cache::Cache for CountingCache {
+    async fn put(
+        &self,
+        tenant: &str,
+        digest: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<(), mayfly_cache::CacheError> {
+        self.inner.put(tenant, digest, bytes).await
+    }
+    async fn get(
+        &self,
+        tenant: &str,
+        digest: &str,
+    ) -> Result<Option<bytes::Bytes>, mayfly_cache::CacheError> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(tenant, digest).await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
     }
 }
 
@@ -305,5 +348,97 @@ async fn postgres_through_a_keychain_credential() {
     assert!(
         !text.contains("postgres://postgres@"),
         "the dsn never reaches the log"
+    );
+}
+
+#[tokio::test]
+async fn table_results_travel_by_reference() {
+    use mayfly_cache::Cache as _;
+    use mayfly_types::{CacheFormat, CacheRef, LoopStarted};
+    let env = env().await;
+    let r = run(&env, "table.yaml", json!({})).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(
+        r.result,
+        json!({"n": 1000, "total": 49950.0, "top": "user-321", "evens": 500})
+    );
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    let finished = events
+        .iter()
+        .find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("start"))
+        .expect("start finished");
+    assert_eq!(
+        finished.payload["result"]["status"], "ok",
+        "small fields stay inline"
+    );
+    let rows = CacheRef::parse(&finished.payload["result"]["rows"]).expect("rows by ref");
+    assert_eq!(rows.format, CacheFormat::Arrow);
+    assert_eq!(rows.count, Some(1000));
+    assert_eq!(rows.columns, vec!["id", "name", "score"]);
+    // The stored table is real Arrow IPC holding the rows.
+    let bytes = env
+        .cache
+        .inner
+        .get("default", &rows.digest)
+        .await
+        .expect("cache")
+        .expect("stored");
+    let table = mayfly_cache::decode(CacheFormat::Arrow, &bytes).expect("arrow");
+    assert_eq!(
+        table[321],
+        json!({"id": 321, "name": "user-321", "score": 99.9})
+    );
+    // The loop iterates the cached rows without copying them into the log.
+    let started = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopStarted)
+        .expect("loop.started");
+    let l: LoopStarted = serde_json::from_value(started.payload.clone()).expect("payload");
+    assert!(l.items.is_empty());
+    assert_eq!(l.source.map(|s| s.digest), Some(rows.digest.clone()));
+    // Items bind a cached row, so they ran on workers rather than inline.
+    let issued = events
+        .iter()
+        .filter(|e| e.kind == EventKind::CommandIssued && e.step.as_deref() == Some("each"))
+        .count();
+    assert_eq!(issued, 1000);
+    for e in &events {
+        let n = serde_json::to_vec(&e.payload).expect("json").len();
+        assert!(n <= 16 * 1024, "{} #{} carries {n} bytes", e.kind, e.seq);
+    }
+}
+
+#[tokio::test]
+async fn a_ref_no_template_binds_is_never_read() {
+    let env = env().await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: lazy, path: tests/lazy}
+workflow:
+  - step: start
+    tool:
+      kind: python
+      code: |
+        result = {"status": "ok", "blob": "x" * 100000}
+    next:
+      arcs:
+        # Routing (the engine) sees the ref's summary, never the payload.
+        - {step: check, when: "{{ start.blob.bytes > 100000 and start.blob.format == 'json' }}"}
+  - step: check
+    tool:
+      kind: python
+      input: {status: "{{ start.status }}"}
+      code: |
+        result = {"status": status}
+"#;
+    let pb = mayfly_dsl::parse("lazy.yaml", src, &ParseOptions::default()).expect("parse");
+    let r = env.rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, json!({"status": "ok"}));
+    assert_eq!(
+        env.cache.gets.load(Ordering::SeqCst),
+        0,
+        "the blob was stored but no block read it"
     );
 }

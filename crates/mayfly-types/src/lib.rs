@@ -306,6 +306,10 @@ pub struct StepRouted {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoopStarted {
     pub items: Vec<Value>,
+    /// The items are the elements of this cached payload (a loop over a large result);
+    /// `items` is then empty and item `i` is `source.element(i)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<CacheRef>,
 }
 
 /// Payload of `loop.done`: per-iteration results in item order.

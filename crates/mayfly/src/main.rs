@@ -123,6 +123,8 @@ enum Cmd {
         id: Option<String>,
         #[command(flatten)]
         key: keychain::KeyOpts,
+        #[command(flatten)]
+        cache: CacheOpts,
     },
     /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
     /// Without --db it registers on the server at MAYFLY_URL (token MAYFLY_TOKEN).
@@ -242,6 +244,59 @@ struct RunOpts {
     quiet: bool,
     #[command(flatten)]
     key: keychain::KeyOpts,
+    #[command(flatten)]
+    cache: CacheOpts,
+}
+
+/// The shared cache (results above the inline limit are stored by reference).
+#[derive(Args, Clone)]
+struct CacheOpts {
+    /// Step results (and parts of them) whose JSON exceeds this many bytes are stored in the
+    /// shared cache — Arrow IPC for tables — and events carry a ref instead.
+    #[arg(long, default_value_t = mayfly_cache::DEFAULT_INLINE_LIMIT)]
+    inline_limit: usize,
+}
+
+impl CacheOpts {
+    /// Embedded: a directory next to the SQLite log (`<db>.cache`; `./mayfly-cache` for a
+    /// Postgres log served by one process).
+    fn local(&self, db: &Path) -> Arc<mayfly_cache::Payloads> {
+        let dir = if is_postgres(db) {
+            PathBuf::from("mayfly-cache")
+        } else {
+            PathBuf::from(format!("{}.cache", db.display()))
+        };
+        Arc::new(mayfly_cache::Payloads::new(
+            Arc::new(mayfly_cache::LocalCache::new(dir)),
+            self.inline_limit,
+        ))
+    }
+
+    /// Distributed: the JetStream object store bucket `<queue name>-cache`, shared by the
+    /// server's workers wherever they run.
+    async fn nats(
+        &self,
+        client: async_nats::Client,
+        queue_name: &str,
+    ) -> Result<Arc<mayfly_cache::Payloads>> {
+        let bucket: String = format!("{queue_name}-cache")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let cache = mayfly_cache::NatsCache::open(client, &bucket)
+            .await
+            .with_context(|| format!("opening the shared cache (object store `{bucket}`)"))?;
+        Ok(Arc::new(mayfly_cache::Payloads::new(
+            Arc::new(cache),
+            self.inline_limit,
+        )))
+    }
 }
 
 fn main() -> ExitCode {
@@ -327,6 +382,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             metrics_listen,
             id,
             key,
+            cache,
         } => {
             worker(
                 &dist,
@@ -335,6 +391,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
                 metrics_listen.as_deref(),
                 id,
                 &key,
+                &cache,
             )
             .await
         }
@@ -394,9 +451,10 @@ fn lock_db(db: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn runtime_config(opts: &RunOpts) -> Result<RuntimeConfig> {
+fn runtime_config(opts: &RunOpts, db: &Path) -> Result<RuntimeConfig> {
     let mut cfg = RuntimeConfig {
         workers: opts.workers.max(1),
+        cache: Some(opts.cache.local(db)),
         ..Default::default()
     };
     if let Some(n) = opts.python_pool {
@@ -480,7 +538,9 @@ async fn run(
             return Ok(ExitCode::from(2));
         }
     };
-    let runtime = Runtime::start(store, runtime_config(opts)?)?;
+    let cfg = runtime_config(opts, &db_path)?;
+    let payloads = cfg.cache.clone();
+    let runtime = Runtime::start(store, cfg)?;
     let handle = runtime.handle();
     let events = handle.subscribe();
     let pb = Arc::new(pb);
@@ -493,16 +553,22 @@ async fn run(
     }
     let display =
         (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
-    let report = handle.wait(&id).await?;
+    let mut report = handle.wait(&id).await?;
     if let Some(d) = display {
         d.finish().await;
+    }
+    // A local run prints what the playbook produced: refs resolved from the local cache.
+    if let Some(p) = payloads
+        && let Err(e) = p.hydrate_all(&opts.key.tenant, &mut report.result).await
+    {
+        eprintln!("warning: the result holds a cached payload that could not be read: {e}");
     }
     print_report(&report, opts.json, Some(began.elapsed()))
 }
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     let (store, _lock) = open_db(db, true, true).await?;
-    let runtime = Runtime::start(store, runtime_config(opts)?)?;
+    let runtime = Runtime::start(store, runtime_config(opts, db)?)?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
     let began = std::time::Instant::now();
@@ -531,7 +597,7 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
 
 async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Result<ExitCode> {
     let (store, _lock) = open_db(db, false, true).await?;
-    let mut cfg = runtime_config(opts)?;
+    let mut cfg = runtime_config(opts, db)?;
     cfg.lease = dist.lease()?;
     let mut nats = None;
     if let Some(url) = dist.nats_url()? {
@@ -540,6 +606,7 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
             .with_context(|| format!("connecting to the queue at {url}"))?;
         cfg.queue = Some(Arc::new(queue));
         cfg.workers = 0;
+        cfg.cache = None;
         let client = async_nats::connect(url)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -599,6 +666,7 @@ async fn worker(
     metrics_listen: Option<&str>,
     id: Option<String>,
     key: &keychain::KeyOpts,
+    cache: &CacheOpts,
 ) -> Result<ExitCode> {
     let Some(url) = dist.nats_url()? else {
         bail!("a worker needs --queue nats://… (or MAYFLY_QUEUE)");
@@ -609,6 +677,10 @@ async fn worker(
         dist.queue_config()?,
     )
     .await?;
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to NATS at {url}"))?;
+    let payloads = cache.nats(client, &dist.queue_name).await?;
     let mut tools_cfg = RuntimeConfig::default().tools;
     if let Some(n) = python_pool {
         tools_cfg.python_pool = n.max(1);
@@ -644,6 +716,7 @@ async fn worker(
             coord.clone(),
             tools.clone(),
             key.clone(),
+            Some(payloads.clone()),
             format!("{id}/{i}"),
         ));
     }

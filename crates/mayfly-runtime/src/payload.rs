@@ -1,0 +1,68 @@
+//! The block's side of the shared cache: hydrate the refs a block's templates bind before it
+//! runs, and store the large parts of what it returns before the completion is recorded (so a
+//! ref in an event always points at stored bytes).
+
+use crate::Hydrated;
+use mayfly_cache::{CacheError, Payloads};
+use mayfly_engine::context::alias;
+use mayfly_types::{CacheRef, StepFailed, StepFinished};
+use serde_json::Value;
+
+/// Replace, in the block's scope, the refs that its templates bind by their values. Refs the
+/// block never reads stay refs (never fetched). A step result hydrated at the top level gets
+/// its `.data` alias back.
+pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
+    if !h.context.values().any(CacheRef::any_in) {
+        return Ok(());
+    }
+    let Some(step) = h.playbook.step(&h.block.step) else {
+        return Ok(());
+    };
+    let paths = step.bound_paths();
+    let tenant = h.tenant.clone();
+    for path in paths {
+        let mut parts = path.split('.');
+        let Some(root) = parts.next() else { continue };
+        let is_step = h.playbook.step(root).is_some();
+        let Some(mut node) = h.context.get_mut(root) else {
+            continue;
+        };
+        let mut depth = 0;
+        loop {
+            if let Some(r) = CacheRef::parse(node) {
+                let v = p.hydrate(&tenant, &r).await?;
+                *node = if depth == 0 && is_step { alias(&v) } else { v };
+            }
+            let Some(key) = parts.next() else {
+                p.hydrate_all(&tenant, node).await?;
+                break;
+            };
+            node = match node {
+                Value::Object(m) => match m.get_mut(key) {
+                    Some(n) => n,
+                    None => break,
+                },
+                _ => break,
+            };
+            depth += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Store the large parts of a block's outcome (its result and `set` values) in the cache.
+pub async fn externalize(
+    p: &Payloads,
+    tenant: &str,
+    outcome: &mut Result<StepFinished, StepFailed>,
+) -> Result<(), CacheError> {
+    if let Ok(f) = outcome {
+        let result = std::mem::take(&mut f.result);
+        f.result = p.externalize(tenant, result).await?;
+        for v in f.set.values_mut() {
+            let value = std::mem::take(v);
+            *v = p.externalize(tenant, value).await?;
+        }
+    }
+    Ok(())
+}
