@@ -246,7 +246,7 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
     let n = l.len();
     if l.done >= n {
         let d = LoopDone {
-            results: l.results.clone(),
+            results: Value::Array(l.results.clone()),
         };
         return Ok(vec![
             Draft::new(EventKind::LoopDone, payload(&d)).step(&step.name),

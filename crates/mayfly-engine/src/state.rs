@@ -426,7 +426,7 @@ impl ExecState {
                     s,
                     StepRecord {
                         status: "ok".into(),
-                        result: Value::Array(d.results),
+                        result: d.results,
                         error: None,
                         runs,
                     },

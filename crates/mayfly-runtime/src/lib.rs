@@ -123,7 +123,8 @@ pub struct RuntimeConfig {
     /// Distributed dispatch: commands are published to this queue (for `mayfly worker`
     /// processes) instead of the in-process channel; `workers` must then be 0.
     pub queue: Option<Arc<dyn mayfly_queue::CommandQueue>>,
-    /// The shared cache for in-process workers (None: results stay inline).
+    /// The shared cache: large engine-made payloads (loop aggregates, inline results) and
+    /// in-process workers' results go there (None: everything stays inline).
     pub cache: Option<Arc<mayfly_cache::Payloads>>,
 }
 
@@ -323,7 +324,13 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(16_384);
-        let orch = Orchestrator::new(store.clone(), btx, events.clone(), config.lease);
+        let orch = Orchestrator::new(
+            store.clone(),
+            btx,
+            events.clone(),
+            config.lease,
+            config.cache.clone(),
+        );
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();
         let health = remote::QueueHealth::default();

@@ -119,6 +119,9 @@ struct Cycle {
     finished: Vec<ExecutionId>,
     /// Executions loaded from the log this cycle (dropped again if the commit fails).
     loaded: Vec<ExecutionId>,
+    /// Payloads split off engine-made events, stored before the batch commits so that
+    /// every ref in the log points at stored bytes.
+    blobs: Vec<(String, mayfly_cache::Blob)>,
     fatal: Option<RuntimeError>,
 }
 
@@ -137,6 +140,8 @@ pub(crate) struct Orchestrator {
     /// Executions dropped from memory by a failed commit, reloaded from the log as soon as
     /// the store answers again (the store going away must not strand them).
     reload: std::collections::BTreeSet<ExecutionId>,
+    /// Where large engine-made payloads (loop aggregates, inline results) go.
+    cache: Option<Arc<mayfly_cache::Payloads>>,
 }
 
 impl Orchestrator {
@@ -145,6 +150,7 @@ impl Orchestrator {
         dispatch: mpsc::UnboundedSender<Block>,
         events: broadcast::Sender<Arc<Event>>,
         lease: Duration,
+        cache: Option<Arc<mayfly_cache::Payloads>>,
     ) -> Self {
         Orchestrator {
             store,
@@ -157,6 +163,7 @@ impl Orchestrator {
             callbacks: HashMap::new(),
             spent: std::collections::HashSet::new(),
             reload: std::collections::BTreeSet::new(),
+            cache,
         }
     }
 
@@ -396,13 +403,18 @@ impl Orchestrator {
             finished,
             fatal,
             loaded,
+            blobs,
             ..
         } = c;
         let batch = Arc::new(batch);
         let began = Instant::now();
-        let result = match fatal {
-            Some(e) => Err(e),
-            None => self
+        let stored = match (&fatal, &self.cache) {
+            (None, Some(p)) => store_blobs(p, blobs).await,
+            _ => Ok(()),
+        };
+        let result = match fatal.map(Err).unwrap_or(stored) {
+            Err(e) => Err(e),
+            Ok(()) => self
                 .store
                 .append(batch.clone())
                 .await
@@ -570,6 +582,9 @@ impl Orchestrator {
                     "token".into(),
                     Value::String(mayfly_trust::keychain::random_token("cb_")),
                 );
+            }
+            if let Some(p) = &self.cache {
+                split_payload(&mut d, p.inline_limit(), &x.st.tenant, &mut c.blobs);
             }
             let cmd = if d.kind == EventKind::CommandIssued {
                 Some(command_id(id, seq))
@@ -1121,6 +1136,39 @@ impl Orchestrator {
         let st = ExecState::fold(id.clone(), &events)?;
         Ok((events, st))
     }
+}
+
+/// Move the large part of an engine-made payload (a loop's aggregate, an inline step's or
+/// the execution's result) to the cache: the event keeps a ref (DESIGN §3).
+fn split_payload(
+    d: &mut Draft,
+    limit: usize,
+    tenant: &str,
+    blobs: &mut Vec<(String, mayfly_cache::Blob)>,
+) {
+    let field = match d.kind {
+        EventKind::LoopDone => "results",
+        EventKind::StepFinished | EventKind::ExecutionCompleted => "result",
+        _ => return,
+    };
+    if let Some(v) = d.payload.get_mut(field) {
+        let (out, parts) = mayfly_cache::split(std::mem::take(v), limit);
+        *v = out;
+        blobs.extend(parts.into_iter().map(|b| (tenant.to_owned(), b)));
+    }
+}
+
+async fn store_blobs(
+    p: &mayfly_cache::Payloads,
+    blobs: Vec<(String, mayfly_cache::Blob)>,
+) -> Result<(), RuntimeError> {
+    for (tenant, b) in blobs {
+        p.cache()
+            .put(&tenant, &b.cache_ref.digest, b.bytes)
+            .await
+            .map_err(|e| RuntimeError::Store(format!("shared cache: {e}")))?;
+    }
+    Ok(())
 }
 
 fn stored(pb: &Playbook) -> StoredPlaybook {

@@ -85,21 +85,7 @@ impl Cluster {
         let queue = NatsQueue::connect(NATS, &stream, queue_config())
             .await
             .expect("queue");
-        let cfg = RuntimeConfig {
-            workers: 0,
-            lease: Duration::from_secs(5),
-            queue: Some(Arc::new(queue)),
-            // The orchestrator holds no master key: only workers open secrets.
-            keychain: None,
-            ..Default::default()
-        };
-        let rt = Runtime::start(store.clone(), cfg).expect("runtime");
         let client = async_nats::connect(NATS).await.expect("nats");
-        let mut tasks = vec![
-            serve(rt.handle(), client.clone(), &stream)
-                .await
-                .expect("serve"),
-        ];
         let bucket = unique("mayfly_cache");
         let cache = Arc::new(mayfly_cache::Payloads::new(
             Arc::new(
@@ -109,6 +95,21 @@ impl Cluster {
             ),
             mayfly_cache::DEFAULT_INLINE_LIMIT,
         ));
+        let cfg = RuntimeConfig {
+            workers: 0,
+            lease: Duration::from_secs(5),
+            queue: Some(Arc::new(queue)),
+            // The orchestrator holds no master key: only workers open secrets.
+            keychain: None,
+            cache: Some(cache.clone()),
+            ..Default::default()
+        };
+        let rt = Runtime::start(store.clone(), cfg).expect("runtime");
+        let mut tasks = vec![
+            serve(rt.handle(), client.clone(), &stream)
+                .await
+                .expect("serve"),
+        ];
         for w in 0..workers {
             let coord = RemoteCoordinator::connect(NATS, &stream, queue_config())
                 .await

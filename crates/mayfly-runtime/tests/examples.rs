@@ -402,6 +402,13 @@ async fn table_results_travel_by_reference() {
         .filter(|e| e.kind == EventKind::CommandIssued && e.step.as_deref() == Some("each"))
         .count();
     assert_eq!(issued, 1000);
+    // The loop's aggregate (1,000 small results) is stored by ref too.
+    let done = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopDone)
+        .expect("loop.done");
+    let agg = CacheRef::parse(&done.payload["results"]).expect("aggregate by ref");
+    assert_eq!((agg.format, agg.count), (CacheFormat::Arrow, Some(1000)));
     for e in &events {
         let n = serde_json::to_vec(&e.payload).expect("json").len();
         assert!(n <= 16 * 1024, "{} #{} carries {n} bytes", e.kind, e.seq);

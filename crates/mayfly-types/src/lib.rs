@@ -312,10 +312,11 @@ pub struct LoopStarted {
     pub source: Option<CacheRef>,
 }
 
-/// Payload of `loop.done`: per-iteration results in item order.
+/// Payload of `loop.done`: per-iteration results in item order — a list, or a [`CacheRef`]
+/// to it when the aggregate exceeds the inline limit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoopDone {
-    pub results: Vec<Value>,
+    pub results: Value,
 }
 
 /// Payload of `child.requested` (playbook tool).

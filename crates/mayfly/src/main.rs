@@ -606,10 +606,10 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
             .with_context(|| format!("connecting to the queue at {url}"))?;
         cfg.queue = Some(Arc::new(queue));
         cfg.workers = 0;
-        cfg.cache = None;
         let client = async_nats::connect(url)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
+        cfg.cache = Some(opts.cache.nats(client.clone(), &dist.queue_name).await?);
         nats = Some(client);
     }
     let runtime = Runtime::start(store.clone(), cfg)?;
