@@ -108,6 +108,9 @@ pub enum Claim {
     Busy(Duration),
 }
 
+/// Default for [`RuntimeConfig::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
 /// Tuning of the embedded runtime.
 #[derive(Clone)]
 pub struct RuntimeConfig {
@@ -115,6 +118,9 @@ pub struct RuntimeConfig {
     pub workers: usize,
     /// How long a claim stays valid without a heartbeat.
     pub lease: Duration,
+    /// Claims of one block (worker deaths, lapsed leases) after which the step fails with
+    /// `worker_lost` instead of being handed out again.
+    pub max_attempts: u32,
     pub tools: ToolsConfig,
     pub worker_id: String,
     /// Master key for keychain resolution inside blocks, in each execution's tenant
@@ -136,6 +142,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             workers: 16,
             lease: Duration::from_secs(30),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
             tools: ToolsConfig {
                 python_pool: cpus.max(2),
                 ..Default::default()
@@ -330,6 +337,7 @@ impl Runtime {
             events.clone(),
             config.lease,
             config.cache.clone(),
+            config.max_attempts,
         );
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();

@@ -142,6 +142,8 @@ pub(crate) struct Orchestrator {
     reload: std::collections::BTreeSet<ExecutionId>,
     /// Where large engine-made payloads (loop aggregates, inline results) go.
     cache: Option<Arc<mayfly_cache::Payloads>>,
+    /// Claims of one command after which it fails with `worker_lost`.
+    max_attempts: u32,
 }
 
 impl Orchestrator {
@@ -151,6 +153,7 @@ impl Orchestrator {
         events: broadcast::Sender<Arc<Event>>,
         lease: Duration,
         cache: Option<Arc<mayfly_cache::Payloads>>,
+        max_attempts: u32,
     ) -> Self {
         Orchestrator {
             store,
@@ -164,6 +167,7 @@ impl Orchestrator {
             spent: std::collections::HashSet::new(),
             reload: std::collections::BTreeSet::new(),
             cache,
+            max_attempts: max_attempts.max(1),
         }
     }
 
@@ -889,6 +893,38 @@ impl Orchestrator {
                 command_id: block.command_id.clone(),
             });
             self.emit(c, &block.execution_id, vec![done], "engine");
+            return Claim::Done;
+        }
+        if pending.attempt >= self.max_attempts {
+            // Claimed this often and never completed: the workers running it died or lost
+            // their lease every time (a block that kills its worker, or none can finish it).
+            // Fail the step so the playbook's routing decides, instead of retrying forever.
+            let f = StepFailed {
+                index: pending.index,
+                error: ErrorInfo::new(
+                    "worker_lost",
+                    format!(
+                        "the block was claimed {} times and never completed (its workers died or lost their lease)",
+                        pending.attempt
+                    ),
+                ),
+                duration_ms: None,
+                logs: None,
+            };
+            let attempt = pending.attempt;
+            let drafts = vec![
+                Draft::new(EventKind::StepFailed, json!(f))
+                    .step(&block.step)
+                    .command(&block.command_id, attempt),
+                Draft::new(EventKind::CommandCompleted, json!({}))
+                    .step(&block.step)
+                    .command(&block.command_id, attempt),
+            ];
+            c.batch.commands.push(CommandOp::Done {
+                command_id: block.command_id.clone(),
+            });
+            self.leases.remove(&block.command_id);
+            self.emit(c, &block.execution_id, drafts, "engine");
             return Claim::Done;
         }
         let attempt = pending.attempt + 1;

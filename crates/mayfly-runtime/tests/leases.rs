@@ -164,3 +164,69 @@ async fn heartbeats_keep_a_long_block_from_being_redelivered() {
         "a block that heartbeats keeps its lease (1.2s run, 0.3s lease)"
     );
 }
+
+/// A block whose workers keep dying (claimed, never completed, lease lapses) is not handed
+/// out forever: after `max_attempts` claims the step fails with `worker_lost`, recorded once,
+/// and the playbook's routing takes over (here: none, so the execution fails).
+#[tokio::test]
+async fn a_block_claimed_max_attempts_times_fails_with_worker_lost() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let cfg = RuntimeConfig {
+        workers: 0,
+        lease: Duration::from_millis(100),
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let h = rt.handle();
+    let pb = parse("lease.yaml", PB, &ParseOptions::default()).expect("pb");
+    let id = h
+        .start(Arc::new(pb), Map::new(), None)
+        .await
+        .expect("start");
+    for attempt in 1..=3 {
+        let block = tokio::time::timeout(Duration::from_secs(5), h.next_block())
+            .await
+            .expect("dispatched")
+            .expect("block");
+        let g = granted(h.claim(block, "dies").await);
+        assert_eq!(g.attempt, attempt);
+        // The worker dies: no heartbeat, no completion; the lease lapses.
+    }
+    let block = tokio::time::timeout(Duration::from_secs(5), h.next_block())
+        .await
+        .expect("dispatched once more")
+        .expect("block");
+    assert!(matches!(
+        h.claim(block, "w4").await.expect("claim"),
+        Claim::Done
+    ));
+    let report = tokio::time::timeout(Duration::from_secs(5), h.wait(&id))
+        .await
+        .expect("ends")
+        .expect("report");
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(
+        report.error.as_ref().map(|e| e.code.as_str()),
+        Some("worker_lost")
+    );
+    let events = store.read_all(&id).await.expect("events");
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::StepFailed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].attempt, Some(3));
+    assert!(
+        store
+            .open_commands(Some(&id))
+            .await
+            .expect("open")
+            .is_empty()
+    );
+}

@@ -14,7 +14,7 @@ pub mod conformance;
 mod postgres;
 mod sqlite;
 
-pub use postgres::PostgresStore;
+pub use postgres::{AppenderLock, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Open a store from a location: `postgres://…` / `postgresql://…` for Postgres (a
@@ -31,6 +31,13 @@ pub async fn open(location: &str) -> Result<Arc<dyn Store>, StoreError> {
     } else {
         Ok(Arc::new(SqliteStore::open(location).await?))
     }
+}
+
+/// Take the appender lock of the Postgres log at `location` (a `postgres://` URL, with an
+/// optional `?schema=`); see [`AppenderLock`].
+pub async fn lock_appender(location: &str) -> Result<AppenderLock, StoreError> {
+    let (url, schema) = split_schema(location);
+    AppenderLock::acquire(&url, schema.as_deref(), std::time::Duration::from_secs(5)).await
 }
 
 /// Take `schema=…` out of a Postgres URL's query string.

@@ -647,3 +647,85 @@ impl Store for PostgresStore {
         Ok(row.try_get::<i64, _>("p")? as u64)
     }
 }
+
+/// Exclusive right to append to one Postgres log (one schema): a session advisory lock held
+/// on a dedicated connection for as long as this value lives. Two servers on one log would
+/// otherwise both believe they own every execution (the SQLite log has its lock file).
+///
+/// The connection is checked every `check`; if it was lost (restart, killed backend) the
+/// lock is taken again. If another process took it meanwhile, [`AppenderLock::lost`]
+/// reports it and this process must stop appending.
+pub struct AppenderLock {
+    lost: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AppenderLock {
+    /// Take the lock of the log at `url` (with an optional `schema`), or fail with
+    /// [`StoreError::Conflict`] when another process holds it.
+    pub async fn acquire(
+        url: &str,
+        schema: Option<&str>,
+        check: std::time::Duration,
+    ) -> Result<AppenderLock, StoreError> {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Db(format!("bad postgres url: {e}")))?;
+        let key = appender_key(schema.unwrap_or("public"));
+        let mut conn = try_lock(&opts, key).await?.ok_or_else(|| {
+            StoreError::Conflict(format!(
+                "another mayfly process is the appender of this log (schema `{}`)",
+                schema.unwrap_or("public")
+            ))
+        })?;
+        let (tx, lost) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(check);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
+                    continue;
+                }
+                tracing::warn!("appender lock connection lost; taking the lock again");
+                match try_lock(&opts, key).await {
+                    Ok(Some(c)) => conn = c,
+                    Ok(None) => {
+                        tracing::error!("another process took the appender lock of this log");
+                        let _ = tx.send(true);
+                        return;
+                    }
+                    // Postgres is unreachable: nobody else can take it either; retry.
+                    Err(e) => tracing::warn!(error = %e, "appender lock: Postgres unreachable"),
+                }
+            }
+        });
+        Ok(AppenderLock { lost, task })
+    }
+
+    /// Resolves when the lock was lost to another process.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|l| *l).await;
+    }
+}
+
+impl Drop for AppenderLock {
+    fn drop(&mut self) {
+        // Dropping the connection ends the session, which releases the lock.
+        self.task.abort();
+    }
+}
+
+fn appender_key(schema: &str) -> i64 {
+    let d = mayfly_trust::sha256_digest(format!("mayfly-appender:{schema}").as_bytes());
+    let hex = d.trim_start_matches("sha256:");
+    u64::from_str_radix(&hex[..16], 16).map_or(0, |v| v as i64)
+}
+
+async fn try_lock(opts: &PgConnectOptions, key: i64) -> Result<Option<PgConnection>, StoreError> {
+    let mut conn = opts.connect().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(got.then_some(conn))
+}

@@ -179,3 +179,85 @@ async fn postgres_writer_reconnects_after_losing_its_connection() {
         .await
         .expect("cleanup");
 }
+
+/// One appender per Postgres log: a second lock on the same schema is refused while the
+/// first lives (another schema is independent); when the lock's connection is killed, the
+/// holder takes it again; once dropped, it can be taken.
+#[tokio::test]
+async fn one_appender_per_postgres_log() {
+    use mayfly_store::{AppenderLock, StoreError};
+    use std::time::Duration;
+    let Some(url) = postgres_url() else { return };
+    let (a, b) = (schema(), format!("{}_other", schema()));
+    let app = format!("mayfly_lock_{a}");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let named = format!("{url}{sep}application_name={app}");
+    let check = Duration::from_millis(100);
+    let first = AppenderLock::acquire(&named, Some(&a), check)
+        .await
+        .expect("first lock");
+    let second = AppenderLock::acquire(&url, Some(&a), check).await;
+    assert!(matches!(second, Err(StoreError::Conflict(_))), "refused");
+    let other = AppenderLock::acquire(&url, Some(&b), check)
+        .await
+        .expect("another schema is another log");
+    drop(other);
+
+    let mut admin = {
+        use sqlx::{ConnectOptions, postgres::PgConnectOptions};
+        let opts: PgConnectOptions = url.parse().expect("url");
+        opts.connect().await.expect("admin conn")
+    };
+    let old = session_pids(&mut admin, &app).await.expect("pids");
+    assert_eq!(old.len(), 1, "one session holds the lock");
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(old[0])
+        .execute(&mut admin)
+        .await
+        .expect("terminate");
+    // The holder notices within a check or two and takes the lock again (a new session).
+    let mut held_again = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = session_pids(&mut admin, &app).await.expect("pids");
+        if now.len() == 1 && now[0] != old[0] {
+            let locks: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1",
+            )
+            .bind(now[0])
+            .fetch_one(&mut admin)
+            .await
+            .expect("locks");
+            if locks == 1 {
+                held_again = true;
+                break;
+            }
+        }
+    }
+    assert!(held_again, "the holder reconnected");
+    assert!(
+        matches!(
+            AppenderLock::acquire(&url, Some(&a), check).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "still held after the reconnect"
+    );
+    drop(first);
+    // Dropping ends the session; the server releases the lock as it notices.
+    let mut taken = false;
+    for _ in 0..50 {
+        if AppenderLock::acquire(&url, Some(&a), check).await.is_ok() {
+            taken = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken, "free once the holder is gone");
+}
+
+async fn session_pids(admin: &mut sqlx::PgConnection, app: &str) -> Result<Vec<i32>, sqlx::Error> {
+    sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+        .bind(app)
+        .fetch_all(admin)
+        .await
+}

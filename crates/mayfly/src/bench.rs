@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Items in the python fan-out.
     #[arg(long, default_value_t = 1_000)]
     python_items: usize,
+    /// Rows in the table hand-off (shared cache) scenario.
+    #[arg(long, default_value_t = 10_000)]
+    rows: usize,
     /// Repetitions of each scenario (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -80,6 +83,13 @@ fn fanout(kind: &str, n: usize) -> String {
     )
 }
 
+/// One python step returns `n` rows, the next one reads them all.
+fn handoff(n: usize) -> String {
+    format!(
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: bench-handoff}}\nworkflow:\n  - step: start\n    tool: {{kind: python, code: 'result = [{{\"id\": i, \"name\": \"user-%d\" % i, \"score\": i / 7}} for i in range({n})]'}}\n    next: sum\n  - step: sum\n    tool: {{kind: python, input: {{rows: \"{{{{ start }}}}\"}}, code: 'result = sum(r[\"score\"] for r in rows)'}}\n"
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -87,6 +97,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median seconds of `runs` executions of `src` on a fresh runtime over one database.
 async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) -> Result<f64> {
+    measure_with(
+        src,
+        runs,
+        warm_python,
+        db,
+        mayfly_cache::DEFAULT_INLINE_LIMIT,
+    )
+    .await
+}
+
+/// [`measure`] with a given inline limit for the shared cache (a local directory).
+async fn measure_with(
+    src: &str,
+    runs: usize,
+    warm_python: bool,
+    db: Option<&str>,
+    inline_limit: usize,
+) -> Result<f64> {
     let pb =
         parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dir = tempfile::tempdir()?;
@@ -110,6 +138,10 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
         .await?;
     let cfg = RuntimeConfig {
         keychain: Some(key),
+        cache: Some(Arc::new(mayfly_cache::Payloads::new(
+            Arc::new(mayfly_cache::LocalCache::new(dir.path().join("cache"))),
+            inline_limit,
+        ))),
         ..Default::default()
     };
     let rt = Runtime::start(store, cfg)?;
@@ -167,6 +199,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let noop_fan = measure(&fanout("noop", a.items), a.runs, false, db).await?;
     let py_fan = measure(&fanout("python", a.python_items), a.runs, true, db).await?;
     let kc_chain = measure(&chain("keychain", a.steps), a.runs, true, db).await?;
+    let by_ref = measure(&handoff(a.rows), a.runs, true, db).await?;
+    let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX).await?;
+    let codec = table_codec(a.rows)?;
     let out = json!({
         "machine": {"cpus": cpus, "store": store_name},
         "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
@@ -174,6 +209,8 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "noop_fanout": {"items": a.items, "seconds": noop_fan, "steps_per_second": a.items as f64 / noop_fan},
         "python_fanout": {"items": a.python_items, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
         "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
+        "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
+        "table_codec": codec,
     });
     if a.json {
         println!("{out}");
@@ -213,8 +250,51 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                 .as_f64()
                 .unwrap_or(0.0)
         );
+        println!(
+            "  {:<44} {:>10.1} ms (inline in events: {:.1} ms)",
+            format!("table hand-off, {} rows by ref", a.rows),
+            by_ref * 1000.0,
+            inline * 1000.0
+        );
+        println!(
+            "  {:<44} {:>10.1} ms encode, {:.1} ms decode ({} KiB JSON -> {} KiB Arrow)",
+            format!("arrow codec, {} rows", a.rows),
+            codec["encode_ms"].as_f64().unwrap_or(0.0),
+            codec["decode_ms"].as_f64().unwrap_or(0.0),
+            codec["json_bytes"].as_u64().unwrap_or(0) / 1024,
+            codec["arrow_bytes"].as_u64().unwrap_or(0) / 1024,
+        );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Median encode/decode time of a `rows`-row table through the cache's Arrow codec.
+fn table_codec(rows: usize) -> Result<serde_json::Value> {
+    let v = serde_json::Value::Array(
+        (0..rows)
+            .map(|i| json!({"id": i, "name": format!("user-{i}"), "score": i as f64 / 7.0}))
+            .collect(),
+    );
+    let json_bytes = serde_json::to_vec(&v)?.len();
+    let (mut enc, mut dec) = (Vec::new(), Vec::new());
+    let mut arrow_bytes = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let blob = mayfly_cache::encode(&v);
+        enc.push(t.elapsed().as_secs_f64() * 1000.0);
+        arrow_bytes = blob.bytes.len();
+        let t = Instant::now();
+        let back = mayfly_cache::decode(blob.cache_ref.format, &blob.bytes)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        dec.push(t.elapsed().as_secs_f64() * 1000.0);
+        if back != v {
+            bail!("arrow round trip changed the table");
+        }
+    }
+    Ok(
+        json!({"rows": rows, "json_bytes": json_bytes, "arrow_bytes": arrow_bytes,
+              "encode_ms": median(enc), "decode_ms": median(dec)}),
+    )
 }
 
 /// Median seconds of `runs` executions of catalog playbook `path` on a server (after one

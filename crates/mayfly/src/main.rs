@@ -242,6 +242,10 @@ struct RunOpts {
     /// Hide the live progress display.
     #[arg(long)]
     quiet: bool,
+    /// Claims of one block (its workers died or lost the lease each time) after which the
+    /// step fails with `worker_lost`.
+    #[arg(long, default_value_t = mayfly_runtime::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
     #[command(flatten)]
     key: keychain::KeyOpts,
     #[command(flatten)]
@@ -431,6 +435,22 @@ pub(crate) fn overrides(pairs: &[String]) -> Result<Map<String, Value>> {
     Ok(m)
 }
 
+/// This process's exclusive right to append to its log (held while the value lives).
+enum LogLock {
+    File(#[allow(dead_code)] File),
+    Postgres(mayfly_store::AppenderLock),
+}
+
+impl LogLock {
+    /// Resolves if another process took the log over (never, for a file lock).
+    async fn lost(&mut self) {
+        match self {
+            LogLock::Postgres(l) => l.lost().await,
+            LogLock::File(_) => std::future::pending().await,
+        }
+    }
+}
+
 /// An exclusive lock on the database for this process: embedded mode has one runner per
 /// log, so a resumed run may safely take over every claim left by a dead one.
 fn lock_db(db: &Path) -> Result<File> {
@@ -455,6 +475,7 @@ fn runtime_config(opts: &RunOpts, db: &Path) -> Result<RuntimeConfig> {
     let mut cfg = RuntimeConfig {
         workers: opts.workers.max(1),
         cache: Some(opts.cache.local(db)),
+        max_attempts: opts.max_attempts.max(1),
         ..Default::default()
     };
     if let Some(n) = opts.python_pool {
@@ -596,7 +617,7 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
 }
 
 async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Result<ExitCode> {
-    let (store, _lock) = open_db(db, false, true).await?;
+    let (store, lock) = open_db(db, false, true).await?;
     let mut cfg = runtime_config(opts, db)?;
     cfg.lease = dist.lease()?;
     let mut nats = None;
@@ -651,11 +672,19 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         listener.local_addr()?,
         shown(db)
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
+    let mut lock = lock;
+    let lost = async {
+        match lock.as_mut() {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = axum::serve(listener, app).with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        }) => r?,
+        _ = lost => bail!("another process took over the event log; stopping (fail closed)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -806,25 +835,46 @@ fn is_postgres(db: &Path) -> bool {
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
-/// Open the event log at `db`: a SQLite file, or a `postgres://` URL. File databases get the
-/// one-process lock; a Postgres log is shared by design (one runner per execution is the
-/// operator's responsibility until distributed workers land).
+/// Open the event log at `db`: a SQLite file, or a `postgres://` URL. With `lock`, this
+/// process becomes the log's only appender (a lock file for SQLite, a session advisory lock
+/// per schema for Postgres); readers take no lock.
 async fn open_db(
     db: &Path,
     must_exist: bool,
     lock: bool,
-) -> Result<(Arc<dyn Store>, Option<File>)> {
+) -> Result<(Arc<dyn Store>, Option<LogLock>)> {
     let location = db.to_string_lossy().into_owned();
     if is_postgres(db) {
+        let guard = if lock {
+            // A predecessor killed a moment ago may still hold its session for a little while.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let l = loop {
+                match mayfly_store::lock_appender(&location).await {
+                    Err(mayfly_store::StoreError::Conflict(_))
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    r => break r.context("locking the Postgres log for this process")?,
+                }
+            };
+            Some(LogLock::Postgres(l))
+        } else {
+            None
+        };
         let store = mayfly_store::open(&location)
             .await
             .context("connecting to postgres")?;
-        return Ok((store, None));
+        return Ok((store, guard));
     }
     if must_exist && !db.exists() {
         bail!("no database at {}", db.display());
     }
-    let guard = if lock { Some(lock_db(db)?) } else { None };
+    let guard = if lock {
+        Some(LogLock::File(lock_db(db)?))
+    } else {
+        None
+    };
     let store = mayfly_store::open(&location)
         .await
         .with_context(|| format!("opening {}", db.display()))?;
