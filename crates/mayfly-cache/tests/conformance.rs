@@ -27,24 +27,12 @@ async fn local_cache_detects_a_tampered_payload() {
 
 #[tokio::test]
 async fn nats_cache_passes_the_conformance_suite() {
-    let url = std::env::var("MAYFLY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let up = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:4222".parse().expect("addr"),
-        std::time::Duration::from_secs(2),
-    )
-    .is_ok();
-    if !up {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but NATS is not reachable at 127.0.0.1:4222"
-        );
-        eprintln!(
-            "SKIPPED: NATS is not reachable at 127.0.0.1:4222 (start nats-server -js to run this test)"
-        );
+    if !mayfly_testkit::nats() {
         return;
     }
+    let url = mayfly_testkit::nats_url();
     let client = async_nats::connect(&url).await.expect("connect");
-    let bucket = format!("mayfly_test_cache_{}", std::process::id());
+    let bucket = mayfly_testkit::unique("mayfly_test_cache");
     let c = NatsCache::open(client.clone(), &bucket)
         .await
         .expect("open");

@@ -11,23 +11,11 @@ async fn memory_queue_passes_the_conformance_suite() {
 
 #[tokio::test]
 async fn nats_queue_passes_the_conformance_suite() {
-    let url = std::env::var("MAYFLY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let up = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:4222".parse().expect("addr"),
-        std::time::Duration::from_secs(2),
-    )
-    .is_ok();
-    if !up {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but NATS is not reachable at 127.0.0.1:4222"
-        );
-        eprintln!(
-            "SKIPPED: NATS is not reachable at 127.0.0.1:4222 (start nats-server -js to run this test)"
-        );
+    if !mayfly_testkit::nats() {
         return;
     }
-    let name = format!("MAYFLY_TEST_{}", std::process::id());
+    let url = mayfly_testkit::nats_url();
+    let name = mayfly_testkit::unique("MAYFLY_TEST");
     let q = NatsQueue::connect(&url, &name, conformance::config())
         .await
         .expect("connect");

@@ -20,34 +20,14 @@ use std::time::Duration;
 const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 const NATS: &str = "nats://127.0.0.1:4222";
 
-fn up(addr: &str, what: &str) -> bool {
-    let ok =
-        std::net::TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(2))
-            .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but {what} is not reachable at {addr}"
-        );
-        eprintln!("SKIPPED: {what} is not reachable at {addr}");
-    }
-    ok
-}
-
 fn services() -> bool {
-    up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")
+    mayfly_testkit::postgres() && mayfly_testkit::nats()
 }
 
 mod common;
 use common::{assert_replays, example};
 
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}_{}_{nanos}", std::process::id())
-}
+use mayfly_testkit::unique;
 
 fn queue_config() -> QueueConfig {
     QueueConfig {
@@ -291,7 +271,7 @@ async fn remote_workers_open_keychain_values_the_orchestrator_never_sees() {
 /// it completes with exactly one `step.finished` for the step.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_going_away_mid_run_loses_and_duplicates_nothing() {
-    if !up("127.0.0.1:5432", "Postgres") {
+    if !mayfly_testkit::postgres() {
         return;
     }
     let schema = unique("mayfly_pgloss");

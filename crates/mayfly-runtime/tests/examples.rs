@@ -295,17 +295,7 @@ async fn nested_playbooks_in_a_loop() {
 
 #[tokio::test]
 async fn postgres_through_a_keychain_credential() {
-    let up = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5432".parse().expect("addr"),
-        std::time::Duration::from_secs(2),
-    )
-    .is_ok();
-    if !up {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but Postgres is down"
-        );
-        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+    if !mayfly_testkit::postgres() {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");

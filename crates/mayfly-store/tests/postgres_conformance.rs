@@ -5,29 +5,11 @@ use mayfly_store::{PostgresStore, Store, conformance};
 use std::sync::Arc;
 
 fn postgres_url() -> Option<String> {
-    let url = std::env::var("MAYFLY_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let reachable = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5432".parse().expect("addr"),
-        std::time::Duration::from_secs(2),
-    )
-    .is_ok();
-    if reachable {
-        return Some(url);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("CI=true but Postgres is not reachable at 127.0.0.1:5432");
-    }
-    eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432 (start it to run this test)");
-    None
+    mayfly_testkit::postgres().then(mayfly_testkit::postgres_url)
 }
 
 fn schema() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("mayfly_t_{}_{nanos}", std::process::id())
+    mayfly_testkit::unique("mayfly_t")
 }
 
 #[tokio::test]

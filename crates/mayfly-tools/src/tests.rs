@@ -226,17 +226,7 @@ async fn http_get_post_and_errors() {
 }
 
 fn pg() -> Option<Value> {
-    let up = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5432".parse().expect("addr"),
-        Duration::from_secs(2),
-    )
-    .is_ok();
-    if !up {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but Postgres is down"
-        );
-        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+    if !mayfly_testkit::postgres() {
         return None;
     }
     Some(json!({"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}))

@@ -440,21 +440,10 @@ fn a_crash_inside_a_child_playbook_resumes_through_the_child_or_the_parent() {
 
 #[test]
 fn run_and_replay_with_the_event_log_in_postgres() {
-    let reachable = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5432".parse().expect("addr"),
-        Duration::from_secs(2),
-    )
-    .is_ok();
-    if !reachable {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but Postgres is down"
-        );
-        eprintln!("SKIPPED: Postgres is not reachable at 127.0.0.1:5432");
+    if !mayfly_testkit::postgres() {
         return;
     }
-    let url = std::env::var("MAYFLY_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = mayfly_testkit::postgres_url();
     let o = bin()
         .arg("run")
         .arg(examples().join("nested.yaml"))

@@ -18,20 +18,6 @@ fn bin() -> Command {
     c
 }
 
-fn up(addr: &str, what: &str) -> bool {
-    let ok =
-        std::net::TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_secs(2))
-            .is_ok();
-    if !ok {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but {what} is not reachable at {addr}"
-        );
-        eprintln!("SKIPPED: {what} is not reachable at {addr}");
-    }
-    ok
-}
-
 /// Child processes killed when the test ends, however it ends.
 struct Procs(Vec<Child>);
 
@@ -44,13 +30,7 @@ impl Drop for Procs {
     }
 }
 
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}_{}_{nanos}", std::process::id())
-}
+use mayfly_testkit::unique;
 
 /// Wait for a line of a child's stderr that contains `needle`; every line is kept in `seen`.
 fn wait_line(
@@ -132,7 +112,7 @@ struct Running {
 }
 
 fn slow_step_running(tag: &str, a_slots: &str) -> Option<Running> {
-    if !(up("127.0.0.1:5432", "Postgres") && up("127.0.0.1:4222", "NATS")) {
+    if !(mayfly_testkit::postgres() && mayfly_testkit::nats()) {
         return None;
     }
     let schema = unique(&format!("mayfly_{tag}"));

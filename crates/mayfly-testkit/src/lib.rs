@@ -1,0 +1,56 @@
+//! Support for integration tests that use the real local Postgres and NATS.
+//!
+//! A test calls [`postgres`] / [`nats`] first: when the service is down the test is skipped
+//! *loudly* (a `SKIPPED:` line on stderr), and with `CI=true` its absence is a failure, never
+//! a silent pass.
+
+use std::time::Duration;
+
+/// The Postgres every test uses (`MAYFLY_TEST_POSTGRES` overrides).
+pub fn postgres_url() -> String {
+    std::env::var("MAYFLY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The NATS every test uses (`MAYFLY_TEST_NATS` overrides).
+pub fn nats_url() -> String {
+    std::env::var("MAYFLY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// True when `addr` accepts connections; otherwise print why the test is skipped, or panic
+/// when running under CI.
+pub fn service_up(addr: &str, what: &str) -> bool {
+    let ok = addr
+        .parse()
+        .ok()
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but {what} is not reachable at {addr}"
+        );
+        eprintln!("SKIPPED: {what} is not reachable at {addr} (start it to run this test)");
+    }
+    ok
+}
+
+/// Postgres at 127.0.0.1:5432 (see [`service_up`]).
+pub fn postgres() -> bool {
+    service_up("127.0.0.1:5432", "Postgres")
+}
+
+/// NATS JetStream at 127.0.0.1:4222 (see [`service_up`]).
+pub fn nats() -> bool {
+    service_up("127.0.0.1:4222", "NATS")
+}
+
+/// A name no other test run uses (schemas, streams, buckets): `<prefix>_<pid>_<n>_<nanos>`.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{n}_{nanos}", std::process::id())
+}
