@@ -24,20 +24,26 @@ fn finished(v: serde_json::Value) -> StepFinished {
     }
 }
 
-#[tokio::test]
-async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
+/// A runtime on a fresh SQLite log (the directory lives as long as the returned guard).
+async fn runtime(cfg: RuntimeConfig) -> (tempfile::TempDir, Arc<SqliteStore>, Runtime) {
     let dir = tempfile::tempdir().expect("tmp");
     let store = Arc::new(
         SqliteStore::open(dir.path().join("m.db"))
             .await
             .expect("store"),
     );
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    (dir, store, rt)
+}
+
+#[tokio::test]
+async fn expired_lease_is_redelivered_and_the_old_attempt_is_refused() {
     let cfg = RuntimeConfig {
         workers: 0,
         lease: Duration::from_millis(200),
         ..Default::default()
     };
-    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let (_dir, store, rt) = runtime(cfg).await;
     let h = rt.handle();
     let pb = parse("lease.yaml", PB, &ParseOptions::default()).expect("pb");
     let id = h
@@ -138,18 +144,12 @@ fn granted(c: Result<Claim, RuntimeError>) -> Box<mayfly_runtime::Hydrated> {
 
 #[tokio::test]
 async fn heartbeats_keep_a_long_block_from_being_redelivered() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
     let cfg = RuntimeConfig {
         workers: 2,
         lease: Duration::from_millis(300),
         ..Default::default()
     };
-    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let (_dir, store, rt) = runtime(cfg).await;
     let src = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: slow}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(1.2)\\nresult = 'slow'\"}\n";
     let pb = parse("slow.yaml", src, &ParseOptions::default()).expect("pb");
     let report = rt.run(pb, Map::new()).await.expect("run");
@@ -170,19 +170,13 @@ async fn heartbeats_keep_a_long_block_from_being_redelivered() {
 /// and the playbook's routing takes over (here: none, so the execution fails).
 #[tokio::test]
 async fn a_block_claimed_max_attempts_times_fails_with_worker_lost() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
     let cfg = RuntimeConfig {
         workers: 0,
         lease: Duration::from_millis(100),
         max_attempts: 3,
         ..Default::default()
     };
-    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let (_dir, store, rt) = runtime(cfg).await;
     let h = rt.handle();
     let pb = parse("lease.yaml", PB, &ParseOptions::default()).expect("pb");
     let id = h
