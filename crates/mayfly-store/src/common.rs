@@ -158,3 +158,365 @@ pub(crate) fn audit_row<R: DbRow>(r: &R) -> Result<AuditRecord, StoreError> {
         request_id: r.string("request_id")?,
     })
 }
+
+/// `impl Store` for a backend: the methods whose SQL is the same on SQLite and Postgres
+/// (sqlx binds `$N` on both) are written once here, the backend's own ones passed in; `$order` is the column that keeps
+/// open commands in insertion order (`rowid` / `ord`). Only the write path and catalog
+/// registration (locking differs) are written per backend.
+macro_rules! store_impl {
+    ($ty:ty, $order:literal, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::Store for $ty {
+            $($own)*
+    async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
+        if batch.events.is_empty()
+            && batch.commands.is_empty()
+            && batch.playbooks.is_empty()
+            && batch.secrets.is_empty()
+            && batch.tokens.is_empty()
+            && batch.audit.is_empty()
+        {
+            return Ok(None);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+    async fn read(
+        &self,
+        execution: &ExecutionId,
+        from_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE execution_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(&execution.0)
+        .bind(from_seq as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+    async fn get_playbook(&self, digest: &str) -> Result<Option<StoredPlaybook>, StoreError> {
+        let row = sqlx::query(
+            "SELECT digest, path, source_name, content FROM playbooks WHERE digest = $1",
+        )
+        .bind(digest)
+        .fetch_optional(&self.read)
+        .await?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some(StoredPlaybook {
+                digest: r.try_get("digest")?,
+                path: r.try_get("path")?,
+                source_name: r.try_get("source_name")?,
+                content: r.try_get("content")?,
+            })),
+        }
+    }
+    async fn get_execution(
+        &self,
+        execution: &ExecutionId,
+    ) -> Result<Option<ExecutionRow>, StoreError> {
+        let row = sqlx::query("SELECT * FROM executions WHERE execution_id = $1")
+            .bind(&execution.0)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(row_to_execution).transpose()
+    }
+    async fn list_executions(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        let rows = match tenant {
+            Some(t) => sqlx::query("SELECT * FROM executions WHERE tenant = $1 ORDER BY created_at DESC, execution_id DESC LIMIT $2").bind(t).bind(i64::from(limit)).fetch_all(&self.read).await?,
+            None => sqlx::query("SELECT * FROM executions ORDER BY created_at DESC, execution_id DESC LIMIT $1").bind(i64::from(limit)).fetch_all(&self.read).await?,
+        };
+        rows.iter().map(row_to_execution).collect()
+    }
+    async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError> {
+        self.append(Arc::new(Batch {
+            tokens: vec![(hash.to_owned(), grant.clone())],
+            ..Default::default()
+        }))
+        .await
+        .map(|_| ())
+    }
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenGrant>, StoreError> {
+        let row = sqlx::query("SELECT tenant, role, name FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(TokenGrant {
+                tenant: r.try_get("tenant")?,
+                role: r.try_get("role")?,
+                name: r.try_get("name")?,
+            }),
+            None => None,
+        })
+    }
+    async fn list_audit(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = match tenant {
+            Some(t) => {
+                sqlx::query("SELECT * FROM audit WHERE tenant = $1 ORDER BY id DESC LIMIT $2")
+                    .bind(t)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM audit ORDER BY id DESC LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
+        rows.iter().map(crate::common::audit_row).collect()
+    }
+    async fn count_tokens(&self) -> Result<u64, StoreError> {
+        let r = sqlx::query("SELECT COUNT(*) AS n FROM tokens")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(r.try_get::<i64, _>("n")? as u64)
+    }
+    async fn open_commands(
+        &self,
+        execution: Option<&ExecutionId>,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let rows = match execution {
+            Some(e) => sqlx::query(
+                concat!("SELECT * FROM commands WHERE state <> 'done' AND execution_id = $1 ORDER BY ", $order),
+            )
+            .bind(&e.0)
+            .fetch_all(&self.read)
+            .await?,
+            None => {
+                sqlx::query(concat!("SELECT * FROM commands WHERE state <> 'done' ORDER BY ", $order))
+                    .fetch_all(&self.read)
+                    .await?
+            }
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(CommandRow {
+                    command_id: r.try_get("command_id")?,
+                    execution_id: ExecutionId(r.try_get("execution_id")?),
+                    step: r.try_get("step")?,
+                    index: r.try_get::<Option<i64>, _>("idx")?.map(|i| i as usize),
+                    state: r.try_get("state")?,
+                    deliveries: r.try_get::<i64, _>("deliveries")? as u32,
+                    lease_until: opt_u64(r.try_get("lease_until")?),
+                    worker: r.try_get("worker")?,
+                })
+            })
+            .collect()
+    }
+    async fn resolve(
+        &self,
+        tenant: &str,
+        path: &str,
+        version: Option<u32>,
+    ) -> Result<Option<(CatalogEntry, StoredPlaybook)>, StoreError> {
+        let row = match version {
+            Some(v) => sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = $1 AND path = $2 AND version = $3").bind(tenant).bind(path).bind(i64::from(v)).fetch_optional(&self.read).await?,
+            None => sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = $1 AND path = $2 ORDER BY version DESC LIMIT 1").bind(tenant).bind(path).fetch_optional(&self.read).await?,
+        };
+        let Some(r) = row else { return Ok(None) };
+        let e = catalog_row(&r)?;
+        let pb = self.get_playbook(&e.digest).await?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "catalog {}@{} points at missing content {}",
+                e.path, e.version, e.digest
+            ))
+        })?;
+        Ok(Some((e, pb)))
+    }
+    async fn list_catalog(&self, tenant: &str) -> Result<Vec<CatalogEntry>, StoreError> {
+        let rows = sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = $1 ORDER BY path, version").bind(tenant).fetch_all(&self.read).await?;
+        rows.iter().map(catalog_row).collect()
+    }
+    async fn get_secret(&self, tenant: &str, alias: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT sealed FROM keychain WHERE tenant = $1 AND alias = $2")
+            .bind(tenant)
+            .bind(alias)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get::<String, _>("sealed")?),
+            None => None,
+        })
+    }
+    async fn list_secrets(&self, tenant: &str) -> Result<Vec<SecretEntry>, StoreError> {
+        let rows =
+            sqlx::query("SELECT alias, updated_at FROM keychain WHERE tenant = $1 ORDER BY alias")
+                .bind(tenant)
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecretEntry {
+                    alias: r.try_get("alias")?,
+                    updated_at: r.try_get::<i64, _>("updated_at")? as u64,
+                })
+            })
+            .collect()
+    }
+    async fn read_since(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows =
+            sqlx::query("SELECT * FROM events WHERE position > $1 ORDER BY position LIMIT $2")
+                .bind(after as i64)
+                .bind(i64::from(limit))
+                .fetch_all(&self.read)
+                .await?;
+        rows.iter().map(row_to_event).collect()
+    }
+    async fn head(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(position), 0) AS p FROM events")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(row.try_get::<i64, _>("p")? as u64)
+    }
+        }
+    };
+}
+pub(crate) use store_impl;
+
+/// The write-path helpers shared by both backends (same SQL; `$db` / `$conn` name the sqlx
+/// database and connection types): the executions projection and the commands table.
+macro_rules! write_fns {
+    ($db:ty, $conn:ty) => {
+
+async fn project_executions(tx: &mut $conn, events: &[Event]) -> Result<(), StoreError> {
+    for e in events {
+        let status = match e.kind {
+            EventKind::ExecutionRequested => {
+                let path = e
+                    .payload
+                    .get("path")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or_default();
+                let parent = e
+                    .payload
+                    .get("parent")
+                    .and_then(|p| p.get("execution_id"))
+                    .and_then(|p| p.as_str());
+                sqlx::query(
+                    "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at, tenant) \
+                     VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7) ON CONFLICT (execution_id) DO NOTHING",
+                )
+                .bind(&e.execution_id.0)
+                .bind(path)
+                .bind(&e.playbook_digest)
+                .bind(parent)
+                .bind(e.at as i64)
+                .bind(e.at as i64)
+                .bind(e.payload.get("tenant").and_then(|t| t.as_str()).unwrap_or(mayfly_types::DEFAULT_TENANT))
+                .execute(&mut *tx)
+                .await?;
+                continue;
+            }
+            EventKind::ExecutionStarted => "running",
+            EventKind::ExecutionCompleted => "completed",
+            EventKind::ExecutionFailed => "failed",
+            EventKind::ExecutionCancelled => "cancelled",
+            _ => continue,
+        };
+        sqlx::query("UPDATE executions SET status = $1, updated_at = $2 WHERE execution_id = $3")
+            .bind(status)
+            .bind(e.at as i64)
+            .bind(&e.execution_id.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn apply_commands(tx: &mut $conn, ops: &[CommandOp]) -> Result<(), StoreError> {
+    let now = now_ms() as i64;
+    let inserts: Vec<&CommandOp> = ops
+        .iter()
+        .filter(|o| matches!(o, CommandOp::Insert { .. }))
+        .collect();
+    for chunk in inserts.chunks(CHUNK) {
+        let mut qb: QueryBuilder<$db> = QueryBuilder::new(
+            "INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, op| {
+            if let CommandOp::Insert {
+                command_id,
+                execution_id,
+                step,
+                index,
+            } = op
+            {
+                b.push_bind(command_id.clone())
+                    .push_bind(execution_id.0.clone())
+                    .push_bind(step.clone())
+                    .push_bind(index.map(|i| i as i64))
+                    .push_bind("pending")
+                    .push_bind(0i64)
+                    .push_bind(now);
+            }
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    for op in ops {
+        match op {
+            CommandOp::Insert { .. } => {}
+            CommandOp::Claim {
+                command_id,
+                worker,
+                lease_until,
+                deliveries,
+            } => {
+                let r = sqlx::query(
+                    "UPDATE commands SET state = 'claimed', worker = $1, lease_until = $2, deliveries = $3 \
+                     WHERE command_id = $4 AND state <> 'done'",
+                )
+                .bind(worker)
+                .bind(*lease_until as i64)
+                .bind(i64::from(*deliveries))
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "command {command_id} is done or unknown"
+                    )));
+                }
+            }
+            CommandOp::Extend {
+                command_id,
+                lease_until,
+            } => {
+                sqlx::query("UPDATE commands SET lease_until = $1 WHERE command_id = $2 AND state = 'claimed'")
+                    .bind(*lease_until as i64)
+                    .bind(command_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            CommandOp::Done { command_id } => {
+                sqlx::query(
+                    "UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = $1",
+                )
+                .bind(command_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+    };
+}
+pub(crate) use write_fns;
