@@ -343,3 +343,29 @@ fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
     assert!(o.status.success(), "the chain verifies after the crash");
     r.cleanup();
 }
+
+/// One appender per log: a second `mayfly server` on the same Postgres schema is refused
+/// (after waiting out a possibly dying predecessor), and the first keeps serving.
+#[test]
+fn a_second_server_on_the_same_postgres_log_is_refused() {
+    let Some(r) = slow_step_running("lock", "1") else {
+        return;
+    };
+    let second = bin()
+        .args(["server", "--db", &r.db, "--listen", "127.0.0.1:0"])
+        .args(["--queue", NATS, "--queue-name", &r.stream, "--lease", "2"])
+        .output()
+        .expect("second server");
+    assert!(!second.status.success(), "the second server must not start");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another mayfly process is the appender of this log"),
+        "{err}"
+    );
+    wait_for(
+        "the first server to finish the execution",
+        Duration::from_secs(60),
+        || status(&r.url, &r.token, &r.id)["status"] == "completed",
+    );
+    r.cleanup();
+}
