@@ -1182,15 +1182,44 @@ fn split_payload(
     tenant: &str,
     blobs: &mut Vec<(String, mayfly_cache::Blob)>,
 ) {
-    let field = match d.kind {
-        EventKind::LoopDone => "results",
-        EventKind::StepFinished | EventKind::ExecutionCompleted => "result",
-        _ => return,
-    };
-    if let Some(v) = d.payload.get_mut(field) {
+    let mut split = |v: &mut Value| {
         let (out, parts) = mayfly_cache::split(std::mem::take(v), limit);
         *v = out;
         blobs.extend(parts.into_iter().map(|b| (tenant.to_owned(), b)));
+    };
+    let each = |v: Option<&mut Value>, split: &mut dyn FnMut(&mut Value)| {
+        if let Some(Value::Object(m)) = v {
+            m.values_mut().for_each(split);
+        }
+    };
+    match d.kind {
+        EventKind::LoopDone => d.payload.get_mut("results").map_or((), split),
+        EventKind::StepFinished | EventKind::ExecutionCompleted => {
+            d.payload.get_mut("result").map_or((), split)
+        }
+        EventKind::StepRouted => {
+            each(d.payload.get_mut("set"), &mut split);
+            each(d.payload.get_mut("step_set"), &mut split);
+        }
+        EventKind::ChildRequested => each(d.payload.get_mut("input"), &mut split),
+        EventKind::LoopStarted => {
+            // A large inline list (e.g. from the workload) is iterated by element ref too.
+            let Some(items) = d.payload.get_mut("items") else {
+                return;
+            };
+            let mut list = std::mem::take(items);
+            split(&mut list);
+            match mayfly_types::CacheRef::parse(&list) {
+                Some(r) if r.count.is_some() => {
+                    *items = Value::Array(Vec::new());
+                    if let Value::Object(m) = &mut d.payload {
+                        m.insert("source".into(), r.to_value());
+                    }
+                }
+                _ => *items = list,
+            }
+        }
+        _ => {}
     }
 }
 

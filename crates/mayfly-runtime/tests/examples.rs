@@ -439,3 +439,71 @@ workflow:
         "the blob was stored but no block read it"
     );
 }
+
+/// A large inline list (here the workload's) is not copied into `loop.started` either: the
+/// orchestrator stores it and the loop iterates it by element ref; a large `set` value of a
+/// routing arc goes by ref as well and is hydrated by the block that binds it.
+#[tokio::test]
+async fn large_inline_lists_and_set_values_go_by_ref() {
+    use mayfly_types::{CacheRef, LoopStarted};
+    let env = env().await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: biglist, path: tests/biglist}
+workload:
+  n: 700
+workflow:
+  - step: start
+    tool: {kind: python, input: {n: "{{ n }}"}, code: "result = {'xs': ['item-%05d' % i for i in range(n)]}"}
+    next:
+      arcs:
+        - step: each
+          set: {ctx.copy: "{{ start.xs + start.xs }}"}
+  - step: each
+    loop: {in: "{{ start.xs + start.xs }}", iterator: x, spec: {mode: parallel, max_in_flight: 64}}
+    input: {v: "{{ x }}"}
+    next:
+      arcs:
+        - {step: end, when: "{{ event.name == 'loop.done' }}"}
+  - step: end
+    tool:
+      kind: python
+      input: {all: "{{ each }}", copy: "{{ copy }}"}
+      code: "result = {'last': all[-1]['v'], 'n': len(all), 'copy': len(copy)}"
+"#;
+    let pb = mayfly_dsl::parse("biglist.yaml", src, &ParseOptions::default()).expect("parse");
+    let r = env.rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(
+        r.result,
+        json!({"last": "item-00699", "n": 1400, "copy": 1400})
+    );
+    assert_replays(env.store.as_ref(), &r).await;
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    let routed = events
+        .iter()
+        .find(|e| e.kind == EventKind::StepRouted && e.step.as_deref() == Some("start"))
+        .expect("routed");
+    assert!(
+        CacheRef::parse(&routed.payload["set"]["copy"]).is_some(),
+        "set value by ref: {}",
+        routed.payload
+    );
+    let started = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopStarted)
+        .expect("loop.started");
+    let l: LoopStarted = serde_json::from_value(started.payload.clone()).expect("payload");
+    assert!(l.items.is_empty());
+    assert_eq!(l.source.and_then(|s| s.count), Some(1400));
+    for e in &events {
+        let size = serde_json::to_vec(&e.payload).expect("json").len();
+        assert!(
+            size <= 16 * 1024,
+            "{} #{} carries {size} bytes",
+            e.kind,
+            e.seq
+        );
+    }
+}
