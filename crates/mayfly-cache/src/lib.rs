@@ -64,21 +64,22 @@ pub trait Cache: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Validate a key and check bytes against their digest (shared by every backend).
+/// Validate a key (shared by every backend). Any tenant name is a valid scope: backends
+/// place it in paths and object names only hex-encoded ([`tenant_dir`]).
 pub(crate) fn check_key(tenant: &str, digest: &str) -> Result<(), CacheError> {
-    let tenant_ok = !tenant.is_empty()
-        && tenant.len() <= 128
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !tenant.starts_with('.');
-    if !tenant_ok {
+    if tenant.is_empty() || tenant.len() > 256 {
         return Err(CacheError::BadKey(format!("tenant `{tenant}`")));
     }
     if !is_sha256_digest(digest) {
         return Err(CacheError::BadKey(format!("digest `{digest}`")));
     }
     Ok(())
+}
+
+/// The tenant's component of a path or object name: hex, so that no tenant name (spaces,
+/// `/`, `..`) can escape its scope or collide with another's.
+pub(crate) fn tenant_dir(tenant: &str) -> String {
+    format!("t{}", hex::encode(tenant.as_bytes()))
 }
 
 pub(crate) fn verify(digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
@@ -158,9 +159,9 @@ pub fn decode(format: CacheFormat, bytes: &[u8]) -> Result<Value, String> {
 
 /// Split a value for an event: parts whose JSON exceeds `limit` bytes are replaced by refs
 /// (pure; the blobs are returned for the caller to store). A record keeps its small fields
-/// inline so routing conditions can still read them; a table becomes one Arrow blob; any
-/// other large value one JSON blob. Refs never nest: a value stored as a blob is the
-/// original, so hydrating a ref needs exactly one read.
+/// inline so routing conditions can still read them (its largest fields go first); a table
+/// becomes one Arrow blob; any other large value one JSON blob. A stored value may itself
+/// hold refs (a loop's aggregate of per-item refs): hydration follows them.
 pub fn split(v: Value, limit: usize) -> (Value, Vec<Blob>) {
     let mut blobs = Vec::new();
     let out = split_into(v, limit, &mut blobs);
@@ -174,16 +175,35 @@ fn split_into(v: Value, limit: usize, blobs: &mut Vec<Blob>) -> Value {
     if let Value::Object(m) = &v
         && !table::is_table(&v)
     {
-        let mut inner = Vec::new();
+        // A record stays a record (its small fields remain readable by routing, and `set`
+        // can still add to it): its largest fields go by ref until it fits.
         let mut out = Map::new();
+        let mut inner = Vec::new();
         for (k, field) in m {
             out.insert(k.clone(), split_into(field.clone(), limit, &mut inner));
+        }
+        let mut sizes: Vec<(usize, String)> = out
+            .iter()
+            .filter(|(_, f)| CacheRef::parse(f).is_none())
+            .map(|(k, f)| (json_len(f), k.clone()))
+            .collect();
+        sizes.sort_by(|a, b| b.cmp(a));
+        for (_, k) in sizes {
+            if json_len(&Value::Object(out.clone())) <= limit {
+                break;
+            }
+            if let Some(f) = out.get_mut(&k) {
+                let blob = encode(f);
+                *f = blob.cache_ref.to_value();
+                inner.push(blob);
+            }
         }
         let out = Value::Object(out);
         if json_len(&out) <= limit {
             blobs.extend(inner);
             return out;
         }
+        // Thousands of tiny fields: no field is worth a ref; store the record whole.
     }
     let blob = encode(&v);
     let r = blob.cache_ref.to_value();
@@ -259,7 +279,8 @@ impl Payloads {
     pub async fn hydrate_all(&self, tenant: &str, v: &mut Value) -> Result<(), CacheError> {
         if let Some(r) = CacheRef::parse(v) {
             *v = self.hydrate(tenant, &r).await?;
-            return Ok(());
+            // A stored value can hold refs of its own (an aggregate of per-item refs).
+            return Box::pin(self.hydrate_all(tenant, v)).await;
         }
         match v {
             Value::Object(m) => {
@@ -382,19 +403,36 @@ mod tests {
     }
 
     #[test]
-    fn a_record_of_many_medium_fields_is_stored_whole() {
+    fn a_record_of_medium_fields_sheds_its_largest_until_it_fits() {
         let mut m = Map::new();
-        for i in 0..40 {
-            m.insert(format!("f{i}"), json!("y".repeat(100)));
+        m.insert("status".into(), json!("ok"));
+        for i in 0..8 {
+            m.insert(format!("f{i}"), json!("y".repeat(300 + i * 10)));
+        }
+        let (out, blobs) = split(Value::Object(m), 2048);
+        assert_eq!(out["status"], "ok", "still a record");
+        assert!(json_len(&out) <= 2048);
+        assert!(
+            CacheRef::parse(&out["f7"]).is_some(),
+            "the largest went first"
+        );
+        assert!(out["f0"].is_string(), "small enough ones stay");
+        let refs = out.as_object().map_or(0, |o| {
+            o.values().filter(|f| CacheRef::parse(f).is_some()).count()
+        });
+        assert_eq!(blobs.len(), refs);
+    }
+
+    #[test]
+    fn a_record_of_many_tiny_fields_is_stored_whole() {
+        let mut m = Map::new();
+        for i in 0..400 {
+            m.insert(format!("f{i}"), json!(i));
         }
         let v = Value::Object(m);
         let (out, blobs) = split(v.clone(), 1024);
         let r = CacheRef::parse(&out).expect("whole record by ref");
-        assert_eq!(
-            blobs.len(),
-            1,
-            "no orphan blobs for fields kept inside the whole"
-        );
+        assert_eq!(blobs.len(), 1, "no orphan blobs");
         assert_eq!(decode(r.format, &blobs[0].bytes).expect("decodes"), v);
     }
 
@@ -427,12 +465,15 @@ mod tests {
     fn keys_are_validated() {
         let d = mayfly_trust::sha256_digest(b"x");
         assert!(check_key("acme", &d).is_ok());
-        for t in ["", "../etc", "a/b", ".hidden", "a b"] {
+        assert!(matches!(check_key("", &d), Err(CacheError::BadKey(_))));
+        for t in ["../etc", "a/b", ".hidden", "Acme Corp"] {
+            assert!(check_key(t, &d).is_ok(), "{t}");
             assert!(
-                matches!(check_key(t, &d), Err(CacheError::BadKey(_))),
+                tenant_dir(t).bytes().all(|b| b.is_ascii_alphanumeric()),
                 "{t}"
             );
         }
+        assert_ne!(tenant_dir("ab"), tenant_dir("a/b"));
         assert!(check_key("acme", "sha256:zz").is_err());
         assert!(verify(&d, b"y").is_err());
         assert!(verify(&d, b"x").is_ok());

@@ -1,8 +1,8 @@
-//! The embedded backend: one file per payload under `<dir>/<tenant>/<hex[..2]>/<hex>`.
+//! The embedded backend: one file per payload under `<dir>/t<hex tenant>/<hex[..2]>/<hex>`.
 //! Writes go to a temporary file in the same directory and are renamed into place, so a
 //! reader sees a payload whole or not at all, and a crash never leaves a torn payload.
 
-use crate::{Cache, CacheError, check_key, verify};
+use crate::{Cache, CacheError, check_key, tenant_dir, verify};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ impl LocalCache {
 
     fn path(&self, tenant: &str, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir.join(tenant).join(&hex[..2]).join(hex)
+        self.dir.join(tenant_dir(tenant)).join(&hex[..2]).join(hex)
     }
 }
 

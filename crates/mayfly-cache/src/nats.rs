@@ -1,7 +1,7 @@
 //! The distributed backend: a JetStream object store bucket (chunked, so payloads are not
-//! bounded by the NATS max message size). Object names are `<tenant>/<hex digest>`.
+//! bounded by the NATS max message size). Object names are `t<hex tenant>/<hex digest>`.
 
-use crate::{Cache, CacheError, check_key, verify};
+use crate::{Cache, CacheError, check_key, tenant_dir, verify};
 use async_nats::jetstream::{self, object_store};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -49,7 +49,11 @@ impl NatsCache {
 }
 
 fn name(tenant: &str, digest: &str) -> String {
-    format!("{tenant}/{}", digest.trim_start_matches("sha256:"))
+    format!(
+        "{}/{}",
+        tenant_dir(tenant),
+        digest.trim_start_matches("sha256:")
+    )
 }
 
 #[async_trait]

@@ -19,7 +19,7 @@ async fn local_cache_detects_a_tampered_payload() {
     let d = mayfly_trust::sha256_digest(&b);
     c.put("acme", &d, b).await.expect("put");
     let hex = d.trim_start_matches("sha256:");
-    let path = dir.path().join("acme").join(&hex[..2]).join(hex);
+    let path = dir.path().join("t61636d65").join(&hex[..2]).join(hex);
     std::fs::write(&path, b"tampered").expect("tamper");
     let err = c.get("acme", &d).await.expect_err("tampering is detected");
     assert_eq!(err.code(), "cache_corrupt");

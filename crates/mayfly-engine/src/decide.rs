@@ -43,6 +43,9 @@ fn tmpl_err(pb: &Playbook, step: &str, e: TemplateError) -> Failure {
     }
 }
 
+/// Most items one loop run may have.
+pub const MAX_LOOP_ITEMS: u64 = 1_000_000;
+
 /// Decide what follows `ev`, given the state that already includes `ev`.
 pub fn decide(pb: &Playbook, st: &ExecState, ev: &Event) -> Vec<Draft> {
     if st.status.is_terminal() {
@@ -110,6 +113,21 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
             && r.item.is_none()
             && r.count.is_some()
         {
+            // A ref's count is data (it may come from a tool's output): bound it before the
+            // state sizes anything by it.
+            let n = r.count.unwrap_or(0);
+            if n > MAX_LOOP_ITEMS {
+                return Err(Failure {
+                    step: Some(name.to_owned()),
+                    error: ErrorInfo::new(
+                        "loop_too_large",
+                        format!(
+                            "{}: `loop.in` names {n} items, more than {MAX_LOOP_ITEMS} (step `{name}`)",
+                            pb.at(l.items.loc)
+                        ),
+                    ),
+                });
+            }
             let l = LoopStarted {
                 items: Vec::new(),
                 source: Some(r),

@@ -7,7 +7,7 @@ pub mod policy;
 pub mod state;
 
 pub use context::{Iteration, alias, binds_ref, context};
-pub use decide::{DEFAULT_PARALLEL_WINDOW, decide};
+pub use decide::{DEFAULT_PARALLEL_WINDOW, MAX_LOOP_ITEMS, decide};
 pub use state::{
     ApplyError, ExecState, LoopState, PendingCommand, Report, Status, StepRecord, Waiting,
 };

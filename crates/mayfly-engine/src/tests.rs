@@ -609,3 +609,16 @@ fn a_ref_without_a_count_is_not_a_list() {
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.error.map(|e| e.code), Some("loop_not_a_list".into()));
 }
+
+#[test]
+fn a_forged_ref_count_cannot_size_a_loop() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    next: each\n  - step: each\n    loop: {{in: \"{{{{ start }}}}\", iterator: row}}\n    tool: {{kind: python, code: x}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| {
+        Ok(json!({"$ref": REF_DIGEST, "format": "json", "bytes": 10, "count": 1u64 << 60}))
+    });
+    assert_eq!(r.status, Status::Failed);
+    assert_eq!(r.error.map(|e| e.code), Some("loop_too_large".into()));
+}

@@ -29,9 +29,14 @@ pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
         };
         let mut depth = 0;
         loop {
-            if let Some(r) = CacheRef::parse(node) {
-                let v = p.hydrate(&tenant, &r).await?;
-                *node = if depth == 0 && is_step { alias(&v) } else { v };
+            // A hydrated value can be a ref again (an element of an aggregate of refs).
+            let mut hydrated = false;
+            while let Some(r) = CacheRef::parse(node) {
+                *node = p.hydrate(&tenant, &r).await?;
+                hydrated = true;
+            }
+            if hydrated && depth == 0 && is_step {
+                *node = alias(node);
             }
             let Some(key) = parts.next() else {
                 p.hydrate_all(&tenant, node).await?;

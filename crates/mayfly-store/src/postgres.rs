@@ -323,14 +323,24 @@ impl AppenderLock {
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(check);
             tick.tick().await;
+            // Refusals in a row: our own dead session may hold the lock until the server
+            // notices it is gone, so one refusal is not yet a takeover.
+            let mut refused = 0;
             loop {
                 tick.tick().await;
-                if sqlx::query("SELECT 1").execute(&mut conn).await.is_ok() {
+                let alive = tokio::time::timeout(check, sqlx::query("SELECT 1").execute(&mut conn))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if alive && refused == 0 {
                     continue;
                 }
                 tracing::warn!("appender lock connection lost; taking the lock again");
                 match try_lock(&opts, key).await {
-                    Ok(Some(c)) => conn = c,
+                    Ok(Some(c)) => {
+                        conn = c;
+                        refused = 0;
+                    }
+                    Ok(None) if refused < 20 => refused += 1,
                     Ok(None) => {
                         tracing::error!("another process took the appender lock of this log");
                         let _ = tx.send(true);
