@@ -370,7 +370,9 @@ impl ExecState {
                 }
                 if let Some(rec) = self.results.get_mut(&s) {
                     if !r.step_set.is_empty() {
-                        if !rec.result.is_object() {
+                        // A cached ref counts as the value it stands for: only a record
+                        // takes fields, and a ref must stay intact to resolve.
+                        if !rec.result.is_object() || CacheRef::parse(&rec.result).is_some() {
                             rec.result = Value::Object(Map::new());
                         }
                         if let Value::Object(m) = &mut rec.result {

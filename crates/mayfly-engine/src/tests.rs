@@ -622,3 +622,15 @@ fn a_forged_ref_count_cannot_size_a_loop() {
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.error.map(|e| e.code), Some("loop_too_large".into()));
 }
+
+#[test]
+fn step_fields_never_corrupt_a_ref() {
+    let src = format!(
+        "{H}workflow:\n  - step: start\n    tool: {{kind: python, code: x}}\n    set: {{step.note: tagged}}\n"
+    );
+    let mut s = Sim::new(&src);
+    let r = s.run(json!({}), &|_, _, _| Ok(table_ref(5)));
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    // Like any non-record result, the ref is replaced by the step's fields, not merged into.
+    assert_eq!(r.steps["start"], json!({"note": "tagged"}));
+}
