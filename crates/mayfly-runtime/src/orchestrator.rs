@@ -1202,23 +1202,6 @@ fn split_payload(
             each(d.payload.get_mut("step_set"), &mut split);
         }
         EventKind::ChildRequested => each(d.payload.get_mut("input"), &mut split),
-        EventKind::LoopStarted => {
-            // A large inline list (e.g. from the workload) is iterated by element ref too.
-            let Some(items) = d.payload.get_mut("items") else {
-                return;
-            };
-            let mut list = std::mem::take(items);
-            split(&mut list);
-            match mayfly_types::CacheRef::parse(&list) {
-                Some(r) if r.count.is_some() => {
-                    *items = Value::Array(Vec::new());
-                    if let Value::Object(m) = &mut d.payload {
-                        m.insert("source".into(), r.to_value());
-                    }
-                }
-                _ => *items = list,
-            }
-        }
         _ => {}
     }
 }

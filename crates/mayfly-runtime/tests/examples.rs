@@ -440,11 +440,10 @@ workflow:
     );
 }
 
-/// A large inline list (here the workload's) is not copied into `loop.started` either: the
-/// orchestrator stores it and the loop iterates it by element ref; a large `set` value of a
-/// routing arc goes by ref as well and is hydrated by the block that binds it.
+/// A large `set` value of a routing arc goes by ref (the orchestrator stores it), a loop over
+/// it iterates by element ref, and the blocks that bind it hydrate it.
 #[tokio::test]
-async fn large_inline_lists_and_set_values_go_by_ref() {
+async fn large_set_values_go_by_ref_and_loops_iterate_them() {
     use mayfly_types::{CacheRef, LoopStarted};
     let env = env().await;
     let src = r#"
@@ -461,7 +460,7 @@ workflow:
         - step: each
           set: {ctx.copy: "{{ start.xs + start.xs }}"}
   - step: each
-    loop: {in: "{{ start.xs + start.xs }}", iterator: x, spec: {mode: parallel, max_in_flight: 64}}
+    loop: {in: "{{ copy }}", iterator: x, spec: {mode: parallel, max_in_flight: 64}}
     input: {v: "{{ x }}"}
     next:
       arcs:
