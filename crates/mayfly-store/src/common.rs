@@ -517,6 +517,74 @@ async fn apply_commands(tx: &mut $conn, ops: &[CommandOp]) -> Result<(), StoreEr
     }
     Ok(())
 }
+
+/// Everything of a batch but its events: the side tables, the executions projection and
+/// the commands table, inside the writer's transaction.
+async fn apply_records(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), StoreError> {
+    for pb in &batch.playbooks {
+        sqlx::query(
+            "INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
+        )
+        .bind(&pb.digest)
+        .bind(&pb.path)
+        .bind(&pb.source_name)
+        .bind(&pb.content)
+        .bind(now_ms() as i64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for a in &batch.audit {
+        sqlx::query(
+            "INSERT INTO audit (at_ms, tenant, actor, action, outcome, detail, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(a.at_ms as i64)
+        .bind(&a.tenant)
+        .bind(&a.actor)
+        .bind(&a.action)
+        .bind(&a.outcome)
+        .bind(&a.detail)
+        .bind(&a.request_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    for (hash, g) in &batch.tokens {
+        sqlx::query("INSERT INTO tokens (hash, tenant, role, name, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(hash)
+            .bind(&g.tenant)
+            .bind(&g.role)
+            .bind(&g.name)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for op in &batch.secrets {
+        match op {
+            SecretOp::Put {
+                tenant,
+                alias,
+                sealed,
+            } => {
+                sqlx::query("INSERT INTO keychain (tenant, alias, sealed, updated_at) VALUES ($1, $2, $3, $4) ON CONFLICT (tenant, alias) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at")
+                    .bind(tenant)
+                    .bind(alias)
+                    .bind(sealed)
+                    .bind(now_ms() as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            SecretOp::Delete { tenant, alias } => {
+                sqlx::query("DELETE FROM keychain WHERE tenant = $1 AND alias = $2")
+                    .bind(tenant)
+                    .bind(alias)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+    project_executions(tx, &batch.events).await?;
+    apply_commands(tx, &batch.commands).await?;
+    Ok(())
+}
     };
 }
 pub(crate) use write_fns;

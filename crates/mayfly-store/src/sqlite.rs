@@ -120,70 +120,7 @@ async fn write_group(
             let r = qb.build().execute(&mut *tx).await?;
             last = Some(r.last_insert_rowid() as u64);
         }
-        for pb in &job.batch.playbooks {
-            sqlx::query(
-                "INSERT OR IGNORE INTO playbooks (digest, path, source_name, content, created_at) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(&pb.digest)
-            .bind(&pb.path)
-            .bind(&pb.source_name)
-            .bind(&pb.content)
-            .bind(now_ms() as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for a in &job.batch.audit {
-            sqlx::query(
-                "INSERT INTO audit (at_ms, tenant, actor, action, outcome, detail, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(a.at_ms as i64)
-            .bind(&a.tenant)
-            .bind(&a.actor)
-            .bind(&a.action)
-            .bind(&a.outcome)
-            .bind(&a.detail)
-            .bind(&a.request_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (hash, g) in &job.batch.tokens {
-            sqlx::query(
-                "INSERT INTO tokens (hash, tenant, role, name, created_at) VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(hash)
-            .bind(&g.tenant)
-            .bind(&g.role)
-            .bind(&g.name)
-            .bind(now_ms() as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for op in &job.batch.secrets {
-            match op {
-                SecretOp::Put {
-                    tenant,
-                    alias,
-                    sealed,
-                } => {
-                    sqlx::query("INSERT INTO keychain (tenant, alias, sealed, updated_at) VALUES (?, ?, ?, ?) ON CONFLICT (tenant, alias) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at")
-                        .bind(tenant)
-                        .bind(alias)
-                        .bind(sealed)
-                        .bind(now_ms() as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                SecretOp::Delete { tenant, alias } => {
-                    sqlx::query("DELETE FROM keychain WHERE tenant = ? AND alias = ?")
-                        .bind(tenant)
-                        .bind(alias)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-        }
-        project_executions(&mut tx, &job.batch.events).await?;
-        apply_commands(&mut tx, &job.batch.commands).await?;
+        apply_records(&mut tx, &job.batch).await?;
         positions.push(last);
     }
     tx.commit().await?;
