@@ -470,50 +470,83 @@ async fn apply_commands(tx: &mut $conn, ops: &[CommandOp]) -> Result<(), StoreEr
         });
         qb.build().execute(&mut *tx).await?;
     }
+    // One statement per kind and chunk, not one per command: a fan-out commits hundreds of
+    // claims and completions per batch, and a round trip each dominated the writer. Kinds
+    // apply in lifecycle order (claim, extend, done); the orchestrator never puts a claim
+    // after a done of the same command in one batch (a done command is gone from memory).
+    let mut claims: Vec<(&String, &String, i64, i64)> = Vec::new();
+    let mut seen = std::collections::HashMap::new();
     for op in ops {
-        match op {
-            CommandOp::Insert { .. } => {}
-            CommandOp::Claim {
-                command_id,
-                worker,
-                lease_until,
-                deliveries,
-            } => {
-                let r = sqlx::query(
-                    "UPDATE commands SET state = 'claimed', worker = $1, lease_until = $2, deliveries = $3 \
-                     WHERE command_id = $4 AND state <> 'done'",
-                )
-                .bind(worker)
-                .bind(*lease_until as i64)
-                .bind(i64::from(*deliveries))
-                .bind(command_id)
-                .execute(&mut *tx)
-                .await?;
-                if r.rows_affected() == 0 {
-                    return Err(StoreError::Conflict(format!(
-                        "command {command_id} is done or unknown"
-                    )));
+        if let CommandOp::Claim {
+            command_id,
+            worker,
+            lease_until,
+            deliveries,
+        } = op
+        {
+            let row = (command_id, worker, *lease_until as i64, i64::from(*deliveries));
+            match seen.get(command_id) {
+                // A later claim of the same command in one batch supersedes the earlier.
+                Some(&i) => claims[i] = row,
+                None => {
+                    seen.insert(command_id, claims.len());
+                    claims.push(row);
                 }
             }
-            CommandOp::Extend {
-                command_id,
-                lease_until,
-            } => {
-                sqlx::query("UPDATE commands SET lease_until = $1 WHERE command_id = $2 AND state = 'claimed'")
-                    .bind(*lease_until as i64)
-                    .bind(command_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            CommandOp::Done { command_id } => {
-                sqlx::query(
-                    "UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id = $1",
-                )
+        }
+    }
+    for chunk in claims.chunks(CHUNK) {
+        let mut qb: QueryBuilder<$db> =
+            QueryBuilder::new("WITH u (id, worker, lease_until, deliveries) AS (");
+        qb.push_values(chunk, |mut b, (id, worker, lease, deliveries)| {
+            b.push_bind((*id).clone())
+                .push_bind((*worker).clone())
+                .push_bind(*lease)
+                .push_bind(*deliveries);
+        });
+        qb.push(
+            ") UPDATE commands SET state = 'claimed', worker = u.worker, lease_until = u.lease_until, \
+             deliveries = u.deliveries FROM u WHERE commands.command_id = u.id AND commands.state <> 'done'",
+        );
+        let r = qb.build().execute(&mut *tx).await?;
+        if r.rows_affected() != chunk.len() as u64 {
+            return Err(StoreError::Conflict(format!(
+                "{} of {} claimed commands are done or unknown",
+                chunk.len() as u64 - r.rows_affected(),
+                chunk.len()
+            )));
+        }
+    }
+    for op in ops {
+        if let CommandOp::Extend {
+            command_id,
+            lease_until,
+        } = op
+        {
+            sqlx::query("UPDATE commands SET lease_until = $1 WHERE command_id = $2 AND state = 'claimed'")
+                .bind(*lease_until as i64)
                 .bind(command_id)
                 .execute(&mut *tx)
                 .await?;
-            }
         }
+    }
+    let dones: Vec<&String> = ops
+        .iter()
+        .filter_map(|o| match o {
+            CommandOp::Done { command_id } => Some(command_id),
+            _ => None,
+        })
+        .collect();
+    for chunk in dones.chunks(CHUNK) {
+        let mut qb: QueryBuilder<$db> = QueryBuilder::new(
+            "UPDATE commands SET state = 'done', lease_until = NULL WHERE command_id IN (",
+        );
+        let mut ids = qb.separated(", ");
+        for id in chunk {
+            ids.push_bind((*id).clone());
+        }
+        qb.push(")");
+        qb.build().execute(&mut *tx).await?;
     }
     Ok(())
 }

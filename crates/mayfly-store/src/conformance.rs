@@ -60,6 +60,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     completion_recorded_once(store.as_ref()).await;
     group_commit_isolates_failures(store.clone()).await;
     command_lifecycle(store.as_ref()).await;
+    command_ops_apply_as_sets(store.as_ref()).await;
     execution_projection(store.as_ref()).await;
     playbooks_are_immutable_by_digest(store.as_ref()).await;
     keychain_slots(store.as_ref()).await;
@@ -487,6 +488,80 @@ pub async fn command_lifecycle(store: &dyn Store) {
             .expect("all")
             .iter()
             .any(|r| r.command_id == c2)
+    );
+}
+
+/// Many claims and completions in one batch (a fan-out's commit) apply together; one
+/// claim of a done command refuses the whole batch and changes nothing.
+pub async fn command_ops_apply_as_sets(store: &dyn Store) {
+    let exec = unique("cmdset");
+    let id = ExecutionId::from(exec.as_str());
+    let ids: Vec<String> = (0..2500).map(|i| format!("{exec}/{i}")).collect();
+    let append = |commands: Vec<CommandOp>| {
+        store.append(Arc::new(Batch {
+            commands,
+            ..Default::default()
+        }))
+    };
+    append(
+        ids.iter()
+            .enumerate()
+            .map(|(i, c)| CommandOp::Insert {
+                command_id: c.clone(),
+                execution_id: id.clone(),
+                step: "fan".into(),
+                index: Some(i),
+            })
+            .collect(),
+    )
+    .await
+    .expect("insert");
+    // More than one statement chunk, and one command claimed twice (the later claim wins).
+    let claim = |c: &String, worker: &str, deliveries| CommandOp::Claim {
+        command_id: c.clone(),
+        worker: worker.into(),
+        lease_until: 7_000,
+        deliveries,
+    };
+    let mut claims: Vec<CommandOp> = ids.iter().map(|c| claim(c, "w1", 1)).collect();
+    claims.push(claim(&ids[5], "w2", 2));
+    append(claims).await.expect("claim all");
+    let open = store.open_commands(Some(&id)).await.expect("open");
+    assert_eq!(open.len(), 2500);
+    assert!(
+        open.iter()
+            .all(|r| r.state == "claimed" && r.lease_until == Some(7_000))
+    );
+    let five = open.iter().find(|r| r.command_id == ids[5]).expect("5");
+    assert_eq!((five.worker.as_deref(), five.deliveries), (Some("w2"), 2));
+    append(
+        ids[..2000]
+            .iter()
+            .map(|c| CommandOp::Done {
+                command_id: c.clone(),
+            })
+            .collect(),
+    )
+    .await
+    .expect("done");
+    let open = store.open_commands(Some(&id)).await.expect("open");
+    assert_eq!(open.len(), 500);
+    assert!(open.iter().all(|r| ids[2000..].contains(&r.command_id)));
+    // A batch claiming open commands and one done command: refused as a whole.
+    let r = append(vec![claim(&ids[2001], "w3", 2), claim(&ids[0], "w3", 2)]).await;
+    assert!(
+        matches!(r, Err(StoreError::Conflict(_))),
+        "a batch claiming a done command must conflict: {r:?}"
+    );
+    let open = store.open_commands(Some(&id)).await.expect("open");
+    let row = open
+        .iter()
+        .find(|r| r.command_id == ids[2001])
+        .expect("2001");
+    assert_eq!(
+        row.worker.as_deref(),
+        Some("w1"),
+        "nothing of a refused batch applies"
     );
 }
 
