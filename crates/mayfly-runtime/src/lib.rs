@@ -47,6 +47,9 @@ pub enum RuntimeError {
     StaleClaim(String),
     #[error("{0}")]
     Invalid(String),
+    /// More than the transport carries in one message.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the runtime has shut down")]
     Closed,
 }
@@ -243,6 +246,24 @@ impl RuntimeHandle {
     /// authorised by this.
     pub async fn claim_tenant(&self, command_id: &str, attempt: u32) -> Option<String> {
         self.ask(|reply| Msg::ClaimTenant {
+            command_id: command_id.to_owned(),
+            attempt,
+            reply,
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The template context of a live claim `(command_id, attempt)` (None when no such
+    /// claim holds a valid lease): how a remote worker gets a context too large to travel
+    /// with its claim.
+    pub async fn claim_context(
+        &self,
+        command_id: &str,
+        attempt: u32,
+    ) -> Option<Map<String, Value>> {
+        self.ask(|reply| Msg::ClaimContext {
             command_id: command_id.to_owned(),
             attempt,
             reply,

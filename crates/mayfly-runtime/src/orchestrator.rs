@@ -45,6 +45,11 @@ pub(crate) enum Msg {
         attempt: u32,
         reply: oneshot::Sender<Option<String>>,
     },
+    ClaimContext {
+        command_id: String,
+        attempt: u32,
+        reply: oneshot::Sender<Option<Map<String, Value>>>,
+    },
     Complete {
         completion: Box<Completion>,
         reply: oneshot::Sender<Result<(), RuntimeError>>,
@@ -290,6 +295,22 @@ impl Orchestrator {
                         .and_then(|l| self.execs.get(&l.block.execution_id))
                         .map(|x| x.st.tenant.clone());
                     let _ = reply.send(tenant);
+                }
+                Msg::ClaimContext {
+                    command_id,
+                    attempt,
+                    reply,
+                } => {
+                    let ctx = self
+                        .leases
+                        .get(&command_id)
+                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
+                        .and_then(|l| {
+                            let x = self.execs.get(&l.block.execution_id)?;
+                            let index = x.st.commands.get(&command_id)?.index;
+                            Some(block_context(x, &l.block.step, index))
+                        });
+                    let _ = reply.send(ctx);
                 }
                 Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
                     Ok(()) => c.replies.push(Reply::Completed(reply)),
@@ -929,22 +950,7 @@ impl Orchestrator {
         }
         let attempt = pending.attempt + 1;
         let index = pending.index;
-        let item = index.and_then(|i| x.st.loops.get(&block.step).and_then(|l| l.item(i)));
-        let iterator =
-            x.pb.step(&block.step)
-                .and_then(|s| s.looping.as_ref())
-                .map(|l| l.iterator.clone());
-        let ctx = match (&iterator, &item, index) {
-            (Some(it), Some(v), Some(i)) => context(
-                &x.st,
-                Some(Iteration {
-                    iterator: it,
-                    value: v,
-                    index: i,
-                }),
-            ),
-            _ => context(&x.st, None),
-        };
+        let ctx = block_context(x, &block.step, index);
         let pb = x.pb.clone();
         let tenant = x.st.tenant.clone();
         let lease_until = now_ms() + lease.as_millis() as u64;
@@ -1176,6 +1182,26 @@ impl Orchestrator {
 
 /// Move the large part of an engine-made payload (a loop's aggregate, an inline step's or
 /// the execution's result) to the cache: the event keeps a ref (DESIGN §3).
+/// The template context a block of `step` (loop item `index`) runs with.
+fn block_context(x: &Exec, step: &str, index: Option<usize>) -> Map<String, Value> {
+    let item = index.and_then(|i| x.st.loops.get(step).and_then(|l| l.item(i)));
+    let iterator =
+        x.pb.step(step)
+            .and_then(|s| s.looping.as_ref())
+            .map(|l| l.iterator.clone());
+    match (&iterator, &item, index) {
+        (Some(it), Some(v), Some(i)) => context(
+            &x.st,
+            Some(Iteration {
+                iterator: it,
+                value: v,
+                index: i,
+            }),
+        ),
+        _ => context(&x.st, None),
+    }
+}
+
 fn split_payload(
     d: &mut Draft,
     limit: usize,

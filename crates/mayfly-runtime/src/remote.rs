@@ -7,8 +7,10 @@
 //! travel to it and are opened only there).
 //!
 //! Subjects, under a prefix (the stream name, `mayfly` by default):
-//! `P.commands` (the JetStream work queue), `P.rpc.claim`, `P.rpc.complete`, `P.rpc.extend`
-//! (fire and forget), `P.rpc.secret`, `P.rpc.playbook`. Payloads are JSON.
+//! `P.commands` (the JetStream work queue), `P.rpc.claims`, `P.rpc.completes`,
+//! `P.rpc.context`, `P.rpc.extend` (fire and forget), `P.rpc.secret`, `P.rpc.playbook`.
+//! Payloads are JSON. Claims and completions travel in batches: a worker's slots that ask
+//! at once share one round trip (a fan-out is bound by message count, not bytes).
 
 use crate::worker::{Coordinator, Settle};
 use crate::{Block, Claim, Completion, Hydrated, RuntimeError, RuntimeHandle};
@@ -30,6 +32,11 @@ use tokio::task::{JoinHandle, JoinSet};
 const MAX_INFLIGHT_PUBLISHES: usize = 512;
 /// How long a worker waits for the orchestrator's answer.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most claims or completions in one batched request.
+const MAX_RPC_BATCH: usize = 64;
+/// Batched requests of one verb in flight per worker process: while they are out, the next
+/// batch fills.
+const RPC_BATCHES_IN_FLIGHT: usize = 2;
 
 #[derive(Serialize, Deserialize)]
 struct ClaimReq {
@@ -45,7 +52,8 @@ enum ClaimWire {
         tenant: String,
         digest: String,
         extra_vars: Vec<String>,
-        context: Map<String, Value>,
+        /// None when the batch's answer had no room for it: fetch it with `context`.
+        context: Option<Map<String, Value>>,
         lease_ms: u64,
     },
     Done,
@@ -56,6 +64,13 @@ enum ClaimWire {
 
 #[derive(Serialize, Deserialize)]
 struct ExtendReq {
+    command_id: String,
+    attempt: u32,
+}
+
+/// The context of a live claim (its answer had no room for it).
+#[derive(Serialize, Deserialize)]
+struct ContextReq {
     command_id: String,
     attempt: u32,
 }
@@ -92,6 +107,7 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::Unknown(_) | RuntimeError::Ended(_) => "not_live",
             RuntimeError::Closed => "closed",
             RuntimeError::Store(_) => "store",
+            RuntimeError::TooLarge(_) => "too_large",
             _ => "invalid",
         };
         WireError {
@@ -107,6 +123,7 @@ impl From<WireError> for RuntimeError {
             "stale_claim" | "not_live" => RuntimeError::StaleClaim(e.message),
             "closed" => RuntimeError::Closed,
             "store" => RuntimeError::Store(e.message),
+            "too_large" => RuntimeError::TooLarge(e.message),
             _ => RuntimeError::Invalid(e.message),
         }
     }
@@ -119,6 +136,19 @@ fn encode<T: Serialize>(v: &T) -> bytes::Bytes {
     serde_json::to_vec(v).unwrap_or_default().into()
 }
 
+/// `[a,b,…]` from already encoded JSON values.
+fn join_array<'a>(parts: impl Iterator<Item = &'a [u8]>) -> bytes::Bytes {
+    let mut out = vec![b'['];
+    for (i, p) in parts.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(p);
+    }
+    out.push(b']');
+    out.into()
+}
+
 /// Serve workers' requests for `handle` under `prefix` until the connection closes.
 pub async fn serve(
     handle: RuntimeHandle,
@@ -129,13 +159,19 @@ pub async fn serve(
         .queue_subscribe(format!("{prefix}.rpc.*"), format!("{prefix}-orchestrator"))
         .await
         .map_err(|e| RuntimeError::Invalid(format!("subscribing to NATS: {e}")))?;
+    // Room for an answer (headroom for the message's own framing).
+    let room = client
+        .server_info()
+        .max_payload
+        .saturating_sub(4096)
+        .max(64 * 1024);
     Ok(tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let handle = handle.clone();
             let client = client.clone();
             tokio::spawn(async move {
                 let verb = msg.subject.rsplit('.').next().unwrap_or("").to_owned();
-                let body = answer(&handle, &verb, &msg.payload).await;
+                let body = answer(&handle, &verb, &msg.payload, room).await;
                 if let (Some(reply), Some(body)) = (msg.reply, body)
                     && let Err(e) = client.publish(reply, body).await
                 {
@@ -146,7 +182,14 @@ pub async fn serve(
     }))
 }
 
-async fn answer(h: &RuntimeHandle, verb: &str, payload: &[u8]) -> Option<bytes::Bytes> {
+/// The answer to one worker request (None: fire and forget). `room` bounds the encoded
+/// answer (the NATS server's max payload).
+async fn answer(
+    h: &RuntimeHandle,
+    verb: &str,
+    payload: &[u8],
+    room: usize,
+) -> Option<bytes::Bytes> {
     fn bad<T: Serialize>(e: serde_json::Error) -> Option<bytes::Bytes> {
         let a: Answer<T> = Err(WireError {
             code: "invalid".into(),
@@ -155,40 +198,89 @@ async fn answer(h: &RuntimeHandle, verb: &str, payload: &[u8]) -> Option<bytes::
         Some(encode(&a))
     }
     match verb {
-        "claim" => {
-            let req: ClaimReq = match serde_json::from_slice(payload) {
+        "claims" => {
+            let reqs: Vec<ClaimReq> = match serde_json::from_slice(payload) {
                 Ok(r) => r,
-                Err(e) => return bad::<ClaimWire>(e),
+                Err(e) => return bad::<Vec<Answer<ClaimWire>>>(e),
             };
-            let a: Answer<ClaimWire> = match h.claim(req.block, &req.worker).await {
-                Ok(Claim::Granted(x)) => Ok(ClaimWire::Granted {
-                    attempt: x.attempt,
-                    tenant: x.tenant,
-                    digest: x.playbook.digest.clone(),
-                    extra_vars: x
-                        .context
-                        .get("workload")
-                        .and_then(Value::as_object)
-                        .map(|w| w.keys().cloned().collect())
-                        .unwrap_or_default(),
-                    context: x.context,
-                    lease_ms: x.lease.as_millis() as u64,
-                }),
-                Ok(Claim::Done) => Ok(ClaimWire::Done),
-                Ok(Claim::Busy(d)) => Ok(ClaimWire::Busy {
-                    retry_ms: d.as_millis() as u64,
-                }),
-                Err(e) => Err((&e).into()),
-            };
-            Some(encode(&a))
+            // All sent to the orchestrator before any is awaited: they share its cycle and
+            // its commit.
+            let claims = futures_util::future::join_all(
+                reqs.into_iter()
+                    .map(|r| async move { h.claim(r.block, &r.worker).await }),
+            )
+            .await;
+            let mut used = 2;
+            let mut parts = Vec::with_capacity(claims.len());
+            for c in claims {
+                let mut a: Answer<ClaimWire> = match c {
+                    Ok(Claim::Granted(x)) => Ok(ClaimWire::Granted {
+                        attempt: x.attempt,
+                        tenant: x.tenant,
+                        digest: x.playbook.digest.clone(),
+                        extra_vars: x
+                            .context
+                            .get("workload")
+                            .and_then(Value::as_object)
+                            .map(|w| w.keys().cloned().collect())
+                            .unwrap_or_default(),
+                        context: Some(x.context),
+                        lease_ms: x.lease.as_millis() as u64,
+                    }),
+                    Ok(Claim::Done) => Ok(ClaimWire::Done),
+                    Ok(Claim::Busy(d)) => Ok(ClaimWire::Busy {
+                        retry_ms: d.as_millis() as u64,
+                    }),
+                    Err(e) => Err((&e).into()),
+                };
+                let mut part = serde_json::to_vec(&a).unwrap_or_default();
+                if used + part.len() + 1 > room
+                    && let Ok(ClaimWire::Granted { context, .. }) = &mut a
+                {
+                    // Granted all the same; the worker fetches this context on its own.
+                    *context = None;
+                    part = serde_json::to_vec(&a).unwrap_or_default();
+                }
+                used += part.len() + 1;
+                parts.push(part);
+            }
+            Some(join_array(parts.iter().map(Vec::as_slice)))
         }
-        "complete" => {
-            let c: Completion = match serde_json::from_slice(payload) {
+        "completes" => {
+            let done: Vec<Completion> = match serde_json::from_slice(payload) {
                 Ok(c) => c,
-                Err(e) => return bad::<()>(e),
+                Err(e) => return bad::<Vec<Answer<()>>>(e),
             };
-            let a: Answer<()> = h.complete(c).await.map_err(|e| (&e).into());
-            Some(encode(&a))
+            let answers: Vec<Answer<()>> = futures_util::future::join_all(
+                done.into_iter().map(|c| async move { h.complete(c).await }),
+            )
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| (&e).into()))
+            .collect();
+            Some(encode(&answers))
+        }
+        "context" => {
+            let r: ContextReq = match serde_json::from_slice(payload) {
+                Ok(r) => r,
+                Err(e) => return bad::<Map<String, Value>>(e),
+            };
+            let a: Answer<Map<String, Value>> = h
+                .claim_context(&r.command_id, r.attempt)
+                .await
+                .ok_or_else(|| WireError {
+                    code: "stale_claim".into(),
+                    message: format!("no live claim {}#{}", r.command_id, r.attempt),
+                });
+            let body = encode(&a);
+            if body.len() > room {
+                let e = RuntimeError::TooLarge(format!(
+                    "the step's template context is {} bytes, more than one NATS message carries ({room}); pass large values by reference (shared cache) instead of inline workload",
+                    body.len()
+                ));
+                return Some(encode(&Answer::<Map<String, Value>>::Err((&e).into())));
+            }
+            Some(body)
         }
         "extend" => {
             if let Ok(r) = serde_json::from_slice::<ExtendReq>(payload) {
@@ -324,6 +416,8 @@ type PlaybookKey = (String, Vec<String>);
 
 struct Inner {
     client: async_nats::Client,
+    claims: Batcher<ClaimWire>,
+    completes: Batcher<()>,
     /// Idle slots ask the fetcher for a delivery here.
     wants: mpsc::UnboundedSender<oneshot::Sender<(Block, Delivery)>>,
     fetcher: JoinHandle<()>,
@@ -349,8 +443,15 @@ impl RemoteCoordinator {
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let (wants, rx) = mpsc::unbounded_channel();
         let fetcher = tokio::spawn(fetcher(queue, rx));
+        let room = client
+            .server_info()
+            .max_payload
+            .saturating_sub(4096)
+            .max(64 * 1024);
         Ok(RemoteCoordinator {
             inner: Arc::new(Inner {
+                claims: Batcher::start(client.clone(), format!("{prefix}.rpc.claims"), room),
+                completes: Batcher::start(client.clone(), format!("{prefix}.rpc.completes"), room),
                 client,
                 wants,
                 fetcher,
@@ -423,6 +524,121 @@ impl RemoteCoordinator {
         }
         cache.insert(key, pb.clone());
         Ok(pb)
+    }
+}
+
+/// One request waiting for a batch: its encoded body and where its answer goes.
+struct Pending<T> {
+    body: Vec<u8>,
+    reply: oneshot::Sender<Result<T, RuntimeError>>,
+}
+
+/// Coalesces concurrent calls of one verb into one request (a JSON array) per round trip:
+/// whatever the slots asked while earlier batches were out goes in the next one.
+struct Batcher<T> {
+    tx: mpsc::UnboundedSender<Pending<T>>,
+    task: JoinHandle<()>,
+}
+
+impl<T: for<'de> Deserialize<'de> + Send + 'static> Batcher<T> {
+    fn start(client: async_nats::Client, subject: String, room: usize) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(batch_loop(client, subject, room, rx));
+        Batcher { tx, task }
+    }
+
+    async fn call<Req: Serialize>(&self, req: &Req) -> Result<T, RuntimeError> {
+        let body = serde_json::to_vec(req)
+            .map_err(|e| RuntimeError::Invalid(format!("encoding a request: {e}")))?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { body, reply })
+            .map_err(|_| RuntimeError::Closed)?;
+        rx.await.map_err(|_| RuntimeError::Closed)?
+    }
+}
+
+impl<T> Drop for Batcher<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn batch_loop<T: for<'de> Deserialize<'de> + Send + 'static>(
+    client: async_nats::Client,
+    subject: String,
+    room: usize,
+    mut rx: mpsc::UnboundedReceiver<Pending<T>>,
+) {
+    let verb = subject.rsplit('.').next().unwrap_or_default().to_owned();
+    let slots = Arc::new(tokio::sync::Semaphore::new(RPC_BATCHES_IN_FLIGHT));
+    let mut carry: Option<Pending<T>> = None;
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut used = first.body.len() + 2;
+        let mut batch = vec![first];
+        while batch.len() < MAX_RPC_BATCH {
+            match rx.try_recv() {
+                Ok(p) if used + p.body.len() + 1 > room => {
+                    carry = Some(p);
+                    break;
+                }
+                Ok(p) => {
+                    used += p.body.len() + 1;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (client, subject, verb) = (client.clone(), subject.clone(), verb.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let body = join_array(batch.iter().map(|p| p.body.as_slice()));
+            let began = std::time::Instant::now();
+            let answers = match client.request(subject, body).await {
+                // No responder or no answer: the orchestrator is down or restarting.
+                Err(e) => {
+                    tracing::debug!(error = %e, verb, "orchestrator unreachable");
+                    Err(RuntimeError::Closed)
+                }
+                Ok(msg) => {
+                    metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.clone())
+                        .record(began.elapsed().as_secs_f64());
+                    match serde_json::from_slice::<Vec<Answer<T>>>(&msg.payload) {
+                        Ok(v) if v.len() == batch.len() => Ok(v),
+                        Ok(v) => Err(RuntimeError::Invalid(format!(
+                            "{} answers to {} {verb} requests",
+                            v.len(),
+                            batch.len()
+                        ))),
+                        Err(e) => Err(RuntimeError::Invalid(format!(
+                            "malformed answer to {verb}: {e}"
+                        ))),
+                    }
+                }
+            };
+            match answers {
+                Ok(v) => {
+                    for (p, a) in batch.into_iter().zip(v) {
+                        let _ = p.reply.send(a.map_err(RuntimeError::from));
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -510,7 +726,7 @@ impl Coordinator for RemoteCoordinator {
             block: block.clone(),
             worker: worker.to_owned(),
         };
-        match self.call::<_, ClaimWire>("claim", &req).await? {
+        match self.inner.claims.call(&req).await? {
             ClaimWire::Done => Ok(Claim::Done),
             ClaimWire::Busy { retry_ms } => Ok(Claim::Busy(Duration::from_millis(retry_ms))),
             ClaimWire::Granted {
@@ -521,6 +737,40 @@ impl Coordinator for RemoteCoordinator {
                 context,
                 lease_ms,
             } => {
+                let context = match context {
+                    Some(c) => c,
+                    None => {
+                        let req = ContextReq {
+                            command_id: block.command_id.clone(),
+                            attempt,
+                        };
+                        match self.call::<_, Map<String, Value>>("context", &req).await {
+                            Ok(c) => c,
+                            // The lease ran out meanwhile: another claim will run it.
+                            Err(RuntimeError::StaleClaim(_)) => {
+                                return Ok(Claim::Busy(Duration::from_millis(100)));
+                            }
+                            // It can never reach a worker: fail the step, do not retry.
+                            Err(RuntimeError::TooLarge(msg)) => {
+                                let failed = mayfly_types::StepFailed {
+                                    index: block.index,
+                                    error: mayfly_types::ErrorInfo::new("context_too_large", msg),
+                                    duration_ms: None,
+                                    logs: None,
+                                };
+                                self.complete(Completion {
+                                    block,
+                                    attempt,
+                                    worker: worker.to_owned(),
+                                    outcome: Err(failed),
+                                })
+                                .await?;
+                                return Ok(Claim::Done);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                };
                 let playbook = self.playbook(&digest, extra_vars).await?;
                 Ok(Claim::Granted(Box::new(Hydrated {
                     block,
@@ -549,7 +799,7 @@ impl Coordinator for RemoteCoordinator {
     }
 
     async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
-        self.call("complete", &c).await
+        self.inner.completes.call(&c).await
     }
 
     async fn settle(&self, ticket: Delivery, settle: Settle) {

@@ -128,6 +128,10 @@ impl Cluster {
             extra_vars: overrides.keys().cloned().collect(),
         };
         let pb = load_file(&example(name), &opts).unwrap_or_else(|e| panic!("{e}"));
+        self.run_pb(pb, overrides).await
+    }
+
+    async fn run_pb(&self, pb: mayfly_dsl::Playbook, overrides: Map<String, Value>) -> Report {
         let report = tokio::time::timeout(Duration::from_secs(60), self.rt.run(pb, overrides))
             .await
             .expect("finishes in time")
@@ -225,6 +229,62 @@ async fn examples_run_on_remote_workers_over_nats() {
         BTreeSet::from(["w0".to_owned(), "w1".to_owned()]),
         "both workers ran blocks"
     );
+    c.stop().await;
+}
+
+/// Claims travel in batches, and a batch's answer must fit one NATS message (1 MiB): 16
+/// parallel items whose contexts each carry ~600 KB (a 300 KB workload value, seen as
+/// `big` and `workload.big`) cannot share one. Such claims are granted without their
+/// context and the worker fetches each on its own; every item still runs with its full
+/// context. A context that fits no message at all fails the step with a clear code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_whose_contexts_overflow_one_message_fetch_them_separately() {
+    if !services() {
+        return;
+    }
+    let c = Cluster::start(1, 16, None).await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: big-context}
+workload: {big: ""}
+workflow:
+  - step: start
+    loop:
+      in: "{{ range(16) }}"
+      iterator: i
+      spec: {mode: parallel, max_in_flight: 16}
+    tool:
+      kind: python
+      input: {n: "{{ big | length }}", i: "{{ i }}"}
+      code: "result = n + i"
+"#;
+    let big = "x".repeat(300_000);
+    let opts = ParseOptions {
+        extra_vars: vec!["big".into()],
+    };
+    let pb = mayfly_dsl::parse("big-context.yaml", src, &opts).expect("parse");
+    let mut overrides = Map::new();
+    overrides.insert("big".into(), json!(big));
+    let r = c.run_pb(pb, overrides).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    let events = c.store.read_all(&r.execution_id).await.expect("events");
+    let done = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopDone)
+        .expect("loop.done");
+    let mut results: Vec<i64> =
+        serde_json::from_value(done.payload["results"].clone()).expect("inline results");
+    results.sort_unstable();
+    assert_eq!(results, (0..16).map(|i| 300_000 + i).collect::<Vec<i64>>());
+
+    let pb = mayfly_dsl::parse("big-context.yaml", src, &opts).expect("parse");
+    let mut overrides = Map::new();
+    overrides.insert("big".into(), json!("x".repeat(700_000)));
+    let r = c.run_pb(pb, overrides).await;
+    assert_eq!(r.status, Status::Failed);
+    let error = r.error.expect("error");
+    assert_eq!(error.code, "context_too_large", "{error:?}");
     c.stop().await;
 }
 
