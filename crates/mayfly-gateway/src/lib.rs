@@ -570,47 +570,64 @@ async fn stream(
     let mut wake = gw.runtime.subscribe();
     let store = gw.store.clone();
     let s = async_stream(move |tx| async move {
+        let send = |e: &mayfly_types::Event| {
+            let data = serde_json::to_string(e).unwrap_or_default();
+            SseEvent::default()
+                .id(e.seq.to_string())
+                .event(e.kind.as_str())
+                .data(data)
+        };
+        let ends = |e: &mayfly_types::Event| {
+            matches!(
+                e.kind,
+                EventKind::ExecutionCompleted
+                    | EventKind::ExecutionFailed
+                    | EventKind::ExecutionCancelled
+            )
+        };
         loop {
+            // Catch up from the log (the start, a gap, or commits of another process).
             let page = match store.read(&id, next, 500).await {
                 Ok(p) => p,
                 Err(_) => return,
             };
-            let mut ended = false;
             for e in &page {
                 next = e.seq + 1;
-                ended |= e.kind.is_terminal()
-                    && matches!(
-                        e.kind,
-                        EventKind::ExecutionCompleted
-                            | EventKind::ExecutionFailed
-                            | EventKind::ExecutionCancelled
-                    );
-                let data = serde_json::to_string(e).unwrap_or_default();
-                let ev = SseEvent::default()
-                    .id(e.seq.to_string())
-                    .event(e.kind.as_str())
-                    .data(data);
-                if tx.send(Ok(ev)).await.is_err() {
+                if tx.send(Ok(send(e))).await.is_err() || ends(e) {
                     return;
                 }
             }
-            if ended {
-                return;
+            if page.len() == 500 {
+                continue;
             }
-            if page.is_empty() {
-                // Wait for a commit of this execution (or poll: committed events may come
-                // from another process sharing the log).
-                let wait = async {
-                    loop {
-                        match wake.recv().await {
-                            Ok(e) if e.execution_id == id => return,
-                            Ok(_) => {}
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                            Err(_) => std::future::pending::<()>().await,
+            // Then follow this process's commits as they are broadcast (already durable):
+            // the next event in sequence goes out without a read; anything else (a gap, a
+            // lagged receiver, half a second of silence) falls back to reading the log.
+            let follow = async {
+                loop {
+                    match wake.recv().await {
+                        Ok(e) if e.execution_id == id => {
+                            if e.seq < next {
+                                continue;
+                            }
+                            if e.seq > next {
+                                return false;
+                            }
+                            // Counted only once sent: a timeout while the client is slow
+                            // must not skip it.
+                            if tx.send(Ok(send(&e))).await.is_err() || ends(&e) {
+                                return true;
+                            }
+                            next = e.seq + 1;
                         }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return false,
+                        Err(_) => std::future::pending::<()>().await,
                     }
-                };
-                let _ = tokio::time::timeout(Duration::from_millis(500), wait).await;
+                }
+            };
+            if let Ok(true) = tokio::time::timeout(Duration::from_millis(500), follow).await {
+                return;
             }
         }
     });

@@ -572,3 +572,68 @@ async fn callbacks_resume_a_parked_step_once() {
     }
     panic!("execution did not complete after its callback");
 }
+
+/// Streams opened while an execution runs follow its commits live (from the broadcast, not
+/// by re-reading the log), and several at once each get every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_follows_a_running_execution_live_every_event_once_in_order() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let author = s.token("acme", "author").await;
+    let pb = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: live, path: team/live}\nworkflow:\n  - step: start\n    loop: {in: \"{{ range(40) }}\", iterator: i, spec: {mode: sequential}}\n    tool: {kind: python, input: {i: \"{{ i }}\"}, code: \"result = i\"}\n";
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(pb.into()))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(json!({"path": "team/live"}).to_string()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["execution_id"].as_str().expect("id").to_owned();
+    let follow = |last: Option<u64>| {
+        let mut r = s
+            .http
+            .get(format!("{}/v1/executions/{id}/stream", s.base))
+            .bearer_auth(&author);
+        if let Some(l) = last {
+            r = r.header("last-event-id", l.to_string());
+        }
+        async move {
+            let text = tokio::time::timeout(Duration::from_secs(60), async {
+                r.send().await.expect("sse").text().await.expect("body")
+            })
+            .await
+            .expect("stream ends");
+            text.lines()
+                .filter_map(|l| l.strip_prefix("id: "))
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .collect::<Vec<u64>>()
+        }
+    };
+    let (a, b, c) = tokio::join!(follow(None), follow(None), follow(Some(2)));
+    let (st, v, _) = s
+        .call(M::GET, &format!("/v1/executions/{id}"), Some(&author), None)
+        .await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("completed"))
+    );
+    let (_, ev, _) = s
+        .call(
+            M::GET,
+            &format!("/v1/executions/{id}/events?limit=1000"),
+            Some(&author),
+            None,
+        )
+        .await;
+    let n = ev["events"].as_array().map(Vec::len).expect("events") as u64;
+    assert!(n > 160, "40 blocks make well over 160 events: {n}");
+    assert_eq!(a, (1..=n).collect::<Vec<_>>(), "every event once, in order");
+    assert_eq!(b, a);
+    assert_eq!(c, (3..=n).collect::<Vec<_>>());
+}
