@@ -133,7 +133,8 @@ pub enum CommandOp {
         command_id: String,
         lease_until: u64,
     },
-    /// Completed (its `command.completed` event is in the same batch).
+    /// Completed (its `command.completed` event is in the same batch): the row is removed,
+    /// the table holds open commands only. Claiming it afterwards conflicts.
     Done { command_id: String },
 }
 
