@@ -428,17 +428,14 @@ fn print_remote(a: &BenchArgs, rows: &[(String, serde_json::Value)]) {
         println!("{}", json!({"machine": {"cpus": cpus}, "runs": m}));
         return;
     }
-    let log = match &a.db {
-        Some(_) => "postgres",
-        None => "sqlite",
+    // With --server the log is whatever that server runs.
+    let setup = match (&a.queue, &a.db) {
+        (None, _) => "the server at MAYFLY_URL",
+        (Some(_), Some(_)) => "postgres log, NATS JetStream queue, worker processes",
+        (Some(_), None) => "sqlite log, NATS JetStream queue, worker processes",
     };
     println!(
-        "mayfly bench — through the server's API ({log} log{}), {cpus} CPUs, median of {} runs",
-        if a.queue.is_some() {
-            ", NATS JetStream queue, worker processes"
-        } else {
-            ""
-        },
+        "mayfly bench — through the server's API ({setup}), {cpus} CPUs, median of {} runs",
         a.runs
     );
     for (name, v) in rows {
