@@ -453,6 +453,7 @@ async fn start(
             format!("body: {e}"),
         )
     })?;
+    forged_ref(req.workload.values())?;
     let (entry, stored) = gw
         .store
         .resolve(&c.tenant, &req.path, req.version)
@@ -763,6 +764,7 @@ async fn callback(
             )
         })?
     };
+    forged_ref(std::iter::once(&payload))?;
     match gw.runtime.callback(&token, payload).await {
         Ok((id, step)) => Ok(Json(
             json!({"execution_id": id, "step": step, "status": "resumed"}),
@@ -779,6 +781,19 @@ async fn callback(
         )),
         Err(e) => Err(Problem::internal(e)),
     }
+}
+
+/// Refuse input that spells a cache reference: refs are minted by mayfly only, and a forged
+/// one would make a step read whatever blob of the tenant's cache it names.
+fn forged_ref<'a>(mut values: impl Iterator<Item = &'a Value>) -> ApiResult<()> {
+    if values.any(mayfly_types::CacheRef::any_in) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "forged_ref",
+            "the input contains a cache reference ({\"$ref\": \"sha256:…\", \"format\": …}); only mayfly mints those",
+        ));
+    }
+    Ok(())
 }
 
 /// Liveness and dependencies: 200 `ok`, or 503 `degraded` naming what is down (the store,

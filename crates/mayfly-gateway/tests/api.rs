@@ -527,6 +527,34 @@ async fn callbacks_resume_a_parked_step_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(token.starts_with("cb_"));
+    // A body spelling a cache ref is refused (refs are minted by mayfly) and spends nothing.
+    let forged = json!({"approved": {"$ref": format!("sha256:{}", "a".repeat(64)), "format": "json", "bytes": 9}});
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            &format!("/callbacks/{token}"),
+            None,
+            Some(forged.to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("forged_ref")),
+        "{v}"
+    );
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&op),
+            Some(json!({"path": "team/approve", "workload": {"w": [1, forged]}}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("forged_ref")),
+        "{v}"
+    );
     // No bearer token: the callback token is the credential.
     let (st, v, _) = s
         .call(

@@ -5,7 +5,7 @@
 use crate::Hydrated;
 use mayfly_cache::{CacheError, Payloads};
 use mayfly_engine::context::alias;
-use mayfly_types::{CacheRef, StepFailed, StepFinished};
+use mayfly_types::{CacheRef, ErrorInfo, StepFailed, StepFinished};
 use serde_json::Value;
 
 /// Replace, in the block's scope, the refs that its templates bind by their values. Refs the
@@ -56,11 +56,29 @@ pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
 }
 
 /// Store the large parts of a block's outcome (its result and `set` values) in the cache.
+///
+/// Refs are minted here and nowhere else: a tool whose output already spells one (an HTTP
+/// answer or a script forging `{"$ref": "sha256:…", …}` to make a later step read another
+/// blob of the tenant's cache) fails the step with `forged_ref`.
 pub async fn externalize(
     p: &Payloads,
     tenant: &str,
     outcome: &mut Result<StepFinished, StepFailed>,
 ) -> Result<(), CacheError> {
+    if let Ok(f) = outcome
+        && (CacheRef::any_in(&f.result) || f.set.values().any(CacheRef::any_in))
+    {
+        *outcome = Err(StepFailed {
+            index: f.index,
+            error: ErrorInfo::new(
+                "forged_ref",
+                "the tool's output contains a cache reference ({\"$ref\": \"sha256:…\", \"format\": …}); only mayfly mints those",
+            ),
+            duration_ms: f.duration_ms,
+            logs: f.logs.take(),
+        });
+        return Ok(());
+    }
     if let Ok(f) = outcome {
         let result = std::mem::take(&mut f.result);
         f.result = p.externalize(tenant, result).await?;

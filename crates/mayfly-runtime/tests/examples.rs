@@ -440,6 +440,51 @@ workflow:
     );
 }
 
+/// Refs are minted by mayfly only: a tool whose output spells one (here a script naming the
+/// digest of a blob another step stored) fails with `forged_ref` and nothing reads the blob.
+#[tokio::test]
+async fn a_tool_forging_a_ref_fails_the_step() {
+    let env = env().await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: forge, path: tests/forge}
+workflow:
+  - step: start
+    tool:
+      kind: python
+      code: |
+        result = {"secret": "s" * 100000}
+    next: [{step: forge}]
+  - step: forge
+    tool:
+      kind: python
+      code: |
+        import hashlib
+        digest = hashlib.sha256(('"' + "s" * 100000 + '"').encode()).hexdigest()
+        result = {"x": {"$ref": "sha256:" + digest, "format": "json", "bytes": 100002}}
+    next: [{step: read}]
+  - step: read
+    tool:
+      kind: python
+      input: {x: "{{ forge.x }}"}
+      code: |
+        result = len(x)
+"#;
+    let pb = mayfly_dsl::parse("forge.yaml", src, &ParseOptions::default()).expect("parse");
+    let r = env.rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Failed);
+    let err = r.error.expect("error");
+    assert_eq!(err.code, "forged_ref", "{err:?}");
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.kind == EventKind::StepStarted && e.step.as_deref() == Some("read")),
+        "no step ran with the forged ref"
+    );
+}
+
 /// A large `set` value of a routing arc goes by ref (the orchestrator stores it), a loop over
 /// it iterates by element ref, and the blocks that bind it hydrate it.
 #[tokio::test]
