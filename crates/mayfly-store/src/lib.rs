@@ -33,6 +33,23 @@ pub async fn open(location: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
+/// Open the log at `location` as its appender: like [`open`], and for Postgres also
+/// [`PostgresStore::take_over`] (appends are fenced by the epoch it takes). Hold the
+/// [`AppenderLock`] first; SQLite's single-process lock is the caller's file lock.
+pub async fn open_as_appender(location: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+        let store = match split_schema(location) {
+            (url, Some(schema)) => PostgresStore::connect_schema(&url, &schema).await?,
+            (url, None) => PostgresStore::connect(&url).await?,
+        };
+        let epoch = store.take_over().await?;
+        tracing::info!(epoch, "appender of the postgres log");
+        Ok(Arc::new(store))
+    } else {
+        open(location).await
+    }
+}
+
 /// Take the appender lock of the Postgres log at `location` (a `postgres://` URL, with an
 /// optional `?schema=`); see [`AppenderLock`].
 pub async fn lock_appender(location: &str) -> Result<AppenderLock, StoreError> {

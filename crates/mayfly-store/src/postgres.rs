@@ -17,6 +17,7 @@ use sqlx::{
 };
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 crate::common::write_fns!(Postgres, PgConnection);
@@ -30,6 +31,8 @@ const APPEND_LOCK: i64 = 0x6d61_7966_6c79;
 pub struct PostgresStore {
     read: PgPool,
     tx: mpsc::Sender<Job>,
+    /// The appender epoch this store writes under (0: unfenced; see [`Self::take_over`]).
+    fence: Arc<AtomicI64>,
 }
 
 impl PostgresStore {
@@ -95,14 +98,37 @@ impl PostgresStore {
             .connect_with(opts.clone())
             .await?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
+        let fence = Arc::new(AtomicI64::new(0));
         tokio::spawn(writer_loop(
             PgWriter {
                 conn: Some(writer),
                 opts,
+                fence: fence.clone(),
             },
             rx,
         ));
-        Ok(PostgresStore { read, tx })
+        Ok(PostgresStore { read, tx, fence })
+    }
+
+    /// Become the log's appender: bump its fencing epoch (serialised with every append by
+    /// the append lock) and write under it from now on. Every append checks, inside its
+    /// transaction, that the epoch is still this one; once another process has taken over,
+    /// this store's appends fail with [`StoreError::Conflict`] and write nothing — the
+    /// window between losing the [`AppenderLock`] and noticing it is closed.
+    pub async fn take_over(&self) -> Result<u64, StoreError> {
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let epoch: i64 =
+            sqlx::query("UPDATE appender SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch")
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("epoch")?;
+        tx.commit().await?;
+        self.fence.store(epoch, Ordering::SeqCst);
+        Ok(epoch as u64)
     }
 }
 
@@ -112,6 +138,7 @@ impl PostgresStore {
 struct PgWriter {
     conn: Option<PgConnection>,
     opts: PgConnectOptions,
+    fence: Arc<AtomicI64>,
 }
 
 impl GroupWriter for PgWriter {
@@ -120,7 +147,7 @@ impl GroupWriter for PgWriter {
             Some(c) => c,
             None => self.conn.insert(self.opts.connect().await?),
         };
-        let r = write_group(conn, jobs).await;
+        let r = write_group(conn, jobs, self.fence.load(Ordering::SeqCst)).await;
         if r.is_err() && conn.ping().await.is_err() {
             tracing::warn!("postgres writer connection lost; reconnecting for the next commit");
             self.conn = None;
@@ -132,6 +159,7 @@ impl GroupWriter for PgWriter {
 async fn write_group(
     conn: &mut PgConnection,
     jobs: &[Job],
+    fence: i64,
 ) -> Result<Vec<Option<u64>>, StoreError> {
     let mut tx = conn.begin().await?;
     // Serialize appenders (across processes too) so positions become visible in order.
@@ -139,6 +167,18 @@ async fn write_group(
         .bind(APPEND_LOCK)
         .execute(&mut *tx)
         .await?;
+    if fence > 0 {
+        // Under the append lock, so no take-over can slip in between check and commit.
+        let current: i64 = sqlx::query("SELECT epoch FROM appender WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("epoch")?;
+        if current != fence {
+            return Err(StoreError::Conflict(format!(
+                "fenced: another process took over this log (appender epoch {current}, ours {fence})"
+            )));
+        }
+    }
     let mut positions = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut last = None;

@@ -243,3 +243,58 @@ async fn session_pids(admin: &mut sqlx::PgConnection, app: &str) -> Result<Vec<i
         .fetch_all(admin)
         .await
 }
+
+/// Fencing: a process that took over the log bumps its appender epoch; from then on the
+/// previous appender's commits are refused inside their transaction and write nothing, even
+/// though it has not noticed losing its lock. The new appender writes; a reader (no epoch)
+/// is never fenced.
+#[tokio::test]
+async fn a_superseded_appender_is_fenced_and_writes_nothing() {
+    use mayfly_store::StoreError;
+    use mayfly_types::{EventKind, ExecutionId, GENESIS_HASH};
+    let Some(url) = postgres_url() else { return };
+    let schema = schema();
+    let old = PostgresStore::connect_schema(&url, &schema)
+        .await
+        .expect("old");
+    let e1 = old.take_over().await.expect("take over");
+    let batch = |exec: &str| {
+        let evs = conformance::chain(
+            exec,
+            1,
+            GENESIS_HASH,
+            &[(EventKind::ExecutionStarted, None, serde_json::json!({}))],
+        );
+        Arc::new(mayfly_store::Batch {
+            events: evs,
+            ..Default::default()
+        })
+    };
+    old.append(batch("fence-a")).await.expect("appender writes");
+    let new = PostgresStore::connect_schema(&url, &schema)
+        .await
+        .expect("new");
+    let e2 = new.take_over().await.expect("take over again");
+    assert!(e2 > e1, "epochs increase: {e1} then {e2}");
+    let r = old.append(batch("fence-b")).await;
+    assert!(
+        matches!(&r, Err(StoreError::Conflict(m)) if m.contains("fenced")),
+        "the superseded appender is refused: {r:?}"
+    );
+    new.append(batch("fence-c"))
+        .await
+        .expect("new appender writes");
+    let reader = PostgresStore::connect_schema(&url, &schema)
+        .await
+        .expect("reader");
+    for (exec, n) in [("fence-a", 1), ("fence-b", 0), ("fence-c", 1)] {
+        let got = reader
+            .read_all(&ExecutionId::from(exec))
+            .await
+            .expect("read");
+        assert_eq!(got.len(), n, "{exec}");
+    }
+    PostgresStore::drop_schema(&url, &schema)
+        .await
+        .expect("cleanup");
+}

@@ -451,6 +451,23 @@ impl LogLock {
     }
 }
 
+/// Run `f` unless another process takes the log over first (then stop: fail closed).
+async fn until_lost<T>(
+    lock: &mut Option<LogLock>,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let lost = async {
+        match lock {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = f => Ok(r),
+        _ = lost => bail!("another process took over the event log; stopping (fail closed)"),
+    }
+}
+
 /// An exclusive lock on the database for this process: embedded mode has one runner per
 /// log, so a resumed run may safely take over every claim left by a dead one.
 fn lock_db(db: &Path) -> Result<File> {
@@ -539,7 +556,7 @@ async fn run(
             tmp.path().join("mayfly.db")
         }
     };
-    let (store, _lock) = open_db(&db_path, false, true).await?;
+    let (store, mut lock) = open_db(&db_path, false, true).await?;
     // A file, or (with --db) a catalog reference `path[@version]`.
     let loaded = if playbook.exists() || db.is_none() {
         load_file(playbook, &parse_opts).map_err(|e| e.to_string())
@@ -574,7 +591,7 @@ async fn run(
     }
     let display =
         (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
-    let mut report = handle.wait(&id).await?;
+    let mut report = until_lost(&mut lock, handle.wait(&id)).await??;
     if let Some(d) = display {
         d.finish().await;
     }
@@ -588,13 +605,13 @@ async fn run(
 }
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
-    let (store, _lock) = open_db(db, true, true).await?;
+    let (store, mut lock) = open_db(db, true, true).await?;
     let runtime = Runtime::start(store, runtime_config(opts, db)?)?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
     let began = std::time::Instant::now();
     handle.resume(&id).await?;
-    let report = handle.wait(&id).await?;
+    let report = until_lost(&mut lock, handle.wait(&id)).await??;
     print_report(&report, opts.json, Some(began.elapsed()))
 }
 
@@ -673,18 +690,10 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         shown(db)
     );
     let mut lock = lock;
-    let lost = async {
-        match lock.as_mut() {
-            Some(l) => l.lost().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        }) => r?,
-        _ = lost => bail!("another process took over the event log; stopping (fail closed)"),
-    }
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    until_lost(&mut lock, serve.into_future()).await??;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -862,9 +871,14 @@ async fn open_db(
         } else {
             None
         };
-        let store = mayfly_store::open(&location)
-            .await
-            .context("connecting to postgres")?;
+        // The lock holder also takes the log's fencing epoch: should it lose the lock
+        // without noticing, its appends are refused instead of interleaving.
+        let store = if lock {
+            mayfly_store::open_as_appender(&location).await
+        } else {
+            mayfly_store::open(&location).await
+        }
+        .context("connecting to postgres")?;
         return Ok((store, guard));
     }
     if must_exist && !db.exists() {
