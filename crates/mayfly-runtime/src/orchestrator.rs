@@ -609,7 +609,17 @@ impl Orchestrator {
                 );
             }
             if let Some(p) = &self.cache {
-                split_payload(&mut d, p.inline_limit(), &x.st.tenant, &mut c.blobs);
+                // The request names the tenant the execution's state learns only from it.
+                let tenant = match d.kind {
+                    EventKind::ExecutionRequested => d
+                        .payload
+                        .get("tenant")
+                        .and_then(Value::as_str)
+                        .unwrap_or(mayfly_types::DEFAULT_TENANT)
+                        .to_owned(),
+                    _ => x.st.tenant.clone(),
+                };
+                split_payload(&mut d, p.inline_limit(), &tenant, &mut c.blobs);
             }
             let cmd = if d.kind == EventKind::CommandIssued {
                 Some(command_id(id, seq))
@@ -1228,6 +1238,7 @@ fn split_payload(
             each(d.payload.get_mut("step_set"), &mut split);
         }
         EventKind::ChildRequested => each(d.payload.get_mut("input"), &mut split),
+        EventKind::ExecutionRequested => each(d.payload.get_mut("workload"), &mut split),
         _ => {}
     }
 }

@@ -233,10 +233,11 @@ async fn examples_run_on_remote_workers_over_nats() {
 }
 
 /// Claims travel in batches, and a batch's answer must fit one NATS message (1 MiB): 16
-/// parallel items whose contexts each carry ~600 KB (a 300 KB workload value, seen as
-/// `big` and `workload.big`) cannot share one. Such claims are granted without their
-/// context and the worker fetches each on its own; every item still runs with its full
-/// context. A context that fits no message at all fails the step with a clear code.
+/// parallel items whose contexts each carry ~600 KB (20 workload values of 15 KB, each below
+/// the inline limit so none goes by ref, each seen as `kN` and `workload.kN`) cannot share
+/// one. Such claims are granted without their context and the worker fetches each on its
+/// own; every item still runs with its full context. A context that fits no message at all
+/// fails the step with a clear code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_whose_contexts_overflow_one_message_fetch_them_separately() {
     if !services() {
@@ -247,7 +248,6 @@ async fn claims_whose_contexts_overflow_one_message_fetch_them_separately() {
 apiVersion: noetl.io/v2
 kind: Playbook
 metadata: {name: big-context}
-workload: {big: ""}
 workflow:
   - step: start
     loop:
@@ -256,17 +256,22 @@ workflow:
       spec: {mode: parallel, max_in_flight: 16}
     tool:
       kind: python
-      input: {n: "{{ big | length }}", i: "{{ i }}"}
+      input: {n: "{{ k0 | length }}", i: "{{ i }}"}
       code: "result = n + i"
 "#;
-    let big = "x".repeat(300_000);
-    let opts = ParseOptions {
-        extra_vars: vec!["big".into()],
+    let run = |values: usize| {
+        let keys: Vec<String> = (0..values).map(|k| format!("k{k}")).collect();
+        let opts = ParseOptions {
+            extra_vars: keys.clone(),
+        };
+        let pb = mayfly_dsl::parse("big-context.yaml", src, &opts).expect("parse");
+        let overrides: Map<String, Value> = keys
+            .into_iter()
+            .map(|k| (k, json!("x".repeat(15_000))))
+            .collect();
+        c.run_pb(pb, overrides)
     };
-    let pb = mayfly_dsl::parse("big-context.yaml", src, &opts).expect("parse");
-    let mut overrides = Map::new();
-    overrides.insert("big".into(), json!(big));
-    let r = c.run_pb(pb, overrides).await;
+    let r = run(20).await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
     let events = c.store.read_all(&r.execution_id).await.expect("events");
     let done = events
@@ -276,12 +281,9 @@ workflow:
     let mut results: Vec<i64> =
         serde_json::from_value(done.payload["results"].clone()).expect("inline results");
     results.sort_unstable();
-    assert_eq!(results, (0..16).map(|i| 300_000 + i).collect::<Vec<i64>>());
+    assert_eq!(results, (0..16).map(|i| 15_000 + i).collect::<Vec<i64>>());
 
-    let pb = mayfly_dsl::parse("big-context.yaml", src, &opts).expect("parse");
-    let mut overrides = Map::new();
-    overrides.insert("big".into(), json!("x".repeat(700_000)));
-    let r = c.run_pb(pb, overrides).await;
+    let r = run(40).await;
     assert_eq!(r.status, Status::Failed);
     let error = r.error.expect("error");
     assert_eq!(error.code, "context_too_large", "{error:?}");

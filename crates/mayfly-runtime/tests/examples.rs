@@ -551,3 +551,68 @@ workflow:
         );
     }
 }
+
+/// A large workload value goes by ref too (the request's event stays small): a loop iterates
+/// it by element ref, an inline step routing on it sees its summary, and the blocks that bind
+/// it hydrate it. Small workload values stay inline.
+#[tokio::test]
+async fn large_workload_values_go_by_ref() {
+    use mayfly_types::CacheRef;
+    let env = env().await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: bigwork, path: tests/bigwork}
+workload: {users: [], tag: small}
+workflow:
+  - step: start
+    loop:
+      in: "{{ users }}"
+      iterator: u
+      spec: {mode: parallel, max_in_flight: 8}
+    tool:
+      kind: python
+      input: {u: "{{ u }}"}
+      code: "result = u['age']"
+    next:
+      arcs:
+        - {step: end, when: "{{ event.name == 'loop.done' }}"}
+  - step: end
+    tool:
+      kind: python
+      input: {ages: "{{ start }}", users: "{{ users }}", tag: "{{ tag }}"}
+      code: "result = {'sum': sum(ages), 'n': len(users), 'tag': tag}"
+"#;
+    let opts = ParseOptions {
+        extra_vars: vec!["users".into()],
+    };
+    let pb = mayfly_dsl::parse("bigwork.yaml", src, &opts).expect("parse");
+    let users: Vec<Value> = (0..600)
+        .map(|i| json!({"name": format!("user-{i:05}"), "age": i % 90, "bio": "x".repeat(40)}))
+        .collect();
+    let expected: i64 = (0..600).map(|i| i % 90).sum();
+    let mut ov = Map::new();
+    ov.insert("users".into(), Value::Array(users));
+    let r = env.rt.run(pb, ov).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, json!({"sum": expected, "n": 600, "tag": "small"}));
+    assert_replays(env.store.as_ref(), &r).await;
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    let req = &events[0];
+    assert_eq!(req.kind, EventKind::ExecutionRequested);
+    assert!(
+        CacheRef::parse(&req.payload["workload"]["users"]).is_some(),
+        "the large value is a ref: {}",
+        req.payload
+    );
+    assert_eq!(req.payload["workload"]["tag"], "small");
+    for e in &events {
+        let size = serde_json::to_vec(&e.payload).expect("json").len();
+        assert!(
+            size <= 16 * 1024,
+            "{} #{} carries {size} bytes",
+            e.kind,
+            e.seq
+        );
+    }
+}
