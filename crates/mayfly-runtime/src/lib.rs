@@ -245,14 +245,9 @@ impl RuntimeHandle {
     /// when no such claim holds a valid lease). Remote workers' keychain reads are
     /// authorised by this.
     pub async fn claim_tenant(&self, command_id: &str, attempt: u32) -> Option<String> {
-        self.ask(|reply| Msg::ClaimTenant {
-            command_id: command_id.to_owned(),
-            attempt,
-            reply,
-        })
-        .await
-        .ok()
-        .flatten()
+        self.live_claim(command_id, attempt, false)
+            .await
+            .map(|(tenant, _)| tenant)
     }
 
     /// The template context of a live claim `(command_id, attempt)` (None when no such
@@ -263,9 +258,21 @@ impl RuntimeHandle {
         command_id: &str,
         attempt: u32,
     ) -> Option<Map<String, Value>> {
-        self.ask(|reply| Msg::ClaimContext {
+        self.live_claim(command_id, attempt, true)
+            .await
+            .and_then(|(_, ctx)| ctx)
+    }
+
+    async fn live_claim(
+        &self,
+        command_id: &str,
+        attempt: u32,
+        context: bool,
+    ) -> Option<orchestrator::LiveClaim> {
+        self.ask(|reply| Msg::LiveClaim {
             command_id: command_id.to_owned(),
             attempt,
+            context,
             reply,
         })
         .await

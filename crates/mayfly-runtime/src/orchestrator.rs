@@ -40,15 +40,12 @@ pub(crate) enum Msg {
         worker: String,
         reply: oneshot::Sender<Claim>,
     },
-    ClaimTenant {
+    /// A live claim's tenant (and, with `context`, its template context).
+    LiveClaim {
         command_id: String,
         attempt: u32,
-        reply: oneshot::Sender<Option<String>>,
-    },
-    ClaimContext {
-        command_id: String,
-        attempt: u32,
-        reply: oneshot::Sender<Option<Map<String, Value>>>,
+        context: bool,
+        reply: oneshot::Sender<Option<LiveClaim>>,
     },
     Complete {
         completion: Box<Completion>,
@@ -76,6 +73,9 @@ pub(crate) enum Msg {
         reply: oneshot::Sender<Result<Report, RuntimeError>>,
     },
 }
+
+/// A live claim's tenant and, when asked for, its template context.
+pub(crate) type LiveClaim = (String, Option<Map<String, Value>>);
 
 struct Exec {
     pb: Arc<Playbook>,
@@ -283,34 +283,28 @@ impl Orchestrator {
                         let _ = reply.send(other);
                     }
                 },
-                Msg::ClaimTenant {
+                Msg::LiveClaim {
                     command_id,
                     attempt,
+                    context,
                     reply,
                 } => {
-                    let tenant = self
-                        .leases
-                        .get(&command_id)
-                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
-                        .and_then(|l| self.execs.get(&l.block.execution_id))
-                        .map(|x| x.st.tenant.clone());
-                    let _ = reply.send(tenant);
-                }
-                Msg::ClaimContext {
-                    command_id,
-                    attempt,
-                    reply,
-                } => {
-                    let ctx = self
+                    let live = self
                         .leases
                         .get(&command_id)
                         .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
                         .and_then(|l| {
                             let x = self.execs.get(&l.block.execution_id)?;
-                            let index = x.st.commands.get(&command_id)?.index;
-                            Some(block_context(x, &l.block.step, index))
+                            let ctx = match context {
+                                true => {
+                                    let index = x.st.commands.get(&command_id)?.index;
+                                    Some(block_context(x, &l.block.step, index))
+                                }
+                                false => None,
+                            };
+                            Some((x.st.tenant.clone(), ctx))
                         });
-                    let _ = reply.send(ctx);
+                    let _ = reply.send(live);
                 }
                 Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
                     Ok(()) => c.replies.push(Reply::Completed(reply)),
