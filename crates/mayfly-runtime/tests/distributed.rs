@@ -363,18 +363,7 @@ async fn postgres_going_away_mid_run_loses_and_duplicates_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut admin = {
-        use sqlx::{ConnectOptions, postgres::PgConnectOptions};
-        let opts: PgConnectOptions = PG.parse().expect("url");
-        opts.connect().await.expect("admin")
-    };
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&app)
-    .fetch_one(&mut admin)
-    .await
-    .expect("terminate");
+    let killed = mayfly_testkit::terminate_postgres_sessions(&app).await;
     assert!(killed >= 1);
     let began = std::time::Instant::now();
     let report = loop {

@@ -132,18 +132,7 @@ async fn postgres_writer_reconnects_after_losing_its_connection() {
         }))
     };
     append(evs[0].clone()).await.expect("first append");
-    let mut admin = {
-        use sqlx::{ConnectOptions, postgres::PgConnectOptions};
-        let opts: PgConnectOptions = url.parse().expect("url");
-        opts.connect().await.expect("admin conn")
-    };
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&app)
-    .fetch_one(&mut admin)
-    .await
-    .expect("terminate");
+    let killed = mayfly_testkit::terminate_postgres_sessions(&app).await;
     assert!(killed >= 1, "the store's connections were found and killed");
     // The first commit after the loss may fail (its connection is dead); the next succeeds.
     if append(evs[1].clone()).await.is_err() {

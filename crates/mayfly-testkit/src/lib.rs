@@ -54,3 +54,18 @@ pub fn unique(prefix: &str) -> String {
         .unwrap_or(0);
     format!("{prefix}_{}_{n}_{nanos}", std::process::id())
 }
+
+/// Terminate every session of the local Postgres whose `application_name` is `app` (tests
+/// proving recovery from a lost connection name their connections so); returns how many.
+pub async fn terminate_postgres_sessions(app: &str) -> i64 {
+    use sqlx::{ConnectOptions, postgres::PgConnectOptions};
+    let opts: PgConnectOptions = postgres_url().parse().expect("postgres url");
+    let mut admin = opts.connect().await.expect("admin connection");
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(app)
+    .fetch_one(&mut admin)
+    .await
+    .expect("terminate")
+}
