@@ -866,3 +866,60 @@ pub fn openapi() -> Value {
         }
     })
 }
+
+/// What `mayfly server` prints on stderr as it starts, written and read in one place (the
+/// binary prints it; the benchmark and tests that spawn servers read it back).
+pub mod banner {
+    /// The bootstrap admin token line (first start only).
+    pub fn token_line(token: &str) -> String {
+        format!(
+            "admin token (shown once; tenant `{}`): {token}",
+            super::SYSTEM_TENANT
+        )
+    }
+
+    /// The readiness line: the gateway's URL and a description of its setup.
+    pub fn ready_line(addr: std::net::SocketAddr, setup: &str) -> String {
+        format!("mayfly gateway on http://{addr} ({setup})")
+    }
+
+    /// A server's banner, read line by line.
+    #[derive(Debug, Default)]
+    pub struct Banner {
+        /// The admin token, if this start minted one.
+        pub token: Option<String>,
+        /// The gateway's base URL, once the server is ready.
+        pub url: Option<String>,
+    }
+
+    impl Banner {
+        /// Take in one stderr line; true once the server is ready (its URL is known).
+        pub fn feed(&mut self, line: &str) -> bool {
+            if line.starts_with("admin token") {
+                self.token = line.rsplit(' ').next().map(str::to_owned);
+            } else if line.starts_with("mayfly gateway on ") {
+                self.url = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with("http://"))
+                    .map(str::to_owned);
+            }
+            self.url.is_some()
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn what_is_printed_reads_back() {
+            let mut b = Banner::default();
+            assert!(!b.feed(&token_line("mf_abc")));
+            assert!(!b.feed("some log line"));
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
+            assert!(b.feed(&ready_line(addr, "db x.db, in-process workers")));
+            assert_eq!(b.token.as_deref(), Some("mf_abc"));
+            assert_eq!(b.url.as_deref(), Some("http://127.0.0.1:8080"));
+        }
+    }
+}

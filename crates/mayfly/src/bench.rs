@@ -370,22 +370,19 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
         .take()
         .ok_or_else(|| anyhow::anyhow!("no server stderr"))?;
     let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let (mut token, mut url) = (None, None);
-    while token.is_none() || url.is_none() {
+    let mut banner = mayfly_gateway::banner::Banner::default();
+    loop {
         let Some(l) = lines.next_line().await? else {
             bail!("the server exited before it was ready");
         };
-        if l.contains("admin token") {
-            token = l.rsplit(' ').next().map(str::to_owned);
-        } else if l.contains("mayfly gateway on") {
-            url = l
-                .split_whitespace()
-                .find(|w| w.starts_with("http://"))
-                .map(str::to_owned);
-        } else if l.starts_with("error") {
+        if l.starts_with("error") {
             bail!("server: {l}");
         }
+        if banner.feed(&l) {
+            break;
+        }
     }
+    let (token, url) = (banner.token, banner.url);
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let mut procs = Vec::new();
     for i in 0..workers {

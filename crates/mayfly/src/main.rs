@@ -667,10 +667,7 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         }
     }
     if let Some(token) = mayfly_gateway::bootstrap_admin(store.as_ref()).await? {
-        eprintln!(
-            "admin token (shown once; tenant `{}`): {token}",
-            mayfly_gateway::SYSTEM_TENANT
-        );
+        eprintln!("{}", mayfly_gateway::banner::token_line(&token));
     }
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
         store,
@@ -685,9 +682,11 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         None => "in-process workers".into(),
     };
     eprintln!(
-        "mayfly gateway on http://{} (db {}, {mode})",
-        listener.local_addr()?,
-        shown(db)
+        "{}",
+        mayfly_gateway::banner::ready_line(
+            listener.local_addr()?,
+            &format!("db {}, {mode}", shown(db))
+        )
     );
     let mut lock = lock;
     let serve = axum::serve(listener, app).with_graceful_shutdown(async {

@@ -856,17 +856,13 @@ fn cli_against_a_server_registers_starts_watches_and_lists() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("server");
-    let mut token = String::new();
+    let mut banner = mayfly_gateway::banner::Banner::default();
     for l in std::io::BufReader::new(server.stderr.take().expect("stderr")).lines() {
-        let l = l.expect("line");
-        if let Some(t) = l.split_whitespace().find(|w| w.starts_with("mf_")) {
-            token = t.to_owned();
-        }
-        if l.starts_with("mayfly gateway on") {
+        if banner.feed(&l.expect("line")) {
             break;
         }
     }
-    assert!(!token.is_empty());
+    let token = banner.token.expect("first start prints the admin token");
     let url = format!("http://127.0.0.1:{port}");
     let remote = |args: &[&str]| {
         bin()

@@ -32,24 +32,6 @@ impl Drop for Procs {
 
 use mayfly_testkit::unique;
 
-/// Wait for a line of a child's stderr that contains `needle`; every line is kept in `seen`.
-fn wait_line(
-    lines: &mut impl Iterator<Item = String>,
-    needle: &str,
-    seen: &mut Vec<String>,
-) -> String {
-    for l in lines.by_ref() {
-        seen.push(l.clone());
-        if l.contains(needle) {
-            return l;
-        }
-    }
-    panic!(
-        "process ended before printing `{needle}`; it said:\n{}",
-        seen.join("\n")
-    );
-}
-
 fn events(db: &str, id: &str) -> Vec<Value> {
     let o = bin()
         .args(["events", id, "--json", "--db", db])
@@ -251,18 +233,19 @@ fn start_server(db: &str, stream: &str) -> (Child, String, Option<String>) {
         .expect("server");
     let stderr = server.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let mut banner = mayfly_gateway::banner::Banner::default();
     let mut seen = Vec::new();
-    let ready = wait_line(&mut lines, "mayfly gateway on", &mut seen);
-    let url = ready
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("url")
-        .to_owned();
-    let token = seen
-        .iter()
-        .find(|l| l.contains("admin token"))
-        .and_then(|l| l.rsplit(' ').next())
-        .map(str::to_owned);
+    for l in lines.by_ref() {
+        let ready = banner.feed(&l);
+        seen.push(l);
+        if ready {
+            break;
+        }
+    }
+    let url = banner
+        .url
+        .unwrap_or_else(|| panic!("the server exited before it was ready: {seen:?}"));
+    let token = banner.token;
     // Keep draining the server's stderr so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (server, url, token)
