@@ -467,6 +467,10 @@ impl ExecState {
                 let c: mayfly_types::CallbackReceived = p(ev)?;
                 self.waiting.remove(&c.token);
             }
+            // Control-plane kinds live in their own stream, never in an execution's.
+            EventKind::ObjectApplied | EventKind::ObjectDenied => {
+                return Err(fail("a control-plane event in an execution's log".into()));
+            }
             EventKind::ExecutionCompleted => {
                 let c: ExecutionCompleted = p(ev)?;
                 self.status = Status::Completed;

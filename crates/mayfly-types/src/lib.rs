@@ -71,6 +71,12 @@ pub enum EventKind {
     StepWaiting,
     #[serde(rename = "callback.received")]
     CallbackReceived,
+    /// Control plane: a desired-state object was created or changed (stream `control`).
+    #[serde(rename = "object.applied")]
+    ObjectApplied,
+    /// Control plane: a mutation was refused (recorded with its reason; nothing changed).
+    #[serde(rename = "object.denied")]
+    ObjectDenied,
 }
 
 impl EventKind {
@@ -96,6 +102,8 @@ impl EventKind {
             EventKind::ChildStarted => "child.started",
             EventKind::StepWaiting => "step.waiting",
             EventKind::CallbackReceived => "callback.received",
+            EventKind::ObjectApplied => "object.applied",
+            EventKind::ObjectDenied => "object.denied",
         }
     }
 
@@ -524,6 +532,8 @@ mod tests {
             EventKind::ChildStarted,
             EventKind::StepWaiting,
             EventKind::CallbackReceived,
+            EventKind::ObjectApplied,
+            EventKind::ObjectDenied,
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));

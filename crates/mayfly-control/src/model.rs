@@ -1,0 +1,775 @@
+//! The pure core of the control plane: manifests, validation, version ids, the authorization
+//! decision for a mutation, and the fold of the `control` stream into current objects. No IO.
+
+use mayfly_dsl::{Loc, Node, NodeV};
+use mayfly_types::{Event, EventKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// `apiVersion` of mayfly's own resource kinds.
+pub const API_VERSION: &str = "mayfly.dev/v1";
+/// The tenant whose admins administer the platform (cluster-scoped kinds).
+pub const SYSTEM_TENANT: &str = "system";
+
+/// Resource kinds of the desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Tenant,
+    Environment,
+    Policy,
+    Playbook,
+    WorkerPool,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Tenant,
+        Kind::Environment,
+        Kind::Policy,
+        Kind::Playbook,
+        Kind::WorkerPool,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tenant => "Tenant",
+            Kind::Environment => "Environment",
+            Kind::Policy => "Policy",
+            Kind::Playbook => "Playbook",
+            Kind::WorkerPool => "WorkerPool",
+        }
+    }
+
+    /// Parse a kind as users type it: `WorkerPool`, `workerpool`, `workerpools`, `wp`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        let l = s.to_ascii_lowercase();
+        let l = l.strip_suffix('s').unwrap_or(&l);
+        match l {
+            "tenant" => Some(Kind::Tenant),
+            "environment" | "env" => Some(Kind::Environment),
+            "policy" | "policie" => Some(Kind::Policy),
+            "playbook" | "pb" => Some(Kind::Playbook),
+            "workerpool" | "wp" => Some(Kind::WorkerPool),
+            _ => None,
+        }
+    }
+
+    /// Cluster-scoped kinds belong to no tenant; only system admins write them.
+    pub fn cluster_scoped(self) -> bool {
+        matches!(self, Kind::Tenant | Kind::Environment)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Roles of a caller, weakest first (the gateway's roles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Author,
+    Admin,
+}
+
+/// Who asks for a mutation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Caller {
+    pub tenant: String,
+    pub role: Role,
+    /// The token's name (recorded as the actor).
+    pub actor: String,
+    pub request_id: String,
+}
+
+impl Caller {
+    /// The `actor` field of the events this caller causes.
+    pub fn actor_ref(&self) -> String {
+        format!("token:{}@{}", self.actor, self.tenant)
+    }
+    fn system_admin(&self) -> bool {
+        self.tenant == SYSTEM_TENANT && self.role == Role::Admin
+    }
+}
+
+/// One declared object, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Manifest {
+    pub kind: Kind,
+    pub name: String,
+    /// The tenant the manifest names (None: the caller's, for tenant-scoped kinds).
+    pub tenant: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The spec as JSON (for a Playbook: `{"path", "digest"}`; its text is in `source`).
+    pub spec: Value,
+    /// A Playbook's YAML text (registered in the catalog as is).
+    pub source: Option<String>,
+    /// Where the document starts, for messages.
+    pub at: String,
+}
+
+/// Manifests that do not validate: every problem, each with file:line:col.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{}", .diagnostics.join("\n"))]
+pub struct ManifestError {
+    pub diagnostics: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct TenantSpec {
+    display_name: Option<String>,
+    quotas: Option<Quotas>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Quotas {
+    max_running_executions: Option<u32>,
+    max_worker_slots: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct EnvironmentSpec {
+    description: Option<String>,
+}
+
+/// What a Policy governs (evaluation comes with the policy work; the shape is fixed now).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PolicySpec {
+    #[serde(default)]
+    scope: PolicyScope,
+    tools: Option<AllowList>,
+    keychain: Option<AllowList>,
+    limits: Option<Limits>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct PolicyScope {
+    environment: Option<String>,
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowList {
+    allow: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Limits {
+    step_timeout_s: Option<u64>,
+    max_attempts: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct WorkerPoolSpec {
+    slots: u32,
+    replicas: Option<u32>,
+    queue: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+const TOOL_KINDS: [&str; 7] = [
+    "python", "shell", "http", "playbook", "noop", "postgres", "wait",
+];
+
+/// Names: lowercase alphanumerics, `-`, `_`, `.`, `/`; at most 253 characters; start and
+/// end alphanumeric (a Playbook's name is its catalog path, e.g. `team/etl`).
+pub fn valid_name(s: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().next().is_some_and(ok_char)
+        && s.chars().last().is_some_and(ok_char)
+        && s.chars()
+            .all(|c| ok_char(c) || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+/// Parse a file of manifests (`---`-separated YAML documents). A NoETL playbook
+/// (`apiVersion: noetl.io/v2`, `kind: Playbook`) is a manifest too, alone in its file.
+pub fn parse_manifests(file: &str, source: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let docs: Vec<Node> =
+        serde_saphyr::from_multiple_with_options(source, options).map_err(|e| {
+            let loc = e
+                .location()
+                .map(|l| format!("{}:{}", l.line(), l.column()))
+                .unwrap_or_else(|| "1:1".into());
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid YAML");
+            ManifestError {
+                diagnostics: vec![format!("{file}:{loc}: invalid YAML: {first}")],
+            }
+        })?;
+    let mut out = Vec::new();
+    let mut diags = Vec::new();
+    let count = docs.iter().filter(|d| !d.is_null()).count();
+    for doc in docs.iter().filter(|d| !d.is_null()) {
+        match manifest(file, source, doc, count) {
+            Ok(m) => out.push(m),
+            Err(d) => diags.extend(d),
+        }
+    }
+    if diags.is_empty() {
+        Ok(out)
+    } else {
+        Err(ManifestError { diagnostics: diags })
+    }
+}
+
+fn at(file: &str, loc: Loc) -> String {
+    format!("{file}:{}:{}", loc.line, loc.col)
+}
+
+fn manifest(file: &str, source: &str, doc: &Node, docs: usize) -> Result<Manifest, Vec<String>> {
+    let here = at(file, doc.loc);
+    let Some(entries) = doc.as_map() else {
+        return Err(vec![format!(
+            "{here}: a manifest must be a mapping, got {}",
+            doc.type_name()
+        )]);
+    };
+    let api = doc.get("apiVersion").and_then(Node::as_str);
+    let kind_node = doc.get("kind");
+    let kind_str = kind_node.and_then(Node::as_str).unwrap_or_default();
+    if api == Some("noetl.io/v2") && kind_str == "Playbook" {
+        if docs != 1 {
+            return Err(vec![format!(
+                "{here}: a playbook must be alone in its file (it is registered as written)"
+            )]);
+        }
+        let pb =
+            mayfly_dsl::parse(file, source, &mayfly_dsl::ParseOptions::default()).map_err(|e| {
+                e.diagnostics
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+            })?;
+        let labels = labels(file, doc.get("metadata").and_then(|m| m.get("labels")))?;
+        let tenant = doc
+            .get("metadata")
+            .and_then(|m| m.get("tenant"))
+            .and_then(Node::as_str)
+            .map(str::to_owned);
+        return Ok(Manifest {
+            kind: Kind::Playbook,
+            name: pb.path.clone(),
+            tenant,
+            labels,
+            spec: serde_json::json!({"path": pb.path, "digest": pb.digest}),
+            source: Some(source.to_owned()),
+            at: here,
+        });
+    }
+    let mut diags = Vec::new();
+    if api != Some(API_VERSION) {
+        let loc = doc.get("apiVersion").map_or(doc.loc, |n| n.loc);
+        diags.push(format!(
+            "{}: `apiVersion` must be `{API_VERSION}` (or `noetl.io/v2` for a playbook)",
+            at(file, loc)
+        ));
+    }
+    let kind = match Kind::parse(kind_str).filter(|k| k.as_str() == kind_str) {
+        Some(Kind::Playbook) | None => {
+            let loc = kind_node.map_or(doc.loc, |n| n.loc);
+            diags.push(format!(
+                "{}: unknown kind `{kind_str}` (Tenant, Environment, Policy, WorkerPool; a Playbook is a NoETL document)",
+                at(file, loc)
+            ));
+            None
+        }
+        k => k,
+    };
+    for (k, loc, _) in entries {
+        if !matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "spec") {
+            diags.push(format!(
+                "{}: unknown field `{k}` (apiVersion, kind, metadata, spec)",
+                at(file, *loc)
+            ));
+        }
+    }
+    let meta = doc.get("metadata");
+    let name = meta.and_then(|m| m.get("name"));
+    let name_str = name.and_then(Node::as_str).unwrap_or_default().to_owned();
+    if !valid_name(&name_str) {
+        let loc = name.or(meta).map_or(doc.loc, |n| n.loc);
+        diags.push(format!(
+            "{}: `metadata.name` must be a lowercase name (a-z, 0-9, `-`, `_`, `.`), got `{name_str}`",
+            at(file, loc)
+        ));
+    }
+    let mut tenant = None;
+    if let Some(m) = meta {
+        for (k, loc, v) in m.as_map().unwrap_or_default() {
+            match k.as_str() {
+                "name" | "labels" => {}
+                "tenant" => match v.as_str() {
+                    Some(t) if !t.is_empty() => tenant = Some(t.to_owned()),
+                    _ => diags.push(format!(
+                        "{}: `metadata.tenant` must be a name",
+                        at(file, v.loc)
+                    )),
+                },
+                _ => diags.push(format!(
+                    "{}: unknown field `metadata.{k}` (name, tenant, labels)",
+                    at(file, *loc)
+                )),
+            }
+        }
+    }
+    let labels = match labels(file, meta.and_then(|m| m.get("labels"))) {
+        Ok(l) => l,
+        Err(d) => {
+            diags.extend(d);
+            BTreeMap::new()
+        }
+    };
+    let spec_node = doc.get("spec");
+    let spec = spec_node.map_or(Value::Object(Map::new()), Node::to_json);
+    if let Some(kind) = kind {
+        if kind.cluster_scoped() && tenant.is_some() {
+            diags.push(format!(
+                "{here}: {kind} is cluster-scoped: it takes no `metadata.tenant`"
+            ));
+        }
+        let spec_at = at(file, spec_node.map_or(doc.loc, |n| n.loc));
+        if let Err(e) = check_spec(kind, &spec) {
+            diags.push(format!("{spec_at}: {kind} `{name_str}`: spec: {e}"));
+        }
+    }
+    match (kind, diags.is_empty()) {
+        (Some(kind), true) => Ok(Manifest {
+            kind,
+            name: name_str,
+            tenant,
+            labels,
+            spec,
+            source: None,
+            at: here,
+        }),
+        _ => Err(diags),
+    }
+}
+
+fn labels(file: &str, n: Option<&Node>) -> Result<BTreeMap<String, String>, Vec<String>> {
+    let Some(n) = n else {
+        return Ok(BTreeMap::new());
+    };
+    let Some(entries) = n.as_map() else {
+        return Err(vec![format!(
+            "{}: `metadata.labels` must be a mapping of strings",
+            at(file, n.loc)
+        )]);
+    };
+    let mut out = BTreeMap::new();
+    let mut diags = Vec::new();
+    for (k, _, v) in entries {
+        match &v.v {
+            NodeV::Str(s) => {
+                out.insert(k.clone(), s.clone());
+            }
+            _ => diags.push(format!(
+                "{}: label `{k}` must be a string, got {}",
+                at(file, v.loc),
+                v.type_name()
+            )),
+        }
+    }
+    if diags.is_empty() {
+        Ok(out)
+    } else {
+        Err(diags)
+    }
+}
+
+fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
+    fn typed<T: for<'de> Deserialize<'de>>(spec: &Value) -> Result<T, String> {
+        T::deserialize(spec).map_err(|e| e.to_string())
+    }
+    match kind {
+        Kind::Tenant => typed::<TenantSpec>(spec).map(drop),
+        Kind::Environment => typed::<EnvironmentSpec>(spec).map(drop),
+        Kind::WorkerPool => {
+            let w: WorkerPoolSpec = typed(spec)?;
+            if w.slots == 0 {
+                return Err("`slots` must be at least 1".into());
+            }
+            Ok(())
+        }
+        Kind::Policy => {
+            let p: PolicySpec = typed(spec)?;
+            if let Some(t) = &p.tools
+                && let Some(bad) = t.allow.iter().find(|k| !TOOL_KINDS.contains(&k.as_str()))
+            {
+                return Err(format!(
+                    "`tools.allow` names an unknown tool kind `{bad}` ({})",
+                    TOOL_KINDS.join(", ")
+                ));
+            }
+            Ok(())
+        }
+        Kind::Playbook => Ok(()),
+    }
+}
+
+/// The identity of an object: kind, tenant (None for cluster-scoped kinds) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub tenant: Option<String>,
+    pub name: String,
+}
+
+impl Manifest {
+    /// The key this manifest writes when `caller` applies it.
+    pub fn key(&self, caller: &Caller) -> ObjectKey {
+        let tenant = if self.kind.cluster_scoped() {
+            None
+        } else {
+            Some(self.tenant.clone().unwrap_or_else(|| caller.tenant.clone()))
+        };
+        ObjectKey {
+            kind: self.kind,
+            tenant,
+            name: self.name.clone(),
+        }
+    }
+
+    /// The immutable version id of this content: a Playbook's catalog digest, else the
+    /// sha256 of the canonical JSON (RFC 8785) of kind, tenant, name, labels and spec — the
+    /// same content gives the same version whatever its YAML spelling or key order.
+    pub fn version(&self, key: &ObjectKey) -> String {
+        if self.kind == Kind::Playbook
+            && let Some(d) = self.spec.get("digest").and_then(Value::as_str)
+        {
+            return d.to_owned();
+        }
+        let doc = serde_json::json!({
+            "kind": key.kind,
+            "tenant": key.tenant,
+            "name": key.name,
+            "labels": self.labels,
+            "spec": self.spec,
+        });
+        // Plain JSON values always canonicalize.
+        mayfly_trust::digest_of(&doc).unwrap_or_default()
+    }
+}
+
+/// The verdict on one mutation, with the reason recorded in the audit either way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// Decide whether `caller` may write `key`. Pure and total: every refusal says why.
+pub fn authorize(caller: &Caller, key: &ObjectKey) -> Decision {
+    let deny = |reason: String| Decision {
+        allowed: false,
+        reason,
+    };
+    if key.kind.cluster_scoped() {
+        return if caller.system_admin() {
+            Decision {
+                allowed: true,
+                reason: format!("admin of the `{SYSTEM_TENANT}` tenant"),
+            }
+        } else {
+            deny(format!(
+                "{} objects are cluster-scoped: only an admin of the `{SYSTEM_TENANT}` tenant may write them",
+                key.kind
+            ))
+        };
+    }
+    let target = key.tenant.as_deref().unwrap_or_default();
+    if target != caller.tenant && !caller.system_admin() {
+        return deny(format!(
+            "cross-tenant: a caller of tenant `{}` may not write objects of tenant `{target}`",
+            caller.tenant
+        ));
+    }
+    let need = match key.kind {
+        Kind::Policy => Role::Admin,
+        _ => Role::Author,
+    };
+    if caller.role < need && !caller.system_admin() {
+        return deny(format!(
+            "writing a {} needs the {need:?} role (caller has {:?})",
+            key.kind, caller.role
+        ));
+    }
+    Decision {
+        allowed: true,
+        reason: format!("{:?} of tenant `{}`", caller.role, caller.tenant),
+    }
+}
+
+/// Payload of `object.applied`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub key: ObjectKey,
+    pub version: String,
+    /// Desired generation: 1 on creation, +1 per change.
+    pub generation: u64,
+    /// The version this one replaced (None: created).
+    pub before: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub spec: Value,
+    pub decision: Decision,
+    /// The policy set in effect for the object's tenant when this was decided.
+    pub policy_version: Option<String>,
+    /// Catalog version, for a Playbook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_version: Option<u32>,
+}
+
+/// Payload of `object.denied`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Denied {
+    pub key: ObjectKey,
+    /// The version the refused content would have had.
+    pub attempted: String,
+    /// The version in place, unchanged (None: none).
+    pub current: Option<String>,
+    pub decision: Decision,
+    pub policy_version: Option<String>,
+}
+
+/// One change of an object, as the history shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    pub generation: u64,
+    pub version: String,
+    pub before: Option<String>,
+    /// Position of the change in the `control` stream (its audit record).
+    pub seq: u64,
+    pub at: u64,
+    pub actor: String,
+    pub request_id: Option<String>,
+    pub policy_version: Option<String>,
+}
+
+/// Reconciliation phase: Pending, Progressing and Degraded are non-terminal; Ready and
+/// Failed terminal (for the current generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Progressing,
+    Degraded,
+    Ready,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Ready | Phase::Failed)
+    }
+}
+
+/// A condition of an object's status, with a machine-readable reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the control plane observes of an object against what is desired.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub desired_generation: u64,
+    pub observed_generation: u64,
+    pub conditions: Vec<Condition>,
+}
+
+/// An object as it currently stands, with its history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Object {
+    pub key: ObjectKey,
+    pub version: String,
+    pub generation: u64,
+    pub labels: BTreeMap<String, String>,
+    pub spec: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_version: Option<u32>,
+    pub revisions: Vec<Revision>,
+}
+
+impl Object {
+    /// The object's status. Kinds whose desired state takes effect when stored (Tenant,
+    /// Environment, Policy, Playbook: the catalog holds the version) are Ready at their
+    /// current generation. A WorkerPool is observed by agents reporting against it, which
+    /// nothing does yet: it stays Pending, saying so.
+    pub fn status(&self) -> Status {
+        let (phase, observed, condition) = match self.key.kind {
+            Kind::WorkerPool => (
+                Phase::Pending,
+                0,
+                Condition {
+                    kind: "Observed".into(),
+                    status: false,
+                    reason: "NoAgentReports".into(),
+                    message: "no worker has reported against this pool yet".into(),
+                },
+            ),
+            Kind::Playbook => (
+                Phase::Ready,
+                self.generation,
+                Condition {
+                    kind: "Registered".into(),
+                    status: true,
+                    reason: "InCatalog".into(),
+                    message: format!(
+                        "catalog version {} holds {}",
+                        self.catalog_version.unwrap_or_default(),
+                        self.version
+                    ),
+                },
+            ),
+            _ => (
+                Phase::Ready,
+                self.generation,
+                Condition {
+                    kind: "Accepted".into(),
+                    status: true,
+                    reason: "Stored".into(),
+                    message: "validated and stored; effective as stored".into(),
+                },
+            ),
+        };
+        Status {
+            phase,
+            desired_generation: self.generation,
+            observed_generation: observed,
+            conditions: vec![condition],
+        }
+    }
+}
+
+/// The `control` stream folded: current objects, the chain's head, counts.
+#[derive(Clone, Debug, Default)]
+pub struct ControlState {
+    pub objects: BTreeMap<ObjectKey, Object>,
+    /// Last seq of the stream (0: empty).
+    pub seq: u64,
+    pub last_hash: String,
+    pub denied: u64,
+}
+
+/// A control event that does not fold.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("control event #{seq} ({kind}): {reason}")]
+pub struct FoldError {
+    pub seq: u64,
+    pub kind: String,
+    pub reason: String,
+}
+
+impl ControlState {
+    /// Fold one event of the `control` stream (in seq order).
+    pub fn apply(&mut self, e: &Event) -> Result<(), FoldError> {
+        let fail = |reason: String| FoldError {
+            seq: e.seq,
+            kind: e.kind.to_string(),
+            reason,
+        };
+        if e.seq != self.seq + 1 {
+            return Err(fail(format!("expected seq {}", self.seq + 1)));
+        }
+        match e.kind {
+            EventKind::ObjectApplied => {
+                let a = Applied::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                let rev = Revision {
+                    generation: a.generation,
+                    version: a.version.clone(),
+                    before: a.before.clone(),
+                    seq: e.seq,
+                    at: e.at,
+                    actor: e.actor.clone(),
+                    request_id: e.request_id.clone(),
+                    policy_version: a.policy_version.clone(),
+                };
+                let obj = self.objects.entry(a.key.clone()).or_insert_with(|| Object {
+                    key: a.key.clone(),
+                    version: String::new(),
+                    generation: 0,
+                    labels: BTreeMap::new(),
+                    spec: Value::Null,
+                    catalog_version: None,
+                    revisions: Vec::new(),
+                });
+                if a.generation != obj.generation + 1 {
+                    return Err(fail(format!(
+                        "generation {} does not follow {}",
+                        a.generation, obj.generation
+                    )));
+                }
+                obj.version = a.version;
+                obj.generation = a.generation;
+                obj.labels = a.labels;
+                obj.spec = a.spec;
+                obj.catalog_version = a.catalog_version;
+                obj.revisions.push(rev);
+            }
+            EventKind::ObjectDenied => {
+                Denied::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.denied += 1;
+            }
+            k => return Err(fail(format!("`{k}` does not belong in the control stream"))),
+        }
+        self.seq = e.seq;
+        self.last_hash = e.hash.clone();
+        Ok(())
+    }
+
+    /// The version of the policy set in effect for `tenant`: the digest of the (name,
+    /// version) pairs of every Policy that applies to it (its own, and those scoped to no
+    /// tenant), or None when there is none.
+    pub fn policy_version(&self, tenant: Option<&str>) -> Option<String> {
+        let set: Vec<(&str, &str)> = self
+            .objects
+            .values()
+            .filter(|o| o.key.kind == Kind::Policy)
+            .filter(|o| {
+                // A tenant's own policies and the platform's (the system tenant's), unless
+                // scoped to another tenant.
+                let scoped = o.spec.pointer("/scope/tenant").and_then(Value::as_str);
+                let owner = o.key.tenant.as_deref();
+                scoped.is_none_or(|s| Some(s) == tenant)
+                    && (owner == tenant || owner == Some(SYSTEM_TENANT))
+            })
+            .map(|o| (o.key.name.as_str(), o.version.as_str()))
+            .collect();
+        if set.is_empty() {
+            return None;
+        }
+        mayfly_trust::digest_of(&set).ok()
+    }
+}

@@ -1,0 +1,257 @@
+use crate::model::*;
+use crate::service::{Control, Outcome, verify_stored};
+use mayfly_store::{SqliteStore, Store};
+use serde_json::json;
+use std::sync::Arc;
+
+fn caller(tenant: &str, role: Role) -> Caller {
+    Caller {
+        tenant: tenant.into(),
+        role,
+        actor: format!("{tenant}-{role:?}").to_lowercase(),
+        request_id: "req-1".into(),
+    }
+}
+
+const POOL: &str = "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata:\n  name: gpu\n  labels: {team: ml}\nspec:\n  slots: 8\n  queue: mayfly\n";
+
+#[test]
+fn manifests_parse_and_validate_with_locations() {
+    let src = format!(
+        "{POOL}---\napiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {{name: prod}}\nspec: {{description: production}}\n"
+    );
+    let ms = parse_manifests("pool.yaml", &src).expect("valid");
+    assert_eq!(ms.len(), 2);
+    assert_eq!((ms[0].kind, ms[0].name.as_str()), (Kind::WorkerPool, "gpu"));
+    assert_eq!(ms[0].labels.get("team").map(String::as_str), Some("ml"));
+    assert_eq!(ms[1].kind, Kind::Environment);
+
+    let bad = "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: Bad_Name}\nspec:\n  slots: 0\n---\napiVersion: v0\nkind: Gadget\nmetadata: {name: x}\nextra: 1\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  tools: {allow: [python, rocket]}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme, tenant: acme}\nspec: {colour: red}\n";
+    let e = parse_manifests("bad.yaml", bad).expect_err("invalid");
+    let text = e.to_string();
+    for want in [
+        "bad.yaml:3:", // name
+        "`metadata.name` must be a lowercase name",
+        "bad.yaml:5:", // spec of the pool
+        "`slots` must be at least 1",
+        "bad.yaml:7:", // apiVersion v0
+        "unknown kind `Gadget`",
+        "unknown field `extra`",
+        "unknown tool kind `rocket`",
+        "Tenant is cluster-scoped",
+        "unknown field `colour`",
+    ] {
+        assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+    let e = parse_manifests("broken.yaml", "kind: [unclosed\n").expect_err("yaml");
+    assert!(e.to_string().starts_with("broken.yaml:"), "{e}");
+}
+
+#[test]
+fn a_playbook_is_a_manifest_alone_in_its_file() {
+    let pb = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: hi, path: team/hi}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n";
+    let ms = parse_manifests("hi.yaml", pb).expect("playbook");
+    assert_eq!(
+        (ms[0].kind, ms[0].name.as_str()),
+        (Kind::Playbook, "team/hi")
+    );
+    assert_eq!(ms[0].source.as_deref(), Some(pb));
+    let two = format!("{pb}---\n{POOL}");
+    let e = parse_manifests("two.yaml", &two).expect_err("not alone");
+    assert!(e.to_string().contains("alone in its file"), "{e}");
+    let broken = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: x}\nworkflow:\n  - step: start\n    next: nowhere\n";
+    let e = parse_manifests("x.yaml", broken).expect_err("invalid playbook");
+    assert!(e.to_string().contains("x.yaml:"), "{e}");
+}
+
+#[test]
+fn versions_are_content_digests_independent_of_spelling() {
+    let a = parse_manifests("a", POOL).expect("a").remove(0);
+    let b = parse_manifests(
+        "b",
+        "kind: WorkerPool\napiVersion: mayfly.dev/v1\nspec: {queue: mayfly, slots: 8}\nmetadata: {labels: {team: ml}, name: gpu}\n",
+    )
+    .expect("b")
+    .remove(0);
+    let c = caller("acme", Role::Author);
+    let key = a.key(&c);
+    assert_eq!(key.tenant.as_deref(), Some("acme"));
+    assert_eq!(a.version(&key), b.version(&key));
+    assert!(a.version(&key).starts_with("sha256:"));
+    let mut changed = a.clone();
+    changed.spec = json!({"slots": 9, "queue": "mayfly"});
+    assert_ne!(changed.version(&key), a.version(&key));
+    let other = a.key(&caller("beta", Role::Author));
+    assert_ne!(
+        a.version(&other),
+        a.version(&key),
+        "the tenant is part of the identity"
+    );
+}
+
+#[test]
+fn authorization_matrix() {
+    let key = |kind, tenant: Option<&str>| ObjectKey {
+        kind,
+        tenant: tenant.map(str::to_owned),
+        name: "n".into(),
+    };
+    let sys = caller(SYSTEM_TENANT, Role::Admin);
+    let admin = caller("acme", Role::Admin);
+    let author = caller("acme", Role::Author);
+    let operator = caller("acme", Role::Operator);
+    let cases = [
+        (&sys, key(Kind::Tenant, None), true),
+        (&admin, key(Kind::Tenant, None), false),
+        (&admin, key(Kind::Environment, None), false),
+        (&author, key(Kind::WorkerPool, Some("acme")), true),
+        (&author, key(Kind::Playbook, Some("acme")), true),
+        (&author, key(Kind::Policy, Some("acme")), false),
+        (&admin, key(Kind::Policy, Some("acme")), true),
+        (&operator, key(Kind::WorkerPool, Some("acme")), false),
+        (&admin, key(Kind::WorkerPool, Some("beta")), false),
+        (&sys, key(Kind::Policy, Some("beta")), true),
+    ];
+    for (c, k, allowed) in cases {
+        let d = authorize(c, &k);
+        assert_eq!(d.allowed, allowed, "{:?} {:?}: {}", c.role, k, d.reason);
+        assert!(!d.reason.is_empty());
+    }
+    assert!(
+        authorize(&admin, &key(Kind::WorkerPool, Some("beta")))
+            .reason
+            .contains("cross-tenant")
+    );
+}
+
+async fn control() -> (tempfile::TempDir, Arc<dyn Store>, Control) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("c.db"))
+            .await
+            .expect("store"),
+    );
+    let c = Control::open(store.clone()).await.expect("open");
+    (dir, store, c)
+}
+
+#[tokio::test]
+async fn apply_records_versions_history_and_denials_and_replays() {
+    let (_dir, store, c) = control().await;
+    let author = caller("acme", Role::Author);
+    let ms = parse_manifests("pool.yaml", POOL).expect("pool");
+    let r = c.apply(&author, &ms).await.expect("apply");
+    assert_eq!(r.results[0].outcome, Outcome::Created);
+    assert_eq!(r.results[0].generation, 1);
+    assert!(r.accepted_token.is_some());
+    // Identical content: a no-op that writes nothing.
+    let r = c.apply(&author, &ms).await.expect("again");
+    assert_eq!(r.results[0].outcome, Outcome::Unchanged);
+    assert_eq!(r.accepted_token, None);
+    let v1 = r.results[0].version.clone();
+    // A change: generation 2, before → after recorded.
+    let changed = parse_manifests("pool.yaml", &POOL.replace("slots: 8", "slots: 12")).expect("v2");
+    let r = c.apply(&author, &changed).await.expect("change");
+    assert_eq!(
+        (r.results[0].outcome.clone(), r.results[0].generation),
+        (Outcome::Configured, 2)
+    );
+    let hist = c
+        .history(&author, Kind::WorkerPool, "gpu")
+        .await
+        .expect("history");
+    assert_eq!(hist.len(), 2);
+    assert_eq!(hist[1].before.as_deref(), Some(v1.as_str()));
+    assert_eq!(hist[1].actor, "token:acme-author@acme");
+    assert_eq!(hist[1].request_id.as_deref(), Some("req-1"));
+    let got = c.get(&author, Kind::WorkerPool, Some("gpu")).await;
+    assert_eq!(got[0].object.spec["slots"], 12);
+    assert_eq!(got[0].status.desired_generation, 2);
+    assert_eq!(
+        got[0].status.phase,
+        Phase::Pending,
+        "nothing observes pools yet"
+    );
+
+    // A denied object: recorded with its reason; the allowed one beside it is skipped.
+    let tenant = parse_manifests(
+        "t.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme}\nspec: {display_name: Acme}\n---\napiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: dev}\n",
+    )
+    .expect("tenant");
+    let r = c.apply(&author, &tenant).await.expect("denied apply");
+    assert!(r.denied());
+    assert_eq!(r.results[0].outcome, Outcome::Denied);
+    assert!(r.results[0].reason.contains("cluster-scoped"));
+    assert_eq!(r.results[1].outcome, Outcome::Denied);
+    assert!(
+        c.get(&caller(SYSTEM_TENANT, Role::Admin), Kind::Tenant, None)
+            .await
+            .is_empty()
+    );
+    // The system admin may; other tenants do not see acme's pool.
+    let r = c
+        .apply(&caller(SYSTEM_TENANT, Role::Admin), &tenant)
+        .await
+        .expect("admin");
+    assert_eq!(r.results[0].outcome, Outcome::Created);
+    assert!(
+        c.get(&caller("beta", Role::Admin), Kind::WorkerPool, None)
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        c.get(&caller("beta", Role::Admin), Kind::Environment, None)
+            .await
+            .len(),
+        1
+    );
+
+    // The stream verifies, and a fresh process folds it to the same objects.
+    let v = c.verify().await.expect("verify");
+    assert_eq!((v.events, v.applied, v.denied), (6, 4, 2));
+    let again = Control::open(store.clone()).await.expect("reopen");
+    assert_eq!(
+        again.get(&author, Kind::WorkerPool, Some("gpu")).await[0]
+            .object
+            .version,
+        got[0].object.version
+    );
+    let events = store
+        .read_all(&mayfly_types::ExecutionId::from(crate::STREAM))
+        .await
+        .expect("events");
+    let denied = events
+        .iter()
+        .find(|e| e.kind == mayfly_types::EventKind::ObjectDenied)
+        .expect("denied");
+    assert_eq!(denied.payload["decision"]["allowed"], false);
+    assert_eq!(denied.actor, "token:acme-author@acme");
+    assert!(verify_stored(store.as_ref()).await.is_ok());
+}
+
+#[tokio::test]
+async fn policies_set_the_effective_policy_version_of_later_decisions() {
+    let (_dir, _store, c) = control().await;
+    let admin = caller("acme", Role::Admin);
+    let pol = parse_manifests(
+        "p.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  tools: {allow: [python, http]}\n  limits: {step_timeout_s: 30}\n",
+    )
+    .expect("policy");
+    let r = c.apply(&admin, &pol).await.expect("policy");
+    assert_eq!(r.results[0].outcome, Outcome::Created);
+    let pool = parse_manifests("pool.yaml", POOL).expect("pool");
+    c.apply(&admin, &pool).await.expect("pool");
+    let hist = c.history(&admin, Kind::WorkerPool, "gpu").await.expect("h");
+    let pv = hist[0]
+        .policy_version
+        .clone()
+        .expect("a policy is in effect");
+    assert!(pv.starts_with("sha256:"));
+    let first = c.history(&admin, Kind::Policy, "base").await.expect("h");
+    assert_eq!(
+        first[0].policy_version, None,
+        "no policy was in effect before the first"
+    );
+}
