@@ -255,3 +255,56 @@ async fn policies_set_the_effective_policy_version_of_later_decisions() {
         "no policy was in effect before the first"
     );
 }
+
+/// The audit is tamper-evident: a rewritten record fails verification (naming its seq), a
+/// process refuses to load such a stream, and a truncated tail — a valid prefix on its
+/// own — is caught by the process that appended past it.
+#[tokio::test]
+async fn tampering_with_the_control_stream_is_detected() {
+    use sqlx::{Connection, SqliteConnection};
+    let (dir, store, c) = control().await;
+    let author = caller("acme", Role::Author);
+    for slots in [8, 9, 10] {
+        let ms = parse_manifests(
+            "pool.yaml",
+            &POOL.replace("slots: 8", &format!("slots: {slots}")),
+        )
+        .expect("pool");
+        c.apply(&author, &ms).await.expect("apply");
+    }
+    assert_eq!(c.verify().await.expect("clean").events, 3);
+    let url = format!("sqlite://{}", dir.path().join("c.db").display());
+    let mut raw = SqliteConnection::connect(&url).await.expect("raw");
+    // Truncate the tail: what is left still chains, but not to what this process wrote.
+    sqlx::query("DROP TRIGGER events_no_delete")
+        .execute(&mut raw)
+        .await
+        .expect("drop");
+    sqlx::query("DELETE FROM events WHERE execution_id = 'control' AND seq = 3")
+        .execute(&mut raw)
+        .await
+        .expect("truncate");
+    assert!(
+        verify_stored(store.as_ref()).await.is_ok(),
+        "a prefix chains on its own"
+    );
+    let e = c.verify().await.expect_err("truncation");
+    assert!(e.to_string().contains("ends at #2"), "{e}");
+    // Rewrite a record: the chain breaks at it.
+    sqlx::query("DROP TRIGGER events_no_update")
+        .execute(&mut raw)
+        .await
+        .expect("drop");
+    sqlx::query(
+        "UPDATE events SET payload = replace(payload, '\"slots\":8', '\"slots\":80') WHERE execution_id = 'control' AND seq = 1",
+    )
+    .execute(&mut raw)
+    .await
+    .expect("tamper");
+    let e = verify_stored(store.as_ref()).await.expect_err("tampered");
+    assert!(e.to_string().contains("seq 1"), "{e}");
+    assert!(
+        Control::open(store.clone()).await.is_err(),
+        "a tampered stream is not loaded"
+    );
+}

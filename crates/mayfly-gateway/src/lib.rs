@@ -5,6 +5,8 @@
 //!
 //! Every error is `application/problem+json` with a stable `code`.
 
+mod control;
+
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -56,6 +58,8 @@ impl Role {
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub runtime: RuntimeHandle,
+    /// The control plane (desired state and its audit), opened on the same store.
+    pub control: Arc<mayfly_control::Control>,
     /// Renders `/metrics` (None: the endpoint answers 404).
     pub metrics: Option<PrometheusHandle>,
 }
@@ -351,6 +355,11 @@ pub fn router(gw: Gateway) -> Router {
         .route("/executions/{id}/cancel", post(cancel))
         .route("/tokens", post(create_token))
         .route("/audit", get(list_audit))
+        .route("/audit/verify", get(control::verify))
+        .route("/apply", post(control::apply))
+        .route("/objects/{kind}", get(control::list))
+        .route("/objects/{kind}/{*name}", get(control::describe))
+        .route("/history/{kind}/{*name}", get(control::history))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
         .layer(axum::Extension(Auditor::spawn(gw.store.clone())));
     Router::new()
@@ -839,7 +848,7 @@ pub fn openapi() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Problem": {"type": "object", "required": ["type", "status", "code", "detail"], "properties": {
                 "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "payload_too_large", "already_ended", "unknown_callback", "callback_used", "internal"]},
+                "code": {"type": "string", "enum": ["unauthenticated", "forbidden", "not_found", "invalid_playbook", "invalid_request", "invalid_manifest", "denied", "forged_ref", "payload_too_large", "already_ended", "unknown_callback", "callback_used", "internal"]},
                 "detail": {"type": "string"}, "diagnostics": {"type": "array"}}}}
         },
         "security": [{"bearer": []}],
@@ -858,6 +867,11 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/audit": {"get": {"summary": "Audit records of refused requests, most recent first (admin; system admins: every tenant or ?tenant=)", "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}, {"name": "tenant", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{audit: [...]}"), "403": problem}}},
+            "/v1/apply": {"post": {"summary": "Apply desired state: a YAML body of manifests (Tenant, Environment, Policy, WorkerPool; or one NoETL playbook), all or nothing; ?file= names the source in messages", "parameters": [{"name": "file", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{results: [{kind, tenant, name, version, generation, outcome, reason}], accepted_token}"), "400": problem, "403": problem}}},
+            "/v1/objects/{kind}": {"get": {"summary": "Objects of a kind visible to the caller, with status", "responses": {"200": ok("{objects: [...]}"), "400": problem}}},
+            "/v1/objects/{kind}/{name}": {"get": {"summary": "One object: spec, version, generation, status, revisions", "responses": {"200": ok("object"), "404": problem}}},
+            "/v1/history/{kind}/{name}": {"get": {"summary": "Every revision of an object, oldest first (version, before, actor, request id, policy version)", "responses": {"200": ok("{revisions: [...]}"), "404": problem}}},
+            "/v1/audit/verify": {"get": {"summary": "Re-read and verify the hash-chained control stream (operator)", "responses": {"200": ok("{ok: true, verified}"), "409": ok("{ok: false, error}"), "403": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
             "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},

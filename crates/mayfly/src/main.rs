@@ -1,6 +1,7 @@
 //! The `mayfly` binary.
 
 mod bench;
+mod control;
 mod keychain;
 mod progress;
 mod remote;
@@ -125,6 +126,42 @@ enum Cmd {
         key: keychain::KeyOpts,
         #[command(flatten)]
         cache: CacheOpts,
+    },
+    /// Apply desired state: manifest files (or directories of *.yaml) of Tenant,
+    /// Environment, Policy, WorkerPool objects and NoETL playbooks, each file all or nothing,
+    /// on the server at MAYFLY_URL (token MAYFLY_TOKEN).
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List objects of a KIND (tenants, environments, policies, playbooks, workerpools) with
+    /// their status, or one by NAME.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One object: spec, version, generation, status and conditions (JSON).
+    Describe { kind: String, name: String },
+    /// Every revision of an object: version, the version it replaced, actor, request id.
+    History { kind: String, name: String },
+    /// Create an API token on the server (admin; printed once, stored only as a hash).
+    Token {
+        /// Role: viewer, operator, author or admin.
+        #[arg(long)]
+        role: String,
+        /// A name for the token (recorded as the actor of what it does).
+        #[arg(long)]
+        name: String,
+        /// Tenant (default: the caller's; other tenants need a system admin).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The control plane's audit (the hash-chained `control` stream).
+    Audit {
+        #[command(subcommand)]
+        cmd: control::AuditCmd,
     },
     /// Register a playbook file in the catalog: a new immutable version (or `unchanged`).
     /// Without --db it registers on the server at MAYFLY_URL (token MAYFLY_TOKEN).
@@ -408,6 +445,20 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             None => remote::register(&playbook).await,
         },
         Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
+        Cmd::Apply { files } => control::apply(&files).await,
+        Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
+        Cmd::Get { kind, name, json } => control::get(&kind, name.as_deref(), json).await,
+        Cmd::Describe { kind, name } => control::describe(&kind, &name).await,
+        Cmd::History { kind, name } => control::history(&kind, &name).await,
+        Cmd::Audit { cmd } => {
+            let store = match &cmd {
+                control::AuditCmd::Verify { db: Some(db) } => {
+                    Some(open_db(db, true, false).await?.0)
+                }
+                control::AuditCmd::Verify { db: None } => None,
+            };
+            control::audit(cmd, store).await
+        }
         Cmd::Exec { cmd } => remote::exec(cmd, overrides).await,
         Cmd::Keychain { cmd, key } => {
             keychain::run(cmd, key, async |db: &Path| {
@@ -669,7 +720,13 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
     if let Some(token) = mayfly_gateway::bootstrap_admin(store.as_ref()).await? {
         eprintln!("{}", mayfly_gateway::banner::token_line(&token));
     }
+    let control = Arc::new(
+        mayfly_control::Control::open(store.clone())
+            .await
+            .context("loading the control plane's stream")?,
+    );
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
+        control,
         store,
         runtime: runtime.handle(),
         metrics: mayfly_gateway::install_metrics(),

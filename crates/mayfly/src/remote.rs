@@ -117,6 +117,22 @@ impl Client {
         path: &str,
         body: Option<String>,
     ) -> Result<Value> {
+        let (status, v) = self.send_raw(method, path, body).await?;
+        if !status.is_success() {
+            let code = v.get("code").and_then(Value::as_str).unwrap_or("error");
+            let detail = v.get("detail").and_then(Value::as_str).unwrap_or("");
+            bail!("{status} {code}: {detail}");
+        }
+        Ok(v)
+    }
+
+    /// The status and JSON body of a call, whatever the status.
+    pub(crate) async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let mut r = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -131,13 +147,19 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !status.is_success() {
-            let code = v.get("code").and_then(Value::as_str).unwrap_or("error");
-            let detail = v.get("detail").and_then(Value::as_str).unwrap_or("");
-            bail!("{status} {code}: {detail}");
-        }
-        Ok(v)
+        Ok((status, v))
     }
+}
+
+/// `mayfly token`: create a token; prints it (it is shown once).
+pub async fn token(role: &str, name: &str, tenant: Option<String>) -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let body = json!({"tenant": tenant, "role": role, "name": name}).to_string();
+    let v = c
+        .send(reqwest::Method::POST, "/v1/tokens", Some(body))
+        .await?;
+    println!("{}", v["token"].as_str().unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn register(file: &Path) -> Result<ExitCode> {

@@ -840,30 +840,33 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
     second.wait().expect("wait");
 }
 
-#[test]
-fn cli_against_a_server_registers_starts_watches_and_lists() {
+/// An embedded `mayfly server` on `db`: (child, base url, the admin token it printed).
+fn local_server(db: &std::path::Path) -> (std::process::Child, String, String) {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().expect("tmp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
     let mut server = bin()
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-        .arg(dir.path().join("srv.db"))
+        .args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("server");
     let mut banner = mayfly_gateway::banner::Banner::default();
-    for l in std::io::BufReader::new(server.stderr.take().expect("stderr")).lines() {
+    let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
+    for l in lines.by_ref() {
         if banner.feed(&l.expect("line")) {
             break;
         }
     }
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
     let token = banner.token.expect("first start prints the admin token");
-    let url = format!("http://127.0.0.1:{port}");
+    (server, banner.url.expect("ready"), token)
+}
+
+#[test]
+fn cli_against_a_server_registers_starts_watches_and_lists() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut server, url, token) = local_server(&dir.path().join("srv.db"));
     let remote = |args: &[&str]| {
         bin()
             .env("MAYFLY_URL", &url)
@@ -922,4 +925,111 @@ fn cli_against_a_server_registers_starts_watches_and_lists() {
     );
     server.kill().expect("stop");
     server.wait().expect("wait");
+}
+
+/// Desired state from the CLI: `apply -f DIR` (manifests and a playbook), `get`,
+/// `history`, a refused apply (exit 1, reason printed), and `audit verify` against the
+/// server and, once it is stopped, against the log file itself.
+#[test]
+fn cli_applies_desired_state_and_verifies_the_audit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("ctl.db");
+    let (mut server, url, token) = local_server(&db);
+    let m = dir.path().join("manifests");
+    std::fs::create_dir(&m).expect("dir");
+    std::fs::write(
+        m.join("10-env.yaml"),
+        "apiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: prod}\n---\napiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: gpu, tenant: acme}\nspec: {slots: 4}\n",
+    )
+    .expect("write");
+    std::fs::copy(examples().join("hello.yaml"), m.join("20-hello.yaml")).expect("copy");
+    std::fs::write(m.join("notes.txt"), "not a manifest").expect("write");
+    let remote = |token: &str, args: &[&str]| {
+        bin()
+            .env("MAYFLY_URL", &url)
+            .env("MAYFLY_TOKEN", token)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let o = remote(&token, &["apply", "-f", m.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let text = out(&o);
+    for want in [
+        "environment/prod created (generation 1, sha256:",
+        "workerpool/gpu created",
+        "playbook/examples/hello created",
+    ] {
+        assert!(text.contains(want), "missing `{want}`:\n{text}");
+    }
+    let o = remote(&token, &["apply", "-f", m.to_str().expect("path")]);
+    assert!(out(&o).contains("workerpool/gpu unchanged"), "{}", out(&o));
+    let o = remote(&token, &["get", "workerpools"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).contains("gpu") && out(&o).contains("acme") && out(&o).contains("Pending"),
+        "{}",
+        out(&o)
+    );
+    std::fs::write(
+        m.join("10-env.yaml"),
+        "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: gpu, tenant: acme}\nspec: {slots: 8}\n",
+    )
+    .expect("write");
+    let o = remote(
+        &token,
+        &["apply", "-f", m.join("10-env.yaml").to_str().expect("path")],
+    );
+    assert!(
+        out(&o).contains("workerpool/gpu configured (generation 2"),
+        "{}",
+        out(&o)
+    );
+    let o = remote(&token, &["history", "workerpool", "gpu"]);
+    let lines: Vec<String> = out(&o).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("generation 2") && lines[1].contains("by token:"),
+        "{lines:?}"
+    );
+
+    // A tenant author may not write an Environment: exit 1 with the reason, recorded.
+    let o = remote(
+        &token,
+        &[
+            "token", "--tenant", "acme", "--role", "author", "--name", "dev",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    let author = out(&o).trim().to_owned();
+    assert!(author.starts_with("mf_"), "{author}");
+    let env = dir.path().join("env.yaml");
+    std::fs::write(
+        &env,
+        "apiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: qa}\n",
+    )
+    .expect("write");
+    let o = remote(&author, &["apply", "-f", env.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        out(&o).contains("environment/qa denied: Environment objects are cluster-scoped"),
+        "{}\n{}",
+        out(&o),
+        err(&o)
+    );
+    let o = remote(&author, &["get", "environments"]);
+    assert!(!out(&o).contains("qa"), "nothing of a refused apply exists");
+
+    let o = remote(&token, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).starts_with("ok: "), "{}", out(&o));
+    server.kill().expect("stop");
+    server.wait().expect("wait");
+    let o = bin()
+        .args(["audit", "verify", "--db"])
+        .arg(&db)
+        .output()
+        .expect("cli");
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(out(&o).contains("control events"), "{}", out(&o));
 }

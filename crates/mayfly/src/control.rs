@@ -1,0 +1,219 @@
+//! `mayfly apply | get | describe | history | audit verify`: the control plane's desired
+//! state, against the server at MAYFLY_URL (token MAYFLY_TOKEN).
+
+use crate::remote::Client;
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum AuditCmd {
+    /// Re-read the control stream and verify its hash chain (and, against a server, that
+    /// it ends where the server last appended). Exit status 1 when it does not verify.
+    Verify {
+        /// Verify a local log directly instead of asking the server.
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+}
+
+/// The manifest files of `path`: the file itself, or a directory's `*.yaml`/`*.yml` files
+/// in name order.
+fn files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| e == "yaml" || e == "yml")
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Apply every manifest file (each file all or nothing), printing one line per object.
+pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let mut failed = false;
+    for p in paths {
+        for f in files(p)? {
+            let body =
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            let name = f.display().to_string();
+            let query: String = name
+                .bytes()
+                .map(|b| match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let (status, v) = c
+                .send_raw(
+                    reqwest::Method::POST,
+                    &format!("/v1/apply?file={query}"),
+                    Some(body),
+                )
+                .await?;
+            if let Some(results) = v["results"].as_array() {
+                for r in results {
+                    println!(
+                        "{}/{} {}{} (generation {}, {})",
+                        r["kind"].as_str().unwrap_or_default().to_lowercase(),
+                        r["name"].as_str().unwrap_or_default(),
+                        r["outcome"].as_str().unwrap_or_default(),
+                        match r["outcome"].as_str() {
+                            Some("denied") | Some("skipped") =>
+                                format!(": {}", r["reason"].as_str().unwrap_or_default()),
+                            _ => String::new(),
+                        },
+                        r["generation"],
+                        r["version"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            if !status.is_success() {
+                failed = true;
+                if v.get("results").is_none() {
+                    eprintln!("{}", v["detail"].as_str().unwrap_or(&v.to_string()));
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `mayfly get KIND [NAME]`: a table (or JSON) of objects with their status.
+pub async fn get(kind: &str, name: Option<&str>, json: bool) -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let objects: Vec<Value> = match name {
+        Some(n) => vec![
+            c.send(
+                reqwest::Method::GET,
+                &format!("/v1/objects/{kind}/{n}"),
+                None,
+            )
+            .await?,
+        ],
+        None => c
+            .send(reqwest::Method::GET, &format!("/v1/objects/{kind}"), None)
+            .await?["objects"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&objects)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<12} {:>10} {:<12} VERSION",
+        "NAME", "TENANT", "GENERATION", "PHASE"
+    );
+    for o in objects {
+        println!(
+            "{:<24} {:<12} {:>10} {:<12} {}",
+            o["key"]["name"].as_str().unwrap_or_default(),
+            o["key"]["tenant"].as_str().unwrap_or("-"),
+            o["generation"],
+            o["status"]["phase"].as_str().unwrap_or_default(),
+            o["version"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mayfly describe KIND NAME`: the object, its spec and status, as JSON.
+pub async fn describe(kind: &str, name: &str) -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let v = c
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/objects/{kind}/{name}"),
+            None,
+        )
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mayfly history KIND NAME`: every revision, oldest first.
+pub async fn history(kind: &str, name: &str) -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let v = c
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/history/{kind}/{name}"),
+            None,
+        )
+        .await?;
+    for r in v["revisions"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "#{} generation {} {} (before {}) by {} request {} policy {}",
+            r["seq"],
+            r["generation"],
+            r["version"].as_str().unwrap_or_default(),
+            r["before"].as_str().unwrap_or("-"),
+            r["actor"].as_str().unwrap_or_default(),
+            r["request_id"].as_str().unwrap_or("-"),
+            r["policy_version"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mayfly audit verify`.
+pub async fn audit(
+    cmd: AuditCmd,
+    store: Option<std::sync::Arc<dyn mayfly_store::Store>>,
+) -> Result<ExitCode> {
+    let AuditCmd::Verify { .. } = cmd;
+    let outcome = match store {
+        Some(s) => mayfly_control::verify_stored(s.as_ref())
+            .await
+            .map(|v| serde_json::json!(v))
+            .map_err(|e| e.to_string()),
+        None => {
+            let c = Client::from_env()?;
+            let (status, v) = c
+                .send_raw(reqwest::Method::GET, "/v1/audit/verify", None)
+                .await?;
+            if status == reqwest::StatusCode::CONFLICT {
+                Err(v["error"].as_str().unwrap_or_default().to_owned())
+            } else if !status.is_success() {
+                bail!("{status}: {}", v["detail"].as_str().unwrap_or_default());
+            } else {
+                Ok(v["verified"].clone())
+            }
+        }
+    };
+    match outcome {
+        Ok(v) => {
+            println!(
+                "ok: {} control events ({} applied, {} denied), head {}",
+                v["events"],
+                v["applied"],
+                v["denied"],
+                v["head"].as_str().unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("audit does NOT verify: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
