@@ -10,15 +10,16 @@
 
 pub mod model;
 pub mod service;
+pub mod view;
 
 pub use model::{
     API_VERSION, Caller, ControlState, Decision, Kind, Manifest, ManifestError, Object, ObjectKey,
-    Phase, Revision, Role, SYSTEM_TENANT, Status, authorize, parse_manifests,
+    ObjectView, Phase, Revision, Role, SYSTEM_TENANT, Status, authorize, parse_manifests, visible,
 };
 pub use service::{
-    ApplyReport, ApplyResult, Control, ControlError, ObjectView, Outcome, STREAM, Verified,
-    verify_stored,
+    ApplyReport, ApplyResult, Control, ControlError, Outcome, STREAM, Verified, verify_stored,
 };
+pub use view::{CatchUp, Class, Degraded, Freshness, ReadRequest, Rejection, View, admits};
 
 #[cfg(test)]
 mod tests;

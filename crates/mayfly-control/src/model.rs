@@ -701,6 +701,22 @@ impl ControlState {
         if e.seq != self.seq + 1 {
             return Err(fail(format!("expected seq {}", self.seq + 1)));
         }
+        // The fold is the chain's verifier too: whoever folds (the appender, every view)
+        // refuses a record that does not link or whose hash does not match.
+        let prev = if self.seq == 0 {
+            mayfly_types::GENESIS_HASH
+        } else {
+            self.last_hash.as_str()
+        };
+        if e.prev_hash != prev {
+            return Err(fail(
+                "prev_hash does not link to the previous record".into(),
+            ));
+        }
+        match mayfly_trust::event_hash(e) {
+            Ok(h) if h == e.hash => {}
+            _ => return Err(fail("hash mismatch (the record was altered)".into())),
+        }
         match e.kind {
             EventKind::ObjectApplied => {
                 let a = Applied::deserialize(&e.payload)
@@ -771,5 +787,49 @@ impl ControlState {
             return None;
         }
         mayfly_trust::digest_of(&set).ok()
+    }
+}
+
+/// An object with its status, as reads return it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObjectView {
+    #[serde(flatten)]
+    pub object: Object,
+    pub status: Status,
+}
+
+/// What a caller may read: the system tenant sees everything; others see their tenant's
+/// objects, every Environment, and their own Tenant object.
+pub fn visible(caller: &Caller, key: &ObjectKey) -> bool {
+    if caller.tenant == SYSTEM_TENANT {
+        return true;
+    }
+    match key.kind {
+        Kind::Environment => true,
+        Kind::Tenant => key.name == caller.tenant,
+        _ => key.tenant.as_deref() == Some(caller.tenant.as_str()),
+    }
+}
+
+impl ControlState {
+    /// Objects of `kind` visible to `caller` (one, with `name`), with status.
+    pub fn objects_of(&self, caller: &Caller, kind: Kind, name: Option<&str>) -> Vec<ObjectView> {
+        self.objects
+            .values()
+            .filter(|o| o.key.kind == kind && name.is_none_or(|n| o.key.name == n))
+            .filter(|o| visible(caller, &o.key))
+            .map(|o| ObjectView {
+                object: o.clone(),
+                status: o.status(),
+            })
+            .collect()
+    }
+
+    /// Every revision of one object (oldest first), if visible to `caller`.
+    pub fn history_of(&self, caller: &Caller, kind: Kind, name: &str) -> Option<Vec<Revision>> {
+        self.objects
+            .values()
+            .find(|o| o.key.kind == kind && o.key.name == name && visible(caller, &o.key))
+            .map(|o| o.revisions.clone())
     }
 }

@@ -3,8 +3,8 @@
 //! and the current objects are a fold of it kept in memory by the one process that appends.
 
 use crate::model::{
-    Applied, Caller, ControlState, Decision, Denied, FoldError, Kind, Manifest, Object, ObjectKey,
-    Revision, SYSTEM_TENANT, Status, authorize,
+    Applied, Caller, ControlState, Decision, Denied, FoldError, Kind, Manifest, ObjectKey,
+    ObjectView, Revision, authorize,
 };
 use mayfly_store::{Batch, Store, StoreError, StoredPlaybook};
 use mayfly_types::{Event, EventKind, ExecutionId, GENESIS_HASH, now_ms};
@@ -65,14 +65,6 @@ impl ApplyReport {
     pub fn denied(&self) -> bool {
         self.results.iter().any(|r| r.outcome == Outcome::Denied)
     }
-}
-
-/// An object with its status, as reads return it.
-#[derive(Clone, Debug, Serialize)]
-pub struct ObjectView {
-    #[serde(flatten)]
-    pub object: Object,
-    pub status: Status,
 }
 
 /// The result of re-verifying the stored control stream.
@@ -284,27 +276,14 @@ impl Control {
         Ok(())
     }
 
-    /// Objects of `kind` visible to `caller` (one, with `name`).
+    /// Objects of `kind` visible to `caller` (one, with `name`), as this appender sees them.
     pub async fn get(&self, caller: &Caller, kind: Kind, name: Option<&str>) -> Vec<ObjectView> {
-        let st = self.state.lock().await;
-        st.objects
-            .values()
-            .filter(|o| o.key.kind == kind && name.is_none_or(|n| o.key.name == n))
-            .filter(|o| visible(caller, &o.key))
-            .map(|o| ObjectView {
-                object: o.clone(),
-                status: o.status(),
-            })
-            .collect()
+        self.state.lock().await.objects_of(caller, kind, name)
     }
 
     /// Every revision of one object (oldest first), if visible to `caller`.
     pub async fn history(&self, caller: &Caller, kind: Kind, name: &str) -> Option<Vec<Revision>> {
-        let st = self.state.lock().await;
-        st.objects
-            .values()
-            .find(|o| o.key.kind == kind && o.key.name == name && visible(caller, &o.key))
-            .map(|o| o.revisions.clone())
+        self.state.lock().await.history_of(caller, kind, name)
     }
 
     /// Re-read the stored stream and verify it: hash chain, dense seq, every event folds,
@@ -343,17 +322,4 @@ pub async fn verify_stored(store: &dyn Store) -> Result<Verified, ControlError> 
     let events = store.read_all(&stream()).await?;
     let st = fold(&events)?;
     Ok(report(&st, &events))
-}
-
-/// What a caller may read: the system tenant sees everything; others see their tenant's
-/// objects, every Environment, and their own Tenant object.
-fn visible(caller: &Caller, key: &ObjectKey) -> bool {
-    if caller.tenant == SYSTEM_TENANT {
-        return true;
-    }
-    match key.kind {
-        Kind::Environment => true,
-        Kind::Tenant => key.name == caller.tenant,
-        _ => key.tenant.as_deref() == Some(caller.tenant.as_str()),
-    }
 }

@@ -308,3 +308,45 @@ async fn tampering_with_the_control_stream_is_detected() {
         "a tampered stream is not loaded"
     );
 }
+
+#[test]
+fn admission_rules_of_each_class() {
+    use crate::view::{Class, ReadRequest, Rejection, admits};
+    let r = |class, max_lag, max_staleness_ms, min_token| ReadRequest {
+        class,
+        max_lag,
+        max_staleness_ms,
+        min_token,
+        deadline: None,
+    };
+    // best_effort: anything, unless a min_token is not reached (never downgraded).
+    assert!(admits(&r(Class::BestEffort, None, None, None), 3, None, 99_999).is_ok());
+    assert_eq!(
+        admits(&r(Class::BestEffort, None, None, Some(4)), 3, Some(9), 0),
+        Err(Rejection::MinTokenNotReached { served: 3, min_token: 4 })
+    );
+    // strong: served must reach the confirmed current token; no root, no answer.
+    assert!(admits(&r(Class::Strong, None, None, None), 9, Some(9), 0).is_ok());
+    assert_eq!(
+        admits(&r(Class::Strong, None, None, None), 8, Some(9), 0),
+        Err(Rejection::LagExceeded { served: 8, current: 9, lag: 1 })
+    );
+    assert_eq!(
+        admits(&r(Class::Strong, None, None, None), 9, None, 0).map_err(|e| e.code()),
+        Err("root_unavailable")
+    );
+    // bounded: the lag boundary is inclusive; staleness counts only while behind.
+    assert!(admits(&r(Class::Bounded, Some(2), None, None), 7, Some(9), 0).is_ok());
+    assert!(admits(&r(Class::Bounded, Some(1), None, None), 7, Some(9), 0).is_err());
+    assert!(admits(&r(Class::Bounded, None, Some(100), None), 7, Some(9), 100).is_ok());
+    assert!(admits(&r(Class::Bounded, None, Some(100), None), 7, Some(9), 101).is_err());
+    assert!(admits(&r(Class::Bounded, None, Some(100), None), 9, Some(9), 5_000).is_ok());
+    assert_eq!(
+        admits(&r(Class::Bounded, Some(5), None, None), 7, None, 0).map_err(|e| e.code()),
+        Err("root_unavailable")
+    );
+    assert_eq!(
+        admits(&r(Class::Bounded, Some(5), None, Some(8)), 7, Some(9), 0).map_err(|e| e.code()),
+        Err("min_token_not_reached")
+    );
+}

@@ -1,0 +1,451 @@
+//! Freshness-classed reads (DESIGN §4): every node keeps a materialized view of the control
+//! stream fed by the log tail, and answers each read under the class the caller asked for —
+//! `strong`, `bounded` (max lag in log positions and/or max staleness, optional min token)
+//! or `best_effort` — or rejects it with a stable reason. It never serves a weaker class
+//! than the one asked for.
+//!
+//! Tokens are global log positions. The view's `served_token` is the position it has folded
+//! everything up to; the store's head is the `current_token`; `lag = current - served`.
+
+use crate::model::ControlState;
+use crate::service::STREAM;
+use mayfly_store::Store;
+use mayfly_types::ExecutionId;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// The consistency a read asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Confirm the current token at the store and wait (up to the deadline) until the view
+    /// has folded up to it.
+    Strong,
+    /// Serve when the view is within `max_lag` positions and/or `max_staleness_ms` of the
+    /// store's current token.
+    Bounded,
+    /// Serve whatever the view holds, flagged with how fresh it is.
+    #[default]
+    BestEffort,
+}
+
+impl Class {
+    pub fn parse(s: &str) -> Option<Class> {
+        match s {
+            "strong" => Some(Class::Strong),
+            "bounded" => Some(Class::Bounded),
+            "best_effort" => Some(Class::BestEffort),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Strong => "strong",
+            Class::Bounded => "bounded",
+            Class::BestEffort => "best_effort",
+        }
+    }
+}
+
+/// One read's freshness requirements.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadRequest {
+    pub class: Class,
+    /// Bounded: most log positions the view may be behind the current token.
+    pub max_lag: Option<u64>,
+    /// Bounded: longest the view may have been behind, in ms.
+    pub max_staleness_ms: Option<u64>,
+    /// Any class: the view must have folded at least this token (read-your-writes: pass a
+    /// write's `accepted_token`).
+    pub min_token: Option<u64>,
+    /// How long to wait for the view before rejecting (default 2 s).
+    pub deadline: Option<Duration>,
+}
+
+/// How far along the view is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    Fresh,
+    Lagging,
+    /// The store cannot be reached: the view cannot know how far behind it is.
+    Unavailable,
+}
+
+/// The node's health with respect to the root (the store holding the log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Degraded {
+    Healthy,
+    /// The tail has not confirmed the current token recently (paused, slow or stuck).
+    RootLagging,
+    /// The store does not answer.
+    RootUnavailable,
+    /// A node that serves reads only (it is not the log's appender).
+    ViewOnly,
+}
+
+/// What every control-plane read reports about its own freshness.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Freshness {
+    pub served_token: u64,
+    pub current_token: u64,
+    /// How long ago the current token was confirmed at the store.
+    pub current_token_age_ms: u64,
+    pub lag: u64,
+    pub catch_up_state: CatchUp,
+    pub degraded_mode: Degraded,
+    /// The class the read was served under: always the one asked for.
+    pub serving_class: Class,
+}
+
+/// A read the view cannot serve under the asked class, with a stable reason.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error(
+        "the view is {lag} positions behind the current token {current} (served {served}); the bound is not met within the deadline"
+    )]
+    LagExceeded { served: u64, current: u64, lag: u64 },
+    #[error(
+        "the view has served {served}, not yet the requested min_token {min_token}, within the deadline"
+    )]
+    MinTokenNotReached { served: u64, min_token: u64 },
+    #[error("the root (the store holding the log) is unavailable: {0}")]
+    RootUnavailable(String),
+}
+
+impl Rejection {
+    /// The stable reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::LagExceeded { .. } => "lag_exceeded",
+            Rejection::MinTokenNotReached { .. } => "min_token_not_reached",
+            Rejection::RootUnavailable(_) => "root_unavailable",
+        }
+    }
+}
+
+/// The pure rule: given what the view holds and what the store says, may a read of `req`
+/// be served now? (`None` current: the store did not answer.)
+pub fn admits(
+    req: &ReadRequest,
+    served: u64,
+    current: Option<u64>,
+    staleness_ms: u64,
+) -> Result<(), Rejection> {
+    if let Some(m) = req.min_token
+        && served < m
+    {
+        return Err(Rejection::MinTokenNotReached {
+            served,
+            min_token: m,
+        });
+    }
+    let lagging = |current: u64| Rejection::LagExceeded {
+        served,
+        current,
+        lag: current.saturating_sub(served),
+    };
+    match req.class {
+        Class::BestEffort => Ok(()),
+        Class::Strong => match current {
+            None => Err(Rejection::RootUnavailable(
+                "the current token cannot be confirmed".into(),
+            )),
+            Some(c) if served >= c => Ok(()),
+            Some(c) => Err(lagging(c)),
+        },
+        Class::Bounded => match current {
+            None => Err(Rejection::RootUnavailable(
+                "the current token cannot be confirmed".into(),
+            )),
+            Some(c) => {
+                let lag = c.saturating_sub(served);
+                if req.max_lag.is_some_and(|m| lag > m)
+                    || req
+                        .max_staleness_ms
+                        .is_some_and(|m| lag > 0 && staleness_ms > m)
+                {
+                    Err(lagging(c))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    }
+}
+
+#[derive(Clone)]
+struct HeadSeen {
+    token: u64,
+    at: Instant,
+    error: Option<String>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    state: RwLock<ControlState>,
+    served: AtomicU64,
+    head: Mutex<HeadSeen>,
+    /// When the view last had everything the store had (staleness is measured from here).
+    fresh_at: Mutex<Instant>,
+    paused: AtomicBool,
+    view_only: bool,
+    /// Wakes readers waiting for the view to advance.
+    advanced: Notify,
+    /// Wakes the tail (a local write, a reader in a hurry, a resume).
+    poke: Notify,
+    failure: Mutex<Option<String>>,
+}
+
+/// A node's materialized view of the control stream, fed by the log tail.
+#[derive(Clone)]
+pub struct View {
+    inner: Arc<Inner>,
+    tail: Arc<tokio::task::JoinHandle<()>>,
+}
+
+/// Tail period when nothing pokes it.
+const TAIL_EVERY: Duration = Duration::from_millis(200);
+/// A current token older than this makes the node `root_lagging`.
+const HEAD_STALE: Duration = Duration::from_secs(2);
+
+impl View {
+    /// Start a view of `store`'s control stream. `view_only`: this node does not append
+    /// (it reports `view_only` when otherwise healthy).
+    pub fn start(store: Arc<dyn Store>, view_only: bool) -> View {
+        let inner = Arc::new(Inner {
+            store,
+            state: RwLock::new(ControlState::default()),
+            served: AtomicU64::new(0),
+            head: Mutex::new(HeadSeen {
+                token: 0,
+                at: Instant::now(),
+                error: Some("not yet confirmed".into()),
+            }),
+            fresh_at: Mutex::new(Instant::now()),
+            paused: AtomicBool::new(false),
+            view_only,
+            advanced: Notify::new(),
+            poke: Notify::new(),
+            failure: Mutex::new(None),
+        });
+        let tail = tokio::spawn(tail(inner.clone()));
+        View {
+            inner,
+            tail: Arc::new(tail),
+        }
+    }
+
+    /// Stop folding the tail (operational drills, tests); reads keep being answered under
+    /// their classes from what the view holds.
+    pub fn pause(&self) {
+        self.inner.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::SeqCst);
+        self.inner.poke.notify_one();
+    }
+
+    /// Ask the tail to look now (after a local write).
+    pub fn poke(&self) {
+        self.inner.poke.notify_one();
+    }
+
+    /// The token this view has folded everything up to (monotonic).
+    pub fn served(&self) -> u64 {
+        self.inner.served.load(Ordering::SeqCst)
+    }
+
+    /// Serve `f` over the view under `req`'s class, or reject it.
+    pub async fn read<T>(
+        &self,
+        req: &ReadRequest,
+        f: impl FnOnce(&ControlState) -> T,
+    ) -> Result<(T, Freshness), Rejection> {
+        let i = &self.inner;
+        let deadline = Instant::now() + req.deadline.unwrap_or(Duration::from_secs(2));
+        // Strong and bounded reads confirm the current token at the store themselves.
+        let confirm = req.class != Class::BestEffort;
+        let current = if confirm {
+            match tokio::time::timeout_at(deadline.into(), i.store.head()).await {
+                Ok(Ok(h)) => {
+                    note_head(i, Ok(h));
+                    Some(h)
+                }
+                Ok(Err(e)) => {
+                    note_head(i, Err(e.to_string()));
+                    return Err(Rejection::RootUnavailable(e.to_string()));
+                }
+                Err(_) => {
+                    let e = "the store did not answer before the deadline".to_owned();
+                    note_head(i, Err(e.clone()));
+                    return Err(Rejection::RootUnavailable(e));
+                }
+            }
+        } else {
+            None
+        };
+        loop {
+            // Register for the next advance before checking, so none is missed.
+            let advanced = i.advanced.notified();
+            let served = i.served.load(Ordering::SeqCst);
+            let staleness = staleness_ms(i, served, current);
+            match admits(req, served, current, staleness) {
+                Ok(()) => {
+                    let st = i.state.read().unwrap_or_else(|p| p.into_inner());
+                    // The state may have moved past `served` meanwhile; report what was
+                    // folded into it (never less than what was checked).
+                    let served = i.served.load(Ordering::SeqCst);
+                    let out = f(&st);
+                    drop(st);
+                    return Ok((out, self.freshness(req.class, served, current)));
+                }
+                Err(Rejection::RootUnavailable(e)) => return Err(Rejection::RootUnavailable(e)),
+                Err(r) => {
+                    i.poke.notify_one();
+                    if tokio::time::timeout_at(deadline.into(), advanced)
+                        .await
+                        .is_err()
+                    {
+                        return Err(r);
+                    }
+                }
+            }
+        }
+    }
+
+    fn freshness(&self, class: Class, served: u64, confirmed: Option<u64>) -> Freshness {
+        let i = &self.inner;
+        let seen = i.head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = confirmed.unwrap_or(seen.token).max(served);
+        let lag = current - served;
+        let unavailable = seen.error.is_some() && confirmed.is_none();
+        Freshness {
+            served_token: served,
+            current_token: current,
+            current_token_age_ms: if confirmed.is_some() {
+                0
+            } else {
+                seen.at.elapsed().as_millis() as u64
+            },
+            lag,
+            catch_up_state: if unavailable {
+                CatchUp::Unavailable
+            } else if lag == 0 {
+                CatchUp::Fresh
+            } else {
+                CatchUp::Lagging
+            },
+            degraded_mode: if unavailable {
+                Degraded::RootUnavailable
+            } else if confirmed.is_none() && seen.at.elapsed() > HEAD_STALE {
+                Degraded::RootLagging
+            } else if i.view_only {
+                Degraded::ViewOnly
+            } else {
+                Degraded::Healthy
+            },
+            serving_class: class,
+        }
+    }
+
+    /// Why the view stopped folding, if it did (a record that does not verify).
+    pub fn failure(&self) -> Option<String> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.tail) == 1 {
+            self.tail.abort();
+        }
+    }
+}
+
+fn note_head(i: &Inner, r: Result<u64, String>) {
+    let mut h = i.head.lock().unwrap_or_else(|p| p.into_inner());
+    match r {
+        Ok(t) => {
+            h.token = h.token.max(t);
+            h.at = Instant::now();
+            h.error = None;
+        }
+        Err(e) => h.error = Some(e),
+    }
+}
+
+fn staleness_ms(i: &Inner, served: u64, current: Option<u64>) -> u64 {
+    match current {
+        Some(c) if served >= c => 0,
+        _ => i
+            .fresh_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            .as_millis() as u64,
+    }
+}
+
+/// The tail: observe the head, then fold every control event not yet folded. Positions
+/// become visible in commit order, so after reading the stream past what it holds, the view
+/// has everything up to the head it observed first.
+/// It runs until the last [`View`] clone is dropped (which aborts it).
+async fn tail(i: Arc<Inner>) {
+    let stream = ExecutionId::from(STREAM);
+    loop {
+        if !i.paused.load(Ordering::SeqCst) && i.failure.lock().is_ok_and(|f| f.is_none()) {
+            match i.store.head().await {
+                Err(e) => note_head(&i, Err(e.to_string())),
+                Ok(head) => {
+                    note_head(&i, Ok(head));
+                    let from = i.state.read().map(|s| s.seq + 1).unwrap_or(1);
+                    match i.store.read(&stream, from, 10_000).await {
+                        Err(e) => note_head(&i, Err(e.to_string())),
+                        Ok(events) => {
+                            let full = events.len() == 10_000;
+                            let mut last = head;
+                            {
+                                let mut st = i.state.write().unwrap_or_else(|p| p.into_inner());
+                                for e in &events {
+                                    if let Err(err) = st.apply(e) {
+                                        tracing::error!(error = %err, "control view: a record does not verify; the view stops here");
+                                        if let Ok(mut f) = i.failure.lock() {
+                                            *f = Some(err.to_string());
+                                        }
+                                        last = 0;
+                                        break;
+                                    }
+                                    last = last.max(e.position.unwrap_or(0));
+                                }
+                            }
+                            if !full && last > 0 {
+                                // Monotonic: the served token never goes back.
+                                let before = i.served.fetch_max(last, Ordering::SeqCst);
+                                if last >= before
+                                    && let Ok(mut f) = i.fresh_at.lock()
+                                {
+                                    *f = Instant::now();
+                                }
+                                i.advanced.notify_waiters();
+                            }
+                            if full {
+                                i.poke.notify_one();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tokio::time::timeout(TAIL_EVERY, i.poke.notified()).await;
+    }
+}
