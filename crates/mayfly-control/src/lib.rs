@@ -19,7 +19,9 @@ pub use model::{
 pub use service::{
     ApplyReport, ApplyResult, Control, ControlError, Outcome, STREAM, Verified, verify_stored,
 };
-pub use view::{CatchUp, Class, Degraded, Freshness, ReadRequest, Rejection, View, admits};
+pub use view::{
+    CatchUp, Class, Degraded, Freshness, ReadRequest, Rejection, View, admits, check_reply,
+};
 
 #[cfg(test)]
 mod tests;

@@ -323,13 +323,20 @@ fn admission_rules_of_each_class() {
     assert!(admits(&r(Class::BestEffort, None, None, None), 3, None, 99_999).is_ok());
     assert_eq!(
         admits(&r(Class::BestEffort, None, None, Some(4)), 3, Some(9), 0),
-        Err(Rejection::MinTokenNotReached { served: 3, min_token: 4 })
+        Err(Rejection::MinTokenNotReached {
+            served: 3,
+            min_token: 4
+        })
     );
     // strong: served must reach the confirmed current token; no root, no answer.
     assert!(admits(&r(Class::Strong, None, None, None), 9, Some(9), 0).is_ok());
     assert_eq!(
         admits(&r(Class::Strong, None, None, None), 8, Some(9), 0),
-        Err(Rejection::LagExceeded { served: 8, current: 9, lag: 1 })
+        Err(Rejection::LagExceeded {
+            served: 8,
+            current: 9,
+            lag: 1
+        })
     );
     assert_eq!(
         admits(&r(Class::Strong, None, None, None), 9, None, 0).map_err(|e| e.code()),
@@ -348,5 +355,66 @@ fn admission_rules_of_each_class() {
     assert_eq!(
         admits(&r(Class::Bounded, Some(5), None, Some(8)), 7, Some(9), 0).map_err(|e| e.code()),
         Err("min_token_not_reached")
+    );
+}
+
+#[test]
+fn the_client_verifier_recomputes_replies_and_keeps_a_floor() {
+    use crate::view::{CatchUp, Class, Degraded, Freshness, ReadRequest, check_reply};
+    let f = |served, current, lag, state, class| Freshness {
+        served_token: served,
+        current_token: current,
+        current_token_age_ms: 0,
+        lag,
+        catch_up_state: state,
+        degraded_mode: Degraded::Healthy,
+        serving_class: class,
+    };
+    let strong = ReadRequest {
+        class: Class::Strong,
+        ..Default::default()
+    };
+    let best = ReadRequest::default();
+    assert_eq!(
+        check_reply(&strong, &f(9, 9, 0, CatchUp::Fresh, Class::Strong), 5),
+        Ok(9)
+    );
+    // Lies and downgrades are caught.
+    assert!(check_reply(&strong, &f(8, 9, 0, CatchUp::Fresh, Class::Strong), 0).is_err());
+    assert!(check_reply(&strong, &f(8, 9, 1, CatchUp::Lagging, Class::Strong), 0).is_err());
+    assert!(check_reply(&strong, &f(9, 9, 0, CatchUp::Fresh, Class::BestEffort), 0).is_err());
+    assert!(check_reply(&best, &f(7, 9, 2, CatchUp::Fresh, Class::BestEffort), 0).is_err());
+    // The floor: never behind what the session saw or wrote.
+    assert_eq!(
+        check_reply(&best, &f(7, 9, 2, CatchUp::Lagging, Class::BestEffort), 7),
+        Ok(7)
+    );
+    assert!(check_reply(&best, &f(6, 9, 3, CatchUp::Lagging, Class::BestEffort), 7).is_err());
+    let min = ReadRequest {
+        min_token: Some(8),
+        ..Default::default()
+    };
+    assert!(check_reply(&min, &f(7, 9, 2, CatchUp::Lagging, Class::BestEffort), 0).is_err());
+    let bounded = ReadRequest {
+        class: Class::Bounded,
+        max_lag: Some(1),
+        ..Default::default()
+    };
+    assert!(check_reply(&bounded, &f(7, 9, 2, CatchUp::Lagging, Class::Bounded), 0).is_err());
+    assert!(
+        check_reply(
+            &best,
+            &f(7, 7, 0, CatchUp::Unavailable, Class::BestEffort),
+            0
+        )
+        .is_ok()
+    );
+    assert!(
+        check_reply(
+            &bounded,
+            &f(7, 7, 0, CatchUp::Unavailable, Class::Bounded),
+            0
+        )
+        .is_err()
     );
 }

@@ -449,3 +449,64 @@ async fn tail(i: Arc<Inner>) {
         let _ = tokio::time::timeout(TAIL_EVERY, i.poke.notified()).await;
     }
 }
+
+/// The client side of the contract: recompute what a reply claims and keep the session's
+/// floor. A reply is accepted only if its lag is `current - served`, its class is the one
+/// asked for, its catch-up state agrees with its lag, it honours `min_token` and it does
+/// not go behind the floor (what this session has already seen or written); the new floor
+/// is returned.
+pub fn check_reply(req: &ReadRequest, f: &Freshness, floor: u64) -> Result<u64, String> {
+    if f.current_token < f.served_token {
+        return Err(format!(
+            "served token {} is ahead of the current token {}",
+            f.served_token, f.current_token
+        ));
+    }
+    if f.lag != f.current_token - f.served_token {
+        return Err(format!(
+            "lag {} is not current {} - served {}",
+            f.lag, f.current_token, f.served_token
+        ));
+    }
+    if f.serving_class != req.class {
+        return Err(format!(
+            "asked for {}, served as {}",
+            req.class.as_str(),
+            f.serving_class.as_str()
+        ));
+    }
+    let state_ok = match f.catch_up_state {
+        CatchUp::Fresh => f.lag == 0,
+        CatchUp::Lagging => f.lag > 0,
+        CatchUp::Unavailable => req.class == Class::BestEffort,
+    };
+    if !state_ok {
+        return Err(format!(
+            "catch-up state {:?} contradicts lag {} under {}",
+            f.catch_up_state,
+            f.lag,
+            req.class.as_str()
+        ));
+    }
+    if req.class == Class::Strong && f.lag != 0 {
+        return Err(format!("a strong read served with lag {}", f.lag));
+    }
+    if req.class == Class::Bounded && req.max_lag.is_some_and(|m| f.lag > m) {
+        return Err(format!("lag {} exceeds max_lag", f.lag));
+    }
+    if let Some(m) = req.min_token
+        && f.served_token < m
+    {
+        return Err(format!(
+            "served token {} is below min_token {m}",
+            f.served_token
+        ));
+    }
+    if f.served_token < floor {
+        return Err(format!(
+            "served token {} went back behind this session's floor {floor}",
+            f.served_token
+        ));
+    }
+    Ok(floor.max(f.served_token))
+}

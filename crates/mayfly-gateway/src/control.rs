@@ -5,11 +5,12 @@
 use crate::{ApiResult, Caller, Gateway, Problem, Role};
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use mayfly_control::{Kind, Outcome};
+use mayfly_control::{Class, ControlState, Kind, Outcome, ReadRequest};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 impl Caller {
     fn control(&self) -> mayfly_control::Caller {
@@ -58,11 +59,14 @@ pub(crate) async fn apply(
             format!("{file}: no manifest in the body"),
         ));
     }
-    let report = gw
-        .control
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let report = control
         .apply(&c.control(), &manifests)
         .await
         .map_err(Problem::internal)?;
+    gw.view.poke();
     if report.denied() {
         let reasons: Vec<String> = report
             .results
@@ -92,14 +96,113 @@ fn kind(s: &str) -> ApiResult<Kind> {
     })
 }
 
+fn not_leader() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_leader",
+        "this node serves reads only; send writes to the node that appends to the log",
+    )
+}
+
+/// Freshness requirements of a read, as query parameters.
+#[derive(Deserialize)]
+pub(crate) struct Fresh {
+    /// strong | bounded | best_effort (default best_effort, echoed as `serving_class`).
+    consistency: Option<String>,
+    max_lag: Option<u64>,
+    max_staleness_ms: Option<u64>,
+    min_token: Option<u64>,
+    deadline_ms: Option<u64>,
+}
+
+impl Fresh {
+    fn request(&self) -> ApiResult<ReadRequest> {
+        let class = match self.consistency.as_deref() {
+            None => Class::BestEffort,
+            Some(c) => Class::parse(c).ok_or_else(|| {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("unknown consistency `{c}` (strong, bounded, best_effort)"),
+                )
+            })?,
+        };
+        if class == Class::Bounded && self.max_lag.is_none() && self.max_staleness_ms.is_none() {
+            return Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "a bounded read needs max_lag and/or max_staleness_ms",
+            ));
+        }
+        Ok(ReadRequest {
+            class,
+            max_lag: self.max_lag,
+            max_staleness_ms: self.max_staleness_ms,
+            min_token: self.min_token,
+            deadline: self
+                .deadline_ms
+                .map(|ms| Duration::from_millis(ms.min(30_000))),
+        })
+    }
+}
+
+/// Serve `f` from the view under the request's class: the body gets a `freshness` field
+/// and the answer `x-mayfly-*` headers; a read that cannot be served under its class is
+/// rejected (503) with a stable code — never answered under a weaker one.
+async fn fresh_read(
+    gw: &Gateway,
+    q: &Fresh,
+    f: impl FnOnce(&ControlState) -> ApiResult<Value>,
+) -> ApiResult<Response> {
+    let req = q.request()?;
+    match gw.view.read(&req, f).await {
+        Ok((body, freshness)) => {
+            let mut body = body?;
+            if let Value::Object(m) = &mut body {
+                m.insert("freshness".into(), json!(freshness));
+            }
+            let mut resp = Json(body).into_response();
+            let h = resp.headers_mut();
+            for (name, v) in [
+                ("x-mayfly-served-token", freshness.served_token.to_string()),
+                (
+                    "x-mayfly-current-token",
+                    freshness.current_token.to_string(),
+                ),
+                ("x-mayfly-lag", freshness.lag.to_string()),
+                (
+                    "x-mayfly-serving-class",
+                    freshness.serving_class.as_str().to_owned(),
+                ),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(name, v);
+                }
+            }
+            Ok(resp)
+        }
+        Err(r) => {
+            let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string());
+            p.extra.insert("reason".into(), json!(r.code()));
+            p.extra.insert("serving_class".into(), json!(req.class));
+            Err(p)
+        }
+    }
+}
+
 /// `GET /v1/objects/{kind}`: the objects of a kind visible to the caller, with status.
 pub(crate) async fn list(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
     Path(k): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let objects = gw.control.get(&c.control(), kind(&k)?, None).await;
-    Ok(Json(json!({"objects": objects})))
+    Query(q): Query<Fresh>,
+) -> ApiResult<Response> {
+    let k = kind(&k)?;
+    let who = c.control();
+    fresh_read(&gw, &q, |st| {
+        Ok(json!({"objects": st.objects_of(&who, k, None)}))
+    })
+    .await
 }
 
 /// `GET /v1/objects/{kind}/{name}`: one object with status (404 when not visible).
@@ -107,15 +210,18 @@ pub(crate) async fn describe(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+    Query(q): Query<Fresh>,
+) -> ApiResult<Response> {
     let k = kind(&k)?;
-    gw.control
-        .get(&c.control(), k, Some(&name))
-        .await
-        .into_iter()
-        .next()
-        .map(|o| Json(json!(o)))
-        .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
+    let who = c.control();
+    fresh_read(&gw, &q, |st| {
+        st.objects_of(&who, k, Some(&name))
+            .into_iter()
+            .next()
+            .map(|o| json!(o))
+            .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
+    })
+    .await
 }
 
 /// `GET /v1/history/{kind}/{name}`: every revision, oldest first.
@@ -123,13 +229,16 @@ pub(crate) async fn history(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
+    Query(q): Query<Fresh>,
+) -> ApiResult<Response> {
     let k = kind(&k)?;
-    gw.control
-        .history(&c.control(), k, &name)
-        .await
-        .map(|h| Json(json!({"kind": k, "name": name, "revisions": h})))
-        .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
+    let who = c.control();
+    fresh_read(&gw, &q, |st| {
+        st.history_of(&who, k, &name)
+            .map(|h| json!({"kind": k, "name": name, "revisions": h}))
+            .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
+    })
+    .await
 }
 
 /// `GET /v1/audit/verify`: re-read and verify the control stream (operator).
@@ -138,7 +247,10 @@ pub(crate) async fn verify(
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
     c.require(Role::Operator)?;
-    match gw.control.verify().await {
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    match control.verify().await {
         Ok(v) => Ok(Json(json!({"ok": true, "verified": v})).into_response()),
         Err(mayfly_control::ControlError::Store(e)) => Err(Problem::internal(e)),
         Err(e) => Ok((

@@ -58,8 +58,12 @@ impl Role {
 pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub runtime: RuntimeHandle,
-    /// The control plane (desired state and its audit), opened on the same store.
-    pub control: Arc<mayfly_control::Control>,
+    /// The control plane's writer (desired state and its audit) when this node is the log's
+    /// appender; None on a read-only node (writes answer `not_leader`).
+    pub control: Option<Arc<mayfly_control::Control>>,
+    /// This node's materialized view of the control stream: every control-plane read is
+    /// served from it under the freshness class the caller asks for.
+    pub view: mayfly_control::View,
     /// Renders `/metrics` (None: the endpoint answers 404).
     pub metrics: Option<PrometheusHandle>,
 }

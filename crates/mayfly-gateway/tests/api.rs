@@ -42,8 +42,10 @@ async fn server() -> Server {
             .await
             .expect("control"),
     );
+    let view = mayfly_control::View::start(store.clone(), false);
     let app = router(Gateway {
-        control,
+        control: Some(control),
+        view,
         store,
         runtime: rt.handle(),
         metrics: mayfly_gateway::install_metrics(),
@@ -729,6 +731,52 @@ async fn apply_get_history_and_audit_verify() {
         (StatusCode::OK, &json!("configured"))
     );
     assert_eq!(v["results"][0]["generation"], 2);
+    // Reads are served from the node's view: ask for this write's token to read it.
+    let token = v["accepted_token"].as_u64().expect("accepted_token");
+    let (st, v, h) = s
+        .call(
+            M::GET,
+            &format!("/v1/objects/workerpools/gpu?min_token={token}&consistency=strong"),
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["freshness"]["serving_class"], "strong");
+    assert_eq!(v["freshness"]["lag"], 0);
+    assert!(v["freshness"]["served_token"].as_u64() >= Some(token));
+    assert_eq!(h["x-mayfly-serving-class"], "strong");
+    let (st, v, _) = s
+        .call(
+            M::GET,
+            &format!(
+                "/v1/objects/workerpools/gpu?min_token={}&deadline_ms=100",
+                token + 1000
+            ),
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("min_token_not_reached")
+        ),
+        "never served under a weaker requirement: {v}"
+    );
+    let (st, v, _) = s
+        .call(
+            M::GET,
+            "/v1/objects/workerpools/gpu?consistency=bounded",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
 
     let (st, v, _) = s
         .call(M::GET, "/v1/objects/workerpools/gpu", Some(&author), None)

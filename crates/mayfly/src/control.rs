@@ -3,10 +3,144 @@
 
 use crate::remote::Client;
 use anyhow::{Context, Result, bail};
-use clap::Subcommand;
-use serde_json::Value;
+use clap::{Args, Subcommand};
+use mayfly_control::{Class, Freshness, ReadRequest, check_reply};
+use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// Freshness of a control-plane read (see the README's freshness contract).
+#[derive(Args, Clone, Default)]
+pub struct FreshArgs {
+    /// strong | bounded | best_effort (default best_effort).
+    #[arg(long)]
+    consistency: Option<String>,
+    /// Bounded: most log positions the answer may be behind.
+    #[arg(long)]
+    max_lag: Option<u64>,
+    /// Bounded: longest the answer may have been behind, in ms.
+    #[arg(long)]
+    max_staleness_ms: Option<u64>,
+    /// The answer must include at least this token (e.g. an apply's accepted token).
+    #[arg(long)]
+    min_token: Option<u64>,
+}
+
+/// The session's floor per server: the highest token this client has written or been
+/// served. Every read asks for at least it and checks the reply against it, so reads never
+/// go back (kept in MAYFLY_SESSION, default ~/.mayfly/session.json).
+struct Session {
+    path: Option<PathBuf>,
+    url: String,
+    floors: Map<String, Value>,
+}
+
+impl Session {
+    fn load() -> Session {
+        let path = std::env::var_os("MAYFLY_SESSION")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".mayfly/session.json"))
+            });
+        let floors = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<Map<String, Value>>(&t).ok())
+            .unwrap_or_default();
+        Session {
+            path,
+            url: std::env::var("MAYFLY_URL").unwrap_or_default(),
+            floors,
+        }
+    }
+
+    fn floor(&self) -> u64 {
+        self.floors
+            .get(&self.url)
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+
+    fn raise(&mut self, token: u64) {
+        if token <= self.floor() {
+            return;
+        }
+        self.floors.insert(self.url.clone(), Value::from(token));
+        if let Some(p) = &self.path {
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = std::fs::write(p, Value::Object(self.floors.clone()).to_string()) {
+                eprintln!(
+                    "warning: could not keep the session floor in {}: {e}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+impl FreshArgs {
+    fn request(&self, floor: u64) -> Result<ReadRequest> {
+        let class = match self.consistency.as_deref() {
+            None => Class::BestEffort,
+            Some(c) => Class::parse(c).ok_or_else(|| {
+                anyhow::anyhow!("unknown consistency `{c}` (strong, bounded, best_effort)")
+            })?,
+        };
+        let min = self.min_token.unwrap_or(0).max(floor);
+        Ok(ReadRequest {
+            class,
+            max_lag: self.max_lag,
+            max_staleness_ms: self.max_staleness_ms,
+            min_token: (min > 0).then_some(min),
+            deadline: None,
+        })
+    }
+}
+
+fn query(req: &ReadRequest) -> String {
+    let mut q = vec![format!("consistency={}", req.class.as_str())];
+    for (k, v) in [
+        ("max_lag", req.max_lag),
+        ("max_staleness_ms", req.max_staleness_ms),
+        ("min_token", req.min_token),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={v}"));
+        }
+    }
+    q.join("&")
+}
+
+/// A control-plane read: asks with the session's floor, verifies the reply's freshness,
+/// raises the floor, and reports the freshness on stderr.
+async fn fresh_get(c: &Client, path: &str, fresh: &FreshArgs) -> Result<Value> {
+    let mut session = Session::load();
+    let req = fresh.request(session.floor())?;
+    let v = c
+        .send(
+            reqwest::Method::GET,
+            &format!("{path}?{}", query(&req)),
+            None,
+        )
+        .await?;
+    let f: Freshness = serde_json::from_value(v["freshness"].clone())
+        .context("the reply carries no freshness report")?;
+    let floor = check_reply(&req, &f, session.floor())
+        .map_err(|e| anyhow::anyhow!("the server's freshness report does not verify: {e}"))?;
+    session.raise(floor);
+    eprintln!(
+        "served token {} (current {}, lag {}, {:?}, {:?}, {})",
+        f.served_token,
+        f.current_token,
+        f.lag,
+        f.catch_up_state,
+        f.degraded_mode,
+        f.serving_class.as_str()
+    );
+    Ok(v)
+}
 
 #[derive(Subcommand)]
 pub enum AuditCmd {
@@ -64,6 +198,10 @@ pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
                     Some(body),
                 )
                 .await?;
+            if let Some(t) = v["accepted_token"].as_u64() {
+                // Read-your-writes: later reads of this session ask for this token.
+                Session::load().raise(t);
+            }
             if let Some(results) = v["results"].as_array() {
                 for r in results {
                     println!(
@@ -97,20 +235,16 @@ pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
 }
 
 /// `mayfly get KIND [NAME]`: a table (or JSON) of objects with their status.
-pub async fn get(kind: &str, name: Option<&str>, json: bool) -> Result<ExitCode> {
+pub async fn get(
+    kind: &str,
+    name: Option<&str>,
+    json: bool,
+    fresh: &FreshArgs,
+) -> Result<ExitCode> {
     let c = Client::from_env()?;
     let objects: Vec<Value> = match name {
-        Some(n) => vec![
-            c.send(
-                reqwest::Method::GET,
-                &format!("/v1/objects/{kind}/{n}"),
-                None,
-            )
-            .await?,
-        ],
-        None => c
-            .send(reqwest::Method::GET, &format!("/v1/objects/{kind}"), None)
-            .await?["objects"]
+        Some(n) => vec![fresh_get(&c, &format!("/v1/objects/{kind}/{n}"), fresh).await?],
+        None => fresh_get(&c, &format!("/v1/objects/{kind}"), fresh).await?["objects"]
             .as_array()
             .cloned()
             .unwrap_or_default(),
@@ -137,29 +271,17 @@ pub async fn get(kind: &str, name: Option<&str>, json: bool) -> Result<ExitCode>
 }
 
 /// `mayfly describe KIND NAME`: the object, its spec and status, as JSON.
-pub async fn describe(kind: &str, name: &str) -> Result<ExitCode> {
+pub async fn describe(kind: &str, name: &str, fresh: &FreshArgs) -> Result<ExitCode> {
     let c = Client::from_env()?;
-    let v = c
-        .send(
-            reqwest::Method::GET,
-            &format!("/v1/objects/{kind}/{name}"),
-            None,
-        )
-        .await?;
+    let v = fresh_get(&c, &format!("/v1/objects/{kind}/{name}"), fresh).await?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }
 
 /// `mayfly history KIND NAME`: every revision, oldest first.
-pub async fn history(kind: &str, name: &str) -> Result<ExitCode> {
+pub async fn history(kind: &str, name: &str, fresh: &FreshArgs) -> Result<ExitCode> {
     let c = Client::from_env()?;
-    let v = c
-        .send(
-            reqwest::Method::GET,
-            &format!("/v1/history/{kind}/{name}"),
-            None,
-        )
-        .await?;
+    let v = fresh_get(&c, &format!("/v1/history/{kind}/{name}"), fresh).await?;
     for r in v["revisions"].as_array().cloned().unwrap_or_default() {
         println!(
             "#{} generation {} {} (before {}) by {} request {} policy {}",

@@ -141,11 +141,23 @@ enum Cmd {
         name: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        fresh: control::FreshArgs,
     },
     /// One object: spec, version, generation, status and conditions (JSON).
-    Describe { kind: String, name: String },
+    Describe {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        fresh: control::FreshArgs,
+    },
     /// Every revision of an object: version, the version it replaced, actor, request id.
-    History { kind: String, name: String },
+    History {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        fresh: control::FreshArgs,
+    },
     /// Create an API token on the server (admin; printed once, stored only as a hash).
     Token {
         /// Role: viewer, operator, author or admin.
@@ -447,9 +459,14 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
         Cmd::Apply { files } => control::apply(&files).await,
         Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
-        Cmd::Get { kind, name, json } => control::get(&kind, name.as_deref(), json).await,
-        Cmd::Describe { kind, name } => control::describe(&kind, &name).await,
-        Cmd::History { kind, name } => control::history(&kind, &name).await,
+        Cmd::Get {
+            kind,
+            name,
+            json,
+            fresh,
+        } => control::get(&kind, name.as_deref(), json, &fresh).await,
+        Cmd::Describe { kind, name, fresh } => control::describe(&kind, &name, &fresh).await,
+        Cmd::History { kind, name, fresh } => control::history(&kind, &name, &fresh).await,
         Cmd::Audit { cmd } => {
             let store = match &cmd {
                 control::AuditCmd::Verify { db: Some(db) } => {
@@ -725,8 +742,10 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
             .await
             .context("loading the control plane's stream")?,
     );
+    let view = mayfly_control::View::start(store.clone(), false);
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
-        control,
+        control: Some(control),
+        view,
         store,
         runtime: runtime.handle(),
         metrics: mayfly_gateway::install_metrics(),

@@ -944,10 +944,12 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     .expect("write");
     std::fs::copy(examples().join("hello.yaml"), m.join("20-hello.yaml")).expect("copy");
     std::fs::write(m.join("notes.txt"), "not a manifest").expect("write");
+    let session = dir.path().join("session.json");
     let remote = |token: &str, args: &[&str]| {
         bin()
             .env("MAYFLY_URL", &url)
             .env("MAYFLY_TOKEN", token)
+            .env("MAYFLY_SESSION", &session)
             .args(args)
             .output()
             .expect("cli")
@@ -964,6 +966,29 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     }
     let o = remote(&token, &["apply", "-f", m.to_str().expect("path")]);
     assert!(out(&o).contains("workerpool/gpu unchanged"), "{}", out(&o));
+    // The session floor: reads ask for at least what this session wrote, and say how
+    // fresh they were.
+    let floors: Value =
+        serde_json::from_str(&std::fs::read_to_string(&session).expect("session")).expect("json");
+    let floor = floors[url.as_str()]
+        .as_u64()
+        .expect("a floor for this server");
+    let o = remote(&token, &["get", "workerpools", "--consistency", "strong"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let served: u64 = err(&o)
+        .split_whitespace()
+        .nth(2)
+        .and_then(|t| t.parse().ok())
+        .expect("served token on stderr");
+    assert!(served >= floor, "{}", err(&o));
+    assert!(
+        err(&o).contains("lag 0") && err(&o).contains("strong"),
+        "{}",
+        err(&o)
+    );
+    let o = remote(&token, &["get", "workerpools", "--consistency", "bounded"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("needs max_lag"), "{}", err(&o));
     let o = remote(&token, &["get", "workerpools"]);
     assert!(o.status.success(), "{}", err(&o));
     assert!(
