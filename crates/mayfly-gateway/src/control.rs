@@ -2,7 +2,7 @@
 //! history, verify the audit chain. The gateway only authenticates and translates; the
 //! decisions and the record are `mayfly-control`'s.
 
-use crate::{ApiResult, Caller, Gateway, Problem, Role};
+use crate::{ApiResult, Caller, Gateway, Problem, Role, not_leader};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -94,14 +94,6 @@ fn kind(s: &str) -> ApiResult<Kind> {
             format!("unknown kind `{s}` (Tenant, Environment, Policy, Playbook, WorkerPool)"),
         )
     })
-}
-
-fn not_leader() -> Problem {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "not_leader",
-        "this node serves reads only; send writes to the node that appends to the log",
-    )
 }
 
 /// Freshness requirements of a read, as query parameters.

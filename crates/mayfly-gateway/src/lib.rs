@@ -57,7 +57,9 @@ impl Role {
 #[derive(Clone)]
 pub struct Gateway {
     pub store: Arc<dyn Store>,
-    pub runtime: RuntimeHandle,
+    /// The runtime when this node is the log's appender; None on a view-only node, which
+    /// serves reads and answers every write `not_leader`.
+    pub runtime: Option<RuntimeHandle>,
     /// The control plane's writer (desired state and its audit) when this node is the log's
     /// appender; None on a read-only node (writes answer `not_leader`).
     pub control: Option<Arc<mayfly_control::Control>>,
@@ -259,6 +261,15 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// The answer of a view-only node to a write.
+pub(crate) fn not_leader() -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_leader",
+        "this node serves reads only; send writes to the node that appends to the log",
+    )
+}
+
 /// Authenticate every `/v1` request; attach the request id to the response.
 async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -> Response {
     let rid = request_id(req.headers());
@@ -282,6 +293,13 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
         .map(|u| u.path().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
     let action = format!("{} {path}", req.method());
+    let write = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if write && gw.runtime.is_none() {
+        return not_leader().into_response();
+    }
     let audit = req.extensions().get::<Auditor>().cloned();
     let result: ApiResult<Caller> = async {
         if too_big {
@@ -481,6 +499,8 @@ async fn start(
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string()))?;
     let id = gw
         .runtime
+        .as_ref()
+        .ok_or_else(not_leader)?
         .start_as(
             Arc::new(pb),
             req.workload,
@@ -581,7 +601,11 @@ async fn stream(
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| s + 1)
         .unwrap_or(1);
-    let mut wake = gw.runtime.subscribe();
+    // A view-only node has no commits of its own to follow: it polls the log.
+    let mut wake = match &gw.runtime {
+        Some(r) => r.subscribe(),
+        None => tokio::sync::broadcast::channel(1).1,
+    };
     let store = gw.store.clone();
     let s = async_stream(move |tx| async move {
         let send = |e: &mayfly_types::Event| {
@@ -668,6 +692,8 @@ async fn cancel(
     let id = owned(&gw, &c, &id).await?;
     match gw
         .runtime
+        .as_ref()
+        .ok_or_else(not_leader)?
         .cancel(&id, &format!("cancelled by request {}", c.request_id))
         .await
     {
@@ -778,7 +804,8 @@ async fn callback(
         })?
     };
     forged_ref(std::iter::once(&payload))?;
-    match gw.runtime.callback(&token, payload).await {
+    let runtime = gw.runtime.as_ref().ok_or_else(not_leader)?;
+    match runtime.callback(&token, payload).await {
         Ok((id, step)) => Ok(Json(
             json!({"execution_id": id, "step": step, "status": "resumed"}),
         )),
@@ -814,7 +841,7 @@ fn forged_ref<'a>(mut values: impl Iterator<Item = &'a Value>) -> ApiResult<()> 
 /// effect and commands are retried until the queue takes them.
 async fn health(State(gw): State<Gateway>) -> Response {
     let store_up = gw.store.head().await.is_ok();
-    let queue_up = gw.runtime.queue_up();
+    let queue_up = gw.runtime.as_ref().is_none_or(RuntimeHandle::queue_up);
     let ok = store_up && queue_up;
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },

@@ -47,7 +47,7 @@ async fn server() -> Server {
         control: Some(control),
         view,
         store,
-        runtime: rt.handle(),
+        runtime: Some(rt.handle()),
         metrics: mayfly_gateway::install_metrics(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")

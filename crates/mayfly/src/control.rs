@@ -222,7 +222,11 @@ pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
             if !status.is_success() {
                 failed = true;
                 if v.get("results").is_none() {
-                    eprintln!("{}", v["detail"].as_str().unwrap_or(&v.to_string()));
+                    eprintln!(
+                        "{status} {}: {}",
+                        v["code"].as_str().unwrap_or("error"),
+                        v["detail"].as_str().unwrap_or(&v.to_string())
+                    );
                 }
             }
         }

@@ -99,6 +99,12 @@ enum Cmd {
         db: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// A view-only node of a Postgres log another server appends to: it keeps its own
+        /// view of the control plane fed by the log tail and serves reads (executions,
+        /// events, catalog, control-plane objects under their freshness class); every write
+        /// answers `not_leader`.
+        #[arg(long)]
+        replica: bool,
         #[command(flatten)]
         opts: RunOpts,
         #[command(flatten)]
@@ -425,8 +431,15 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Server {
             db,
             listen,
+            replica: true,
+            ..
+        } => replica(&db, &listen).await,
+        Cmd::Server {
+            db,
+            listen,
             opts,
             dist,
+            ..
         } => server(&db, &listen, &opts, &dist).await,
         Cmd::Worker {
             dist,
@@ -701,6 +714,38 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
     }
 }
 
+/// `mayfly server --replica`: reads only, from this node's own view of a shared log.
+async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
+    if !is_postgres(db) {
+        bail!("a replica serves a shared Postgres log (--db postgres://…), not a SQLite file");
+    }
+    let (store, _) = open_db(db, true, false).await?;
+    let view = mayfly_control::View::start(store.clone(), true);
+    let app = mayfly_gateway::router(mayfly_gateway::Gateway {
+        control: None,
+        view,
+        store,
+        runtime: None,
+        metrics: mayfly_gateway::install_metrics(),
+    });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!(
+        "{}",
+        mayfly_gateway::banner::ready_line(
+            listener.local_addr()?,
+            &format!("db {}, view-only replica", shown(db))
+        )
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Result<ExitCode> {
     let (store, lock) = open_db(db, false, true).await?;
     let mut cfg = runtime_config(opts, db)?;
@@ -747,7 +792,7 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         control: Some(control),
         view,
         store,
-        runtime: runtime.handle(),
+        runtime: Some(runtime.handle()),
         metrics: mayfly_gateway::install_metrics(),
     });
     let listener = tokio::net::TcpListener::bind(listen)

@@ -225,9 +225,24 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
 
 /// Start a distributed server; (child, base url, admin token if this start printed one).
 fn start_server(db: &str, stream: &str) -> (Child, String, Option<String>) {
+    spawn_server(&[
+        "--db",
+        db,
+        "--queue",
+        NATS,
+        "--queue-name",
+        stream,
+        "--lease",
+        "2",
+    ])
+}
+
+/// `mayfly server --listen 127.0.0.1:0 ARGS`, once ready: (child, base url, admin token if
+/// this start printed one).
+fn spawn_server(args: &[&str]) -> (Child, String, Option<String>) {
     let mut server = bin()
-        .args(["server", "--db", db, "--listen", "127.0.0.1:0"])
-        .args(["--queue", NATS, "--queue-name", stream, "--lease", "2"])
+        .args(["server", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("server");
@@ -351,4 +366,84 @@ fn a_second_server_on_the_same_postgres_log_is_refused() {
         || status(&r.url, &r.token, &r.id)["status"] == "completed",
     );
     r.cleanup();
+}
+
+/// A view-only node (`server --replica`) on the same Postgres log as the appending server:
+/// it serves control-plane reads from its own tail-fed view — a write's accepted token read
+/// back there (read-your-writes across processes), strong reads confirmed at the store,
+/// `view_only` reported — and answers every write `not_leader`.
+#[test]
+fn a_replica_process_serves_reads_from_its_own_view_and_refuses_writes() {
+    if !mayfly_testkit::postgres() {
+        return;
+    }
+    let schema = unique("mayfly_replica");
+    let db = format!("{PG}?schema={schema}");
+    let (leader, leader_url, token) = spawn_server(&["--db", &db]);
+    let token = token.expect("the leader prints the admin token");
+    let (replica, replica_url, _) = spawn_server(&["--replica", "--db", &db]);
+    let _procs = Procs(vec![leader, replica]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let session = dir.path().join("session.json");
+    let pool = dir.path().join("pool.yaml");
+    std::fs::write(
+        &pool,
+        "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: gpu}\nspec: {slots: 3}\n",
+    )
+    .expect("write");
+    let cli = |url: &str, args: &[&str]| {
+        bin()
+            .env("MAYFLY_URL", url)
+            .env("MAYFLY_TOKEN", &token)
+            .env("MAYFLY_SESSION", &session)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let o = cli(&leader_url, &["apply", "-f", pool.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let floors: Value =
+        serde_json::from_str(&std::fs::read_to_string(&session).expect("session")).expect("json");
+    let accepted = floors[leader_url.as_str()]
+        .as_u64()
+        .expect("accepted token");
+    let t = accepted.to_string();
+    let o = cli(
+        &replica_url,
+        &["get", "workerpool", "gpu", "--min-token", &t],
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("gpu"), "{out}");
+    assert!(
+        err.contains("ViewOnly"),
+        "the replica says what it is: {err}"
+    );
+    let served: u64 = err
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .expect("served token");
+    assert!(served >= accepted, "{err}");
+    let o = cli(
+        &replica_url,
+        &["get", "workerpools", "--consistency", "strong"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = cli(&replica_url, &["apply", "-f", pool.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not_leader"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = cli(&replica_url, &["exec", "list"]);
+    assert!(o.status.success(), "reads of the log work on a replica too");
+    drop(_procs);
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(mayfly_store::PostgresStore::drop_schema(PG, &schema))
+        .expect("drop schema");
 }
