@@ -46,6 +46,13 @@ pub struct BenchArgs {
     queue: Option<String>,
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     worker_counts: Vec<usize>,
+    /// Control plane: read latency per freshness class (p50/p99 over a node's view) and the
+    /// time a paused view takes to catch up with a gap of --gap control events.
+    #[arg(long)]
+    control: bool,
+    /// Events in the control bench's catch-up gap.
+    #[arg(long, default_value_t = 100_000)]
+    gap: usize,
 }
 
 fn chain(kind: &str, n: usize) -> String {
@@ -185,6 +192,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         print_remote(&a, &rows);
         return Ok(ExitCode::SUCCESS);
     }
+    if a.control {
+        return control(&a).await;
+    }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -265,6 +275,132 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             codec["arrow_bytes"].as_u64().unwrap_or(0) / 1024,
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(0.0)
+}
+
+/// `mayfly bench --control`: reads per freshness class over a node's view of the control
+/// stream (in process: the view, not HTTP), then the catch-up of a paused view.
+async fn control(a: &BenchArgs) -> Result<ExitCode> {
+    use mayfly_control::{Caller, Class, Control, ReadRequest, Role, View, parse_manifests};
+    let dir = tempfile::tempdir()?;
+    let (store, schema): (Arc<dyn mayfly_store::Store>, Option<String>) = match &a.db {
+        Some(url) => {
+            let schema = format!("mayfly_bench_control_{}", std::process::id());
+            let s = mayfly_store::PostgresStore::connect_schema(url, &schema).await?;
+            (Arc::new(s), Some(schema))
+        }
+        None => (
+            Arc::new(SqliteStore::open(dir.path().join("control.db")).await?),
+            None,
+        ),
+    };
+    let store_name = if a.db.is_some() { "postgres" } else { "sqlite" };
+    let control = Control::open(store.clone()).await?;
+    let caller = Caller {
+        tenant: "bench".into(),
+        role: Role::Admin,
+        actor: "bench".into(),
+        request_id: "bench".into(),
+    };
+    // 1,000 pools; each round changes every one (1,000 events per commit).
+    let pools = |round: usize| -> Result<Vec<mayfly_control::Manifest>> {
+        let text: Vec<String> = (0..1000)
+            .map(|i| {
+                format!(
+                    "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {{name: pool-{i}}}\nspec: {{slots: {}}}\n",
+                    round + 1
+                )
+            })
+            .collect();
+        parse_manifests("bench.yaml", &text.join("---\n")).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    control.apply(&caller, &pools(0)?).await?;
+    let view = View::start(store.clone(), false);
+    let strong = ReadRequest {
+        class: Class::Strong,
+        ..Default::default()
+    };
+    let read = |st: &mayfly_control::ControlState| {
+        st.objects_of(&caller, mayfly_control::Kind::WorkerPool, Some("pool-7"))
+            .len()
+    };
+    view.read(&strong, read).await?;
+    let mut rows = Vec::new();
+    for (name, req) in [
+        ("best_effort", ReadRequest::default()),
+        (
+            "bounded (max_lag 1000)",
+            ReadRequest {
+                class: Class::Bounded,
+                max_lag: Some(1000),
+                ..Default::default()
+            },
+        ),
+        ("strong", strong.clone()),
+    ] {
+        let mut lat = Vec::with_capacity(2000);
+        for _ in 0..2000 {
+            let t = Instant::now();
+            let (n, _) = view.read(&req, read).await?;
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            if n != 1 {
+                bail!("the view lost pool-7");
+            }
+        }
+        rows.push((name, percentile(lat.clone(), 0.5), percentile(lat, 0.99)));
+    }
+    // Catch-up: pause the view, write a gap of `gap` events, resume, time until fresh.
+    view.pause();
+    let rounds = a.gap.div_ceil(1000);
+    let t = Instant::now();
+    for r in 0..rounds {
+        control.apply(&caller, &pools(r + 1)?).await?;
+    }
+    let write_s = t.elapsed().as_secs_f64();
+    let head = store.head().await?;
+    let gap = head - view.served();
+    let t = Instant::now();
+    view.resume();
+    let long = ReadRequest {
+        class: Class::Strong,
+        deadline: Some(std::time::Duration::from_secs(600)),
+        ..Default::default()
+    };
+    view.read(&long, read).await?;
+    let catch_up = t.elapsed().as_secs_f64();
+    if let (Some(url), Some(schema)) = (&a.db, &schema) {
+        mayfly_store::PostgresStore::drop_schema(url, schema).await?;
+    }
+    let out = json!({
+        "store": store_name,
+        "reads_us": rows.iter().map(|(n, p50, p99)| json!({"class": n, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
+        "catch_up": {"events": gap, "seconds": catch_up, "events_per_second": gap as f64 / catch_up},
+        "apply": {"events": rounds * 1000, "seconds": write_s},
+    });
+    if a.json {
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("mayfly bench --control — {store_name} log, reads over a node's view (2,000 each)");
+    for (name, p50, p99) in &rows {
+        println!("  read, {name:<32} p50 {p50:>8.1} µs   p99 {p99:>8.1} µs");
+    }
+    println!(
+        "  catch-up of a paused view, {gap} events     {:>8.2} s ({:.0} events/s)",
+        catch_up,
+        gap as f64 / catch_up
+    );
+    println!(
+        "  apply, {} object changes in commits of 1,000   {:>8.2} s",
+        rounds * 1000,
+        write_s
+    );
     Ok(ExitCode::SUCCESS)
 }
 
