@@ -5,7 +5,7 @@ use mayfly_dsl::{Loc, Node, NodeV};
 use mayfly_types::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// `apiVersion` of mayfly's own resource kinds.
@@ -769,18 +769,9 @@ impl ControlState {
     /// version) pairs of every Policy that applies to it (its own, and those scoped to no
     /// tenant), or None when there is none.
     pub fn policy_version(&self, tenant: Option<&str>) -> Option<String> {
+        // Cluster-scoped objects answer to the platform's unscoped policies only.
         let set: Vec<(&str, &str)> = self
-            .objects
-            .values()
-            .filter(|o| o.key.kind == Kind::Policy)
-            .filter(|o| {
-                // A tenant's own policies and the platform's (the system tenant's), unless
-                // scoped to another tenant.
-                let scoped = o.spec.pointer("/scope/tenant").and_then(Value::as_str);
-                let owner = o.key.tenant.as_deref();
-                scoped.is_none_or(|s| Some(s) == tenant)
-                    && (owner == tenant || owner == Some(SYSTEM_TENANT))
-            })
+            .policies_for(tenant.unwrap_or_default())
             .map(|o| (o.key.name.as_str(), o.version.as_str()))
             .collect();
         if set.is_empty() {
@@ -832,4 +823,161 @@ impl ControlState {
             .find(|o| o.key.kind == kind && o.key.name == name && visible(caller, &o.key))
             .map(|o| o.revisions.clone())
     }
+}
+
+/// The stable reason of a block/execution admission decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdmissionDecision {
+    Accepted,
+    /// The dispatch backlog is at its limit: try again later.
+    QueueSaturated,
+    /// The tenant runs as many executions as its Tenant object allows.
+    TenantQuota,
+    /// A policy in force for the tenant does not allow what the playbook uses.
+    PolicyDenied,
+    /// This node does not append (a replica).
+    NotLeader,
+}
+
+impl AdmissionDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmissionDecision::Accepted => "accepted",
+            AdmissionDecision::QueueSaturated => "queue_saturated",
+            AdmissionDecision::TenantQuota => "tenant_quota",
+            AdmissionDecision::PolicyDenied => "policy_denied",
+            AdmissionDecision::NotLeader => "not_leader",
+        }
+    }
+}
+
+/// An admission decision with its reason and the policy version it was decided under.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Admission {
+    pub decision: AdmissionDecision,
+    pub reason: String,
+    pub policy_version: Option<String>,
+}
+
+/// What is asked to run, and the load it would join.
+#[derive(Clone, Debug, Default)]
+pub struct AdmissionRequest {
+    pub tenant: String,
+    pub tools: BTreeSet<String>,
+    pub aliases: BTreeSet<String>,
+    /// Some keychain alias is chosen by a template at run time.
+    pub templated_auth: bool,
+    /// The tenant's executions now pending or running.
+    pub running: u64,
+    pub pending_publishes: u64,
+    /// Backlog beyond which new work is refused (`queue_saturated`).
+    pub max_pending_publishes: u64,
+}
+
+impl ControlState {
+    /// Decide whether a new execution may start. Pure and deterministic: policies first
+    /// (each policy in force can only narrow what is allowed — an allow-list of every
+    /// layer must admit each tool kind and keychain alias), then the tenant's quota, then
+    /// the dispatch backlog.
+    pub fn admit(&self, req: &AdmissionRequest) -> Admission {
+        let policy_version = self.policy_version(Some(&req.tenant));
+        let verdict = |decision, reason: String| Admission {
+            decision,
+            reason,
+            policy_version: policy_version.clone(),
+        };
+        for p in self.policies_for(&req.tenant) {
+            let name = format!(
+                "policy {}/{}",
+                p.key.tenant.as_deref().unwrap_or("-"),
+                p.key.name
+            );
+            if let Some(allow) = allow_list(&p.spec, "/tools/allow")
+                && let Some(t) = req.tools.iter().find(|t| !allow.contains(t.as_str()))
+            {
+                return verdict(
+                    AdmissionDecision::PolicyDenied,
+                    format!("{name} does not allow tool kind `{t}`"),
+                );
+            }
+            if let Some(allow) = allow_list(&p.spec, "/keychain/allow") {
+                if req.templated_auth {
+                    return verdict(
+                        AdmissionDecision::PolicyDenied,
+                        format!(
+                            "{name} restricts keychain aliases and this playbook chooses one by template (fail closed)"
+                        ),
+                    );
+                }
+                if let Some(a) = req.aliases.iter().find(|a| !allow.contains(a.as_str())) {
+                    return verdict(
+                        AdmissionDecision::PolicyDenied,
+                        format!("{name} does not allow keychain alias `{a}`"),
+                    );
+                }
+            }
+        }
+        let quota = self
+            .objects
+            .get(&ObjectKey {
+                kind: Kind::Tenant,
+                tenant: None,
+                name: req.tenant.clone(),
+            })
+            .and_then(|t| t.spec.pointer("/quotas/max_running_executions"))
+            .and_then(Value::as_u64);
+        if let Some(max) = quota
+            && req.running >= max
+        {
+            return verdict(
+                AdmissionDecision::TenantQuota,
+                format!(
+                    "tenant `{}` runs {} executions, its quota is {max}",
+                    req.tenant, req.running
+                ),
+            );
+        }
+        if req.pending_publishes >= req.max_pending_publishes {
+            return verdict(
+                AdmissionDecision::QueueSaturated,
+                format!(
+                    "{} blocks are waiting to be dispatched (limit {})",
+                    req.pending_publishes, req.max_pending_publishes
+                ),
+            );
+        }
+        verdict(
+            AdmissionDecision::Accepted,
+            "within policy, quota and capacity".into(),
+        )
+    }
+
+    /// The policies in force for `tenant`, in a deterministic order (platform first).
+    fn policies_for<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+        let mut v: Vec<&Object> = self
+            .objects
+            .values()
+            .filter(move |o| o.key.kind == Kind::Policy)
+            .filter(move |o| {
+                let scoped = o.spec.pointer("/scope/tenant").and_then(Value::as_str);
+                let owner = o.key.tenant.as_deref();
+                scoped.is_none_or(|s| s == tenant)
+                    && (owner == Some(tenant) || owner == Some(SYSTEM_TENANT))
+            })
+            .collect();
+        v.sort_by_key(|o| {
+            (
+                o.key.tenant.as_deref() != Some(SYSTEM_TENANT),
+                o.key.name.clone(),
+            )
+        });
+        v.into_iter()
+    }
+}
+
+fn allow_list<'a>(spec: &'a Value, pointer: &str) -> Option<BTreeSet<&'a str>> {
+    spec.pointer(pointer)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
 }

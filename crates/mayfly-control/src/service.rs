@@ -80,6 +80,8 @@ pub struct Verified {
 pub struct Control {
     store: Arc<dyn Store>,
     state: Mutex<ControlState>,
+    /// Log position of this process's last control write (admission reads at least it).
+    last_token: std::sync::atomic::AtomicU64,
 }
 
 fn stream() -> ExecutionId {
@@ -102,9 +104,11 @@ impl Control {
     pub async fn open(store: Arc<dyn Store>) -> Result<Control, ControlError> {
         let events = store.read_all(&stream()).await?;
         let state = fold(&events)?;
+        let last = events.last().and_then(|e| e.position).unwrap_or(0);
         Ok(Control {
             store,
             state: Mutex::new(state),
+            last_token: std::sync::atomic::AtomicU64::new(last),
         })
     }
 
@@ -234,6 +238,10 @@ impl Control {
             }))
             .await?;
         *st = next;
+        if let Some(t) = token {
+            self.last_token
+                .fetch_max(t, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(ApplyReport {
             results,
             accepted_token: token,
@@ -276,6 +284,11 @@ impl Control {
         Ok(())
     }
 
+    /// The log position of this process's last control write (0: none yet).
+    pub fn last_token(&self) -> u64 {
+        self.last_token.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Objects of `kind` visible to `caller` (one, with `name`), as this appender sees them.
     pub async fn get(&self, caller: &Caller, kind: Kind, name: Option<&str>) -> Vec<ObjectView> {
         self.state.lock().await.objects_of(caller, kind, name)
@@ -284,6 +297,11 @@ impl Control {
     /// Every revision of one object (oldest first), if visible to `caller`.
     pub async fn history(&self, caller: &Caller, kind: Kind, name: &str) -> Option<Vec<Revision>> {
         self.state.lock().await.history_of(caller, kind, name)
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn state_for_tests(&self) -> ControlState {
+        self.state.lock().await.clone()
     }
 
     /// Re-read the stored stream and verify it: hash chain, dense seq, every event folds,

@@ -418,3 +418,69 @@ fn the_client_verifier_recomputes_replies_and_keeps_a_floor() {
         .is_err()
     );
 }
+
+#[tokio::test]
+async fn admission_applies_every_policy_layer_then_quota_then_capacity() {
+    let (_dir, _store, c) = control().await;
+    let sys = caller(SYSTEM_TENANT, Role::Admin);
+    let platform = parse_manifests(
+        "platform.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [python, http, noop, postgres]}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme}\nspec: {quotas: {max_running_executions: 2}}\n",
+    )
+    .expect("platform");
+    c.apply(&sys, &platform).await.expect("platform");
+    let tenant = parse_manifests(
+        "acme.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: narrow}\nspec:\n  tools: {allow: [python, noop, shell]}\n  keychain: {allow: [pg_local]}\n",
+    )
+    .expect("acme");
+    c.apply(&caller("acme", Role::Admin), &tenant)
+        .await
+        .expect("acme");
+    let st = c.state_for_tests().await;
+    let ask = |tools: &[&str], aliases: &[&str], templated, running, pending| AdmissionRequest {
+        tenant: "acme".into(),
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        aliases: aliases.iter().map(|t| t.to_string()).collect(),
+        templated_auth: templated,
+        running,
+        pending_publishes: pending,
+        max_pending_publishes: 100,
+    };
+    let d = |r: AdmissionRequest| st.admit(&r);
+    let ok = d(ask(&["python"], &["pg_local"], false, 0, 0));
+    assert_eq!(ok.decision, AdmissionDecision::Accepted, "{}", ok.reason);
+    assert!(ok.policy_version.is_some());
+    // The platform layer refuses shell even though the tenant's allows it (layers narrow).
+    let r = d(ask(&["python", "shell"], &[], false, 0, 0));
+    assert_eq!(r.decision, AdmissionDecision::PolicyDenied);
+    assert!(
+        r.reason.contains("policy system/platform") && r.reason.contains("`shell`"),
+        "{}",
+        r.reason
+    );
+    // The tenant layer refuses http though the platform allows it.
+    let r = d(ask(&["http"], &[], false, 0, 0));
+    assert!(r.reason.contains("policy acme/narrow"), "{}", r.reason);
+    let r = d(ask(&["python"], &["prod_db"], false, 0, 0));
+    assert!(
+        r.reason.contains("keychain alias `prod_db`"),
+        "{}",
+        r.reason
+    );
+    let r = d(ask(&["python"], &[], true, 0, 0));
+    assert!(r.reason.contains("fail closed"), "{}", r.reason);
+    // Quota, then capacity.
+    assert_eq!(
+        d(ask(&["python"], &[], false, 2, 0)).decision,
+        AdmissionDecision::TenantQuota
+    );
+    assert_eq!(
+        d(ask(&["python"], &[], false, 1, 100)).decision,
+        AdmissionDecision::QueueSaturated
+    );
+    // Another tenant: only the platform layer, no quota.
+    let mut other = ask(&["http"], &["anything"], true, 50, 0);
+    other.tenant = "beta".into();
+    assert_eq!(d(other).decision, AdmissionDecision::Accepted);
+}

@@ -9,7 +9,8 @@ pub mod template;
 pub use node::{Loc, Node, NodeV};
 pub use playbook::{
     Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec,
-    Next, NextMode, ParseOptions, Playbook, Rule, SetOp, SetTarget, Step, Task, ToolKind, parse,
+    Next, NextMode, ParseOptions, Playbook, Reach, Rule, SetOp, SetTarget, Step, Task, ToolKind,
+    parse,
 };
 pub use template::{TemplateError, Templates, templates, to_value, truthy};
 

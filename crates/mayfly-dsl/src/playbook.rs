@@ -331,7 +331,63 @@ pub struct ParseOptions {
     pub extra_vars: Vec<String>,
 }
 
+/// Every `keychain.<alias>` a node's strings mention (templates read credentials so).
+pub fn keychain_mentions(n: &Node, out: &mut BTreeSet<String>) {
+    match &n.v {
+        NodeV::Str(s) => {
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("keychain.") {
+                let after = &rest[i + "keychain.".len()..];
+                let name: String = after
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '-')
+                    .collect();
+                if !name.is_empty() {
+                    out.insert(name);
+                }
+                rest = after;
+            }
+        }
+        NodeV::Seq(items) => items.iter().for_each(|i| keychain_mentions(i, out)),
+        NodeV::Map(m) => m.iter().for_each(|(_, _, v)| keychain_mentions(v, out)),
+        _ => {}
+    }
+}
+
+/// What a playbook may touch, as far as its text says: for admission policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Tool kinds of every task.
+    pub tools: BTreeSet<String>,
+    /// Keychain aliases named literally (`auth: alias`, `keychain.alias`).
+    pub aliases: BTreeSet<String>,
+    /// Some `auth:` is a template: its alias is known only at run time.
+    pub templated_auth: bool,
+}
+
 impl Playbook {
+    /// The tool kinds and keychain aliases this playbook can use.
+    pub fn reach(&self) -> Reach {
+        let mut r = Reach::default();
+        for s in &self.steps {
+            if let Some(i) = &s.input {
+                keychain_mentions(i, &mut r.aliases);
+            }
+            for t in &s.tasks {
+                r.tools.insert(t.kind.as_str().to_owned());
+                keychain_mentions(&t.config, &mut r.aliases);
+                if let Some(a) = t.config.get("auth").and_then(Node::as_str) {
+                    if a.contains("{{") || a.contains("{%") {
+                        r.templated_auth = true;
+                    } else if !a.is_empty() {
+                        r.aliases.insert(a.to_owned());
+                    }
+                }
+            }
+        }
+        r
+    }
+
     pub fn step(&self, name: &str) -> Option<&Step> {
         self.index.get(name).map(|&i| &self.steps[i])
     }

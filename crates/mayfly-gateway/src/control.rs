@@ -7,7 +7,9 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use mayfly_control::{Class, ControlState, Kind, Outcome, ReadRequest};
+use mayfly_control::{
+    Admission, AdmissionDecision, AdmissionRequest, Class, ControlState, Kind, Outcome, ReadRequest,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -251,4 +253,120 @@ pub(crate) async fn verify(
         )
             .into_response()),
     }
+}
+
+/// Admission outcomes since this process started, by decision.
+#[derive(Default)]
+pub struct Admissions(std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl Admissions {
+    fn count(&self, d: AdmissionDecision) {
+        metrics::counter!("mayfly_admissions_total", "decision" => d.as_str()).increment(1);
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(d.as_str()).or_default() += 1;
+        }
+    }
+    fn snapshot(&self) -> Value {
+        self.0.lock().map(|m| json!(*m)).unwrap_or(Value::Null)
+    }
+}
+
+/// Most blocks waiting for dispatch before new executions are refused (`queue_saturated`).
+pub const MAX_PENDING_PUBLISHES: u64 = 100_000;
+
+/// Admission of a new execution: policies in force for the caller's tenant (tool kinds and
+/// keychain aliases), its quota, the dispatch backlog. Decided on this node's view of the
+/// control plane, which must include this node's own last control write and be at most 2 s
+/// stale — else the start fails closed (it is a privileged action).
+pub(crate) async fn admit(
+    gw: &Gateway,
+    c: &Caller,
+    pb: &mayfly_dsl::Playbook,
+    runtime: &mayfly_runtime::RuntimeHandle,
+) -> ApiResult<Admission> {
+    let running = gw
+        .store
+        .list_executions(Some(&c.tenant), 10_000)
+        .await
+        .map_err(Problem::internal)?
+        .iter()
+        .filter(|x| matches!(x.status.as_str(), "pending" | "running"))
+        .count() as u64;
+    let reach = pb.reach();
+    let req = AdmissionRequest {
+        tenant: c.tenant.clone(),
+        tools: reach.tools,
+        aliases: reach.aliases,
+        templated_auth: reach.templated_auth,
+        running,
+        pending_publishes: runtime.pending_publishes(),
+        max_pending_publishes: MAX_PENDING_PUBLISHES,
+    };
+    let fresh = ReadRequest {
+        class: Class::Bounded,
+        max_staleness_ms: Some(2_000),
+        min_token: gw
+            .control
+            .as_ref()
+            .map(|c| c.last_token())
+            .filter(|t| *t > 0),
+        deadline: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let (a, _) = gw
+        .view
+        .read(&fresh, |st| st.admit(&req))
+        .await
+        .map_err(|r| {
+            let mut p = c.deny(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r.code(),
+                "admission_unavailable",
+                format!("admission fails closed: the control plane view is not fresh enough ({r})"),
+            );
+            p.extra.insert("reason".into(), json!(r.code()));
+            p
+        })?;
+    gw.admissions.count(a.decision);
+    let (status, code) = match a.decision {
+        AdmissionDecision::Accepted => return Ok(a),
+        AdmissionDecision::PolicyDenied => (StatusCode::FORBIDDEN, "policy_denied"),
+        AdmissionDecision::TenantQuota => (StatusCode::TOO_MANY_REQUESTS, "tenant_quota"),
+        AdmissionDecision::QueueSaturated => (StatusCode::SERVICE_UNAVAILABLE, "queue_saturated"),
+        AdmissionDecision::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+    };
+    let mut p = c.deny(status, code, code, a.reason.clone());
+    p.extra.insert("admission".into(), json!(a));
+    Err(p)
+}
+
+/// `GET /v1/status`: this node's role and restart state (ready, or degraded naming what is
+/// down), pending publishes, admission outcomes, and its control view's freshness.
+pub(crate) async fn status(
+    State(gw): State<Gateway>,
+    axum::Extension(_c): axum::Extension<Caller>,
+) -> ApiResult<Json<Value>> {
+    let store_up = gw.store.head().await.is_ok();
+    let queue_up = gw
+        .runtime
+        .as_ref()
+        .is_none_or(mayfly_runtime::RuntimeHandle::queue_up);
+    let (_, freshness) = gw
+        .view
+        .read(&ReadRequest::default(), |_| ())
+        .await
+        .map_err(|r| Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string()))?;
+    let degraded: Vec<&str> = [(!store_up, "store"), (!queue_up, "queue")]
+        .into_iter()
+        .filter_map(|(down, what)| down.then_some(what))
+        .collect();
+    Ok(Json(json!({
+        "state": if degraded.is_empty() { "ready" } else { "degraded" },
+        "down": degraded,
+        "role": if gw.runtime.is_some() { "appender" } else { "replica" },
+        "pending_publishes": gw.runtime.as_ref().map_or(0, |r| r.pending_publishes()),
+        "admissions": gw.admissions.snapshot(),
+        "control_view": freshness,
+        "control_view_failure": gw.view.failure(),
+    })))
 }

@@ -7,6 +7,8 @@
 
 mod control;
 
+pub use control::Admissions;
+
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -66,6 +68,8 @@ pub struct Gateway {
     /// This node's materialized view of the control stream: every control-plane read is
     /// served from it under the freshness class the caller asks for.
     pub view: mayfly_control::View,
+    /// Admission outcomes since start, by decision (reported by `/v1/status`).
+    pub admissions: Arc<control::Admissions>,
     /// Renders `/metrics` (None: the endpoint answers 404).
     pub metrics: Option<PrometheusHandle>,
 }
@@ -378,6 +382,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/tokens", post(create_token))
         .route("/audit", get(list_audit))
         .route("/audit/verify", get(control::verify))
+        .route("/status", get(control::status))
         .route("/apply", post(control::apply))
         .route("/objects/{kind}", get(control::list))
         .route("/objects/{kind}/{*name}", get(control::describe))
@@ -497,10 +502,9 @@ async fn start(
     let name = format!("{}@{}", entry.path, entry.version);
     let pb = mayfly_dsl::parse(&name, &stored.content, &opts)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string()))?;
-    let id = gw
-        .runtime
-        .as_ref()
-        .ok_or_else(not_leader)?
+    let runtime = gw.runtime.as_ref().ok_or_else(not_leader)?;
+    let admission = control::admit(&gw, &c, &pb, runtime).await?;
+    let id = runtime
         .start_as(
             Arc::new(pb),
             req.workload,
@@ -509,7 +513,7 @@ async fn start(
         )
         .await
         .map_err(Problem::internal)?;
-    let body = json!({"execution_id": id, "path": entry.path, "version": entry.version});
+    let body = json!({"execution_id": id, "path": entry.path, "version": entry.version, "admission": admission});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 

@@ -48,6 +48,7 @@ async fn server() -> Server {
         view,
         store,
         runtime: Some(rt.handle()),
+        admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -860,4 +861,85 @@ async fn apply_get_history_and_audit_verify() {
         .call(M::POST, "/v1/apply", Some(&viewer), Some(pool.into()))
         .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+}
+
+/// Admission of new executions: the policies in force (platform and tenant layers) and the
+/// tenant's quota decide, with a stable reason, on this node's fresh view; `/v1/status`
+/// counts the outcomes.
+#[tokio::test]
+async fn admission_enforces_policies_and_quotas_with_stable_reasons() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let author = s.token("acme", "author").await;
+    let park = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: park, path: team/park}\nworkflow:\n  - step: start\n    tool: {kind: wait}\n";
+    for pb in [HELLO, park] {
+        let (st, v, _) = s
+            .call(M::POST, "/v1/playbooks", Some(&author), Some(pb.into()))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let platform = |tools: &str| {
+        format!(
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: platform}}\nspec:\n  tools: {{allow: [{tools}]}}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {{name: acme}}\nspec: {{quotas: {{max_running_executions: 1}}}}\n"
+        )
+    };
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/apply",
+            Some(&s.admin),
+            Some(platform("noop, wait")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let s = &s;
+    let start = |path: &str| {
+        let body = json!({"path": path}).to_string();
+        let token = author.clone();
+        async move {
+            s.call(M::POST, "/v1/executions", Some(&token), Some(body))
+                .await
+        }
+    };
+    let (st, v, _) = start("team/hi").await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("policy_denied")),
+        "{v}"
+    );
+    assert!(
+        v["detail"].as_str().is_some_and(|d| d.contains("`python`")),
+        "{v}"
+    );
+    assert!(v["admission"]["policy_version"].as_str().is_some(), "{v}");
+    // The parked execution is admitted and holds the tenant's only slot.
+    let (st, v, _) = start("team/park").await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["admission"]["decision"], "accepted");
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/apply",
+            Some(&s.admin),
+            Some(platform("noop, wait, python")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v, _) = start("team/hi").await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("tenant_quota")),
+        "the policy change is seen at once; the quota is not: {v}"
+    );
+    let (st, v, _) = s.call(M::GET, "/v1/status", Some(&author), None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["state"].as_str(), v["role"].as_str()),
+        (Some("ready"), Some("appender"))
+    );
+    assert_eq!(
+        v["admissions"],
+        json!({"accepted": 1, "policy_denied": 1, "tenant_quota": 1})
+    );
+    assert!(v["pending_publishes"].as_u64().is_some());
 }

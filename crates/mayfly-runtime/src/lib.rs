@@ -20,6 +20,7 @@ use mayfly_types::{Event, ExecutionId, StepFailed, StepFinished};
 use orchestrator::{Msg, Orchestrator};
 use serde_json::{Map, Value};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -162,6 +163,7 @@ impl Default for RuntimeConfig {
 #[derive(Clone)]
 pub struct RuntimeHandle {
     tx: mpsc::UnboundedSender<Msg>,
+    pending: Arc<AtomicU64>,
     store: Arc<dyn Store>,
     blocks: Arc<Mutex<mpsc::UnboundedReceiver<Block>>>,
     events: broadcast::Sender<Arc<Event>>,
@@ -227,7 +229,17 @@ impl RuntimeHandle {
 
     /// The next dispatched block (None once the runtime has shut down).
     pub async fn next_block(&self) -> Option<Block> {
-        self.blocks.lock().await.recv().await
+        let b = self.blocks.lock().await.recv().await;
+        if b.is_some() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// Blocks dispatched and not yet taken by a worker (in process) or acknowledged by the
+    /// queue (distributed).
+    pub fn pending_publishes(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
     }
 
     /// Claim a block: granted (with a lease), done (nothing to run) or busy (another
@@ -342,6 +354,23 @@ impl RuntimeHandle {
     }
 }
 
+/// The orchestrator's outbox to the queue, counting what is dispatched but not yet taken
+/// (in process) or acknowledged by JetStream (distributed): the pending publishes that
+/// admission and `/v1/status` report.
+#[derive(Clone)]
+pub(crate) struct Dispatch {
+    tx: mpsc::UnboundedSender<Block>,
+    pending: Arc<AtomicU64>,
+}
+
+impl Dispatch {
+    pub(crate) fn send(&self, b: Block) {
+        if self.tx.send(b).is_ok() {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The embedded runtime: orchestrator + in-process worker pool.
 pub struct Runtime {
     handle: RuntimeHandle,
@@ -358,10 +387,14 @@ impl Runtime {
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicU64::new(0));
         let (events, _) = broadcast::channel(16_384);
         let orch = Orchestrator::new(
             store.clone(),
-            btx,
+            Dispatch {
+                tx: btx,
+                pending: pending.clone(),
+            },
             events.clone(),
             config.lease,
             config.cache.clone(),
@@ -381,6 +414,7 @@ impl Runtime {
                     brx,
                     q.clone(),
                     health.clone(),
+                    pending.clone(),
                 )));
                 background.push(tokio::spawn(remote::lag_reporter(
                     q.clone(),
@@ -393,6 +427,7 @@ impl Runtime {
         };
         let handle = RuntimeHandle {
             tx,
+            pending,
             store,
             blocks: Arc::new(Mutex::new(blocks)),
             events,

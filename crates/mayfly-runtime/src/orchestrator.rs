@@ -134,7 +134,7 @@ pub(crate) struct Orchestrator {
     store: Arc<dyn Store>,
     execs: HashMap<ExecutionId, Exec>,
     leases: HashMap<String, Lease>,
-    dispatch: mpsc::UnboundedSender<Block>,
+    dispatch: crate::Dispatch,
     events: broadcast::Sender<Arc<Event>>,
     waiters: HashMap<ExecutionId, Vec<oneshot::Sender<Result<Report, RuntimeError>>>>,
     lease: Duration,
@@ -154,7 +154,7 @@ pub(crate) struct Orchestrator {
 impl Orchestrator {
     pub(crate) fn new(
         store: Arc<dyn Store>,
-        dispatch: mpsc::UnboundedSender<Block>,
+        dispatch: crate::Dispatch,
         events: broadcast::Sender<Arc<Event>>,
         lease: Duration,
         cache: Option<Arc<mayfly_cache::Payloads>>,
@@ -234,7 +234,7 @@ impl Orchestrator {
         for k in expired {
             if let Some(l) = self.leases.remove(&k) {
                 tracing::warn!(command = %k, attempt = l.attempt, "lease expired; redelivering");
-                let _ = self.dispatch.send(l.block);
+                self.dispatch.send(l.block);
             }
         }
         timed_out
@@ -485,7 +485,7 @@ impl Orchestrator {
             return;
         }
         for b in dispatch {
-            let _ = self.dispatch.send(b);
+            self.dispatch.send(b);
         }
         for r in replies {
             match r {

@@ -350,6 +350,7 @@ pub(crate) async fn publisher(
     mut rx: mpsc::UnboundedReceiver<Block>,
     queue: Arc<dyn CommandQueue>,
     health: QueueHealth,
+    pending: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let nonce = uuid::Uuid::now_v7().simple().to_string();
     let mut n: u64 = 0;
@@ -362,13 +363,14 @@ pub(crate) async fn publisher(
                 n += 1;
                 let id = format!("{}.{nonce}.{n}", b.command_id);
                 let payload = encode(&b);
-                let (queue, health) = (queue.clone(), health.clone());
+                let (queue, health, pending) = (queue.clone(), health.clone(), pending.clone());
                 inflight.spawn(async move {
                     let mut pause = Duration::from_millis(100);
                     loop {
                         match queue.publish(&id, &payload).await {
                             Ok(()) => {
                                 health.set(true);
+                                pending.fetch_sub(1, Ordering::Relaxed);
                                 return;
                             }
                             Err(e) => {

@@ -354,27 +354,7 @@ pub async fn run_block<C: Coordinator>(
 
 /// Aliases a step uses: `auth: <alias>` on its tasks and `keychain.<alias>` in any field.
 fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<String> {
-    fn scan(n: &mayfly_dsl::Node, out: &mut std::collections::BTreeSet<String>) {
-        match &n.v {
-            NodeV::Str(s) => {
-                let mut rest = s.as_str();
-                while let Some(i) = rest.find("keychain.") {
-                    let after = &rest[i + "keychain.".len()..];
-                    let name: String = after
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '-')
-                        .collect();
-                    if !name.is_empty() {
-                        out.insert(name);
-                    }
-                    rest = after;
-                }
-            }
-            NodeV::Seq(items) => items.iter().for_each(|i| scan(i, out)),
-            NodeV::Map(m) => m.iter().for_each(|(_, _, v)| scan(v, out)),
-            _ => {}
-        }
-    }
+    use mayfly_dsl::playbook::keychain_mentions as scan;
     let mut out = std::collections::BTreeSet::new();
     let mctx = to_value(ctx);
     for t in &step.tasks {

@@ -164,6 +164,9 @@ enum Cmd {
         #[command(flatten)]
         fresh: control::FreshArgs,
     },
+    /// The server's state: ready or degraded (and what is down), its role (appender or
+    /// replica), pending publishes, admission outcomes, its control view's freshness.
+    Status,
     /// Create an API token on the server (admin; printed once, stored only as a hash).
     Token {
         /// Role: viewer, operator, author or admin.
@@ -471,6 +474,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         },
         Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
         Cmd::Apply { files } => control::apply(&files).await,
+        Cmd::Status => remote::status().await,
         Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
         Cmd::Get {
             kind,
@@ -726,6 +730,7 @@ async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
         view,
         store,
         runtime: None,
+        admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
@@ -793,6 +798,7 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
         view,
         store,
         runtime: Some(runtime.handle()),
+        admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
     });
     let listener = tokio::net::TcpListener::bind(listen)

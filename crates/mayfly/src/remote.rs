@@ -151,6 +151,18 @@ impl Client {
     }
 }
 
+/// `mayfly status`: the server's status document; exit 1 when it is degraded.
+pub async fn status() -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let v = c.send(reqwest::Method::GET, "/v1/status", None).await?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(if v["state"] == "ready" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// `mayfly token`: create a token; prints it (it is shown once).
 pub async fn token(role: &str, name: &str, tenant: Option<String>) -> Result<ExitCode> {
     let c = Client::from_env()?;

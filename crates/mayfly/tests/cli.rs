@@ -1045,6 +1045,13 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     let o = remote(&author, &["get", "environments"]);
     assert!(!out(&o).contains("qa"), "nothing of a refused apply exists");
 
+    let o = remote(&token, &["status"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let st: Value = serde_json::from_str(&out(&o)).expect("status json");
+    assert_eq!(
+        (st["state"].as_str(), st["role"].as_str()),
+        (Some("ready"), Some("appender"))
+    );
     let o = remote(&token, &["audit", "verify"]);
     assert!(o.status.success(), "{}", err(&o));
     assert!(out(&o).starts_with("ok: "), "{}", out(&o));
