@@ -150,6 +150,13 @@ impl Control {
                 reason,
             };
             if !decision.allowed {
+                // What exists in a scope the caller cannot read is not revealed (the audit
+                // record keeps it).
+                let shown = if crate::model::visible(caller, &key) {
+                    generation
+                } else {
+                    0
+                };
                 let d = Denied {
                     key: key.clone(),
                     attempted: version.clone(),
@@ -157,7 +164,7 @@ impl Control {
                     decision: decision.clone(),
                     policy_version,
                 };
-                results.push(result(Outcome::Denied, generation, decision.reason));
+                results.push(result(Outcome::Denied, shown, decision.reason));
                 self.push(
                     &mut next,
                     &mut events,
@@ -230,13 +237,34 @@ impl Control {
                 accepted_token: None,
             });
         }
-        let token = self
+        let token = match self
             .store
             .append(Arc::new(Batch {
                 events,
                 ..Default::default()
             }))
-            .await?;
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => {
+                // The commit may have landed even though it reported failure (a connection
+                // lost during COMMIT): take the stream as stored, not as assumed, so the
+                // next apply does not reuse a seq.
+                match self
+                    .store
+                    .read_all(&stream())
+                    .await
+                    .map_err(ControlError::from)
+                    .and_then(|ev| fold(&ev))
+                {
+                    Ok(stored) => *st = stored,
+                    Err(re) => {
+                        tracing::error!(error = %re, "control stream could not be re-read after a failed commit")
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         *st = next;
         if let Some(t) = token {
             self.last_token

@@ -192,6 +192,8 @@ struct Inner {
     head: Mutex<HeadSeen>,
     /// When the view last had everything the store had (staleness is measured from here).
     fresh_at: Mutex<Instant>,
+    /// When the tail last completed a round (a paused, slow or stopped tail is lagging).
+    tail_at: Mutex<Instant>,
     paused: AtomicBool,
     view_only: bool,
     /// Wakes readers waiting for the view to advance.
@@ -227,6 +229,7 @@ impl View {
                 error: Some("not yet confirmed".into()),
             }),
             fresh_at: Mutex::new(Instant::now()),
+            tail_at: Mutex::new(Instant::now()),
             paused: AtomicBool::new(false),
             view_only,
             advanced: Notify::new(),
@@ -343,7 +346,13 @@ impl View {
             },
             degraded_mode: if unavailable {
                 Degraded::RootUnavailable
-            } else if confirmed.is_none() && seen.at.elapsed() > HEAD_STALE {
+            } else if self.failure().is_some()
+                || i.tail_at
+                    .lock()
+                    .map(|t| t.elapsed() > HEAD_STALE)
+                    .unwrap_or(true)
+            {
+                // The tail is paused, slow, or stopped at a record that does not verify.
                 Degraded::RootLagging
             } else if i.view_only {
                 Degraded::ViewOnly
@@ -404,6 +413,7 @@ async fn tail(i: Arc<Inner>) {
     let stream = ExecutionId::from(STREAM);
     loop {
         if !i.paused.load(Ordering::SeqCst) && i.failure.lock().is_ok_and(|f| f.is_none()) {
+            let sampled = Instant::now();
             match i.store.head().await {
                 Err(e) => note_head(&i, Err(e.to_string())),
                 Ok(head) => {
@@ -414,16 +424,17 @@ async fn tail(i: Arc<Inner>) {
                         Ok(events) => {
                             let full = events.len() == 10_000;
                             let mut last = head;
-                            {
+                            // In chunks: readers are never held up for a whole catch-up.
+                            'fold: for chunk in events.chunks(256) {
                                 let mut st = i.state.write().unwrap_or_else(|p| p.into_inner());
-                                for e in &events {
+                                for e in chunk {
                                     if let Err(err) = st.apply(e) {
                                         tracing::error!(error = %err, "control view: a record does not verify; the view stops here");
                                         if let Ok(mut f) = i.failure.lock() {
                                             *f = Some(err.to_string());
                                         }
                                         last = 0;
-                                        break;
+                                        break 'fold;
                                     }
                                     last = last.max(e.position.unwrap_or(0));
                                 }
@@ -434,12 +445,19 @@ async fn tail(i: Arc<Inner>) {
                                 if last >= before
                                     && let Ok(mut f) = i.fresh_at.lock()
                                 {
-                                    *f = Instant::now();
+                                    // Fresh as of when the head was sampled, not later.
+                                    *f = sampled;
                                 }
+
                                 i.advanced.notify_waiters();
                             }
                             if full {
                                 i.poke.notify_one();
+                            } else if last > 0 || head == 0 {
+                                // A whole round: the view holds everything up to the head.
+                                if let Ok(mut t) = i.tail_at.lock() {
+                                    *t = Instant::now();
+                                }
                             }
                         }
                     }

@@ -241,6 +241,15 @@ pub(crate) async fn verify(
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
     c.require(Role::Operator)?;
+    if c.tenant != mayfly_control::SYSTEM_TENANT {
+        return Err(c.deny(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "forbidden",
+            "the control stream holds every tenant's record: verifying it is for the system tenant"
+                .into(),
+        ));
+    }
     let Some(control) = &gw.control else {
         return Err(not_leader());
     };
@@ -369,4 +378,34 @@ pub(crate) async fn status(
         "control_view": freshness,
         "control_view_failure": gw.view.failure(),
     })))
+}
+
+/// The catalog version the desired state names for playbook `path` of the caller's tenant
+/// (None: no Playbook object; the catalog's latest applies).
+pub(crate) async fn desired_playbook_version(gw: &Gateway, c: &Caller, path: &str) -> Option<u32> {
+    let who = c.control();
+    let tenant = c.tenant.clone();
+    // At least this node's own last control write (an apply just before a start counts).
+    let fresh = ReadRequest {
+        min_token: gw
+            .control
+            .as_ref()
+            .map(|c| c.last_token())
+            .filter(|t| *t > 0),
+        ..Default::default()
+    };
+    gw.view
+        .read(&fresh, |st| {
+            st.objects
+                .get(&mayfly_control::ObjectKey {
+                    kind: Kind::Playbook,
+                    tenant: Some(tenant),
+                    name: path.to_owned(),
+                })
+                .filter(|o| mayfly_control::visible(&who, &o.key))
+                .and_then(|o| o.catalog_version)
+        })
+        .await
+        .ok()
+        .and_then(|(v, _)| v)
 }

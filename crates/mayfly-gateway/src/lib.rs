@@ -145,9 +145,15 @@ type ApiResult<T> = Result<T, Problem>;
 /// bounded so that a flood of refused requests cannot grow memory without limit: beyond it
 /// records are dropped and counted (`mayfly_audit_dropped_total`), never silently.
 #[derive(Clone)]
-struct Auditor(tokio::sync::mpsc::Sender<AuditRecord>);
+struct Auditor(Option<tokio::sync::mpsc::Sender<AuditRecord>>);
 
 impl Auditor {
+    /// A view-only node writes nothing to the shared log: its refusals go to its own log
+    /// output only.
+    fn log_only() -> Auditor {
+        Auditor(None)
+    }
+
     fn spawn(store: Arc<dyn Store>) -> Auditor {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditRecord>(10_000);
         tokio::spawn(async move {
@@ -170,12 +176,14 @@ impl Auditor {
                 }
             }
         });
-        Auditor(tx)
+        Auditor(Some(tx))
     }
 
     fn record(&self, r: AuditRecord) {
         tracing::warn!(target: "mayfly::audit", tenant = ?r.tenant, actor = ?r.actor, action = %r.action, outcome = %r.outcome, request_id = %r.request_id, "{}", r.detail);
-        if self.0.try_send(r).is_err() {
+        if let Some(tx) = &self.0
+            && tx.try_send(r).is_err()
+        {
             metrics::counter!("mayfly_audit_dropped_total").increment(1);
         }
     }
@@ -388,7 +396,11 @@ pub fn router(gw: Gateway) -> Router {
         .route("/objects/{kind}/{*name}", get(control::describe))
         .route("/history/{kind}/{*name}", get(control::history))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(Auditor::spawn(gw.store.clone())));
+        .layer(axum::Extension(if gw.runtime.is_some() {
+            Auditor::spawn(gw.store.clone())
+        } else {
+            Auditor::log_only()
+        }));
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(health))
@@ -490,9 +502,15 @@ async fn start(
         )
     })?;
     forged_ref(req.workload.values())?;
+    // With no version asked for, the desired state (an applied Playbook object) says which
+    // catalog version is current — it may be an earlier one, rolled back to.
+    let version = match req.version {
+        Some(v) => Some(v),
+        None => control::desired_playbook_version(&gw, &c, &req.path).await,
+    };
     let (entry, stored) = gw
         .store
-        .resolve(&c.tenant, &req.path, req.version)
+        .resolve(&c.tenant, &req.path, version)
         .await
         .map_err(Problem::internal)?
         .ok_or_else(|| Problem::not_found(format!("no playbook `{}` in the catalog", req.path)))?;
@@ -613,7 +631,13 @@ async fn stream(
     let store = gw.store.clone();
     let s = async_stream(move |tx| async move {
         let send = |e: &mayfly_types::Event| {
-            let data = serde_json::to_string(e).unwrap_or_default();
+            // The same bytes whichever path an event took: events followed from the commit
+            // broadcast carry no log position, so none carries it here (`/events` has it).
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.remove("position");
+            }
+            let data = v.to_string();
             SseEvent::default()
                 .id(e.seq.to_string())
                 .event(e.kind.as_str())

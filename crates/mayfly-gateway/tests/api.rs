@@ -719,6 +719,27 @@ async fn apply_get_history_and_audit_verify() {
         (StatusCode::OK, Some(1)),
         "{v}"
     );
+    // A second version, then back to the first: the desired state decides what runs.
+    let pb2 = pb.replace("name: hi,", "name: hi, description: two,");
+    let (_, v, _) = s.call(M::POST, "/v1/apply", Some(&author), Some(pb2)).await;
+    assert_eq!(v["results"][0]["outcome"], "configured", "{v}");
+    let (_, v, _) = s
+        .call(M::POST, "/v1/apply", Some(&author), Some(pb.into()))
+        .await;
+    assert_eq!(v["results"][0]["outcome"], "configured", "rolled back: {v}");
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(json!({"path": "team/hi"}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["version"].as_u64()),
+        (StatusCode::CREATED, Some(1)),
+        "runs the rolled-back version: {v}"
+    );
     let (st, v, _) = s
         .call(
             M::POST,
@@ -826,7 +847,12 @@ async fn apply_get_history_and_audit_verify() {
     assert_eq!(v["results"][0]["outcome"], "denied");
     assert_eq!(v["results"][1]["outcome"], "skipped");
     let (_, v, _) = s
-        .call(M::GET, "/v1/objects/WorkerPool/gpu", Some(&author), None)
+        .call(
+            M::GET,
+            "/v1/objects/WorkerPool/gpu?consistency=strong",
+            Some(&author),
+            None,
+        )
         .await;
     assert_eq!(v["spec"]["slots"], 6, "nothing of a refused apply changed");
 
@@ -849,12 +875,20 @@ async fn apply_get_history_and_audit_verify() {
         "{v}"
     );
 
-    let (st, v, _) = s
+    let (st, _, _) = s
         .call(M::GET, "/v1/audit/verify", Some(&author), None)
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::FORBIDDEN,
+        "the whole record is the system tenant's to verify"
+    );
+    let (st, v, _) = s
+        .call(M::GET, "/v1/audit/verify", Some(&s.admin), None)
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["ok"], true);
-    assert_eq!(v["verified"]["applied"], 3);
+    assert_eq!(v["verified"]["applied"], 5, "pool ×2, playbook ×3");
     assert_eq!(v["verified"]["denied"], 1);
     let viewer = s.token("acme", "viewer").await;
     let (st, _, _) = s

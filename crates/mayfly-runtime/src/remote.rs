@@ -136,6 +136,41 @@ fn encode<T: Serialize>(v: &T) -> bytes::Bytes {
     serde_json::to_vec(v).unwrap_or_default().into()
 }
 
+/// Room for one answer or request in a NATS message of at most `max_payload` bytes
+/// (headroom for the message's own framing; never more than the server accepts).
+fn room(max_payload: usize) -> usize {
+    max_payload.saturating_sub(4096).max(max_payload / 2)
+}
+
+/// A context kept as it was at claim time: (when stashed, the context).
+type Stashed = (std::time::Instant, Map<String, Value>);
+
+/// Contexts of claims granted without them (their batch's answer had no room), kept as they
+/// were at claim time until the worker fetches them — so a block renders the same scope
+/// whichever way its context travelled.
+#[derive(Clone, Default)]
+struct Stash(Arc<std::sync::Mutex<HashMap<(String, u32), Stashed>>>);
+
+impl Stash {
+    fn put(&self, command_id: &str, attempt: u32, ctx: Map<String, Value>) {
+        if let Ok(mut m) = self.0.lock() {
+            // Unfetched entries (the worker died) go once their lease is long gone.
+            m.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(600));
+            m.insert(
+                (command_id.to_owned(), attempt),
+                (std::time::Instant::now(), ctx),
+            );
+        }
+    }
+    fn take(&self, command_id: &str, attempt: u32) -> Option<Map<String, Value>> {
+        self.0
+            .lock()
+            .ok()?
+            .remove(&(command_id.to_owned(), attempt))
+            .map(|(_, c)| c)
+    }
+}
+
 /// `[a,b,…]` from already encoded JSON values.
 fn join_array<'a>(parts: impl Iterator<Item = &'a [u8]>) -> bytes::Bytes {
     let mut out = vec![b'['];
@@ -159,19 +194,16 @@ pub async fn serve(
         .queue_subscribe(format!("{prefix}.rpc.*"), format!("{prefix}-orchestrator"))
         .await
         .map_err(|e| RuntimeError::Invalid(format!("subscribing to NATS: {e}")))?;
-    // Room for an answer (headroom for the message's own framing).
-    let room = client
-        .server_info()
-        .max_payload
-        .saturating_sub(4096)
-        .max(64 * 1024);
+    let room = room(client.server_info().max_payload);
+    let stash = Stash::default();
     Ok(tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let handle = handle.clone();
             let client = client.clone();
+            let stash = stash.clone();
             tokio::spawn(async move {
                 let verb = msg.subject.rsplit('.').next().unwrap_or("").to_owned();
-                let body = answer(&handle, &verb, &msg.payload, room).await;
+                let body = answer(&handle, &verb, &msg.payload, room, &stash).await;
                 if let (Some(reply), Some(body)) = (msg.reply, body)
                     && let Err(e) = client.publish(reply, body).await
                 {
@@ -189,6 +221,7 @@ async fn answer(
     verb: &str,
     payload: &[u8],
     room: usize,
+    stash: &Stash,
 ) -> Option<bytes::Bytes> {
     fn bad<T: Serialize>(e: serde_json::Error) -> Option<bytes::Bytes> {
         let a: Answer<T> = Err(WireError {
@@ -205,6 +238,7 @@ async fn answer(
             };
             // All sent to the orchestrator before any is awaited: they share its cycle and
             // its commit.
+            let ids: Vec<String> = reqs.iter().map(|r| r.block.command_id.clone()).collect();
             let claims = futures_util::future::join_all(
                 reqs.into_iter()
                     .map(|r| async move { h.claim(r.block, &r.worker).await }),
@@ -212,7 +246,7 @@ async fn answer(
             .await;
             let mut used = 2;
             let mut parts = Vec::with_capacity(claims.len());
-            for c in claims {
+            for (c, command_id) in claims.into_iter().zip(ids) {
                 let mut a: Answer<ClaimWire> = match c {
                     Ok(Claim::Granted(x)) => Ok(ClaimWire::Granted {
                         attempt: x.attempt,
@@ -235,10 +269,14 @@ async fn answer(
                 };
                 let mut part = serde_json::to_vec(&a).unwrap_or_default();
                 if used + part.len() + 1 > room
-                    && let Ok(ClaimWire::Granted { context, .. }) = &mut a
+                    && let Ok(ClaimWire::Granted {
+                        context, attempt, ..
+                    }) = &mut a
                 {
                     // Granted all the same; the worker fetches this context on its own.
-                    *context = None;
+                    if let Some(ctx) = context.take() {
+                        stash.put(&command_id, *attempt, ctx);
+                    }
                     part = serde_json::to_vec(&a).unwrap_or_default();
                 }
                 used += part.len() + 1;
@@ -265,13 +303,14 @@ async fn answer(
                 Ok(r) => r,
                 Err(e) => return bad::<Map<String, Value>>(e),
             };
-            let a: Answer<Map<String, Value>> = h
-                .claim_context(&r.command_id, r.attempt)
-                .await
-                .ok_or_else(|| WireError {
-                    code: "stale_claim".into(),
-                    message: format!("no live claim {}#{}", r.command_id, r.attempt),
-                });
+            let live = match stash.take(&r.command_id, r.attempt) {
+                Some(c) => Some(c),
+                None => h.claim_context(&r.command_id, r.attempt).await,
+            };
+            let a: Answer<Map<String, Value>> = live.ok_or_else(|| WireError {
+                code: "stale_claim".into(),
+                message: format!("no live claim {}#{}", r.command_id, r.attempt),
+            });
             let body = encode(&a);
             if body.len() > room {
                 let e = RuntimeError::TooLarge(format!(
@@ -445,11 +484,7 @@ impl RemoteCoordinator {
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let (wants, rx) = mpsc::unbounded_channel();
         let fetcher = tokio::spawn(fetcher(queue, rx));
-        let room = client
-            .server_info()
-            .max_payload
-            .saturating_sub(4096)
-            .max(64 * 1024);
+        let room = room(client.server_info().max_payload);
         Ok(RemoteCoordinator {
             inner: Arc::new(Inner {
                 claims: Batcher::start(client.clone(), format!("{prefix}.rpc.claims"), room),
