@@ -14,8 +14,8 @@ pub mod view;
 
 pub use model::{
     API_VERSION, Admission, AdmissionDecision, AdmissionRequest, Caller, ControlState, Decision,
-    Kind, Manifest, ManifestError, Object, ObjectKey, ObjectView, Phase, Revision, Role,
-    SYSTEM_TENANT, Status, authorize, parse_manifests, visible,
+    ExplainStep, Explanation, Kind, Manifest, ManifestError, Object, ObjectKey, ObjectView, Phase,
+    Revision, Role, SYSTEM_TENANT, Status, authorize, parse_manifests, visible,
 };
 pub use service::{
     ApplyReport, ApplyResult, Control, ControlError, Outcome, STREAM, Verified, verify_stored,

@@ -154,6 +154,12 @@ struct PolicySpec {
     tools: Option<AllowList>,
     keychain: Option<AllowList>,
     limits: Option<Limits>,
+    /// A workload exception: it lifts restrictions (for `scope.playbook`, until
+    /// `expires_at_ms`) instead of imposing any.
+    #[serde(default)]
+    exception: bool,
+    /// Unix ms after which the policy is no longer in force.
+    expires_at_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -162,6 +168,8 @@ struct PolicySpec {
 struct PolicyScope {
     environment: Option<String>,
     tenant: Option<String>,
+    /// Only executions of this playbook (catalog path).
+    playbook: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +427,12 @@ fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
         }
         Kind::Policy => {
             let p: PolicySpec = typed(spec)?;
+            if p.exception && (p.scope.playbook.is_none() || p.expires_at_ms.is_none()) {
+                return Err(
+                    "an exception is time-bound and for one workload: it needs `scope.playbook` and `expires_at_ms`"
+                        .into(),
+                );
+            }
             if let Some(t) = &p.tools
                 && let Some(bad) = t.allow.iter().find(|k| !TOOL_KINDS.contains(&k.as_str()))
             {
@@ -852,6 +866,29 @@ impl AdmissionDecision {
     }
 }
 
+/// One policy's part in an evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExplainStep {
+    /// `owner/name` of the policy.
+    pub policy: String,
+    /// `platform` (the system tenant's), `tenant`, or `workload` (scoped to one playbook).
+    pub layer: String,
+    pub version: String,
+    /// What it did: allows, denies …, lifts …, not in force …
+    pub outcome: String,
+}
+
+/// How the policies in force judge a request, layer by layer (`mayfly policy explain`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub allowed: bool,
+    pub reason: String,
+    /// The policy that decided a refusal.
+    pub decided_by: Option<String>,
+    pub steps: Vec<ExplainStep>,
+    pub policy_version: Option<String>,
+}
+
 /// An admission decision with its reason and the policy version it was decided under.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Admission {
@@ -864,6 +901,10 @@ pub struct Admission {
 #[derive(Clone, Debug, Default)]
 pub struct AdmissionRequest {
     pub tenant: String,
+    /// The playbook's catalog path (workload-scoped policies and exceptions match it).
+    pub playbook: String,
+    /// Evaluation time (unix ms): expiry is decided against it, so evaluation stays pure.
+    pub now_ms: u64,
     pub tools: BTreeSet<String>,
     pub aliases: BTreeSet<String>,
     /// Some keychain alias is chosen by a template at run time.
@@ -887,36 +928,9 @@ impl ControlState {
             reason,
             policy_version: policy_version.clone(),
         };
-        for p in self.policies_for(&req.tenant) {
-            let name = format!(
-                "policy {}/{}",
-                p.key.tenant.as_deref().unwrap_or("-"),
-                p.key.name
-            );
-            if let Some(allow) = allow_list(&p.spec, "/tools/allow")
-                && let Some(t) = req.tools.iter().find(|t| !allow.contains(t.as_str()))
-            {
-                return verdict(
-                    AdmissionDecision::PolicyDenied,
-                    format!("{name} does not allow tool kind `{t}`"),
-                );
-            }
-            if let Some(allow) = allow_list(&p.spec, "/keychain/allow") {
-                if req.templated_auth {
-                    return verdict(
-                        AdmissionDecision::PolicyDenied,
-                        format!(
-                            "{name} restricts keychain aliases and this playbook chooses one by template (fail closed)"
-                        ),
-                    );
-                }
-                if let Some(a) = req.aliases.iter().find(|a| !allow.contains(a.as_str())) {
-                    return verdict(
-                        AdmissionDecision::PolicyDenied,
-                        format!("{name} does not allow keychain alias `{a}`"),
-                    );
-                }
-            }
+        let ex = self.explain(req);
+        if !ex.allowed {
+            return verdict(AdmissionDecision::PolicyDenied, ex.reason);
         }
         let quota = self
             .objects
@@ -953,6 +967,138 @@ impl ControlState {
         )
     }
 
+    /// Evaluate the policies that apply to `req` — platform layer, then the tenant's, each
+    /// owner's workload-scoped ones after its unscoped ones — deterministically, recording
+    /// what each did. Restrictions only narrow: every allow-list must admit every tool kind
+    /// and keychain alias. A time-bound workload exception (`exception: true`) lifts what its
+    /// own level and the levels below it deny: a platform exception any denial, a tenant's
+    /// only its own tenant's. Expired policies are listed, not applied.
+    pub fn explain(&self, req: &AdmissionRequest) -> Explanation {
+        let layer_of = |p: &Object| {
+            let platform = p.key.tenant.as_deref() == Some(SYSTEM_TENANT);
+            let layer = if p.spec.pointer("/scope/playbook").is_some() {
+                "workload"
+            } else if platform {
+                "platform"
+            } else {
+                "tenant"
+            };
+            (platform, layer)
+        };
+        let name_of =
+            |p: &Object| format!("{}/{}", p.key.tenant.as_deref().unwrap_or("-"), p.key.name);
+        let mut steps = Vec::new();
+        let mut in_force: Vec<&Object> = Vec::new();
+        for p in self.policies_for(&req.tenant) {
+            let scoped = p.spec.pointer("/scope/playbook").and_then(Value::as_str);
+            if scoped.is_some_and(|s| s != req.playbook) {
+                continue;
+            }
+            if let Some(t) = p.spec.get("expires_at_ms").and_then(Value::as_u64)
+                && t <= req.now_ms
+            {
+                steps.push(ExplainStep {
+                    policy: name_of(p),
+                    layer: layer_of(p).1.into(),
+                    version: p.version.clone(),
+                    outcome: format!("not in force: expired at {t}"),
+                });
+                continue;
+            }
+            in_force.push(p);
+        }
+        let is_exception =
+            |p: &Object| p.spec.get("exception").and_then(Value::as_bool) == Some(true);
+        // The exception that lifts `item` of `list` denied at a platform (or tenant) level.
+        let lifted_by = |list: &str, item: &str, platform_level: bool| {
+            in_force.iter().find_map(|e| {
+                let lifts = is_exception(e)
+                    && allow_list(&e.spec, list).is_some_and(|a| a.contains(item))
+                    && (layer_of(e).0 || !platform_level);
+                lifts.then(|| {
+                    format!(
+                        "{} until {}",
+                        name_of(e),
+                        e.spec
+                            .get("expires_at_ms")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0)
+                    )
+                })
+            })
+        };
+        let mut refusal: Option<(String, String)> = None;
+        for p in in_force.iter().copied() {
+            let (platform, layer) = layer_of(p);
+            let name = name_of(p);
+            let mut notes = Vec::new();
+            let mut denied = None;
+            if is_exception(p) {
+                notes.push("exception: lifts what it lists".to_owned());
+            } else {
+                for (list, what, items) in [
+                    ("/tools/allow", "tool kind", &req.tools),
+                    ("/keychain/allow", "keychain alias", &req.aliases),
+                ] {
+                    let Some(allow) = allow_list(&p.spec, list) else {
+                        continue;
+                    };
+                    if list == "/keychain/allow" && req.templated_auth && denied.is_none() {
+                        denied = Some(
+                            "restricts keychain aliases and the playbook chooses one by template (fail closed)"
+                                .to_owned(),
+                        );
+                    }
+                    for item in items.iter().filter(|i| !allow.contains(i.as_str())) {
+                        match lifted_by(list, item, platform) {
+                            Some(by) => notes
+                                .push(format!("denies {what} `{item}`, lifted by exception {by}")),
+                            None if denied.is_none() => {
+                                denied = Some(format!("does not allow {what} `{item}`"));
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            let outcome = match &denied {
+                Some(d) => d.clone(),
+                None if notes.is_empty() => "allows".to_owned(),
+                None => notes.join("; "),
+            };
+            if let (Some(d), None) = (&denied, &refusal) {
+                refusal = Some((name.clone(), format!("policy {name} ({layer}) {d}")));
+            }
+            steps.push(ExplainStep {
+                policy: name,
+                layer: layer.into(),
+                version: p.version.clone(),
+                outcome,
+            });
+        }
+        let policy_version = self.policy_version(Some(&req.tenant));
+        match refusal {
+            Some((by, reason)) => Explanation {
+                allowed: false,
+                reason,
+                decided_by: Some(by),
+                steps,
+                policy_version,
+            },
+            None => Explanation {
+                allowed: true,
+                reason: if in_force.is_empty() {
+                    "no policy is in force".into()
+                } else {
+                    "every policy in force allows it".into()
+                },
+                decided_by: None,
+                steps,
+                policy_version,
+            },
+        }
+    }
+
     /// The policies in force for `tenant`, in a deterministic order (platform first).
     fn policies_for<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
         let mut v: Vec<&Object> = self
@@ -969,6 +1115,7 @@ impl ControlState {
         v.sort_by_key(|o| {
             (
                 o.key.tenant.as_deref() != Some(SYSTEM_TENANT),
+                o.spec.pointer("/scope/playbook").is_some(),
                 o.key.name.clone(),
             )
         });

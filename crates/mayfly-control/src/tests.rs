@@ -440,6 +440,8 @@ async fn admission_applies_every_policy_layer_then_quota_then_capacity() {
     let st = c.state_for_tests().await;
     let ask = |tools: &[&str], aliases: &[&str], templated, running, pending| AdmissionRequest {
         tenant: "acme".into(),
+        playbook: "team/etl".into(),
+        now_ms: 1_000,
         tools: tools.iter().map(|t| t.to_string()).collect(),
         aliases: aliases.iter().map(|t| t.to_string()).collect(),
         templated_auth: templated,
@@ -483,4 +485,86 @@ async fn admission_applies_every_policy_layer_then_quota_then_capacity() {
     let mut other = ask(&["http"], &["anything"], true, 50, 0);
     other.tenant = "beta".into();
     assert_eq!(d(other).decision, AdmissionDecision::Accepted);
+}
+
+#[tokio::test]
+async fn explain_shows_each_layer_and_time_bound_exceptions() {
+    let (_dir, _store, c) = control().await;
+    let sys = caller(SYSTEM_TENANT, Role::Admin);
+    let acme = caller("acme", Role::Admin);
+    c.apply(
+        &sys,
+        &parse_manifests(
+            "p.yaml",
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [python, noop]}\n",
+        )
+        .expect("platform"),
+    )
+    .await
+    .expect("apply");
+    let policies = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  keychain: {allow: [pg]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: etl-needs-s3}\nspec:\n  exception: true\n  scope: {playbook: team/etl}\n  expires_at_ms: 5000\n  keychain: {allow: [s3]}\n  tools: {allow: [http]}\n";
+    c.apply(&acme, &parse_manifests("a.yaml", policies).expect("acme"))
+        .await
+        .expect("apply");
+    let st = c.state_for_tests().await;
+    let req = |playbook: &str, now_ms, tools: &[&str], aliases: &[&str]| AdmissionRequest {
+        tenant: "acme".into(),
+        playbook: playbook.into(),
+        now_ms,
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        aliases: aliases.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    // The tenant's exception lifts its own tenant's keychain restriction for team/etl...
+    let ex = st.explain(&req("team/etl", 1_000, &["python"], &["pg", "s3"]));
+    assert!(ex.allowed, "{ex:?}");
+    let base = ex
+        .steps
+        .iter()
+        .find(|s| s.policy == "acme/base")
+        .expect("base");
+    assert!(
+        base.outcome
+            .contains("lifted by exception acme/etl-needs-s3 until 5000"),
+        "{base:?}"
+    );
+    assert_eq!(
+        ex.steps[0].layer, "platform",
+        "platform first: {:?}",
+        ex.steps
+    );
+    // ...but not the platform's: a tenant exception cannot widen the platform layer.
+    let ex = st.explain(&req("team/etl", 1_000, &["python", "http"], &[]));
+    assert!(!ex.allowed);
+    assert_eq!(ex.decided_by.as_deref(), Some("system/platform"));
+    assert!(
+        ex.reason
+            .contains("(platform) does not allow tool kind `http`"),
+        "{}",
+        ex.reason
+    );
+    // Another playbook does not get the exception; after expiry nobody does.
+    let ex = st.explain(&req("team/other", 1_000, &["python"], &["s3"]));
+    assert_eq!(ex.decided_by.as_deref(), Some("acme/base"));
+    let ex = st.explain(&req("team/etl", 5_000, &["python"], &["s3"]));
+    assert!(!ex.allowed);
+    assert!(
+        ex.steps
+            .iter()
+            .any(|s| s.outcome == "not in force: expired at 5000"),
+        "{:?}",
+        ex.steps
+    );
+    // Deterministic: the same inputs give the same explanation.
+    assert_eq!(
+        st.explain(&req("team/etl", 1_000, &["python"], &["pg", "s3"])),
+        st.explain(&req("team/etl", 1_000, &["python"], &["pg", "s3"]))
+    );
+    // An exception must be time-bound and for one workload.
+    let e = parse_manifests(
+        "x.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: forever}\nspec: {exception: true, tools: {allow: [shell]}}\n",
+    )
+    .expect_err("unbounded exception");
+    assert!(e.to_string().contains("time-bound"), "{e}");
 }

@@ -304,6 +304,8 @@ pub(crate) async fn admit(
     let reach = pb.reach();
     let req = AdmissionRequest {
         tenant: c.tenant.clone(),
+        playbook: pb.path.clone(),
+        now_ms: mayfly_types::now_ms(),
         tools: reach.tools,
         aliases: reach.aliases,
         templated_auth: reach.templated_auth,
@@ -408,4 +410,66 @@ pub(crate) async fn desired_playbook_version(gw: &Gateway, c: &Caller, path: &st
         .await
         .ok()
         .and_then(|(v, _)| v)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ExplainQuery {
+    path: String,
+    version: Option<u32>,
+}
+
+/// `GET /v1/policy/explain?path=P[&version=N]`: how the policies in force for the caller's
+/// tenant judge that catalog playbook, layer by layer, and which one decides.
+pub(crate) async fn explain(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Query(q): Query<ExplainQuery>,
+) -> ApiResult<Json<Value>> {
+    let version = match q.version {
+        Some(v) => Some(v),
+        None => desired_playbook_version(&gw, &c, &q.path).await,
+    };
+    let (entry, stored) = gw
+        .store
+        .resolve(&c.tenant, &q.path, version)
+        .await
+        .map_err(Problem::internal)?
+        .ok_or_else(|| Problem::not_found(format!("no playbook `{}` in the catalog", q.path)))?;
+    let pb = mayfly_dsl::parse(
+        &format!("{}@{}", entry.path, entry.version),
+        &stored.content,
+        &mayfly_dsl::ParseOptions::default(),
+    )
+    .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string()))?;
+    let reach = pb.reach();
+    let req = AdmissionRequest {
+        tenant: c.tenant.clone(),
+        playbook: pb.path.clone(),
+        now_ms: mayfly_types::now_ms(),
+        tools: reach.tools,
+        aliases: reach.aliases,
+        templated_auth: reach.templated_auth,
+        ..Default::default()
+    };
+    let fresh = ReadRequest {
+        min_token: gw
+            .control
+            .as_ref()
+            .map(|c| c.last_token())
+            .filter(|t| *t > 0),
+        ..Default::default()
+    };
+    let (ex, freshness) = gw
+        .view
+        .read(&fresh, |st| st.explain(&req))
+        .await
+        .map_err(|r| Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string()))?;
+    Ok(Json(json!({
+        "path": entry.path,
+        "version": entry.version,
+        "tools": req.tools,
+        "aliases": req.aliases,
+        "explanation": ex,
+        "freshness": freshness,
+    })))
 }

@@ -391,6 +391,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/audit", get(list_audit))
         .route("/audit/verify", get(control::verify))
         .route("/status", get(control::status))
+        .route("/policy/explain", get(control::explain))
         .route("/apply", post(control::apply))
         .route("/objects/{kind}", get(control::list))
         .route("/objects/{kind}/{*name}", get(control::describe))

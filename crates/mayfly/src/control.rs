@@ -343,3 +343,60 @@ pub async fn audit(
         }
     }
 }
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// How the policies in force judge playbook PATH[@VERSION] (exit 1 when refused).
+    Explain { playbook: String },
+}
+
+/// `mayfly policy explain PATH[@VERSION]`.
+pub async fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
+    let PolicyCmd::Explain { playbook } = cmd;
+    let c = Client::from_env()?;
+    let (path, version) = match playbook.rsplit_once('@') {
+        Some((p, v)) => (
+            p.to_owned(),
+            Some(v.parse::<u32>().context("version after @")?),
+        ),
+        None => (playbook, None),
+    };
+    let mut q = format!("path={path}");
+    if let Some(v) = version {
+        q.push_str(&format!("&version={v}"));
+    }
+    let v = c
+        .send(
+            reqwest::Method::GET,
+            &format!("/v1/policy/explain?{q}"),
+            None,
+        )
+        .await?;
+    let ex = &v["explanation"];
+    println!(
+        "{}@{} uses tools {} and keychain aliases {}",
+        v["path"].as_str().unwrap_or_default(),
+        v["version"],
+        v["tools"],
+        v["aliases"]
+    );
+    for s in ex["steps"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {:<9} {:<28} {}",
+            s["layer"].as_str().unwrap_or_default(),
+            s["policy"].as_str().unwrap_or_default(),
+            s["outcome"].as_str().unwrap_or_default()
+        );
+    }
+    let allowed = ex["allowed"] == true;
+    println!(
+        "{}: {}",
+        if allowed { "allowed" } else { "refused" },
+        ex["reason"].as_str().unwrap_or_default()
+    );
+    Ok(if allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

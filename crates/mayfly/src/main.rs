@@ -164,6 +164,12 @@ enum Cmd {
         #[command(flatten)]
         fresh: control::FreshArgs,
     },
+    /// Policies: `explain PATH[@VERSION]` shows how the policies in force for your tenant
+    /// judge a catalog playbook, layer by layer, and which one decides.
+    Policy {
+        #[command(subcommand)]
+        cmd: control::PolicyCmd,
+    },
     /// The server's state: ready or degraded (and what is down), its role (appender or
     /// replica), pending publishes, admission outcomes, its control view's freshness.
     Status,
@@ -475,6 +481,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Catalog { db, tenant } => catalog(&db, &tenant).await,
         Cmd::Apply { files } => control::apply(&files).await,
         Cmd::Status => remote::status().await,
+        Cmd::Policy { cmd } => control::policy(cmd).await,
         Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
         Cmd::Get {
             kind,

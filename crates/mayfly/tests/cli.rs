@@ -1045,6 +1045,25 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     let o = remote(&author, &["get", "environments"]);
     assert!(!out(&o).contains("qa"), "nothing of a refused apply exists");
 
+    // Explain: which layer decides for a catalog playbook.
+    let pol = dir.path().join("policy.yaml");
+    std::fs::write(
+        &pol,
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [noop]}\n",
+    )
+    .expect("write");
+    let o = remote(&token, &["apply", "-f", pol.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = remote(&token, &["policy", "explain", "examples/hello"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("platform  system/platform")
+            && out(&o).contains(
+                "refused: policy system/platform (platform) does not allow tool kind `python`"
+            ),
+        "{}",
+        out(&o)
+    );
     let o = remote(&token, &["status"]);
     assert!(o.status.success(), "{}", err(&o));
     let st: Value = serde_json::from_str(&out(&o)).expect("status json");
