@@ -887,6 +887,8 @@ pub struct Explanation {
     pub decided_by: Option<String>,
     pub steps: Vec<ExplainStep>,
     pub policy_version: Option<String>,
+    /// The tightest step budgets of the policies in force (each layer can only narrow).
+    pub limits: mayfly_types::Limits,
 }
 
 /// An admission decision with its reason and the policy version it was decided under.
@@ -895,6 +897,8 @@ pub struct Admission {
     pub decision: AdmissionDecision,
     pub reason: String,
     pub policy_version: Option<String>,
+    /// Step budgets the execution runs under (None: no policy sets any).
+    pub limits: Option<mayfly_types::Limits>,
 }
 
 /// What is asked to run, and the load it would join.
@@ -923,12 +927,14 @@ impl ControlState {
     /// the dispatch backlog.
     pub fn admit(&self, req: &AdmissionRequest) -> Admission {
         let policy_version = self.policy_version(Some(&req.tenant));
+        let ex = self.explain(req);
+        let limits = (ex.limits != mayfly_types::Limits::default()).then_some(ex.limits);
         let verdict = |decision, reason: String| Admission {
             decision,
             reason,
             policy_version: policy_version.clone(),
+            limits,
         };
-        let ex = self.explain(req);
         if !ex.allowed {
             return verdict(AdmissionDecision::PolicyDenied, ex.reason);
         }
@@ -1028,7 +1034,19 @@ impl ControlState {
             })
         };
         let mut refusal: Option<(String, String)> = None;
+        let mut limits = mayfly_types::Limits::default();
         for p in in_force.iter().copied() {
+            if !is_exception(p)
+                && let Some(l) = p.spec.get("limits")
+            {
+                limits = limits.narrow(mayfly_types::Limits {
+                    step_timeout_s: l.get("step_timeout_s").and_then(Value::as_u64),
+                    max_attempts: l
+                        .get("max_attempts")
+                        .and_then(Value::as_u64)
+                        .map(|a| a.min(u64::from(u32::MAX)) as u32),
+                });
+            }
             let (platform, layer) = layer_of(p);
             let name = name_of(p);
             let mut notes = Vec::new();
@@ -1084,6 +1102,7 @@ impl ControlState {
                 decided_by: Some(by),
                 steps,
                 policy_version,
+                limits,
             },
             None => Explanation {
                 allowed: true,
@@ -1095,6 +1114,7 @@ impl ControlState {
                 decided_by: None,
                 steps,
                 policy_version,
+                limits,
             },
         }
     }

@@ -555,6 +555,8 @@ async fn explain_shows_each_layer_and_time_bound_exceptions() {
         "{:?}",
         ex.steps
     );
+    // No policy here sets budgets.
+    assert_eq!(ex.limits, mayfly_types::Limits::default());
     // Deterministic: the same inputs give the same explanation.
     assert_eq!(
         st.explain(&req("team/etl", 1_000, &["python"], &["pg", "s3"])),

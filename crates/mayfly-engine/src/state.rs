@@ -114,6 +114,8 @@ pub struct ExecState {
     pub execution_id: ExecutionId,
     pub path: String,
     pub tenant: String,
+    /// Policy budgets the execution was admitted under.
+    pub limits: Option<mayfly_types::Limits>,
     pub playbook_digest: String,
     pub status: Status,
     pub workload: Map<String, Value>,
@@ -168,6 +170,7 @@ impl ExecState {
             execution_id,
             path: String::new(),
             tenant: mayfly_types::DEFAULT_TENANT.to_owned(),
+            limits: None,
             playbook_digest: String::new(),
             status: Status::Pending,
             workload: Map::new(),
@@ -244,6 +247,7 @@ impl ExecState {
                 if let Some(t) = r.tenant {
                     self.tenant = t;
                 }
+                self.limits = r.limits;
                 self.parent = r.parent;
                 self.playbook_digest = ev.playbook_digest.clone();
             }

@@ -95,6 +95,7 @@ impl Sim {
             workload: w,
             parent: None,
             tenant: None,
+            limits: None,
         };
         self.push(vec![Draft::new(EventKind::ExecutionRequested, json!(req))]);
         let mut guard = 0;

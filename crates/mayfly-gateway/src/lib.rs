@@ -524,11 +524,12 @@ async fn start(
     let runtime = gw.runtime.as_ref().ok_or_else(not_leader)?;
     let admission = control::admit(&gw, &c, &pb, runtime).await?;
     let id = runtime
-        .start_as(
+        .start_limited(
             Arc::new(pb),
             req.workload,
             Some(c.request_id.clone()),
             Some(c.tenant.clone()),
+            admission.limits,
         )
         .await
         .map_err(Problem::internal)?;

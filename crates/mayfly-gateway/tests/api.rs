@@ -977,3 +977,75 @@ async fn admission_enforces_policies_and_quotas_with_stable_reasons() {
     );
     assert!(v["pending_publishes"].as_u64().is_some());
 }
+
+/// Bounded autonomy: the step budgets of the policies in force (the tightest of each layer)
+/// are recorded with the execution and cap what the playbook asks for — a task that would
+/// retry five times gets the policy's two attempts, a step that would sleep gets the
+/// policy's timeout.
+#[tokio::test]
+async fn policy_budgets_cap_retries_and_timeouts() {
+    let s = server().await;
+    use reqwest::Method as M;
+    let admin = s.token("acme", "admin").await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let counter = dir.path().join("attempts");
+    let flaky = format!(
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: flaky, path: team/flaky}}\nworkflow:\n  - step: start\n    tool:\n      - name: flaky\n        kind: python\n        input: {{counter: \"{}\"}}\n        code: |\n          import os\n          n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1\n          open(counter, 'w').write(str(n))\n          raise RuntimeError(f'attempt {{n}} failed')\n        spec:\n          policy:\n            rules:\n              - when: \"{{{{ output.status == 'error' }}}}\"\n                then: {{do: retry, attempts: 5, delay: 0.01}}\n",
+        counter.display()
+    );
+    let slow = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: slow, path: team/slow}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(30)\\nresult = 1\"}\n";
+    for pb in [flaky.as_str(), slow] {
+        let (st, v, _) = s
+            .call(M::POST, "/v1/playbooks", Some(&admin), Some(pb.into()))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let policies = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: budgets}\nspec:\n  limits: {step_timeout_s: 1, max_attempts: 3}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: tighter}\nspec:\n  limits: {max_attempts: 2}\n";
+    let (st, v, _) = s
+        .call(M::POST, "/v1/apply", Some(&admin), Some(policies.into()))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let run = |path: &'static str| {
+        let s = &s;
+        let admin = admin.clone();
+        async move {
+            let (st, v, _) = s
+                .call(
+                    M::POST,
+                    "/v1/executions",
+                    Some(&admin),
+                    Some(json!({"path": path}).to_string()),
+                )
+                .await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            assert_eq!(
+                v["admission"]["limits"],
+                json!({"step_timeout_s": 1, "max_attempts": 2})
+            );
+            let id = v["execution_id"].as_str().expect("id").to_owned();
+            for _ in 0..300 {
+                let (_, v, _) = s
+                    .call(M::GET, &format!("/v1/executions/{id}"), Some(&admin), None)
+                    .await;
+                if v["status"] != "running" && v["status"] != "pending" {
+                    return v;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("execution {id} did not end");
+        }
+    };
+    let v = run("team/flaky").await;
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(
+        std::fs::read_to_string(&counter).expect("counter"),
+        "2",
+        "the playbook asked for 5 attempts; the policy allows 2"
+    );
+    let v = run("team/slow").await;
+    assert_eq!(
+        (v["status"].as_str(), v["error"]["code"].as_str()),
+        (Some("failed"), Some("timeout")),
+        "the step asked to sleep 30 s; the policy's budget is 1 s: {v}"
+    );
+}

@@ -89,6 +89,8 @@ pub struct Hydrated {
     pub playbook: Arc<Playbook>,
     pub context: Map<String, Value>,
     pub lease: Duration,
+    /// Policy budgets of the execution (a step's timeout and a task's attempts are capped).
+    pub limits: Option<mayfly_types::Limits>,
 }
 
 /// A worker's result for a claimed block.
@@ -199,11 +201,26 @@ impl RuntimeHandle {
         request_id: Option<String>,
         tenant: Option<String>,
     ) -> Result<ExecutionId, RuntimeError> {
+        self.start_limited(pb, overrides, request_id, tenant, None)
+            .await
+    }
+
+    /// Start an execution owned by `tenant` under the policy budgets `limits` (recorded in
+    /// `execution.requested`, enforced on every block, inherited by children).
+    pub async fn start_limited(
+        &self,
+        pb: Arc<Playbook>,
+        overrides: Map<String, Value>,
+        request_id: Option<String>,
+        tenant: Option<String>,
+        limits: Option<mayfly_types::Limits>,
+    ) -> Result<ExecutionId, RuntimeError> {
         self.ask(|reply| Msg::Start {
             pb,
             overrides,
             request_id,
             tenant,
+            limits,
             reply,
         })
         .await?

@@ -29,6 +29,7 @@ pub(crate) enum Msg {
         overrides: Map<String, Value>,
         request_id: Option<String>,
         tenant: Option<String>,
+        limits: Option<mayfly_types::Limits>,
         reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
     },
     Resume {
@@ -92,6 +93,7 @@ struct Start {
     request_id: Option<String>,
     source: Option<String>,
     tenant: Option<String>,
+    limits: Option<mayfly_types::Limits>,
 }
 
 struct Lease {
@@ -249,6 +251,7 @@ impl Orchestrator {
                     overrides,
                     request_id,
                     tenant,
+                    limits,
                     reply,
                 } => {
                     let id = ExecutionId(uuid::Uuid::now_v7().to_string());
@@ -263,6 +266,7 @@ impl Orchestrator {
                         request_id,
                         source,
                         tenant,
+                        limits,
                     };
                     self.start_exec(&mut c, id.clone(), start);
                     c.replies.push(Reply::Started(reply, id));
@@ -556,6 +560,7 @@ impl Orchestrator {
             request_id,
             source,
             tenant,
+            limits,
         } = start;
         let req = ExecutionRequested {
             path: pb.path.clone(),
@@ -563,6 +568,7 @@ impl Orchestrator {
             workload,
             parent,
             tenant,
+            limits,
         };
         let st = ExecState::new(id.clone());
         self.execs.insert(
@@ -736,6 +742,8 @@ impl Orchestrator {
         });
         let request_id = px.request_id.clone();
         let tenant = Some(px.st.tenant.clone());
+        // A child runs under its parent's budgets.
+        let limits = px.st.limits;
         match loaded {
             Err(e) => {
                 let f = StepFailed {
@@ -780,6 +788,7 @@ impl Orchestrator {
                     request_id,
                     source,
                     tenant,
+                    limits,
                 };
                 self.start_exec(c, child_id, start);
             }
@@ -957,6 +966,7 @@ impl Orchestrator {
         let ctx = block_context(x, &block.step, index);
         let pb = x.pb.clone();
         let tenant = x.st.tenant.clone();
+        let limits = x.st.limits;
         let lease_until = now_ms() + lease.as_millis() as u64;
         let claimed = Draft::new(
             EventKind::CommandClaimed,
@@ -994,6 +1004,7 @@ impl Orchestrator {
             playbook: pb,
             context: ctx,
             lease,
+            limits,
         }))
     }
 

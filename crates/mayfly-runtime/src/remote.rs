@@ -55,6 +55,8 @@ enum ClaimWire {
         /// None when the batch's answer had no room for it: fetch it with `context`.
         context: Option<Map<String, Value>>,
         lease_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<mayfly_types::Limits>,
     },
     Done,
     Busy {
@@ -260,6 +262,7 @@ async fn answer(
                             .unwrap_or_default(),
                         context: Some(x.context),
                         lease_ms: x.lease.as_millis() as u64,
+                        limits: x.limits,
                     }),
                     Ok(Claim::Done) => Ok(ClaimWire::Done),
                     Ok(Claim::Busy(d)) => Ok(ClaimWire::Busy {
@@ -773,6 +776,7 @@ impl Coordinator for RemoteCoordinator {
                 extra_vars,
                 context,
                 lease_ms,
+                limits,
             } => {
                 let context = match context {
                     Some(c) => c,
@@ -816,6 +820,7 @@ impl Coordinator for RemoteCoordinator {
                     playbook,
                     context,
                     lease: Duration::from_millis(lease_ms),
+                    limits,
                 })))
             }
         }

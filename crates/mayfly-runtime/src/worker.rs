@@ -585,11 +585,18 @@ async fn run_pipeline(
                 .unwrap_or(Value::Null);
             apply_auth(task.kind, &mut config, &mut input, &cred);
         }
-        let timeout = task
-            .timeout_s
-            .or(step.timeout_s)
-            .filter(|t| t.is_finite() && *t > 0.0)
-            .map(secs);
+        // The policy budget caps whatever the playbook asks for (bounded autonomy).
+        let budget = h.limits.and_then(|l| l.step_timeout_s).map(|s| s as f64);
+        let timeout = match (
+            task.timeout_s
+                .or(step.timeout_s)
+                .filter(|t| t.is_finite() && *t > 0.0),
+            budget,
+        ) {
+            (Some(t), Some(b)) => Some(t.min(b)),
+            (t, b) => t.or(b),
+        }
+        .map(secs);
         let out: ToolOutput = tools
             .run(task.kind.as_str(), &config, &input, timeout)
             .await;
@@ -665,7 +672,11 @@ async fn run_pipeline(
                 delay_s,
                 backoff,
                 max_delay_s,
-            } if tries + 1 < attempts => {
+            } if tries + 1
+                < h.limits
+                    .and_then(|l| l.max_attempts)
+                    .map_or(attempts, |m| attempts.min(m)) =>
+            {
                 tries += 1;
                 let d = backoff_delay(backoff, delay_s, tries, max_delay_s);
                 tokio::time::sleep(secs(d)).await;

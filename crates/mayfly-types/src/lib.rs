@@ -238,6 +238,35 @@ pub struct ExecutionRequested {
     /// Tenant the execution belongs to (None = `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Budgets the policies in force set when it was admitted (bounded autonomy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// Step budgets set by policy: a step's timeout and a task's attempts never exceed them,
+/// whatever the playbook asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_timeout_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+impl Limits {
+    /// The tighter of two budgets, field by field.
+    pub fn narrow(self, other: Limits) -> Limits {
+        fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        Limits {
+            step_timeout_s: min(self.step_timeout_s, other.step_timeout_s),
+            max_attempts: min(self.max_attempts, other.max_attempts),
+        }
+    }
 }
 
 /// The tenant of executions started without one.
@@ -543,6 +572,17 @@ mod tests {
             );
         }
         assert_eq!(EventKind::parse("nope"), None);
+        // Budgets narrow field by field; an unset field leaves the other's.
+        let a = Limits {
+            step_timeout_s: Some(30),
+            max_attempts: None,
+        };
+        let b = Limits {
+            step_timeout_s: Some(10),
+            max_attempts: Some(2),
+        };
+        assert_eq!(a.narrow(b), b);
+        assert_eq!(a.narrow(Limits::default()), a);
         assert!(EventKind::ExecutionFailed.is_terminal());
         assert!(!EventKind::StepFinished.is_terminal());
     }
