@@ -369,6 +369,7 @@ fn the_client_verifier_recomputes_replies_and_keeps_a_floor() {
         catch_up_state: state,
         degraded_mode: Degraded::Healthy,
         serving_class: class,
+        log_id: None,
     };
     let strong = ReadRequest {
         class: Class::Strong,

@@ -100,6 +100,11 @@ pub struct Freshness {
     pub degraded_mode: Degraded,
     /// The class the read was served under: always the one asked for.
     pub serving_class: Class,
+    /// Which log the tokens count in (the hash of its first event; None while it is empty):
+    /// a client keeps its floor per log, so nodes sharing a log share it and a fresh log
+    /// starts from zero.
+    #[serde(default)]
+    pub log_id: Option<String>,
 }
 
 /// A read the view cannot serve under the asked class, with a stable reason.
@@ -201,6 +206,8 @@ struct Inner {
     /// Wakes the tail (a local write, a reader in a hurry, a resume).
     poke: Notify,
     failure: Mutex<Option<String>>,
+    /// The log's identity, once it has a first event.
+    log_id: Mutex<Option<String>>,
 }
 
 /// A node's materialized view of the control stream, fed by the log tail.
@@ -235,6 +242,7 @@ impl View {
             advanced: Notify::new(),
             poke: Notify::new(),
             failure: Mutex::new(None),
+            log_id: Mutex::new(None),
         });
         let tail = tokio::spawn(tail(inner.clone()));
         View {
@@ -300,13 +308,19 @@ impl View {
             let staleness = staleness_ms(i, served, current);
             match admits(req, served, current, staleness) {
                 Ok(()) => {
-                    let st = i.state.read().unwrap_or_else(|p| p.into_inner());
-                    // The state may have moved past `served` meanwhile; report what was
-                    // folded into it (never less than what was checked).
-                    let served = i.served.load(Ordering::SeqCst);
-                    let out = f(&st);
-                    drop(st);
-                    return Ok((out, self.freshness(req.class, served, current)));
+                    let (out, served) = {
+                        let st = i.state.read().unwrap_or_else(|p| p.into_inner());
+                        // The state may have moved past `served` meanwhile; report what was
+                        // folded into it (never less than what was checked).
+                        let served = i.served.load(Ordering::SeqCst);
+                        (f(&st), served)
+                    };
+                    let mut f = self.freshness(req.class, served, current);
+                    if f.log_id.is_none() {
+                        // Not learnt by the tail yet (a young log): ask the store once.
+                        f.log_id = self.log_id().await;
+                    }
+                    return Ok((out, f));
                 }
                 Err(Rejection::RootUnavailable(e)) => return Err(Rejection::RootUnavailable(e)),
                 Err(r) => {
@@ -328,7 +342,9 @@ impl View {
         let current = confirmed.unwrap_or(seen.token).max(served);
         let lag = current - served;
         let unavailable = seen.error.is_some() && confirmed.is_none();
+        let log_id = i.log_id.lock().ok().and_then(|l| l.clone());
         Freshness {
+            log_id,
             served_token: served,
             current_token: current,
             current_token_age_ms: if confirmed.is_some() {
@@ -361,6 +377,20 @@ impl View {
             },
             serving_class: class,
         }
+    }
+
+    /// The identity of the log this view follows: the hash of its first event (None while
+    /// the log is empty or the store does not answer).
+    pub async fn log_id(&self) -> Option<String> {
+        if let Some(id) = self.inner.log_id.lock().ok().and_then(|l| l.clone()) {
+            return Some(id);
+        }
+        let first = self.inner.store.read_since(0, 1).await.ok()?;
+        let id = first.first().map(|e| e.hash.clone())?;
+        if let Ok(mut l) = self.inner.log_id.lock() {
+            *l = Some(id.clone());
+        }
+        Some(id)
     }
 
     /// Why the view stopped folding, if it did (a record that does not verify).
@@ -418,6 +448,13 @@ async fn tail(i: Arc<Inner>) {
                 Err(e) => note_head(&i, Err(e.to_string())),
                 Ok(head) => {
                     note_head(&i, Ok(head));
+                    if head > 0
+                        && i.log_id.lock().is_ok_and(|l| l.is_none())
+                        && let Ok(first) = i.store.read_since(0, 1).await
+                        && let (Some(e), Ok(mut l)) = (first.first(), i.log_id.lock())
+                    {
+                        *l = Some(e.hash.clone());
+                    }
                     let from = i.state.read().map(|s| s.seq + 1).unwrap_or(1);
                     match i.store.read(&stream, from, 10_000).await {
                         Err(e) => note_head(&i, Err(e.to_string())),

@@ -85,7 +85,12 @@ pub(crate) async fn apply(
         p.extra.insert("results".into(), json!(report.results));
         return Err(p);
     }
-    Ok(Json(json!(report)).into_response())
+    let mut body = json!(report);
+    if let Value::Object(m) = &mut body {
+        // Which log `accepted_token` counts in (clients keep their floor per log).
+        m.insert("log_id".into(), json!(gw.view.log_id().await));
+    }
+    Ok(Json(body).into_response())
 }
 
 fn kind(s: &str) -> ApiResult<Kind> {
@@ -151,7 +156,14 @@ async fn fresh_read(
     let req = q.request()?;
     match gw.view.read(&req, f).await {
         Ok((body, freshness)) => {
-            let mut body = body?;
+            let mut body = match body {
+                Ok(b) => b,
+                Err(mut p) => {
+                    // A 404 is an answer too: say how fresh the view that gave it was.
+                    p.extra.insert("freshness".into(), json!(freshness));
+                    return Err(p);
+                }
+            };
             if let Value::Object(m) = &mut body {
                 m.insert("freshness".into(), json!(freshness));
             }
@@ -179,6 +191,9 @@ async fn fresh_read(
             let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string());
             p.extra.insert("reason".into(), json!(r.code()));
             p.extra.insert("serving_class".into(), json!(req.class));
+            // A client whose floor was set on another log learns it here and starts over.
+            p.extra
+                .insert("log_id".into(), json!(gw.view.log_id().await));
             Err(p)
         }
     }

@@ -26,12 +26,16 @@ pub struct FreshArgs {
     min_token: Option<u64>,
 }
 
-/// The session's floor per server: the highest token this client has written or been
-/// served. Every read asks for at least it and checks the reply against it, so reads never
-/// go back (kept in MAYFLY_SESSION, default ~/.mayfly/session.json).
+/// The session's floor per log: the highest token this client has written or been served
+/// in that log. Every read asks for at least it and checks the reply against it, so reads
+/// never go back — across every node serving the same log (a replica answers with the
+/// leader's floor). Servers say which log their tokens count in (`log_id`); a server at a
+/// known URL now serving another log (restored, recreated) starts a new floor. Kept in
+/// MAYFLY_SESSION, default ~/.mayfly/session.json: `{"urls": {url: log}, "floors": {log: n}}`.
 struct Session {
     path: Option<PathBuf>,
     url: String,
+    urls: Map<String, Value>,
     floors: Map<String, Value>,
 }
 
@@ -42,40 +46,69 @@ impl Session {
             .or_else(|| {
                 std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".mayfly/session.json"))
             });
-        let floors = path
+        let doc = path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str::<Map<String, Value>>(&t).ok())
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .unwrap_or_default();
+        let part = |k: &str| {
+            doc.get(k)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default()
+        };
         Session {
             path,
             url: std::env::var("MAYFLY_URL").unwrap_or_default(),
-            floors,
+            urls: part("urls"),
+            floors: part("floors"),
         }
     }
 
+    /// The log this server's tokens counted in when last seen.
+    fn log(&self) -> Option<&str> {
+        self.urls.get(&self.url).and_then(Value::as_str)
+    }
+
     fn floor(&self) -> u64 {
-        self.floors
-            .get(&self.url)
+        self.log()
+            .and_then(|l| self.floors.get(l))
             .and_then(Value::as_u64)
             .unwrap_or(0)
     }
 
-    fn raise(&mut self, token: u64) {
-        if token <= self.floor() {
-            return;
+    /// This server now serves `log` (None: an empty log, no floor yet).
+    fn serving(&mut self, log: Option<&str>) {
+        match log {
+            Some(l) => {
+                self.urls.insert(self.url.clone(), Value::from(l));
+            }
+            None => {
+                self.urls.remove(&self.url);
+            }
         }
-        self.floors.insert(self.url.clone(), Value::from(token));
-        if let Some(p) = &self.path {
-            if let Some(dir) = p.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            if let Err(e) = std::fs::write(p, Value::Object(self.floors.clone()).to_string()) {
-                eprintln!(
-                    "warning: could not keep the session floor in {}: {e}",
-                    p.display()
-                );
-            }
+    }
+
+    fn raise(&mut self, token: u64) {
+        let Some(log) = self.log().map(str::to_owned) else {
+            return;
+        };
+        if token > self.floor() {
+            self.floors.insert(log, Value::from(token));
+        }
+    }
+
+    fn save(&self) {
+        let Some(p) = &self.path else { return };
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let doc = serde_json::json!({"urls": self.urls, "floors": self.floors});
+        if let Err(e) = std::fs::write(p, doc.to_string()) {
+            eprintln!(
+                "warning: could not keep the session floor in {}: {e}",
+                p.display()
+            );
         }
     }
 }
@@ -117,19 +150,55 @@ fn query(req: &ReadRequest) -> String {
 /// raises the floor, and reports the freshness on stderr.
 async fn fresh_get(c: &Client, path: &str, fresh: &FreshArgs) -> Result<Value> {
     let mut session = Session::load();
-    let req = fresh.request(session.floor())?;
-    let v = c
-        .send(
+    let mut req = fresh.request(session.floor())?;
+    let get = async |req: &ReadRequest| {
+        c.send_raw(
             reqwest::Method::GET,
-            &format!("{path}?{}", query(&req)),
+            &format!("{path}?{}", query(req)),
             None,
         )
-        .await?;
+        .await
+    };
+    let (mut status, mut v) = get(&req).await?;
+    // Which log the server's tokens count in: a first contact, or a server now serving
+    // another log, moves the session to that log's floor (it may know it from another node:
+    // read at least what it saw there) — once.
+    let theirs = |v: &Value| {
+        if v["code"] == "min_token_not_reached" {
+            Some(v["log_id"].as_str().map(str::to_owned))
+        } else {
+            v.get("freshness")
+                .map(|f| f["log_id"].as_str().map(str::to_owned))
+        }
+    };
+    if let Some(log) = theirs(&v)
+        && log.as_deref() != session.log()
+    {
+        if session.log().is_some() {
+            eprintln!(
+                "note: this server serves another log than before; the session floor follows it"
+            );
+        }
+        session.serving(log.as_deref());
+        let again = fresh.request(session.floor())?;
+        if again != req {
+            req = again;
+            (status, v) = get(&req).await?;
+        }
+    }
+    if !status.is_success() {
+        bail!(
+            "{status} {}: {}",
+            v["code"].as_str().unwrap_or("error"),
+            v["detail"].as_str().unwrap_or_default()
+        );
+    }
     let f: Freshness = serde_json::from_value(v["freshness"].clone())
         .context("the reply carries no freshness report")?;
     let floor = check_reply(&req, &f, session.floor())
         .map_err(|e| anyhow::anyhow!("the server's freshness report does not verify: {e}"))?;
     session.raise(floor);
+    session.save();
     eprintln!(
         "served token {} (current {}, lag {}, {:?}, {:?}, {})",
         f.served_token,
@@ -199,8 +268,12 @@ pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
                 )
                 .await?;
             if let Some(t) = v["accepted_token"].as_u64() {
-                // Read-your-writes: later reads of this session ask for this token.
-                Session::load().raise(t);
+                // Read-your-writes: later reads of this session (on any node of this log)
+                // ask for this token.
+                let mut session = Session::load();
+                session.serving(v["log_id"].as_str());
+                session.raise(t);
+                session.save();
             }
             if let Some(results) = v["results"].as_array() {
                 for r in results {

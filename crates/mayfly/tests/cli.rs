@@ -970,9 +970,12 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     // fresh they were.
     let floors: Value =
         serde_json::from_str(&std::fs::read_to_string(&session).expect("session")).expect("json");
-    let floor = floors[url.as_str()]
+    let log = floors["urls"][url.as_str()]
+        .as_str()
+        .expect("this server's log");
+    let floor = floors["floors"][log]
         .as_u64()
-        .expect("a floor for this server");
+        .expect("a floor for this log");
     let o = remote(&token, &["get", "workerpools", "--consistency", "strong"]);
     assert!(o.status.success(), "{}", err(&o));
     let served: u64 = err(&o)
@@ -1083,4 +1086,81 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
         .expect("cli");
     assert!(o.status.success(), "{}", err(&o));
     assert!(out(&o).contains("control events"), "{}", out(&o));
+}
+
+/// The session floor belongs to a log, not to a URL: a server that comes back at the same
+/// address with another log (recreated, restored) is read from zero, with a note, instead of
+/// refusing every read for a token it will never reach.
+#[test]
+fn the_session_floor_starts_over_on_another_log_at_the_same_url() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let session = dir.path().join("session.json");
+    let pool = dir.path().join("pool.yaml");
+    let url = format!("http://127.0.0.1:{port}");
+    let start = |db: &str| {
+        let mut server = bin()
+            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--db"])
+            .arg(dir.path().join(db))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server");
+        let mut banner = mayfly_gateway::banner::Banner::default();
+        let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
+        for l in lines.by_ref() {
+            if banner.feed(&l.expect("line")) {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        (server, banner.token.expect("token"))
+    };
+    let cli = |token: &str, args: &[&str]| {
+        bin()
+            .env("MAYFLY_URL", &url)
+            .env("MAYFLY_TOKEN", token)
+            .env("MAYFLY_SESSION", &session)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let write_pool = |name: &str, slots: u32| {
+        std::fs::write(
+            &pool,
+            format!("apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {{name: {name}}}\nspec: {{slots: {slots}}}\n"),
+        )
+        .expect("write");
+    };
+    // Log one: several writes, a high floor.
+    let (mut first, token) = start("one.db");
+    for slots in 2..8 {
+        write_pool("gpu", slots);
+        let o = cli(&token, &["apply", "-f", pool.to_str().expect("path")]);
+        assert!(o.status.success(), "{}", err(&o));
+    }
+    first.kill().expect("stop");
+    first.wait().expect("wait");
+    // Log two at the same address: its head is below the old floor.
+    let (mut second, token) = start("two.db");
+    let o = cli(&token, &["get", "workerpools"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(err(&o).contains("serves another log"), "{}", err(&o));
+    write_pool("tpu", 1);
+    let o = cli(&token, &["apply", "-f", pool.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = cli(&token, &["get", "workerpools"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).contains("tpu") && !out(&o).contains("gpu"),
+        "{}",
+        out(&o)
+    );
+    second.kill().expect("stop");
+    second.wait().expect("wait");
 }

@@ -404,14 +404,12 @@ fn a_replica_process_serves_reads_from_its_own_view_and_refuses_writes() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let floors: Value =
         serde_json::from_str(&std::fs::read_to_string(&session).expect("session")).expect("json");
-    let accepted = floors[leader_url.as_str()]
-        .as_u64()
-        .expect("accepted token");
-    let t = accepted.to_string();
-    let o = cli(
-        &replica_url,
-        &["get", "workerpool", "gpu", "--min-token", &t],
-    );
+    let log = floors["urls"][leader_url.as_str()]
+        .as_str()
+        .expect("the leader's log");
+    let accepted = floors["floors"][log].as_u64().expect("accepted token");
+    // No --min-token: the session's floor is per log, and the replica serves the same log.
+    let o = cli(&replica_url, &["get", "workerpool", "gpu"]);
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
