@@ -112,6 +112,8 @@ pub(crate) struct Fresh {
     max_staleness_ms: Option<u64>,
     min_token: Option<u64>,
     deadline_ms: Option<u64>,
+    /// Which tenant's object, when the caller sees several (system callers).
+    tenant: Option<String>,
 }
 
 impl Fresh {
@@ -223,10 +225,11 @@ pub(crate) async fn describe(
 ) -> ApiResult<Response> {
     let k = kind(&k)?;
     let who = c.control();
+    let tenant = q.tenant.clone();
     fresh_read(&gw, &q, |st| {
         st.objects_of(&who, k, Some(&name))
             .into_iter()
-            .next()
+            .find(|o| tenant.is_none() || o.object.key.tenant == tenant)
             .map(|o| json!(o))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
     })
@@ -242,9 +245,12 @@ pub(crate) async fn history(
 ) -> ApiResult<Response> {
     let k = kind(&k)?;
     let who = c.control();
+    let tenant = q.tenant.clone();
     fresh_read(&gw, &q, |st| {
-        st.history_of(&who, k, &name)
-            .map(|h| json!({"kind": k, "name": name, "revisions": h}))
+        st.objects_of(&who, k, Some(&name))
+            .into_iter()
+            .find(|o| tenant.is_none() || o.object.key.tenant == tenant)
+            .map(|o| json!({"kind": k, "name": name, "tenant": o.object.key.tenant, "revisions": o.object.revisions}))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
     })
     .await

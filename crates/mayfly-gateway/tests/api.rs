@@ -895,6 +895,34 @@ async fn apply_get_history_and_audit_verify() {
         .call(M::POST, "/v1/apply", Some(&viewer), Some(pool.into()))
         .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
+
+    // A system caller sees objects of every tenant: ?tenant= says whose.
+    let two = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: shared}\nspec: {limits: {max_attempts: 1}}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: shared, tenant: acme}\nspec: {limits: {max_attempts: 2}}\n";
+    let (st, v, _) = s
+        .call(M::POST, "/v1/apply", Some(&s.admin), Some(two.into()))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    for (tenant, attempts) in [("acme", 2), ("system", 1)] {
+        let (st, v, _) = s
+            .call(
+                M::GET,
+                &format!("/v1/objects/Policy/shared?tenant={tenant}&consistency=strong"),
+                Some(&s.admin),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["spec"]["limits"]["max_attempts"], attempts, "{v}");
+        let (_, h, _) = s
+            .call(
+                M::GET,
+                &format!("/v1/history/Policy/shared?tenant={tenant}"),
+                Some(&s.admin),
+                None,
+            )
+            .await;
+        assert_eq!(h["tenant"], tenant, "{h}");
+    }
 }
 
 /// Admission of new executions: the policies in force (platform and tenant layers) and the

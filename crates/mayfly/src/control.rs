@@ -24,6 +24,9 @@ pub struct FreshArgs {
     /// The answer must include at least this token (e.g. an apply's accepted token).
     #[arg(long)]
     min_token: Option<u64>,
+    /// Which tenant's object, when you see several (system tenant callers).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 /// The session's floor per log: the highest token this client has written or been served
@@ -132,8 +135,11 @@ impl FreshArgs {
     }
 }
 
-fn query(req: &ReadRequest) -> String {
+fn query(req: &ReadRequest, tenant: Option<&str>) -> String {
     let mut q = vec![format!("consistency={}", req.class.as_str())];
+    if let Some(t) = tenant {
+        q.push(format!("tenant={t}"));
+    }
     for (k, v) in [
         ("max_lag", req.max_lag),
         ("max_staleness_ms", req.max_staleness_ms),
@@ -154,7 +160,7 @@ async fn fresh_get(c: &Client, path: &str, fresh: &FreshArgs) -> Result<Value> {
     let get = async |req: &ReadRequest| {
         c.send_raw(
             reqwest::Method::GET,
-            &format!("{path}?{}", query(req)),
+            &format!("{path}?{}", query(req, fresh.tenant.as_deref())),
             None,
         )
         .await

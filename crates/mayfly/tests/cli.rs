@@ -842,9 +842,14 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
 
 /// An embedded `mayfly server` on `db`: (child, base url, the admin token it printed).
 fn local_server(db: &std::path::Path) -> (std::process::Child, String, String) {
+    local_server_at(db, "127.0.0.1:0")
+}
+
+/// The same, listening on `listen`.
+fn local_server_at(db: &std::path::Path, listen: &str) -> (std::process::Child, String, String) {
     use std::io::BufRead;
     let mut server = bin()
-        .args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .args(["server", "--listen", listen, "--db"])
         .arg(db)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1093,7 +1098,6 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
 /// refusing every read for a token it will never reach.
 #[test]
 fn the_session_floor_starts_over_on_another_log_at_the_same_url() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().expect("tmp");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -1104,22 +1108,9 @@ fn the_session_floor_starts_over_on_another_log_at_the_same_url() {
     let pool = dir.path().join("pool.yaml");
     let url = format!("http://127.0.0.1:{port}");
     let start = |db: &str| {
-        let mut server = bin()
-            .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--db"])
-            .arg(dir.path().join(db))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server");
-        let mut banner = mayfly_gateway::banner::Banner::default();
-        let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
-        for l in lines.by_ref() {
-            if banner.feed(&l.expect("line")) {
-                break;
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        (server, banner.token.expect("token"))
+        let (server, _, token) =
+            local_server_at(&dir.path().join(db), &format!("127.0.0.1:{port}"));
+        (server, token)
     };
     let cli = |token: &str, args: &[&str]| {
         bin()
