@@ -830,12 +830,24 @@ impl ControlState {
             .collect()
     }
 
+    /// One object visible to `caller`, with status: `tenant`'s when given, else the first
+    /// (a system caller may see objects of that name in several tenants).
+    pub fn object_of(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        name: &str,
+        tenant: Option<&str>,
+    ) -> Option<ObjectView> {
+        self.objects_of(caller, kind, Some(name))
+            .into_iter()
+            .find(|o| tenant.is_none() || o.object.key.tenant.as_deref() == tenant)
+    }
+
     /// Every revision of one object (oldest first), if visible to `caller`.
     pub fn history_of(&self, caller: &Caller, kind: Kind, name: &str) -> Option<Vec<Revision>> {
-        self.objects
-            .values()
-            .find(|o| o.key.kind == kind && o.key.name == name && visible(caller, &o.key))
-            .map(|o| o.revisions.clone())
+        self.object_of(caller, kind, name, None)
+            .map(|o| o.object.revisions)
     }
 }
 

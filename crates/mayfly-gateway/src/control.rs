@@ -227,9 +227,7 @@ pub(crate) async fn describe(
     let who = c.control();
     let tenant = q.tenant.clone();
     fresh_read(&gw, &q, |st| {
-        st.objects_of(&who, k, Some(&name))
-            .into_iter()
-            .find(|o| tenant.is_none() || o.object.key.tenant == tenant)
+        st.object_of(&who, k, &name, tenant.as_deref())
             .map(|o| json!(o))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
     })
@@ -247,9 +245,7 @@ pub(crate) async fn history(
     let who = c.control();
     let tenant = q.tenant.clone();
     fresh_read(&gw, &q, |st| {
-        st.objects_of(&who, k, Some(&name))
-            .into_iter()
-            .find(|o| tenant.is_none() || o.object.key.tenant == tenant)
+        st.object_of(&who, k, &name, tenant.as_deref())
             .map(|o| json!({"kind": k, "name": name, "tenant": o.object.key.tenant, "revisions": o.object.revisions}))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
     })
@@ -301,6 +297,33 @@ impl Admissions {
     }
 }
 
+/// A default-class read that includes at least this node's own last control write (an
+/// apply just before a start or an explain counts).
+fn own_writes(gw: &Gateway) -> ReadRequest {
+    ReadRequest {
+        min_token: gw
+            .control
+            .as_ref()
+            .map(|c| c.last_token())
+            .filter(|t| *t > 0),
+        ..Default::default()
+    }
+}
+
+/// What `c` asks to run when it starts `pb` now (load fields left at zero).
+fn asking(c: &Caller, pb: &mayfly_dsl::Playbook) -> AdmissionRequest {
+    let reach = pb.reach();
+    AdmissionRequest {
+        tenant: c.tenant.clone(),
+        playbook: pb.path.clone(),
+        now_ms: mayfly_types::now_ms(),
+        tools: reach.tools,
+        aliases: reach.aliases,
+        templated_auth: reach.templated_auth,
+        ..Default::default()
+    }
+}
+
 /// Most blocks waiting for dispatch before new executions are refused (`queue_saturated`).
 pub const MAX_PENDING_PUBLISHES: u64 = 100_000;
 
@@ -322,28 +345,17 @@ pub(crate) async fn admit(
         .iter()
         .filter(|x| matches!(x.status.as_str(), "pending" | "running"))
         .count() as u64;
-    let reach = pb.reach();
     let req = AdmissionRequest {
-        tenant: c.tenant.clone(),
-        playbook: pb.path.clone(),
-        now_ms: mayfly_types::now_ms(),
-        tools: reach.tools,
-        aliases: reach.aliases,
-        templated_auth: reach.templated_auth,
         running,
         pending_publishes: runtime.pending_publishes(),
         max_pending_publishes: MAX_PENDING_PUBLISHES,
+        ..asking(c, pb)
     };
     let fresh = ReadRequest {
         class: Class::Bounded,
         max_staleness_ms: Some(2_000),
-        min_token: gw
-            .control
-            .as_ref()
-            .map(|c| c.last_token())
-            .filter(|t| *t > 0),
         deadline: Some(Duration::from_secs(2)),
-        ..Default::default()
+        ..own_writes(gw)
     };
     let (a, _) = gw
         .view
@@ -408,15 +420,7 @@ pub(crate) async fn status(
 pub(crate) async fn desired_playbook_version(gw: &Gateway, c: &Caller, path: &str) -> Option<u32> {
     let who = c.control();
     let tenant = c.tenant.clone();
-    // At least this node's own last control write (an apply just before a start counts).
-    let fresh = ReadRequest {
-        min_token: gw
-            .control
-            .as_ref()
-            .map(|c| c.last_token())
-            .filter(|t| *t > 0),
-        ..Default::default()
-    };
+    let fresh = own_writes(gw);
     gw.view
         .read(&fresh, |st| {
             st.objects
@@ -462,24 +466,8 @@ pub(crate) async fn explain(
         &mayfly_dsl::ParseOptions::default(),
     )
     .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid_playbook", e.to_string()))?;
-    let reach = pb.reach();
-    let req = AdmissionRequest {
-        tenant: c.tenant.clone(),
-        playbook: pb.path.clone(),
-        now_ms: mayfly_types::now_ms(),
-        tools: reach.tools,
-        aliases: reach.aliases,
-        templated_auth: reach.templated_auth,
-        ..Default::default()
-    };
-    let fresh = ReadRequest {
-        min_token: gw
-            .control
-            .as_ref()
-            .map(|c| c.last_token())
-            .filter(|t| *t > 0),
-        ..Default::default()
-    };
+    let req = asking(&c, &pb);
+    let fresh = own_writes(&gw);
     let (ex, freshness) = gw
         .view
         .read(&fresh, |st| st.explain(&req))
