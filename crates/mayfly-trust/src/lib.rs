@@ -197,3 +197,4 @@ mod tests {
     }
 }
 pub mod keychain;
+pub mod sign;
