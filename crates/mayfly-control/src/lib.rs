@@ -9,6 +9,7 @@
 //! [`service`] keeps the fold of one process's stream and appends to it.
 
 pub mod model;
+pub mod rollout;
 pub mod service;
 pub mod view;
 
@@ -24,5 +25,7 @@ pub use view::{
     CatchUp, Class, Degraded, Freshness, ReadRequest, Rejection, View, admits, check_reply,
 };
 
+#[cfg(test)]
+mod rollout_tests;
 #[cfg(test)]
 mod tests;

@@ -21,15 +21,17 @@ pub enum Kind {
     Policy,
     Playbook,
     WorkerPool,
+    Rollout,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Tenant,
         Kind::Environment,
         Kind::Policy,
         Kind::Playbook,
         Kind::WorkerPool,
+        Kind::Rollout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::Policy => "Policy",
             Kind::Playbook => "Playbook",
             Kind::WorkerPool => "WorkerPool",
+            Kind::Rollout => "Rollout",
         }
     }
 
@@ -52,13 +55,15 @@ impl Kind {
             "policy" | "policie" => Some(Kind::Policy),
             "playbook" | "pb" => Some(Kind::Playbook),
             "workerpool" | "wp" => Some(Kind::WorkerPool),
+            "rollout" | "ro" => Some(Kind::Rollout),
             _ => None,
         }
     }
 
-    /// Cluster-scoped kinds belong to no tenant; only system admins write them.
+    /// Cluster-scoped kinds belong to no tenant; only system admins write them (a Rollout
+    /// changes what every tenant's blocks may do on the shared agents).
     pub fn cluster_scoped(self) -> bool {
-        matches!(self, Kind::Tenant | Kind::Environment)
+        matches!(self, Kind::Tenant | Kind::Environment | Kind::Rollout)
     }
 }
 
@@ -302,7 +307,7 @@ fn manifest(file: &str, source: &str, doc: &Node, docs: usize) -> Result<Manifes
         Some(Kind::Playbook) | None => {
             let loc = kind_node.map_or(doc.loc, |n| n.loc);
             diags.push(format!(
-                "{}: unknown kind `{kind_str}` (Tenant, Environment, Policy, WorkerPool; a Playbook is a NoETL document)",
+                "{}: unknown kind `{kind_str}` (Tenant, Environment, Policy, WorkerPool, Rollout; a Playbook is a NoETL document)",
                 at(file, loc)
             ));
             None
@@ -443,6 +448,7 @@ fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
             }
             Ok(())
         }
+        Kind::Rollout => typed::<crate::rollout::RolloutSpec>(spec)?.check(),
         Kind::Playbook => Ok(()),
     }
 }
@@ -635,22 +641,11 @@ pub struct Object {
 }
 
 impl Object {
-    /// The object's status. Kinds whose desired state takes effect when stored (Tenant,
-    /// Environment, Policy, Playbook: the catalog holds the version) are Ready at their
-    /// current generation. A WorkerPool is observed by agents reporting against it, which
-    /// nothing does yet: it stays Pending, saying so.
+    /// The status of kinds whose desired state takes effect when stored (Tenant,
+    /// Environment, Policy; a Playbook once the catalog holds the version): Ready at their
+    /// current generation. [`ControlState::status_of`] covers the observed kinds.
     pub fn status(&self) -> Status {
         let (phase, observed, condition) = match self.key.kind {
-            Kind::WorkerPool => (
-                Phase::Pending,
-                0,
-                Condition {
-                    kind: "Observed".into(),
-                    status: false,
-                    reason: "NoAgentReports".into(),
-                    message: "no worker has reported against this pool yet".into(),
-                },
-            ),
             Kind::Playbook => (
                 Phase::Ready,
                 self.generation,
@@ -685,10 +680,17 @@ impl Object {
     }
 }
 
-/// The `control` stream folded: current objects, the chain's head, counts.
+/// The `control` stream folded: current objects, bundles, transitions, agents' recorded
+/// reports, the chain's head, counts.
 #[derive(Clone, Debug, Default)]
 pub struct ControlState {
     pub objects: BTreeMap<ObjectKey, Object>,
+    /// Published policy bundles by digest.
+    pub bundles: BTreeMap<String, mayfly_trust::sign::Signed>,
+    /// Transitions (rollouts) by id.
+    pub transitions: BTreeMap<String, crate::rollout::Transition>,
+    /// Each agent's last recorded report (applied bundle or refusal).
+    pub agents: BTreeMap<String, crate::rollout::AgentRecord>,
     /// Last seq of the stream (0: empty).
     pub seq: u64,
     pub last_hash: String,
@@ -772,6 +774,24 @@ impl ControlState {
                     .map_err(|err| fail(format!("bad payload: {err}")))?;
                 self.denied += 1;
             }
+            EventKind::BundlePublished => {
+                let p = crate::rollout::Published::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                if self.bundles.contains_key(&p.bundle.digest) {
+                    return Err(fail(format!("bundle {} published twice", p.bundle.digest)));
+                }
+                self.bundles.insert(p.bundle.digest.clone(), p.bundle);
+            }
+            EventKind::TransitionChanged => {
+                let c = crate::rollout::TransitionChanged::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.fold_transition(c, e.seq, e.at).map_err(fail)?;
+            }
+            EventKind::AgentReported => {
+                let r = crate::rollout::AgentRecord::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.agents.insert(r.agent.clone(), r);
+            }
             k => return Err(fail(format!("`{k}` does not belong in the control stream"))),
         }
         self.seq = e.seq;
@@ -825,7 +845,7 @@ impl ControlState {
             .filter(|o| visible(caller, &o.key))
             .map(|o| ObjectView {
                 object: o.clone(),
-                status: o.status(),
+                status: self.status_of(o),
             })
             .collect()
     }

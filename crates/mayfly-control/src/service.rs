@@ -2,14 +2,21 @@
 //! (every mutation and every refusal is an event there, hash-chained like an execution's),
 //! and the current objects are a fold of it kept in memory by the one process that appends.
 
+use crate::model::Role;
 use crate::model::{
     Applied, Caller, ControlState, Decision, Denied, FoldError, Kind, Manifest, ObjectKey,
     ObjectView, Revision, authorize,
 };
+use crate::rollout::{
+    AgentAnswer, AgentReport, BundleBody, LiveAgent, Published, RolloutSpec, TPhase,
+    TransitionChanged,
+};
 use mayfly_store::{Batch, Store, StoreError, StoredPlaybook};
+use mayfly_trust::sign::ControlKey;
 use mayfly_types::{Event, EventKind, ExecutionId, GENESIS_HASH, now_ms};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -27,6 +34,62 @@ pub enum ControlError {
     Fold(#[from] FoldError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// The answer to a bundle publish.
+#[derive(Clone, Debug, Serialize)]
+pub struct BundleReport {
+    pub digest: String,
+    pub key_id: String,
+    pub policies: usize,
+    /// False: the same policies were already published (no-op).
+    pub created: bool,
+    pub accepted_token: Option<u64>,
+}
+
+/// One targeted agent's acknowledgement, as `mayfly rollout status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentAck {
+    pub agent: String,
+    pub pool: String,
+    pub applied: Option<String>,
+    /// It observes the rollout's bundle as effective.
+    pub effective: bool,
+    pub refused: Option<crate::rollout::Refusal>,
+    pub live: bool,
+    pub last_seen_ms: Option<u64>,
+}
+
+/// A rollout's transition and its agents.
+#[derive(Clone, Debug, Serialize)]
+pub struct RolloutStatus {
+    pub rollout: String,
+    pub transition: crate::rollout::Transition,
+    pub agents: Vec<AgentAck>,
+}
+
+fn rollout_transition<'a>(
+    st: &'a ControlState,
+    name: &str,
+) -> Result<&'a crate::rollout::Transition, ControlError> {
+    let key = ObjectKey {
+        kind: Kind::Rollout,
+        tenant: None,
+        name: name.to_owned(),
+    };
+    let o = st
+        .objects
+        .get(&key)
+        .ok_or_else(|| ControlError::NotFound(format!("no rollout `{name}`")))?;
+    let spec = RolloutSpec::deserialize(&o.spec)
+        .map_err(|e| ControlError::Invalid(format!("rollout `{name}`: {e}")))?;
+    st.transitions
+        .get(&spec.transition_id())
+        .ok_or_else(|| ControlError::NotFound(format!("rollout `{name}` has no transition")))
 }
 
 /// What became of one object of an apply.
@@ -51,6 +114,9 @@ pub struct ApplyResult {
     pub generation: u64,
     pub outcome: Outcome,
     pub reason: String,
+    /// When to try again, for a refusal that time resolves (a conflicting transition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_hint: Option<String>,
 }
 
 /// The answer to an apply. `accepted_token` is the log position of its commit (None when
@@ -82,6 +148,12 @@ pub struct Control {
     state: Mutex<ControlState>,
     /// Log position of this process's last control write (admission reads at least it).
     last_token: std::sync::atomic::AtomicU64,
+    /// Signs policy bundles (None: this node cannot publish).
+    signer: Option<ControlKey>,
+    /// Agents heard from, with their latest report (soft state: liveness and counters).
+    live: std::sync::Mutex<BTreeMap<String, LiveAgent>>,
+    /// A failed write could not be reconciled with the store: re-read before trusting `state`.
+    untrusted: std::sync::atomic::AtomicBool,
 }
 
 fn stream() -> ExecutionId {
@@ -109,6 +181,225 @@ impl Control {
             store,
             state: Mutex::new(state),
             last_token: std::sync::atomic::AtomicU64::new(last),
+            signer: None,
+            live: Default::default(),
+            untrusted: Default::default(),
+        })
+    }
+
+    /// Sign policy bundles with `key`.
+    pub fn with_signer(mut self, key: ControlKey) -> Control {
+        self.signer = Some(key);
+        self
+    }
+
+    /// Freeze every Policy into a bundle signed by the control plane key and publish it
+    /// (system admins only). Publishing the same policies again is a no-op: the digest is
+    /// the bundle's identity.
+    pub async fn publish_bundle(&self, caller: &Caller) -> Result<BundleReport, ControlError> {
+        if !(caller.tenant == crate::model::SYSTEM_TENANT && caller.role == Role::Admin) {
+            return Err(ControlError::Forbidden(format!(
+                "publishing a policy bundle needs an admin of the `{}` tenant",
+                crate::model::SYSTEM_TENANT
+            )));
+        }
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            ControlError::Invalid("this node holds no control plane key: it cannot sign".into())
+        })?;
+        let mut st = self.lock().await?;
+        let body = BundleBody::freeze(&st);
+        let policies = body.policies.len();
+        let signed = signer
+            .sign(json!(body))
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        if st.bundles.contains_key(&signed.digest) {
+            return Ok(BundleReport {
+                digest: signed.digest,
+                key_id: signed.key_id,
+                policies,
+                created: false,
+                accepted_token: None,
+            });
+        }
+        let mut events = Vec::new();
+        let published = Published {
+            bundle: signed.clone(),
+            policies,
+        };
+        let folded = self.push(
+            &mut st,
+            &mut events,
+            caller,
+            EventKind::BundlePublished,
+            json!(published),
+        );
+        if let Err(e) = folded {
+            self.reload_after_failure(&mut st).await;
+            return Err(e);
+        }
+        let accepted_token = self.append_folded(&mut st, events).await?;
+        Ok(BundleReport {
+            digest: signed.digest,
+            key_id: signed.key_id,
+            policies,
+            created: true,
+            accepted_token,
+        })
+    }
+
+    /// The public half of the signing key (what agents must trust).
+    pub fn public_key(&self) -> Option<mayfly_trust::sign::TrustedKey> {
+        self.signer.as_ref().map(|k| k.public().clone())
+    }
+
+    /// Published bundles, in digest order.
+    pub async fn bundles(&self) -> Vec<mayfly_trust::sign::Signed> {
+        self.state.lock().await.bundles.values().cloned().collect()
+    }
+
+    /// An agent's report: remember it, record a change of what it applied or refused, run
+    /// the controller, and answer with the bundle the agent should enforce.
+    pub async fn agent_report(&self, report: AgentReport) -> Result<AgentAnswer, ControlError> {
+        let now = now_ms();
+        let (pool, labels) = (report.record.pool.clone(), report.record.labels.clone());
+        let record = report.record.clone();
+        let live = {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            live.insert(
+                record.agent.clone(),
+                LiveAgent {
+                    report,
+                    last_seen_ms: now,
+                },
+            );
+            live.clone()
+        };
+        let mut st = self.lock().await?;
+        let mut events = Vec::new();
+        let folded = (|| {
+            if st.agents.get(&record.agent) != Some(&record) {
+                push_as(
+                    &mut st,
+                    &mut events,
+                    format!("agent:{}", record.agent),
+                    None,
+                    EventKind::AgentReported,
+                    json!(record),
+                )?;
+            }
+            controller_decisions(&mut st, &mut events, now, &live)
+        })();
+        if let Err(e) = folded {
+            self.reload_after_failure(&mut st).await;
+            return Err(e);
+        }
+        self.append_folded(&mut st, events).await?;
+        Ok(AgentAnswer {
+            desired: st.desired_bundle(&pool, &labels).cloned(),
+        })
+    }
+
+    /// Run the controller once against the agents' latest reports (activation delays and
+    /// inconsistency windows elapse without any report arriving).
+    pub async fn reconcile(&self) -> Result<Option<u64>, ControlError> {
+        let now = now_ms();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut st = self.lock().await?;
+        let mut events = Vec::new();
+        if let Err(e) = controller_decisions(&mut st, &mut events, now, &live) {
+            self.reload_after_failure(&mut st).await;
+            return Err(e);
+        }
+        self.append_folded(&mut st, events).await
+    }
+
+    /// Run [`Control::reconcile`] every `every` until the task is aborted.
+    pub fn run_controller(
+        self: &Arc<Self>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = me.reconcile().await {
+                    tracing::warn!(error = %e, "rollout controller");
+                }
+            }
+        })
+    }
+
+    /// Cancel the in-progress transition of rollout `name`: agents return to the bundle in
+    /// force before it.
+    pub async fn cancel_rollout(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Option<u64>, ControlError> {
+        if !(caller.tenant == crate::model::SYSTEM_TENANT && caller.role == Role::Admin) {
+            return Err(ControlError::Forbidden(format!(
+                "cancelling a rollout needs an admin of the `{}` tenant",
+                crate::model::SYSTEM_TENANT
+            )));
+        }
+        let mut st = self.lock().await?;
+        let t = rollout_transition(&st, name)?;
+        if !t.phase.active() {
+            return Err(ControlError::Invalid(format!(
+                "rollout `{name}` is not in progress (transition {} is {})",
+                t.id,
+                t.phase.as_str()
+            )));
+        }
+        let c = TransitionChanged {
+            id: t.id.clone(),
+            phase: TPhase::Cancelled,
+            reason: format!("cancelled by {}", caller.actor_ref()),
+            rollout: name.to_owned(),
+            spec: None,
+            evidence: json!({}),
+        };
+        let mut events = Vec::new();
+        if let Err(e) = self.push(
+            &mut st,
+            &mut events,
+            caller,
+            EventKind::TransitionChanged,
+            json!(c),
+        ) {
+            self.reload_after_failure(&mut st).await;
+            return Err(e);
+        }
+        self.append_folded(&mut st, events).await
+    }
+
+    /// Rollout `name`'s transition and, per targeted agent, what it acknowledged.
+    pub async fn rollout_status(&self, name: &str) -> Result<RolloutStatus, ControlError> {
+        let now = now_ms();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let st = self.state.lock().await;
+        let t = rollout_transition(&st, name)?.clone();
+        let mut agents = Vec::new();
+        for (id, rec) in &st.agents {
+            if !t.spec.target.matches(&rec.pool, &rec.labels) {
+                continue;
+            }
+            let l = live.get(id);
+            agents.push(AgentAck {
+                agent: id.clone(),
+                pool: rec.pool.clone(),
+                applied: rec.applied.clone(),
+                effective: rec.applied.as_deref() == Some(t.spec.bundle.as_str()),
+                refused: rec.refused.clone(),
+                live: l.is_some_and(|l| l.live(now)),
+                last_seen_ms: l.map(|l| l.last_seen_ms),
+            });
+        }
+        Ok(RolloutStatus {
+            rollout: name.to_owned(),
+            transition: t,
+            agents,
         })
     }
 
@@ -120,7 +411,7 @@ impl Control {
         caller: &Caller,
         manifests: &[Manifest],
     ) -> Result<ApplyReport, ControlError> {
-        let mut st = self.state.lock().await;
+        let mut st = self.lock().await?;
         let mut next = st.clone();
         let mut events = Vec::new();
         let mut results = Vec::new();
@@ -128,7 +419,10 @@ impl Control {
             .iter()
             .map(|m| {
                 let key = m.key(caller);
-                let d = authorize(caller, &key);
+                let mut d = authorize(caller, &key);
+                if d.allowed && key.kind == Kind::Rollout {
+                    d = rollout_gate(&st, &key, m);
+                }
                 (key, m, d)
             })
             .collect();
@@ -140,14 +434,27 @@ impl Control {
             let before = current.map(|o| o.version.clone());
             let generation = current.map_or(0, |o| o.generation);
             let policy_version = next.policy_version(key.tenant.as_deref());
-            let result = |outcome, generation, reason: String| ApplyResult {
+            let rollout = (key.kind == Kind::Rollout)
+                .then(|| RolloutSpec::deserialize(&m.spec).ok())
+                .flatten();
+            let conflict = rollout.as_ref().and_then(|r| {
+                next.active_on(&r.target)
+                    .filter(|t| t.id != r.transition_id())
+                    .map(|t| (t.id.clone(), t.rollout.clone()))
+            });
+            let result = |outcome, generation, reason: String| {
+                ApplyResult {
                 kind: key.kind,
                 tenant: key.tenant.clone(),
                 name: key.name.clone(),
                 version: version.clone(),
                 generation,
                 outcome,
+                retry_hint: conflict.as_ref().filter(|_| !decision.allowed).map(|(_, r)| {
+                    format!("retry once rollout `{r}` completes or is cancelled (`mayfly rollout cancel {r}`)")
+                }),
                 reason,
+            }
             };
             if !decision.allowed {
                 // What exists in a scope the caller cannot read is not revealed (the audit
@@ -164,7 +471,7 @@ impl Control {
                     decision: decision.clone(),
                     policy_version,
                 };
-                results.push(result(Outcome::Denied, shown, decision.reason));
+                results.push(result(Outcome::Denied, shown, decision.reason.clone()));
                 self.push(
                     &mut next,
                     &mut events,
@@ -172,6 +479,23 @@ impl Control {
                     EventKind::ObjectDenied,
                     json!(d),
                 )?;
+                if let (Some(spec), Some(_)) = (&rollout, &conflict) {
+                    let c = TransitionChanged {
+                        id: spec.transition_id(),
+                        phase: TPhase::Conflicted,
+                        reason: decision.reason.clone(),
+                        rollout: key.name.clone(),
+                        spec: Some(spec.clone()),
+                        evidence: json!({}),
+                    };
+                    self.push(
+                        &mut next,
+                        &mut events,
+                        caller,
+                        EventKind::TransitionChanged,
+                        json!(c),
+                    )?;
+                }
                 continue;
             }
             if any_denied {
@@ -222,7 +546,23 @@ impl Control {
                 policy_version,
                 catalog_version,
             };
-            results.push(result(outcome, generation + 1, decision.reason));
+            let mut reason = decision.reason;
+            let planned = rollout.as_ref().filter(|r| {
+                next.transitions
+                    .get(&r.transition_id())
+                    .is_none_or(|t| t.phase == TPhase::Conflicted)
+            });
+            if let Some(r) = &rollout
+                && planned.is_none()
+                && let Some(t) = next.transitions.get(&r.transition_id())
+            {
+                reason = format!(
+                    "{reason}; same intent as transition {} ({}): nothing new to roll out",
+                    t.id,
+                    t.phase.as_str()
+                );
+            }
+            results.push(result(outcome, generation + 1, reason));
             self.push(
                 &mut next,
                 &mut events,
@@ -230,12 +570,46 @@ impl Control {
                 EventKind::ObjectApplied,
                 json!(a),
             )?;
+            if let Some(spec) = planned {
+                let c = TransitionChanged {
+                    id: spec.transition_id(),
+                    phase: TPhase::Planned,
+                    reason: format!(
+                        "rollout `{}` asks for bundle {} on {}",
+                        key.name,
+                        spec.bundle,
+                        serde_json::to_string(&spec.target).unwrap_or_default()
+                    ),
+                    rollout: key.name.clone(),
+                    spec: Some(spec.clone()),
+                    evidence: json!({}),
+                };
+                self.push(
+                    &mut next,
+                    &mut events,
+                    caller,
+                    EventKind::TransitionChanged,
+                    json!(c),
+                )?;
+            }
         }
+        let accepted_token = self.commit(&mut st, next, events).await?;
+        Ok(ApplyReport {
+            results,
+            accepted_token,
+        })
+    }
+
+    /// Append `events` (already folded into `next`) in one commit; on success `next` becomes
+    /// the state. None: nothing to write.
+    async fn commit(
+        &self,
+        st: &mut ControlState,
+        next: ControlState,
+        events: Vec<Event>,
+    ) -> Result<Option<u64>, ControlError> {
         if events.is_empty() {
-            return Ok(ApplyReport {
-                results,
-                accepted_token: None,
-            });
+            return Ok(None);
         }
         let token = match self
             .store
@@ -247,21 +621,7 @@ impl Control {
         {
             Ok(t) => t,
             Err(e) => {
-                // The commit may have landed even though it reported failure (a connection
-                // lost during COMMIT): take the stream as stored, not as assumed, so the
-                // next apply does not reuse a seq.
-                match self
-                    .store
-                    .read_all(&stream())
-                    .await
-                    .map_err(ControlError::from)
-                    .and_then(|ev| fold(&ev))
-                {
-                    Ok(stored) => *st = stored,
-                    Err(re) => {
-                        tracing::error!(error = %re, "control stream could not be re-read after a failed commit")
-                    }
-                }
+                self.reload_after_failure(st).await;
                 return Err(e.into());
             }
         };
@@ -270,10 +630,71 @@ impl Control {
             self.last_token
                 .fetch_max(t, std::sync::atomic::Ordering::SeqCst);
         }
-        Ok(ApplyReport {
-            results,
-            accepted_token: token,
-        })
+        Ok(token)
+    }
+
+    /// Append `events`, already folded into the locked `st` (no copy of the state: frequent
+    /// writers — agent reports, the controller — stay O(events)).
+    async fn append_folded(
+        &self,
+        st: &mut ControlState,
+        events: Vec<Event>,
+    ) -> Result<Option<u64>, ControlError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        match self
+            .store
+            .append(Arc::new(Batch {
+                events,
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(token) => {
+                if let Some(t) = token {
+                    self.last_token
+                        .fetch_max(t, std::sync::atomic::Ordering::SeqCst);
+                }
+                Ok(token)
+            }
+            Err(e) => {
+                self.reload_after_failure(st).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// After a failed write, take the stream as stored, not as assumed: the commit may have
+    /// landed even though it reported failure (a connection lost during COMMIT), or the
+    /// state may hold events that were never written. If the stream cannot be re-read, the
+    /// state is marked untrusted and the next operation re-reads it first (or fails).
+    async fn reload_after_failure(&self, st: &mut ControlState) {
+        match self
+            .store
+            .read_all(&stream())
+            .await
+            .map_err(ControlError::from)
+            .and_then(|ev| fold(&ev))
+        {
+            Ok(stored) => *st = stored,
+            Err(re) => {
+                tracing::error!(error = %re, "control stream could not be re-read after a failed write");
+                self.untrusted
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The state, locked, re-read from the store first if a failed write left it untrusted.
+    async fn lock(&self) -> Result<tokio::sync::MutexGuard<'_, ControlState>, ControlError> {
+        let mut st = self.state.lock().await;
+        if self.untrusted.load(std::sync::atomic::Ordering::SeqCst) {
+            *st = fold(&self.store.read_all(&stream()).await?)?;
+            self.untrusted
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(st)
     }
 
     /// Seal the next event of the stream and fold it into `st`.
@@ -285,33 +706,54 @@ impl Control {
         kind: EventKind,
         payload: serde_json::Value,
     ) -> Result<(), ControlError> {
-        let mut e = Event {
-            execution_id: stream(),
-            seq: st.seq + 1,
+        push_as(
+            st,
+            events,
+            caller.actor_ref(),
+            Some(caller.request_id.clone()),
             kind,
-            step: None,
-            attempt: None,
-            command_id: None,
-            at: now_ms(),
-            actor: caller.actor_ref(),
-            request_id: Some(caller.request_id.clone()),
-            playbook_digest: String::new(),
             payload,
-            payload_ref: None,
-            prev_hash: if st.seq == 0 {
-                GENESIS_HASH.to_owned()
-            } else {
-                st.last_hash.clone()
-            },
-            hash: String::new(),
-            position: None,
-        };
-        mayfly_trust::seal(&mut e).map_err(|err| ControlError::Invalid(err.to_string()))?;
-        st.apply(&e)?;
-        events.push(e);
-        Ok(())
+        )
     }
+}
 
+/// Seal the next event of the stream, as `actor`, and fold it into `st`.
+pub(crate) fn push_as(
+    st: &mut ControlState,
+    events: &mut Vec<Event>,
+    actor: String,
+    request_id: Option<String>,
+    kind: EventKind,
+    payload: serde_json::Value,
+) -> Result<(), ControlError> {
+    let mut e = Event {
+        execution_id: stream(),
+        seq: st.seq + 1,
+        kind,
+        step: None,
+        attempt: None,
+        command_id: None,
+        at: now_ms(),
+        actor,
+        request_id,
+        playbook_digest: String::new(),
+        payload,
+        payload_ref: None,
+        prev_hash: if st.seq == 0 {
+            GENESIS_HASH.to_owned()
+        } else {
+            st.last_hash.clone()
+        },
+        hash: String::new(),
+        position: None,
+    };
+    mayfly_trust::seal(&mut e).map_err(|err| ControlError::Invalid(err.to_string()))?;
+    st.apply(&e)?;
+    events.push(e);
+    Ok(())
+}
+
+impl Control {
     /// The log position of this process's last control write (0: none yet).
     pub fn last_token(&self) -> u64 {
         self.last_token.load(std::sync::atomic::Ordering::SeqCst)
@@ -368,4 +810,57 @@ pub async fn verify_stored(store: &dyn Store) -> Result<Verified, ControlError> 
     let events = store.read_all(&stream()).await?;
     let st = fold(&events)?;
     Ok(report(&st, &events))
+}
+
+/// The rollout-specific refusal of an otherwise authorized Rollout: its bundle must be
+/// published, and its scope free of another active transition (`conflicted`).
+fn rollout_gate(st: &ControlState, key: &ObjectKey, m: &Manifest) -> Decision {
+    let ok = Decision {
+        allowed: true,
+        reason: format!("admin of the `{}` tenant", crate::model::SYSTEM_TENANT),
+    };
+    let Ok(spec) = RolloutSpec::deserialize(&m.spec) else {
+        return ok;
+    };
+    if !st.bundles.contains_key(&spec.bundle) {
+        return Decision {
+            allowed: false,
+            reason: format!(
+                "rollout `{}` names bundle {}, which is not published (`mayfly bundle publish`)",
+                key.name, spec.bundle
+            ),
+        };
+    }
+    match st.active_on(&spec.target) {
+        Some(t) if t.id != spec.transition_id() => Decision {
+            allowed: false,
+            reason: format!(
+                "conflicted: transition {} (rollout `{}`) is {} on the same scope",
+                t.id,
+                t.rollout,
+                t.phase.as_str()
+            ),
+        },
+        _ => ok,
+    }
+}
+
+/// Fold the controller's due decisions into `st`, each as a `transition.changed` event.
+fn controller_decisions(
+    st: &mut ControlState,
+    events: &mut Vec<Event>,
+    now: u64,
+    live: &BTreeMap<String, LiveAgent>,
+) -> Result<(), ControlError> {
+    for c in st.reconcile(now, live) {
+        push_as(
+            st,
+            events,
+            "controller".into(),
+            None,
+            EventKind::TransitionChanged,
+            json!(c),
+        )?;
+    }
+    Ok(())
 }

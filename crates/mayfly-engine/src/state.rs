@@ -472,7 +472,11 @@ impl ExecState {
                 self.waiting.remove(&c.token);
             }
             // Control-plane kinds live in their own stream, never in an execution's.
-            EventKind::ObjectApplied | EventKind::ObjectDenied => {
+            EventKind::ObjectApplied
+            | EventKind::ObjectDenied
+            | EventKind::BundlePublished
+            | EventKind::TransitionChanged
+            | EventKind::AgentReported => {
                 return Err(fail("a control-plane event in an execution's log".into()));
             }
             EventKind::ExecutionCompleted => {

@@ -15,6 +15,21 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 impl Caller {
+    /// The control stream holds every tenant's record: reading it whole (audit, bundles,
+    /// rollouts) is for operators of the system tenant.
+    fn require_system(&self) -> ApiResult<()> {
+        self.require(Role::Operator)?;
+        if self.tenant != mayfly_control::SYSTEM_TENANT {
+            return Err(self.deny(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "forbidden",
+                "this reads every tenant's control record: it is for the system tenant".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn control(&self) -> mayfly_control::Caller {
         mayfly_control::Caller {
             tenant: self.tenant.clone(),
@@ -76,13 +91,19 @@ pub(crate) async fn apply(
             .filter(|r| r.outcome == Outcome::Denied)
             .map(|r| format!("{} `{}`: {}", r.kind, r.name, r.reason))
             .collect();
-        let mut p = c.deny(
-            StatusCode::FORBIDDEN,
-            "denied",
-            "denied",
-            reasons.join("; "),
-        );
+        // A refusal that time resolves (a transition holds the scope) is a conflict with a
+        // retry hint, not a permission problem.
+        let hint = report.results.iter().find_map(|r| r.retry_hint.clone());
+        let (status, code) = if hint.is_some() {
+            (StatusCode::CONFLICT, "conflicted")
+        } else {
+            (StatusCode::FORBIDDEN, "denied")
+        };
+        let mut p = c.deny(status, code, "denied", reasons.join("; "));
         p.extra.insert("results".into(), json!(report.results));
+        if let Some(h) = hint {
+            p.extra.insert("retry_hint".into(), json!(h));
+        }
         return Err(p);
     }
     let mut body = json!(report);
@@ -98,7 +119,9 @@ fn kind(s: &str) -> ApiResult<Kind> {
         Problem::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            format!("unknown kind `{s}` (Tenant, Environment, Policy, Playbook, WorkerPool)"),
+            format!(
+                "unknown kind `{s}` (Tenant, Environment, Policy, Playbook, WorkerPool, Rollout)"
+            ),
         )
     })
 }
@@ -257,16 +280,7 @@ pub(crate) async fn verify(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
-    c.require(Role::Operator)?;
-    if c.tenant != mayfly_control::SYSTEM_TENANT {
-        return Err(c.deny(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "forbidden",
-            "the control stream holds every tenant's record: verifying it is for the system tenant"
-                .into(),
-        ));
-    }
+    c.require_system()?;
     let Some(control) = &gw.control else {
         return Err(not_leader());
     };
@@ -481,4 +495,79 @@ pub(crate) async fn explain(
         "explanation": ex,
         "freshness": freshness,
     })))
+}
+
+fn control_error(c: &Caller, e: mayfly_control::ControlError) -> Problem {
+    use mayfly_control::ControlError as E;
+    match e {
+        E::Forbidden(m) => c.deny(StatusCode::FORBIDDEN, "forbidden", "denied", m),
+        E::NotFound(m) => Problem::not_found(m),
+        E::Invalid(m) => Problem::new(StatusCode::CONFLICT, "invalid_state", m),
+        e => Problem::internal(e),
+    }
+}
+
+/// `POST /v1/bundles`: freeze the policies into a signed bundle (system admins).
+pub(crate) async fn publish_bundle(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> ApiResult<Response> {
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let r = control
+        .publish_bundle(&c.control())
+        .await
+        .map_err(|e| control_error(&c, e))?;
+    gw.view.poke();
+    Ok(Json(r).into_response())
+}
+
+/// `GET /v1/bundles`: published bundles (digest, signing key, policies) — system tenant.
+pub(crate) async fn list_bundles(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> ApiResult<Response> {
+    c.require_system()?;
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let bundles = control.bundles().await;
+    Ok(Json(json!({ "bundles": bundles })).into_response())
+}
+
+/// `GET /v1/rollouts/{name}`: the rollout's transition and every targeted agent's
+/// acknowledged bundle (served by the node that runs the controller).
+pub(crate) async fn rollout_status(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    c.require_system()?;
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let r = control
+        .rollout_status(&name)
+        .await
+        .map_err(|e| control_error(&c, e))?;
+    Ok(Json(r).into_response())
+}
+
+/// `POST /v1/rollouts/{name}/cancel`: stop an in-progress rollout; agents return to the
+/// bundle in force before it.
+pub(crate) async fn cancel_rollout(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let token = control
+        .cancel_rollout(&c.control(), &name)
+        .await
+        .map_err(|e| control_error(&c, e))?;
+    gw.view.poke();
+    Ok(Json(json!({ "rollout": name, "accepted_token": token })).into_response())
 }

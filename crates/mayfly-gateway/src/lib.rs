@@ -393,6 +393,12 @@ pub fn router(gw: Gateway) -> Router {
         .route("/status", get(control::status))
         .route("/policy/explain", get(control::explain))
         .route("/apply", post(control::apply))
+        .route(
+            "/bundles",
+            post(control::publish_bundle).get(control::list_bundles),
+        )
+        .route("/rollouts/{name}", get(control::rollout_status))
+        .route("/rollouts/{name}/cancel", post(control::cancel_rollout))
         .route("/objects/{kind}", get(control::list))
         .route("/objects/{kind}/{*name}", get(control::describe))
         .route("/history/{kind}/{*name}", get(control::history))

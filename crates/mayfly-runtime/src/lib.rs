@@ -6,6 +6,7 @@
 //! same transaction as the commands `decide()` derives from it. An expired lease is
 //! redelivered; a completion from a superseded attempt is refused.
 
+pub mod agent;
 pub mod loader;
 mod orchestrator;
 pub mod payload;
@@ -138,6 +139,9 @@ pub struct RuntimeConfig {
     /// The shared cache: large engine-made payloads (loop aggregates, inline results) and
     /// in-process workers' results go there (None: everything stays inline).
     pub cache: Option<Arc<mayfly_cache::Payloads>>,
+    /// The process's data-plane agent: in-process workers enforce the policy bundle it
+    /// applied (None: no bundle enforcement, as for a one-shot `mayfly run`).
+    pub agent: Option<Arc<agent::Agent>>,
 }
 
 impl Default for RuntimeConfig {
@@ -157,6 +161,7 @@ impl Default for RuntimeConfig {
             keychain: None,
             queue: None,
             cache: None,
+            agent: None,
         }
     }
 }
@@ -170,9 +175,20 @@ pub struct RuntimeHandle {
     blocks: Arc<Mutex<mpsc::UnboundedReceiver<Block>>>,
     events: broadcast::Sender<Arc<Event>>,
     queue_health: remote::QueueHealth,
+    /// Where remote workers' agents report (set once the control plane is up).
+    hub: Arc<std::sync::OnceLock<Arc<dyn agent::AgentHub>>>,
 }
 
 impl RuntimeHandle {
+    /// Route remote agents' reports (the `agent` RPC verb) to `hub`.
+    pub fn set_agent_hub(&self, hub: Arc<dyn agent::AgentHub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    pub(crate) fn agent_hub(&self) -> Option<&Arc<dyn agent::AgentHub>> {
+        self.hub.get()
+    }
+
     async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Msg,
@@ -449,6 +465,7 @@ impl Runtime {
             blocks: Arc::new(Mutex::new(blocks)),
             events,
             queue_health: health,
+            hub: Default::default(),
         };
         let mut workers: Vec<JoinHandle<()>> = (0..config.workers)
             .map(|i| {
@@ -457,6 +474,7 @@ impl Runtime {
                     tools.clone(),
                     config.keychain.clone(),
                     config.cache.clone(),
+                    config.agent.clone(),
                     format!("{}-{i}", config.worker_id),
                 ))
             })

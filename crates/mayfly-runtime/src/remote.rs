@@ -366,6 +366,23 @@ async fn answer(
             };
             Some(encode(&a))
         }
+        "agent" => {
+            let r: mayfly_control::rollout::AgentReport = match serde_json::from_slice(payload) {
+                Ok(r) => r,
+                Err(e) => return bad::<mayfly_control::rollout::AgentAnswer>(e),
+            };
+            let a: Answer<mayfly_control::rollout::AgentAnswer> = match h.agent_hub() {
+                Some(hub) => hub.report(r).await.map_err(|message| WireError {
+                    code: "control".into(),
+                    message,
+                }),
+                None => Err(WireError {
+                    code: "unavailable".into(),
+                    message: "this orchestrator runs no control plane".into(),
+                }),
+            };
+            Some(encode(&a))
+        }
         _ => None,
     }
 }
@@ -499,6 +516,14 @@ impl RemoteCoordinator {
                 playbooks: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Report this process's agent to the control plane behind the orchestrator.
+    pub async fn agent_report(
+        &self,
+        r: &mayfly_control::rollout::AgentReport,
+    ) -> Result<mayfly_control::rollout::AgentAnswer, RuntimeError> {
+        self.call("agent", r).await
     }
 
     async fn call<Req: Serialize, T: for<'de> Deserialize<'de>>(
@@ -865,5 +890,20 @@ impl Coordinator for RemoteCoordinator {
             alias: alias.to_owned(),
         };
         self.call("secret", &req).await.map_err(|e| e.to_string())
+    }
+}
+
+impl crate::agent::AgentHub for RemoteCoordinator {
+    fn report(
+        &self,
+        report: mayfly_control::rollout::AgentReport,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<mayfly_control::rollout::AgentAnswer, String>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move { self.agent_report(&report).await.map_err(|e| e.to_string()) })
     }
 }

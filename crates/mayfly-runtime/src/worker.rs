@@ -63,6 +63,7 @@ pub async fn worker_loop<C: Coordinator>(
     tools: Arc<Tools>,
     key: Option<mayfly_trust::keychain::MasterKey>,
     payloads: Option<Arc<Payloads>>,
+    agent: Option<Arc<crate::agent::Agent>>,
     worker: String,
 ) {
     while let Some((block, ticket)) = coord.next().await {
@@ -92,10 +93,14 @@ pub async fn worker_loop<C: Coordinator>(
             let coord = coord.clone();
             let key = key.clone();
             let payloads = payloads.clone();
+            let agent = agent.clone();
             let mut h = h.clone();
             tokio::spawn(async move {
                 if let Some(p) = &payloads {
                     crate::payload::hydrate(p, &mut h).await?;
+                }
+                if let Some(denied) = agent.as_deref().and_then(|a| enforce(a, &h)) {
+                    return Ok(Err(denied));
                 }
                 let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
                 let mut out = run_block(&tools, secrets.as_ref(), &h).await;
@@ -140,6 +145,9 @@ pub async fn worker_loop<C: Coordinator>(
                 logs: None,
             }),
         };
+        if let Some(a) = &agent {
+            a.count(outcome.is_ok());
+        }
         let status = if outcome.is_ok() { "ok" } else { "error" };
         metrics::counter!("mayfly_blocks_total", "status" => status).increment(1);
         let ms = match &outcome {
@@ -283,6 +291,26 @@ fn clip_logs(logs: Option<Value>) -> Option<Value> {
         }
     }
     any.then_some(logs)
+}
+
+/// The data plane's own policy check of a block against the agent's applied bundle: the
+/// tool kinds it runs and the keychain aliases it resolves (templated ones included, now
+/// that they are known). A refusal fails the step with `policy_denied`.
+fn enforce(agent: &crate::agent::Agent, h: &Hydrated) -> Option<StepFailed> {
+    let step = h.playbook.step(&h.block.step)?;
+    let tools = step
+        .tasks
+        .iter()
+        .map(|t| t.kind.as_str().to_owned())
+        .collect();
+    let aliases = referenced_aliases(step, &h.context).into_iter().collect();
+    let reason = agent.check(&h.tenant, &h.playbook.path, tools, aliases)?;
+    Some(StepFailed {
+        index: h.block.index,
+        error: ErrorInfo::new("policy_denied", reason),
+        duration_ms: None,
+        logs: None,
+    })
 }
 
 /// Execute one block: resolve the keychain aliases it uses (only here, inside the worker),

@@ -107,6 +107,7 @@ impl Cluster {
                     tools.clone(),
                     key.clone(),
                     Some(cache.clone()),
+                    None,
                     format!("w{w}/{s}"),
                 )));
             }
@@ -388,4 +389,85 @@ async fn postgres_going_away_mid_run_loses_and_duplicates_nothing() {
     PostgresStore::drop_schema(PG, &schema)
         .await
         .expect("drop schema");
+}
+
+/// A remote worker's agent reaches the control plane only over NATS (the `agent` verb):
+/// it fetches the rolled-out bundle, verifies and applies it, acknowledges it (the rollout
+/// completes on the Postgres log), and the worker enforces it on the blocks it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_agents_fetch_verify_apply_and_acknowledge_bundles_over_nats() {
+    if !services() {
+        return;
+    }
+    use mayfly_control::{Caller, Control, Role, parse_manifests, rollout::TPhase};
+    use mayfly_runtime::agent::{Agent, AgentConfig};
+    let mut c = Cluster::start(0, 0, None).await;
+    let key = mayfly_trust::sign::ControlKey::generate();
+    let store: Arc<dyn Store> = c.store.clone();
+    let control = Arc::new(
+        Control::open(store)
+            .await
+            .expect("control")
+            .with_signer(key.clone()),
+    );
+    c.rt.handle().set_agent_hub(control.clone());
+    let admin = |tenant: &str| Caller {
+        tenant: tenant.into(),
+        role: Role::Admin,
+        actor: "admin".into(),
+        request_id: "r".into(),
+    };
+    let policy = parse_manifests(
+        "p.yaml",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: no-shell, tenant: default}\nspec:\n  tools: {allow: [noop, python]}\n",
+    )
+    .expect("policy");
+    control
+        .apply(&admin("default"), &policy)
+        .await
+        .expect("apply");
+    let b = control
+        .publish_bundle(&admin("system"))
+        .await
+        .expect("publish")
+        .digest;
+    let rollout = parse_manifests(
+        "r.yaml",
+        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: no-shell}}\nspec:\n  bundle: \"{b}\"\n  target: {{pool: edge}}\n"),
+    )
+    .expect("rollout");
+    control
+        .apply(&admin("system"), &rollout)
+        .await
+        .expect("rollout");
+
+    let coord = RemoteCoordinator::connect(NATS, &c.stream, queue_config())
+        .await
+        .expect("worker connects");
+    let agent = Arc::new(Agent::new(AgentConfig {
+        id: "edge-1".into(),
+        pool: "edge".into(),
+        labels: Default::default(),
+        trusted: vec![key.public().clone()],
+        interval: Duration::from_millis(200),
+    }));
+    agent.sync(&coord).await.expect("sync over NATS");
+    assert_eq!(agent.applied(), Some(b.clone()));
+    let st = control.rollout_status("no-shell").await.expect("status");
+    assert_eq!(st.transition.phase, TPhase::Completed, "{st:?}");
+
+    let tools = Arc::new(Tools::new(ToolsConfig::default()).expect("tools"));
+    c.tasks.push(tokio::spawn(worker_loop(
+        coord.clone(),
+        tools,
+        None,
+        Some(c.cache.clone()),
+        Some(agent.clone()),
+        "edge-1/0".into(),
+    )));
+    let r = c.run("branching.yaml", json!({})).await;
+    assert_eq!(r.status, Status::Failed, "the shell step is refused");
+    let e = r.error.expect("error");
+    assert_eq!(e.code, "policy_denied", "{e:?}");
+    c.stop().await;
 }

@@ -77,6 +77,15 @@ pub enum EventKind {
     /// Control plane: a mutation was refused (recorded with its reason; nothing changed).
     #[serde(rename = "object.denied")]
     ObjectDenied,
+    /// Control plane: the policies were frozen into a signed bundle (stream `control`).
+    #[serde(rename = "bundle.published")]
+    BundlePublished,
+    /// Control plane: a transition (e.g. a rollout) entered a phase, with its evidence.
+    #[serde(rename = "transition.changed")]
+    TransitionChanged,
+    /// Control plane: a data-plane agent applied, or refused, a bundle.
+    #[serde(rename = "agent.reported")]
+    AgentReported,
 }
 
 impl EventKind {
@@ -104,6 +113,9 @@ impl EventKind {
             EventKind::CallbackReceived => "callback.received",
             EventKind::ObjectApplied => "object.applied",
             EventKind::ObjectDenied => "object.denied",
+            EventKind::BundlePublished => "bundle.published",
+            EventKind::TransitionChanged => "transition.changed",
+            EventKind::AgentReported => "agent.reported",
         }
     }
 
@@ -563,6 +575,9 @@ mod tests {
             EventKind::CallbackReceived,
             EventKind::ObjectApplied,
             EventKind::ObjectDenied,
+            EventKind::BundlePublished,
+            EventKind::TransitionChanged,
+            EventKind::AgentReported,
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));

@@ -301,7 +301,9 @@ async fn control(a: &BenchArgs) -> Result<ExitCode> {
         ),
     };
     let store_name = if a.db.is_some() { "postgres" } else { "sqlite" };
-    let control = Control::open(store.clone()).await?;
+    let control = Control::open(store.clone())
+        .await?
+        .with_signer(mayfly_trust::sign::ControlKey::generate());
     let caller = Caller {
         tenant: "bench".into(),
         role: Role::Admin,
@@ -374,11 +376,13 @@ async fn control(a: &BenchArgs) -> Result<ExitCode> {
     };
     view.read(&long, read).await?;
     let catch_up = t.elapsed().as_secs_f64();
+    let rollout = rollout_bench(&control, 100).await?;
     if let (Some(url), Some(schema)) = (&a.db, &schema) {
         mayfly_store::PostgresStore::drop_schema(url, schema).await?;
     }
     let out = json!({
         "store": store_name,
+        "rollout": rollout,
         "reads_us": rows.iter().map(|(n, p50, p99)| json!({"class": n, "p50": p50, "p99": p99})).collect::<Vec<_>>(),
         "catch_up": {"events": gap, "seconds": catch_up, "events_per_second": gap as f64 / catch_up},
         "apply": {"events": rounds * 1000, "seconds": write_s},
@@ -401,7 +405,115 @@ async fn control(a: &BenchArgs) -> Result<ExitCode> {
         rounds * 1000,
         write_s
     );
+    println!(
+        "  bundle of {} policies: publish (freeze+sign+append) {:.2} ms, agent verify+apply p50 {:.1} µs",
+        rollout["policies"],
+        rollout["publish_ms"].as_f64().unwrap_or(0.0),
+        rollout["verify_apply_us_p50"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  rollout to {} agents: completed in {:.1} ms ({} report rounds)",
+        rollout["agents"],
+        rollout["converge_ms"].as_f64().unwrap_or(0.0),
+        rollout["rounds"]
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Publish a bundle of 20 policies, time an agent's verify+apply, and roll it out to
+/// `agents` in-process agents reporting to `control` until the transition completes.
+async fn rollout_bench(
+    control: &mayfly_control::Control,
+    agents: usize,
+) -> Result<serde_json::Value> {
+    use mayfly_control::{Caller, Role, parse_manifests};
+    use mayfly_runtime::agent::{Agent, AgentConfig};
+    let sys = Caller {
+        tenant: mayfly_control::SYSTEM_TENANT.into(),
+        role: Role::Admin,
+        actor: "bench".into(),
+        request_id: "bench".into(),
+    };
+    let docs: Vec<String> = (0..20)
+        .map(|i| format!("apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: p{i}, tenant: t{i}}}\nspec:\n  tools: {{allow: [noop, python]}}\n  limits: {{step_timeout_s: 60}}\n"))
+        .collect();
+    let policies = parse_manifests("policies.yaml", &docs.join("---\n"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    control.apply(&sys, &policies).await?;
+    let t = Instant::now();
+    let b = control.publish_bundle(&sys).await?;
+    let publish_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let bundle = control
+        .bundles()
+        .await
+        .into_iter()
+        .find(|x| x.digest == b.digest)
+        .ok_or_else(|| anyhow::anyhow!("the bundle was not published"))?;
+    let trusted = vec![bundle_key(control, &bundle)?];
+    let make = |id: String| {
+        Arc::new(Agent::new(AgentConfig {
+            id,
+            pool: "bench".into(),
+            labels: Default::default(),
+            trusted: trusted.clone(),
+            interval: std::time::Duration::from_secs(1),
+        }))
+    };
+    let mut lat = Vec::with_capacity(200);
+    for i in 0..200 {
+        let a = make(format!("probe-{i}"));
+        let t = Instant::now();
+        a.offer(Some(&bundle));
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        if a.applied().as_deref() != Some(b.digest.as_str()) {
+            bail!("the agent refused a good bundle");
+        }
+    }
+    let fleet: Vec<Arc<Agent>> = (0..agents).map(|i| make(format!("agent-{i}"))).collect();
+    for a in &fleet {
+        control.agent_report(a.report()).await?;
+    }
+    let ro = parse_manifests(
+        "rollout.yaml",
+        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: bench}}\nspec:\n  bundle: \"{}\"\n  target: {{pool: bench}}\n", b.digest),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t = Instant::now();
+    control.apply(&sys, &ro).await?;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        for a in &fleet {
+            a.sync(control).await.map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let st = control.rollout_status("bench").await?;
+        if st.transition.phase == mayfly_control::rollout::TPhase::Completed {
+            break;
+        }
+        if rounds > 10 {
+            bail!("the rollout did not complete: {:?}", st.transition.phase);
+        }
+    }
+    let converge_ms = t.elapsed().as_secs_f64() * 1000.0;
+    Ok(json!({
+        "policies": b.policies,
+        "publish_ms": publish_ms,
+        "verify_apply_us_p50": percentile(lat, 0.5),
+        "agents": agents,
+        "converge_ms": converge_ms,
+        "rounds": rounds,
+    }))
+}
+
+/// The public key a published bundle is signed with, as agents are configured with it.
+fn bundle_key(
+    control: &mayfly_control::Control,
+    bundle: &mayfly_trust::sign::Signed,
+) -> Result<mayfly_trust::sign::TrustedKey> {
+    control
+        .public_key()
+        .filter(|k| k.id == bundle.key_id)
+        .ok_or_else(|| anyhow::anyhow!("the bench control plane has no signing key"))
 }
 
 /// Median encode/decode time of a `rows`-row table through the cache's Arrow codec.

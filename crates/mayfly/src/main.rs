@@ -5,6 +5,7 @@ mod control;
 mod keychain;
 mod progress;
 mod remote;
+mod rollout;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
@@ -109,30 +110,15 @@ enum Cmd {
         opts: RunOpts,
         #[command(flatten)]
         dist: DistOpts,
+        #[command(flatten)]
+        control_key: rollout::ControlKeyOpts,
+        #[command(flatten)]
+        agent: rollout::AgentOpts,
     },
     /// A stateless worker process for a distributed server (`server --queue nats://…`):
     /// pulls blocks from the JetStream work queue, claims, runs and completes them.
     /// Needs only NATS (and the master key when steps use the keychain).
-    Worker {
-        #[command(flatten)]
-        dist: DistOpts,
-        /// Concurrent blocks in this process.
-        #[arg(long, default_value_t = 16)]
-        slots: usize,
-        /// Warm python interpreters.
-        #[arg(long)]
-        python_pool: Option<usize>,
-        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
-        #[arg(long)]
-        metrics_listen: Option<String>,
-        /// Worker id recorded on its claims (default: host-pid).
-        #[arg(long)]
-        id: Option<String>,
-        #[command(flatten)]
-        key: keychain::KeyOpts,
-        #[command(flatten)]
-        cache: CacheOpts,
-    },
+    Worker(WorkerArgs),
     /// Apply desired state: manifest files (or directories of *.yaml) of Tenant,
     /// Environment, Policy, WorkerPool objects and NoETL playbooks, each file all or nothing,
     /// on the server at MAYFLY_URL (token MAYFLY_TOKEN).
@@ -169,6 +155,19 @@ enum Cmd {
     Policy {
         #[command(subcommand)]
         cmd: control::PolicyCmd,
+    },
+    /// Policy bundles: `publish` freezes every Policy into a bundle signed by the control
+    /// plane key; `list` shows the published ones (system tenant).
+    Bundle {
+        #[command(subcommand)]
+        cmd: rollout::BundleCmd,
+    },
+    /// Rollouts of policy bundles to the workers' agents (declared as Rollout objects with
+    /// `mayfly apply`): `status NAME` shows the transition and per-agent acknowledged
+    /// bundles; `cancel NAME` stops one in progress.
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCmd,
     },
     /// The server's state: ready or degraded (and what is down), its role (appender or
     /// replica), pending publishes, admission outcomes, its control view's freshness.
@@ -218,6 +217,31 @@ enum Cmd {
         #[command(flatten)]
         key: keychain::KeyOpts,
     },
+}
+
+/// `mayfly worker`.
+#[derive(Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    dist: DistOpts,
+    /// Concurrent blocks in this process.
+    #[arg(long, default_value_t = 16)]
+    slots: usize,
+    /// Warm python interpreters.
+    #[arg(long)]
+    python_pool: Option<usize>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Worker id recorded on its claims (default: host-pid).
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    key: keychain::KeyOpts,
+    #[command(flatten)]
+    cache: CacheOpts,
+    #[command(flatten)]
+    agent: rollout::AgentOpts,
 }
 
 #[cfg(test)]
@@ -448,28 +472,11 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             listen,
             opts,
             dist,
+            control_key,
+            agent,
             ..
-        } => server(&db, &listen, &opts, &dist).await,
-        Cmd::Worker {
-            dist,
-            slots,
-            python_pool,
-            metrics_listen,
-            id,
-            key,
-            cache,
-        } => {
-            worker(
-                &dist,
-                slots,
-                python_pool,
-                metrics_listen.as_deref(),
-                id,
-                &key,
-                &cache,
-            )
-            .await
-        }
+        } => server(&db, &listen, &opts, &dist, &control_key, &agent).await,
+        Cmd::Worker(w) => worker(&w).await,
         Cmd::Register {
             playbook,
             db,
@@ -482,6 +489,8 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Apply { files } => control::apply(&files).await,
         Cmd::Status => remote::status().await,
         Cmd::Policy { cmd } => control::policy(cmd).await,
+        Cmd::Bundle { cmd } => rollout::bundle(cmd).await,
+        Cmd::Rollout { cmd } => rollout::rollout(cmd).await,
         Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
         Cmd::Get {
             kind,
@@ -758,10 +767,21 @@ async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Result<ExitCode> {
+async fn server(
+    db: &Path,
+    listen: &str,
+    opts: &RunOpts,
+    dist: &DistOpts,
+    control_key: &rollout::ControlKeyOpts,
+    agent_opts: &rollout::AgentOpts,
+) -> Result<ExitCode> {
     let (store, lock) = open_db(db, false, true).await?;
+    let key = control_key.load_or_create()?;
     let mut cfg = runtime_config(opts, db)?;
     cfg.lease = dist.lease()?;
+    // The in-process workers' agent trusts this server's own key.
+    let agent = agent_opts.agent(cfg.worker_id.clone(), Some(key.public().clone()))?;
+    cfg.agent = Some(agent.clone());
     let mut nats = None;
     if let Some(url) = dist.nats_url()? {
         let queue = mayfly_queue::NatsQueue::connect(url, &dist.queue_name, dist.queue_config()?)
@@ -797,8 +817,14 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
     let control = Arc::new(
         mayfly_control::Control::open(store.clone())
             .await
-            .context("loading the control plane's stream")?,
+            .context("loading the control plane's stream")?
+            .with_signer(key),
     );
+    runtime.handle().set_agent_hub(control.clone());
+    let _controller = control.run_controller(std::time::Duration::from_millis(500));
+    if dist.queue.is_none() {
+        tokio::spawn(agent.run(control.clone()));
+    }
     let view = mayfly_control::View::start(store.clone(), false);
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
         control: Some(control),
@@ -830,15 +856,19 @@ async fn server(db: &Path, listen: &str, opts: &RunOpts, dist: &DistOpts) -> Res
     Ok(ExitCode::SUCCESS)
 }
 
-async fn worker(
-    dist: &DistOpts,
-    slots: usize,
-    python_pool: Option<usize>,
-    metrics_listen: Option<&str>,
-    id: Option<String>,
-    key: &keychain::KeyOpts,
-    cache: &CacheOpts,
-) -> Result<ExitCode> {
+async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
+    let WorkerArgs {
+        dist,
+        slots,
+        python_pool,
+        metrics_listen,
+        id,
+        key,
+        cache,
+        agent: agent_opts,
+    } = w;
+    let (slots, python_pool, metrics_listen, id) =
+        (*slots, *python_pool, metrics_listen.as_deref(), id.clone());
     let Some(url) = dist.nats_url()? else {
         bail!("a worker needs --queue nats://… (or MAYFLY_QUEUE)");
     };
@@ -881,6 +911,8 @@ async fn worker(
         "mayfly worker {id}: {slots} slots on {url} (stream {})",
         dist.queue_name
     );
+    let agent = agent_opts.agent(id.clone(), None)?;
+    let _agent = tokio::spawn(agent.clone().run(Arc::new(coord.clone())));
     let mut loops = tokio::task::JoinSet::new();
     for i in 0..slots.max(1) {
         loops.spawn(mayfly_runtime::worker::worker_loop(
@@ -888,6 +920,7 @@ async fn worker(
             tools.clone(),
             key.clone(),
             Some(payloads.clone()),
+            Some(agent.clone()),
             format!("{id}/{i}"),
         ));
     }

@@ -848,9 +848,14 @@ fn local_server(db: &std::path::Path) -> (std::process::Child, String, String) {
 /// The same, listening on `listen`.
 fn local_server_at(db: &std::path::Path, listen: &str) -> (std::process::Child, String, String) {
     use std::io::BufRead;
+    // The control plane key lives beside the log, not in the user's home.
+    let key = db.with_extension("control.key");
     let mut server = bin()
         .args(["server", "--listen", listen, "--db"])
         .arg(db)
+        .arg("--control-key-file")
+        .arg(&key)
+        .env("MAYFLY_AGENT_INTERVAL_MS", "200")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1154,4 +1159,102 @@ fn the_session_floor_starts_over_on_another_log_at_the_same_url() {
     );
     second.kill().expect("stop");
     second.wait().expect("wait");
+}
+
+/// Policy bundles end to end: publish (idempotent), roll out with a Rollout object, and
+/// `rollout status` shows the embedded workers' agent acknowledging the bundle as effective;
+/// that worker then refuses blocks the bundle does not allow.
+#[test]
+fn bundles_roll_out_to_the_servers_workers_and_are_enforced() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut server, url, token) = local_server(&dir.path().join("srv.db"));
+    let remote = |args: &[&str]| {
+        bin()
+            .env("MAYFLY_URL", &url)
+            .env("MAYFLY_TOKEN", &token)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: no-shell}\nspec:\n  tools: {allow: [noop, python]}\n",
+    )
+    .expect("write");
+    let o = remote(&["apply", "-f", policy.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = remote(&["bundle", "publish"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let line = out(&o);
+    assert!(line.starts_with("published bundle sha256:"), "{line}");
+    let digest = line.split_whitespace().nth(2).expect("digest").to_owned();
+    let o = remote(&["bundle", "publish"]);
+    assert!(
+        out(&o).starts_with(&format!("unchanged bundle {digest}")),
+        "{}",
+        out(&o)
+    );
+    let o = remote(&["bundle", "list"]);
+    assert!(out(&o).contains(&digest), "{}", out(&o));
+
+    let ro = dir.path().join("rollout.yaml");
+    std::fs::write(
+        &ro,
+        format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: no-shell}}\nspec:\n  bundle: \"{digest}\"\n  target: {{pool: default}}\n"),
+    )
+    .expect("write");
+    let o = remote(&["apply", "-f", ro.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let o = remote(&["rollout", "status", "no-shell"]);
+        if o.status.code() != Some(3) || std::time::Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.status.success(), "{}{}", out(&status), err(&status));
+    let text = out(&status);
+    assert!(text.contains("completed"), "{text}");
+    assert!(text.contains(&digest), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("local-") && l.contains("true") && l.contains(&digest)),
+        "the embedded agent acknowledged it: {text}"
+    );
+
+    // The worker enforces the bundle it applied, not the latest policies: once the policy
+    // allows shell again, admission lets the execution start, and the worker — still under
+    // the rolled-out bundle — refuses the block.
+    std::fs::write(
+        &policy,
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: no-shell}\nspec:\n  tools: {allow: [noop, python, shell]}\n",
+    )
+    .expect("write");
+    let o = remote(&["apply", "-f", policy.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let sh = dir.path().join("sh.yaml");
+    std::fs::write(
+        &sh,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: sh, path: t/sh}\nworkflow:\n  - step: start\n    tool: {kind: shell, cmds: [\"echo hi\"]}\n",
+    )
+    .expect("write");
+    let o = remote(&["register", sh.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = remote(&["exec", "start", "t/sh", "--watch"]);
+    let text = format!("{}{}", out(&o), err(&o));
+    assert!(
+        text.contains("policy_denied") && text.contains(&digest),
+        "{text}"
+    );
+
+    let o = remote(&["rollout", "cancel", "no-shell"]);
+    assert!(
+        !o.status.success(),
+        "a completed rollout cannot be cancelled"
+    );
+    assert!(err(&o).contains("not in progress"), "{}", err(&o));
+    server.kill().expect("stop");
+    server.wait().expect("wait");
 }
