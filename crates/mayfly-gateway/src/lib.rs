@@ -379,6 +379,16 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
 
 /// The HTTP API.
 pub fn router(gw: Gateway) -> Router {
+    let auditor = if gw.runtime.is_some() {
+        Auditor::spawn(gw.store.clone())
+    } else {
+        Auditor::log_only()
+    };
+    // `GET /status` is `GET /v1/status` (same authentication), where operators expect it.
+    let status_alias = Router::new()
+        .route("/status", get(control::status))
+        .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
+        .layer(axum::Extension(auditor.clone()));
     let v1 = Router::new()
         .route("/playbooks", post(register).get(list_playbooks))
         .route("/playbooks/{*path}", get(get_playbook))
@@ -403,13 +413,10 @@ pub fn router(gw: Gateway) -> Router {
         .route("/objects/{kind}/{*name}", get(control::describe))
         .route("/history/{kind}/{*name}", get(control::history))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(if gw.runtime.is_some() {
-            Auditor::spawn(gw.store.clone())
-        } else {
-            Auditor::log_only()
-        }));
+        .layer(axum::Extension(auditor));
     Router::new()
         .nest("/v1", v1)
+        .merge(status_alias)
         .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
@@ -934,11 +941,19 @@ pub fn openapi() -> Value {
             "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/audit": {"get": {"summary": "Audit records of refused requests, most recent first (admin; system admins: every tenant or ?tenant=)", "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}, {"name": "tenant", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{audit: [...]}"), "403": problem}}},
-            "/v1/apply": {"post": {"summary": "Apply desired state: a YAML body of manifests (Tenant, Environment, Policy, WorkerPool; or one NoETL playbook), all or nothing; ?file= names the source in messages", "parameters": [{"name": "file", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{results: [{kind, tenant, name, version, generation, outcome, reason}], accepted_token}"), "400": problem, "403": problem}}},
+            "/v1/apply": {"post": {"summary": "Apply desired state: a YAML body of manifests (Tenant, Environment, Policy, WorkerPool, Rollout; or one NoETL playbook), all or nothing; ?file= names the source in messages", "parameters": [{"name": "file", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{results: [{kind, tenant, name, version, generation, outcome, reason, retry_hint?}], accepted_token}"), "400": problem, "403": problem, "409": problem}}},
             "/v1/objects/{kind}": {"get": {"summary": "Objects of a kind visible to the caller, with status", "responses": {"200": ok("{objects: [...]}"), "400": problem}}},
             "/v1/objects/{kind}/{name}": {"get": {"summary": "One object: spec, version, generation, status, revisions", "responses": {"200": ok("object"), "404": problem}}},
             "/v1/history/{kind}/{name}": {"get": {"summary": "Every revision of an object, oldest first (version, before, actor, request id, policy version)", "responses": {"200": ok("{revisions: [...]}"), "404": problem}}},
             "/v1/audit/verify": {"get": {"summary": "Re-read and verify the hash-chained control stream (operator)", "responses": {"200": ok("{ok: true, verified}"), "409": ok("{ok: false, error}"), "403": problem}}},
+            "/v1/status": {"get": {"summary": "Restart state (ready | degraded, what is down), role (appender | replica), pending publishes, admission outcomes, control view freshness; also served as /status", "responses": {"200": ok("status")}}},
+            "/v1/policy/explain": {"get": {"summary": "How the policies in force judge a catalog playbook (?path=&version=), layer by layer", "responses": {"200": ok("{path, version, tools, aliases, explanation}"), "404": problem}}},
+            "/v1/bundles": {
+                "post": {"summary": "Freeze every Policy into a bundle signed by the control plane key (system admins); a no-op when unchanged", "responses": {"200": ok("{digest, key_id, policies, created, accepted_token}"), "403": problem}},
+                "get": {"summary": "Published bundles (system tenant)", "responses": {"200": ok("{bundles: [...]}"), "403": problem}}
+            },
+            "/v1/rollouts/{name}": {"get": {"summary": "A rollout's transition (phase, reason, history) and each targeted agent's acknowledged bundle (system tenant)", "responses": {"200": ok("{rollout, transition, agents}"), "404": problem}}},
+            "/v1/rollouts/{name}/cancel": {"post": {"summary": "Cancel an in-progress rollout; agents return to the previous bundle (system admins)", "responses": {"200": ok("{rollout, accepted_token}"), "404": problem, "409": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
             "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},

@@ -1004,6 +1004,12 @@ async fn admission_enforces_policies_and_quotas_with_stable_reasons() {
         json!({"accepted": 1, "policy_denied": 1, "tenant_quota": 1})
     );
     assert!(v["pending_publishes"].as_u64().is_some());
+    // The same document at /status, authenticated like every request.
+    let (st, alias, _) = s.call(M::GET, "/status", Some(&author), None).await;
+    assert_eq!(st, StatusCode::OK, "{alias}");
+    assert_eq!(alias["admissions"], v["admissions"]);
+    let (st, _, _) = s.call(M::GET, "/status", None, None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
 
 /// Bounded autonomy: the step budgets of the policies in force (the tightest of each layer)
