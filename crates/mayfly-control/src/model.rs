@@ -132,6 +132,8 @@ pub struct ManifestError {
 struct TenantSpec {
     display_name: Option<String>,
     quotas: Option<Quotas>,
+    /// The Environment it runs in: platform policies scoped to that environment apply.
+    environment: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -903,7 +905,8 @@ impl AdmissionDecision {
 pub struct ExplainStep {
     /// `owner/name` of the policy.
     pub policy: String,
-    /// `platform` (the system tenant's), `tenant`, or `workload` (scoped to one playbook).
+    /// `platform` (the system tenant's), `environment` (the platform's, scoped to the tenant's
+    /// Environment), `tenant`, or `workload` (scoped to one playbook).
     pub layer: String,
     pub version: String,
     /// What it did: allows, denies …, lifts …, not in force …
@@ -921,6 +924,10 @@ pub struct Explanation {
     pub policy_version: Option<String>,
     /// The tightest step budgets of the policies in force (each layer can only narrow).
     pub limits: mayfly_types::Limits,
+    /// Each layer's version (layers are versioned independently).
+    pub layers: Vec<LayerVersion>,
+    /// The Environment of the tenant, whose environment layer applies.
+    pub environment: Option<String>,
 }
 
 /// An admission decision with its reason and the policy version it was decided under.
@@ -1014,14 +1021,7 @@ impl ControlState {
     pub fn explain(&self, req: &AdmissionRequest) -> Explanation {
         let layer_of = |p: &Object| {
             let platform = p.key.tenant.as_deref() == Some(SYSTEM_TENANT);
-            let layer = if p.spec.pointer("/scope/playbook").is_some() {
-                "workload"
-            } else if platform {
-                "platform"
-            } else {
-                "tenant"
-            };
-            (platform, layer)
+            (platform, layer(p))
         };
         let name_of =
             |p: &Object| format!("{}/{}", p.key.tenant.as_deref().unwrap_or("-"), p.key.name);
@@ -1127,6 +1127,25 @@ impl ControlState {
             });
         }
         let policy_version = self.policy_version(Some(&req.tenant));
+        // Each layer's own version: the digest of its policies in force.
+        let mut by_layer: BTreeMap<usize, (&str, Vec<(String, &str)>)> = BTreeMap::new();
+        for p in &in_force {
+            let l = layer(p);
+            by_layer
+                .entry(LAYERS.iter().position(|x| *x == l).unwrap_or(LAYERS.len()))
+                .or_insert((l, Vec::new()))
+                .1
+                .push((name_of(p), p.version.as_str()));
+        }
+        let layers = by_layer
+            .into_values()
+            .map(|(layer, set)| LayerVersion {
+                layer: layer.into(),
+                version: mayfly_trust::digest_of(&set).unwrap_or_default(),
+                policies: set.len(),
+            })
+            .collect();
+        let environment = self.environment_of(&req.tenant).map(str::to_owned);
         match refusal {
             Some((by, reason)) => Explanation {
                 allowed: false,
@@ -1135,6 +1154,8 @@ impl ControlState {
                 steps,
                 policy_version,
                 limits,
+                layers,
+                environment,
             },
             None => Explanation {
                 allowed: true,
@@ -1147,32 +1168,78 @@ impl ControlState {
                 steps,
                 policy_version,
                 limits,
+                layers,
+                environment,
             },
         }
     }
 
-    /// The policies in force for `tenant`, in a deterministic order (platform first).
+    /// The Environment tenant `tenant` runs in (its Tenant object's `spec.environment`).
+    pub fn environment_of(&self, tenant: &str) -> Option<&str> {
+        self.objects
+            .get(&ObjectKey {
+                kind: Kind::Tenant,
+                tenant: None,
+                name: tenant.to_owned(),
+            })
+            .and_then(|t| t.spec.get("environment"))
+            .and_then(Value::as_str)
+    }
+
+    /// The policies that apply to `tenant`, in a deterministic order: platform, environment
+    /// (platform policies scoped to the tenant's Environment), tenant, workload; within a
+    /// layer the platform's before the tenant's, then by name.
     fn policies_for<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+        let env = self.environment_of(tenant);
         let mut v: Vec<&Object> = self
             .objects
             .values()
             .filter(move |o| o.key.kind == Kind::Policy)
             .filter(move |o| {
                 let scoped = o.spec.pointer("/scope/tenant").and_then(Value::as_str);
+                let in_env = o.spec.pointer("/scope/environment").and_then(Value::as_str);
                 let owner = o.key.tenant.as_deref();
                 scoped.is_none_or(|s| s == tenant)
+                    && in_env.is_none_or(|e| Some(e) == env)
                     && (owner == Some(tenant) || owner == Some(SYSTEM_TENANT))
             })
             .collect();
         v.sort_by_key(|o| {
             (
+                LAYERS.iter().position(|l| *l == layer(o)),
                 o.key.tenant.as_deref() != Some(SYSTEM_TENANT),
-                o.spec.pointer("/scope/playbook").is_some(),
                 o.key.name.clone(),
             )
         });
         v.into_iter()
     }
+}
+
+/// Policy layers, in evaluation order (DESIGN: global → environment → tenant → workload).
+pub const LAYERS: [&str; 4] = ["platform", "environment", "tenant", "workload"];
+
+/// The layer of a policy: `workload` when scoped to a playbook, else `environment` when a
+/// platform policy is scoped to an Environment, else `platform` (the system tenant's) or
+/// `tenant`.
+fn layer(p: &Object) -> &'static str {
+    let platform = p.key.tenant.as_deref() == Some(SYSTEM_TENANT);
+    if p.spec.pointer("/scope/playbook").is_some() {
+        "workload"
+    } else if platform && p.spec.pointer("/scope/environment").is_some() {
+        "environment"
+    } else if platform {
+        "platform"
+    } else {
+        "tenant"
+    }
+}
+
+/// One layer's version: the digest of its policies in force (layers change independently).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerVersion {
+    pub layer: String,
+    pub version: String,
+    pub policies: usize,
 }
 
 fn allow_list<'a>(spec: &'a Value, pointer: &str) -> Option<BTreeSet<&'a str>> {

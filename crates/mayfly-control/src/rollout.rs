@@ -695,6 +695,30 @@ impl ControlState {
                 let observed = if phase.is_terminal() { o.generation } else { 0 };
                 status(phase, observed, "Transition", ok, reason, msg)
             }
+            Kind::Tenant => {
+                let env = o.spec.get("environment").and_then(Value::as_str);
+                match env {
+                    Some(e)
+                        if !self.objects.contains_key(&ObjectKey {
+                            kind: Kind::Environment,
+                            tenant: None,
+                            name: e.to_owned(),
+                        }) =>
+                    {
+                        status(
+                            Phase::Degraded,
+                            o.generation,
+                            "Environment",
+                            false,
+                            "UnknownEnvironment",
+                            format!(
+                                "environment `{e}` does not exist: its environment layer of policies cannot apply"
+                            ),
+                        )
+                    }
+                    _ => o.status(),
+                }
+            }
             _ => o.status(),
         }
     }

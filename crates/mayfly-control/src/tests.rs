@@ -571,3 +571,78 @@ async fn explain_shows_each_layer_and_time_bound_exceptions() {
     .expect_err("unbounded exception");
     assert!(e.to_string().contains("time-bound"), "{e}");
 }
+
+/// The environment layer: a platform policy scoped to an Environment applies to the tenants
+/// that run in it, after the platform layer and before the tenant's; each layer has its own
+/// version; a tenant naming an unknown environment is Degraded.
+#[tokio::test]
+async fn the_environment_layer_applies_to_tenants_of_that_environment() {
+    let (_dir, _store, c) = control().await;
+    let sys = caller(SYSTEM_TENANT, Role::Admin);
+    let platform = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [python, noop, http]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: prod-no-http}\nspec:\n  scope: {environment: prod}\n  tools: {allow: [python, noop]}\n  limits: {step_timeout_s: 30}\n---\napiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme}\nspec: {environment: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: beta}\nspec: {environment: staging}\n";
+    c.apply(&sys, &parse_manifests("p.yaml", platform).expect("parse"))
+        .await
+        .expect("apply");
+    c.apply(
+        &caller("acme", Role::Admin),
+        &parse_manifests(
+            "a.yaml",
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  tools: {allow: [python, noop, http, shell]}\n",
+        )
+        .expect("parse"),
+    )
+    .await
+    .expect("apply");
+    let st = c.state_for_tests().await;
+    let req = |tenant: &str, tools: &[&str]| AdmissionRequest {
+        tenant: tenant.into(),
+        playbook: "team/x".into(),
+        now_ms: 1,
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    let ex = st.explain(&req("acme", &["http"]));
+    assert!(!ex.allowed);
+    assert_eq!(ex.decided_by.as_deref(), Some("system/prod-no-http"));
+    assert!(ex.reason.contains("(environment)"), "{}", ex.reason);
+    assert_eq!(ex.environment.as_deref(), Some("prod"));
+    let layers: Vec<&str> = ex.steps.iter().map(|s| s.layer.as_str()).collect();
+    assert_eq!(layers, ["platform", "environment", "tenant"]);
+    let versions: Vec<&str> = ex.layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(versions, ["platform", "environment", "tenant"]);
+    assert_eq!(
+        ex.limits.step_timeout_s,
+        Some(30),
+        "the environment's budget"
+    );
+    // A tenant in another environment is not governed by prod's layer.
+    let ex = st.explain(&req("beta", &["http"]));
+    assert!(ex.allowed, "{ex:?}");
+    assert!(ex.steps.iter().all(|s| s.layer != "environment"));
+    // Layers are versioned independently: changing the tenant's policy leaves the others'.
+    let before = st.explain(&req("acme", &["noop"])).layers;
+    c.apply(
+        &caller("acme", Role::Admin),
+        &parse_manifests(
+            "a.yaml",
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  tools: {allow: [python, noop]}\n",
+        )
+        .expect("parse"),
+    )
+    .await
+    .expect("apply");
+    let after = c
+        .state_for_tests()
+        .await
+        .explain(&req("acme", &["noop"]))
+        .layers;
+    assert_eq!(before[0], after[0]);
+    assert_eq!(before[1], after[1]);
+    assert_ne!(before[2].version, after[2].version);
+    // beta names an environment that does not exist.
+    let beta = c.get(&sys, Kind::Tenant, Some("beta")).await;
+    assert_eq!(beta[0].status.phase, Phase::Degraded);
+    assert_eq!(beta[0].status.conditions[0].reason, "UnknownEnvironment");
+    let acme = c.get(&sys, Kind::Tenant, Some("acme")).await;
+    assert_eq!(acme[0].status.phase, Phase::Ready);
+}

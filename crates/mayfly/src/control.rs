@@ -467,6 +467,17 @@ pub async fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
             s["outcome"].as_str().unwrap_or_default()
         );
     }
+    if let Some(env) = ex["environment"].as_str() {
+        println!("  (tenant runs in environment `{env}`)");
+    }
+    for l in ex["layers"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  layer {:<11} version {} ({} policies)",
+            l["layer"].as_str().unwrap_or_default(),
+            l["version"].as_str().unwrap_or_default(),
+            l["policies"]
+        );
+    }
     let allowed = ex["allowed"] == true;
     println!(
         "{}: {}",
