@@ -1127,18 +1127,18 @@ impl ControlState {
             });
         }
         let policy_version = self.policy_version(Some(&req.tenant));
-        // Each layer's own version: the digest of its policies in force.
-        let mut by_layer: BTreeMap<usize, (&str, Vec<(String, &str)>)> = BTreeMap::new();
+        // Each layer's own version: the digest of its policies in force (in layer order, as
+        // `policies_for` sorts them).
+        let mut grouped: Vec<(&str, Vec<(String, &str)>)> = Vec::new();
         for p in &in_force {
             let l = layer(p);
-            by_layer
-                .entry(LAYERS.iter().position(|x| *x == l).unwrap_or(LAYERS.len()))
-                .or_insert((l, Vec::new()))
-                .1
-                .push((name_of(p), p.version.as_str()));
+            match grouped.last_mut() {
+                Some((last, set)) if *last == l => set.push((name_of(p), p.version.as_str())),
+                _ => grouped.push((l, vec![(name_of(p), p.version.as_str())])),
+            }
         }
-        let layers = by_layer
-            .into_values()
+        let layers = grouped
+            .into_iter()
             .map(|(layer, set)| LayerVersion {
                 layer: layer.into(),
                 version: mayfly_trust::digest_of(&set).unwrap_or_default(),
