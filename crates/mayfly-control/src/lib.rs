@@ -14,9 +14,10 @@ pub mod service;
 pub mod view;
 
 pub use model::{
-    API_VERSION, Admission, AdmissionDecision, AdmissionRequest, Caller, ControlState, Decision,
-    ExplainStep, Explanation, Kind, Manifest, ManifestError, Object, ObjectKey, ObjectView, Phase,
-    Revision, Role, SYSTEM_TENANT, Status, authorize, parse_manifests, visible,
+    API_VERSION, ActionClass, Admission, AdmissionDecision, AdmissionRequest, Caller, ControlState,
+    Decision, DegradationRule, ExplainStep, Explanation, Kind, Manifest, ManifestError, Object,
+    ObjectKey, ObjectView, Phase, Revision, Role, SYSTEM_TENANT, Status, authorize,
+    parse_manifests, visible,
 };
 pub use service::{
     ApplyReport, ApplyResult, Control, ControlError, Outcome, STREAM, Verified, verify_stored,

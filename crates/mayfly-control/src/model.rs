@@ -167,6 +167,8 @@ struct PolicySpec {
     exception: bool,
     /// Unix ms after which the policy is no longer in force.
     expires_at_ms: Option<u64>,
+    /// What each action class does while the control plane is degraded.
+    degradation: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -439,6 +441,30 @@ fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
                     "an exception is time-bound and for one workload: it needs `scope.playbook` and `expires_at_ms`"
                         .into(),
                 );
+            }
+            for (class, rule) in p.degradation.iter().flatten() {
+                let privileged = match ActionClass::parse(class) {
+                    Some(c) => c.privileged(),
+                    None => {
+                        return Err(format!(
+                            "`degradation` names an unknown action class `{class}` (read, execute, write)"
+                        ));
+                    }
+                };
+                match rule.as_str() {
+                    "fail_closed" => {}
+                    "fail_open" if privileged => {
+                        return Err(format!(
+                            "`degradation.{class}`: privileged actions fail closed; only `read` may fail open"
+                        ));
+                    }
+                    "fail_open" => {}
+                    other => {
+                        return Err(format!(
+                            "`degradation.{class}` must be `fail_open` or `fail_closed`, got `{other}`"
+                        ));
+                    }
+                }
             }
             if let Some(t) = &p.tools
                 && let Some(bad) = t.allow.iter().find(|k| !TOOL_KINDS.contains(&k.as_str()))
@@ -1212,6 +1238,102 @@ impl ControlState {
             )
         });
         v.into_iter()
+    }
+}
+
+/// What an action risks when the control plane cannot vouch for its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionClass {
+    /// Low-risk reads of desired state: may fail open, with a marker for review.
+    Read,
+    /// Starting executions (privileged: runs code with credentials): always fails closed.
+    Execute,
+    /// Mutations of desired state (privileged): always fails closed.
+    Write,
+}
+
+impl ActionClass {
+    pub fn parse(s: &str) -> Option<ActionClass> {
+        match s {
+            "read" => Some(ActionClass::Read),
+            "execute" => Some(ActionClass::Execute),
+            "write" => Some(ActionClass::Write),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionClass::Read => "read",
+            ActionClass::Execute => "execute",
+            ActionClass::Write => "write",
+        }
+    }
+    pub fn privileged(self) -> bool {
+        !matches!(self, ActionClass::Read)
+    }
+}
+
+/// The degradation rule in force for an action class, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DegradationRule {
+    pub class: ActionClass,
+    pub fail_open: bool,
+    /// The policy that closed a low-risk class (None: the default, or privileged).
+    pub decided_by: Option<String>,
+    pub reason: String,
+}
+
+impl ControlState {
+    /// What `class` does for `tenant` while the control plane is degraded. Privileged
+    /// classes fail closed whatever any policy says (validation refuses saying otherwise);
+    /// reads fail open — with a marker — unless a policy in force for the tenant closes them
+    /// (like allow-lists, a layer can only narrow). Pure.
+    pub fn degradation(&self, tenant: &str, class: ActionClass, now_ms: u64) -> DegradationRule {
+        if class.privileged() {
+            return DegradationRule {
+                class,
+                fail_open: false,
+                decided_by: None,
+                reason: format!("`{}` is privileged: it fails closed", class.as_str()),
+            };
+        }
+        let closing = self.policies_for(tenant).find(|p| {
+            let in_force = p
+                .spec
+                .get("expires_at_ms")
+                .and_then(Value::as_u64)
+                .is_none_or(|t| t > now_ms);
+            in_force
+                && p.spec
+                    .pointer(&format!("/degradation/{}", class.as_str()))
+                    .and_then(Value::as_str)
+                    == Some("fail_closed")
+        });
+        match closing {
+            Some(p) => {
+                let name = format!("{}/{}", p.key.tenant.as_deref().unwrap_or("-"), p.key.name);
+                DegradationRule {
+                    class,
+                    fail_open: false,
+                    reason: format!(
+                        "policy {name} ({}) closes `{}` while the control plane is degraded",
+                        layer(p),
+                        class.as_str()
+                    ),
+                    decided_by: Some(name),
+                }
+            }
+            None => DegradationRule {
+                class,
+                fail_open: true,
+                decided_by: None,
+                reason: format!(
+                    "`{}` is low-risk: served while degraded, flagged and recorded for review",
+                    class.as_str()
+                ),
+            },
+        }
     }
 }
 

@@ -646,3 +646,37 @@ async fn the_environment_layer_applies_to_tenants_of_that_environment() {
     let acme = c.get(&sys, Kind::Tenant, Some("acme")).await;
     assert_eq!(acme[0].status.phase, Phase::Ready);
 }
+
+#[tokio::test]
+async fn degradation_rules_close_reads_by_policy_and_never_open_privileged_classes() {
+    let (_dir, _store, c) = control().await;
+    let sys = caller(SYSTEM_TENANT, Role::Admin);
+    let docs = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: strict-prod}\nspec:\n  scope: {tenant: acme}\n  degradation: {read: fail_closed, execute: fail_closed}\n  expires_at_ms: 5000\n";
+    c.apply(&sys, &parse_manifests("d.yaml", docs).expect("parse"))
+        .await
+        .expect("apply");
+    let st = c.state_for_tests().await;
+    let r = st.degradation("acme", ActionClass::Read, 1_000);
+    assert!(!r.fail_open);
+    assert_eq!(r.decided_by.as_deref(), Some("system/strict-prod"));
+    assert!(r.reason.contains("(platform)"), "{}", r.reason);
+    // Expired, it no longer closes anything; other tenants were never closed.
+    assert!(st.degradation("acme", ActionClass::Read, 5_000).fail_open);
+    assert!(st.degradation("beta", ActionClass::Read, 1_000).fail_open);
+    for class in [ActionClass::Execute, ActionClass::Write] {
+        let r = st.degradation("beta", class, 1_000);
+        assert!(!r.fail_open && r.reason.contains("privileged"), "{r:?}");
+    }
+    for (spec, want) in [
+        ("{write: fail_open}", "privileged actions fail closed"),
+        ("{delete: fail_closed}", "unknown action class `delete`"),
+        ("{read: maybe}", "must be `fail_open` or `fail_closed`"),
+    ] {
+        let doc = format!(
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: x}}\nspec:\n  degradation: {spec}\n"
+        );
+        let e = parse_manifests("x.yaml", &doc).expect_err(spec);
+        assert!(e.to_string().contains(want), "{e}");
+        assert!(e.to_string().starts_with("x.yaml:5:"), "{e}");
+    }
+}

@@ -172,15 +172,52 @@ impl Fresh {
 
 /// Serve `f` from the view under the request's class: the body gets a `freshness` field
 /// and the answer `x-mayfly-*` headers; a read that cannot be served under its class is
-/// rejected (503) with a stable code — never answered under a weaker one.
+/// rejected (503) with a stable code — never answered under a weaker one. While the control
+/// plane is degraded (root lagging or unavailable) the `read` class's degradation rule
+/// decides: fail open — served, flagged `fail_open` and recorded in the audit for review —
+/// or, where a policy closes it, refused (`control_degraded`).
 async fn fresh_read(
     gw: &Gateway,
+    c: &Caller,
     q: &Fresh,
     f: impl FnOnce(&ControlState) -> ApiResult<Value>,
 ) -> ApiResult<Response> {
     let req = q.request()?;
-    match gw.view.read(&req, f).await {
-        Ok((body, freshness)) => {
+    let tenant = c.tenant.clone();
+    let now = mayfly_types::now_ms();
+    let read = |st: &ControlState| {
+        (
+            f(st),
+            st.degradation(&tenant, mayfly_control::ActionClass::Read, now),
+        )
+    };
+    match gw.view.read(&req, read).await {
+        Ok(((body, rule), freshness)) => {
+            let degraded = matches!(
+                freshness.degraded_mode,
+                mayfly_control::Degraded::RootLagging | mayfly_control::Degraded::RootUnavailable
+            );
+            let mode = json!(freshness.degraded_mode);
+            let mode = mode.as_str().unwrap_or("degraded");
+            if degraded && !rule.fail_open {
+                let mut p = c.deny(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "control_degraded",
+                    "fail_closed",
+                    format!("the control plane is degraded ({mode}): {}", rule.reason),
+                );
+                p.extra.insert("freshness".into(), json!(freshness));
+                return Err(p);
+            }
+            if degraded {
+                c.mark(
+                    "fail_open",
+                    format!(
+                        "read served while the control plane is degraded ({mode}) at token {} (lag {}): {}",
+                        freshness.served_token, freshness.lag, rule.reason
+                    ),
+                );
+            }
             let mut body = match body {
                 Ok(b) => b,
                 Err(mut p) => {
@@ -191,9 +228,18 @@ async fn fresh_read(
             };
             if let Value::Object(m) = &mut body {
                 m.insert("freshness".into(), json!(freshness));
+                if degraded {
+                    m.insert(
+                        "fail_open".into(),
+                        json!({"class": "read", "degraded_mode": mode, "reason": rule.reason, "recorded": true}),
+                    );
+                }
             }
             let mut resp = Json(body).into_response();
             let h = resp.headers_mut();
+            if degraded {
+                h.insert("x-mayfly-fail-open", HeaderValue::from_static("read"));
+            }
             for (name, v) in [
                 ("x-mayfly-served-token", freshness.served_token.to_string()),
                 (
@@ -233,7 +279,7 @@ pub(crate) async fn list(
 ) -> ApiResult<Response> {
     let k = kind(&k)?;
     let who = c.control();
-    fresh_read(&gw, &q, |st| {
+    fresh_read(&gw, &c, &q, |st| {
         Ok(json!({"objects": st.objects_of(&who, k, None)}))
     })
     .await
@@ -249,7 +295,7 @@ pub(crate) async fn describe(
     let k = kind(&k)?;
     let who = c.control();
     let tenant = q.tenant.clone();
-    fresh_read(&gw, &q, |st| {
+    fresh_read(&gw, &c, &q, |st| {
         st.object_of(&who, k, &name, tenant.as_deref())
             .map(|o| json!(o))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
@@ -267,7 +313,7 @@ pub(crate) async fn history(
     let k = kind(&k)?;
     let who = c.control();
     let tenant = q.tenant.clone();
-    fresh_read(&gw, &q, |st| {
+    fresh_read(&gw, &c, &q, |st| {
         st.object_of(&who, k, &name, tenant.as_deref())
             .map(|o| json!({"kind": k, "name": name, "tenant": o.object.key.tenant, "revisions": o.object.revisions}))
             .ok_or_else(|| Problem::not_found(format!("no {k} `{name}`")))
@@ -380,9 +426,10 @@ pub(crate) async fn admit(
                 StatusCode::SERVICE_UNAVAILABLE,
                 r.code(),
                 "admission_unavailable",
-                format!("admission fails closed: the control plane view is not fresh enough ({r})"),
+                format!("admission fails closed (`execute` is a privileged action class): the control plane view is not fresh enough ({r})"),
             );
             p.extra.insert("reason".into(), json!(r.code()));
+            p.extra.insert("action_class".into(), json!("execute"));
             p
         })?;
     gw.admissions.count(a.decision);

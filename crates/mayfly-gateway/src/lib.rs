@@ -170,9 +170,17 @@ impl Auditor {
                     audit,
                     ..Default::default()
                 });
-                if let Err(e) = store.append(batch).await {
-                    metrics::counter!("mayfly_audit_dropped_total").increment(n as u64);
-                    tracing::error!(target: "mayfly::audit", error = %e, records = n, "audit records could not be stored");
+                // Records written while the store is briefly away (the very moments markers
+                // matter) are retried for up to a minute before being dropped, counted.
+                let mut tries = 0;
+                while let Err(e) = store.append(batch.clone()).await {
+                    tries += 1;
+                    if tries >= 30 {
+                        metrics::counter!("mayfly_audit_dropped_total").increment(n as u64);
+                        tracing::error!(target: "mayfly::audit", error = %e, records = n, "audit records could not be stored");
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
             }
         });
@@ -213,6 +221,24 @@ impl Caller {
                 "forbidden",
                 format!("this needs the {role:?} role"),
             ))
+        }
+    }
+
+    /// Record that the request was served under an exception (e.g. a read that failed open
+    /// while the control plane was degraded) — a marker for review, in the audit table.
+    fn mark(&self, outcome: &str, detail: String) {
+        metrics::counter!("mayfly_fail_open_total", "outcome" => outcome.to_owned()).increment(1);
+        if let Some(a) = &self.audit {
+            a.record(AuditRecord {
+                id: 0,
+                at_ms: mayfly_types::now_ms(),
+                tenant: Some(self.tenant.clone()),
+                actor: Some(self.actor.clone()),
+                action: self.action.clone(),
+                outcome: outcome.into(),
+                detail,
+                request_id: self.request_id.clone(),
+            });
         }
     }
 

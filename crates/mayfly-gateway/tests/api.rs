@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 struct Server {
+    view: mayfly_control::View,
     base: String,
     admin: String,
     _rt: Runtime,
@@ -45,7 +46,7 @@ async fn server() -> Server {
     let view = mayfly_control::View::start(store.clone(), false);
     let app = router(Gateway {
         control: Some(control),
-        view,
+        view: view.clone(),
         store,
         runtime: Some(rt.handle()),
         admissions: Default::default(),
@@ -58,6 +59,7 @@ async fn server() -> Server {
     tokio::spawn(async move { axum::serve(l, app).await });
     Server {
         base,
+        view,
         admin,
         _rt: rt,
         _dir: dir,
@@ -1081,5 +1083,82 @@ async fn policy_budgets_cap_retries_and_timeouts() {
         (v["status"].as_str(), v["error"]["code"].as_str()),
         (Some("failed"), Some("timeout")),
         "the step asked to sleep 30 s; the policy's budget is 1 s: {v}"
+    );
+}
+
+/// The degradation rule per action class: while the control plane is degraded (here, the
+/// node's tail is paused), low-risk reads fail open — served, flagged and recorded in the
+/// audit for review — unless a policy in force for the tenant closes them; privileged
+/// classes cannot be declared fail-open.
+#[tokio::test]
+async fn degraded_reads_fail_open_with_a_marker_unless_a_policy_closes_them() {
+    use reqwest::Method as M;
+    let s = server().await;
+    let acme = s.token("acme", "admin").await;
+    let beta = s.token("beta", "admin").await;
+    let closed = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: strict}\nspec:\n  degradation: {read: fail_closed}\n";
+    let (st, v, _) = s
+        .call(M::POST, "/v1/apply", Some(&acme), Some(closed.into()))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let open = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: lax}\nspec:\n  degradation: {execute: fail_open}\n";
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/apply?file=lax.yaml",
+            Some(&beta),
+            Some(open.into()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("privileged actions fail closed"),
+        "{v}"
+    );
+    // Healthy: both tenants read, unflagged.
+    let (st, v, h) = s
+        .call(M::GET, "/v1/objects/policies", Some(&acme), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v.get("fail_open").is_none() && h.get("x-mayfly-fail-open").is_none());
+
+    s.view.pause();
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let (st, v, _) = s
+        .call(M::GET, "/v1/objects/policies", Some(&acme), None)
+        .await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["code"], "control_degraded");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("policy acme/strict (tenant)"),
+        "{v}"
+    );
+    assert_eq!(v["freshness"]["degraded_mode"], "root_lagging");
+    let (st, v, h) = s
+        .call(M::GET, "/v1/objects/policies", Some(&beta), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        h.get("x-mayfly-fail-open").and_then(|v| v.to_str().ok()),
+        Some("read")
+    );
+    assert_eq!(v["fail_open"]["class"], "read");
+    assert_eq!(v["fail_open"]["degraded_mode"], "root_lagging");
+    s.view.resume();
+    // The marker is in beta's audit, for review.
+    let rows = s.audit(&beta, 1).await;
+    assert!(
+        rows.iter().any(|r| r["outcome"] == "fail_open"
+            && r["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("root_lagging")),
+        "{rows:?}"
     );
 }
