@@ -175,6 +175,7 @@ macro_rules! store_impl {
             && batch.secrets.is_empty()
             && batch.tokens.is_empty()
             && batch.audit.is_empty()
+            && batch.compact.is_empty()
         {
             return Ok(None);
         }
@@ -618,6 +619,24 @@ async fn apply_records(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), Stor
     }
     project_executions(tx, &batch.events).await?;
     apply_commands(tx, &batch.commands).await?;
+    for c in &batch.compact {
+        // The database refuses deletes unless the stream is named in `compacting` within
+        // the same transaction (migration 0007/0008).
+        sqlx::query("INSERT INTO compacting (execution_id) VALUES ($1) ON CONFLICT (execution_id) DO NOTHING")
+            .bind(&c.execution_id.0)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM events WHERE execution_id = $1 AND seq >= $2 AND seq <= $3")
+            .bind(&c.execution_id.0)
+            .bind(c.from_seq as i64)
+            .bind(c.through_seq as i64)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM compacting WHERE execution_id = $1")
+            .bind(&c.execution_id.0)
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(())
 }
     };

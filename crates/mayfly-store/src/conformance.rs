@@ -2,7 +2,7 @@
 //! crate's tests; Postgres joins with the server issue). Each check panics with a message
 //! naming the violated property.
 
-use crate::{Batch, CommandOp, Store, StoreError, StoredPlaybook};
+use crate::{Batch, CommandOp, Compaction, Store, StoreError, StoredPlaybook};
 use mayfly_types::{Event, EventKind, ExecutionId, GENESIS_HASH};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -56,6 +56,7 @@ fn unique(prefix: &str) -> String {
 /// Run every check against `store`.
 pub async fn run_all(store: Arc<dyn Store>) {
     append_read_round_trip(store.as_ref()).await;
+    compaction_deletes_only_the_range_asked(store.as_ref()).await;
     seq_conflict_writes_nothing(store.as_ref()).await;
     completion_recorded_once(store.as_ref()).await;
     group_commit_isolates_failures(store.clone()).await;
@@ -246,6 +247,66 @@ pub async fn append_read_round_trip(store: &dyn Store) {
         .expect("page");
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].seq, 2, "read honours from_seq and limit");
+}
+
+/// Compaction deletes exactly one stream's range (in the writer's transaction, with the
+/// batch's events), keeps the rest of that stream and every other stream, and the head.
+pub async fn compaction_deletes_only_the_range_asked(store: &dyn Store) {
+    let a = unique("compact-a");
+    let b = unique("compact-b");
+    let kinds: Vec<(EventKind, Option<&str>, Value)> = (0..5)
+        .map(|i| (EventKind::ExecutionStarted, None, json!({"i": i})))
+        .collect();
+    for x in [&a, &b] {
+        store
+            .append(Arc::new(Batch {
+                events: chain(x, 1, GENESIS_HASH, &kinds),
+                ..Default::default()
+            }))
+            .await
+            .expect("append");
+    }
+    let head = store.head().await.expect("head");
+    let compaction = |from_seq, through_seq| Compaction {
+        execution_id: ExecutionId::from(a.as_str()),
+        from_seq,
+        through_seq,
+    };
+    let r = store
+        .append(Arc::new(Batch {
+            compact: vec![compaction(2, 4)],
+            ..Default::default()
+        }))
+        .await
+        .expect("compact");
+    assert_eq!(r, None, "a compaction alone appends no event");
+    let left: Vec<u64> = store
+        .read_all(&ExecutionId::from(a.as_str()))
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, [1, 5]);
+    assert_eq!(
+        store
+            .read(&ExecutionId::from(a.as_str()), 2, 1)
+            .await
+            .expect("read")[0]
+            .seq,
+        5,
+        "a read from inside the compacted range starts after it"
+    );
+    assert_eq!(
+        store
+            .read_all(&ExecutionId::from(b.as_str()))
+            .await
+            .expect("read")
+            .len(),
+        5,
+        "other streams are untouched"
+    );
+    assert_eq!(store.head().await.expect("head"), head);
 }
 
 /// A duplicate (execution, seq) is a conflict and the whole batch is rejected.

@@ -168,6 +168,18 @@ pub struct Batch {
     pub tokens: Vec<(String, TokenGrant)>,
     /// Audit records (append-only).
     pub audit: Vec<AuditRecord>,
+    /// Ranges of a stream's events to delete — compaction, after a snapshot event that
+    /// summarizes them was appended (in this batch or an earlier one). The only way events
+    /// ever leave the log.
+    pub compact: Vec<Compaction>,
+}
+
+/// Delete the events of `execution_id` with `from_seq <= seq <= through_seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    pub execution_id: ExecutionId,
+    pub from_seq: u64,
+    pub through_seq: u64,
 }
 
 /// One audit record: who tried what, and what became of it.
