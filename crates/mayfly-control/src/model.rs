@@ -723,6 +723,59 @@ pub struct ControlState {
     pub seq: u64,
     pub last_hash: String,
     pub denied: u64,
+    /// The seq range this fold did not see because it was compacted (taken from a snapshot).
+    pub compacted: Option<(u64, u64)>,
+}
+
+/// Payload of `control.snapshot`: the whole folded state through `through_seq`, so the
+/// records it summarizes can be compacted and a view that missed them can bootstrap.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub through_seq: u64,
+    /// The hash of record `through_seq` (an archive of the compacted records verifies
+    /// against it).
+    pub head_hash: String,
+    pub objects: Vec<Object>,
+    pub bundles: BTreeMap<String, mayfly_trust::sign::Signed>,
+    pub transitions: BTreeMap<String, crate::rollout::Transition>,
+    pub agents: BTreeMap<String, crate::rollout::AgentRecord>,
+    pub denied: u64,
+}
+
+impl Snapshot {
+    /// The snapshot of `st` as folded so far.
+    pub fn of(st: &ControlState) -> Snapshot {
+        Snapshot {
+            through_seq: st.seq,
+            head_hash: if st.seq == 0 {
+                mayfly_types::GENESIS_HASH.to_owned()
+            } else {
+                st.last_hash.clone()
+            },
+            objects: st.objects.values().cloned().collect(),
+            bundles: st.bundles.clone(),
+            transitions: st.transitions.clone(),
+            agents: st.agents.clone(),
+            denied: st.denied,
+        }
+    }
+
+    fn into_state(self) -> ControlState {
+        ControlState {
+            objects: self
+                .objects
+                .into_iter()
+                .map(|o| (o.key.clone(), o))
+                .collect(),
+            bundles: self.bundles,
+            transitions: self.transitions,
+            agents: self.agents,
+            seq: self.through_seq,
+            last_hash: self.head_hash,
+            denied: self.denied,
+            compacted: None,
+        }
+    }
 }
 
 /// A control event that does not fold.
@@ -742,7 +795,10 @@ impl ControlState {
             kind: e.kind.to_string(),
             reason,
         };
-        if e.seq != self.seq + 1 {
+        // A snapshot may follow a gap: the records it summarizes were compacted away, and a
+        // fold that had not seen them takes the snapshot as its base (bootstrap).
+        let bootstrap = e.kind == EventKind::ControlSnapshot && e.seq > self.seq + 1;
+        if e.seq != self.seq + 1 && !bootstrap {
             return Err(fail(format!("expected seq {}", self.seq + 1)));
         }
         // The fold is the chain's verifier too: whoever folds (the appender, every view)
@@ -752,7 +808,7 @@ impl ControlState {
         } else {
             self.last_hash.as_str()
         };
-        if e.prev_hash != prev {
+        if e.prev_hash != prev && !bootstrap {
             return Err(fail(
                 "prev_hash does not link to the previous record".into(),
             ));
@@ -819,6 +875,25 @@ impl ControlState {
                 let r = crate::rollout::AgentRecord::deserialize(&e.payload)
                     .map_err(|err| fail(format!("bad payload: {err}")))?;
                 self.agents.insert(r.agent.clone(), r);
+            }
+            EventKind::ControlSnapshot => {
+                let snap = Snapshot::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                if snap.through_seq + 1 != e.seq || snap.head_hash != e.prev_hash {
+                    return Err(fail(
+                        "the snapshot does not name the record it follows".into(),
+                    ));
+                }
+                if bootstrap {
+                    let compacted_from = self.seq + 1;
+                    *self = snap.into_state();
+                    self.compacted = Some((compacted_from, e.seq - 1));
+                } else if Snapshot::of(self) != snap {
+                    // Whoever follows the stream checks that the summary is true.
+                    return Err(fail(
+                        "the snapshot does not match the records it summarizes".into(),
+                    ));
+                }
             }
             k => return Err(fail(format!("`{k}` does not belong in the control stream"))),
         }

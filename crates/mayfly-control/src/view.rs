@@ -73,6 +73,9 @@ pub enum CatchUp {
     Lagging,
     /// The store cannot be reached: the view cannot know how far behind it is.
     Unavailable,
+    /// The records after the view's position were compacted: it must rebuild from the
+    /// snapshot that summarizes them before it can serve strong or bounded reads.
+    BootstrapRequired,
 }
 
 /// The node's health with respect to the root (the store holding the log).
@@ -120,6 +123,10 @@ pub enum Rejection {
     MinTokenNotReached { served: u64, min_token: u64 },
     #[error("the root (the store holding the log) is unavailable: {0}")]
     RootUnavailable(String),
+    #[error(
+        "the log was compacted past this view (it holds control record #{held}; the stream resumes at #{resumes}): it must bootstrap from the snapshot, which it has not done within the deadline"
+    )]
+    BootstrapRequired { held: u64, resumes: u64 },
 }
 
 impl Rejection {
@@ -129,6 +136,7 @@ impl Rejection {
             Rejection::LagExceeded { .. } => "lag_exceeded",
             Rejection::MinTokenNotReached { .. } => "min_token_not_reached",
             Rejection::RootUnavailable(_) => "root_unavailable",
+            Rejection::BootstrapRequired { .. } => "bootstrap_required",
         }
     }
 }
@@ -208,6 +216,9 @@ struct Inner {
     failure: Mutex<Option<String>>,
     /// The log's identity, once it has a first event.
     log_id: Mutex<Option<String>>,
+    /// Records past the view's position were compacted (the control seq the stream resumes
+    /// at); cleared once the tail folds the snapshot.
+    bootstrap: Mutex<Option<u64>>,
 }
 
 /// A node's materialized view of the control stream, fed by the log tail.
@@ -243,6 +254,7 @@ impl View {
             poke: Notify::new(),
             failure: Mutex::new(None),
             log_id: Mutex::new(None),
+            bootstrap: Mutex::new(None),
         });
         let tail = tokio::spawn(tail(inner.clone()));
         View {
@@ -301,12 +313,35 @@ impl View {
         } else {
             None
         };
+        // Behind the confirmed head: were the records it lacks compacted away?
+        if let Some(c) = current
+            && c > i.served.load(Ordering::SeqCst)
+        {
+            let held = i.state.read().map(|s| s.seq).unwrap_or(0);
+            if let Ok(next) = i.store.read(&ExecutionId::from(STREAM), held + 1, 1).await
+                && let Some(e) = next.first()
+                && e.seq > held + 1
+            {
+                *i.bootstrap.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.seq);
+                i.poke.notify_one();
+            }
+        }
         loop {
             // Register for the next advance before checking, so none is missed.
             let advanced = i.advanced.notified();
             let served = i.served.load(Ordering::SeqCst);
             let staleness = staleness_ms(i, served, current);
-            match admits(req, served, current, staleness) {
+            let pending = *i.bootstrap.lock().unwrap_or_else(|p| p.into_inner());
+            let verdict = match pending {
+                Some(resumes) if req.class != Class::BestEffort => {
+                    Err(Rejection::BootstrapRequired {
+                        held: i.state.read().map(|s| s.seq).unwrap_or(0),
+                        resumes,
+                    })
+                }
+                _ => admits(req, served, current, staleness),
+            };
+            match verdict {
                 Ok(()) => {
                     let (out, served) = {
                         let st = i.state.read().unwrap_or_else(|p| p.into_inner());
@@ -355,6 +390,13 @@ impl View {
             lag,
             catch_up_state: if unavailable {
                 CatchUp::Unavailable
+            } else if i
+                .bootstrap
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            {
+                CatchUp::BootstrapRequired
             } else if lag == 0 {
                 CatchUp::Fresh
             } else {
@@ -476,6 +518,14 @@ async fn tail(i: Arc<Inner>) {
                                     last = last.max(e.position.unwrap_or(0));
                                 }
                             }
+                            // A compaction it had fallen behind is resolved once the
+                            // snapshot is folded (the fold takes it as its base).
+                            let held = i.state.read().map(|s| s.seq).unwrap_or(0);
+                            if let Ok(mut b) = i.bootstrap.lock()
+                                && b.is_some_and(|resumes| held >= resumes)
+                            {
+                                *b = None;
+                            }
                             if !full && last > 0 {
                                 // Monotonic: the served token never goes back.
                                 let before = i.served.fetch_max(last, Ordering::SeqCst);
@@ -534,6 +584,8 @@ pub fn check_reply(req: &ReadRequest, f: &Freshness, floor: u64) -> Result<u64, 
         CatchUp::Fresh => f.lag == 0,
         CatchUp::Lagging => f.lag > 0,
         CatchUp::Unavailable => req.class == Class::BestEffort,
+        // Only a best-effort read is served by a view that must bootstrap.
+        CatchUp::BootstrapRequired => req.class == Class::BestEffort,
     };
     if !state_ok {
         return Err(format!(

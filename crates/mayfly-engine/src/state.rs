@@ -476,7 +476,8 @@ impl ExecState {
             | EventKind::ObjectDenied
             | EventKind::BundlePublished
             | EventKind::TransitionChanged
-            | EventKind::AgentReported => {
+            | EventKind::AgentReported
+            | EventKind::ControlSnapshot => {
                 return Err(fail("a control-plane event in an execution's log".into()));
             }
             EventKind::ExecutionCompleted => {

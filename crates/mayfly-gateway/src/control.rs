@@ -618,3 +618,20 @@ pub(crate) async fn cancel_rollout(
     gw.view.poke();
     Ok(Json(json!({ "rollout": name, "accepted_token": token })).into_response())
 }
+
+/// `POST /v1/control/compact`: snapshot the control stream and delete the records the
+/// snapshot summarizes (system admins). Views behind it bootstrap from the snapshot.
+pub(crate) async fn compact(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+) -> ApiResult<Response> {
+    let Some(control) = &gw.control else {
+        return Err(not_leader());
+    };
+    let r = control
+        .compact(&c.control())
+        .await
+        .map_err(|e| control_error(&c, e))?;
+    gw.view.poke();
+    Ok(Json(r).into_response())
+}

@@ -433,6 +433,7 @@ pub fn router(gw: Gateway) -> Router {
             "/bundles",
             post(control::publish_bundle).get(control::list_bundles),
         )
+        .route("/control/compact", post(control::compact))
         .route("/rollouts/{name}", get(control::rollout_status))
         .route("/rollouts/{name}/cancel", post(control::cancel_rollout))
         .route("/objects/{kind}", get(control::list))
@@ -980,6 +981,7 @@ pub fn openapi() -> Value {
             },
             "/v1/rollouts/{name}": {"get": {"summary": "A rollout's transition (phase, reason, history) and each targeted agent's acknowledged bundle (system tenant)", "responses": {"200": ok("{rollout, transition, agents}"), "404": problem}}},
             "/v1/rollouts/{name}/cancel": {"post": {"summary": "Cancel an in-progress rollout; agents return to the previous bundle (system admins)", "responses": {"200": ok("{rollout, accepted_token}"), "404": problem, "409": problem}}},
+            "/v1/control/compact": {"post": {"summary": "Snapshot the control stream and delete the records it summarizes (system admins); views behind it report bootstrap_required until they fold the snapshot", "responses": {"200": ok("{snapshot_seq, compacted, deleted, accepted_token}"), "403": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
             "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
             "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},

@@ -86,6 +86,10 @@ pub enum EventKind {
     /// Control plane: a data-plane agent applied, or refused, a bundle.
     #[serde(rename = "agent.reported")]
     AgentReported,
+    /// Control plane: the folded state through a seq, written before the records it
+    /// summarizes are compacted away.
+    #[serde(rename = "control.snapshot")]
+    ControlSnapshot,
 }
 
 impl EventKind {
@@ -116,6 +120,7 @@ impl EventKind {
             EventKind::BundlePublished => "bundle.published",
             EventKind::TransitionChanged => "transition.changed",
             EventKind::AgentReported => "agent.reported",
+            EventKind::ControlSnapshot => "control.snapshot",
         }
     }
 
@@ -578,6 +583,7 @@ mod tests {
             EventKind::BundlePublished,
             EventKind::TransitionChanged,
             EventKind::AgentReported,
+            EventKind::ControlSnapshot,
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));

@@ -414,6 +414,13 @@ pub async fn audit(
                 v["denied"],
                 v["head"].as_str().unwrap_or_default()
             );
+            if let Some(r) = v["compacted"].as_array() {
+                println!(
+                    "  records #{}..#{} were compacted into a snapshot; the chain is verified from it",
+                    r.first().cloned().unwrap_or_default(),
+                    r.get(1).cloned().unwrap_or_default()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -489,4 +496,23 @@ pub async fn policy(cmd: PolicyCmd) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `mayfly compact`.
+pub async fn compact() -> Result<ExitCode> {
+    let c = Client::from_env()?;
+    let v = c
+        .send(reqwest::Method::POST, "/v1/control/compact", None)
+        .await?;
+    match v["compacted"].as_array() {
+        Some(r) => println!(
+            "compacted control records #{}..#{} ({} deleted) into snapshot #{}",
+            r.first().cloned().unwrap_or_default(),
+            r.get(1).cloned().unwrap_or_default(),
+            v["deleted"],
+            v["snapshot_seq"]
+        ),
+        None => println!("snapshot #{} (nothing to delete)", v["snapshot_seq"]),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -156,6 +156,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: control::PolicyCmd,
     },
+    /// Compact the control stream on the server at MAYFLY_URL: a snapshot replaces the
+    /// records it summarizes (system admins).
+    Compact,
     /// Policy bundles: `publish` freezes every Policy into a bundle signed by the control
     /// plane key; `list` shows the published ones (system tenant).
     Bundle {
@@ -490,6 +493,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Status => remote::status().await,
         Cmd::Policy { cmd } => control::policy(cmd).await,
         Cmd::Bundle { cmd } => rollout::bundle(cmd).await,
+        Cmd::Compact => control::compact().await,
         Cmd::Rollout { cmd } => rollout::rollout(cmd).await,
         Cmd::Token { role, name, tenant } => remote::token(&role, &name, tenant).await,
         Cmd::Get {

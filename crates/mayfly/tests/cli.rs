@@ -1255,6 +1255,23 @@ fn bundles_roll_out_to_the_servers_workers_and_are_enforced() {
         "a completed rollout cannot be cancelled"
     );
     assert!(err(&o).contains("not in progress"), "{}", err(&o));
+
+    // Compaction keeps what the records said: the rollout, the audit verification.
+    let o = remote(&["compact"]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        out(&o).starts_with("compacted control records #2.."),
+        "{}",
+        out(&o)
+    );
+    let o = remote(&["rollout", "status", "no-shell"]);
+    assert!(
+        o.status.success() && out(&o).contains("completed"),
+        "{}",
+        out(&o)
+    );
+    let o = remote(&["audit", "verify"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
     server.kill().expect("stop");
     server.wait().expect("wait");
 }
