@@ -987,6 +987,8 @@ pub enum AdmissionDecision {
     PolicyDenied,
     /// This node does not append (a replica).
     NotLeader,
+    /// This node was the appender, but another process took over the log (fencing epoch).
+    EpochMismatch,
 }
 
 impl AdmissionDecision {
@@ -997,6 +999,7 @@ impl AdmissionDecision {
             AdmissionDecision::TenantQuota => "tenant_quota",
             AdmissionDecision::PolicyDenied => "policy_denied",
             AdmissionDecision::NotLeader => "not_leader",
+            AdmissionDecision::EpochMismatch => "epoch_mismatch",
         }
     }
 }

@@ -346,7 +346,7 @@ pub(crate) async fn verify(
 pub struct Admissions(std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>);
 
 impl Admissions {
-    fn count(&self, d: AdmissionDecision) {
+    pub(crate) fn count(&self, d: AdmissionDecision) {
         metrics::counter!("mayfly_admissions_total", "decision" => d.as_str()).increment(1);
         if let Ok(mut m) = self.0.lock() {
             *m.entry(d.as_str()).or_default() += 1;
@@ -439,6 +439,7 @@ pub(crate) async fn admit(
         AdmissionDecision::TenantQuota => (StatusCode::TOO_MANY_REQUESTS, "tenant_quota"),
         AdmissionDecision::QueueSaturated => (StatusCode::SERVICE_UNAVAILABLE, "queue_saturated"),
         AdmissionDecision::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "not_leader"),
+        AdmissionDecision::EpochMismatch => (StatusCode::SERVICE_UNAVAILABLE, "epoch_mismatch"),
     };
     let mut p = c.deny(status, code, code, a.reason.clone());
     p.extra.insert("admission".into(), json!(a));

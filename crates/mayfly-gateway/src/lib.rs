@@ -572,7 +572,24 @@ async fn start(
             admission.limits,
         )
         .await
-        .map_err(Problem::internal)?;
+        .map_err(|e| match e {
+            // Admitted on this node's view, but the log has another appender now: the
+            // start is refused with the execution plane's stable reason.
+            mayfly_runtime::RuntimeError::Fenced(m) => {
+                gw.admissions
+                    .count(mayfly_control::AdmissionDecision::EpochMismatch);
+                let mut p = c.deny(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "epoch_mismatch",
+                    "epoch_mismatch",
+                    format!("this node no longer appends to the log: {m}"),
+                );
+                p.extra
+                    .insert("admission".into(), json!({"decision": "epoch_mismatch"}));
+                p
+            }
+            e => Problem::internal(e),
+        })?;
     let body = json!({"execution_id": id, "path": entry.path, "version": entry.version, "admission": admission});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

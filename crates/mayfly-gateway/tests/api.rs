@@ -19,13 +19,17 @@ struct Server {
 }
 
 async fn server() -> Server {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tmp");
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(dir.path().join("m.db"))
             .await
             .expect("store"),
     );
+    server_on(store, dir).await
+}
+
+async fn server_on(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("runtime");
     let admin = bootstrap_admin(store.as_ref())
         .await
@@ -1161,4 +1165,67 @@ async fn degraded_reads_fail_open_with_a_marker_unless_a_policy_closes_them() {
                 .contains("root_lagging")),
         "{rows:?}"
     );
+}
+
+/// The execution plane's `epoch_mismatch`: a server whose Postgres log was taken over by
+/// another appender (a higher fencing epoch) refuses new executions with that stable reason
+/// and writes nothing. Skipped loudly without Postgres (a failure under CI=true).
+#[tokio::test]
+async fn a_superseded_appender_refuses_starts_with_epoch_mismatch() {
+    use reqwest::Method as M;
+    if !mayfly_testkit::postgres() {
+        return;
+    }
+    let url = mayfly_testkit::postgres_url();
+    let schema = mayfly_testkit::unique("mayfly_gw_fence");
+    let ours = mayfly_store::PostgresStore::connect_schema(&url, &schema)
+        .await
+        .expect("postgres");
+    ours.take_over().await.expect("appender");
+    let s = server_on(Arc::new(ours), tempfile::tempdir().expect("tmp")).await;
+    let author = s.token("acme", "author").await;
+    let (st, v, _) = s
+        .call(M::POST, "/v1/playbooks", Some(&author), Some(HELLO.into()))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let start = json!({"path": "team/hi"}).to_string();
+    let (st, v, _) = s
+        .call(
+            M::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(start.clone()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+
+    let successor = mayfly_store::PostgresStore::connect_schema(&url, &schema)
+        .await
+        .expect("postgres");
+    successor.take_over().await.expect("take over");
+    let before = successor
+        .list_executions(None, 100)
+        .await
+        .expect("list")
+        .len();
+    let (st, v, _) = s
+        .call(M::POST, "/v1/executions", Some(&author), Some(start))
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("epoch_mismatch")),
+        "{v}"
+    );
+    assert_eq!(
+        successor
+            .list_executions(None, 100)
+            .await
+            .expect("list")
+            .len(),
+        before,
+        "nothing was written"
+    );
+    mayfly_store::PostgresStore::drop_schema(&url, &schema)
+        .await
+        .expect("drop");
 }

@@ -54,12 +54,16 @@ pub enum RuntimeError {
     TooLarge(String),
     #[error("the runtime has shut down")]
     Closed,
+    /// The store refused the write: another process appends to the log now.
+    #[error("epoch mismatch: {0}")]
+    Fenced(String),
 }
 
 impl From<StoreError> for RuntimeError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Corrupt(m) => RuntimeError::Corrupt(m),
+            StoreError::Fenced(m) => RuntimeError::Fenced(m),
             other => RuntimeError::Store(other.to_string()),
         }
     }

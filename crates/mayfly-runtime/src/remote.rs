@@ -110,6 +110,7 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::Closed => "closed",
             RuntimeError::Store(_) => "store",
             RuntimeError::TooLarge(_) => "too_large",
+            RuntimeError::Fenced(_) => "epoch_mismatch",
             _ => "invalid",
         };
         WireError {
@@ -126,6 +127,7 @@ impl From<WireError> for RuntimeError {
             "closed" => RuntimeError::Closed,
             "store" => RuntimeError::Store(e.message),
             "too_large" => RuntimeError::TooLarge(e.message),
+            "epoch_mismatch" => RuntimeError::Fenced(e.message),
             _ => RuntimeError::Invalid(e.message),
         }
     }

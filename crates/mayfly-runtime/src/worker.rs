@@ -182,7 +182,8 @@ async fn report<C: Coordinator>(
     loop {
         match coord.complete(c.clone()).await {
             Ok(()) => return Settle::Ack,
-            Err(e @ (RuntimeError::Closed | RuntimeError::Store(_))) => {
+            // A fenced orchestrator is about to stop; its successor takes the completion.
+            Err(e @ (RuntimeError::Closed | RuntimeError::Store(_) | RuntimeError::Fenced(_))) => {
                 if Instant::now() + pause >= deadline {
                     tracing::warn!(command = %c.block.command_id, error = %e, "completion not recorded; giving the block back");
                     return Settle::Retry(Duration::ZERO);

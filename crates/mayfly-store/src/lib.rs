@@ -115,6 +115,9 @@ pub enum StoreError {
     Db(String),
     #[error("the store is closed")]
     Closed,
+    /// Another process took over the log (a higher appender epoch): this one writes nothing.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -113,7 +113,7 @@ impl PostgresStore {
     /// Become the log's appender: bump its fencing epoch (serialised with every append by
     /// the append lock) and write under it from now on. Every append checks, inside its
     /// transaction, that the epoch is still this one; once another process has taken over,
-    /// this store's appends fail with [`StoreError::Conflict`] and write nothing — the
+    /// this store's appends fail with [`StoreError::Fenced`] and write nothing — the
     /// window between losing the [`AppenderLock`] and noticing it is closed.
     pub async fn take_over(&self) -> Result<u64, StoreError> {
         let mut tx = self.read.begin().await?;
@@ -174,8 +174,8 @@ async fn write_group(
             .await?
             .try_get("epoch")?;
         if current != fence {
-            return Err(StoreError::Conflict(format!(
-                "fenced: another process took over this log (appender epoch {current}, ours {fence})"
+            return Err(StoreError::Fenced(format!(
+                "another process took over this log (appender epoch {current}, ours {fence})"
             )));
         }
     }

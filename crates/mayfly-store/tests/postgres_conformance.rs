@@ -267,7 +267,7 @@ async fn a_superseded_appender_is_fenced_and_writes_nothing() {
     assert!(e2 > e1, "epochs increase: {e1} then {e2}");
     let r = old.append(batch("fence-b")).await;
     assert!(
-        matches!(&r, Err(StoreError::Conflict(m)) if m.contains("fenced")),
+        matches!(&r, Err(StoreError::Fenced(m)) if m.contains("took over")),
         "the superseded appender is refused: {r:?}"
     );
     new.append(batch("fence-c"))
