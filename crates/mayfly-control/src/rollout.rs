@@ -313,6 +313,10 @@ pub struct AgentReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AgentAnswer {
     pub desired: Option<Signed>,
+    /// The control plane's clock when it answered: agents judge policy expiry by it, never
+    /// by their own clock (time-bound exceptions are immune to worker clock skew).
+    #[serde(default)]
+    pub now_ms: u64,
 }
 
 /// An agent as the controller sees it now.

@@ -310,6 +310,7 @@ impl Control {
         self.append_folded(&mut st, events).await?;
         Ok(AgentAnswer {
             desired: st.desired_bundle(&pool, &labels).cloned(),
+            now_ms: now,
         })
     }
 

@@ -54,6 +54,8 @@ pub struct Agent {
     refused: Mutex<Option<Refusal>>,
     ok: AtomicU64,
     failed: AtomicU64,
+    /// Control plane clock minus this process's, as of the last answer.
+    skew_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Agent {
@@ -64,6 +66,7 @@ impl Agent {
             refused: Mutex::new(None),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            skew_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -146,12 +149,26 @@ impl Agent {
         let ex = a.policies.explain(&AdmissionRequest {
             tenant: tenant.to_owned(),
             playbook: playbook.to_owned(),
-            now_ms: mayfly_types::now_ms(),
+            now_ms: self.control_now(),
             tools,
             aliases,
             ..Default::default()
         });
         (!ex.allowed).then(|| format!("{} (bundle {})", ex.reason, a.digest))
+    }
+
+    /// The control plane's clock, as estimated from its last answer.
+    pub fn control_now(&self) -> u64 {
+        let local = mayfly_types::now_ms() as i64;
+        (local + self.skew_ms.load(Ordering::Relaxed)).max(0) as u64
+    }
+
+    /// Take the control plane's clock from an answer.
+    pub fn observe_clock(&self, control_now_ms: u64) {
+        if control_now_ms > 0 {
+            let skew = control_now_ms as i64 - mayfly_types::now_ms() as i64;
+            self.skew_ms.store(skew, Ordering::Relaxed);
+        }
     }
 
     /// Count a finished block (for the rollback trigger's error rate).
@@ -186,6 +203,7 @@ impl Agent {
         for _ in 0..2 {
             let before = (self.applied(), self.refused_digest());
             let answer = hub.report(self.report()).await?;
+            self.observe_clock(answer.now_ms);
             self.offer(answer.desired.as_ref());
             if (self.applied(), self.refused_digest()) == before {
                 break;

@@ -171,3 +171,90 @@ async fn a_bundle_that_does_not_verify_is_refused_audited_and_rolled_back() {
     let r = trusting.report().record.refused.expect("refused");
     assert_eq!(r.code, "digest_mismatch");
 }
+
+/// A hub that answers with the control plane's bundle but a clock `skew_ms` ahead of the
+/// worker's (the control plane's clock is the one that counts).
+struct Skewed {
+    control: Arc<Control>,
+    skew_ms: u64,
+}
+
+impl mayfly_runtime::agent::AgentHub for Skewed {
+    fn report(
+        &self,
+        report: mayfly_control::rollout::AgentReport,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<mayfly_control::rollout::AgentAnswer, String>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let mut a = self
+                .control
+                .agent_report(report)
+                .await
+                .map_err(|e| e.to_string())?;
+            a.now_ms += self.skew_ms;
+            Ok(a)
+        })
+    }
+}
+
+/// Time-bound exceptions expire by the control plane's clock, not the worker's: a worker
+/// whose clock runs an hour behind still stops honouring an exception the control plane
+/// considers expired.
+#[tokio::test]
+async fn agents_judge_expiry_by_the_control_planes_clock() {
+    let (_dir, _store, control, key) = setup().await;
+    let now = mayfly_types::now_ms();
+    let expires = now + 10 * 60_000;
+    let policies = parse_manifests(
+        "p.yaml",
+        &format!("apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: noop-only, tenant: default}}\nspec:\n  tools: {{allow: [noop]}}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: shell-for-now, tenant: default}}\nspec:\n  exception: true\n  scope: {{playbook: t/sh}}\n  expires_at_ms: {expires}\n  tools: {{allow: [shell]}}\n"),
+    )
+    .expect("policies");
+    control
+        .apply(&caller("default"), &policies)
+        .await
+        .expect("apply");
+    let b = control
+        .publish_bundle(&caller(SYSTEM_TENANT))
+        .await
+        .expect("publish")
+        .digest;
+    let r = parse_manifests(
+        "r.yaml",
+        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: x}}\nspec:\n  bundle: \"{b}\"\n"),
+    )
+    .expect("rollout");
+    control
+        .apply(&caller(SYSTEM_TENANT), &r)
+        .await
+        .expect("rollout");
+    let tools = || std::collections::BTreeSet::from(["shell".to_owned()]);
+
+    let in_sync = agent("w-a", &key);
+    in_sync.sync(control.as_ref()).await.expect("sync");
+    assert_eq!(
+        in_sync.check("default", "t/sh", tools(), Default::default()),
+        None
+    );
+
+    // The control plane is an hour past the expiry; this worker's clock is not.
+    let behind = agent("w-b", &key);
+    let hub = Skewed {
+        control: control.clone(),
+        skew_ms: 70 * 60_000,
+    };
+    behind.sync(&hub).await.expect("sync");
+    assert_eq!(behind.applied(), Some(b));
+    let denied = behind
+        .check("default", "t/sh", tools(), Default::default())
+        .expect("expired by the control plane's clock");
+    assert!(
+        denied.contains("does not allow tool kind `shell`"),
+        "{denied}"
+    );
+}
