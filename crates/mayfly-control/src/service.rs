@@ -496,8 +496,31 @@ impl Control {
         manifests: &[Manifest],
     ) -> Result<ApplyReport, ControlError> {
         let mut st = self.lock().await?;
-        let mut next = st.clone();
         let mut events = Vec::new();
+        // Folded in place (no copy of the state): a failure before the commit re-reads the
+        // stream, so nothing unwritten is ever served.
+        let results = match self.stage(&mut st, &mut events, caller, manifests).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.reload_after_failure(&mut st).await;
+                return Err(e);
+            }
+        };
+        let accepted_token = self.append_folded(&mut st, events).await?;
+        Ok(ApplyReport {
+            results,
+            accepted_token,
+        })
+    }
+
+    /// Decide every object of an apply and fold the resulting records into `next`.
+    async fn stage(
+        &self,
+        next: &mut ControlState,
+        events: &mut Vec<Event>,
+        caller: &Caller,
+        manifests: &[Manifest],
+    ) -> Result<Vec<ApplyResult>, ControlError> {
         let mut results = Vec::new();
         let keyed: Vec<(ObjectKey, &Manifest, Decision)> = manifests
             .iter()
@@ -505,7 +528,7 @@ impl Control {
                 let key = m.key(caller);
                 let mut d = authorize(caller, &key);
                 if d.allowed && key.kind == Kind::Rollout {
-                    d = rollout_gate(&st, &key, m);
+                    d = rollout_gate(next, &key, m);
                 }
                 (key, m, d)
             })
@@ -556,13 +579,7 @@ impl Control {
                     policy_version,
                 };
                 results.push(result(Outcome::Denied, shown, decision.reason.clone()));
-                self.push(
-                    &mut next,
-                    &mut events,
-                    caller,
-                    EventKind::ObjectDenied,
-                    json!(d),
-                )?;
+                self.push(next, events, caller, EventKind::ObjectDenied, json!(d))?;
                 if let (Some(spec), Some(_)) = (&rollout, &conflict) {
                     let c = TransitionChanged {
                         id: spec.transition_id(),
@@ -572,13 +589,7 @@ impl Control {
                         spec: Some(spec.clone()),
                         evidence: json!({}),
                     };
-                    self.push(
-                        &mut next,
-                        &mut events,
-                        caller,
-                        EventKind::TransitionChanged,
-                        json!(c),
-                    )?;
+                    self.push(next, events, caller, EventKind::TransitionChanged, json!(c))?;
                 }
                 continue;
             }
@@ -647,13 +658,7 @@ impl Control {
                 );
             }
             results.push(result(outcome, generation + 1, reason));
-            self.push(
-                &mut next,
-                &mut events,
-                caller,
-                EventKind::ObjectApplied,
-                json!(a),
-            )?;
+            self.push(next, events, caller, EventKind::ObjectApplied, json!(a))?;
             if let Some(spec) = planned {
                 let c = TransitionChanged {
                     id: spec.transition_id(),
@@ -668,53 +673,10 @@ impl Control {
                     spec: Some(spec.clone()),
                     evidence: json!({}),
                 };
-                self.push(
-                    &mut next,
-                    &mut events,
-                    caller,
-                    EventKind::TransitionChanged,
-                    json!(c),
-                )?;
+                self.push(next, events, caller, EventKind::TransitionChanged, json!(c))?;
             }
         }
-        let accepted_token = self.commit(&mut st, next, events).await?;
-        Ok(ApplyReport {
-            results,
-            accepted_token,
-        })
-    }
-
-    /// Append `events` (already folded into `next`) in one commit; on success `next` becomes
-    /// the state. None: nothing to write.
-    async fn commit(
-        &self,
-        st: &mut ControlState,
-        next: ControlState,
-        events: Vec<Event>,
-    ) -> Result<Option<u64>, ControlError> {
-        if events.is_empty() {
-            return Ok(None);
-        }
-        let token = match self
-            .store
-            .append(Arc::new(Batch {
-                events,
-                ..Default::default()
-            }))
-            .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                self.reload_after_failure(st).await;
-                return Err(e.into());
-            }
-        };
-        *st = next;
-        if let Some(t) = token {
-            self.last_token
-                .fetch_max(t, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(token)
+        Ok(results)
     }
 
     /// Append `events`, already folded into the locked `st` (no copy of the state: frequent

@@ -706,7 +706,7 @@ async fn compaction_keeps_state_and_history_and_a_paused_view_must_bootstrap() {
         ..Default::default()
     };
     view.read(&strong, |_| ()).await.expect("caught up");
-    view.pause();
+    view.pause().await;
     for slots in [9, 10] {
         c.apply(&author, &pool(slots)).await.expect("apply");
     }

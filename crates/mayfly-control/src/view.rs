@@ -216,6 +216,8 @@ struct Inner {
     failure: Mutex<Option<String>>,
     /// The log's identity, once it has a first event.
     log_id: Mutex<Option<String>>,
+    /// Held by the tail for a whole round (pause waits on it).
+    round: tokio::sync::Mutex<()>,
     /// Records past the view's position were compacted (the control seq the stream resumes
     /// at); cleared once the tail folds the snapshot.
     bootstrap: Mutex<Option<u64>>,
@@ -255,6 +257,7 @@ impl View {
             failure: Mutex::new(None),
             log_id: Mutex::new(None),
             bootstrap: Mutex::new(None),
+            round: tokio::sync::Mutex::new(()),
         });
         let tail = tokio::spawn(tail(inner.clone()));
         View {
@@ -264,9 +267,11 @@ impl View {
     }
 
     /// Stop folding the tail (operational drills, tests); reads keep being answered under
-    /// their classes from what the view holds.
-    pub fn pause(&self) {
+    /// their classes from what the view holds. Returns once no tail round is under way, so
+    /// nothing more is folded after it.
+    pub async fn pause(&self) {
         self.inner.paused.store(true, Ordering::SeqCst);
+        drop(self.inner.round.lock().await);
     }
 
     pub fn resume(&self) {
@@ -484,6 +489,7 @@ fn staleness_ms(i: &Inner, served: u64, current: Option<u64>) -> u64 {
 async fn tail(i: Arc<Inner>) {
     let stream = ExecutionId::from(STREAM);
     loop {
+        let round = i.round.lock().await;
         if !i.paused.load(Ordering::SeqCst) && i.failure.lock().is_ok_and(|f| f.is_none()) {
             let sampled = Instant::now();
             match i.store.head().await {
@@ -551,6 +557,7 @@ async fn tail(i: Arc<Inner>) {
                 }
             }
         }
+        drop(round);
         let _ = tokio::time::timeout(TAIL_EVERY, i.poke.notified()).await;
     }
 }

@@ -1129,7 +1129,7 @@ async fn degraded_reads_fail_open_with_a_marker_unless_a_policy_closes_them() {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(v.get("fail_open").is_none() && h.get("x-mayfly-fail-open").is_none());
 
-    s.view.pause();
+    s.view.pause().await;
     tokio::time::sleep(Duration::from_millis(2_300)).await;
     let (st, v, _) = s
         .call(M::GET, "/v1/objects/policies", Some(&acme), None)

@@ -358,7 +358,7 @@ async fn control(a: &BenchArgs) -> Result<ExitCode> {
         rows.push((name, percentile(lat.clone(), 0.5), percentile(lat, 0.99)));
     }
     // Catch-up: pause the view, write a gap of `gap` events, resume, time until fresh.
-    view.pause();
+    view.pause().await;
     let rounds = a.gap.div_ceil(1000);
     let t = Instant::now();
     for r in 0..rounds {
