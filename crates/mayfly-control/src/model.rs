@@ -421,8 +421,16 @@ fn labels(file: &str, n: Option<&Node>) -> Result<BTreeMap<String, String>, Vec<
 }
 
 fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
+    // Errors name the field path inside the spec (`target.zone: unknown field …`).
     fn typed<T: for<'de> Deserialize<'de>>(spec: &Value) -> Result<T, String> {
-        T::deserialize(spec).map_err(|e| e.to_string())
+        serde_path_to_error::deserialize(spec).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("{path}: {}", e.inner())
+            }
+        })
     }
     match kind {
         Kind::Tenant => typed::<TenantSpec>(spec).map(drop),

@@ -446,7 +446,7 @@ fn rollout_manifests_validate_bounds_with_locations() {
         parse_manifests("r.yaml", bad)
             .expect_err("field")
             .to_string()
-            .contains("zone")
+            .contains("spec: target.zone: unknown field `zone`")
     );
     // The id is the intent's: the rollout's name and tuning do not change it, a revision does.
     let a: RolloutSpec = serde_json::from_value(
