@@ -1195,8 +1195,6 @@ impl Orchestrator {
     }
 }
 
-/// Move the large part of an engine-made payload (a loop's aggregate, an inline step's or
-/// the execution's result) to the cache: the event keeps a ref (DESIGN §3).
 /// The template context a block of `step` (loop item `index`) runs with.
 fn block_context(x: &Exec, step: &str, index: Option<usize>) -> Map<String, Value> {
     let item = index.and_then(|i| x.st.loops.get(step).and_then(|l| l.item(i)));
@@ -1217,6 +1215,8 @@ fn block_context(x: &Exec, step: &str, index: Option<usize>) -> Map<String, Valu
     }
 }
 
+/// Move the large part of an engine-made payload (a loop's aggregate, an inline step's or
+/// the execution's result) to the cache: the event keeps a ref (DESIGN §3).
 fn split_payload(
     d: &mut Draft,
     limit: usize,
