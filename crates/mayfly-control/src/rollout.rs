@@ -34,6 +34,9 @@ pub struct BundledPolicy {
 pub struct BundleBody {
     pub format: String,
     pub policies: Vec<BundledPolicy>,
+    /// Tenant → Environment (the environment layer's policies apply by it).
+    #[serde(default)]
+    pub environments: BTreeMap<String, String>,
 }
 
 impl BundleBody {
@@ -49,6 +52,17 @@ impl BundleBody {
                     key: o.key.clone(),
                     version: o.version.clone(),
                     spec: o.spec.clone(),
+                })
+                .collect(),
+            environments: st
+                .objects
+                .values()
+                .filter(|o| o.key.kind == Kind::Tenant)
+                .filter_map(|o| {
+                    o.spec
+                        .get("environment")
+                        .and_then(Value::as_str)
+                        .map(|e| (o.key.name.clone(), e.to_owned()))
                 })
                 .collect(),
         }
@@ -67,6 +81,25 @@ impl BundleBody {
                     generation: 1,
                     labels: BTreeMap::new(),
                     spec: p.spec.clone(),
+                    catalog_version: None,
+                    revisions: Vec::new(),
+                },
+            );
+        }
+        for (tenant, env) in &self.environments {
+            let key = ObjectKey {
+                kind: Kind::Tenant,
+                tenant: None,
+                name: tenant.clone(),
+            };
+            st.objects.insert(
+                key.clone(),
+                crate::model::Object {
+                    key,
+                    version: String::new(),
+                    generation: 1,
+                    labels: BTreeMap::new(),
+                    spec: serde_json::json!({ "environment": env }),
                     catalog_version: None,
                     revisions: Vec::new(),
                 },
@@ -329,7 +362,12 @@ pub struct LiveAgent {
 impl LiveAgent {
     /// Heard from within three report intervals (and a second of slack).
     pub fn live(&self, now_ms: u64) -> bool {
-        now_ms.saturating_sub(self.last_seen_ms) <= self.report.interval_ms.saturating_mul(3) + 1000
+        now_ms.saturating_sub(self.last_seen_ms)
+            <= self
+                .report
+                .interval_ms
+                .saturating_mul(3)
+                .saturating_add(1000)
     }
 }
 
@@ -408,8 +446,15 @@ impl ControlState {
                         let completed = c.phase == TPhase::Completed;
                         out.push(c);
                         if completed {
+                            let already: Vec<String> = out
+                                .iter()
+                                .filter(|c| c.phase == TPhase::Superseded)
+                                .map(|c| c.id.clone())
+                                .collect();
                             for old in self.transitions.values().filter(|o| {
-                                o.phase == TPhase::Completed && o.spec.target == t.spec.target
+                                o.phase == TPhase::Completed
+                                    && o.spec.target == t.spec.target
+                                    && !already.contains(&o.id)
                             }) {
                                 out.push(TransitionChanged {
                                     id: old.id.clone(),
@@ -455,18 +500,27 @@ impl ControlState {
             .collect();
         let (mut ran, mut failed) = (0u64, 0u64);
         for a in targeted {
-            let (ok0, f0) = t
-                .baseline
-                .get(&a.report.record.agent)
-                .copied()
-                .unwrap_or((0, 0));
+            // Only agents admitted with a baseline count: a late joiner's lifetime counters
+            // say nothing about this bundle.
+            let Some(&(ok0, f0)) = t.baseline.get(&a.report.record.agent) else {
+                continue;
+            };
             let f = a.report.blocks_failed.saturating_sub(f0);
-            ran += a.report.blocks_ok.saturating_sub(ok0) + f;
-            failed += f;
+            ran = ran.saturating_add(a.report.blocks_ok.saturating_sub(ok0).saturating_add(f));
+            failed = failed.saturating_add(f);
         }
-        let need = ((t.spec.quorum * targeted.len() as f64).ceil() as usize).max(1);
+        // The quorum is of every agent targeted at admission (one that went silent since
+        // still counts, never as effective) and every live one targeted now.
+        let population = t
+            .baseline
+            .keys()
+            .map(String::as_str)
+            .chain(targeted.iter().map(|a| a.report.record.agent.as_str()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let need = ((t.spec.quorum * population as f64).ceil() as usize).max(1);
         let evidence = serde_json::json!({
-            "targeted": targeted.len(),
+            "targeted": population,
             "effective": effective,
             "refused": refused,
             "quorum": need,

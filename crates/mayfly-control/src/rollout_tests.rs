@@ -1,36 +1,21 @@
 use crate::model::*;
 use crate::rollout::*;
 use crate::service::{Control, ControlError, Outcome, verify_stored};
-use mayfly_store::{SqliteStore, Store};
+use mayfly_store::Store;
 use mayfly_trust::sign::ControlKey;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-fn caller(tenant: &str, role: Role) -> Caller {
-    Caller {
-        tenant: tenant.into(),
-        role,
-        actor: format!("{tenant}-{role:?}").to_lowercase(),
-        request_id: "req-r".into(),
-    }
-}
+use crate::tests::caller;
 
 fn sys() -> Caller {
     caller(SYSTEM_TENANT, Role::Admin)
 }
 
+/// A control plane on a fresh SQLite log, with a signing key.
 async fn control() -> (tempfile::TempDir, Arc<dyn Store>, Control) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("c.db"))
-            .await
-            .expect("store"),
-    );
-    let c = Control::open(store.clone())
-        .await
-        .expect("open")
-        .with_signer(ControlKey::generate());
-    (dir, store, c)
+    let (dir, store, c) = crate::tests::control().await;
+    (dir, store, c.with_signer(ControlKey::generate()))
 }
 
 fn policy(tools: &str) -> Vec<Manifest> {
@@ -458,4 +443,53 @@ fn rollout_manifests_validate_bounds_with_locations() {
     assert_eq!(a.transition_id(), b.transition_id());
     b.revision = 1;
     assert_ne!(a.transition_id(), b.transition_id());
+}
+
+/// Conflicts are decided within one apply too, reveal nothing to callers refused for
+/// authorization, and never re-plan an intent whose transition already ran.
+#[tokio::test]
+async fn conflicts_within_an_apply_and_for_unauthorized_callers() {
+    let (_d, _store, c) = control().await;
+    c.apply(&caller("acme", Role::Admin), &policy("python"))
+        .await
+        .expect("policy");
+    let b1 = c.publish_bundle(&sys()).await.expect("b1").digest;
+    c.apply(&caller("acme", Role::Admin), &policy("python, http"))
+        .await
+        .expect("policy 2");
+    let b2 = c.publish_bundle(&sys()).await.expect("b2").digest;
+    let mut both = rollout("r1", &b1, "");
+    both.extend(rollout("r2", &b2, ""));
+    let r = c.apply(&sys(), &both).await.expect("apply");
+    assert_eq!(r.results[1].outcome, Outcome::Denied, "{r:?}");
+    assert!(r.results[1].reason.contains("of this apply"), "{r:?}");
+    assert!(r.results[1].retry_hint.is_some());
+    assert_eq!(r.results[0].outcome, Outcome::Skipped, "all or nothing");
+
+    c.apply(&sys(), &rollout("r1", &b1, "")).await.expect("r1");
+    c.agent_report(report("gpu-1", "gpu", None))
+        .await
+        .expect("report");
+    // A tenant admin is refused for authorization: no hint, no transition recorded.
+    let before = c.state_for_tests().await.transitions.len();
+    let r = c
+        .apply(&caller("acme", Role::Admin), &rollout("r2", &b2, ""))
+        .await
+        .expect("apply");
+    assert_eq!(r.results[0].outcome, Outcome::Denied);
+    assert_eq!(r.results[0].retry_hint, None, "{r:?}");
+    assert_eq!(c.state_for_tests().await.transitions.len(), before);
+
+    // r1 completes; r2 runs and holds the scope; re-declaring r1's finished intent under a
+    // new name is refused as a conflict, and r1's record is left as it was.
+    c.agent_report(report("gpu-1", "gpu", Some(&b1)))
+        .await
+        .expect("ack");
+    c.apply(&sys(), &rollout("r2", &b2, "")).await.expect("r2");
+    let r = c
+        .apply(&sys(), &rollout("r1-again", &b1, ""))
+        .await
+        .expect("apply");
+    assert_eq!(r.results[0].outcome, Outcome::Denied, "{r:?}");
+    assert_eq!(phase_of(&c, "r1").await, TPhase::Completed);
 }

@@ -240,17 +240,14 @@ impl Control {
             bundle: signed.clone(),
             policies,
         };
-        let folded = self.push(
+        self.push_or_reload(
             &mut st,
             &mut events,
             caller,
             EventKind::BundlePublished,
             json!(published),
-        );
-        if let Err(e) = folded {
-            self.reload_after_failure(&mut st).await;
-            return Err(e);
-        }
+        )
+        .await?;
         let accepted_token = self.append_folded(&mut st, events).await?;
         Ok(BundleReport {
             digest: signed.digest,
@@ -268,7 +265,10 @@ impl Control {
 
     /// Published bundles, in digest order.
     pub async fn bundles(&self) -> Vec<mayfly_trust::sign::Signed> {
-        self.state.lock().await.bundles.values().cloned().collect()
+        self.lock()
+            .await
+            .map(|st| st.bundles.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// An agent's report: remember it, record a change of what it applied or refused, run
@@ -290,6 +290,7 @@ impl Control {
         };
         let mut st = self.lock().await?;
         let mut events = Vec::new();
+        self.mark_dirty();
         let folded = (|| {
             if st.agents.get(&record.agent) != Some(&record) {
                 push_as(
@@ -321,6 +322,7 @@ impl Control {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut st = self.lock().await?;
         let mut events = Vec::new();
+        self.mark_dirty();
         if let Err(e) = controller_decisions(&mut st, &mut events, now, &live) {
             self.reload_after_failure(&mut st).await;
             return Err(e);
@@ -345,16 +347,14 @@ impl Control {
         let from = 2;
         let mut events = Vec::new();
         let snap = crate::model::Snapshot::of(&st);
-        if let Err(e) = self.push(
+        self.push_or_reload(
             &mut st,
             &mut events,
             caller,
             EventKind::ControlSnapshot,
             json!(snap),
-        ) {
-            self.reload_after_failure(&mut st).await;
-            return Err(e);
-        }
+        )
+        .await?;
         let compact = if through >= from {
             vec![mayfly_store::Compaction {
                 execution_id: stream(),
@@ -376,7 +376,10 @@ impl Control {
             }))
             .await
         {
-            Ok(t) => t,
+            Ok(t) => {
+                self.settled();
+                t
+            }
             Err(e) => {
                 self.reload_after_failure(&mut st).await;
                 return Err(e.into());
@@ -445,16 +448,14 @@ impl Control {
             evidence: json!({}),
         };
         let mut events = Vec::new();
-        if let Err(e) = self.push(
+        self.push_or_reload(
             &mut st,
             &mut events,
             caller,
             EventKind::TransitionChanged,
             json!(c),
-        ) {
-            self.reload_after_failure(&mut st).await;
-            return Err(e);
-        }
+        )
+        .await?;
         self.append_folded(&mut st, events).await
     }
 
@@ -462,7 +463,7 @@ impl Control {
     pub async fn rollout_status(&self, name: &str) -> Result<RolloutStatus, ControlError> {
         let now = now_ms();
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let st = self.state.lock().await;
+        let st = self.lock().await?;
         let t = rollout_transition(&st, name)?.clone();
         let mut agents = Vec::new();
         for (id, rec) in &st.agents {
@@ -522,6 +523,9 @@ impl Control {
         manifests: &[Manifest],
     ) -> Result<Vec<ApplyResult>, ControlError> {
         let mut results = Vec::new();
+        // Rollouts of this same apply hold their scopes too: a second intent on a scope an
+        // earlier one of the apply takes conflicts with it.
+        let mut claimed: Vec<(crate::rollout::Target, String, String)> = Vec::new();
         let keyed: Vec<(ObjectKey, &Manifest, Decision)> = manifests
             .iter()
             .map(|m| {
@@ -529,6 +533,20 @@ impl Control {
                 let mut d = authorize(caller, &key);
                 if d.allowed && key.kind == Kind::Rollout {
                     d = rollout_gate(next, &key, m);
+                    if let Ok(spec) = RolloutSpec::deserialize(&m.spec) {
+                        let id = spec.transition_id();
+                        match claimed.iter().find(|(t, other, _)| *t == spec.target && *other != id) {
+                            Some((_, other, name)) if d.allowed => {
+                                d = Decision {
+                                    allowed: false,
+                                    reason: format!(
+                                        "conflicted: rollout `{name}` of this apply ({other}) takes the same scope"
+                                    ),
+                                };
+                            }
+                            _ => claimed.push((spec.target, id, key.name.clone())),
+                        }
+                    }
                 }
                 (key, m, d)
             })
@@ -544,10 +562,18 @@ impl Control {
             let rollout = (key.kind == Kind::Rollout)
                 .then(|| RolloutSpec::deserialize(&m.spec).ok())
                 .flatten();
-            let conflict = rollout.as_ref().and_then(|r| {
+            // Only a refusal for a conflict (not for authorization) says what holds the scope.
+            let conflicted = !decision.allowed && decision.reason.starts_with("conflicted");
+            let conflict = rollout.as_ref().filter(|_| conflicted).and_then(|r| {
                 next.active_on(&r.target)
                     .filter(|t| t.id != r.transition_id())
                     .map(|t| (t.id.clone(), t.rollout.clone()))
+                    .or_else(|| {
+                        claimed
+                            .iter()
+                            .find(|(t, id, _)| *t == r.target && *id != r.transition_id())
+                            .map(|(_, id, name)| (id.clone(), name.clone()))
+                    })
             });
             let result = |outcome, generation, reason: String| {
                 ApplyResult {
@@ -580,7 +606,14 @@ impl Control {
                 };
                 results.push(result(Outcome::Denied, shown, decision.reason.clone()));
                 self.push(next, events, caller, EventKind::ObjectDenied, json!(d))?;
-                if let (Some(spec), Some(_)) = (&rollout, &conflict) {
+                // Recorded as a conflicted transition when the intent is new (or conflicted
+                // before); an intent whose transition ran already keeps its record.
+                let fresh = rollout.as_ref().is_some_and(|r| {
+                    next.transitions
+                        .get(&r.transition_id())
+                        .is_none_or(|t| t.phase == TPhase::Conflicted)
+                });
+                if let (Some(spec), Some(_), true) = (&rollout, &conflict, fresh) {
                     let c = TransitionChanged {
                         id: spec.transition_id(),
                         phase: TPhase::Conflicted,
@@ -687,6 +720,7 @@ impl Control {
         events: Vec<Event>,
     ) -> Result<Option<u64>, ControlError> {
         if events.is_empty() {
+            self.settled();
             return Ok(None);
         }
         match self
@@ -698,6 +732,7 @@ impl Control {
             .await
         {
             Ok(token) => {
+                self.settled();
                 if let Some(t) = token {
                     self.last_token
                         .fetch_max(t, std::sync::atomic::Ordering::SeqCst);
@@ -723,13 +758,29 @@ impl Control {
             .map_err(ControlError::from)
             .and_then(|ev| fold(&ev))
         {
-            Ok(stored) => *st = stored,
+            Ok(stored) => {
+                *st = stored;
+                self.settled();
+            }
             Err(re) => {
                 tracing::error!(error = %re, "control stream could not be re-read after a failed write");
                 self.untrusted
                     .store(true, std::sync::atomic::Ordering::SeqCst);
             }
         }
+    }
+
+    /// Records are being folded into the state ahead of their commit: until the commit (or a
+    /// re-read) settles it, the state is not to be trusted — if the operation is abandoned
+    /// midway (its request dropped), the next one re-reads the stream.
+    fn mark_dirty(&self) {
+        self.untrusted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn settled(&self) {
+        self.untrusted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The state, locked, re-read from the store first if a failed write left it untrusted.
@@ -743,6 +794,23 @@ impl Control {
         Ok(st)
     }
 
+    /// [`Control::push`] into the locked state; if it fails, re-read the stream (the state
+    /// may hold part of what was being folded).
+    async fn push_or_reload(
+        &self,
+        st: &mut ControlState,
+        events: &mut Vec<Event>,
+        caller: &Caller,
+        kind: EventKind,
+        payload: serde_json::Value,
+    ) -> Result<(), ControlError> {
+        let r = self.push(st, events, caller, kind, payload);
+        if r.is_err() {
+            self.reload_after_failure(st).await;
+        }
+        r
+    }
+
     /// Seal the next event of the stream and fold it into `st`.
     fn push(
         &self,
@@ -752,6 +820,7 @@ impl Control {
         kind: EventKind,
         payload: serde_json::Value,
     ) -> Result<(), ControlError> {
+        self.mark_dirty();
         push_as(
             st,
             events,
@@ -807,12 +876,18 @@ impl Control {
 
     /// Objects of `kind` visible to `caller` (one, with `name`), as this appender sees them.
     pub async fn get(&self, caller: &Caller, kind: Kind, name: Option<&str>) -> Vec<ObjectView> {
-        self.state.lock().await.objects_of(caller, kind, name)
+        self.lock()
+            .await
+            .map(|st| st.objects_of(caller, kind, name))
+            .unwrap_or_default()
     }
 
     /// Every revision of one object (oldest first), if visible to `caller`.
     pub async fn history(&self, caller: &Caller, kind: Kind, name: &str) -> Option<Vec<Revision>> {
-        self.state.lock().await.history_of(caller, kind, name)
+        self.lock()
+            .await
+            .ok()
+            .and_then(|st| st.history_of(caller, kind, name))
     }
 
     #[cfg(test)]

@@ -4,7 +4,7 @@ use mayfly_store::{SqliteStore, Store};
 use serde_json::json;
 use std::sync::Arc;
 
-fn caller(tenant: &str, role: Role) -> Caller {
+pub(super) fn caller(tenant: &str, role: Role) -> Caller {
     Caller {
         tenant: tenant.into(),
         role,
@@ -124,7 +124,7 @@ fn authorization_matrix() {
     );
 }
 
-async fn control() -> (tempfile::TempDir, Arc<dyn Store>, Control) {
+pub(super) async fn control() -> (tempfile::TempDir, Arc<dyn Store>, Control) {
     let dir = tempfile::tempdir().expect("tmp");
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(dir.path().join("c.db"))
@@ -614,6 +614,14 @@ async fn the_environment_layer_applies_to_tenants_of_that_environment() {
         ex.limits.step_timeout_s,
         Some(30),
         "the environment's budget"
+    );
+    // A bundle carries the tenants' environments: agents apply the environment layer too.
+    let frozen = crate::rollout::BundleBody::freeze(&st).policy_state();
+    let ex = frozen.explain(&req("acme", &["http"]));
+    assert_eq!(
+        ex.decided_by.as_deref(),
+        Some("system/prod-no-http"),
+        "{ex:?}"
     );
     // A tenant in another environment is not governed by prod's layer.
     let ex = st.explain(&req("beta", &["http"]));

@@ -555,20 +555,31 @@ fn control_error(c: &Caller, e: mayfly_control::ControlError) -> Problem {
     }
 }
 
+/// Run a control-plane write on the appending node (`not_leader` elsewhere), answer its
+/// report, and let this node's view pick the write up at once.
+async fn leader_write<T, F, Fut>(gw: &Gateway, c: &Caller, write: F) -> ApiResult<Response>
+where
+    T: serde::Serialize,
+    F: FnOnce(std::sync::Arc<mayfly_control::Control>, mayfly_control::Caller) -> Fut,
+    Fut: std::future::Future<Output = Result<T, mayfly_control::ControlError>>,
+{
+    let control = gw.control.clone().ok_or_else(not_leader)?;
+    let r = write(control, c.control())
+        .await
+        .map_err(|e| control_error(c, e))?;
+    gw.view.poke();
+    Ok(Json(r).into_response())
+}
+
 /// `POST /v1/bundles`: freeze the policies into a signed bundle (system admins).
 pub(crate) async fn publish_bundle(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
-    let Some(control) = &gw.control else {
-        return Err(not_leader());
-    };
-    let r = control
-        .publish_bundle(&c.control())
-        .await
-        .map_err(|e| control_error(&c, e))?;
-    gw.view.poke();
-    Ok(Json(r).into_response())
+    leader_write(&gw, &c, |control, who| async move {
+        control.publish_bundle(&who).await
+    })
+    .await
 }
 
 /// `GET /v1/bundles`: published bundles (digest, signing key, policies) — system tenant.
@@ -609,15 +620,11 @@ pub(crate) async fn cancel_rollout(
     axum::Extension(c): axum::Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let Some(control) = &gw.control else {
-        return Err(not_leader());
-    };
-    let token = control
-        .cancel_rollout(&c.control(), &name)
-        .await
-        .map_err(|e| control_error(&c, e))?;
-    gw.view.poke();
-    Ok(Json(json!({ "rollout": name, "accepted_token": token })).into_response())
+    leader_write(&gw, &c, |control, who| async move {
+        let token = control.cancel_rollout(&who, &name).await?;
+        Ok(json!({ "rollout": name, "accepted_token": token }))
+    })
+    .await
 }
 
 /// `POST /v1/control/compact`: snapshot the control stream and delete the records the
@@ -626,13 +633,8 @@ pub(crate) async fn compact(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
-    let Some(control) = &gw.control else {
-        return Err(not_leader());
-    };
-    let r = control
-        .compact(&c.control())
-        .await
-        .map_err(|e| control_error(&c, e))?;
-    gw.view.poke();
-    Ok(Json(r).into_response())
+    leader_write(&gw, &c, |control, who| async move {
+        control.compact(&who).await
+    })
+    .await
 }

@@ -228,6 +228,11 @@ impl Caller {
     /// while the control plane was degraded) — a marker for review, in the audit table.
     fn mark(&self, outcome: &str, detail: String) {
         metrics::counter!("mayfly_fail_open_total", "outcome" => outcome.to_owned()).increment(1);
+        self.audit(outcome, detail);
+    }
+
+    /// Record what became of this request in the audit table.
+    fn audit(&self, outcome: &str, detail: String) {
         if let Some(a) = &self.audit {
             a.record(AuditRecord {
                 id: 0,
@@ -252,18 +257,7 @@ impl Caller {
         outcome: &str,
         detail: String,
     ) -> Problem {
-        if let Some(a) = &self.audit {
-            a.record(AuditRecord {
-                id: 0,
-                at_ms: mayfly_types::now_ms(),
-                tenant: Some(self.tenant.clone()),
-                actor: Some(self.actor.clone()),
-                action: self.action.clone(),
-                outcome: outcome.into(),
-                detail: detail.clone(),
-                request_id: self.request_id.clone(),
-            });
-        }
+        self.audit(outcome, detail.clone());
         Problem::new(status, code, detail)
     }
 }

@@ -14,19 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+/// The answer to a report, on its way.
+pub type HubFuture<'a> = Pin<Box<dyn Future<Output = Result<AgentAnswer, String>> + Send + 'a>>;
+
 /// Where an agent reports: the control plane in process, or over NATS to the server.
 pub trait AgentHub: Send + Sync + 'static {
-    fn report(
-        &self,
-        report: AgentReport,
-    ) -> Pin<Box<dyn Future<Output = Result<AgentAnswer, String>> + Send + '_>>;
+    fn report(&self, report: AgentReport) -> HubFuture<'_>;
 }
 
 impl AgentHub for mayfly_control::Control {
-    fn report(
-        &self,
-        report: AgentReport,
-    ) -> Pin<Box<dyn Future<Output = Result<AgentAnswer, String>> + Send + '_>> {
+    fn report(&self, report: AgentReport) -> HubFuture<'_> {
         Box::pin(async move { self.agent_report(report).await.map_err(|e| e.to_string()) })
     }
 }
@@ -56,6 +53,8 @@ pub struct Agent {
     failed: AtomicU64,
     /// Control plane clock minus this process's, as of the last answer.
     skew_ms: std::sync::atomic::AtomicI64,
+    /// Whether the control plane has answered once (workers take no block before).
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl Agent {
@@ -67,11 +66,19 @@ impl Agent {
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             skew_ms: std::sync::atomic::AtomicI64::new(0),
+            synced: tokio::sync::watch::Sender::new(false),
         }
     }
 
     pub fn id(&self) -> &str {
         &self.cfg.id
+    }
+
+    /// Wait until the control plane has answered once: until then the agent cannot know
+    /// whether a bundle is in force, so its workers take no block (fail closed).
+    pub async fn ready(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// The digest of the bundle it enforces.
@@ -205,6 +212,7 @@ impl Agent {
             let answer = hub.report(self.report()).await?;
             self.observe_clock(answer.now_ms);
             self.offer(answer.desired.as_ref());
+            self.synced.send_replace(true);
             if (self.applied(), self.refused_digest()) == before {
                 break;
             }

@@ -896,16 +896,7 @@ impl Coordinator for RemoteCoordinator {
 }
 
 impl crate::agent::AgentHub for RemoteCoordinator {
-    fn report(
-        &self,
-        report: mayfly_control::rollout::AgentReport,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<mayfly_control::rollout::AgentAnswer, String>>
-                + Send
-                + '_,
-        >,
-    > {
+    fn report(&self, report: mayfly_control::rollout::AgentReport) -> crate::agent::HubFuture<'_> {
         Box::pin(async move { self.agent_report(&report).await.map_err(|e| e.to_string()) })
     }
 }

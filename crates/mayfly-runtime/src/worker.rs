@@ -66,6 +66,9 @@ pub async fn worker_loop<C: Coordinator>(
     agent: Option<Arc<crate::agent::Agent>>,
     worker: String,
 ) {
+    if let Some(a) = &agent {
+        a.ready().await;
+    }
     while let Some((block, ticket)) = coord.next().await {
         let h = match coord.claim(block, &worker).await {
             Ok(Claim::Granted(h)) => h,

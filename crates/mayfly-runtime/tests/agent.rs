@@ -51,13 +51,10 @@ async fn setup() -> (tempfile::TempDir, Arc<dyn Store>, Arc<Control>, ControlKey
     (dir, store, control, key)
 }
 
-/// Allow only `noop` for the default tenant, publish, and roll it out to every agent.
-async fn roll_out_noop_only(control: &Control) -> String {
-    let policy = parse_manifests(
-        "p.yaml",
-        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: noop-only, tenant: default}\nspec:\n  tools: {allow: [noop]}\n",
-    )
-    .expect("policy");
+/// Apply `policies` (YAML) for the default tenant, publish a bundle of them, and roll it
+/// out to every agent as Rollout `name`; the bundle's digest.
+async fn roll_out(control: &Control, policies: &str, name: &str) -> String {
+    let policy = parse_manifests("p.yaml", policies).expect("policy");
     control
         .apply(&caller("default"), &policy)
         .await
@@ -69,7 +66,7 @@ async fn roll_out_noop_only(control: &Control) -> String {
         .digest;
     let r = parse_manifests(
         "r.yaml",
-        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: lock-down}}\nspec:\n  bundle: \"{b}\"\n"),
+        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: {name}}}\nspec:\n  bundle: \"{b}\"\n"),
     )
     .expect("rollout");
     control
@@ -77,6 +74,13 @@ async fn roll_out_noop_only(control: &Control) -> String {
         .await
         .expect("rollout");
     b
+}
+
+const NOOP_ONLY: &str = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: noop-only, tenant: default}\nspec:\n  tools: {allow: [noop]}\n";
+
+/// Allow only `noop` for the default tenant, publish, and roll it out to every agent.
+async fn roll_out_noop_only(control: &Control) -> String {
+    roll_out(control, NOOP_ONLY, "lock-down").await
 }
 
 const SHELL: &str = "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: sh, path: t/sh}\nworkflow:\n  - step: start\n    tool: {kind: shell, cmds: [\"echo hi\"]}\n";
@@ -95,6 +99,8 @@ async fn workers_enforce_the_bundle_their_agent_applied_and_acknowledge_it() {
         },
     )
     .expect("rt");
+    // Its workers take blocks once the agent has heard from the control plane.
+    a.sync(control.as_ref()).await.expect("first sync");
     // Before any bundle, the worker runs shell.
     let pb = parse("sh.yaml", SHELL, &ParseOptions::default()).expect("pb");
     let r = rt.run(pb.clone(), Map::new()).await.expect("run");
@@ -183,13 +189,7 @@ impl mayfly_runtime::agent::AgentHub for Skewed {
     fn report(
         &self,
         report: mayfly_control::rollout::AgentReport,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<mayfly_control::rollout::AgentAnswer, String>>
-                + Send
-                + '_,
-        >,
-    > {
+    ) -> mayfly_runtime::agent::HubFuture<'_> {
         Box::pin(async move {
             let mut a = self
                 .control
@@ -210,29 +210,10 @@ async fn agents_judge_expiry_by_the_control_planes_clock() {
     let (_dir, _store, control, key) = setup().await;
     let now = mayfly_types::now_ms();
     let expires = now + 10 * 60_000;
-    let policies = parse_manifests(
-        "p.yaml",
-        &format!("apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: noop-only, tenant: default}}\nspec:\n  tools: {{allow: [noop]}}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: shell-for-now, tenant: default}}\nspec:\n  exception: true\n  scope: {{playbook: t/sh}}\n  expires_at_ms: {expires}\n  tools: {{allow: [shell]}}\n"),
-    )
-    .expect("policies");
-    control
-        .apply(&caller("default"), &policies)
-        .await
-        .expect("apply");
-    let b = control
-        .publish_bundle(&caller(SYSTEM_TENANT))
-        .await
-        .expect("publish")
-        .digest;
-    let r = parse_manifests(
-        "r.yaml",
-        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: x}}\nspec:\n  bundle: \"{b}\"\n"),
-    )
-    .expect("rollout");
-    control
-        .apply(&caller(SYSTEM_TENANT), &r)
-        .await
-        .expect("rollout");
+    let policies = format!(
+        "{NOOP_ONLY}---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {{name: shell-for-now, tenant: default}}\nspec:\n  exception: true\n  scope: {{playbook: t/sh}}\n  expires_at_ms: {expires}\n  tools: {{allow: [shell]}}\n"
+    );
+    let b = roll_out(&control, &policies, "x").await;
     let tools = || std::collections::BTreeSet::from(["shell".to_owned()]);
 
     let in_sync = agent("w-a", &key);

@@ -57,16 +57,20 @@ pub enum KeychainCmd {
     },
 }
 
-fn default_key_file() -> PathBuf {
-    let home = std::env::var_os("MAYFLY_HOME")
+/// `$MAYFLY_HOME`, default `~/.mayfly`: where keys and the CLI session live.
+pub fn mayfly_home() -> PathBuf {
+    std::env::var_os("MAYFLY_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             std::env::var_os("HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("."))
                 .join(".mayfly")
-        });
-    home.join("master.key")
+        })
+}
+
+fn default_key_file() -> PathBuf {
+    mayfly_home().join("master.key")
 }
 
 fn read_key_file(path: &Path) -> Result<MasterKey> {

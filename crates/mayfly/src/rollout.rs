@@ -17,17 +17,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn home() -> PathBuf {
-    std::env::var_os("MAYFLY_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."))
-                .join(".mayfly")
-        })
-}
-
 /// Where the control plane's key is.
 #[derive(Args, Clone, Debug)]
 pub struct ControlKeyOpts {
@@ -46,7 +35,7 @@ impl ControlKeyOpts {
         let path = self
             .control_key_file
             .clone()
-            .unwrap_or_else(|| home().join("control.key"));
+            .unwrap_or_else(|| crate::keychain::mayfly_home().join("control.key"));
         let read = |path: &std::path::Path| -> Result<ControlKey> {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading control key {}", path.display()))?;
@@ -142,7 +131,7 @@ impl AgentOpts {
                         let path = self
                             .control_pubkey_file
                             .clone()
-                            .unwrap_or_else(|| home().join("control.pub"));
+                            .unwrap_or_else(|| crate::keychain::mayfly_home().join("control.pub"));
                         std::fs::read_to_string(&path).ok()
                     }
                 };

@@ -841,6 +841,18 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
 }
 
 /// An embedded `mayfly server` on `db`: (child, base url, the admin token it printed).
+/// The CLI against the server at `url`, as `token`.
+fn remote_cli<'a>(url: &'a str, token: &'a str) -> impl Fn(&[&str]) -> std::process::Output + 'a {
+    move |args| {
+        bin()
+            .env("MAYFLY_URL", url)
+            .env("MAYFLY_TOKEN", token)
+            .args(args)
+            .output()
+            .expect("cli")
+    }
+}
+
 fn local_server(db: &std::path::Path) -> (std::process::Child, String, String) {
     local_server_at(db, "127.0.0.1:0")
 }
@@ -877,14 +889,7 @@ fn local_server_at(db: &std::path::Path, listen: &str) -> (std::process::Child, 
 fn cli_against_a_server_registers_starts_watches_and_lists() {
     let dir = tempfile::tempdir().expect("tmp");
     let (mut server, url, token) = local_server(&dir.path().join("srv.db"));
-    let remote = |args: &[&str]| {
-        bin()
-            .env("MAYFLY_URL", &url)
-            .env("MAYFLY_TOKEN", &token)
-            .args(args)
-            .output()
-            .expect("cli")
-    };
+    let remote = remote_cli(&url, &token);
     let o = remote(&[
         "register",
         examples().join("hello.yaml").to_str().expect("path"),
@@ -1168,14 +1173,7 @@ fn the_session_floor_starts_over_on_another_log_at_the_same_url() {
 fn bundles_roll_out_to_the_servers_workers_and_are_enforced() {
     let dir = tempfile::tempdir().expect("tmp");
     let (mut server, url, token) = local_server(&dir.path().join("srv.db"));
-    let remote = |args: &[&str]| {
-        bin()
-            .env("MAYFLY_URL", &url)
-            .env("MAYFLY_TOKEN", &token)
-            .args(args)
-            .output()
-            .expect("cli")
-    };
+    let remote = remote_cli(&url, &token);
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
