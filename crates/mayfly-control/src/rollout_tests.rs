@@ -493,3 +493,28 @@ async fn conflicts_within_an_apply_and_for_unauthorized_callers() {
     assert_eq!(r.results[0].outcome, Outcome::Denied, "{r:?}");
     assert_eq!(phase_of(&c, "r1").await, TPhase::Completed);
 }
+
+/// A Rollout whose transition is in progress cannot change its intent (its old transition
+/// would become unreachable by `cancel`): refused with a hint to cancel it first.
+#[tokio::test]
+async fn an_in_progress_rollout_cannot_change_its_intent() {
+    let (_d, _store, c) = control().await;
+    c.apply(&caller("acme", Role::Admin), &policy("python"))
+        .await
+        .expect("policy");
+    let b1 = c.publish_bundle(&sys()).await.expect("b1").digest;
+    c.apply(&sys(), &rollout("r1", &b1, "")).await.expect("r1");
+    let elsewhere = parse_manifests(
+        "r.yaml",
+        &format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: r1}}\nspec:\n  bundle: \"{b1}\"\n  target: {{pool: cpu}}\n"),
+    )
+    .expect("rollout");
+    let r = c.apply(&sys(), &elsewhere).await.expect("apply");
+    assert_eq!(r.results[0].outcome, Outcome::Denied, "{r:?}");
+    assert!(r.results[0].reason.contains("cancel it before"), "{r:?}");
+    let hint = r.results[0].retry_hint.clone().expect("hint");
+    assert!(hint.contains("mayfly rollout cancel r1"), "{hint}");
+    c.cancel_rollout(&sys(), "r1").await.expect("cancel");
+    let r = c.apply(&sys(), &elsewhere).await.expect("apply");
+    assert_eq!(r.results[0].outcome, Outcome::Configured, "{r:?}");
+}

@@ -565,8 +565,12 @@ impl Control {
             // Only a refusal for a conflict (not for authorization) says what holds the scope.
             let conflicted = !decision.allowed && decision.reason.starts_with("conflicted");
             let conflict = rollout.as_ref().filter(|_| conflicted).and_then(|r| {
-                next.active_on(&r.target)
+                own_active(next, &key)
                     .filter(|t| t.id != r.transition_id())
+                    .or_else(|| {
+                        next.active_on(&r.target)
+                            .filter(|t| t.id != r.transition_id())
+                    })
                     .map(|t| (t.id.clone(), t.rollout.clone()))
                     .or_else(|| {
                         claimed
@@ -953,6 +957,17 @@ fn rollout_gate(st: &ControlState, key: &ObjectKey, m: &Manifest) -> Decision {
             ),
         };
     }
+    if let Some(t) = own_active(st, key).filter(|t| t.id != spec.transition_id()) {
+        return Decision {
+            allowed: false,
+            reason: format!(
+                "conflicted: rollout `{}` has transition {} {}; cancel it before changing its intent",
+                key.name,
+                t.id,
+                t.phase.as_str()
+            ),
+        };
+    }
     match st.active_on(&spec.target) {
         Some(t) if t.id != spec.transition_id() => Decision {
             allowed: false,
@@ -965,6 +980,15 @@ fn rollout_gate(st: &ControlState, key: &ObjectKey, m: &Manifest) -> Decision {
         },
         _ => ok,
     }
+}
+
+/// The in-progress transition of the Rollout object `key` as it stands, if any.
+fn own_active<'a>(st: &'a ControlState, key: &ObjectKey) -> Option<&'a crate::rollout::Transition> {
+    let o = st.objects.get(key)?;
+    let spec = RolloutSpec::deserialize(&o.spec).ok()?;
+    st.transitions
+        .get(&spec.transition_id())
+        .filter(|t| t.phase.active())
 }
 
 /// Fold the controller's due decisions into `st`, each as a `transition.changed` event.
