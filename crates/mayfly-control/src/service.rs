@@ -224,7 +224,7 @@ impl Control {
         let body = BundleBody::freeze(&st);
         let policies = body.policies.len();
         let signed = signer
-            .sign(json!(body))
+            .sign(mayfly_trust::sign::Purpose::PolicyBundle, json!(body))
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         if st.bundles.contains_key(&signed.digest) {
             return Ok(BundleReport {

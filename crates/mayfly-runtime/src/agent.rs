@@ -107,7 +107,7 @@ impl Agent {
             return;
         }
         let verdict = bundle
-            .verify(&self.cfg.trusted)
+            .verify(mayfly_trust::sign::Purpose::PolicyBundle, &self.cfg.trusted)
             .map_err(|e| (e.code().to_owned(), e.to_string()))
             .and_then(|()| {
                 serde_json::from_value::<BundleBody>(bundle.body.clone())

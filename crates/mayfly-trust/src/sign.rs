@@ -11,8 +11,22 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// What a signature covers besides the digest (domain separation).
-const DOMAIN: &[u8] = b"mayfly.signed.v1\0";
+/// What a signature is for: it covers the purpose's domain as well as the digest, so a
+/// signature made for one purpose (a policy bundle) never verifies as another (a snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    PolicyBundle,
+    Snapshot,
+}
+
+impl Purpose {
+    fn domain(self) -> &'static [u8] {
+        match self {
+            Purpose::PolicyBundle => b"mayfly.policy-bundle.v1\0",
+            Purpose::Snapshot => b"mayfly.snapshot.v1\0",
+        }
+    }
+}
 
 /// Why an envelope is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
@@ -142,10 +156,11 @@ impl ControlKey {
         &self.public
     }
 
-    /// Sign `body`: canonical JSON → sha256 → ed25519 over the domain-separated digest.
-    pub fn sign(&self, body: Value) -> Result<Signed, crate::TrustError> {
+    /// Sign `body` for `purpose`: canonical JSON → sha256 → ed25519 over the purpose's
+    /// domain and the digest.
+    pub fn sign(&self, purpose: Purpose, body: Value) -> Result<Signed, crate::TrustError> {
         let digest = crate::digest_of(&body)?;
-        let sig = self.key.sign(&message(&digest));
+        let sig = self.key.sign(&message(purpose, &digest));
         Ok(Signed {
             body,
             digest,
@@ -155,8 +170,8 @@ impl ControlKey {
     }
 }
 
-fn message(digest: &str) -> Vec<u8> {
-    let mut m = DOMAIN.to_vec();
+fn message(purpose: Purpose, digest: &str) -> Vec<u8> {
+    let mut m = purpose.domain().to_vec();
     m.extend_from_slice(digest.as_bytes());
     m
 }
@@ -173,9 +188,9 @@ pub struct Signed {
 }
 
 impl Signed {
-    /// Verify against `trusted`: the key is trusted, the body hashes to the digest and the
-    /// signature verifies.
-    pub fn verify(&self, trusted: &[TrustedKey]) -> Result<(), SignError> {
+    /// Verify against `trusted` for `purpose`: the key is trusted, the body hashes to the
+    /// digest and the signature, made for this purpose, verifies.
+    pub fn verify(&self, purpose: Purpose, trusted: &[TrustedKey]) -> Result<(), SignError> {
         let key = trusted
             .iter()
             .find(|k| k.id == self.key_id)
@@ -190,7 +205,7 @@ impl Signed {
             .map_err(|e| SignError::Malformed(format!("signature: {e}")))?;
         let sig = Signature::from_slice(&bytes).map_err(|_| SignError::BadSignature)?;
         key.verifying()?
-            .verify(&message(&self.digest), &sig)
+            .verify(&message(purpose, &self.digest), &sig)
             .map_err(|_| SignError::BadSignature)
     }
 }
@@ -203,41 +218,85 @@ mod tests {
     #[test]
     fn a_signed_envelope_verifies_and_its_digest_is_content_addressed() {
         let k = ControlKey::generate();
-        let a = k.sign(json!({"b": 1, "a": [1, 2]})).unwrap();
-        let b = k.sign(json!({"a": [1, 2], "b": 1})).unwrap();
+        let a = k
+            .sign(Purpose::PolicyBundle, json!({"b": 1, "a": [1, 2]}))
+            .unwrap();
+        let b = k
+            .sign(Purpose::PolicyBundle, json!({"a": [1, 2], "b": 1}))
+            .unwrap();
         assert_eq!(a.digest, b.digest, "key order does not change the digest");
         assert!(a.key_id.starts_with("ed25519:"));
-        a.verify(std::slice::from_ref(k.public())).unwrap();
+        a.verify(Purpose::PolicyBundle, std::slice::from_ref(k.public()))
+            .unwrap();
     }
 
     #[test]
     fn tampering_an_unknown_key_and_garbage_are_refused_with_stable_codes() {
         let k = ControlKey::generate();
         let trusted = vec![k.public().clone()];
-        let good = k.sign(json!({"policies": ["p"]})).unwrap();
+        let good = k
+            .sign(Purpose::PolicyBundle, json!({"policies": ["p"]}))
+            .unwrap();
 
         let mut altered = good.clone();
         altered.body = json!({"policies": ["q"]});
-        assert_eq!(altered.verify(&trusted), Err(SignError::DigestMismatch));
+        assert_eq!(
+            altered.verify(Purpose::PolicyBundle, &trusted),
+            Err(SignError::DigestMismatch)
+        );
 
         // Re-hashed after altering: the digest matches, the signature does not.
         let mut forged = altered.clone();
         forged.digest = crate::digest_of(&forged.body).unwrap();
-        assert_eq!(forged.verify(&trusted), Err(SignError::BadSignature));
+        assert_eq!(
+            forged.verify(Purpose::PolicyBundle, &trusted),
+            Err(SignError::BadSignature)
+        );
 
         let other = ControlKey::generate();
-        let foreign = other.sign(json!({"policies": ["p"]})).unwrap();
-        let err = foreign.verify(&trusted).unwrap_err();
+        let foreign = other
+            .sign(Purpose::PolicyBundle, json!({"policies": ["p"]}))
+            .unwrap();
+        let err = foreign.verify(Purpose::PolicyBundle, &trusted).unwrap_err();
         assert_eq!(err.code(), "unknown_key");
 
         // Another key claiming the trusted key's id does not verify either.
         let mut impostor = foreign.clone();
         impostor.key_id = k.public().id.clone();
-        assert_eq!(impostor.verify(&trusted), Err(SignError::BadSignature));
+        assert_eq!(
+            impostor.verify(Purpose::PolicyBundle, &trusted),
+            Err(SignError::BadSignature)
+        );
 
         let mut garbage = good.clone();
         garbage.signature = "not base64!".into();
-        assert_eq!(garbage.verify(&trusted).unwrap_err().code(), "malformed");
+        assert_eq!(
+            garbage
+                .verify(Purpose::PolicyBundle, &trusted)
+                .unwrap_err()
+                .code(),
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn a_signature_for_one_purpose_does_not_verify_as_another() {
+        let k = ControlKey::generate();
+        let trusted = vec![k.public().clone()];
+        let bundle = k
+            .sign(Purpose::PolicyBundle, json!({"policies": []}))
+            .unwrap();
+        bundle.verify(Purpose::PolicyBundle, &trusted).unwrap();
+        assert_eq!(
+            bundle.verify(Purpose::Snapshot, &trusted),
+            Err(SignError::BadSignature)
+        );
+        let snap = k.sign(Purpose::Snapshot, json!({"policies": []})).unwrap();
+        assert_eq!(snap.digest, bundle.digest, "same body, same digest");
+        assert_eq!(
+            snap.verify(Purpose::PolicyBundle, &trusted),
+            Err(SignError::BadSignature)
+        );
     }
 
     #[test]

@@ -853,12 +853,35 @@ fn remote_cli<'a>(url: &'a str, token: &'a str) -> impl Fn(&[&str]) -> std::proc
     }
 }
 
-fn local_server(db: &std::path::Path) -> (std::process::Child, String, String) {
+/// A server process that is stopped when dropped — also when its test fails midway.
+struct Running(std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn local_server(db: &std::path::Path) -> (Running, String, String) {
     local_server_at(db, "127.0.0.1:0")
 }
 
 /// The same, listening on `listen`.
-fn local_server_at(db: &std::path::Path, listen: &str) -> (std::process::Child, String, String) {
+fn local_server_at(db: &std::path::Path, listen: &str) -> (Running, String, String) {
     use std::io::BufRead;
     // The control plane key lives beside the log, not in the user's home.
     let key = db.with_extension("control.key");
@@ -882,7 +905,7 @@ fn local_server_at(db: &std::path::Path, listen: &str) -> (std::process::Child, 
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     let token = banner.token.expect("first start prints the admin token");
-    (server, banner.url.expect("ready"), token)
+    (Running(server), banner.url.expect("ready"), token)
 }
 
 #[test]
