@@ -81,6 +81,14 @@ impl Agent {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// Whether a bundle is applied (blocks are checked only then).
+    pub fn enforcing(&self) -> bool {
+        self.applied
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// The digest of the bundle it enforces.
     pub fn applied(&self) -> Option<String> {
         self.applied

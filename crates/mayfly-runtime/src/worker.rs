@@ -102,11 +102,8 @@ pub async fn worker_loop<C: Coordinator>(
                 if let Some(p) = &payloads {
                     crate::payload::hydrate(p, &mut h).await?;
                 }
-                if let Some(denied) = agent.as_deref().and_then(|a| enforce(a, &h)) {
-                    return Ok(Err(denied));
-                }
                 let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
-                let mut out = run_block(&tools, secrets.as_ref(), &h).await;
+                let mut out = run_block(&tools, secrets.as_ref(), agent.as_deref(), &h).await;
                 if let Some(p) = &payloads {
                     crate::payload::externalize(p, &h.tenant, &mut out).await?;
                 }
@@ -297,17 +294,24 @@ fn clip_logs(logs: Option<Value>) -> Option<Value> {
     any.then_some(logs)
 }
 
-/// The data plane's own policy check of a block against the agent's applied bundle: the
-/// tool kinds it runs and the keychain aliases it resolves (templated ones included, now
+/// The data plane's own policy check of a block against the bundle `agent` applied: the
+/// tool kinds it runs and the keychain `aliases` it resolves (templated ones included, now
 /// that they are known). A refusal fails the step with `policy_denied`.
-fn enforce(agent: &crate::agent::Agent, h: &Hydrated) -> Option<StepFailed> {
-    let step = h.playbook.step(&h.block.step)?;
+fn enforce(
+    agent: &crate::agent::Agent,
+    h: &Hydrated,
+    step: &mayfly_dsl::Step,
+    aliases: &[String],
+) -> Option<StepFailed> {
+    if !agent.enforcing() {
+        return None;
+    }
     let tools = step
         .tasks
         .iter()
         .map(|t| t.kind.as_str().to_owned())
         .collect();
-    let aliases = referenced_aliases(step, &h.context).into_iter().collect();
+    let aliases = aliases.iter().cloned().collect();
     let reason = agent.check(&h.tenant, &h.playbook.path, tools, aliases)?;
     Some(StepFailed {
         index: h.block.index,
@@ -318,10 +322,12 @@ fn enforce(agent: &crate::agent::Agent, h: &Hydrated) -> Option<StepFailed> {
 }
 
 /// Execute one block: resolve the keychain aliases it uses (only here, inside the worker),
-/// run the task pipeline, and redact every resolved secret value from what it returns.
+/// check them and its tool kinds against the policy bundle `agent` enforces, run the task
+/// pipeline, and redact every resolved secret value from what it returns.
 pub async fn run_block<C: Coordinator>(
     tools: &Tools,
     secrets: Option<&Secrets<'_, C>>,
+    agent: Option<&crate::agent::Agent>,
     h: &Hydrated,
 ) -> Result<StepFinished, StepFailed> {
     let index = h.block.index;
@@ -338,6 +344,9 @@ pub async fn run_block<C: Coordinator>(
         });
     };
     let aliases = referenced_aliases(step, &h.context);
+    if let Some(denied) = agent.and_then(|a| enforce(a, h, step, &aliases)) {
+        return Err(denied);
+    }
     if aliases.is_empty() {
         return run_pipeline(tools, h, None).await;
     }
