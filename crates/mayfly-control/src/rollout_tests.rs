@@ -412,27 +412,20 @@ fn rollout_manifests_validate_bounds_with_locations() {
     assert!(text.contains("cluster-scoped"), "{text}");
     assert!(text.contains("r.yaml:5:"), "{text}");
     assert!(text.contains("bundle digest"), "{text}");
-    let bad = "apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {name: r}\nspec:\n  bundle: sha256:ab\n  quorum: 0\n";
-    assert!(
-        parse_manifests("r.yaml", bad)
-            .expect_err("quorum")
-            .to_string()
-            .contains("quorum")
-    );
-    let bad = "apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {name: r}\nspec:\n  bundle: sha256:ab\n  rollback: {failed_acks: 0}\n";
-    assert!(
-        parse_manifests("r.yaml", bad)
-            .expect_err("acks")
-            .to_string()
-            .contains("failed_acks")
-    );
-    let bad = "apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {name: r}\nspec:\n  bundle: sha256:ab\n  target: {zone: x}\n";
-    assert!(
-        parse_manifests("r.yaml", bad)
-            .expect_err("field")
-            .to_string()
-            .contains("spec: target.zone: unknown field `zone`")
-    );
+    for (spec, want) in [
+        ("quorum: 0", "quorum"),
+        ("rollback: {failed_acks: 0}", "failed_acks"),
+        (
+            "target: {zone: x}",
+            "spec: target.zone: unknown field `zone`",
+        ),
+    ] {
+        let bad = format!(
+            "apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: r}}\nspec:\n  bundle: sha256:ab\n  {spec}\n"
+        );
+        let e = parse_manifests("r.yaml", &bad).expect_err(spec).to_string();
+        assert!(e.contains(want), "{spec}: {e}");
+    }
     // The id is the intent's: the rollout's name and tuning do not change it, a revision does.
     let a: RolloutSpec = serde_json::from_value(
         serde_json::json!({"bundle": "sha256:ab", "target": {"pool": "gpu"}}),
