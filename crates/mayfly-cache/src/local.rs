@@ -22,6 +22,12 @@ impl LocalCache {
         &self.dir
     }
 
+    /// Where `digest` of `tenant` lives (for tools that inspect or repair the store).
+    pub fn path_of(&self, tenant: &str, digest: &str) -> Result<PathBuf, CacheError> {
+        check_key(tenant, digest)?;
+        Ok(self.path(tenant, digest))
+    }
+
     fn path(&self, tenant: &str, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.dir.join(tenant_dir(tenant)).join(&hex[..2]).join(hex)

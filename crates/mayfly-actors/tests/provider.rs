@@ -1,0 +1,340 @@
+//! The process provider over its real HTTP API: the conformance suite, plus what the suite
+//! cannot see from outside (restart durability, orphan reaping, readiness, capacity,
+//! secrets never captured).
+
+use mayfly_actor_api::{
+    ActorSpec, CheckpointKind, Delivery, Desired, Op, OpRequest, OpState, Readiness, RefusalCode,
+    Scope, Workload,
+};
+use mayfly_actors::client::ProviderClient;
+use mayfly_actors::conformance::{self, Outcome, process_workload};
+use mayfly_actors::process::ProcessSandbox;
+use mayfly_actors::{Journal, Provider, ProviderConfig};
+use mayfly_cache::{Cache, LocalCache};
+use mayfly_trust::sign::ControlKey;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Harness {
+    provider: Arc<Provider>,
+    client: ProviderClient,
+    server: tokio::task::JoinHandle<()>,
+    external: PathBuf,
+}
+
+async fn start(root: &Path, key: &ControlKey, slots: u32) -> Harness {
+    mayfly_actors::install_crypto();
+    let cfg = ProviderConfig {
+        id: "test-provider".into(),
+        slots,
+        trusted: vec![key.public().clone()],
+        labels: BTreeMap::new(),
+        platform: ProviderConfig::platform_of_host(),
+    };
+    let journal = Journal::open(&root.join("journal.db")).await.unwrap();
+    let external = root.join("snapshots");
+    let provider = Provider::new(
+        cfg,
+        Arc::new(ProcessSandbox::new(root.join("sandbox")).unwrap()),
+        journal,
+        Arc::new(LocalCache::new(root.join("local"))),
+        Arc::new(LocalCache::new(&external)),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = mayfly_actors::http::router(provider.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    Harness {
+        provider,
+        client: ProviderClient::new(format!("http://{addr}"), http),
+        server,
+        external,
+    }
+}
+
+impl Harness {
+    async fn stop(self) {
+        self.provider.shutdown().await;
+        self.server.abort();
+    }
+}
+
+fn spec(actor: &str, workload: Workload) -> ActorSpec {
+    ActorSpec {
+        actor: actor.into(),
+        tenant: "t1".into(),
+        template: "tpl".into(),
+        workload,
+    }
+}
+
+fn op(actor: &str, id: &str, epoch: u64, op: Op) -> OpRequest {
+    OpRequest {
+        op_id: id.into(),
+        actor: actor.into(),
+        tenant: "t1".into(),
+        assignment_epoch: epoch,
+        op,
+        delivery: Some(Delivery {
+            identity: format!("id-{actor}-{epoch}"),
+            secrets: BTreeMap::from([("token".into(), "PLANTED-SECRET-7f3a9".into())]),
+        }),
+    }
+}
+
+fn run(actor: &str, id: &str, epoch: u64) -> OpRequest {
+    op(
+        actor,
+        id,
+        epoch,
+        Op::Assign {
+            desired: Desired::Running,
+            spec: spec(actor, process_workload()),
+        },
+    )
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_provider_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start(dir.path(), &key, 16).await;
+    let report = conformance::run(conformance::Config {
+        client: h.client.clone(),
+        key,
+        tenant: "conformance".into(),
+        snapshot_dir: Some(h.external.clone()),
+        workloads: BTreeMap::new(),
+    })
+    .await;
+    for (name, o) in &report.checks {
+        eprintln!("{name}: {o:?}");
+    }
+    assert_eq!(report.failed(), 0, "{:#?}", report.checks);
+    // The only skip is the Full-scope round trip, which the process sandbox does not
+    // advertise (and the suite checked it is refused).
+    let skipped: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Skipped(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(skipped, vec!["process: checkpoint_restore_round_trip_Full"]);
+    assert!(report.passed() >= 14, "{}", report.passed());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conformance_run_without_a_trusted_key_fails_loudly() {
+    // A provider that trusts another control key must fail the restore checks: the suite
+    // does not pass a provider that would restore anything.
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = ControlKey::generate();
+    let h = start(dir.path(), &trusted, 16).await;
+    let report = conformance::run(conformance::Config {
+        client: h.client.clone(),
+        key: ControlKey::generate(),
+        tenant: "conformance".into(),
+        snapshot_dir: None,
+        workloads: BTreeMap::new(),
+    })
+    .await;
+    let failed: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(
+        failed.contains(&"process: checkpoint_restore_round_trip_Data".to_owned()),
+        "{failed:?}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn op_status_and_the_epoch_fence_survive_a_provider_restart_and_orphans_are_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start(dir.path(), &key, 4).await;
+    let first = h.client.run(&run("a1", "op-1", 5), WAIT).await.unwrap();
+    assert_eq!(first.state, OpState::Succeeded, "{first:?}");
+    let pid = h.provider.actor("a1").await.unwrap().unwrap();
+    assert_eq!(pid.epoch, 5);
+    // The provider dies without stopping its actor (no shutdown): the child is orphaned.
+    let addr = first.result.as_ref().unwrap().address.clone().unwrap();
+    h.server.abort();
+    drop(h.client);
+    drop(h.provider);
+    let h = start(dir.path(), &key, 4).await;
+    // The orphan was reaped: its port no longer answers.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if http.get(format!("{addr}/ready")).send().await.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the orphaned actor survived the provider restart");
+    // The op's status survived, and repeating it answers the first result.
+    let st = h.client.status("op-1", Duration::ZERO).await.unwrap();
+    assert_eq!(st, first);
+    assert_eq!(
+        h.client.run(&run("a1", "op-1", 5), WAIT).await.unwrap(),
+        first
+    );
+    // The fence survived: epoch 4 is still stale.
+    let late = h.client.run(&run("a1", "op-2", 4), WAIT).await.unwrap();
+    assert_eq!(late.error.unwrap().code, RefusalCode::StaleEpoch);
+    let status = h.client.actor("a1").await.unwrap();
+    assert_eq!(status.epoch, 5);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_gates_a_start_and_capacity_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start(dir.path(), &key, 1).await;
+    let never_ready = Workload::Process {
+        command: "sleep".into(),
+        args: vec!["30".into()],
+        env: BTreeMap::new(),
+        durable_dirs: vec![],
+        readiness: Readiness {
+            path: "/ready".into(),
+            deadline_ms: 300,
+        },
+    };
+    let req = op(
+        "slow",
+        "slow-1",
+        1,
+        Op::Assign {
+            desired: Desired::Running,
+            spec: spec("slow", never_ready),
+        },
+    );
+    let st = h.client.run(&req, WAIT).await.unwrap();
+    assert_eq!(st.error.unwrap().code, RefusalCode::NotReady);
+    let exits = Workload::Process {
+        command: "false".into(),
+        args: vec![],
+        env: BTreeMap::new(),
+        durable_dirs: vec![],
+        readiness: Readiness::default(),
+    };
+    let req = op(
+        "dies",
+        "dies-1",
+        1,
+        Op::Assign {
+            desired: Desired::Running,
+            spec: spec("dies", exits),
+        },
+    );
+    let st = h.client.run(&req, WAIT).await.unwrap();
+    let e = st.error.unwrap();
+    assert_eq!(e.code, RefusalCode::SandboxFailed);
+    assert!(e.message.contains("exited"), "{e}");
+    // Failed starts hold no slot; the one slot takes one actor, the second is refused.
+    let ok = h.client.run(&run("a", "a-1", 1), WAIT).await.unwrap();
+    assert_eq!(ok.state, OpState::Succeeded, "{ok:?}");
+    let full = h.client.run(&run("b", "b-1", 1), WAIT).await.unwrap();
+    assert_eq!(full.error.unwrap().code, RefusalCode::CapacityExhausted);
+    let info = h.client.info().await.unwrap();
+    assert_eq!((info.workers[0].used, info.workers[0].slots), (1, 1));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_identity_are_delivered_fresh_and_never_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start(dir.path(), &key, 4).await;
+    let st = h.client.run(&run("s1", "s-1", 1), WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let v: serde_json::Value = serde_json::from_slice(
+        &h.client
+            .call("s1", 1, reqwest::Method::POST, "/", vec![])
+            .await
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    // The actor sees its secret (it reports only a hash) and its identity.
+    assert!(v["secret_sha256"].is_string(), "{v}");
+    assert_eq!(v["identity"], "id-s1-1");
+    let ck = op(
+        "s1",
+        "s-ckpt",
+        1,
+        Op::Checkpoint {
+            kind: CheckpointKind::External,
+            scope: Scope::Data,
+            teardown: true,
+        },
+    );
+    let st = h.client.run(&ck, WAIT).await.unwrap();
+    let snap = st.result.unwrap().snapshot.unwrap();
+    // Neither the journal nor any blob holds the secret or the identity, compressed or not.
+    let store = LocalCache::new(&h.external);
+    for b in &snap.manifest.blobs {
+        let bytes = store.get("t1", &b.digest).await.unwrap().unwrap();
+        let plain = zstd::decode_all(&bytes[..]).unwrap();
+        for hay in [&bytes[..], &plain[..]] {
+            assert!(!contains(hay, b"PLANTED-SECRET-7f3a9"));
+            assert!(!contains(hay, b"id-s1-1"));
+        }
+        assert!(
+            contains(&plain, b"data/counter"),
+            "the durable dir is captured"
+        );
+    }
+    for entry in walk(dir.path()) {
+        if entry
+            .extension()
+            .is_some_and(|e| e == "db" || e == "db-wal")
+        {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert!(
+                !contains(&bytes, b"PLANTED-SECRET-7f3a9"),
+                "{}",
+                entry.display()
+            );
+        }
+    }
+    // The run dir (identity, secrets) is gone with the actor.
+    assert!(!dir.path().join("sandbox/actors/t1/s1/run").exists());
+    h.stop().await;
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
