@@ -8,6 +8,7 @@
 //! [`model`] is the pure core (parsing, validation, versions, authorization, the fold);
 //! [`service`] keeps the fold of one process's stream and appends to it.
 
+pub mod dataplane;
 pub mod model;
 pub mod rollout;
 pub mod service;

@@ -22,16 +22,20 @@ pub enum Kind {
     Playbook,
     WorkerPool,
     Rollout,
+    ActorTemplate,
+    Actor,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Tenant,
         Kind::Environment,
         Kind::Policy,
         Kind::Playbook,
         Kind::WorkerPool,
         Kind::Rollout,
+        Kind::ActorTemplate,
+        Kind::Actor,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,8 @@ impl Kind {
             Kind::Playbook => "Playbook",
             Kind::WorkerPool => "WorkerPool",
             Kind::Rollout => "Rollout",
+            Kind::ActorTemplate => "ActorTemplate",
+            Kind::Actor => "Actor",
         }
     }
 
@@ -56,6 +62,8 @@ impl Kind {
             "playbook" | "pb" => Some(Kind::Playbook),
             "workerpool" | "wp" => Some(Kind::WorkerPool),
             "rollout" | "ro" => Some(Kind::Rollout),
+            "actortemplate" | "template" | "at" => Some(Kind::ActorTemplate),
+            "actor" => Some(Kind::Actor),
             _ => None,
         }
     }
@@ -374,6 +382,11 @@ fn manifest(file: &str, source: &str, doc: &Node, docs: usize) -> Result<Manifes
         if let Err(e) = check_spec(kind, &spec) {
             diags.push(format!("{spec_at}: {kind} `{name_str}`: spec: {e}"));
         }
+        if kind == Kind::Actor
+            && let Err(e) = crate::dataplane::check_actor_name(&name_str)
+        {
+            diags.push(format!("{here}: {e}"));
+        }
     }
     match (kind, diags.is_empty()) {
         (Some(kind), true) => Ok(Manifest {
@@ -485,6 +498,8 @@ fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
             Ok(())
         }
         Kind::Rollout => typed::<crate::rollout::RolloutSpec>(spec)?.check(),
+        Kind::ActorTemplate => typed::<crate::dataplane::ActorTemplateSpec>(spec)?.check(),
+        Kind::Actor => typed::<crate::dataplane::ActorObjectSpec>(spec).map(drop),
         Kind::Playbook => Ok(()),
     }
 }
@@ -733,6 +748,16 @@ pub struct ControlState {
     pub denied: u64,
     /// The seq range this fold did not see because it was compacted (taken from a snapshot).
     pub compacted: Option<(u64, u64)>,
+    /// Actor dataplane: enrolled providers by id.
+    pub providers: BTreeMap<String, crate::dataplane::ProviderRecord>,
+    /// Actor dataplane: workers by id.
+    pub workers: BTreeMap<String, crate::dataplane::WorkerRecord>,
+    /// Actor dataplane: observed actors by `tenant/name`.
+    pub actors: BTreeMap<String, crate::dataplane::ActorRecord>,
+    /// Actor dataplane: signed snapshots by descriptor digest.
+    pub snapshots: BTreeMap<String, crate::dataplane::SnapshotRecord>,
+    /// Actor dataplane: each template's golden snapshot (`tenant/template` → digest).
+    pub goldens: BTreeMap<String, String>,
 }
 
 /// Payload of `control.snapshot`: the whole folded state through `through_seq`, so the
@@ -748,6 +773,16 @@ pub struct Snapshot {
     pub transitions: BTreeMap<String, crate::rollout::Transition>,
     pub agents: BTreeMap<String, crate::rollout::AgentRecord>,
     pub denied: u64,
+    #[serde(default)]
+    pub providers: BTreeMap<String, crate::dataplane::ProviderRecord>,
+    #[serde(default)]
+    pub workers: BTreeMap<String, crate::dataplane::WorkerRecord>,
+    #[serde(default)]
+    pub actors: BTreeMap<String, crate::dataplane::ActorRecord>,
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, crate::dataplane::SnapshotRecord>,
+    #[serde(default)]
+    pub goldens: BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -765,6 +800,11 @@ impl Snapshot {
             transitions: st.transitions.clone(),
             agents: st.agents.clone(),
             denied: st.denied,
+            providers: st.providers.clone(),
+            workers: st.workers.clone(),
+            actors: st.actors.clone(),
+            snapshots: st.snapshots.clone(),
+            goldens: st.goldens.clone(),
         }
     }
 
@@ -782,6 +822,11 @@ impl Snapshot {
             last_hash: self.head_hash,
             denied: self.denied,
             compacted: None,
+            providers: self.providers,
+            workers: self.workers,
+            actors: self.actors,
+            snapshots: self.snapshots,
+            goldens: self.goldens,
         }
     }
 }
@@ -883,6 +928,26 @@ impl ControlState {
                 let r = crate::rollout::AgentRecord::deserialize(&e.payload)
                     .map_err(|err| fail(format!("bad payload: {err}")))?;
                 self.agents.insert(r.agent.clone(), r);
+            }
+            EventKind::ProviderRegistered => {
+                let p = crate::dataplane::ProviderRecord::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.fold_provider(p).map_err(fail)?;
+            }
+            EventKind::WorkerChanged => {
+                let w = crate::dataplane::WorkerRecord::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.fold_worker(w).map_err(fail)?;
+            }
+            EventKind::ActorChanged => {
+                let a = crate::dataplane::ActorRecord::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.fold_actor(a).map_err(fail)?;
+            }
+            EventKind::SnapshotRecorded => {
+                let s = crate::dataplane::SnapshotRecord::deserialize(&e.payload)
+                    .map_err(|err| fail(format!("bad payload: {err}")))?;
+                self.fold_snapshot(s).map_err(fail)?;
             }
             EventKind::ControlSnapshot => {
                 let snap = Snapshot::deserialize(&e.payload)

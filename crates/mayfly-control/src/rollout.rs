@@ -753,6 +753,81 @@ impl ControlState {
                 let observed = if phase.is_terminal() { o.generation } else { 0 };
                 status(phase, observed, "Transition", ok, reason, msg)
             }
+            Kind::Actor => {
+                use mayfly_actor_api::ActorPhase as A;
+                let tenant = o.key.tenant.as_deref().unwrap_or_default();
+                let rec = self.actors.get(&crate::dataplane::key(tenant, &o.key.name));
+                let Some(a) = rec else {
+                    return status(
+                        Phase::Ready,
+                        o.generation,
+                        "Placed",
+                        false,
+                        "Suspended",
+                        "never run: resumed on its first request".into(),
+                    );
+                };
+                let msg = format!(
+                    "{:?} at epoch {}{}{} ({})",
+                    a.phase,
+                    a.epoch,
+                    a.worker
+                        .as_deref()
+                        .map(|w| format!(" on {w}"))
+                        .unwrap_or_default(),
+                    a.snapshot
+                        .as_deref()
+                        .map(|s| format!(", last snapshot {s}"))
+                        .unwrap_or_default(),
+                    a.reason
+                );
+                match a.phase {
+                    A::Running => {
+                        status(Phase::Ready, o.generation, "Placed", true, "Running", msg)
+                    }
+                    A::Suspended => status(
+                        Phase::Ready,
+                        o.generation,
+                        "Placed",
+                        false,
+                        "Suspended",
+                        msg,
+                    ),
+                    A::Resuming => status(Phase::Progressing, 0, "Placed", false, "Resuming", msg),
+                    A::Checkpointing => {
+                        status(Phase::Progressing, 0, "Placed", true, "Checkpointing", msg)
+                    }
+                    A::Failed => {
+                        status(Phase::Failed, o.generation, "Placed", false, "Failed", msg)
+                    }
+                }
+            }
+            Kind::ActorTemplate => {
+                let tenant = o.key.tenant.as_deref().unwrap_or_default();
+                let golden = self
+                    .goldens
+                    .get(&crate::dataplane::key(tenant, &o.key.name));
+                let wants = o.spec.get("golden").and_then(Value::as_bool) != Some(false);
+                match (wants, golden) {
+                    (true, None) => status(
+                        Phase::Pending,
+                        0,
+                        "Golden",
+                        false,
+                        "NoGoldenSnapshot",
+                        "the golden snapshot is taken on the first resume of an actor".into(),
+                    ),
+                    (true, Some(d)) => status(
+                        Phase::Ready,
+                        o.generation,
+                        "Golden",
+                        true,
+                        "GoldenRecorded",
+                        format!("golden snapshot {d}"),
+                    ),
+                    (false, _) => o.status(),
+                }
+            }
             Kind::Tenant => {
                 let env = o.spec.get("environment").and_then(Value::as_str);
                 match env {

@@ -263,6 +263,40 @@ impl Control {
         self.signer.as_ref().map(|k| k.public().clone())
     }
 
+    /// Append records computed from the current state, atomically: `decide` sees the locked
+    /// state and returns the records to append (each folded in order, so the fold's
+    /// invariants check them before anything is written) and a value for the caller. The
+    /// actor dataplane writes through this: its intent is durable before it acts.
+    pub async fn transact<R>(
+        &self,
+        actor: &str,
+        decide: impl FnOnce(
+            &ControlState,
+        ) -> Result<(Vec<(EventKind, serde_json::Value)>, R), ControlError>,
+    ) -> Result<R, ControlError> {
+        let mut st = self.lock().await?;
+        let (changes, r) = decide(&st)?;
+        if changes.is_empty() {
+            return Ok(r);
+        }
+        let mut events = Vec::new();
+        self.mark_dirty();
+        for (kind, payload) in changes {
+            if let Err(e) = push_as(&mut st, &mut events, actor.to_owned(), None, kind, payload) {
+                self.reload_after_failure(&mut st).await;
+                return Err(e);
+            }
+        }
+        self.append_folded(&mut st, events).await?;
+        Ok(r)
+    }
+
+    /// Read the folded state (as this appender holds it: strongly consistent with its writes).
+    pub async fn read<R>(&self, f: impl FnOnce(&ControlState) -> R) -> Result<R, ControlError> {
+        let st = self.lock().await?;
+        Ok(f(&st))
+    }
+
     /// Published bundles, in digest order.
     pub async fn bundles(&self) -> Vec<mayfly_trust::sign::Signed> {
         self.lock()

@@ -477,7 +477,11 @@ impl ExecState {
             | EventKind::BundlePublished
             | EventKind::TransitionChanged
             | EventKind::AgentReported
-            | EventKind::ControlSnapshot => {
+            | EventKind::ControlSnapshot
+            | EventKind::ProviderRegistered
+            | EventKind::WorkerChanged
+            | EventKind::ActorChanged
+            | EventKind::SnapshotRecorded => {
                 return Err(fail("a control-plane event in an execution's log".into()));
             }
             EventKind::ExecutionCompleted => {

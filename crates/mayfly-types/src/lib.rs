@@ -90,6 +90,20 @@ pub enum EventKind {
     /// summarizes are compacted away.
     #[serde(rename = "control.snapshot")]
     ControlSnapshot,
+    /// Actor dataplane: a provider enrolled or (re)registered its incarnation and
+    /// capabilities.
+    #[serde(rename = "provider.registered")]
+    ProviderRegistered,
+    /// Actor dataplane: a worker appeared, or its health changed (lost when its lease
+    /// expired).
+    #[serde(rename = "worker.changed")]
+    WorkerChanged,
+    /// Actor dataplane: an actor's phase, placement, epoch, pending op or snapshot changed.
+    #[serde(rename = "actor.changed")]
+    ActorChanged,
+    /// Actor dataplane: a checkpoint's manifest, verified and signed by the control plane.
+    #[serde(rename = "snapshot.recorded")]
+    SnapshotRecorded,
 }
 
 impl EventKind {
@@ -121,6 +135,10 @@ impl EventKind {
             EventKind::TransitionChanged => "transition.changed",
             EventKind::AgentReported => "agent.reported",
             EventKind::ControlSnapshot => "control.snapshot",
+            EventKind::ProviderRegistered => "provider.registered",
+            EventKind::WorkerChanged => "worker.changed",
+            EventKind::ActorChanged => "actor.changed",
+            EventKind::SnapshotRecorded => "snapshot.recorded",
         }
     }
 
@@ -584,6 +602,10 @@ mod tests {
             EventKind::TransitionChanged,
             EventKind::AgentReported,
             EventKind::ControlSnapshot,
+            EventKind::ProviderRegistered,
+            EventKind::WorkerChanged,
+            EventKind::ActorChanged,
+            EventKind::SnapshotRecorded,
         ];
         for k in all {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));
