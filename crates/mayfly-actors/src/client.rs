@@ -39,6 +39,7 @@ pub struct ProviderClient {
 pub struct DataAnswer {
     pub status: u16,
     pub body: bytes::Bytes,
+    pub content_type: Option<String>,
     /// The refusal, when the provider (not the actor) refused.
     pub refusal: Option<Refusal>,
 }
@@ -165,6 +166,11 @@ impl ProviderClient {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let problem = resp
             .headers()
             .get("content-type")
@@ -180,6 +186,7 @@ impl ProviderClient {
         Ok(DataAnswer {
             status,
             body,
+            content_type,
             refusal,
         })
     }

@@ -167,54 +167,70 @@ pub async fn run(cfg: Config) -> Report {
             ));
             continue;
         };
+        // Each check's actors are released before the next check: the suite needs one
+        // slot at a time, whatever else the provider runs.
         let mut placed = Vec::new();
-        let checks: Vec<(&str, Outcome)> = vec![
-            (
-                "placed_actor_is_reachable_and_capacity_is_reported",
-                outcome(r.placed(&workload, &mut placed).await),
-            ),
-            (
-                "repeated_op_id_is_a_no_op",
-                outcome(r.repeated(&workload, &mut placed).await),
-            ),
-            (
-                "same_op_id_different_payload_is_refused",
-                outcome(r.conflict(&workload, &mut placed).await),
-            ),
-            (
-                "stale_epoch_is_refused",
-                outcome(r.stale(&workload, &mut placed).await),
-            ),
-            (
-                "op_status_survives_a_disconnect",
-                outcome(r.disconnect(&workload, &mut placed).await),
-            ),
-            (
-                "unadvertised_scopes_are_refused",
-                outcome(r.unadvertised(&caps.scopes, &workload, &mut placed).await),
-            ),
-        ];
-        for (n, o) in checks {
-            report.checks.push((format!("{class}: {n}"), o));
+        let before = r.used().await.unwrap_or(0);
+        macro_rules! check {
+            ($name:expr, $fut:expr) => {{
+                let from = placed.len();
+                let o = outcome($fut);
+                let released = r.release(&placed[from..], &workload).await;
+                report.checks.push((format!("{class}: {}", $name), o));
+                if let Err(e) = released {
+                    report.checks.push((
+                        format!("{class}: cleanup after {}", $name),
+                        Outcome::Failed(e),
+                    ));
+                }
+            }};
         }
+        check!(
+            "placed_actor_is_reachable_and_capacity_is_reported",
+            r.placed(&workload, &mut placed).await
+        );
+        check!(
+            "repeated_op_id_is_a_no_op",
+            r.repeated(&workload, &mut placed).await
+        );
+        check!(
+            "same_op_id_different_payload_is_refused",
+            r.conflict(&workload, &mut placed).await
+        );
+        check!(
+            "stale_epoch_is_refused",
+            r.stale(&workload, &mut placed).await
+        );
+        check!(
+            "op_status_survives_a_disconnect",
+            r.disconnect(&workload, &mut placed).await
+        );
+        check!(
+            "unadvertised_scopes_are_refused",
+            r.unadvertised(&caps.scopes, &workload, &mut placed).await
+        );
         for scope in [Scope::Data, Scope::Full] {
-            let name = format!("{class}: checkpoint_restore_round_trip_{scope:?}");
+            let name = format!("checkpoint_restore_round_trip_{scope:?}");
             if !caps.scopes.contains(&scope) {
-                report
-                    .checks
-                    .push((name, Outcome::Skipped(format!("{scope:?} not advertised"))));
+                report.checks.push((
+                    format!("{class}: {name}"),
+                    Outcome::Skipped(format!("{scope:?} not advertised")),
+                ));
                 continue;
             }
-            report.checks.push((
-                name,
-                outcome(r.round_trip(scope, &workload, &mut placed).await),
-            ));
+            check!(name, r.round_trip(scope, &workload, &mut placed).await);
         }
-        let scope = caps.scopes.first().copied();
-        match scope {
+        match caps.scopes.first().copied() {
             Some(scope) => {
+                let from = placed.len();
                 for (n, o) in r.restore_rejects(scope, &workload, &mut placed).await {
                     report.checks.push((format!("{class}: {n}"), o));
+                }
+                if let Err(e) = r.release(&placed[from..], &workload).await {
+                    report.checks.push((
+                        format!("{class}: cleanup after restore_rejects"),
+                        Outcome::Failed(e),
+                    ));
                 }
             }
             None => report.checks.push((
@@ -222,9 +238,17 @@ pub async fn run(cfg: Config) -> Report {
                 Outcome::Skipped("no checkpoint scope advertised".into()),
             )),
         }
+        let after = r.used().await.unwrap_or(u32::MAX);
+        let released = if after == before {
+            Ok(())
+        } else {
+            Err(format!(
+                "used slots {before} before the suite, {after} after it"
+            ))
+        };
         report.checks.push((
             format!("{class}: cleanup_releases_capacity"),
-            outcome(r.cleanup(&placed, &workload).await),
+            outcome(released),
         ));
     }
     report
@@ -779,7 +803,7 @@ impl Run {
         out
     }
 
-    async fn cleanup(&self, placed: &[String], w: &Workload) -> Check {
+    async fn release(&self, placed: &[String], w: &Workload) -> Check {
         for a in placed {
             let st = self.cfg.client.actor(a).await;
             let epoch = match st {

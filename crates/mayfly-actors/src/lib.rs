@@ -33,6 +33,8 @@ use tokio::sync::{Mutex, RwLock, watch};
 
 pub mod client;
 pub mod conformance;
+pub mod dataplane;
+pub mod heartbeat;
 pub mod http;
 pub mod journal;
 pub mod process;
@@ -614,6 +616,40 @@ impl Provider {
             r.instance.clone()
         };
         instance.handle(req).await
+    }
+
+    /// Actors running here, with their epochs (what a heartbeat reports).
+    pub async fn running(&self) -> Vec<dataplane::RunningActor> {
+        self.running
+            .read()
+            .await
+            .iter()
+            .map(|(a, r)| dataplane::RunningActor {
+                actor: a.clone(),
+                tenant: r.tenant.clone(),
+                epoch: r.epoch,
+            })
+            .collect()
+    }
+
+    /// Stop `actor` if it still runs at `epoch` (the control plane assigned it elsewhere).
+    pub async fn fence(&self, actor: &str, epoch: u64) {
+        let lock = self.lock_of(actor);
+        let _serial = lock.lock().await;
+        let stale = self
+            .running
+            .read()
+            .await
+            .get(actor)
+            .is_some_and(|r| r.epoch == epoch);
+        if stale {
+            tracing::warn!(
+                actor,
+                epoch,
+                "fenced: the control plane assigns this actor elsewhere"
+            );
+            self.stop(actor).await;
+        }
     }
 
     /// Stop every actor (provider shutdown).

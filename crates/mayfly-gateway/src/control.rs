@@ -30,7 +30,7 @@ impl Caller {
         Ok(())
     }
 
-    fn control(&self) -> mayfly_control::Caller {
+    pub(crate) fn control(&self) -> mayfly_control::Caller {
         mayfly_control::Caller {
             tenant: self.tenant.clone(),
             role: match self.role {

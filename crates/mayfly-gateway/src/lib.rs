@@ -5,6 +5,7 @@
 //!
 //! Every error is `application/problem+json` with a stable `code`.
 
+mod actors;
 mod control;
 
 pub use control::Admissions;
@@ -14,7 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use futures_util::Stream;
 use mayfly_dsl::ParseOptions;
@@ -72,6 +73,9 @@ pub struct Gateway {
     pub admissions: Arc<control::Admissions>,
     /// Renders `/metrics` (None: the endpoint answers 404).
     pub metrics: Option<PrometheusHandle>,
+    /// The actor dataplane driver (None: `/v1/providers`, `/v1/actors` and `/actors/…`
+    /// answer `dataplane_disabled`).
+    pub dataplane: Option<Arc<mayfly_actors::dataplane::Dataplane>>,
 }
 
 /// Install the process-wide Prometheus recorder (once) and return its handle.
@@ -433,11 +437,25 @@ pub fn router(gw: Gateway) -> Router {
         .route("/objects/{kind}", get(control::list))
         .route("/objects/{kind}/{*name}", get(control::describe))
         .route("/history/{kind}/{*name}", get(control::history))
+        .route("/providers", get(actors::providers))
+        .route("/providers/enroll", post(actors::enroll))
+        .route("/actors", get(actors::list))
+        .route("/actors/{name}/snapshots", get(actors::snapshots))
+        .route("/actors/{name}/move", post(actors::move_actor))
+        .route("/actors/{name}/suspend", post(actors::suspend))
+        .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
+        .layer(axum::Extension(auditor.clone()));
+    // The router: the caller's actors, by name, any method.
+    let actor_routes = Router::new()
+        .route("/actors/{name}", any(actors::route_root))
+        .route("/actors/{name}/", any(actors::route_root))
+        .route("/actors/{name}/{*path}", any(actors::route))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
         .layer(axum::Extension(auditor));
     Router::new()
         .nest("/v1", v1)
         .merge(status_alias)
+        .merge(actor_routes)
         .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))

@@ -55,6 +55,7 @@ async fn server_on(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
         runtime: Some(rt.handle()),
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
+        dataplane: None,
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

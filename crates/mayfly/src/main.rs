@@ -1,5 +1,6 @@
 //! The `mayfly` binary.
 
+mod actors;
 mod bench;
 mod control;
 mod keychain;
@@ -13,6 +14,7 @@ use mayfly_dsl::ParseOptions;
 use mayfly_engine::{ExecState, Report, Status};
 use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
 use mayfly_store::Store;
+use mayfly_trust::sign::ControlKey;
 use mayfly_types::ExecutionId;
 use serde_json::{Map, Value};
 use std::fs::File;
@@ -114,6 +116,8 @@ enum Cmd {
         control_key: rollout::ControlKeyOpts,
         #[command(flatten)]
         agent: rollout::AgentOpts,
+        #[command(flatten)]
+        dataplane: actors::DataplaneOpts,
     },
     /// A stateless worker process for a distributed server (`server --queue nats://…`):
     /// pulls blocks from the JetStream work queue, claims, runs and completes them.
@@ -164,6 +168,17 @@ enum Cmd {
     Bundle {
         #[command(subcommand)]
         cmd: rollout::BundleCmd,
+    },
+    /// Actor dataplane providers: `enroll` with the control plane, `serve` the provider
+    /// API (mTLS) and heartbeat, `conformance` to check a provider against the contract.
+    Provider {
+        #[command(subcommand)]
+        cmd: actors::ProviderCmd,
+    },
+    /// Actors on the server at MAYFLY_URL: list, suspend, move, snapshots, providers.
+    Actors {
+        #[command(subcommand)]
+        cmd: actors::ActorsCmd,
     },
     /// Rollouts of policy bundles to the workers' agents (declared as Rollout objects with
     /// `mayfly apply`): `status NAME` shows the transition and per-agent acknowledged
@@ -477,8 +492,11 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             dist,
             control_key,
             agent,
+            dataplane,
             ..
-        } => server(&db, &listen, &opts, &dist, &control_key, &agent).await,
+        } => server(&db, &listen, &opts, &dist, &control_key, &agent, &dataplane).await,
+        Cmd::Provider { cmd } => actors::provider(cmd).await,
+        Cmd::Actors { cmd } => actors::actors(cmd).await,
         Cmd::Worker(w) => worker(&w).await,
         Cmd::Register {
             playbook,
@@ -752,6 +770,7 @@ async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
         runtime: None,
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
+        dataplane: None,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -778,6 +797,7 @@ async fn server(
     dist: &DistOpts,
     control_key: &rollout::ControlKeyOpts,
     agent_opts: &rollout::AgentOpts,
+    dataplane_opts: &actors::DataplaneOpts,
 ) -> Result<ExitCode> {
     let (store, lock) = open_db(db, false, true).await?;
     let key = control_key.load_or_create()?;
@@ -822,8 +842,9 @@ async fn server(
         mayfly_control::Control::open(store.clone())
             .await
             .context("loading the control plane's stream")?
-            .with_signer(key),
+            .with_signer(ControlKey::from_base64(&key.to_base64())?),
     );
+    let dataplane = actors::start(dataplane_opts, control.clone(), &key).await?;
     runtime.handle().set_agent_hub(control.clone());
     let _controller = control.run_controller(std::time::Duration::from_millis(500));
     if dist.queue.is_none() {
@@ -837,6 +858,7 @@ async fn server(
         runtime: Some(runtime.handle()),
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
+        dataplane,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await

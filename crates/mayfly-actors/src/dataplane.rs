@@ -1,0 +1,1312 @@
+//! The control plane's side of the actor dataplane: enrollment, provider heartbeats and
+//! worker leases, scheduling, fenced resume / suspend / move, snapshot signing, and the
+//! router core. Durable state lives in the `control` stream (see
+//! `mayfly_control::dataplane`); every intent is recorded there before a provider is called,
+//! with a deterministic op id, so a retry after a crash re-issues the same op.
+//!
+//! Fencing is enforced at four places: the actor record (its epoch only rises), the
+//! provider (ops and data-path requests of another epoch are refused), the router (a
+//! request pinned to a stale epoch is refused before anything is resumed), and heartbeats
+//! (a provider is told to stop any actor it runs at an epoch the record does not hold).
+
+use crate::client::{ClientError, DataAnswer, ProviderClient};
+use mayfly_actor_api::{
+    ActorPhase, ActorSpec, CONTRACT_VERSION, CheckpointKind, Delivery, Desired, Manifest, Op,
+    OpRequest, OpState, OpStatus, Refusal, RefusalCode, WorkerInfo,
+};
+use mayfly_cache::Cache;
+use mayfly_control::dataplane::{
+    ActorRecord, ActorTemplateSpec, DEFAULT_LEASE_MS, Lease, PendingOp, ProviderRecord,
+    SnapshotRecord, WorkerRecord, key, op_id,
+};
+use mayfly_control::{Caller, Control, ControlError, ControlState, Role, SYSTEM_TENANT};
+use mayfly_pki::{Ca, Identity, Usage};
+use mayfly_trust::sign::{ControlKey, Purpose, Signed, TrustedKey};
+use mayfly_types::{EventKind, now_ms};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Why a dataplane request failed. `code()` is the stable API code.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no capacity: {0}")]
+    NoCapacity(String),
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl DataplaneError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            DataplaneError::NotFound(_) => "not_found",
+            DataplaneError::Forbidden(_) => "forbidden",
+            DataplaneError::Unauthenticated(_) => "unauthenticated",
+            DataplaneError::Invalid(_) => "invalid_request",
+            DataplaneError::NoCapacity(_) => "no_capacity",
+            DataplaneError::Refused(r) => r.code.as_str(),
+            DataplaneError::Unavailable(_) => "provider_unavailable",
+            DataplaneError::Control(ControlError::Forbidden(_)) => "forbidden",
+            DataplaneError::Control(ControlError::NotFound(_)) => "not_found",
+            DataplaneError::Control(_) => "internal",
+        }
+    }
+
+    /// The HTTP status the gateway answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            DataplaneError::NotFound(_) => 404,
+            DataplaneError::Forbidden(_) => 403,
+            DataplaneError::Unauthenticated(_) => 401,
+            DataplaneError::Invalid(_) => 400,
+            DataplaneError::NoCapacity(_) => 503,
+            DataplaneError::Refused(r) => r.code.http_status(),
+            DataplaneError::Unavailable(_) => 502,
+            DataplaneError::Control(ControlError::Forbidden(_)) => 403,
+            DataplaneError::Control(ControlError::NotFound(_)) => 404,
+            DataplaneError::Control(_) => 500,
+        }
+    }
+}
+
+impl From<ClientError> for DataplaneError {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Refused(r) => DataplaneError::Refused(r),
+            other => DataplaneError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Networks route targets (provider endpoints) may live in. Anything else — a cloud
+/// metadata address, a public host — is refused at enrollment and again at route time.
+#[derive(Clone, Debug)]
+pub struct Networks(Vec<ipnet::IpNet>);
+
+impl Networks {
+    /// Loopback and the private ranges (RFC 1918, ULA).
+    pub fn private() -> Networks {
+        Networks(
+            [
+                "127.0.0.0/8",
+                "::1/128",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "fc00::/7",
+            ]
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect(),
+        )
+    }
+
+    /// Parse a comma-separated CIDR list.
+    pub fn parse(s: &str) -> Result<Networks, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|n| n.parse().map_err(|e| format!("network `{n}`: {e}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Networks)
+    }
+
+    /// The endpoint's host, if it is an https URL to an IP address inside these networks.
+    pub fn admit(&self, endpoint: &str) -> Result<IpAddr, String> {
+        let url = reqwest::Url::parse(endpoint).map_err(|e| format!("endpoint: {e}"))?;
+        if url.scheme() != "https" {
+            return Err("a provider endpoint must be https (mTLS)".into());
+        }
+        if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+            return Err("a provider endpoint is `https://IP:PORT`, nothing more".into());
+        }
+        let ip: IpAddr = match url.host() {
+            Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+            Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+            _ => return Err("a provider endpoint must name an IP address".into()),
+        };
+        if !self.0.iter().any(|n| n.contains(&ip)) {
+            return Err(format!("route target {ip} is outside the allowed networks"));
+        }
+        Ok(ip)
+    }
+}
+
+/// Configuration of the dataplane driver.
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    pub lease_ms: u64,
+    /// How long the control plane waits for one provider op.
+    pub op_timeout: Duration,
+    pub networks: Networks,
+    /// The control plane's mTLS endpoint for providers (told at enrollment).
+    pub provider_endpoint: Option<String>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            lease_ms: DEFAULT_LEASE_MS,
+            op_timeout: Duration::from_secs(60),
+            networks: Networks::private(),
+            provider_endpoint: None,
+        }
+    }
+}
+
+/// `POST /v1/providers/enroll`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub id: String,
+    pub endpoint: String,
+    pub csr: String,
+}
+
+/// The answer to an enrollment: everything a provider needs to serve and to heartbeat.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub id: String,
+    pub certificate: String,
+    pub ca: String,
+    /// The control plane's client certificate fingerprint: the only caller a provider admits.
+    pub control_fingerprint: String,
+    /// The key that signs snapshot envelopes.
+    pub control_public_key: TrustedKey,
+    /// Where to heartbeat (the control plane's mTLS endpoint), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_endpoint: Option<String>,
+}
+
+/// An actor a provider runs, as its heartbeat reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningActor {
+    pub actor: String,
+    pub tenant: String,
+    pub epoch: u64,
+}
+
+/// A provider's heartbeat (its first one registers it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub incarnation: String,
+    pub capabilities: mayfly_actor_api::Capabilities,
+    pub workers: Vec<WorkerInfo>,
+    #[serde(default)]
+    pub running: Vec<RunningActor>,
+}
+
+/// The answer: how long the lease runs, and which actors the provider must stop (it runs
+/// them at an epoch the control plane no longer assigns to it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatAnswer {
+    pub lease_ms: u64,
+    pub stop: Vec<RunningActor>,
+}
+
+/// Where a request for an actor goes.
+#[derive(Clone)]
+pub struct Route {
+    pub client: ProviderClient,
+    pub actor: String,
+    pub epoch: u64,
+    pub worker: String,
+}
+
+/// Where a resume may place an actor.
+#[derive(Clone, Copy, Debug)]
+enum Placement<'a> {
+    Any,
+    Avoid(&'a str),
+}
+
+/// The dataplane driver of the appending control-plane node.
+pub struct Dataplane {
+    control: Arc<Control>,
+    key: ControlKey,
+    ca: Ca,
+    identity: Identity,
+    store: Arc<dyn Cache>,
+    cfg: DataplaneConfig,
+    leases: std::sync::Mutex<BTreeMap<String, Lease>>,
+    clients: std::sync::Mutex<HashMap<String, (String, ProviderClient)>>,
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    activity: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+const WHO: &str = "dataplane";
+
+fn rec_json(r: &impl Serialize) -> Value {
+    serde_json::to_value(r).unwrap_or(Value::Null)
+}
+
+impl Dataplane {
+    /// A driver over `control`, signing snapshots with `key`, calling providers as
+    /// `identity` (issued by `ca`), reading snapshot blobs from `store`. Workers recorded
+    /// healthy get one lease period from now to heartbeat (a restarted control plane does
+    /// not declare everything lost at once).
+    pub async fn new(
+        control: Arc<Control>,
+        key: ControlKey,
+        ca: Ca,
+        identity: Identity,
+        store: Arc<dyn Cache>,
+        cfg: DataplaneConfig,
+    ) -> Result<Arc<Dataplane>, DataplaneError> {
+        crate::install_crypto();
+        let now = now_ms();
+        let leases = control
+            .read(|st| {
+                st.workers
+                    .values()
+                    .filter(|w| !w.lost)
+                    .map(|w| {
+                        (
+                            w.id.clone(),
+                            Lease {
+                                expires_ms: now + cfg.lease_ms,
+                                used: 0,
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok(Arc::new(Dataplane {
+            control,
+            key,
+            ca,
+            identity,
+            store,
+            cfg,
+            leases: std::sync::Mutex::new(leases),
+            clients: Default::default(),
+            locks: Default::default(),
+            activity: Default::default(),
+        }))
+    }
+
+    pub fn config(&self) -> &DataplaneConfig {
+        &self.cfg
+    }
+
+    fn lock_of(&self, k: &str) -> Arc<Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(k.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn leases(&self) -> BTreeMap<String, Lease> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn reserve(&self, worker: &str, delta: i64) {
+        let mut l = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = l.get_mut(worker) {
+            l.used = (i64::from(l.used) + delta).clamp(0, i64::from(u32::MAX)) as u32;
+        }
+    }
+
+    /// The mTLS client of a provider, pinned to its enrolled certificate.
+    fn client(&self, p: &ProviderRecord) -> Result<ProviderClient, DataplaneError> {
+        self.cfg
+            .networks
+            .admit(&p.endpoint)
+            .map_err(|e| DataplaneError::Forbidden(format!("provider {}: {e}", p.id)))?;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((fp, c)) = clients.get(&p.id)
+            && fp == &p.fingerprint
+        {
+            return Ok(c.clone());
+        }
+        let http = mayfly_pki::client(
+            self.ca.cert_pem(),
+            &self.identity,
+            Some(p.fingerprint.clone()),
+        )
+        .map_err(|e| DataplaneError::Unavailable(e.to_string()))?;
+        let c = ProviderClient::new(p.endpoint.clone(), http);
+        clients.insert(p.id.clone(), (p.fingerprint.clone(), c.clone()));
+        Ok(c)
+    }
+
+    async fn client_of_worker(&self, worker: &str) -> Result<ProviderClient, DataplaneError> {
+        let p = self
+            .control
+            .read(|st| {
+                st.workers
+                    .get(worker)
+                    .and_then(|w| st.providers.get(&w.provider))
+                    .cloned()
+            })
+            .await?
+            .ok_or_else(|| DataplaneError::NotFound(format!("worker {worker}")))?;
+        self.client(&p)
+    }
+
+    /// Enroll a provider (system admins): sign its CSR for its endpoint's address and record
+    /// its identity. Re-enrolling an id rotates its certificate (the old one stops working).
+    pub async fn enroll(
+        &self,
+        caller: &Caller,
+        req: EnrollRequest,
+    ) -> Result<Enrollment, DataplaneError> {
+        if !(caller.tenant == SYSTEM_TENANT && caller.role == Role::Admin) {
+            return Err(DataplaneError::Forbidden(format!(
+                "enrolling a provider needs an admin of the `{SYSTEM_TENANT}` tenant"
+            )));
+        }
+        if !mayfly_actor_api::is_name(&req.id, 64) || req.id.contains('/') {
+            return Err(DataplaneError::Invalid(format!("provider id `{}`", req.id)));
+        }
+        let ip = self
+            .cfg
+            .networks
+            .admit(&req.endpoint)
+            .map_err(DataplaneError::Forbidden)?;
+        let endpoint = req.endpoint.trim_end_matches('/').to_owned();
+        let cert = self
+            .ca
+            .sign_csr(
+                &req.csr,
+                &[ip.to_string()],
+                Usage::Provider,
+                &format!("provider:{}", req.id),
+            )
+            .map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let fingerprint =
+            mayfly_pki::fingerprint(&cert).map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let record = ProviderRecord {
+            id: req.id.clone(),
+            endpoint,
+            fingerprint,
+            incarnation: None,
+            capabilities: None,
+        };
+        self.control
+            .transact(&caller.actor_ref(), |st| {
+                // Its workers are fenced: nothing placed under the old identity keeps running.
+                let mut changes = vec![(EventKind::ProviderRegistered, rec_json(&record))];
+                for w in st.workers.values().filter(|w| w.provider == req.id) {
+                    for a in st.fence_worker(&w.id, "ProviderReenrolled") {
+                        changes.push((EventKind::ActorChanged, rec_json(&a)));
+                    }
+                }
+                Ok((changes, ()))
+            })
+            .await?;
+        Ok(Enrollment {
+            id: req.id,
+            certificate: cert,
+            ca: self.ca.cert_pem().to_owned(),
+            control_fingerprint: self
+                .identity
+                .fingerprint()
+                .map_err(|e| DataplaneError::Invalid(e.to_string()))?,
+            control_public_key: self.key.public().clone(),
+            control_endpoint: self.cfg.provider_endpoint.clone(),
+        })
+    }
+
+    /// A provider's heartbeat, authenticated by its certificate's fingerprint: record what
+    /// changed (incarnation, capabilities, workers, health), renew its workers' leases, and
+    /// tell it which actors to stop.
+    pub async fn heartbeat(
+        &self,
+        fingerprint: &str,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatAnswer, DataplaneError> {
+        if hb.capabilities.contract != CONTRACT_VERSION {
+            return Err(DataplaneError::Invalid(format!(
+                "contract `{}` is not `{CONTRACT_VERSION}`",
+                hb.capabilities.contract
+            )));
+        }
+        let now = now_ms();
+        let provider = self
+            .control
+            .read(|st| {
+                st.providers
+                    .values()
+                    .find(|p| p.fingerprint == fingerprint)
+                    .cloned()
+            })
+            .await?
+            .ok_or_else(|| {
+                DataplaneError::Unauthenticated(
+                    "this certificate is not an enrolled provider".into(),
+                )
+            })?;
+        for w in &hb.workers {
+            if !w.id.starts_with(&format!("{}/", provider.id))
+                || !hb.capabilities.classes.contains(&w.class)
+            {
+                return Err(DataplaneError::Invalid(format!(
+                    "worker `{}` is not a worker of provider {} with an advertised class",
+                    w.id, provider.id
+                )));
+            }
+        }
+        let stop = self
+            .control
+            .transact(&format!("provider:{}", provider.id), |st| {
+                let mut changes = Vec::new();
+                let restarted = provider.incarnation.as_deref() != Some(hb.incarnation.as_str());
+                if restarted || provider.capabilities.as_ref() != Some(&hb.capabilities) {
+                    let rec = ProviderRecord {
+                        incarnation: Some(hb.incarnation.clone()),
+                        capabilities: Some(hb.capabilities.clone()),
+                        ..provider.clone()
+                    };
+                    changes.push((EventKind::ProviderRegistered, rec_json(&rec)));
+                }
+                if restarted && provider.incarnation.is_some() {
+                    // A new incarnation runs nothing of the old one's.
+                    for w in st.workers.values().filter(|w| w.provider == provider.id) {
+                        for a in st.fence_worker(&w.id, "ProviderRestarted") {
+                            changes.push((EventKind::ActorChanged, rec_json(&a)));
+                        }
+                    }
+                }
+                for w in &hb.workers {
+                    let rec = WorkerRecord {
+                        id: w.id.clone(),
+                        provider: provider.id.clone(),
+                        class: w.class.clone(),
+                        slots: w.slots,
+                        labels: w.labels.clone(),
+                        lost: !w.healthy,
+                    };
+                    if st.workers.get(&w.id) != Some(&rec) {
+                        changes.push((EventKind::WorkerChanged, rec_json(&rec)));
+                    }
+                }
+                let stop: Vec<RunningActor> = hb
+                    .running
+                    .iter()
+                    .filter(|r| !assigned_here(st, &provider.id, r))
+                    .cloned()
+                    .collect();
+                Ok((changes, stop))
+            })
+            .await?;
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            for w in hb.workers.iter().filter(|w| w.healthy) {
+                leases.insert(
+                    w.id.clone(),
+                    Lease {
+                        expires_ms: now + self.cfg.lease_ms,
+                        used: w.used,
+                    },
+                );
+            }
+        }
+        Ok(HeartbeatAnswer {
+            lease_ms: self.cfg.lease_ms,
+            stop,
+        })
+    }
+
+    /// One controller round: workers whose lease expired are recorded lost and their actors
+    /// fenced (Suspended, epoch raised) durably; idle actors are suspended.
+    pub async fn tick(self: &Arc<Self>) -> Result<(), DataplaneError> {
+        let now = now_ms();
+        let leases = self.leases();
+        self.control
+            .transact(WHO, |st| {
+                let mut changes = Vec::new();
+                for id in st.expired_workers(&leases, now) {
+                    if let Some(w) = st.workers.get(&id) {
+                        let lost = WorkerRecord {
+                            lost: true,
+                            ..w.clone()
+                        };
+                        changes.push((EventKind::WorkerChanged, rec_json(&lost)));
+                        for a in st.fence_worker(&id, "WorkerLost") {
+                            changes.push((EventKind::ActorChanged, rec_json(&a)));
+                        }
+                    }
+                }
+                Ok((changes, ()))
+            })
+            .await?;
+        let idle: Vec<(String, String)> = {
+            let activity = self
+                .activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            self.control
+                .read(|st| {
+                    st.actors
+                        .values()
+                        .filter(|a| a.phase == ActorPhase::Running)
+                        .filter(|a| {
+                            let t = st
+                                .template_of(&a.tenant, &a.template)
+                                .map_or(0, |t| t.idle_timeout_ms);
+                            let last = activity.get(&key(&a.tenant, &a.name)).copied().unwrap_or(0);
+                            t > 0 && now.saturating_sub(last) >= t
+                        })
+                        .map(|a| (a.tenant.clone(), a.name.clone()))
+                        .collect()
+                })
+                .await?
+        };
+        for (tenant, name) in idle {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.suspend(&tenant, &name, "Idle").await {
+                    tracing::warn!(%tenant, actor = %name, error = %e, "idle checkpoint failed");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Run [`Dataplane::tick`] every `every` until the process ends.
+    pub fn run_controller(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                if let Err(e) = this.tick().await {
+                    tracing::warn!(error = %e, "dataplane controller round failed");
+                }
+            }
+        })
+    }
+
+    async fn load(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<(ActorTemplateSpec, String, Option<ActorRecord>), DataplaneError> {
+        self.control
+            .read(|st| {
+                let template = st.actor_template(tenant, name).ok_or_else(|| {
+                    DataplaneError::NotFound(format!("no Actor `{name}` in tenant `{tenant}`"))
+                })?;
+                let spec = st.template_of(tenant, &template).ok_or_else(|| {
+                    DataplaneError::NotFound(format!(
+                        "Actor `{name}` names ActorTemplate `{template}`, which does not exist"
+                    ))
+                })?;
+                Ok((spec, template, st.actors.get(&key(tenant, name)).cloned()))
+            })
+            .await?
+    }
+
+    fn spec(tenant: &str, actor: &str, template: &str, tpl: &ActorTemplateSpec) -> ActorSpec {
+        ActorSpec {
+            actor: actor.into(),
+            tenant: tenant.into(),
+            template: template.into(),
+            workload: tpl.workload.clone(),
+        }
+    }
+
+    /// Where `tenant/name` serves now, resuming it (scale from zero) when it does not run.
+    pub async fn resume(&self, tenant: &str, name: &str) -> Result<Route, DataplaneError> {
+        self.resume_with(tenant, name, Placement::Any).await
+    }
+
+    async fn resume_with(
+        &self,
+        tenant: &str,
+        name: &str,
+        placement: Placement<'_>,
+    ) -> Result<Route, DataplaneError> {
+        let k = key(tenant, name);
+        let lock = self.lock_of(&k);
+        let _serial = lock.lock().await;
+        let (tpl, template, rec) = self.load(tenant, name).await?;
+        if let Some(r) = &rec
+            && r.phase == ActorPhase::Running
+            && let Some(w) = &r.worker
+            && matches!(placement, Placement::Any)
+        {
+            let healthy = self
+                .control
+                .read(|st| st.workers.get(w).is_some_and(|w| !w.lost))
+                .await?;
+            if healthy {
+                return Ok(Route {
+                    client: self.client_of_worker(w).await?,
+                    actor: name.into(),
+                    epoch: r.epoch,
+                    worker: w.clone(),
+                });
+            }
+        }
+        let now = now_ms();
+        let avoid = match placement {
+            Placement::Avoid(w) => Some(w),
+            Placement::Any => None,
+        };
+        let worker = self
+            .control
+            .read(|st| st.schedule(&tpl, &self.leases(), now, avoid))
+            .await?
+            .map_err(DataplaneError::NoCapacity)?;
+        let snapshot = match rec.as_ref().and_then(|r| r.snapshot.clone()) {
+            Some(d) => Some(d),
+            None if tpl.golden => Some(self.golden(tenant, &template, &tpl).await?),
+            None => None,
+        };
+        let envelope = match &snapshot {
+            Some(d) => Some(
+                self.control
+                    .read(|st| st.snapshots.get(d).map(|s| s.envelope.clone()))
+                    .await?
+                    .ok_or_else(|| DataplaneError::NotFound(format!("snapshot {d}")))?,
+            ),
+            None => None,
+        };
+        let epoch = rec.as_ref().map_or(0, |r| r.epoch) + 1;
+        let spec = Self::spec(tenant, name, &template, &tpl);
+        let (action, op) = match envelope {
+            Some(env) => (
+                "restore",
+                Op::Restore {
+                    snapshot: env,
+                    spec,
+                },
+            ),
+            None => (
+                "run",
+                Op::Assign {
+                    desired: Desired::Running,
+                    spec,
+                },
+            ),
+        };
+        let id = op_id(tenant, name, epoch, action);
+        let base = ActorRecord {
+            tenant: tenant.into(),
+            name: name.into(),
+            template: template.clone(),
+            phase: ActorPhase::Resuming,
+            epoch,
+            worker: Some(worker.clone()),
+            op: Some(PendingOp {
+                id: id.clone(),
+                action: action.into(),
+            }),
+            snapshot: snapshot.clone(),
+            reason: "Resuming".into(),
+        };
+        self.record(vec![(EventKind::ActorChanged, rec_json(&base))])
+            .await?;
+        self.reserve(&worker, 1);
+        let req = OpRequest {
+            op_id: id,
+            actor: name.into(),
+            tenant: tenant.into(),
+            assignment_epoch: epoch,
+            op,
+            delivery: Some(delivery(tenant, name, epoch)),
+        };
+        let client = self.client_of_worker(&worker).await;
+        let outcome = match client {
+            Ok(c) => self.run_op(&c, &req).await.map(|_| c),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(client) => {
+                let running = ActorRecord {
+                    phase: ActorPhase::Running,
+                    op: None,
+                    reason: if action == "restore" {
+                        "Restored"
+                    } else {
+                        "Started"
+                    }
+                    .into(),
+                    ..base
+                };
+                self.record(vec![(EventKind::ActorChanged, rec_json(&running))])
+                    .await?;
+                self.touch(tenant, name);
+                Ok(Route {
+                    client,
+                    actor: name.into(),
+                    epoch,
+                    worker,
+                })
+            }
+            Err(e) => {
+                self.reserve(&worker, -1);
+                let failed = ActorRecord {
+                    phase: ActorPhase::Suspended,
+                    worker: None,
+                    op: None,
+                    reason: format!("ResumeFailed: {}", e.code()),
+                    ..base
+                };
+                self.record(vec![(EventKind::ActorChanged, rec_json(&failed))])
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn record(&self, changes: Vec<(EventKind, Value)>) -> Result<(), DataplaneError> {
+        self.control
+            .transact(WHO, |_| Ok((changes, ())))
+            .await
+            .map_err(DataplaneError::from)
+    }
+
+    async fn run_op(
+        &self,
+        c: &ProviderClient,
+        req: &OpRequest,
+    ) -> Result<OpStatus, DataplaneError> {
+        let st = c.run(req, self.cfg.op_timeout).await?;
+        match st.state {
+            OpState::Succeeded => Ok(st),
+            _ => Err(DataplaneError::Refused(st.error.unwrap_or_else(|| {
+                Refusal::new(RefusalCode::SandboxFailed, "the op failed without a reason")
+            }))),
+        }
+    }
+
+    /// Record that the actor served a request now (idle suspension counts from here).
+    pub fn touch(&self, tenant: &str, name: &str) {
+        self.activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key(tenant, name), now_ms());
+    }
+
+    /// The template's golden snapshot, taken on first use: a fresh actor of the template is
+    /// started, made ready, checkpointed and torn down; the control plane signs its
+    /// manifest bound to the template (no actor), and every first run restores it.
+    async fn golden(
+        &self,
+        tenant: &str,
+        template: &str,
+        tpl: &ActorTemplateSpec,
+    ) -> Result<String, DataplaneError> {
+        let gk = format!("golden:{}", key(tenant, template));
+        let lock = self.lock_of(&gk);
+        let _serial = lock.lock().await;
+        if let Some(d) = self
+            .control
+            .read(|st| st.goldens.get(&key(tenant, template)).cloned())
+            .await?
+        {
+            return Ok(d);
+        }
+        let worker = self
+            .control
+            .read(|st| st.schedule(tpl, &self.leases(), now_ms(), None))
+            .await?
+            .map_err(DataplaneError::NoCapacity)?;
+        let client = self.client_of_worker(&worker).await?;
+        let actor = format!(
+            "golden-{}",
+            &mayfly_trust::sha256_digest(key(tenant, template).as_bytes())[7..23]
+        );
+        // Each attempt binds a newer epoch on the provider (its fence is durable).
+        let epoch = now_ms();
+        let spec = Self::spec(tenant, &actor, template, tpl);
+        self.reserve(&worker, 1);
+        let result = async {
+            self.run_op(
+                &client,
+                &OpRequest {
+                    op_id: format!("{actor}.e{epoch}.run"),
+                    actor: actor.clone(),
+                    tenant: tenant.into(),
+                    assignment_epoch: epoch,
+                    op: Op::Assign {
+                        desired: Desired::Running,
+                        spec: spec.clone(),
+                    },
+                    delivery: Some(Delivery {
+                        identity: format!("golden:{}", key(tenant, template)),
+                        secrets: BTreeMap::new(),
+                    }),
+                },
+            )
+            .await?;
+            let st = self
+                .run_op(
+                    &client,
+                    &OpRequest {
+                        op_id: format!("{actor}.e{epoch}.capture"),
+                        actor: actor.clone(),
+                        tenant: tenant.into(),
+                        assignment_epoch: epoch,
+                        op: Op::Checkpoint {
+                            kind: CheckpointKind::External,
+                            scope: tpl.pause_scope(),
+                            teardown: true,
+                        },
+                        delivery: None,
+                    },
+                )
+                .await?;
+            let snap = st.result.and_then(|r| r.snapshot).ok_or_else(|| {
+                DataplaneError::Unavailable("golden capture returned no snapshot".into())
+            })?;
+            let mut manifest = self.verify_capture(&snap.manifest, &spec, &worker).await?;
+            manifest.actor = None;
+            self.sign_and_record(manifest, vec![]).await
+        }
+        .await;
+        self.reserve(&worker, -1);
+        result.map(|r| r.descriptor.digest)
+    }
+
+    /// Check a provider's manifest before the control plane signs it: bound to exactly the
+    /// tenant, actor, template and workload the control plane placed (rebinding: the
+    /// provider does not choose them), in a format its provider advertised, and every blob
+    /// present in the snapshot store with the digest and size it claims (re-read here).
+    async fn verify_capture(
+        &self,
+        m: &Manifest,
+        spec: &ActorSpec,
+        worker: &str,
+    ) -> Result<Manifest, DataplaneError> {
+        let bad = |msg: String| {
+            DataplaneError::Refused(Refusal::new(RefusalCode::ManifestUnreadable, msg))
+        };
+        m.check().map_err(DataplaneError::Refused)?;
+        if m.tenant != spec.tenant
+            || m.actor.as_deref() != Some(spec.actor.as_str())
+            || m.template != spec.template
+            || m.workload_digest != spec.workload.digest()
+        {
+            return Err(DataplaneError::Refused(Refusal::new(
+                RefusalCode::ForeignSnapshot,
+                "the provider's manifest is bound to another tenant, actor, template or workload",
+            )));
+        }
+        let formats = self
+            .control
+            .read(|st| {
+                st.workers
+                    .get(worker)
+                    .and_then(|w| st.providers.get(&w.provider))
+                    .and_then(|p| p.capabilities.as_ref())
+                    .map(|c| c.formats.clone())
+                    .unwrap_or_default()
+            })
+            .await?;
+        if !formats.contains(&m.format) {
+            return Err(bad(format!(
+                "format {}/v{} was not advertised by its provider",
+                m.format.id, m.format.version
+            )));
+        }
+        for b in &m.blobs {
+            match self.store.get(&spec.tenant, &b.digest).await {
+                Ok(Some(bytes)) if bytes.len() as u64 == b.size => {}
+                Ok(Some(_)) => return Err(bad(format!("blob {} has the wrong size", b.digest))),
+                Ok(None) => {
+                    return Err(DataplaneError::Refused(Refusal::new(
+                        RefusalCode::BlobDigestMismatch,
+                        format!("blob {} is not in the snapshot store", b.digest),
+                    )));
+                }
+                Err(e) => {
+                    return Err(DataplaneError::Refused(Refusal::new(
+                        RefusalCode::BlobDigestMismatch,
+                        format!("blob {}: {e}", b.digest),
+                    )));
+                }
+            }
+        }
+        Ok(m.clone())
+    }
+
+    async fn sign_and_record(
+        &self,
+        manifest: Manifest,
+        mut also: Vec<(EventKind, Value)>,
+    ) -> Result<SnapshotRecord, DataplaneError> {
+        let descriptor = manifest.descriptor();
+        let envelope: Signed = self
+            .key
+            .sign(Purpose::Snapshot, rec_json(&manifest))
+            .map_err(|e| DataplaneError::Invalid(e.to_string()))?;
+        let rec = SnapshotRecord {
+            tenant: manifest.tenant.clone(),
+            template: manifest.template.clone(),
+            actor: manifest.actor.clone(),
+            data_size: manifest.data_size(),
+            descriptor,
+            envelope,
+        };
+        let mut changes = vec![(EventKind::SnapshotRecorded, rec_json(&rec))];
+        changes.append(&mut also);
+        self.record(changes).await?;
+        Ok(rec)
+    }
+
+    /// Checkpoint a running actor externally and release its slot (idle, or before a move).
+    /// On success its last good snapshot is the new one; on any failure the old one stays,
+    /// the actor is Suspended with its epoch raised (whatever the provider still holds is
+    /// fenced) and the provider is told to stop it.
+    pub async fn suspend(
+        &self,
+        tenant: &str,
+        name: &str,
+        reason: &str,
+    ) -> Result<Option<SnapshotRecord>, DataplaneError> {
+        let k = key(tenant, name);
+        let lock = self.lock_of(&k);
+        let _serial = lock.lock().await;
+        self.suspend_locked(tenant, name, reason).await
+    }
+
+    async fn suspend_locked(
+        &self,
+        tenant: &str,
+        name: &str,
+        reason: &str,
+    ) -> Result<Option<SnapshotRecord>, DataplaneError> {
+        let (tpl, template, rec) = self.load(tenant, name).await?;
+        let Some(rec) = rec.filter(|r| r.phase == ActorPhase::Running) else {
+            return Ok(None);
+        };
+        let Some(worker) = rec.worker.clone() else {
+            return Ok(None);
+        };
+        let id = op_id(tenant, name, rec.epoch, "pause");
+        let checkpointing = ActorRecord {
+            phase: ActorPhase::Checkpointing,
+            op: Some(PendingOp {
+                id: id.clone(),
+                action: "pause".into(),
+            }),
+            reason: reason.into(),
+            ..rec.clone()
+        };
+        self.record(vec![(EventKind::ActorChanged, rec_json(&checkpointing))])
+            .await?;
+        let spec = Self::spec(tenant, name, &template, &tpl);
+        let client = self.client_of_worker(&worker).await;
+        let captured = async {
+            let c = client?;
+            let st = self
+                .run_op(
+                    &c,
+                    &OpRequest {
+                        op_id: id,
+                        actor: name.into(),
+                        tenant: tenant.into(),
+                        assignment_epoch: rec.epoch,
+                        op: Op::Checkpoint {
+                            kind: CheckpointKind::External,
+                            scope: tpl.pause_scope(),
+                            teardown: true,
+                        },
+                        delivery: None,
+                    },
+                )
+                .await?;
+            let snap = st.result.and_then(|r| r.snapshot).ok_or_else(|| {
+                DataplaneError::Unavailable("the checkpoint returned no snapshot".into())
+            })?;
+            self.verify_capture(&snap.manifest, &spec, &worker).await
+        }
+        .await;
+        self.reserve(&worker, -1);
+        match captured {
+            Ok(manifest) => {
+                let digest = manifest.descriptor().digest;
+                let suspended = ActorRecord {
+                    phase: ActorPhase::Suspended,
+                    worker: None,
+                    op: None,
+                    snapshot: Some(digest),
+                    reason: reason.into(),
+                    ..rec
+                };
+                let snap = self
+                    .sign_and_record(
+                        manifest,
+                        vec![(EventKind::ActorChanged, rec_json(&suspended))],
+                    )
+                    .await?;
+                Ok(Some(snap))
+            }
+            Err(e) => {
+                let fenced = ActorRecord {
+                    phase: ActorPhase::Suspended,
+                    epoch: rec.epoch + 1,
+                    worker: None,
+                    op: None,
+                    reason: format!("CheckpointFailed: {}", e.code()),
+                    ..rec
+                };
+                self.record(vec![(EventKind::ActorChanged, rec_json(&fenced))])
+                    .await?;
+                if let Ok(c) = self.client_of_worker(&worker).await {
+                    let stop = OpRequest {
+                        op_id: op_id(tenant, name, fenced.epoch, "stop"),
+                        actor: name.into(),
+                        tenant: tenant.into(),
+                        assignment_epoch: fenced.epoch,
+                        op: Op::Assign {
+                            desired: Desired::Suspended,
+                            spec,
+                        },
+                        delivery: None,
+                    };
+                    let _ = c.run(&stop, self.cfg.op_timeout).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Move an actor to another worker: checkpoint external → raise the epoch → restore
+    /// elsewhere. A late call at the old epoch is refused everywhere.
+    pub async fn move_actor(
+        &self,
+        caller: &Caller,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Route, DataplaneError> {
+        if caller.role < Role::Operator
+            || (caller.tenant != tenant && caller.tenant != SYSTEM_TENANT)
+        {
+            return Err(DataplaneError::Forbidden(
+                "moving an actor needs the operator role in its tenant".into(),
+            ));
+        }
+        let from = self
+            .control
+            .read(|st| {
+                st.actors
+                    .get(&key(tenant, name))
+                    .and_then(|a| a.worker.clone())
+            })
+            .await?;
+        let k = key(tenant, name);
+        {
+            let lock = self.lock_of(&k);
+            let _serial = lock.lock().await;
+            self.suspend_locked(tenant, name, "Moving").await?;
+        }
+        match &from {
+            Some(w) => self.resume_with(tenant, name, Placement::Avoid(w)).await,
+            None => self.resume(tenant, name).await,
+        }
+    }
+
+    /// Route one data-path request: refuse a request pinned to a stale epoch, resume the
+    /// actor if needed, and forward at the current epoch (re-resolving once if the actor
+    /// moved in between).
+    pub async fn route(
+        &self,
+        tenant: &str,
+        name: &str,
+        pinned_epoch: Option<u64>,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(DataAnswer, u64), DataplaneError> {
+        if let Some(want) = pinned_epoch {
+            let current = self
+                .control
+                .read(|st| st.actors.get(&key(tenant, name)).map(|a| a.epoch))
+                .await?;
+            if current != Some(want) {
+                return Err(DataplaneError::Refused(Refusal::new(
+                    RefusalCode::StaleEpoch,
+                    format!(
+                        "request pinned to epoch {want}; the actor is at {}",
+                        current.map_or("none".into(), |c| c.to_string())
+                    ),
+                )));
+            }
+        }
+        for attempt in 0..2 {
+            let route = self.resume(tenant, name).await?;
+            let answer = route
+                .client
+                .call(
+                    &route.actor,
+                    route.epoch,
+                    method.clone(),
+                    path,
+                    body.clone(),
+                )
+                .await?;
+            self.touch(tenant, name);
+            let stale = answer.refusal.as_ref().is_some_and(|r| {
+                matches!(r.code, RefusalCode::StaleEpoch | RefusalCode::UnknownActor)
+            });
+            if stale && attempt == 0 && pinned_epoch.is_none() {
+                continue;
+            }
+            return Ok((answer, route.epoch));
+        }
+        Err(DataplaneError::Unavailable(
+            "the actor moved twice during one request".into(),
+        ))
+    }
+
+    /// Actors visible to `caller` (system admins see every tenant's).
+    pub async fn actors(&self, caller: &Caller) -> Result<Vec<ActorRecord>, DataplaneError> {
+        let all = caller.tenant == SYSTEM_TENANT;
+        Ok(self
+            .control
+            .read(|st| {
+                st.actors_of((!all).then_some(caller.tenant.as_str()))
+                    .into_iter()
+                    .cloned()
+                    .collect()
+            })
+            .await?)
+    }
+
+    /// Providers and workers with their live leases (system tenant).
+    pub async fn providers(&self, caller: &Caller) -> Result<Value, DataplaneError> {
+        if caller.tenant != SYSTEM_TENANT {
+            return Err(DataplaneError::Forbidden(
+                "providers are visible to the system tenant".into(),
+            ));
+        }
+        let now = now_ms();
+        let leases = self.leases();
+        Ok(self
+            .control
+            .read(|st| {
+                json!({
+                    "providers": st.providers.values().collect::<Vec<_>>(),
+                    "workers": st.workers.values().map(|w| {
+                        let l = leases.get(&w.id);
+                        json!({
+                            "worker": w,
+                            "used": l.map_or(0, |l| l.used),
+                            "lease_ms_left": l.map_or(0, |l| l.expires_ms.saturating_sub(now)),
+                        })
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .await?)
+    }
+
+    /// Snapshot descriptors of an actor (its last good one first), tenant-scoped.
+    pub async fn snapshots_of(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Vec<SnapshotRecord>, DataplaneError> {
+        Ok(self
+            .control
+            .read(|st| {
+                let last = st
+                    .actors
+                    .get(&key(tenant, name))
+                    .and_then(|a| a.snapshot.clone());
+                let mut v: Vec<SnapshotRecord> = st
+                    .snapshots
+                    .values()
+                    .filter(|s| s.tenant == tenant && s.actor.as_deref() == Some(name))
+                    .cloned()
+                    .collect();
+                v.sort_by_key(|s| Some(&s.descriptor.digest) != last.as_ref());
+                v
+            })
+            .await?)
+    }
+}
+
+/// May `provider` keep running `r`? Not if the control plane records that actor as
+/// assigned elsewhere or at another epoch. Actors it has no record of (a golden capture in
+/// progress, a conformance run) are not its to fence.
+fn assigned_here(st: &ControlState, provider: &str, r: &RunningActor) -> bool {
+    let Some(a) = st.actors.get(&key(&r.tenant, &r.actor)) else {
+        return true;
+    };
+    {
+        a.epoch == r.epoch
+            && matches!(
+                a.phase,
+                ActorPhase::Running | ActorPhase::Resuming | ActorPhase::Checkpointing
+            )
+            && a.worker
+                .as_deref()
+                .and_then(|w| st.workers.get(w))
+                .is_some_and(|w| w.provider == provider)
+    }
+}
+
+/// What an actor receives fresh with every start: its identity for this epoch.
+fn delivery(tenant: &str, name: &str, epoch: u64) -> Delivery {
+    Delivery {
+        identity: format!("actor:{tenant}/{name}@{epoch}"),
+        secrets: BTreeMap::new(),
+    }
+}
+
+/// The control plane's provider-facing API, served over mTLS
+/// ([`mayfly_pki::serve`] with `Admit::AnyIssued`): the verified certificate's fingerprint
+/// identifies the provider.
+///
+/// * `POST /v1/providers/heartbeat` — [`Heartbeat`] → [`HeartbeatAnswer`]
+pub fn provider_router(dp: Arc<Dataplane>) -> axum::Router {
+    use axum::routing::post;
+    axum::Router::new()
+        .route("/v1/providers/heartbeat", post(heartbeat_handler))
+        .with_state(dp)
+}
+
+async fn heartbeat_handler(
+    axum::extract::State(dp): axum::extract::State<Arc<Dataplane>>,
+    axum::Extension(peer): axum::Extension<mayfly_pki::PeerIdentity>,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let answer = match serde_json::from_slice::<Heartbeat>(&body) {
+        Ok(hb) => dp.heartbeat(&peer.0, hb).await,
+        Err(e) => Err(DataplaneError::Invalid(format!("heartbeat: {e}"))),
+    };
+    match answer {
+        Ok(a) => axum::Json(a).into_response(),
+        Err(e) => {
+            let status = axum::http::StatusCode::from_u16(e.http_status())
+                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+            (
+                status,
+                [("content-type", "application/problem+json")],
+                json!({"title": e.code(), "code": e.code(), "status": status.as_u16(), "detail": e.to_string()})
+                    .to_string(),
+            )
+                .into_response()
+        }
+    }
+}

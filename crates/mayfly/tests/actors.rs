@@ -1,0 +1,392 @@
+//! The actor dataplane end to end, all real processes: a `mayfly server` with its provider
+//! listener, two `mayfly provider serve` processes enrolled through the CLI (mTLS both
+//! ways), actors declared with `mayfly apply`, reached through the gateway's router —
+//! scale from zero via the golden snapshot, a move with the old epoch refused, a provider
+//! killed with its lease expiring and the actor restored elsewhere from its last snapshot,
+//! idle suspension — and the conformance CLI against a live provider.
+
+use serde_json::{Value, json};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
+    c.env("MAYFLY_LOG", "error");
+    c
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+struct Env<'a> {
+    home: &'a Path,
+    url: String,
+    admin: String,
+}
+
+impl Env<'_> {
+    fn cli(&self, token: &str, args: &[&str]) -> Output {
+        bin()
+            .env("MAYFLY_HOME", self.home)
+            .env("MAYFLY_URL", &self.url)
+            .env("MAYFLY_TOKEN", token)
+            .args(args)
+            .output()
+            .expect("cli")
+    }
+
+    fn json(&self, token: &str, args: &[&str]) -> Value {
+        let o = self.cli(token, args);
+        assert!(o.status.success(), "{args:?}: {}", out(&o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(&o)))
+    }
+
+    fn provider(&self, id: &str, labels: &[&str]) -> (Running, u16) {
+        let port = free_port();
+        let dir = self.home.join(id);
+        let o = self.cli(
+            &self.admin,
+            &[
+                "provider",
+                "enroll",
+                "--id",
+                id,
+                "--endpoint",
+                &format!("https://127.0.0.1:{port}"),
+                "--dir",
+                dir.to_str().expect("dir"),
+            ],
+        );
+        assert!(o.status.success(), "enroll: {}", out(&o));
+        let mut cmd = bin();
+        cmd.env("MAYFLY_HOME", self.home)
+            .args(["provider", "serve", "--slots", "4", "--heartbeat-ms", "250"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--snapshots")
+            .arg(self.home.join("snapshots"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for l in labels {
+            cmd.args(["--label", l]);
+        }
+        (Running(cmd.spawn().expect("provider")), port)
+    }
+
+    fn actor(&self, token: &str, name: &str) -> Value {
+        let v = self.json(token, &["actors", "list"]);
+        v["actors"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+}
+
+fn call(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    token: &str,
+    method: reqwest::Method,
+    actor: &str,
+    epoch: Option<u64>,
+) -> (u16, Option<u64>, Value) {
+    let mut rb = http
+        .request(method, format!("{url}/actors/{actor}/"))
+        .bearer_auth(token);
+    if let Some(e) = epoch {
+        rb = rb.header("x-mayfly-epoch", e.to_string());
+    }
+    let r = rb.send().expect("route");
+    let status = r.status().as_u16();
+    let epoch = r
+        .headers()
+        .get("x-mayfly-epoch")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let body: Value = r.json().unwrap_or(Value::Null);
+    (status, epoch, body)
+}
+
+#[test]
+fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path();
+    let mut server = bin()
+        .env("MAYFLY_HOME", home)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--provider-listen",
+            "127.0.0.1:0",
+            "--lease-ms",
+            "1500",
+        ])
+        .arg("--db")
+        .arg(home.join("m.db"))
+        .arg("--snapshots")
+        .arg(home.join("snapshots"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let mut banner = mayfly_gateway::banner::Banner::default();
+    let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
+    for l in lines.by_ref() {
+        if banner.feed(&l.expect("line")) {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let _server = Running(server);
+    let env = Env {
+        home,
+        url: banner.url.expect("url"),
+        admin: banner.token.expect("token"),
+    };
+    let token = |tenant: &str, role: &str| {
+        let o = env.cli(
+            &env.admin,
+            &["token", "--role", role, "--name", "t", "--tenant", tenant],
+        );
+        assert!(o.status.success(), "{}", out(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .last()
+            .expect("token")
+            .to_owned()
+    };
+    let acme = token("acme", "operator");
+    let other = token("beta", "operator");
+
+    // A provider endpoint outside the allowed networks is refused at enrollment.
+    let o = env.cli(
+        &env.admin,
+        &[
+            "provider",
+            "enroll",
+            "--id",
+            "evil",
+            "--endpoint",
+            "https://169.254.169.254:443",
+            "--dir",
+            home.join("evil").to_str().expect("dir"),
+        ],
+    );
+    assert!(
+        !o.status.success() && out(&o).contains("outside the allowed networks"),
+        "{}",
+        out(&o)
+    );
+    // Enrollment needs a system admin.
+    let o = env.cli(
+        &acme,
+        &[
+            "provider",
+            "enroll",
+            "--id",
+            "x",
+            "--endpoint",
+            "https://127.0.0.1:1",
+            "--dir",
+            "/tmp/x",
+        ],
+    );
+    assert!(
+        !o.status.success() && out(&o).contains("403"),
+        "{}",
+        out(&o)
+    );
+
+    let (p1, p1_port) = env.provider("p1", &["zone=a"]);
+    let (p2, p2_port) = env.provider("p2", &["zone=b"]);
+    wait_for("two live workers", Duration::from_secs(30), || {
+        let v = env.json(&env.admin, &["actors", "providers"]);
+        v["workers"].as_array().is_some_and(|w| {
+            w.len() == 2
+                && w.iter()
+                    .all(|x| x["lease_ms_left"].as_u64().unwrap_or(0) > 0)
+        })
+    });
+
+    let workload = mayfly_actors::conformance::process_workload();
+    let manifests = [
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "counter", "tenant": "acme"},
+               "spec": {"workload": workload, "idleTimeoutMs": 0,
+                        "checkpoint": {"onPause": ["data"], "onCommit": ["data"]}}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "sleepy", "tenant": "acme"},
+               "spec": {"workload": workload, "idleTimeoutMs": 1500}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "c1", "tenant": "acme"}, "spec": {"template": "counter"}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "s1", "tenant": "acme"}, "spec": {"template": "sleepy"}}),
+    ];
+    let text: Vec<String> = manifests.iter().map(|m| m.to_string()).collect();
+    let file = home.join("actors.yaml");
+    std::fs::write(&file, text.join("\n---\n")).expect("write");
+    let o = env.cli(&env.admin, &["apply", "-f", file.to_str().expect("f")]);
+    assert!(o.status.success(), "{}", out(&o));
+
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("http");
+    // Scale from zero: the first request takes the golden snapshot, restores it into c1.
+    let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::POST, "c1", None);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(epoch, Some(1));
+    assert_eq!(v["counter"], 1);
+    assert_eq!(v["identity"], "actor:acme/c1@1", "identity delivered fresh");
+    for _ in 0..2 {
+        call(&http, &env.url, &acme, reqwest::Method::POST, "c1", None);
+    }
+    let a = env.actor(&acme, "c1");
+    assert_eq!(a["phase"], "Running", "{a}");
+    let first_worker = a["worker"].as_str().expect("worker").to_owned();
+    let t = env.json(&acme, &["get", "actortemplate", "counter", "--json"]);
+    assert!(t.to_string().contains("GoldenRecorded"), "{t}");
+    // Another tenant does not see, and cannot reach, acme's actor.
+    let (st, _, _) = call(&http, &env.url, &other, reqwest::Method::GET, "c1", None);
+    assert_eq!(st, 404);
+
+    // Move: checkpoint → epoch 2 → restore on the other worker; the data comes along.
+    let m = env.json(&acme, &["actors", "move", "c1"]);
+    assert_eq!(m["epoch"], 2, "{m}");
+    assert_ne!(m["worker"], first_worker.as_str());
+    let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", None);
+    assert_eq!((st, epoch), (200, Some(2)), "{v}");
+    assert_eq!(v["counter"], 3);
+    // A late request pinned to the old epoch is refused by the router.
+    let (st, _, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", Some(1));
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["code"], "stale_epoch");
+    let snaps = env.json(&acme, &["actors", "snapshots", "c1"]);
+    assert!(!snaps["snapshots"].as_array().expect("s").is_empty());
+
+    // One more write after the move's snapshot, then the hosting provider dies.
+    let (_, _, v) = call(&http, &env.url, &acme, reqwest::Method::POST, "c1", None);
+    assert_eq!(v["counter"], 4);
+    let hosting = env.actor(&acme, "c1")["worker"]
+        .as_str()
+        .expect("w")
+        .to_owned();
+    let (survivor, survivor_port) = if hosting.starts_with("p1/") {
+        drop(p1);
+        (p2, p2_port)
+    } else {
+        drop(p2);
+        (p1, p1_port)
+    };
+    wait_for(
+        "the lost worker's actor to be fenced",
+        Duration::from_secs(20),
+        || {
+            let a = env.actor(&acme, "c1");
+            a["phase"] == "Suspended" && a["reason"] == "WorkerLost"
+        },
+    );
+    let a = env.actor(&acme, "c1");
+    assert_eq!(a["epoch"], 3, "a lost worker raises the epoch: {a}");
+    assert!(a.get("worker").is_none_or(Value::is_null), "{a}");
+    // The next request restores it elsewhere from its last snapshot (taken at the move).
+    let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", None);
+    assert_eq!((st, epoch), (200, Some(4)), "{v}");
+    assert_eq!(v["counter"], 3, "restored from the last external snapshot");
+
+    // Idle: s1 runs, then is checkpointed and its slot released; it comes back on demand.
+    let (st, _, _) = call(&http, &env.url, &acme, reqwest::Method::POST, "s1", None);
+    assert_eq!(st, 200);
+    wait_for("s1 to idle out", Duration::from_secs(20), || {
+        let a = env.actor(&acme, "s1");
+        a["phase"] == "Suspended" && a["reason"] == "Idle"
+    });
+    assert!(env.actor(&acme, "s1")["snapshot"].is_string());
+    let (st, _, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "s1", None);
+    assert_eq!((st, v["counter"].clone()), (200, json!(1)), "{v}");
+
+    // An explicit suspend: checkpointed, slot released (nothing else moves under the
+    // conformance run below).
+    let v = env.json(&acme, &["actors", "suspend", "s1"]);
+    assert!(
+        v["snapshot"]["digest"].is_string() || env.actor(&acme, "s1")["phase"] == "Suspended",
+        "{v}"
+    );
+    assert_eq!(env.actor(&acme, "s1")["phase"], "Suspended");
+
+    // The control stream with all of this verifies end to end.
+    let o = env.cli(&env.admin, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", out(&o));
+
+    // The conformance CLI passes against the surviving provider (as this control plane).
+    let o = bin()
+        .env("MAYFLY_HOME", home)
+        .args(["provider", "conformance", "--endpoint"])
+        .arg(format!("https://127.0.0.1:{survivor_port}"))
+        .arg("--snapshot-dir")
+        .arg(home.join("snapshots"))
+        .output()
+        .expect("conformance");
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(" 0 failed"),
+        "{}",
+        out(&o)
+    );
+    // Without the control plane's identity the provider admits nobody.
+    let stranger = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(stranger.path().join("pki")).expect("mkdir");
+    let ca = mayfly_pki::Ca::load_or_create(&stranger.path().join("pki")).expect("ca");
+    ca.issue(&[], mayfly_pki::Usage::Control, "x")
+        .expect("issue")
+        .save(&stranger.path().join("pki"), "control")
+        .expect("save");
+    let o = bin()
+        .env("MAYFLY_HOME", stranger.path())
+        .args(["provider", "conformance", "--endpoint"])
+        .arg(format!("https://127.0.0.1:{survivor_port}"))
+        .output()
+        .expect("conformance");
+    assert!(
+        !o.status.success(),
+        "a foreign identity passed: {}",
+        out(&o)
+    );
+    drop(survivor);
+}
