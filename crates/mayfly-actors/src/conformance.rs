@@ -60,6 +60,68 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
 
+/// The HTTP test actor for the `wasm` class (WAT, which the wasm sandbox compiles): the same
+/// answers as [`PROCESS_ACTOR`] — `actor`, `identity` (host calls, fresh per start),
+/// `counter` (in linear memory, so Full scope carries it) and `boot` (an exported mutable
+/// global set by `init`, so golden snapshots and restores carry it).
+pub const WASM_ACTOR: &str = r#"(module
+  (import "mayfly" "identity" (func $identity (param i32 i32) (result i32)))
+  (import "mayfly" "actor" (func $actor (param i32 i32) (result i32)))
+  (import "mayfly" "nonce" (func $nonce (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (export "heap") (mut i32) (i32.const 4096))
+  (global $boot (export "boot") (mut i32) (i32.const 0))
+  (global $out (mut i32) (i32.const 0))
+  (data (i32.const 100) "{\"actor\":\"")
+  (data (i32.const 120) "\",\"identity\":\"")
+  (data (i32.const 140) "\",\"counter\":")
+  (data (i32.const 160) ",\"boot\":")
+  (data (i32.const 180) "}")
+  (func $alloc (export "alloc") (param $n i32) (result i32) (local $p i32)
+    (if (i32.gt_u (i32.add (global.get $heap) (local.get $n)) (i32.const 65000))
+      (then (global.set $heap (i32.const 4096))))
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (func (export "init") (global.set $boot (call $nonce)))
+  (func $copy (param $src i32) (param $n i32)
+    (memory.copy (global.get $out) (local.get $src) (local.get $n))
+    (global.set $out (i32.add (global.get $out) (local.get $n))))
+  (func $num (param $v i32) (local $p i32)
+    (local.set $p (i32.const 220))
+    (loop $l
+      (local.set $p (i32.sub (local.get $p) (i32.const 1)))
+      (i32.store8 (local.get $p) (i32.add (i32.const 48) (i32.rem_u (local.get $v) (i32.const 10))))
+      (local.set $v (i32.div_u (local.get $v) (i32.const 10)))
+      (br_if $l (i32.ne (local.get $v) (i32.const 0))))
+    (call $copy (local.get $p) (i32.sub (i32.const 220) (local.get $p))))
+  (func (export "handle") (param $mp i32) (param $ml i32) (param $pp i32) (param $pl i32)
+        (param $bp i32) (param $bl i32) (result i64) (local $start i32)
+    (if (i32.eq (i32.load8_u (local.get $mp)) (i32.const 80))
+      (then (i32.store (i32.const 16) (i32.add (i32.load (i32.const 16)) (i32.const 1)))))
+    (local.set $start (call $alloc (i32.const 1024)))
+    (global.set $out (local.get $start))
+    (call $copy (i32.const 100) (i32.const 10))
+    (global.set $out (i32.add (global.get $out) (call $actor (global.get $out) (i32.const 128))))
+    (call $copy (i32.const 120) (i32.const 14))
+    (global.set $out (i32.add (global.get $out) (call $identity (global.get $out) (i32.const 256))))
+    (call $copy (i32.const 140) (i32.const 12))
+    (call $num (i32.load (i32.const 16)))
+    (call $copy (i32.const 160) (i32.const 8))
+    (call $num (global.get $boot))
+    (call $copy (i32.const 180) (i32.const 1))
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $start)) (i64.const 32))
+            (i64.extend_i32_u (i32.sub (global.get $out) (local.get $start))))))
+"#;
+
+/// The wasm-class test workload (its module is [`WASM_ACTOR`], by digest).
+pub fn wasm_workload() -> Workload {
+    Workload::Wasm {
+        module: mayfly_trust::sha256_digest(WASM_ACTOR.as_bytes()),
+        handler: "handle".into(),
+    }
+}
+
 /// The process-class test workload.
 pub fn process_workload() -> Workload {
     Workload::Process {
@@ -160,10 +222,12 @@ pub async fn run(cfg: Config) -> Report {
         .push(("provider_info".into(), outcome(check_info(&info))));
     let caps = info.capabilities.clone();
     for class in &caps.classes {
-        let Some(workload) = r.workload(class) else {
+        let Some(workload) = r.workload(class).await else {
             report.checks.push((
                 format!("{class}: all"),
-                Outcome::Skipped(format!("no test workload for class `{class}`")),
+                Outcome::Skipped(format!(
+                    "no test workload for class `{class}` (wasm needs --snapshot-dir)"
+                )),
             ));
             continue;
         };
@@ -294,11 +358,33 @@ fn check_info(info: &mayfly_actor_api::ProviderInfo) -> Check {
 }
 
 impl Run {
-    fn workload(&self, class: &str) -> Option<Workload> {
+    /// The test workload of a class. The wasm module must be in the provider's snapshot
+    /// store: it is uploaded to `--snapshot-dir` (without one the class is skipped).
+    async fn workload(&self, class: &str) -> Option<Workload> {
         if let Some(w) = self.cfg.workloads.get(class) {
             return Some(w.clone());
         }
-        (class == "process").then(process_workload)
+        match class {
+            "process" => Some(process_workload()),
+            "wasm" => {
+                let dir = self.cfg.snapshot_dir.as_ref()?;
+                let store = mayfly_cache::LocalCache::new(dir);
+                let w = wasm_workload();
+                let Workload::Wasm { module, .. } = &w else {
+                    return None;
+                };
+                mayfly_cache::Cache::put(
+                    &store,
+                    &self.cfg.tenant,
+                    module,
+                    bytes::Bytes::from_static(WASM_ACTOR.as_bytes()),
+                )
+                .await
+                .ok()?;
+                Some(w)
+            }
+            _ => None,
+        }
     }
 
     fn actor(&self, placed: &mut Vec<String>) -> String {

@@ -329,6 +329,21 @@ impl Dataplane {
         }
     }
 
+    /// The checkpoint scopes `worker`'s provider offers.
+    async fn offered(&self, worker: &str) -> Result<Vec<mayfly_actor_api::Scope>, DataplaneError> {
+        Ok(self
+            .control
+            .read(|st| {
+                st.workers
+                    .get(worker)
+                    .and_then(|w| st.providers.get(&w.provider))
+                    .and_then(|p| p.capabilities.as_ref())
+                    .map(|c| c.scopes.clone())
+                    .unwrap_or_default()
+            })
+            .await?)
+    }
+
     /// The mTLS client of a provider, pinned to its enrolled certificate.
     fn client(&self, p: &ProviderRecord) -> Result<ProviderClient, DataplaneError> {
         self.cfg
@@ -867,7 +882,7 @@ impl Dataplane {
                         assignment_epoch: epoch,
                         op: Op::Checkpoint {
                             kind: CheckpointKind::External,
-                            scope: tpl.pause_scope(),
+                            scope: tpl.pause_scope(&self.offered(&worker).await?),
                             teardown: true,
                         },
                         delivery: None,
@@ -1027,7 +1042,7 @@ impl Dataplane {
                         assignment_epoch: rec.epoch,
                         op: Op::Checkpoint {
                             kind: CheckpointKind::External,
-                            scope: tpl.pause_scope(),
+                            scope: tpl.pause_scope(&self.offered(&worker).await?),
                             teardown: true,
                         },
                         delivery: None,
@@ -1176,6 +1191,29 @@ impl Dataplane {
         Err(DataplaneError::Unavailable(
             "the actor moved twice during one request".into(),
         ))
+    }
+
+    /// Store a WASM module (or any workload asset) in the caller's tenant scope of the
+    /// snapshot store, by content digest (authors and up). Templates name it by digest.
+    pub async fn put_module(
+        &self,
+        caller: &Caller,
+        bytes: Vec<u8>,
+    ) -> Result<String, DataplaneError> {
+        if caller.role < Role::Author {
+            return Err(DataplaneError::Forbidden(
+                "uploading a module needs the author role".into(),
+            ));
+        }
+        if bytes.is_empty() {
+            return Err(DataplaneError::Invalid("the module is empty".into()));
+        }
+        let digest = mayfly_trust::sha256_digest(&bytes);
+        self.store
+            .put(&caller.tenant, &digest, bytes.into())
+            .await
+            .map_err(|e| DataplaneError::Unavailable(format!("snapshot store: {e}")))?;
+        Ok(digest)
     }
 
     /// Actors visible to `caller` (system admins see every tenant's).

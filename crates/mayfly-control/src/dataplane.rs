@@ -71,9 +71,15 @@ impl ActorTemplateSpec {
         Ok(())
     }
 
-    /// The scope a pause (idle, move) captures: the widest OnPause scope, Data by default.
-    pub fn pause_scope(&self) -> Scope {
-        if self.checkpoint.on_pause.contains(&Scope::Full) {
+    /// The scope a pause (idle, move) captures: the widest OnPause scope; when the template
+    /// names none, the widest its worker's provider offers (`offered`).
+    pub fn pause_scope(&self, offered: &[Scope]) -> Scope {
+        let from: &[Scope] = if self.checkpoint.on_pause.is_empty() {
+            offered
+        } else {
+            &self.checkpoint.on_pause
+        };
+        if from.contains(&Scope::Full) {
             Scope::Full
         } else {
             Scope::Data
@@ -277,11 +283,10 @@ impl ControlState {
         avoid: Option<&str>,
     ) -> Result<String, String> {
         let class = tpl.workload.class();
+        // The scopes its checkpoints need; a template that names none needs some scope (it
+        // is suspended when idle and moved by checkpoint).
         let mut need: Vec<Scope> = tpl.checkpoint.on_pause.clone();
         need.extend(tpl.checkpoint.on_commit.iter().copied());
-        if need.is_empty() {
-            need.push(Scope::Data);
-        }
         let mut best: Option<(u32, &str)> = None;
         let mut why = Vec::new();
         for w in self.workers.values() {
@@ -305,7 +310,9 @@ impl ControlState {
                 .get(&w.provider)
                 .and_then(|p| p.capabilities.as_ref());
             if !caps.is_some_and(|c| {
-                c.classes.iter().any(|x| x == class) && need.iter().all(|s| c.scopes.contains(s))
+                c.classes.iter().any(|x| x == class)
+                    && !c.scopes.is_empty()
+                    && need.iter().all(|s| c.scopes.contains(s))
             }) {
                 why.push(format!("{}: lacks scopes {need:?}", w.id));
                 continue;
@@ -558,6 +565,14 @@ mod tests {
         .unwrap();
         assert!(ok.check().is_ok());
         assert_eq!((ok.idle_timeout_ms, ok.golden), (500, true));
-        assert_eq!(ok.pause_scope(), Scope::Data);
+        assert_eq!(ok.pause_scope(&[Scope::Data]), Scope::Data);
+        assert_eq!(
+            ok.pause_scope(&[Scope::Full]),
+            Scope::Full,
+            "the provider's offer"
+        );
+        let mut named = ok.clone();
+        named.checkpoint.on_pause = vec![Scope::Data];
+        assert_eq!(named.pause_scope(&[Scope::Full, Scope::Data]), Scope::Data);
     }
 }

@@ -49,6 +49,34 @@ pub(crate) async fn enroll(
     Ok(Json(r).into_response())
 }
 
+/// `POST /v1/modules` `{"module_base64": …}`: store a workload module (e.g. WASM) in the
+/// caller's tenant scope of the snapshot store; answers its digest.
+pub(crate) async fn put_module(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    use base64::Engine;
+    let dp = dataplane(&gw)?;
+    let bad = |m: String| Problem::new(StatusCode::BAD_REQUEST, "invalid_request", m);
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
+    let bytes = v
+        .get("module_base64")
+        .and_then(|b| b.as_str())
+        .ok_or_else(|| bad("`module_base64` is required".into()))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| bad(format!("module_base64: {e}")))
+        })?;
+    let size = bytes.len();
+    let digest = dp
+        .put_module(&c.control(), bytes)
+        .await
+        .map_err(|e| problem(&c, e))?;
+    Ok(Json(json!({ "digest": digest, "size": size })).into_response())
+}
+
 /// `GET /v1/providers`: providers, workers and their leases (system tenant).
 pub(crate) async fn providers(
     State(gw): State<Gateway>,

@@ -439,6 +439,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/history/{kind}/{*name}", get(control::history))
         .route("/providers", get(actors::providers))
         .route("/providers/enroll", post(actors::enroll))
+        .route("/modules", post(actors::put_module))
         .route("/actors", get(actors::list))
         .route("/actors/{name}/snapshots", get(actors::snapshots))
         .route("/actors/{name}/move", post(actors::move_actor))

@@ -145,7 +145,7 @@ pub enum ProviderCmd {
     Serve {
         #[arg(long)]
         dir: PathBuf,
-        /// Sandbox class: `process`.
+        /// Sandbox class: `process` or `wasm`.
         #[arg(long, default_value = "process")]
         class: String,
         /// Concurrent actors.
@@ -264,8 +264,8 @@ async fn serve(
     snapshots: Option<&str>,
     heartbeat_ms: u64,
 ) -> Result<ExitCode> {
-    if class != "process" {
-        bail!("sandbox class `{class}` is not built into this provider (process)");
+    if class != "process" && class != "wasm" {
+        bail!("sandbox class `{class}` is not built into this provider (process, wasm)");
     }
     let e: Enrolled = serde_json::from_slice(
         &std::fs::read(dir.join("enrollment.json"))
@@ -287,14 +287,20 @@ async fn serve(
         labels: label_map,
         platform: mayfly_actors::ProviderConfig::platform_of_host(),
     };
-    let provider = mayfly_actors::Provider::new(
-        cfg,
+    let external = snapshot_store(snapshots).await?;
+    let sandbox: Arc<dyn mayfly_actors::Sandbox> = if class == "wasm" {
+        Arc::new(mayfly_provider_wasm::WasmSandbox::new(external.clone())?)
+    } else {
         Arc::new(mayfly_actors::process::ProcessSandbox::new(
             dir.join("sandbox"),
-        )?),
+        )?)
+    };
+    let provider = mayfly_actors::Provider::new(
+        cfg,
+        sandbox,
         mayfly_actors::Journal::open(&dir.join("journal.db")).await?,
         Arc::new(mayfly_cache::LocalCache::new(dir.join("local"))),
-        snapshot_store(snapshots).await?,
+        external,
     )
     .await?;
     let url = reqwest::Url::parse(&e.endpoint)?;
@@ -383,6 +389,9 @@ pub enum ActorsCmd {
     Snapshots { name: String },
     /// Providers, workers and leases (system tenant).
     Providers,
+    /// Upload a workload module (a .wasm or .wat file) into the tenant's scope of the
+    /// snapshot store; prints its digest (what an ActorTemplate's `workload.module` names).
+    UploadModule { file: PathBuf },
 }
 
 pub async fn actors(cmd: ActorsCmd) -> Result<ExitCode> {
@@ -414,6 +423,18 @@ pub async fn actors(cmd: ActorsCmd) -> Result<ExitCode> {
             .await?
         }
         ActorsCmd::Providers => c.send(reqwest::Method::GET, "/v1/providers", None).await?,
+        ActorsCmd::UploadModule { file } => {
+            use base64::Engine;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            c.send(
+                reqwest::Method::POST,
+                "/v1/modules",
+                Some(json!({ "module_base64": b64 }).to_string()),
+            )
+            .await?
+        }
     };
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)

@@ -76,6 +76,10 @@ impl Env<'_> {
     }
 
     fn provider(&self, id: &str, labels: &[&str]) -> (Running, u16) {
+        self.provider_of(id, "process", labels)
+    }
+
+    fn provider_of(&self, id: &str, class: &str, labels: &[&str]) -> (Running, u16) {
         let port = free_port();
         let dir = self.home.join(id);
         let o = self.cli(
@@ -95,6 +99,7 @@ impl Env<'_> {
         let mut cmd = bin();
         cmd.env("MAYFLY_HOME", self.home)
             .args(["provider", "serve", "--slots", "4", "--heartbeat-ms", "250"])
+            .args(["--class", class])
             .arg("--dir")
             .arg(&dir)
             .arg("--snapshots")
@@ -349,6 +354,60 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         "{v}"
     );
     assert_eq!(env.actor(&acme, "s1")["phase"], "Suspended");
+
+    // A wasm actor: its module uploaded by digest, a wasm provider, scale from zero through
+    // the golden snapshot (its `init` ran once), Full-scope suspend and restore.
+    let (_p3, _) = env.provider_of("p3", "wasm", &[]);
+    let wat = home.join("counter.wat");
+    std::fs::write(&wat, mayfly_actors::conformance::WASM_ACTOR).expect("write");
+    let up = env.json(
+        &env.admin,
+        &["actors", "upload-module", wat.to_str().expect("p")],
+    );
+    assert!(up["digest"].is_string(), "{up}");
+    // The module lives in the tenant that uploads it: acme's author uploads acme's.
+    let author = token("acme", "author");
+    let up = env.json(
+        &author,
+        &["actors", "upload-module", wat.to_str().expect("p")],
+    );
+    let wasm = [
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "wcounter", "tenant": "acme"},
+               "spec": {"workload": {"class": "wasm", "module": up["digest"]}, "idleTimeoutMs": 0}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "w1", "tenant": "acme"}, "spec": {"template": "wcounter"}}),
+    ];
+    let text: Vec<String> = wasm.iter().map(|m| m.to_string()).collect();
+    std::fs::write(&file, text.join("\n---\n")).expect("write");
+    let o = env.cli(&env.admin, &["apply", "-f", file.to_str().expect("f")]);
+    assert!(o.status.success(), "{}", out(&o));
+    wait_for("the wasm worker", Duration::from_secs(30), || {
+        let v = env.json(&env.admin, &["actors", "providers"]);
+        v["workers"].as_array().is_some_and(|w| {
+            w.iter().any(|x| {
+                x["worker"]["class"] == "wasm" && x["lease_ms_left"].as_u64().unwrap_or(0) > 0
+            })
+        })
+    });
+    let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::POST, "w1", None);
+    assert_eq!((st, epoch), (200, Some(1)), "{v}");
+    assert_eq!(v["counter"], 1);
+    assert_eq!(v["identity"], "actor:acme/w1@1");
+    let boot = v["boot"].clone();
+    call(&http, &env.url, &acme, reqwest::Method::POST, "w1", None);
+    env.json(&acme, &["actors", "suspend", "w1"]);
+    let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "w1", None);
+    assert_eq!((st, epoch), (200, Some(2)), "{v}");
+    assert_eq!(v["counter"], 2, "linear memory came back");
+    assert_eq!(
+        v["boot"], boot,
+        "globals came back (init did not run again)"
+    );
+    assert_eq!(
+        v["identity"], "actor:acme/w1@2",
+        "identity fresh on restore"
+    );
 
     // The control stream with all of this verifies end to end.
     let o = env.cli(&env.admin, &["audit", "verify"]);
