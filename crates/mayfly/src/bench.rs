@@ -53,6 +53,16 @@ pub struct BenchArgs {
     /// Events in the control bench's catch-up gap.
     #[arg(long, default_value_t = 100_000)]
     gap: usize,
+    /// Actor dataplane: resume latency through the router (process and wasm), wasm golden
+    /// restore, checkpoint time and snapshot size against durable data, actors per provider.
+    #[arg(long)]
+    actors: bool,
+    /// Wasm actors started on one provider by the actors bench.
+    #[arg(long, default_value_t = 500)]
+    wasm_actors: usize,
+    /// Durable data sizes (MiB) of the actors bench's checkpoints.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    data_mib: Vec<u64>,
 }
 
 fn chain(kind: &str, n: usize) -> String {
@@ -194,6 +204,10 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     if a.control {
         return control(&a).await;
+    }
+    if a.actors {
+        return crate::bench_actors::run(a.runs.max(5) * 4, a.wasm_actors, &a.data_mib, a.json)
+            .await;
     }
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -2,6 +2,7 @@
 
 mod actors;
 mod bench;
+mod bench_actors;
 mod control;
 mod keychain;
 mod progress;

@@ -1,0 +1,474 @@
+//! `mayfly bench --actors`: the actor dataplane's figures, in one process but over the real
+//! seams — a control plane on a SQLite log, its provider listener and both built-in
+//! providers each behind mTLS on loopback, heartbeating as in production.
+//!
+//! * resume from suspended through the router (restore + first request), p50/p99, per
+//!   provider class;
+//! * golden restore on the wasm provider: the provider op (HTTP, journal, signature and
+//!   blob checks, instantiate, memory write) and the sandbox alone;
+//! * checkpoint time and snapshot size against durable data size (process provider);
+//! * actors held by one wasm provider (start rate, resident memory per actor).
+
+use anyhow::{Context, Result, bail};
+use mayfly_actor_api::{
+    ActorSpec, Delivery, Desired, Op, OpRequest, OpState, Readiness, Scope, Workload,
+};
+use mayfly_actors::client::ProviderClient;
+use mayfly_actors::dataplane::{Dataplane, DataplaneConfig, EnrollRequest};
+use mayfly_actors::{Provider, ProviderConfig, Sandbox};
+use mayfly_cache::{Cache, LocalCache};
+use mayfly_control::{Caller, Control, Role, parse_manifests};
+use mayfly_pki::{Admit, Ca, Usage};
+use mayfly_trust::sign::ControlKey;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(0.0)
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+struct Rig {
+    dp: Arc<Dataplane>,
+    control: Arc<Control>,
+    admin: Caller,
+    ca: Ca,
+    control_id: mayfly_pki::Identity,
+    store: Arc<dyn Cache>,
+    key: ControlKey,
+    providers: Vec<Arc<Provider>>,
+    endpoints: BTreeMap<String, String>,
+}
+
+async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<Rig> {
+    mayfly_actors::install_crypto();
+    let store_db = mayfly_store::SqliteStore::open(dir.join("control.db")).await?;
+    let key = ControlKey::generate();
+    let control = Arc::new(
+        Control::open(Arc::new(store_db))
+            .await?
+            .with_signer(ControlKey::from_base64(&key.to_base64())?),
+    );
+    let (ca, ca_key) = Ca::generate("bench CA")?;
+    let control_id = ca.issue(&[], Usage::Control, "mayfly-control")?;
+    let store: Arc<dyn Cache> = Arc::new(LocalCache::new(dir.join("snapshots")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let dp = Dataplane::new(
+        control.clone(),
+        ControlKey::from_base64(&key.to_base64())?,
+        Ca::from_pem(ca.cert_pem(), &ca_key)?,
+        control_id.clone(),
+        store.clone(),
+        DataplaneConfig {
+            provider_endpoint: Some(format!("https://{addr}")),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let server = ca.issue(&[addr.ip().to_string()], Usage::Provider, "control")?;
+    tokio::spawn(mayfly_pki::serve(
+        listener,
+        mayfly_actors::dataplane::provider_router(dp.clone()),
+        mayfly_pki::server_config(ca.cert_pem(), &server)?,
+        Admit::AnyIssued,
+    ));
+    dp.run_controller(Duration::from_millis(500));
+    let admin = Caller {
+        tenant: mayfly_control::SYSTEM_TENANT.into(),
+        role: Role::Admin,
+        actor: "bench".into(),
+        request_id: "bench".into(),
+    };
+    let mut providers = Vec::new();
+    let mut endpoints = BTreeMap::new();
+    for (id, class, slots) in [
+        ("bench-process", "process", 64),
+        ("bench-wasm", "wasm", wasm_slots),
+    ] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let endpoint = format!("https://127.0.0.1:{port}");
+        let (csr, pkey) = mayfly_pki::new_csr(id)?;
+        let e = dp
+            .enroll(
+                &admin,
+                EnrollRequest {
+                    id: id.into(),
+                    endpoint: endpoint.clone(),
+                    csr,
+                },
+            )
+            .await?;
+        let identity = mayfly_pki::Identity {
+            cert_pem: e.certificate.clone(),
+            key_pem: pkey,
+        };
+        let pdir = dir.join(id);
+        let sandbox: Arc<dyn Sandbox> = if class == "wasm" {
+            Arc::new(mayfly_provider_wasm::WasmSandbox::new(store.clone())?)
+        } else {
+            Arc::new(mayfly_actors::process::ProcessSandbox::new(
+                pdir.join("sandbox"),
+            )?)
+        };
+        std::fs::create_dir_all(&pdir)?;
+        let provider = Provider::new(
+            ProviderConfig {
+                id: id.into(),
+                slots,
+                trusted: vec![e.control_public_key.clone()],
+                labels: BTreeMap::new(),
+                platform: ProviderConfig::platform_of_host(),
+            },
+            sandbox,
+            mayfly_actors::Journal::open(&pdir.join("journal.db")).await?,
+            Arc::new(LocalCache::new(pdir.join("local"))),
+            store.clone(),
+        )
+        .await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        tokio::spawn(mayfly_pki::serve(
+            listener,
+            mayfly_actors::http::router(provider.clone()),
+            mayfly_pki::server_config(&e.ca, &identity)?,
+            Admit::Only([e.control_fingerprint.clone()].into()),
+        ));
+        tokio::spawn(mayfly_actors::heartbeat::run(
+            provider.clone(),
+            mayfly_pki::client(&e.ca, &identity, None)?,
+            e.control_endpoint.clone().context("control endpoint")?,
+            Duration::from_millis(200),
+        ));
+        providers.push(provider);
+        endpoints.insert(id.to_owned(), endpoint);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = dp.providers(&admin).await?;
+        let live = v["workers"].as_array().map_or(0, |w| {
+            w.iter()
+                .filter(|x| x["lease_ms_left"].as_u64().unwrap_or(0) > 0)
+                .count()
+        });
+        if live == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("providers did not register: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Rig {
+        dp,
+        control,
+        admin,
+        ca,
+        control_id,
+        store,
+        key,
+        providers,
+        endpoints,
+    })
+}
+
+impl Rig {
+    async fn apply(&self, docs: &[serde_json::Value]) -> Result<()> {
+        let text: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+        let ms = parse_manifests("bench.yaml", &text.join("\n---\n"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = self.control.apply(&self.admin, &ms).await?;
+        if r.denied() {
+            bail!("apply denied: {:?}", r.results);
+        }
+        Ok(())
+    }
+
+    async fn get(&self, name: &str) -> Result<serde_json::Value> {
+        let (a, _) = self
+            .dp
+            .route("bench", name, None, reqwest::Method::GET, "/", vec![])
+            .await?;
+        if a.status != 200 {
+            bail!("{name}: {} {}", a.status, String::from_utf8_lossy(&a.body));
+        }
+        Ok(serde_json::from_slice(&a.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn client(&self, id: &str) -> Result<ProviderClient> {
+        Ok(ProviderClient::new(
+            self.endpoints.get(id).context("endpoint")?.clone(),
+            mayfly_pki::client(self.ca.cert_pem(), &self.control_id, None)?,
+        ))
+    }
+}
+
+pub async fn run(
+    runs: usize,
+    wasm_actors: usize,
+    data_mib: &[u64],
+    json_out: bool,
+) -> Result<ExitCode> {
+    let dir = tempfile::tempdir()?;
+    let rig = rig(dir.path(), (wasm_actors as u32).max(64) + 64).await?;
+    let wasm_module = mayfly_actors::conformance::WASM_ACTOR.as_bytes();
+    let module = mayfly_trust::sha256_digest(wasm_module);
+    rig.store
+        .put("bench", &module, wasm_module.to_vec().into())
+        .await?;
+    let mut docs = vec![
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "pcounter", "tenant": "bench"},
+               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "wcounter", "tenant": "bench"},
+               "spec": {"workload": {"class": "wasm", "module": module}, "idleTimeoutMs": 0}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "p1", "tenant": "bench"}, "spec": {"template": "pcounter"}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "w1", "tenant": "bench"}, "spec": {"template": "wcounter"}}),
+    ];
+    for mib in data_mib {
+        let workload = Workload::Process {
+            command: "sh".into(),
+            args: vec![
+                "-c".into(),
+                format!(
+                    "mkdir -p data && [ -f data/blob ] || head -c {} /dev/urandom > data/blob; touch ready; exec python3 -m http.server \"$PORT\" --bind 127.0.0.1",
+                    mib << 20
+                ),
+            ],
+            env: BTreeMap::new(),
+            durable_dirs: vec!["data".into()],
+            readiness: Readiness {
+                path: "/ready".into(),
+                deadline_ms: 30_000,
+            },
+        };
+        docs.push(
+            json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": format!("blob{mib}"), "tenant": "bench"},
+               "spec": {"workload": workload, "idleTimeoutMs": 0, "golden": false}}),
+        );
+        docs.push(json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": format!("b{mib}"), "tenant": "bench"},
+               "spec": {"template": format!("blob{mib}")}}));
+    }
+    rig.apply(&docs).await?;
+
+    // 1. Resume from suspended through the router.
+    let mut resume = BTreeMap::new();
+    for (class, actor) in [("process", "p1"), ("wasm", "w1")] {
+        rig.get(actor).await?; // first run: golden snapshot + restore
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            rig.dp.suspend("bench", actor, "Bench").await?;
+            let t = Instant::now();
+            rig.get(actor).await?;
+            samples.push(ms(t.elapsed()));
+        }
+        resume.insert(class, (pct(&samples, 0.5), pct(&samples, 0.99)));
+    }
+
+    // 2. Golden restore on the wasm provider.
+    let golden = rig
+        .control
+        .read(|st| {
+            st.goldens
+                .get("bench/wcounter")
+                .and_then(|d| st.snapshots.get(d))
+                .cloned()
+        })
+        .await?
+        .context("no wasm golden snapshot")?;
+    let wasm_client = rig.client("bench-wasm")?;
+    let spec = |a: &str| ActorSpec {
+        actor: a.into(),
+        tenant: "bench".into(),
+        template: "wcounter".into(),
+        workload: Workload::Wasm {
+            module: module.clone(),
+            handler: "handle".into(),
+        },
+    };
+    let mut op_samples = Vec::new();
+    for i in 0..runs.max(20) {
+        let a = format!("gr{i}");
+        let req = OpRequest {
+            op_id: format!("{a}.restore"),
+            actor: a.clone(),
+            tenant: "bench".into(),
+            assignment_epoch: 1,
+            op: Op::Restore {
+                snapshot: golden.envelope.clone(),
+                spec: spec(&a),
+            },
+            delivery: Some(Delivery {
+                identity: a.clone(),
+                secrets: BTreeMap::new(),
+            }),
+        };
+        let t = Instant::now();
+        let st = wasm_client.run(&req, Duration::from_secs(30)).await?;
+        op_samples.push(ms(t.elapsed()));
+        if st.state != OpState::Succeeded {
+            bail!("golden restore failed: {:?}", st.error);
+        }
+    }
+    let sandbox = mayfly_provider_wasm::WasmSandbox::new(rig.store.clone())?;
+    let manifest: mayfly_actor_api::Manifest =
+        serde_json::from_value(golden.envelope.body.clone())?;
+    let mut streams = mayfly_actors::Streams::new();
+    for b in &manifest.blobs {
+        let bytes = rig.store.get("bench", &b.digest).await?.context("blob")?;
+        streams
+            .entry(b.name.clone())
+            .or_default()
+            .extend_from_slice(&bytes);
+    }
+    let delivery = Delivery::default();
+    sandbox.start(&spec("warm"), 1, &delivery, None).await?; // compile once
+    let mut sandbox_samples = Vec::new();
+    for i in 0..runs.max(20) * 5 {
+        let t = Instant::now();
+        let inst = sandbox
+            .start(
+                &spec(&format!("s{i}")),
+                1,
+                &delivery,
+                Some((Scope::Full, streams.clone())),
+            )
+            .await?;
+        sandbox_samples.push(ms(t.elapsed()));
+        inst.stop().await;
+    }
+
+    // 3. Checkpoint time and snapshot size against durable data.
+    let mut ckpt = Vec::new();
+    for mib in data_mib {
+        let actor = format!("b{mib}");
+        rig.get(&actor).await?;
+        let t = Instant::now();
+        let snap = rig
+            .dp
+            .suspend("bench", &actor, "Bench")
+            .await?
+            .context("no snapshot")?;
+        let checkpoint = ms(t.elapsed());
+        let t = Instant::now();
+        rig.get(&actor).await?;
+        let restore = ms(t.elapsed());
+        ckpt.push((*mib, checkpoint, snap.data_size, restore));
+    }
+
+    // 4. Actors held by one wasm provider.
+    let mut before = rss_bytes();
+    let t = Instant::now();
+    let mut started = 0usize;
+    let mut warm = 0usize;
+    for (n, chunk) in (0..wasm_actors).collect::<Vec<_>>().chunks(16).enumerate() {
+        if n == 1 {
+            // The first chunk warms the allocator and the connection pool.
+            before = rss_bytes();
+            warm = started;
+        }
+        let mut tasks = Vec::new();
+        for i in chunk {
+            let c = wasm_client.clone();
+            let a = format!("many{i}");
+            let req = OpRequest {
+                op_id: format!("{a}.run"),
+                actor: a.clone(),
+                tenant: "bench".into(),
+                assignment_epoch: 1,
+                op: Op::Assign {
+                    desired: Desired::Running,
+                    spec: spec(&a),
+                },
+                delivery: Some(Delivery {
+                    identity: a.clone(),
+                    secrets: BTreeMap::new(),
+                }),
+            };
+            tasks.push(tokio::spawn(async move {
+                c.run(&req, Duration::from_secs(30)).await
+            }));
+        }
+        for t in tasks {
+            if t.await?
+                .map(|s| s.state == OpState::Succeeded)
+                .unwrap_or(false)
+            {
+                started += 1;
+            }
+        }
+    }
+    let start_s = t.elapsed().as_secs_f64();
+    let rss_per = rss_bytes().saturating_sub(before) / (started - warm).max(1) as u64;
+    let held = rig.providers[1].running().await.len();
+
+    let out = json!({
+        "resume_from_suspended_ms": resume.iter().map(|(c, (p50, p99))| (c.to_string(), json!({"p50": p50, "p99": p99}))).collect::<serde_json::Map<_, _>>(),
+        "wasm_golden_restore_ms": {
+            "provider_op_p50": pct(&op_samples, 0.5), "provider_op_p99": pct(&op_samples, 0.99),
+            "sandbox_p50": pct(&sandbox_samples, 0.5), "sandbox_p99": pct(&sandbox_samples, 0.99),
+        },
+        "checkpoint_vs_data": ckpt.iter().map(|(mib, c, size, r)| json!({"data_mib": mib, "checkpoint_ms": c, "snapshot_bytes": size, "restore_ms": r})).collect::<Vec<_>>(),
+        "wasm_actors": {"started": started, "held": held, "seconds": start_s, "per_second": started as f64 / start_s.max(1e-9), "rss_bytes_per_actor": rss_per},
+    });
+    for p in &rig.providers {
+        p.shutdown().await;
+    }
+    let _ = &rig.key;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("actor dataplane (in process, mTLS on loopback, SQLite log, {runs} samples)");
+    for (c, (p50, p99)) in &resume {
+        println!(
+            "  resume from suspended via the router, {c:<7}  p50 {p50:>8.2} ms   p99 {p99:>8.2} ms"
+        );
+    }
+    println!(
+        "  wasm golden restore: provider op p50 {:.2} ms p99 {:.2} ms; sandbox alone p50 {:.3} ms p99 {:.3} ms (target ≤ 5 ms)",
+        pct(&op_samples, 0.5),
+        pct(&op_samples, 0.99),
+        pct(&sandbox_samples, 0.5),
+        pct(&sandbox_samples, 0.99)
+    );
+    for (mib, c, size, r) in &ckpt {
+        println!(
+            "  process checkpoint of {mib} MiB durable data: {c:.1} ms, snapshot {:.2} MiB, restore+first request {r:.1} ms",
+            *size as f64 / (1024.0 * 1024.0)
+        );
+    }
+    println!(
+        "  wasm actors on one provider: {started} started in {start_s:.2} s ({:.0}/s), {held} held, ~{} KiB resident each",
+        started as f64 / start_s.max(1e-9),
+        rss_per / 1024
+    );
+    Ok(ExitCode::SUCCESS)
+}
