@@ -236,8 +236,17 @@ enum Placement<'a> {
     Avoid(&'a str),
 }
 
+/// Where template secrets come from: the keychain of the actor's tenant. Values never
+/// leave this path except in a [`Delivery`] or a credential-broker answer.
+#[async_trait::async_trait]
+pub trait Secrets: Send + Sync {
+    /// The credential stored under `alias` in `tenant` (JSON or a string).
+    async fn resolve(&self, tenant: &str, alias: &str) -> Result<Value, String>;
+}
+
 /// The dataplane driver of the appending control-plane node.
 pub struct Dataplane {
+    secrets: std::sync::OnceLock<Arc<dyn Secrets>>,
     control: Arc<Control>,
     key: ControlKey,
     ca: Ca,
@@ -289,6 +298,7 @@ impl Dataplane {
             })
             .await?;
         Ok(Arc::new(Dataplane {
+            secrets: std::sync::OnceLock::new(),
             control,
             key,
             ca,
@@ -304,6 +314,120 @@ impl Dataplane {
 
     pub fn config(&self) -> &DataplaneConfig {
         &self.cfg
+    }
+
+    /// Resolve template secrets from `secrets` (set once, at start).
+    pub fn set_secrets(&self, secrets: Arc<dyn Secrets>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    /// The identity an actor receives for one epoch: `tenant/name@epoch.<signature>`, signed
+    /// by the control plane key (purpose `actor-identity`). The credential broker accepts it
+    /// only while `epoch` is the actor's current one.
+    pub fn identity_token(&self, tenant: &str, name: &str, epoch: u64) -> String {
+        let sig = self
+            .key
+            .sign(Purpose::ActorIdentity, identity_body(tenant, name, epoch))
+            .map(|s| s.signature)
+            .unwrap_or_default();
+        format!("{tenant}/{name}@{epoch}.{sig}")
+    }
+
+    /// The secrets of `tpl`, resolved in `tenant` (names → values).
+    async fn resolve_secrets(
+        &self,
+        tenant: &str,
+        tpl: &ActorTemplateSpec,
+    ) -> Result<BTreeMap<String, String>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        if tpl.secrets.is_empty() {
+            return Ok(out);
+        }
+        let src = self.secrets.get().ok_or_else(|| {
+            DataplaneError::Invalid(
+                "the template names secrets but this control plane has no keychain (master key)"
+                    .into(),
+            )
+        })?;
+        for (name, reference) in &tpl.secrets {
+            let (alias, field) = match reference.split_once('.') {
+                Some((a, f)) => (a, Some(f)),
+                None => (reference.as_str(), None),
+            };
+            let v = src.resolve(tenant, alias).await.map_err(|e| {
+                DataplaneError::Invalid(format!("secret `{name}` (keychain `{alias}`): {e}"))
+            })?;
+            let v = match field {
+                Some(f) => v.get(f).cloned().ok_or_else(|| {
+                    DataplaneError::Invalid(format!(
+                        "secret `{name}`: keychain `{alias}` has no field `{f}`"
+                    ))
+                })?,
+                None => v,
+            };
+            let text = match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            out.insert(name.clone(), text);
+        }
+        Ok(out)
+    }
+
+    /// What an actor receives fresh with every start: its identity for this epoch and its
+    /// template's secrets.
+    async fn delivery(
+        &self,
+        tenant: &str,
+        name: &str,
+        epoch: u64,
+        tpl: &ActorTemplateSpec,
+    ) -> Result<Delivery, DataplaneError> {
+        Ok(Delivery {
+            identity: self.identity_token(tenant, name, epoch),
+            secrets: self.resolve_secrets(tenant, tpl).await?,
+        })
+    }
+
+    /// The credential broker: an actor presents its identity token and receives its
+    /// template's secrets — only while the token's epoch is the actor's current one and the
+    /// actor runs. A token of an earlier epoch (a moved or fenced actor) is refused
+    /// `stale_epoch`; a token that does not verify is `unauthenticated`.
+    pub async fn credentials(&self, token: &str) -> Result<Value, DataplaneError> {
+        let bad = || DataplaneError::Unauthenticated("not an actor identity token".into());
+        let (head, sig) = token.rsplit_once('.').ok_or_else(bad)?;
+        let (who, epoch) = head.rsplit_once('@').ok_or_else(bad)?;
+        let (tenant, name) = who.rsplit_once('/').ok_or_else(bad)?;
+        let epoch: u64 = epoch.parse().map_err(|_| bad())?;
+        let body = identity_body(tenant, name, epoch);
+        let envelope = Signed {
+            digest: mayfly_trust::digest_of(&body).map_err(|_| bad())?,
+            body,
+            key_id: self.key.public().id.clone(),
+            signature: sig.to_owned(),
+        };
+        envelope
+            .verify(
+                Purpose::ActorIdentity,
+                std::slice::from_ref(self.key.public()),
+            )
+            .map_err(|_| bad())?;
+        let (tpl, _, rec) = self.load(tenant, name).await?;
+        let current = rec
+            .as_ref()
+            .filter(|r| r.phase == ActorPhase::Running)
+            .map(|r| r.epoch);
+        if current != Some(epoch) {
+            return Err(DataplaneError::Refused(Refusal::new(
+                RefusalCode::StaleEpoch,
+                format!(
+                    "identity of epoch {epoch}; the actor is {}",
+                    current.map_or("not running".into(), |c| format!("at epoch {c}"))
+                ),
+            )));
+        }
+        let secrets = self.resolve_secrets(tenant, &tpl).await?;
+        Ok(json!({ "actor": name, "tenant": tenant, "epoch": epoch, "secrets": secrets }))
     }
 
     fn lock_of(&self, k: &str) -> Arc<Mutex<()>> {
@@ -722,6 +846,8 @@ impl Dataplane {
             ),
         };
         let id = op_id(tenant, name, epoch, action);
+        // Resolved before anything is recorded: a missing secret places nothing.
+        let delivery = self.delivery(tenant, name, epoch, &tpl).await?;
         let base = ActorRecord {
             tenant: tenant.into(),
             name: name.into(),
@@ -745,7 +871,7 @@ impl Dataplane {
             tenant: tenant.into(),
             assignment_epoch: epoch,
             op,
-            delivery: Some(delivery(tenant, name, epoch)),
+            delivery: Some(delivery),
         };
         let client = self.client_of_worker(&worker).await;
         let outcome = match client {
@@ -865,6 +991,8 @@ impl Dataplane {
                         desired: Desired::Running,
                         spec: spec.clone(),
                     },
+                    // A golden image is the template's, not an actor's: it gets no secrets,
+                    // so none can be baked into it.
                     delivery: Some(Delivery {
                         identity: format!("golden:{}", key(tenant, template)),
                         secrets: BTreeMap::new(),
@@ -1303,12 +1431,8 @@ fn assigned_here(st: &ControlState, provider: &str, r: &RunningActor) -> bool {
     }
 }
 
-/// What an actor receives fresh with every start: its identity for this epoch.
-fn delivery(tenant: &str, name: &str, epoch: u64) -> Delivery {
-    Delivery {
-        identity: format!("actor:{tenant}/{name}@{epoch}"),
-        secrets: BTreeMap::new(),
-    }
+fn identity_body(tenant: &str, name: &str, epoch: u64) -> Value {
+    json!({ "tenant": tenant, "actor": name, "epoch": epoch })
 }
 
 /// The control plane's provider-facing API, served over mTLS

@@ -58,6 +58,11 @@ pub struct ActorTemplateSpec {
     /// Worker labels an actor of this template needs.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Secrets delivered fresh on every start and restore: name → keychain reference
+    /// (`alias` for the whole credential, `alias.field` for one field), resolved in the
+    /// actor's tenant; also served by the credential broker to the current epoch only.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
 }
 
 impl ActorTemplateSpec {
@@ -68,6 +73,13 @@ impl ActorTemplateSpec {
         self.checkpoint
             .check()
             .map_err(|e| format!("checkpoint: {}", e.message))?;
+        for (name, reference) in &self.secrets {
+            if !is_name(name, 128) || reference.is_empty() {
+                return Err(format!(
+                    "secrets.{name}: a name of [A-Za-z0-9._:-] and a keychain `alias` or `alias.field`"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -393,6 +405,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).into(), (*v).into()))
                 .collect(),
+            secrets: BTreeMap::new(),
         }
     }
 

@@ -208,3 +208,38 @@ async fn forward(
     resp.body(axum::body::Body::from(answer.body))
         .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, "internal", e.to_string()))
 }
+
+/// `POST /actor-credentials` with `authorization: Actor <identity token>`: the credential
+/// broker. Answers the actor's template secrets while the token's epoch is current;
+/// `stale_epoch` (409) for an earlier epoch, `unauthenticated` for anything else.
+pub(crate) async fn credentials(State(gw): State<Gateway>, headers: HeaderMap) -> Response {
+    let Ok(dp) = dataplane(&gw) else {
+        return Problem::new(
+            StatusCode::NOT_FOUND,
+            "dataplane_disabled",
+            "no actor dataplane",
+        )
+        .into_response();
+    };
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Actor "))
+        .map(str::trim);
+    let Some(token) = token else {
+        return Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send `authorization: Actor <identity token>`",
+        )
+        .into_response();
+    };
+    match dp.credentials(token).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Problem::new(status, e.code(), e.to_string()).into_response()
+        }
+    }
+}

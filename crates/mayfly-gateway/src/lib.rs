@@ -457,6 +457,7 @@ pub fn router(gw: Gateway) -> Router {
         .nest("/v1", v1)
         .merge(status_alias)
         .merge(actor_routes)
+        .route("/actor-credentials", post(actors::credentials))
         .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))

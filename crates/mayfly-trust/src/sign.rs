@@ -17,6 +17,8 @@ use serde_json::Value;
 pub enum Purpose {
     PolicyBundle,
     Snapshot,
+    /// An actor's identity for one assignment epoch (the credential path checks it).
+    ActorIdentity,
 }
 
 impl Purpose {
@@ -24,6 +26,7 @@ impl Purpose {
         match self {
             Purpose::PolicyBundle => b"mayfly.policy-bundle.v1\0",
             Purpose::Snapshot => b"mayfly.snapshot.v1\0",
+            Purpose::ActorIdentity => b"mayfly.actor-identity.v1\0",
         }
     }
 }

@@ -72,12 +72,42 @@ fn control_identity(ca: &Ca, dir: &Path) -> Result<Identity> {
     Ok(id)
 }
 
+/// Template secrets from the server's keychain (its store and master key).
+struct KeychainSecrets {
+    store: Arc<dyn mayfly_store::Store>,
+    key: mayfly_trust::keychain::MasterKey,
+}
+
+#[async_trait::async_trait]
+impl mayfly_actors::dataplane::Secrets for KeychainSecrets {
+    async fn resolve(&self, tenant: &str, alias: &str) -> Result<serde_json::Value, String> {
+        let sealed = self
+            .store
+            .get_secret(tenant, alias)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no keychain alias `{alias}` in tenant `{tenant}`"))?;
+        let bytes = self
+            .key
+            .open(tenant, alias, &sealed)
+            .map_err(|e| e.to_string())?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        }))
+    }
+}
+
 /// Start the dataplane when `--provider-listen` is given: the CA, the provider listener
-/// (mTLS) and the controller.
+/// (mTLS) and the controller. With a master key, templates' secrets resolve from the
+/// keychain.
 pub async fn start(
     opts: &DataplaneOpts,
     control: Arc<mayfly_control::Control>,
     key: &ControlKey,
+    keychain: Option<(
+        Arc<dyn mayfly_store::Store>,
+        mayfly_trust::keychain::MasterKey,
+    )>,
 ) -> Result<Option<Arc<Dataplane>>> {
     let Some(listen) = &opts.provider_listen else {
         return Ok(None);
@@ -114,6 +144,9 @@ pub async fn start(
         },
     )
     .await?;
+    if let Some((store, key)) = keychain {
+        dp.set_secrets(Arc::new(KeychainSecrets { store, key }));
+    }
     let tls = mayfly_pki::server_config(ca.cert_pem(), &server)?;
     let app = mayfly_actors::dataplane::provider_router(dp.clone());
     tokio::spawn(async move {
@@ -328,9 +361,11 @@ async fn serve(
         "provider {} ({class}, {slots} slots) serving on {}",
         e.id, e.endpoint
     );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = server => { r??; }
         _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
     provider.shutdown().await;
     Ok(ExitCode::SUCCESS)

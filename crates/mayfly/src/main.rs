@@ -845,7 +845,8 @@ async fn server(
             .context("loading the control plane's stream")?
             .with_signer(ControlKey::from_base64(&key.to_base64())?),
     );
-    let dataplane = actors::start(dataplane_opts, control.clone(), &key).await?;
+    let secrets = keychain::master_key(&opts.key, false)?.map(|k| (store.clone(), k));
+    let dataplane = actors::start(dataplane_opts, control.clone(), &key, secrets).await?;
     runtime.handle().set_agent_hub(control.clone());
     let _controller = control.run_controller(std::time::Duration::from_millis(500));
     if dist.queue.is_none() {

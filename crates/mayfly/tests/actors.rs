@@ -26,6 +26,39 @@ impl Drop for Running {
     }
 }
 
+/// A provider process: stopped with SIGINT (it stops its actors), then killed.
+struct ProviderProc(Option<Child>);
+
+impl ProviderProc {
+    /// A crash: SIGKILL, its actors left behind as orphans.
+    fn crash(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ProviderProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .arg("-INT")
+                .arg(c.id().to_string())
+                .status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn out(o: &Output) -> String {
     format!(
         "{}{}",
@@ -75,11 +108,11 @@ impl Env<'_> {
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", out(&o)))
     }
 
-    fn provider(&self, id: &str, labels: &[&str]) -> (Running, u16) {
+    fn provider(&self, id: &str, labels: &[&str]) -> (ProviderProc, u16) {
         self.provider_of(id, "process", labels)
     }
 
-    fn provider_of(&self, id: &str, class: &str, labels: &[&str]) -> (Running, u16) {
+    fn provider_of(&self, id: &str, class: &str, labels: &[&str]) -> (ProviderProc, u16) {
         let port = free_port();
         let dir = self.home.join(id);
         let o = self.cli(
@@ -96,6 +129,12 @@ impl Env<'_> {
             ],
         );
         assert!(o.status.success(), "enroll: {}", out(&o));
+        (self.serve(id, class, labels), port)
+    }
+
+    /// Start (or restart) the enrolled provider `id`.
+    fn serve(&self, id: &str, class: &str, labels: &[&str]) -> ProviderProc {
+        let dir = self.home.join(id);
         let mut cmd = bin();
         cmd.env("MAYFLY_HOME", self.home)
             .args(["provider", "serve", "--slots", "4", "--heartbeat-ms", "250"])
@@ -109,7 +148,7 @@ impl Env<'_> {
         for l in labels {
             cmd.args(["--label", l]);
         }
-        (Running(cmd.spawn().expect("provider")), port)
+        ProviderProc(Some(cmd.spawn().expect("provider")))
     }
 
     fn actor(&self, token: &str, name: &str) -> Value {
@@ -151,6 +190,17 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().expect("tmp");
     let home = dir.path();
+    // A credential in acme's keychain, set before the server holds the log.
+    const PLANTED: &str = "planted-actor-secret-5e1f";
+    let o = bin()
+        .env("MAYFLY_HOME", home)
+        .args(["keychain", "set", "api", "--tenant", "acme", "--field"])
+        .arg(format!("token={PLANTED}"))
+        .arg("--db")
+        .arg(home.join("m.db"))
+        .output()
+        .expect("keychain");
+    assert!(o.status.success(), "{}", out(&o));
     let mut server = bin()
         .env("MAYFLY_HOME", home)
         .args([
@@ -254,6 +304,7 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "counter", "tenant": "acme"},
                "spec": {"workload": workload, "idleTimeoutMs": 0,
+                        "secrets": {"token": "api.token"},
                         "checkpoint": {"onPause": ["data"], "onCommit": ["data"]}}}),
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "sleepy", "tenant": "acme"},
@@ -278,7 +329,20 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(epoch, Some(1));
     assert_eq!(v["counter"], 1);
-    assert_eq!(v["identity"], "actor:acme/c1@1", "identity delivered fresh");
+    let identity1 = v["identity"].as_str().expect("identity").to_owned();
+    assert!(
+        identity1.starts_with("acme/c1@1."),
+        "identity delivered fresh: {identity1}"
+    );
+    let planted_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(PLANTED.as_bytes()))
+    };
+    assert_eq!(
+        v["secret_sha256"],
+        planted_sha.as_str(),
+        "the keychain secret was delivered"
+    );
     for _ in 0..2 {
         call(&http, &env.url, &acme, reqwest::Method::POST, "c1", None);
     }
@@ -302,6 +366,34 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
     let (st, _, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", Some(1));
     assert_eq!(st, 409, "{v}");
     assert_eq!(v["code"], "stale_epoch");
+    // The credential path: the old epoch's identity is refused, the current one served.
+    let broker = |identity: &str| {
+        let r = http
+            .post(format!("{}/actor-credentials", env.url))
+            .header("authorization", format!("Actor {identity}"))
+            .send()
+            .expect("broker");
+        (
+            r.status().as_u16(),
+            r.json::<Value>().unwrap_or(Value::Null),
+        )
+    };
+    let (st, b) = broker(&identity1);
+    assert_eq!((st, b["code"].as_str()), (409, Some("stale_epoch")), "{b}");
+    let (_, _, now) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", None);
+    let identity2 = now["identity"].as_str().expect("identity").to_owned();
+    assert!(identity2.starts_with("acme/c1@2."), "{identity2}");
+    assert_eq!(
+        now["secret_sha256"],
+        planted_sha.as_str(),
+        "secrets delivered on restore"
+    );
+    let (st, b) = broker(&identity2);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["secrets"]["token"], PLANTED);
+    let forged = format!("{}x", identity2.trim_end_matches('='));
+    assert_eq!(broker(&forged).0, 401);
+    assert_eq!(broker("acme/c1@2.AAAA").0, 401);
     let snaps = env.json(&acme, &["actors", "snapshots", "c1"]);
     assert!(!snaps["snapshots"].as_array().expect("s").is_empty());
 
@@ -312,12 +404,13 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         .as_str()
         .expect("w")
         .to_owned();
-    let (survivor, survivor_port) = if hosting.starts_with("p1/") {
-        drop(p1);
-        (p2, p2_port)
+    let (mut p1, mut p2) = (p1, p2);
+    let (crashed, survivor, survivor_port) = if hosting.starts_with("p1/") {
+        p1.crash();
+        ("p1", p2, p2_port)
     } else {
-        drop(p2);
-        (p1, p1_port)
+        p2.crash();
+        ("p2", p1, p1_port)
     };
     wait_for(
         "the lost worker's actor to be fenced",
@@ -393,7 +486,12 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
     let (st, epoch, v) = call(&http, &env.url, &acme, reqwest::Method::POST, "w1", None);
     assert_eq!((st, epoch), (200, Some(1)), "{v}");
     assert_eq!(v["counter"], 1);
-    assert_eq!(v["identity"], "actor:acme/w1@1");
+    assert!(
+        v["identity"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("acme/w1@1.")),
+        "{v}"
+    );
     let boot = v["boot"].clone();
     call(&http, &env.url, &acme, reqwest::Method::POST, "w1", None);
     env.json(&acme, &["actors", "suspend", "w1"]);
@@ -404,14 +502,39 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         v["boot"], boot,
         "globals came back (init did not run again)"
     );
-    assert_eq!(
-        v["identity"], "actor:acme/w1@2",
-        "identity fresh on restore"
+    assert!(
+        v["identity"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("acme/w1@2.")),
+        "identity fresh on restore: {v}"
     );
 
     // The control stream with all of this verifies end to end.
     let o = env.cli(&env.admin, &["audit", "verify"]);
     assert!(o.status.success(), "{}", out(&o));
+    // The planted secret is nowhere at rest: not in the log (events, audit), not in any
+    // snapshot blob, not in a provider's journal or files — only in the running process
+    // actor's run dir, which is its delivery.
+    let mut leaks = Vec::new();
+    let mut stack = vec![home.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                let plain = zstd::decode_all(&bytes[..]).unwrap_or_default();
+                if [&bytes[..], &plain[..]]
+                    .iter()
+                    .any(|h| h.windows(PLANTED.len()).any(|w| w == PLANTED.as_bytes()))
+                {
+                    leaks.push(p);
+                }
+            }
+        }
+    }
+    leaks.retain(|p| !p.to_string_lossy().contains("/run/secrets/"));
+    assert!(leaks.is_empty(), "the secret is at rest in {leaks:?}");
 
     // The conformance CLI passes against the surviving provider (as this control plane).
     let o = bin()
@@ -448,4 +571,23 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         out(&o)
     );
     drop(survivor);
+    // The crashed provider, restarted, reaps the actor processes its crash orphaned.
+    let orphans = || {
+        let sandbox = home.join(crashed).join("sandbox");
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&sandbox))
+            })
+            .count()
+    };
+    assert!(
+        orphans() > 0,
+        "the crash left its actor running (as a real crash does)"
+    );
+    let restarted = env.serve(crashed, "process", &[]);
+    wait_for("orphans reaped", Duration::from_secs(20), || orphans() == 0);
+    drop(restarted);
 }
