@@ -37,6 +37,7 @@ pub mod dataplane;
 pub mod heartbeat;
 pub mod http;
 pub mod journal;
+pub mod local;
 pub mod process;
 
 pub use journal::{Journal, JournalError};

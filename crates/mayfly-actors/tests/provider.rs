@@ -25,6 +25,16 @@ struct Harness {
 }
 
 async fn start(root: &Path, key: &ControlKey, slots: u32) -> Harness {
+    start_with(root, key, slots, None).await
+}
+
+/// The same, with `external` as the shared snapshot store (default: a directory).
+async fn start_with(
+    root: &Path,
+    key: &ControlKey,
+    slots: u32,
+    external_store: Option<Arc<dyn Cache>>,
+) -> Harness {
     mayfly_actors::install_crypto();
     let cfg = ProviderConfig {
         id: "test-provider".into(),
@@ -40,7 +50,7 @@ async fn start(root: &Path, key: &ControlKey, slots: u32) -> Harness {
         Arc::new(ProcessSandbox::new(root.join("sandbox")).unwrap()),
         journal,
         Arc::new(LocalCache::new(root.join("local"))),
-        Arc::new(LocalCache::new(&external)),
+        external_store.unwrap_or_else(|| Arc::new(LocalCache::new(&external))),
     )
     .await
     .unwrap();
@@ -131,6 +141,40 @@ async fn the_process_provider_passes_the_conformance_suite() {
     assert_eq!(skipped, vec!["process: checkpoint_restore_round_trip_Full"]);
     assert!(report.passed() >= 14, "{}", report.passed());
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_provider_passes_with_the_nats_object_store_as_snapshot_store() {
+    if !mayfly_testkit::nats() {
+        return;
+    }
+    let client = async_nats::connect(mayfly_testkit::nats_url())
+        .await
+        .unwrap();
+    let bucket = mayfly_testkit::unique("snapshots");
+    let store: Arc<dyn Cache> = Arc::new(
+        mayfly_cache::NatsCache::open(client.clone(), &bucket)
+            .await
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start_with(dir.path(), &key, 16, Some(store)).await;
+    let report = conformance::run(conformance::Config {
+        client: h.client.clone(),
+        key,
+        tenant: "conformance".into(),
+        snapshot_dir: None,
+        workloads: BTreeMap::new(),
+    })
+    .await;
+    assert_eq!(report.failed(), 0, "{:#?}", report.checks);
+    // Without a directory to plant a corrupted blob in, that one check is skipped.
+    assert_eq!(report.skipped(), 2, "{:#?}", report.checks);
+    h.stop().await;
+    mayfly_cache::NatsCache::delete(client, &bucket)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,12 +13,9 @@ use anyhow::{Context, Result, bail};
 use mayfly_actor_api::{
     ActorSpec, Delivery, Desired, Op, OpRequest, OpState, Readiness, Scope, Workload,
 };
-use mayfly_actors::client::ProviderClient;
-use mayfly_actors::dataplane::{Dataplane, DataplaneConfig, EnrollRequest};
-use mayfly_actors::{Provider, ProviderConfig, Sandbox};
-use mayfly_cache::{Cache, LocalCache};
-use mayfly_control::{Caller, Control, Role, parse_manifests};
-use mayfly_pki::{Admit, Ca, Usage};
+use mayfly_actors::Sandbox;
+use mayfly_actors::local::LocalDataplane;
+use mayfly_control::Control;
 use mayfly_trust::sign::ControlKey;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -49,20 +46,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-struct Rig {
-    dp: Arc<Dataplane>,
-    control: Arc<Control>,
-    admin: Caller,
-    ca: Ca,
-    control_id: mayfly_pki::Identity,
-    store: Arc<dyn Cache>,
-    key: ControlKey,
-    providers: Vec<Arc<Provider>>,
-    endpoints: BTreeMap<String, String>,
-}
-
-async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<Rig> {
-    mayfly_actors::install_crypto();
+async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<LocalDataplane> {
     let store_db = mayfly_store::SqliteStore::open(dir.join("control.db")).await?;
     let key = ControlKey::generate();
     let control = Arc::new(
@@ -70,159 +54,27 @@ async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<Rig> {
             .await?
             .with_signer(ControlKey::from_base64(&key.to_base64())?),
     );
-    let (ca, ca_key) = Ca::generate("bench CA")?;
-    let control_id = ca.issue(&[], Usage::Control, "mayfly-control")?;
-    let store: Arc<dyn Cache> = Arc::new(LocalCache::new(dir.join("snapshots")));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let dp = Dataplane::new(
-        control.clone(),
-        ControlKey::from_base64(&key.to_base64())?,
-        Ca::from_pem(ca.cert_pem(), &ca_key)?,
-        control_id.clone(),
-        store.clone(),
-        DataplaneConfig {
-            provider_endpoint: Some(format!("https://{addr}")),
-            ..Default::default()
-        },
+    let mut rig = LocalDataplane::start(control, &key, dir, 6_000).await?;
+    rig.add_provider(
+        "bench-process",
+        64,
+        Box::new(|_, d| {
+            Ok(Arc::new(mayfly_actors::process::ProcessSandbox::new(
+                d.join("sandbox"),
+            )?) as Arc<dyn Sandbox>)
+        }),
     )
     .await?;
-    let server = ca.issue(&[addr.ip().to_string()], Usage::Provider, "control")?;
-    tokio::spawn(mayfly_pki::serve(
-        listener,
-        mayfly_actors::dataplane::provider_router(dp.clone()),
-        mayfly_pki::server_config(ca.cert_pem(), &server)?,
-        Admit::AnyIssued,
-    ));
-    dp.run_controller(Duration::from_millis(500));
-    let admin = Caller {
-        tenant: mayfly_control::SYSTEM_TENANT.into(),
-        role: Role::Admin,
-        actor: "bench".into(),
-        request_id: "bench".into(),
-    };
-    let mut providers = Vec::new();
-    let mut endpoints = BTreeMap::new();
-    for (id, class, slots) in [
-        ("bench-process", "process", 64),
-        ("bench-wasm", "wasm", wasm_slots),
-    ] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let endpoint = format!("https://127.0.0.1:{port}");
-        let (csr, pkey) = mayfly_pki::new_csr(id)?;
-        let e = dp
-            .enroll(
-                &admin,
-                EnrollRequest {
-                    id: id.into(),
-                    endpoint: endpoint.clone(),
-                    csr,
-                },
-            )
-            .await?;
-        let identity = mayfly_pki::Identity {
-            cert_pem: e.certificate.clone(),
-            key_pem: pkey,
-        };
-        let pdir = dir.join(id);
-        let sandbox: Arc<dyn Sandbox> = if class == "wasm" {
-            Arc::new(mayfly_provider_wasm::WasmSandbox::new(store.clone())?)
-        } else {
-            Arc::new(mayfly_actors::process::ProcessSandbox::new(
-                pdir.join("sandbox"),
-            )?)
-        };
-        std::fs::create_dir_all(&pdir)?;
-        let provider = Provider::new(
-            ProviderConfig {
-                id: id.into(),
-                slots,
-                trusted: vec![e.control_public_key.clone()],
-                labels: BTreeMap::new(),
-                platform: ProviderConfig::platform_of_host(),
-            },
-            sandbox,
-            mayfly_actors::Journal::open(&pdir.join("journal.db")).await?,
-            Arc::new(LocalCache::new(pdir.join("local"))),
-            store.clone(),
-        )
-        .await?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        tokio::spawn(mayfly_pki::serve(
-            listener,
-            mayfly_actors::http::router(provider.clone()),
-            mayfly_pki::server_config(&e.ca, &identity)?,
-            Admit::Only([e.control_fingerprint.clone()].into()),
-        ));
-        tokio::spawn(mayfly_actors::heartbeat::run(
-            provider.clone(),
-            mayfly_pki::client(&e.ca, &identity, None)?,
-            e.control_endpoint.clone().context("control endpoint")?,
-            Duration::from_millis(200),
-        ));
-        providers.push(provider);
-        endpoints.insert(id.to_owned(), endpoint);
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let v = dp.providers(&admin).await?;
-        let live = v["workers"].as_array().map_or(0, |w| {
-            w.iter()
-                .filter(|x| x["lease_ms_left"].as_u64().unwrap_or(0) > 0)
-                .count()
-        });
-        if live == 2 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("providers did not register: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(Rig {
-        dp,
-        control,
-        admin,
-        ca,
-        control_id,
-        store,
-        key,
-        providers,
-        endpoints,
-    })
-}
-
-impl Rig {
-    async fn apply(&self, docs: &[serde_json::Value]) -> Result<()> {
-        let text: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
-        let ms = parse_manifests("bench.yaml", &text.join("\n---\n"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let r = self.control.apply(&self.admin, &ms).await?;
-        if r.denied() {
-            bail!("apply denied: {:?}", r.results);
-        }
-        Ok(())
-    }
-
-    async fn get(&self, name: &str) -> Result<serde_json::Value> {
-        let (a, _) = self
-            .dp
-            .route("bench", name, None, reqwest::Method::GET, "/", vec![])
-            .await?;
-        if a.status != 200 {
-            bail!("{name}: {} {}", a.status, String::from_utf8_lossy(&a.body));
-        }
-        Ok(serde_json::from_slice(&a.body).unwrap_or(serde_json::Value::Null))
-    }
-
-    fn client(&self, id: &str) -> Result<ProviderClient> {
-        Ok(ProviderClient::new(
-            self.endpoints.get(id).context("endpoint")?.clone(),
-            mayfly_pki::client(self.ca.cert_pem(), &self.control_id, None)?,
-        ))
-    }
+    rig.add_provider(
+        "bench-wasm",
+        wasm_slots,
+        Box::new(|store, _| {
+            Ok(Arc::new(mayfly_provider_wasm::WasmSandbox::new(store)?) as Arc<dyn Sandbox>)
+        }),
+    )
+    .await?;
+    rig.wait_live(2, Duration::from_secs(20)).await?;
+    Ok(rig)
 }
 
 pub async fn run(
@@ -232,7 +84,7 @@ pub async fn run(
     json_out: bool,
 ) -> Result<ExitCode> {
     let dir = tempfile::tempdir()?;
-    let rig = rig(dir.path(), (wasm_actors as u32).max(64) + 64).await?;
+    let mut rig = rig(dir.path(), (wasm_actors as u32).max(64) + 64).await?;
     let wasm_module = mayfly_actors::conformance::WASM_ACTOR.as_bytes();
     let module = mayfly_trust::sha256_digest(wasm_module);
     rig.store
@@ -277,16 +129,21 @@ pub async fn run(
                "spec": {"template": format!("blob{mib}")}}));
     }
     rig.apply(&docs).await?;
+    let get = |actor: &str| {
+        let rig = &rig;
+        let actor = actor.to_owned();
+        async move { rig.get("bench", &actor).await }
+    };
 
     // 1. Resume from suspended through the router.
     let mut resume = BTreeMap::new();
     for (class, actor) in [("process", "p1"), ("wasm", "w1")] {
-        rig.get(actor).await?; // first run: golden snapshot + restore
+        get(actor).await?; // first run: golden snapshot + restore
         let mut samples = Vec::new();
         for _ in 0..runs {
             rig.dp.suspend("bench", actor, "Bench").await?;
             let t = Instant::now();
-            rig.get(actor).await?;
+            get(actor).await?;
             samples.push(ms(t.elapsed()));
         }
         resume.insert(class, (pct(&samples, 0.5), pct(&samples, 0.99)));
@@ -369,7 +226,7 @@ pub async fn run(
     let mut ckpt = Vec::new();
     for mib in data_mib {
         let actor = format!("b{mib}");
-        rig.get(&actor).await?;
+        get(&actor).await?;
         let t = Instant::now();
         let snap = rig
             .dp
@@ -378,7 +235,7 @@ pub async fn run(
             .context("no snapshot")?;
         let checkpoint = ms(t.elapsed());
         let t = Instant::now();
-        rig.get(&actor).await?;
+        get(&actor).await?;
         let restore = ms(t.elapsed());
         ckpt.push((*mib, checkpoint, snap.data_size, restore));
     }
@@ -427,7 +284,7 @@ pub async fn run(
     }
     let start_s = t.elapsed().as_secs_f64();
     let rss_per = rss_bytes().saturating_sub(before) / (started - warm).max(1) as u64;
-    let held = rig.providers[1].running().await.len();
+    let held = rig.providers[1].provider.running().await.len();
 
     let out = json!({
         "resume_from_suspended_ms": resume.iter().map(|(c, (p50, p99))| (c.to_string(), json!({"p50": p50, "p99": p99}))).collect::<serde_json::Map<_, _>>(),
@@ -438,10 +295,7 @@ pub async fn run(
         "checkpoint_vs_data": ckpt.iter().map(|(mib, c, size, r)| json!({"data_mib": mib, "checkpoint_ms": c, "snapshot_bytes": size, "restore_ms": r})).collect::<Vec<_>>(),
         "wasm_actors": {"started": started, "held": held, "seconds": start_s, "per_second": started as f64 / start_s.max(1e-9), "rss_bytes_per_actor": rss_per},
     });
-    for p in &rig.providers {
-        p.shutdown().await;
-    }
-    let _ = &rig.key;
+    rig.shutdown().await;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);

@@ -1,0 +1,281 @@
+//! The control plane's dataplane under faults, in one process over the real seams (mTLS on
+//! loopback, a SQLite control log, real process actors): a checkpoint that fails keeps the
+//! last good snapshot, an unenrolled certificate cannot heartbeat, a provider that claims a
+//! scope it cannot capture fails conformance, and a cut-off provider's actors are fenced.
+
+use async_trait::async_trait;
+use mayfly_actor_api::{
+    ActorPhase, ActorSpec, Capabilities, Delivery, Format, Refusal, RefusalCode, Scope,
+};
+use mayfly_actors::conformance::{self, Outcome, process_workload};
+use mayfly_actors::dataplane::{DataplaneError, Heartbeat};
+use mayfly_actors::local::LocalDataplane;
+use mayfly_actors::process::ProcessSandbox;
+use mayfly_actors::{DataRequest, DataResponse, Instance, Sandbox, Streams};
+use mayfly_control::Control;
+use mayfly_trust::sign::ControlKey;
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The process sandbox, with two faults to inject: captures fail while `fail` is set, and
+/// with `lie` it advertises Full scope it cannot capture.
+struct Faulty {
+    inner: ProcessSandbox,
+    fail: Arc<AtomicBool>,
+    lie: bool,
+}
+
+struct FaultyInstance {
+    inner: Box<dyn Instance>,
+    fail: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Sandbox for Faulty {
+    fn class(&self) -> &'static str {
+        "process"
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut c = self.inner.capabilities();
+        if self.lie {
+            c.scopes.push(Scope::Full);
+        }
+        c
+    }
+    fn format(&self, scope: Scope) -> Option<Format> {
+        if self.lie && scope == Scope::Full {
+            return self.inner.format(Scope::Data);
+        }
+        self.inner.format(scope)
+    }
+    async fn start(
+        &self,
+        spec: &ActorSpec,
+        epoch: u64,
+        delivery: &Delivery,
+        restored: Option<(Scope, Streams)>,
+    ) -> Result<Box<dyn Instance>, Refusal> {
+        Ok(Box::new(FaultyInstance {
+            inner: self.inner.start(spec, epoch, delivery, restored).await?,
+            fail: self.fail.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl Instance for FaultyInstance {
+    fn address(&self) -> Option<String> {
+        self.inner.address()
+    }
+    fn pgid(&self) -> Option<i64> {
+        self.inner.pgid()
+    }
+    async fn alive(&self) -> bool {
+        self.inner.alive().await
+    }
+    async fn handle(&self, req: DataRequest) -> Result<DataResponse, Refusal> {
+        self.inner.handle(req).await
+    }
+    async fn capture(&self, scope: Scope, teardown: bool) -> Result<Streams, Refusal> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Refusal::new(
+                RefusalCode::SandboxFailed,
+                "injected: disk full",
+            ));
+        }
+        self.inner.capture(scope, teardown).await
+    }
+    async fn stop(&self) {
+        self.inner.stop().await
+    }
+}
+
+async fn rig(dir: &Path, fail: Arc<AtomicBool>, lie: bool) -> (LocalDataplane, ControlKey) {
+    let store = mayfly_store::SqliteStore::open(dir.join("control.db"))
+        .await
+        .unwrap();
+    let key = ControlKey::generate();
+    let control = Arc::new(
+        Control::open(Arc::new(store))
+            .await
+            .unwrap()
+            .with_signer(ControlKey::from_base64(&key.to_base64()).unwrap()),
+    );
+    let mut rig = LocalDataplane::start(control, &key, dir, 1_000)
+        .await
+        .unwrap();
+    rig.add_provider(
+        "faulty",
+        8,
+        Box::new(move |_, d| {
+            Ok(Arc::new(Faulty {
+                inner: ProcessSandbox::new(d.join("sandbox"))?,
+                fail,
+                lie,
+            }) as Arc<dyn Sandbox>)
+        }),
+    )
+    .await
+    .unwrap();
+    rig.wait_live(1, Duration::from_secs(20)).await.unwrap();
+    rig.apply(&[
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "counter", "tenant": "t"},
+               "spec": {"workload": process_workload(), "idleTimeoutMs": 0}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "c", "tenant": "t"}, "spec": {"template": "counter"}}),
+    ])
+    .await
+    .unwrap();
+    (rig, key)
+}
+
+async fn record(rig: &LocalDataplane) -> mayfly_control::dataplane::ActorRecord {
+    rig.control
+        .read(|st| st.actors.get("t/c").cloned())
+        .await
+        .unwrap()
+        .expect("record")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_never_replaces_the_last_good_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let (mut rig, _) = rig(dir.path(), fail.clone(), false).await;
+    let v = rig.call("t", "c", reqwest::Method::POST).await.unwrap();
+    assert_eq!(v["counter"], 1);
+    let good = rig.dp.suspend("t", "c", "Test").await.unwrap().unwrap();
+    let v = rig.call("t", "c", reqwest::Method::POST).await.unwrap();
+    assert_eq!(v["counter"], 2);
+    let before = record(&rig).await;
+    fail.store(true, Ordering::SeqCst);
+    let e = rig.dp.suspend("t", "c", "Test").await.unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::Refused(ref r) if r.code == RefusalCode::SandboxFailed),
+        "{e}"
+    );
+    let after = record(&rig).await;
+    assert_eq!(after.phase, ActorPhase::Suspended);
+    assert_eq!(
+        after.snapshot.as_deref(),
+        Some(good.descriptor.digest.as_str())
+    );
+    assert_eq!(
+        after.epoch,
+        before.epoch + 1,
+        "the failed attempt is fenced"
+    );
+    assert!(
+        after.reason.starts_with("CheckpointFailed"),
+        "{}",
+        after.reason
+    );
+    // The provider was told to stop it: nothing runs at the fenced epoch.
+    assert!(rig.providers[0].provider.running().await.is_empty());
+    fail.store(false, Ordering::SeqCst);
+    let v = rig.get("t", "c").await.unwrap();
+    assert_eq!(v["counter"], 1, "restored from the last good snapshot");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_enrolled_certificates_heartbeat_and_a_cut_provider_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rig, _) = rig(dir.path(), Arc::new(AtomicBool::new(false)), false).await;
+    let info = rig.providers[0].provider.info().await;
+    let hb = Heartbeat {
+        incarnation: "x".into(),
+        capabilities: info.capabilities.clone(),
+        workers: info.workers.clone(),
+        running: vec![],
+    };
+    // A fingerprint no enrollment recorded.
+    let e = rig.dp.heartbeat("sha256:00", hb.clone()).await.unwrap_err();
+    assert_eq!(e.code(), "unauthenticated");
+    // Over the wire: a certificate of our CA that was never enrolled.
+    let stranger = rig
+        .ca
+        .issue(&[], mayfly_pki::Usage::Provider, "provider:stranger")
+        .unwrap();
+    let endpoint = rig.dp.config().provider_endpoint.clone().unwrap();
+    let http = mayfly_pki::client(rig.ca.cert_pem(), &stranger, None).unwrap();
+    let r = http
+        .post(format!("{endpoint}/v1/providers/heartbeat"))
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // A provider cut off from the control plane: its lease runs out, its actor is fenced,
+    // and the provider, unable to renew, stops the actor itself.
+    rig.get("t", "c").await.unwrap();
+    assert_eq!(record(&rig).await.phase, ActorPhase::Running);
+    let epoch = record(&rig).await.epoch;
+    let provider = rig.providers[0].provider.clone();
+    // Keep its heartbeat loop but sever the API and renewals: drop the tasks, then run a
+    // heartbeat loop that cannot reach the control plane (self-fencing).
+    rig.cut("faulty");
+    let dead = tokio::spawn(mayfly_actors::heartbeat::run(
+        provider.clone(),
+        reqwest::Client::new(),
+        "https://127.0.0.1:9".into(),
+        Duration::from_millis(100),
+    ));
+    let mut fenced = false;
+    for _ in 0..100 {
+        let r = record(&rig).await;
+        if r.phase == ActorPhase::Suspended && r.reason == "WorkerLost" {
+            assert_eq!(r.epoch, epoch + 1);
+            fenced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fenced,
+        "the lost worker's actor was not fenced: {:?}",
+        record(&rig).await
+    );
+    let mut stopped = false;
+    for _ in 0..100 {
+        if provider.running().await.is_empty() {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stopped, "the cut-off provider kept its actor running");
+    dead.abort();
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_claiming_a_scope_it_lacks_fails_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, key) = rig(dir.path(), Arc::new(AtomicBool::new(false)), true).await;
+    let report = conformance::run(conformance::Config {
+        client: rig.client("faulty").unwrap(),
+        key,
+        tenant: "conformance".into(),
+        snapshot_dir: None,
+        workloads: Default::default(),
+    })
+    .await;
+    let failed: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Failed(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    // Exactly the lie fails: the honest Data scope round trip passes.
+    assert_eq!(
+        failed,
+        vec!["process: checkpoint_restore_round_trip_Full"],
+        "{:#?}",
+        report.checks
+    );
+}
