@@ -1000,33 +1000,56 @@ impl Dataplane {
                 },
             )
             .await?;
-            let st = self
-                .run_op(
+            let mut manifest = self
+                .capture(
                     &client,
-                    &OpRequest {
-                        op_id: format!("{actor}.e{epoch}.capture"),
-                        actor: actor.clone(),
-                        tenant: tenant.into(),
-                        assignment_epoch: epoch,
-                        op: Op::Checkpoint {
-                            kind: CheckpointKind::External,
-                            scope: tpl.pause_scope(&self.offered(&worker).await?),
-                            teardown: true,
-                        },
-                        delivery: None,
-                    },
+                    format!("{actor}.e{epoch}.capture"),
+                    &spec,
+                    epoch,
+                    tpl,
+                    &worker,
                 )
                 .await?;
-            let snap = st.result.and_then(|r| r.snapshot).ok_or_else(|| {
-                DataplaneError::Unavailable("golden capture returned no snapshot".into())
-            })?;
-            let mut manifest = self.verify_capture(&snap.manifest, &spec, &worker).await?;
             manifest.actor = None;
             self.sign_and_record(manifest, vec![]).await
         }
         .await;
         self.reserve(&worker, -1);
         result.map(|r| r.descriptor.digest)
+    }
+
+    /// Checkpoint `spec`'s actor externally with teardown (op `op_id` at `epoch`) and verify
+    /// the manifest the provider returns ([`Dataplane::verify_capture`]).
+    async fn capture(
+        &self,
+        client: &ProviderClient,
+        op_id: String,
+        spec: &ActorSpec,
+        epoch: u64,
+        tpl: &ActorTemplateSpec,
+        worker: &str,
+    ) -> Result<Manifest, DataplaneError> {
+        let st = self
+            .run_op(
+                client,
+                &OpRequest {
+                    op_id,
+                    actor: spec.actor.clone(),
+                    tenant: spec.tenant.clone(),
+                    assignment_epoch: epoch,
+                    op: Op::Checkpoint {
+                        kind: CheckpointKind::External,
+                        scope: tpl.pause_scope(&self.offered(worker).await?),
+                        teardown: true,
+                    },
+                    delivery: None,
+                },
+            )
+            .await?;
+        let snap = st.result.and_then(|r| r.snapshot).ok_or_else(|| {
+            DataplaneError::Unavailable("the checkpoint returned no snapshot".into())
+        })?;
+        self.verify_capture(&snap.manifest, spec, worker).await
     }
 
     /// Check a provider's manifest before the control plane signs it: bound to exactly the
@@ -1159,28 +1182,8 @@ impl Dataplane {
         let spec = Self::spec(tenant, name, &template, &tpl);
         let client = self.client_of_worker(&worker).await;
         let captured = async {
-            let c = client?;
-            let st = self
-                .run_op(
-                    &c,
-                    &OpRequest {
-                        op_id: id,
-                        actor: name.into(),
-                        tenant: tenant.into(),
-                        assignment_epoch: rec.epoch,
-                        op: Op::Checkpoint {
-                            kind: CheckpointKind::External,
-                            scope: tpl.pause_scope(&self.offered(&worker).await?),
-                            teardown: true,
-                        },
-                        delivery: None,
-                    },
-                )
-                .await?;
-            let snap = st.result.and_then(|r| r.snapshot).ok_or_else(|| {
-                DataplaneError::Unavailable("the checkpoint returned no snapshot".into())
-            })?;
-            self.verify_capture(&snap.manifest, &spec, &worker).await
+            self.capture(&client?, id, &spec, rec.epoch, &tpl, &worker)
+                .await
         }
         .await;
         self.reserve(&worker, -1);
