@@ -131,36 +131,91 @@ impl ProviderClient {
         Self::decode(resp).await
     }
 
-    pub async fn actor(&self, actor: &str) -> Result<ActorStatus, ClientError> {
+    pub async fn actor(&self, tenant: &str, actor: &str) -> Result<ActorStatus, ClientError> {
         let resp = self
             .http
-            .get(format!("{}/v1/actors/{actor}", self.base))
+            .get(self.url(&["v1", "actors", tenant, actor], "", None)?)
             .send()
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         Self::decode(resp).await
     }
 
-    /// One data-path request to `actor` at `epoch`.
+    /// `base` + the segments (each percent-encoded) + `path` (plain segments only: `.`,
+    /// `..` and empty ones are refused, so no path climbs out of where it is put).
+    fn url(
+        &self,
+        segs: &[&str],
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<reqwest::Url, ClientError> {
+        if !crate::http::clean_data_path(path) {
+            return Err(ClientError::Refused(Refusal::invalid(
+                "the path has `.`, `..` or empty segments",
+            )));
+        }
+        let mut url =
+            reqwest::Url::parse(&self.base).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        {
+            let mut p = url
+                .path_segments_mut()
+                .map_err(|_| ClientError::Protocol("base URL cannot take a path".into()))?;
+            p.pop_if_empty();
+            for s in segs {
+                p.push(s);
+            }
+            let trimmed = path.trim_matches('/');
+            if !trimmed.is_empty() {
+                for s in trimmed.split('/') {
+                    p.push(s);
+                }
+            }
+            if path.len() > 1 && path.ends_with('/') {
+                p.push("");
+            }
+        }
+        url.set_query(query.filter(|q| !q.is_empty()));
+        Ok(url)
+    }
+
+    /// One data-path request to `tenant`'s `actor` at `epoch`.
     pub async fn call(
         &self,
+        tenant: &str,
         actor: &str,
         epoch: u64,
         method: reqwest::Method,
         path: &str,
         body: Vec<u8>,
     ) -> Result<DataAnswer, ClientError> {
-        let resp = self
+        self.call_with(tenant, actor, epoch, method, path, None, &[], body)
+            .await
+    }
+
+    /// The same, with a query string and request headers (already filtered by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call_with(
+        &self,
+        tenant: &str,
+        actor: &str,
+        epoch: u64,
+        method: reqwest::Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<DataAnswer, ClientError> {
+        let mut rb = self
             .http
             .request(
                 method,
-                format!(
-                    "{}/v1/actors/{actor}/http/{}",
-                    self.base,
-                    path.trim_start_matches('/')
-                ),
+                self.url(&["v1", "actors", tenant, actor, "http"], path, query)?,
             )
-            .header(EPOCH_HEADER, epoch.to_string())
+            .header(EPOCH_HEADER, epoch.to_string());
+        for (k, v) in headers {
+            rb = rb.header(k, v);
+        }
+        let resp = rb
             .body(body)
             .send()
             .await

@@ -30,14 +30,15 @@ def counter():
         return int(open("data/counter").read())
     except Exception:
         return 0
-def body():
+def body(path=""):
     run = os.environ["MAYFLY_RUN_DIR"]
     secret = os.path.join(run, "secrets", "token")
     s = open(secret).read() if os.path.exists(secret) else ""
     return {"actor": os.environ["MAYFLY_ACTOR"], "boot": BOOT, "counter": counter(),
             "epoch": int(os.environ["MAYFLY_EPOCH"]),
             "identity": open(os.environ["MAYFLY_ACTOR_ID_FILE"]).read(),
-            "secret_sha256": hashlib.sha256(s.encode()).hexdigest() if s else None}
+            "secret_sha256": hashlib.sha256(s.encode()).hexdigest() if s else None,
+            "path": path}
 class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
@@ -49,14 +50,14 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b)
     def do_GET(self):
-        self.reply(200, {} if self.path == "/ready" else body())
+        self.reply(200, {} if self.path == "/ready" else body(self.path))
     def do_POST(self):
         n = int(self.headers.get("content-length") or 0)
         self.rfile.read(n)
         with open("data/counter.tmp", "w") as f:
             f.write(str(counter() + 1))
         os.replace("data/counter.tmp", "data/counter")
-        self.reply(200, body())
+        self.reply(200, body(self.path))
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
 
@@ -476,7 +477,14 @@ impl Run {
         let a = self
             .cfg
             .client
-            .call(actor, epoch, reqwest::Method::GET, "/", vec![])
+            .call(
+                &self.cfg.tenant,
+                actor,
+                epoch,
+                reqwest::Method::GET,
+                "/",
+                vec![],
+            )
             .await
             .map_err(|e| e.to_string())?;
         ensure!(
@@ -512,7 +520,12 @@ impl Run {
             after == before + 1,
             "used slots {before} → {after}, expected +1"
         );
-        let status = self.cfg.client.actor(&a).await.map_err(|e| e.to_string())?;
+        let status = self
+            .cfg
+            .client
+            .actor(&self.cfg.tenant, &a)
+            .await
+            .map_err(|e| e.to_string())?;
         ensure!(status.epoch == 1, "actor status epoch {}", status.epoch);
         Ok(())
     }
@@ -584,7 +597,7 @@ impl Run {
         let late = self
             .cfg
             .client
-            .call(&a, 1, reqwest::Method::GET, "/", vec![])
+            .call(&self.cfg.tenant, &a, 1, reqwest::Method::GET, "/", vec![])
             .await
             .map_err(|e| e.to_string())?;
         ensure!(
@@ -681,7 +694,7 @@ impl Run {
             let r = self
                 .cfg
                 .client
-                .call(&a, 1, reqwest::Method::POST, "/", vec![])
+                .call(&self.cfg.tenant, &a, 1, reqwest::Method::POST, "/", vec![])
                 .await
                 .map_err(|e| e.to_string())?;
             ensure!(r.status == 200, "POST: {}", r.status);
@@ -732,7 +745,7 @@ impl Run {
         let late = self
             .cfg
             .client
-            .call(&a, 1, reqwest::Method::GET, "/", vec![])
+            .call(&self.cfg.tenant, &a, 1, reqwest::Method::GET, "/", vec![])
             .await
             .map_err(|e| e.to_string())?;
         ensure!(late.status != 200, "a torn-down actor still answers");
@@ -874,7 +887,7 @@ impl Run {
             )),
         }
         // None of the refused restores may have taken the actor's place or epoch.
-        let status = self.cfg.client.actor(&a).await;
+        let status = self.cfg.client.actor(&self.cfg.tenant, &a).await;
         let unchanged = match status {
             Ok(s) => {
                 if s.epoch == 1 && s.phase == mayfly_actor_api::ProviderPhase::Stopped {
@@ -891,7 +904,7 @@ impl Run {
 
     async fn release(&self, placed: &[String], w: &Workload) -> Check {
         for a in placed {
-            let st = self.cfg.client.actor(a).await;
+            let st = self.cfg.client.actor(&self.cfg.tenant, a).await;
             let epoch = match st {
                 Ok(s) => s.epoch,
                 Err(ClientError::Refused(_)) => continue,
@@ -912,7 +925,7 @@ impl Run {
             self.ok(&req).await?;
         }
         for a in placed {
-            if let Ok(s) = self.cfg.client.actor(a).await {
+            if let Ok(s) = self.cfg.client.actor(&self.cfg.tenant, a).await {
                 ensure!(
                     s.phase == mayfly_actor_api::ProviderPhase::Stopped,
                     "{a} still running after cleanup"

@@ -17,7 +17,7 @@ use mayfly_actor_api::{
 use mayfly_cache::Cache;
 use mayfly_control::dataplane::{
     ActorRecord, ActorTemplateSpec, DEFAULT_LEASE_MS, Lease, PendingOp, ProviderRecord,
-    SnapshotRecord, WorkerRecord, key, op_id,
+    SnapshotRecord, WorkerRecord, golden_key, key, op_id,
 };
 use mayfly_control::{Caller, Control, ControlError, ControlState, Role, SYSTEM_TENANT};
 use mayfly_pki::{Ca, Identity, Usage};
@@ -157,6 +157,8 @@ pub struct DataplaneConfig {
     pub networks: Networks,
     /// The control plane's mTLS endpoint for providers (told at enrollment).
     pub provider_endpoint: Option<String>,
+    /// That endpoint's certificate fingerprint: providers pin it.
+    pub provider_endpoint_fingerprint: Option<String>,
 }
 
 impl Default for DataplaneConfig {
@@ -166,6 +168,7 @@ impl Default for DataplaneConfig {
             op_timeout: Duration::from_secs(60),
             networks: Networks::private(),
             provider_endpoint: None,
+            provider_endpoint_fingerprint: None,
         }
     }
 }
@@ -192,6 +195,9 @@ pub struct Enrollment {
     /// Where to heartbeat (the control plane's mTLS endpoint), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_endpoint: Option<String>,
+    /// That endpoint's certificate fingerprint (providers pin it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_endpoint_fingerprint: Option<String>,
 }
 
 /// An actor a provider runs, as its heartbeat reports it.
@@ -566,6 +572,7 @@ impl Dataplane {
                 .map_err(|e| DataplaneError::Invalid(e.to_string()))?,
             control_public_key: self.key.public().clone(),
             control_endpoint: self.cfg.provider_endpoint.clone(),
+            control_endpoint_fingerprint: self.cfg.provider_endpoint_fingerprint.clone(),
         })
     }
 
@@ -611,6 +618,16 @@ impl Dataplane {
         let stop = self
             .control
             .transact(&format!("provider:{}", provider.id), |st| {
+                // Re-checked under the lock: a re-enrollment (certificate rotation) that
+                // landed since the lookup above wins, and the old certificate writes nothing.
+                let provider = match st.providers.get(&provider.id) {
+                    Some(p) if p.fingerprint == fingerprint => p.clone(),
+                    _ => {
+                        return Err(ControlError::Forbidden(
+                            "this certificate is no longer the provider's enrolled one".into(),
+                        ));
+                    }
+                };
                 let mut changes = Vec::new();
                 let restarted = provider.incarnation.as_deref() != Some(hb.incarnation.as_str());
                 if restarted || provider.capabilities.as_ref() != Some(&hb.capabilities) {
@@ -693,11 +710,25 @@ impl Dataplane {
             })
             .await?;
         let idle: Vec<(String, String)> = {
-            let activity = self
-                .activity
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
+            // An actor this process has not seen serve yet (a restarted control plane) counts
+            // as active now, not as idle since the epoch.
+            let running: Vec<String> = self
+                .control
+                .read(|st| {
+                    st.actors
+                        .values()
+                        .filter(|a| a.phase == ActorPhase::Running)
+                        .map(|a| key(&a.tenant, &a.name))
+                        .collect()
+                })
+                .await?;
+            let activity = {
+                let mut act = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+                for k in running {
+                    act.entry(k).or_insert(now);
+                }
+                act.clone()
+            };
             self.control
                 .read(|st| {
                     st.actors
@@ -784,6 +815,16 @@ impl Dataplane {
         let k = key(tenant, name);
         let lock = self.lock_of(&k);
         let _serial = lock.lock().await;
+        self.resume_locked(tenant, name, placement).await
+    }
+
+    /// [`Dataplane::resume_with`] with the actor's lock held.
+    async fn resume_locked(
+        &self,
+        tenant: &str,
+        name: &str,
+        placement: Placement<'_>,
+    ) -> Result<Route, DataplaneError> {
         let (tpl, template, rec) = self.load(tenant, name).await?;
         if let Some(r) = &rec
             && r.phase == ActorPhase::Running
@@ -813,6 +854,36 @@ impl Dataplane {
             .read(|st| st.schedule(&tpl, &self.leases(), now, avoid))
             .await?
             .map_err(DataplaneError::NoCapacity)?;
+        // A snapshot of another workload (the template changed since) would be refused by
+        // every provider: say so once, durably, instead of failing every placement.
+        if let Some(r) = &rec
+            && let Some(d) = &r.snapshot
+        {
+            let wd = self
+                .control
+                .read(|st| st.snapshots.get(d).map(|s| s.workload_digest().to_owned()))
+                .await?
+                .unwrap_or_default();
+            if wd != tpl.workload.digest() {
+                if r.phase != ActorPhase::Failed || r.reason != "WorkloadChanged" {
+                    let failed = ActorRecord {
+                        phase: ActorPhase::Failed,
+                        worker: None,
+                        op: None,
+                        reason: "WorkloadChanged".into(),
+                        ..r.clone()
+                    };
+                    self.record(vec![(EventKind::ActorChanged, rec_json(&failed))])
+                        .await?;
+                }
+                return Err(DataplaneError::Refused(Refusal::new(
+                    RefusalCode::ForeignSnapshot,
+                    format!(
+                        "the template's workload changed since `{name}`'s last snapshot; `mayfly actors reset {name}` starts it over from the new workload"
+                    ),
+                )));
+            }
+        }
         let snapshot = match rec.as_ref().and_then(|r| r.snapshot.clone()) {
             Some(d) => Some(d),
             None if tpl.golden => Some(self.golden(tenant, &template, &tpl).await?),
@@ -903,8 +974,25 @@ impl Dataplane {
             }
             Err(e) => {
                 self.reserve(&worker, -1);
+                // A snapshot that cannot be trusted or read will not restore anywhere: the
+                // actor is Failed (every request retries, and reports why). Anything else
+                // (capacity, a provider down) leaves it Suspended.
+                let broken = matches!(
+                    &e,
+                    DataplaneError::Refused(r) if matches!(
+                        r.code,
+                        RefusalCode::SnapshotUntrusted
+                            | RefusalCode::ManifestUnreadable
+                            | RefusalCode::ForeignSnapshot
+                            | RefusalCode::BlobDigestMismatch
+                    )
+                );
                 let failed = ActorRecord {
-                    phase: ActorPhase::Suspended,
+                    phase: if broken {
+                        ActorPhase::Failed
+                    } else {
+                        ActorPhase::Suspended
+                    },
                     worker: None,
                     op: None,
                     reason: format!("ResumeFailed: {}", e.code()),
@@ -958,9 +1046,10 @@ impl Dataplane {
         let gk = format!("golden:{}", key(tenant, template));
         let lock = self.lock_of(&gk);
         let _serial = lock.lock().await;
+        let gkey = golden_key(tenant, template, &tpl.workload.digest());
         if let Some(d) = self
             .control
-            .read(|st| st.goldens.get(&key(tenant, template)).cloned())
+            .read(|st| st.goldens.get(&gkey).cloned())
             .await?
         {
             return Ok(d);
@@ -1259,21 +1348,22 @@ impl Dataplane {
                     .and_then(|a| a.worker.clone())
             })
             .await?;
+        // One critical section: no request can resume the actor between its checkpoint and
+        // its restore elsewhere.
         let k = key(tenant, name);
-        {
-            let lock = self.lock_of(&k);
-            let _serial = lock.lock().await;
-            self.suspend_locked(tenant, name, "Moving").await?;
-        }
+        let lock = self.lock_of(&k);
+        let _serial = lock.lock().await;
+        self.suspend_locked(tenant, name, "Moving").await?;
         match &from {
-            Some(w) => self.resume_with(tenant, name, Placement::Avoid(w)).await,
-            None => self.resume(tenant, name).await,
+            Some(w) => self.resume_locked(tenant, name, Placement::Avoid(w)).await,
+            None => self.resume_locked(tenant, name, Placement::Any).await,
         }
     }
 
     /// Route one data-path request: refuse a request pinned to a stale epoch, resume the
     /// actor if needed, and forward at the current epoch (re-resolving once if the actor
     /// moved in between).
+    #[allow(clippy::too_many_arguments)]
     pub async fn route(
         &self,
         tenant: &str,
@@ -1281,6 +1371,8 @@ impl Dataplane {
         pinned_epoch: Option<u64>,
         method: reqwest::Method,
         path: &str,
+        query: Option<&str>,
+        headers: &[(String, String)],
         body: Vec<u8>,
     ) -> Result<(DataAnswer, u64), DataplaneError> {
         if let Some(want) = pinned_epoch {
@@ -1300,13 +1392,19 @@ impl Dataplane {
         }
         for attempt in 0..2 {
             let route = self.resume(tenant, name).await?;
+            // Activity counts from the start of a request too: an actor is never torn down
+            // for idleness while a request is on its way in.
+            self.touch(tenant, name);
             let answer = route
                 .client
-                .call(
+                .call_with(
+                    tenant,
                     &route.actor,
                     route.epoch,
                     method.clone(),
                     path,
+                    query,
+                    headers,
                     body.clone(),
                 )
                 .await?;
@@ -1322,6 +1420,54 @@ impl Dataplane {
         Err(DataplaneError::Unavailable(
             "the actor moved twice during one request".into(),
         ))
+    }
+
+    /// Start an actor over (operators): its snapshot is dropped and its epoch raised, so the
+    /// next request runs it fresh (from the template's current golden image); a copy still
+    /// running anywhere is fenced.
+    pub async fn reset(&self, caller: &Caller, name: &str) -> Result<u64, DataplaneError> {
+        if caller.role < Role::Operator {
+            return Err(DataplaneError::Forbidden(
+                "resetting an actor needs the operator role".into(),
+            ));
+        }
+        let tenant = caller.tenant.as_str();
+        let k = key(tenant, name);
+        let lock = self.lock_of(&k);
+        let _serial = lock.lock().await;
+        let (tpl, template, rec) = self.load(tenant, name).await?;
+        let Some(rec) = rec else {
+            return Ok(0);
+        };
+        let reset = ActorRecord {
+            phase: ActorPhase::Suspended,
+            epoch: rec.epoch + 1,
+            worker: None,
+            op: None,
+            snapshot: None,
+            reason: "Reset".into(),
+            ..rec.clone()
+        };
+        self.record(vec![(EventKind::ActorChanged, rec_json(&reset))])
+            .await?;
+        if let Some(w) = &rec.worker {
+            self.reserve(w, -1);
+            if let Ok(c) = self.client_of_worker(w).await {
+                let stop = OpRequest {
+                    op_id: op_id(tenant, name, reset.epoch, "stop"),
+                    actor: name.into(),
+                    tenant: tenant.into(),
+                    assignment_epoch: reset.epoch,
+                    op: Op::Assign {
+                        desired: Desired::Suspended,
+                        spec: Self::spec(tenant, name, &template, &tpl),
+                    },
+                    delivery: None,
+                };
+                let _ = c.run(&stop, self.cfg.op_timeout).await;
+            }
+        }
+        Ok(reset.epoch)
     }
 
     /// Store a WASM module (or any workload asset) in the caller's tenant scope of the

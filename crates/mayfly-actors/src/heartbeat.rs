@@ -10,12 +10,43 @@ use crate::dataplane::{Heartbeat, HeartbeatAnswer};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Heartbeat every `every` to `control` (`https://…`) until the task is dropped.
+/// Heartbeat every `every` to `control` (`https://…`) until the task is dropped. A
+/// watchdog fences the provider at 80% of the lease, counted from when the last renewed
+/// heartbeat was *sent* (the control plane counts from when it arrived, later): the provider
+/// stops its actors before the control plane may place them elsewhere.
 pub async fn run(provider: Arc<Provider>, http: reqwest::Client, control: String, every: Duration) {
     let url = format!("{}/v1/providers/heartbeat", control.trim_end_matches('/'));
-    let mut last_ok: Option<Instant> = None;
-    let mut lease = Duration::from_millis(mayfly_control::dataplane::DEFAULT_LEASE_MS);
-    let mut fenced = false;
+    let default_lease = Duration::from_millis(mayfly_control::dataplane::DEFAULT_LEASE_MS);
+    // (sent instant of the last renewal, lease). Starting counts as one: a provider that
+    // never reaches the control plane holds nothing past one lease either.
+    let renewed: Arc<std::sync::Mutex<Option<(Instant, Duration)>>> =
+        Arc::new(std::sync::Mutex::new(Some((Instant::now(), default_lease))));
+    let watchdog = tokio::spawn({
+        let provider = provider.clone();
+        let renewed = renewed.clone();
+        async move {
+            let mut fenced_for: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let last = *renewed.lock().unwrap_or_else(|p| p.into_inner());
+                let Some((sent, lease)) = last else { continue };
+                if sent.elapsed() >= lease.mul_f64(0.8) && fenced_for != Some(sent) {
+                    tracing::warn!(
+                        "lease about to expire without renewal: self-fencing every actor"
+                    );
+                    provider.shutdown().await;
+                    fenced_for = Some(sent);
+                }
+            }
+        }
+    });
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _watchdog = Abort(watchdog);
     loop {
         let info = provider.info().await;
         let hb = Heartbeat {
@@ -24,11 +55,16 @@ pub async fn run(provider: Arc<Provider>, http: reqwest::Client, control: String
             workers: info.workers,
             running: provider.running().await,
         };
+        let sent = Instant::now();
+        let lease_now = renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(default_lease, |(_, l)| l);
         let answer = async {
             let resp = http
                 .post(&url)
                 .json(&hb)
-                .timeout(every.max(Duration::from_secs(2)))
+                .timeout(lease_now / 4)
                 .send()
                 .await
                 .map_err(|e| e.to_string())?;
@@ -44,22 +80,13 @@ pub async fn run(provider: Arc<Provider>, http: reqwest::Client, control: String
         .await;
         match answer {
             Ok(a) => {
-                last_ok = Some(Instant::now());
-                lease = Duration::from_millis(a.lease_ms);
-                fenced = false;
+                *renewed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((sent, Duration::from_millis(a.lease_ms)));
                 for s in a.stop {
-                    provider.fence(&s.actor, s.epoch).await;
+                    provider.fence(&s.tenant, &s.actor, s.epoch).await;
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                let expired = last_ok.is_none_or(|t| t.elapsed() >= lease);
-                if expired && !fenced {
-                    tracing::warn!("lease expired without renewal: self-fencing every actor");
-                    provider.shutdown().await;
-                    fenced = true;
-                }
-            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         tokio::time::sleep(every).await;
     }

@@ -6,9 +6,9 @@
 //!   (200) or after `wait_ms` (202, still running). Synchronous refusals are
 //!   problem+json with the refusal code.
 //! * `GET  /v1/ops/{op_id}[?wait_ms=N]` — the durable status (survives reconnects)
-//! * `GET  /v1/actors/{actor}` — where an actor runs and its epoch
-//! * `ANY  /v1/actors/{actor}/http/{*path}` — the data path; `x-mayfly-epoch` must be the
-//!   actor's current epoch
+//! * `GET  /v1/actors/{tenant}/{actor}` — where an actor runs and its epoch
+//! * `ANY  /v1/actors/{tenant}/{actor}/http/{*path}` — the data path; `x-mayfly-epoch` must
+//!   be the actor's current epoch; `.`/`..` segments are refused
 
 use crate::{DataRequest, Provider, ProviderError};
 use axum::Router;
@@ -32,10 +32,10 @@ pub fn router(provider: Arc<Provider>) -> Router {
         .route("/v1/provider", get(info))
         .route("/v1/ops", post(submit))
         .route("/v1/ops/{op_id}", get(status))
-        .route("/v1/actors/{actor}", get(actor))
-        .route("/v1/actors/{actor}/http", any(data_root))
-        .route("/v1/actors/{actor}/http/", any(data_root))
-        .route("/v1/actors/{actor}/http/{*rest}", any(data))
+        .route("/v1/actors/{tenant}/{actor}", get(actor))
+        .route("/v1/actors/{tenant}/{actor}/http", any(data_root))
+        .route("/v1/actors/{tenant}/{actor}/http/", any(data_root))
+        .route("/v1/actors/{tenant}/{actor}/http/{*rest}", any(data))
         .layer(DefaultBodyLimit::max(DATA_BODY_LIMIT))
         .with_state(provider)
 }
@@ -116,8 +116,11 @@ async fn status(
     answer(&p, &op_id, w.duration()).await
 }
 
-async fn actor(State(p): State<Arc<Provider>>, Path(actor): Path<String>) -> Response {
-    match p.actor(&actor).await {
+async fn actor(
+    State(p): State<Arc<Provider>>,
+    Path((tenant, actor)): Path<(String, String)>,
+) -> Response {
+    match p.actor(&tenant, &actor).await {
         Ok(Some(a)) => axum::Json(a).into_response(),
         Ok(None) => refused(&Refusal::new(RefusalCode::UnknownActor, "unknown actor")),
         Err(e) => error(e),
@@ -126,24 +129,44 @@ async fn actor(State(p): State<Arc<Provider>>, Path(actor): Path<String>) -> Res
 
 async fn data_root(
     State(p): State<Arc<Provider>>,
-    Path(actor): Path<String>,
+    Path((tenant, actor)): Path<(String, String)>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    forward(p, actor, String::new(), method, uri, headers, body).await
+    forward(
+        p,
+        (tenant, actor),
+        String::new(),
+        method,
+        uri,
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn data(
     State(p): State<Arc<Provider>>,
-    Path((actor, rest)): Path<(String, String)>,
+    Path((tenant, actor, rest)): Path<(String, String, String)>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    forward(p, actor, rest, method, uri, headers, body).await
+    forward(p, (tenant, actor), rest, method, uri, headers, body).await
+}
+
+/// A data-path path is plain segments: no `.`, `..` or empty segment (after decoding), so
+/// a request can never climb out of the actor it names.
+pub fn clean_data_path(path: &str) -> bool {
+    let path = path.trim_start_matches('/');
+    path.is_empty()
+        || path
+            .trim_end_matches('/')
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\\'))
 }
 
 /// Hop-by-hop and routing headers never cross to the actor.
@@ -163,7 +186,7 @@ const DROP: &[&str] = &[
 
 async fn forward(
     p: Arc<Provider>,
-    actor: String,
+    (tenant, actor): (String, String),
     rest: String,
     method: Method,
     uri: Uri,
@@ -180,6 +203,11 @@ async fn forward(
             format!("the data path requires `{EPOCH_HEADER}`"),
         ));
     };
+    if !clean_data_path(&rest) {
+        return refused(&Refusal::invalid(
+            "the data path has `.`, `..` or empty segments",
+        ));
+    }
     let mut path = format!("/{rest}");
     if let Some(q) = uri.query() {
         path.push('?');
@@ -195,7 +223,7 @@ async fn forward(
             .collect(),
         body,
     };
-    match p.call(&actor, epoch, req).await {
+    match p.call(&tenant, &actor, epoch, req).await {
         Ok(r) => {
             let mut resp = Response::builder()
                 .status(StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY));

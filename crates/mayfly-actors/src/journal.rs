@@ -67,10 +67,11 @@ impl Journal {
                 status TEXT NOT NULL
             )",
             "CREATE TABLE IF NOT EXISTS actors (
-                actor TEXT PRIMARY KEY,
                 tenant TEXT NOT NULL,
+                actor TEXT NOT NULL,
                 epoch INTEGER NOT NULL,
-                pgid INTEGER
+                pgid INTEGER,
+                PRIMARY KEY (tenant, actor)
             )",
         ] {
             sqlx::query(ddl).execute(&pool).await?;
@@ -154,12 +155,15 @@ impl Journal {
         row.map(|r| parse(r.get::<String, _>(0))).transpose()
     }
 
-    /// The fence record of an actor.
-    pub async fn actor(&self, actor: &str) -> Result<Option<ActorRow>, JournalError> {
-        let row = sqlx::query("SELECT actor, tenant, epoch, pgid FROM actors WHERE actor = ?")
-            .bind(actor)
-            .fetch_optional(&self.pool)
-            .await?;
+    /// The fence record of `tenant`'s `actor`.
+    pub async fn actor(&self, tenant: &str, actor: &str) -> Result<Option<ActorRow>, JournalError> {
+        let row = sqlx::query(
+            "SELECT actor, tenant, epoch, pgid FROM actors WHERE tenant = ? AND actor = ?",
+        )
+        .bind(tenant)
+        .bind(actor)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(|r| ActorRow {
             actor: r.get(0),
             tenant: r.get(1),
@@ -184,12 +188,14 @@ impl Journal {
             .collect())
     }
 
-    /// Bind an actor to `epoch` (never lowers it: the fence only moves forward).
+    /// Bind an actor to `epoch` (never lowers it: the fence only moves forward). A `None`
+    /// pgid keeps the recorded one (its process may still need reaping).
     pub async fn bind(&self, row: &ActorRow) -> Result<(), JournalError> {
         sqlx::query(
             "INSERT INTO actors (actor, tenant, epoch, pgid) VALUES (?, ?, ?, ?)
-             ON CONFLICT (actor) DO UPDATE SET tenant = excluded.tenant,
-               epoch = MAX(actors.epoch, excluded.epoch), pgid = excluded.pgid",
+             ON CONFLICT (tenant, actor) DO UPDATE SET
+               epoch = MAX(actors.epoch, excluded.epoch),
+               pgid = COALESCE(excluded.pgid, actors.pgid)",
         )
         .bind(&row.actor)
         .bind(&row.tenant)

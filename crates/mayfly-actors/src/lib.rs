@@ -121,9 +121,16 @@ impl ProviderConfig {
     }
 }
 
+/// Actors are keyed by tenant and name everywhere on a provider: two tenants' actors of the
+/// same name are different actors.
+fn akey(tenant: &str, actor: &str) -> String {
+    format!("{tenant}/{actor}")
+}
+
 struct Running {
     epoch: u64,
     tenant: String,
+    actor: String,
     spec: ActorSpec,
     instance: Arc<dyn Instance>,
 }
@@ -206,9 +213,13 @@ impl Provider {
         }
     }
 
-    /// Where `actor` runs and under which epoch (None: never seen here).
-    pub async fn actor(&self, actor: &str) -> Result<Option<ActorStatus>, ProviderError> {
-        if let Some(r) = self.running.read().await.get(actor) {
+    /// Where `tenant`'s `actor` runs and under which epoch (None: never seen here).
+    pub async fn actor(
+        &self,
+        tenant: &str,
+        actor: &str,
+    ) -> Result<Option<ActorStatus>, ProviderError> {
+        if let Some(r) = self.running.read().await.get(&akey(tenant, actor)) {
             return Ok(Some(ActorStatus {
                 actor: actor.into(),
                 tenant: r.tenant.clone(),
@@ -217,13 +228,17 @@ impl Provider {
                 address: r.instance.address(),
             }));
         }
-        Ok(self.journal.actor(actor).await?.map(|row| ActorStatus {
-            actor: row.actor,
-            tenant: row.tenant,
-            epoch: row.epoch,
-            phase: ProviderPhase::Stopped,
-            address: None,
-        }))
+        Ok(self
+            .journal
+            .actor(tenant, actor)
+            .await?
+            .map(|row| ActorStatus {
+                actor: row.actor,
+                tenant: row.tenant,
+                epoch: row.epoch,
+                phase: ProviderPhase::Stopped,
+                address: None,
+            }))
     }
 
     /// Accept an op: refuse it synchronously (malformed, unsupported, an op id reused with
@@ -338,17 +353,15 @@ impl Provider {
     }
 
     async fn execute(&self, req: OpRequest) -> Result<OpResult, Refusal> {
-        let lock = self.lock_of(&req.actor);
+        let k = akey(&req.tenant, &req.actor);
+        let lock = self.lock_of(&k);
         let _serial = lock.lock().await;
         let journal_err = |e: JournalError| Refusal::new(RefusalCode::SandboxFailed, e.to_string());
-        let row = self.journal.actor(&req.actor).await.map_err(journal_err)?;
-        if let Some(row) = &row
-            && row.tenant != req.tenant
-        {
-            return Err(Refusal::invalid(
-                "this actor id belongs to another tenant on this provider",
-            ));
-        }
+        let row = self
+            .journal
+            .actor(&req.tenant, &req.actor)
+            .await
+            .map_err(journal_err)?;
         let current = row.as_ref().map_or(0, |r| r.epoch);
         let stale = |what: &str| {
             Refusal::new(
@@ -368,7 +381,7 @@ impl Provider {
                 self.bind(&req.actor, &req.tenant, epoch, None).await?;
                 match desired {
                     Desired::Suspended => {
-                        self.stop(&req.actor).await;
+                        self.stop(&k).await;
                         Ok(OpResult {
                             phase: Some(ProviderPhase::Stopped),
                             address: None,
@@ -377,22 +390,25 @@ impl Provider {
                         })
                     }
                     Desired::Running => {
-                        let same = {
-                            let mut running = self.running.write().await;
-                            match running.get_mut(&req.actor) {
-                                Some(r) if r.spec == spec && r.instance.alive().await => {
-                                    r.epoch = epoch;
-                                    true
-                                }
-                                _ => false,
-                            }
+                        // The same assignment (spec and epoch) is already satisfied; a new
+                        // epoch is a new assignment: restarted, with a fresh delivery.
+                        let current = self
+                            .running
+                            .read()
+                            .await
+                            .get(&k)
+                            .filter(|r| r.spec == spec && r.epoch == epoch)
+                            .map(|r| r.instance.clone());
+                        let same = match current {
+                            Some(i) => i.alive().await,
+                            None => false,
                         };
                         if !same {
-                            self.stop(&req.actor).await;
+                            self.stop(&k).await;
                             let delivery = req.delivery.unwrap_or_default();
                             self.start(spec, epoch, &delivery, None).await?;
                         }
-                        self.running_result(&req.actor).await
+                        self.running_result(&k).await
                     }
                 }
             }
@@ -404,7 +420,7 @@ impl Provider {
                 if epoch != current {
                     return Err(stale("checkpoint"));
                 }
-                let (spec, instance) = match self.running.read().await.get(&req.actor) {
+                let (spec, instance) = match self.running.read().await.get(&k) {
                     Some(r) => (r.spec.clone(), r.instance.clone()),
                     None => {
                         return Err(Refusal::new(
@@ -418,7 +434,7 @@ impl Provider {
                 })?;
                 if teardown {
                     // The route goes first: no request reaches an actor being torn down.
-                    self.running.write().await.remove(&req.actor);
+                    self.running.write().await.remove(&k);
                 }
                 let captured = instance.capture(scope, teardown).await;
                 if teardown {
@@ -469,12 +485,12 @@ impl Provider {
                     &spec,
                 )?;
                 let streams = self.fetch(&req.tenant, &manifest).await?;
-                self.stop(&req.actor).await;
+                self.stop(&k).await;
                 self.bind(&req.actor, &req.tenant, epoch, None).await?;
                 let delivery = req.delivery.unwrap_or_default();
                 self.start(spec, epoch, &delivery, Some((manifest.scope, streams)))
                     .await?;
-                self.running_result(&req.actor).await
+                self.running_result(&k).await
             }
         }
     }
@@ -515,10 +531,11 @@ impl Provider {
         self.bind(&spec.actor, &spec.tenant, epoch, instance.pgid())
             .await?;
         self.running.write().await.insert(
-            spec.actor.clone(),
+            akey(&spec.tenant, &spec.actor),
             Running {
                 epoch,
                 tenant: spec.tenant.clone(),
+                actor: spec.actor.clone(),
                 spec,
                 instance,
             },
@@ -593,16 +610,18 @@ impl Provider {
         Ok(streams)
     }
 
-    /// Route a data-path request to `actor`, which must be running at exactly `epoch`.
+    /// Route a data-path request to `tenant`'s `actor`, which must be running at exactly
+    /// `epoch`.
     pub async fn call(
         &self,
+        tenant: &str,
         actor: &str,
         epoch: u64,
         req: DataRequest,
     ) -> Result<DataResponse, Refusal> {
         let instance = {
             let running = self.running.read().await;
-            let r = running.get(actor).ok_or_else(|| {
+            let r = running.get(&akey(tenant, actor)).ok_or_else(|| {
                 Refusal::new(
                     RefusalCode::UnknownActor,
                     "the actor is not running on this provider",
@@ -624,9 +643,9 @@ impl Provider {
         self.running
             .read()
             .await
-            .iter()
-            .map(|(a, r)| dataplane::RunningActor {
-                actor: a.clone(),
+            .values()
+            .map(|r| dataplane::RunningActor {
+                actor: r.actor.clone(),
                 tenant: r.tenant.clone(),
                 epoch: r.epoch,
             })
@@ -634,14 +653,15 @@ impl Provider {
     }
 
     /// Stop `actor` if it still runs at `epoch` (the control plane assigned it elsewhere).
-    pub async fn fence(&self, actor: &str, epoch: u64) {
-        let lock = self.lock_of(actor);
+    pub async fn fence(&self, tenant: &str, actor: &str, epoch: u64) {
+        let k = akey(tenant, actor);
+        let lock = self.lock_of(&k);
         let _serial = lock.lock().await;
         let stale = self
             .running
             .read()
             .await
-            .get(actor)
+            .get(&k)
             .is_some_and(|r| r.epoch == epoch);
         if stale {
             tracing::warn!(
@@ -649,7 +669,7 @@ impl Provider {
                 epoch,
                 "fenced: the control plane assigns this actor elsewhere"
             );
-            self.stop(actor).await;
+            self.stop(&k).await;
         }
     }
 

@@ -65,6 +65,9 @@ impl LocalDataplane {
             .await
             .map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
+        let server = ca
+            .issue(&[addr.ip().to_string()], Usage::Provider, "control")
+            .map_err(err)?;
         let dp = Dataplane::new(
             control.clone(),
             ControlKey::from_base64(&key.to_base64()).map_err(err)?,
@@ -74,13 +77,11 @@ impl LocalDataplane {
             DataplaneConfig {
                 lease_ms,
                 provider_endpoint: Some(format!("https://{addr}")),
+                provider_endpoint_fingerprint: Some(server.fingerprint().map_err(err)?),
                 ..Default::default()
             },
         )
         .await?;
-        let server = ca
-            .issue(&[addr.ip().to_string()], Usage::Provider, "control")
-            .map_err(err)?;
         tokio::spawn(mayfly_pki::serve(
             listener,
             crate::dataplane::provider_router(dp.clone()),
@@ -165,7 +166,8 @@ impl LocalDataplane {
         });
         let beat = tokio::spawn(crate::heartbeat::run(
             provider.clone(),
-            mayfly_pki::client(&e.ca, &identity, None).map_err(err)?,
+            mayfly_pki::client(&e.ca, &identity, e.control_endpoint_fingerprint.clone())
+                .map_err(err)?,
             e.control_endpoint.clone().unwrap_or_default(),
             Duration::from_millis(200),
         ));
@@ -230,7 +232,7 @@ impl LocalDataplane {
     ) -> Result<serde_json::Value, DataplaneError> {
         let (a, _) = self
             .dp
-            .route(tenant, actor, None, method, "/", vec![])
+            .route(tenant, actor, None, method, "/", None, &[], vec![])
             .await?;
         if a.status != 200 {
             return Err(DataplaneError::Unavailable(format!(

@@ -36,17 +36,30 @@ pub struct ProcessSandbox {
 }
 
 impl ProcessSandbox {
+    /// A sandbox rooted at `root`. Run dirs an earlier incarnation left (identity, secrets)
+    /// are wiped: nothing delivered outlives the actor it was delivered to.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, Refusal> {
         crate::install_crypto();
+        let root: PathBuf = root.into();
+        for tenant in std::fs::read_dir(root.join("actors"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for actor in std::fs::read_dir(tenant.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = std::fs::remove_dir_all(actor.path().join("run"));
+            }
+        }
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| failed(format!("http client: {e}")))?;
-        Ok(ProcessSandbox {
-            root: root.into(),
-            http,
-        })
+        Ok(ProcessSandbox { root, http })
     }
 
     fn dir(&self, spec: &ActorSpec) -> PathBuf {
@@ -209,9 +222,17 @@ fn prepare(
             Refusal::new(RefusalCode::ManifestUnreadable, format!("data stream: {e}"))
         })?;
         let mut ar = tar::Archive::new(dec);
-        // `unpack_in` refuses entries that would land outside `work` (`..`, absolute).
+        // Only files and directories (what `pack` writes): a link in a crafted image could
+        // point a later entry outside `work`. `unpack_in` refuses `..` and absolute paths.
         for entry in ar.entries().map_err(|e| unreadable(&e))? {
             let mut entry = entry.map_err(|e| unreadable(&e))?;
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind.is_dir()) {
+                return Err(Refusal::new(
+                    RefusalCode::ManifestUnreadable,
+                    "the data stream holds an entry that is neither a file nor a directory",
+                ));
+            }
             entry.unpack_in(work).map_err(|e| unreadable(&e))?;
         }
     }
@@ -371,6 +392,17 @@ fn pack(work: &Path, dirs: &[String]) -> Result<Vec<u8>, Refusal> {
     let io = |e: std::io::Error| failed(format!("pack durable dirs: {e}"));
     let mut files = Vec::new();
     for d in dirs {
+        // A durable dir (or any directory on its way) that is a symlink could point the
+        // capture at the run dir (secrets) or anywhere on the host: refused.
+        let mut at = work.to_path_buf();
+        for part in d.split('/') {
+            at.push(part);
+            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(failed(format!(
+                    "durable dir `{d}` goes through a symlink; it is not captured"
+                )));
+            }
+        }
         walk(work, &work.join(d), &mut files).map_err(io)?;
     }
     files.sort();

@@ -104,7 +104,7 @@ async fn rig(dir: &Path, fail: Arc<AtomicBool>, lie: bool) -> (LocalDataplane, C
             .unwrap()
             .with_signer(ControlKey::from_base64(&key.to_base64()).unwrap()),
     );
-    let mut rig = LocalDataplane::start(control, &key, dir, 1_000)
+    let mut rig = LocalDataplane::start(control, &key, dir, 2_000)
         .await
         .unwrap();
     rig.add_provider(
@@ -179,6 +179,22 @@ async fn a_failed_checkpoint_never_replaces_the_last_good_snapshot() {
     fail.store(false, Ordering::SeqCst);
     let v = rig.get("t", "c").await.unwrap();
     assert_eq!(v["counter"], 1, "restored from the last good snapshot");
+    // A snapshot whose blob rots in the store: the restore refuses it, the actor is Failed
+    // (with the reason) and keeps pointing at it — nothing corrupt is ever restored.
+    let snap = rig.dp.suspend("t", "c", "Test").await.unwrap().unwrap();
+    let manifest: mayfly_actor_api::Manifest =
+        serde_json::from_value(snap.envelope.body.clone()).unwrap();
+    let blob = &manifest.blobs[0];
+    let path = mayfly_cache::LocalCache::new(dir.path().join("snapshots"))
+        .path_of("t", &blob.digest)
+        .unwrap();
+    std::fs::write(&path, b"rotten").unwrap();
+    let e = rig.get("t", "c").await.unwrap_err();
+    assert_eq!(e.code(), "blob_digest_mismatch", "{e}");
+    let r = record(&rig).await;
+    assert_eq!(r.phase, ActorPhase::Failed);
+    assert_eq!(r.reason, "ResumeFailed: blob_digest_mismatch");
+    assert_eq!(r.snapshot.as_deref(), Some(snap.descriptor.digest.as_str()));
     rig.shutdown().await;
 }
 

@@ -212,7 +212,7 @@ async fn op_status_and_the_epoch_fence_survive_a_provider_restart_and_orphans_ar
     let h = start(dir.path(), &key, 4).await;
     let first = h.client.run(&run("a1", "op-1", 5), WAIT).await.unwrap();
     assert_eq!(first.state, OpState::Succeeded, "{first:?}");
-    let pid = h.provider.actor("a1").await.unwrap().unwrap();
+    let pid = h.provider.actor("t1", "a1").await.unwrap().unwrap();
     assert_eq!(pid.epoch, 5);
     // The provider dies without stopping its actor (no shutdown): the child is orphaned.
     let addr = first.result.as_ref().unwrap().address.clone().unwrap();
@@ -241,7 +241,7 @@ async fn op_status_and_the_epoch_fence_survive_a_provider_restart_and_orphans_ar
     // The fence survived: epoch 4 is still stale.
     let late = h.client.run(&run("a1", "op-2", 4), WAIT).await.unwrap();
     assert_eq!(late.error.unwrap().code, RefusalCode::StaleEpoch);
-    let status = h.client.actor("a1").await.unwrap();
+    let status = h.client.actor("t1", "a1").await.unwrap();
     assert_eq!(status.epoch, 5);
     h.stop().await;
 }
@@ -311,7 +311,7 @@ async fn secrets_and_identity_are_delivered_fresh_and_never_captured() {
     assert_eq!(st.state, OpState::Succeeded, "{st:?}");
     let v: serde_json::Value = serde_json::from_slice(
         &h.client
-            .call("s1", 1, reqwest::Method::POST, "/", vec![])
+            .call("t1", "s1", 1, reqwest::Method::POST, "/", vec![])
             .await
             .unwrap()
             .body,

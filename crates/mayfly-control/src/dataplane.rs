@@ -184,9 +184,26 @@ pub struct SnapshotRecord {
     pub data_size: u64,
 }
 
-/// `tenant/name`: the key of actors, and of goldens (`tenant/template`).
+/// `tenant/name`: the key of actors.
 pub fn key(tenant: &str, name: &str) -> String {
     format!("{tenant}/{name}")
+}
+
+/// The key of a golden snapshot: per template *and* workload, so a changed workload gets a
+/// golden image of its own instead of one it cannot restore.
+pub fn golden_key(tenant: &str, template: &str, workload_digest: &str) -> String {
+    format!("{tenant}/{template}@{workload_digest}")
+}
+
+impl SnapshotRecord {
+    /// The workload digest the signed manifest is bound to.
+    pub fn workload_digest(&self) -> &str {
+        self.envelope
+            .body
+            .get("workload_digest")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+    }
 }
 
 /// The deterministic op id of `action` on an actor at `epoch` (a retry after a crash
@@ -254,8 +271,10 @@ impl ControlState {
             return Err("the envelope is not the descriptor's manifest".into());
         }
         if s.actor.is_none() {
-            self.goldens
-                .insert(key(&s.tenant, &s.template), s.descriptor.digest.clone());
+            self.goldens.insert(
+                golden_key(&s.tenant, &s.template, s.workload_digest()),
+                s.descriptor.digest.clone(),
+            );
         }
         self.snapshots.insert(s.descriptor.digest.clone(), s);
         Ok(())

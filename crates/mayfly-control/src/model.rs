@@ -756,7 +756,7 @@ pub struct ControlState {
     pub actors: BTreeMap<String, crate::dataplane::ActorRecord>,
     /// Actor dataplane: signed snapshots by descriptor digest.
     pub snapshots: BTreeMap<String, crate::dataplane::SnapshotRecord>,
-    /// Actor dataplane: each template's golden snapshot (`tenant/template` → digest).
+    /// Actor dataplane: each template's golden snapshot (`dataplane::golden_key` → digest).
     pub goldens: BTreeMap<String, String>,
 }
 

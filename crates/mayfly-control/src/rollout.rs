@@ -804,9 +804,13 @@ impl ControlState {
             }
             Kind::ActorTemplate => {
                 let tenant = o.key.tenant.as_deref().unwrap_or_default();
-                let golden = self
-                    .goldens
-                    .get(&crate::dataplane::key(tenant, &o.key.name));
+                let wd =
+                    serde_json::from_value::<crate::dataplane::ActorTemplateSpec>(o.spec.clone())
+                        .map(|t| t.workload.digest())
+                        .unwrap_or_default();
+                let golden =
+                    self.goldens
+                        .get(&crate::dataplane::golden_key(tenant, &o.key.name, &wd));
                 let wants = o.spec.get("golden").and_then(Value::as_bool) != Some(false);
                 match (wants, golden) {
                     (true, None) => status(

@@ -7,7 +7,7 @@ use crate::{ApiResult, Caller, Gateway, Problem, Role};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use mayfly_actor_api::EPOCH_HEADER;
 use mayfly_actors::dataplane::{Dataplane, DataplaneError, EnrollRequest};
@@ -128,6 +128,20 @@ pub(crate) async fn move_actor(
     Ok(Json(json!({ "actor": name, "epoch": r.epoch, "worker": r.worker })).into_response())
 }
 
+/// `POST /v1/actors/{name}/reset`: drop its snapshot and start it over (fenced).
+pub(crate) async fn reset(
+    State(gw): State<Gateway>,
+    axum::Extension(c): axum::Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let dp = dataplane(&gw)?;
+    let epoch = dp
+        .reset(&c.control(), &name)
+        .await
+        .map_err(|e| problem(&c, e))?;
+    Ok(Json(json!({ "actor": name, "epoch": epoch })).into_response())
+}
+
 /// `POST /v1/actors/{name}/suspend`: checkpoint and release its slot now.
 pub(crate) async fn suspend(
     State(gw): State<Gateway>,
@@ -149,10 +163,11 @@ pub(crate) async fn route_root(
     axum::Extension(c): axum::Extension<Caller>,
     Path(name): Path<String>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    forward(gw, c, name, String::new(), method, headers, body).await
+    forward(gw, c, name, String::new(), (method, uri, headers), body).await
 }
 
 pub(crate) async fn route(
@@ -160,21 +175,51 @@ pub(crate) async fn route(
     axum::Extension(c): axum::Extension<Caller>,
     Path((name, path)): Path<(String, String)>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
-    forward(gw, c, name, path, method, headers, body).await
+    forward(gw, c, name, path, (method, uri, headers), body).await
 }
+
+/// Request headers that reach the actor: none that authenticate to mayfly, route, or frame
+/// the hop.
+const DROP: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "authorization",
+    "content-length",
+    "cookie",
+    EPOCH_HEADER,
+];
 
 async fn forward(
     gw: Gateway,
     c: Caller,
     name: String,
     path: String,
-    method: Method,
-    headers: HeaderMap,
+    (method, uri, headers): (Method, Uri, HeaderMap),
     body: Bytes,
 ) -> ApiResult<Response> {
+    // The path is the actor's: it may never climb out of it (`..` after decoding).
+    if !mayfly_actors::http::clean_data_path(&path) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "the actor path has `.`, `..` or empty segments",
+        ));
+    }
+    let forwarded: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(k, _)| !DROP.contains(&k.as_str()) && !k.as_str().starts_with("x-mayfly-"))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     let reads = matches!(method, Method::GET | Method::HEAD);
     c.require(if reads { Role::Viewer } else { Role::Operator })?;
     let dp = dataplane(&gw)?;
@@ -196,7 +241,16 @@ async fn forward(
     let m = reqwest::Method::from_bytes(method.as_str().as_bytes())
         .map_err(|_| Problem::new(StatusCode::BAD_REQUEST, "invalid_request", "method"))?;
     let (answer, epoch) = dp
-        .route(&c.tenant, &name, pinned, m, &path, body.to_vec())
+        .route(
+            &c.tenant,
+            &name,
+            pinned,
+            m,
+            &path,
+            uri.query(),
+            &forwarded,
+            body.to_vec(),
+        )
         .await
         .map_err(|e| problem(&c, e))?;
     let mut resp = Response::builder()

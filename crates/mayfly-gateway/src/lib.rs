@@ -444,6 +444,7 @@ pub fn router(gw: Gateway) -> Router {
         .route("/actors/{name}/snapshots", get(actors::snapshots))
         .route("/actors/{name}/move", post(actors::move_actor))
         .route("/actors/{name}/suspend", post(actors::suspend))
+        .route("/actors/{name}/reset", post(actors::reset))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
         .layer(axum::Extension(auditor.clone()));
     // The router: the caller's actors, by name, any method.

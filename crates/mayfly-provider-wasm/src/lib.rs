@@ -42,7 +42,11 @@ pub fn full_format() -> Format {
 /// Fuel per call: a handler that loops forever traps instead of holding a slot.
 const FUEL: u64 = 500_000_000;
 
+/// Linear memory one actor may grow to.
+const MAX_MEMORY: usize = 256 << 20;
+
 struct Host {
+    limits: wasmtime::StoreLimits,
     identity: Vec<u8>,
     actor: Vec<u8>,
     secrets: BTreeMap<String, Vec<u8>>,
@@ -218,6 +222,11 @@ impl Sandbox for WasmSandbox {
         };
         let pre = self.module(&spec.tenant, module).await?;
         let host = Host {
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(MAX_MEMORY)
+                .instances(1)
+                .tables(4)
+                .build(),
             identity: delivery.identity.as_bytes().to_vec(),
             actor: spec.actor.as_bytes().to_vec(),
             secrets: delivery
@@ -231,6 +240,7 @@ impl Sandbox for WasmSandbox {
         let handler = handler.clone();
         let state = tokio::task::spawn_blocking(move || -> Result<State, Refusal> {
             let mut store = Store::new(&engine, host);
+            store.limiter(|h| &mut h.limits);
             store.set_fuel(FUEL).map_err(|e| failed(e.to_string()))?;
             let instance = pre
                 .instantiate(&mut store)
@@ -395,9 +405,13 @@ impl State {
             Ok(packed) => {
                 let ptr = (packed as u64 >> 32) as usize;
                 let len = (packed as u64 & 0xffff_ffff) as usize;
-                let mut out = vec![0u8; len];
-                match mem.read(&self.store, ptr, &mut out) {
-                    Ok(()) => {
+                // Bounds first: the length is the module's word, not an allocation order.
+                let inside = ptr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= mem.data_size(&self.store));
+                let mut out = if inside { vec![0u8; len] } else { Vec::new() };
+                match (inside, mem.read(&self.store, ptr, &mut out)) {
+                    (true, Ok(())) => {
                         regions.push((ptr, len));
                         DataResponse {
                             status: 200,
@@ -405,7 +419,7 @@ impl State {
                             body: out.into(),
                         }
                     }
-                    Err(_) => DataResponse {
+                    _ => DataResponse {
                         status: 500,
                         headers: vec![],
                         body: "the handler returned a response out of bounds".into(),

@@ -132,7 +132,7 @@ async fn identity_never_reaches_a_snapshot_and_golden_restores_share_one_image()
         OpState::Succeeded
     );
     let a = client
-        .call("g", 1, reqwest::Method::POST, "/", vec![])
+        .call("t1", "g", 1, reqwest::Method::POST, "/", vec![])
         .await
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
@@ -186,7 +186,7 @@ async fn identity_never_reaches_a_snapshot_and_golden_restores_share_one_image()
             assert_eq!(st.state, OpState::Succeeded, "{st:?}");
             let v: serde_json::Value = serde_json::from_slice(
                 &client
-                    .call(&a, 1, reqwest::Method::GET, "/", vec![])
+                    .call("t1", &a, 1, reqwest::Method::GET, "/", vec![])
                     .await
                     .unwrap()
                     .body,

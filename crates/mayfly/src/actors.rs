@@ -120,8 +120,21 @@ pub async fn start(
         .await
         .with_context(|| format!("listening for providers on {listen}"))?;
     let addr = listener.local_addr()?;
-    // The listener's server certificate names its address; issued per start.
-    let server = ca.issue(&[addr.ip().to_string()], Usage::Provider, "mayfly-control")?;
+    // The listener's certificate names its address and is kept (providers pin it); a new
+    // address gets a new one, and providers enrolled before must enroll again.
+    let ip = addr.ip().to_string();
+    let server = match (
+        std::fs::read_to_string(dir.join("server.ip")),
+        Identity::load(&dir, "server"),
+    ) {
+        (Ok(saved), Ok(id)) if saved.trim() == ip => id,
+        _ => {
+            let id = ca.issue(std::slice::from_ref(&ip), Usage::Provider, "mayfly-control")?;
+            id.save(&dir, "server")?;
+            std::fs::write(dir.join("server.ip"), &ip)?;
+            id
+        }
+    };
     let networks = match &opts.provider_networks {
         Some(n) => Networks::parse(n).map_err(anyhow::Error::msg)?,
         None => Networks::private(),
@@ -140,6 +153,7 @@ pub async fn start(
             lease_ms: opts.lease_ms,
             networks,
             provider_endpoint: Some(format!("https://{addr}")),
+            provider_endpoint_fingerprint: Some(server.fingerprint()?),
             ..Default::default()
         },
     )
@@ -267,6 +281,7 @@ async fn enroll(id: &str, endpoint: &str, dir: &Path) -> Result<ExitCode> {
         "control_fingerprint": e.control_fingerprint,
         "control_public_key": e.control_public_key,
         "control_endpoint": e.control_endpoint,
+        "control_endpoint_fingerprint": e.control_endpoint_fingerprint,
     });
     std::fs::write(
         dir.join("enrollment.json"),
@@ -287,6 +302,8 @@ struct Enrolled {
     control_fingerprint: String,
     control_public_key: mayfly_trust::sign::TrustedKey,
     control_endpoint: Option<String>,
+    #[serde(default)]
+    control_endpoint_fingerprint: Option<String>,
 }
 
 async fn serve(
@@ -347,7 +364,7 @@ async fn serve(
     let admit = Admit::Only([e.control_fingerprint.clone()].into());
     let server = tokio::spawn(mayfly_pki::serve(listener, app, tls, admit));
     if let Some(control) = e.control_endpoint.clone() {
-        let http = mayfly_pki::client(&ca, &identity, None)?;
+        let http = mayfly_pki::client(&ca, &identity, e.control_endpoint_fingerprint.clone())?;
         tokio::spawn(mayfly_actors::heartbeat::run(
             provider.clone(),
             http,
@@ -420,6 +437,8 @@ pub enum ActorsCmd {
     Suspend { name: String },
     /// Move an actor to another worker (checkpoint → new epoch → restore).
     Move { name: String },
+    /// Start an actor over: drop its snapshot (e.g. after its template's workload changed).
+    Reset { name: String },
     /// An actor's signed snapshots.
     Snapshots { name: String },
     /// Providers, workers and leases (system tenant).
@@ -437,6 +456,14 @@ pub async fn actors(cmd: ActorsCmd) -> Result<ExitCode> {
             c.send(
                 reqwest::Method::POST,
                 &format!("/v1/actors/{name}/suspend"),
+                None,
+            )
+            .await?
+        }
+        ActorsCmd::Reset { name } => {
+            c.send(
+                reqwest::Method::POST,
+                &format!("/v1/actors/{name}/reset"),
                 None,
             )
             .await?

@@ -154,7 +154,15 @@ pub async fn run(
         .control
         .read(|st| {
             st.goldens
-                .get("bench/wcounter")
+                .get(&mayfly_control::dataplane::golden_key(
+                    "bench",
+                    "wcounter",
+                    &Workload::Wasm {
+                        module: module.clone(),
+                        handler: "handle".into(),
+                    }
+                    .digest(),
+                ))
                 .and_then(|d| st.snapshots.get(d))
                 .cloned()
         })

@@ -210,7 +210,7 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
             "--provider-listen",
             "127.0.0.1:0",
             "--lease-ms",
-            "1500",
+            "2500",
         ])
         .arg("--db")
         .arg(home.join("m.db"))
@@ -354,6 +354,47 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
     // Another tenant does not see, and cannot reach, acme's actor.
     let (st, _, _) = call(&http, &env.url, &other, reqwest::Method::GET, "c1", None);
     assert_eq!(st, 404);
+    // The path and query reach the actor; a path that climbs (`..`, even percent-encoded,
+    // sent raw) is refused before anything is forwarded.
+    let r = http
+        .get(format!("{}/actors/c1/items/7?page=2", env.url))
+        .bearer_auth(&acme)
+        .send()
+        .expect("get");
+    let body: Value = r.json().expect("json");
+    assert_eq!(body["path"], "/items/7?page=2", "{body}");
+    let raw = {
+        use std::io::{Read, Write};
+        let host = env.url.trim_start_matches("http://").to_owned();
+        let mut s = std::net::TcpStream::connect(&host).expect("connect");
+        write!(
+            s,
+            "POST /actors/c1/%2e%2e/%2e%2e/%2e%2e/%2e%2e/v1/ops HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {acme}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        )
+        .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // Another tenant's actor of the same name is its own actor, on the same providers.
+    let beta_docs = [
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "counter", "tenant": "beta"},
+               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "c1", "tenant": "beta"}, "spec": {"template": "counter"}}),
+    ];
+    let beta_file = home.join("beta.yaml");
+    let text: Vec<String> = beta_docs.iter().map(|m| m.to_string()).collect();
+    std::fs::write(&beta_file, text.join("\n---\n")).expect("write");
+    let o = env.cli(&env.admin, &["apply", "-f", beta_file.to_str().expect("f")]);
+    assert!(o.status.success(), "{}", out(&o));
+    let (st, _, v) = call(&http, &env.url, &other, reqwest::Method::POST, "c1", None);
+    assert_eq!((st, v["counter"].clone()), (200, json!(1)), "{v}");
+    let (_, _, v) = call(&http, &env.url, &acme, reqwest::Method::GET, "c1", None);
+    assert_eq!(v["counter"], 3, "acme's c1 is untouched by beta's");
+    env.json(&other, &["actors", "suspend", "c1"]);
 
     // Move: checkpoint → epoch 2 → restore on the other worker; the data comes along.
     let m = env.json(&acme, &["actors", "move", "c1"]);
