@@ -223,7 +223,7 @@ impl LocalDataplane {
         self.call(tenant, actor, reqwest::Method::GET).await
     }
 
-    /// One request through the router, as JSON (non-200 is an error).
+    /// One request through the router: its JSON body, or its text (non-200 is an error).
     pub async fn call(
         &self,
         tenant: &str,
@@ -241,7 +241,10 @@ impl LocalDataplane {
                 String::from_utf8_lossy(&a.body)
             )));
         }
-        serde_json::from_slice(&a.body).map_err(err)
+        // JSON when the actor answers JSON, else its text.
+        Ok(serde_json::from_slice(&a.body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&a.body).into_owned())
+        }))
     }
 
     /// The control plane's client of provider `id`.
