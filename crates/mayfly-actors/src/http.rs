@@ -169,8 +169,9 @@ pub fn clean_data_path(path: &str) -> bool {
             .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\\'))
 }
 
-/// Hop-by-hop and routing headers never cross to the actor.
-const DROP: &[&str] = &[
+/// Hop-by-hop, routing and mayfly-credential headers never cross to the actor (the gateway's
+/// router drops the same, plus cookies).
+pub const DROP: &[&str] = &[
     "host",
     "connection",
     "keep-alive",

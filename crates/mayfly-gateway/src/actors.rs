@@ -182,23 +182,6 @@ pub(crate) async fn route(
     forward(gw, c, name, path, (method, uri, headers), body).await
 }
 
-/// Request headers that reach the actor: none that authenticate to mayfly, route, or frame
-/// the hop.
-const DROP: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "authorization",
-    "content-length",
-    "cookie",
-    EPOCH_HEADER,
-];
-
 async fn forward(
     gw: Gateway,
     c: Caller,
@@ -217,7 +200,11 @@ async fn forward(
     }
     let forwarded: Vec<(String, String)> = headers
         .iter()
-        .filter(|(k, _)| !DROP.contains(&k.as_str()) && !k.as_str().starts_with("x-mayfly-"))
+        // None that authenticate to mayfly, route, or frame the hop.
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            !mayfly_actors::http::DROP.contains(&k) && k != "cookie" && !k.starts_with("x-mayfly-")
+        })
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     let reads = matches!(method, Method::GET | Method::HEAD);
