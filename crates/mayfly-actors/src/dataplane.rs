@@ -436,13 +436,17 @@ impl Dataplane {
         Ok(json!({ "actor": name, "tenant": tenant, "epoch": epoch, "secrets": secrets }))
     }
 
-    fn lock_of(&self, k: &str) -> Arc<Mutex<()>> {
-        self.locks
+    /// Serialize on `k` (an actor, or a template's golden capture): held until the guard
+    /// drops.
+    async fn serialize(&self, k: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(k.to_owned())
             .or_default()
-            .clone()
+            .clone();
+        lock.lock_owned().await
     }
 
     fn leases(&self) -> BTreeMap<String, Lease> {
@@ -812,9 +816,7 @@ impl Dataplane {
         name: &str,
         placement: Placement<'_>,
     ) -> Result<Route, DataplaneError> {
-        let k = key(tenant, name);
-        let lock = self.lock_of(&k);
-        let _serial = lock.lock().await;
+        let _serial = self.serialize(&key(tenant, name)).await;
         self.resume_locked(tenant, name, placement).await
     }
 
@@ -1043,9 +1045,9 @@ impl Dataplane {
         template: &str,
         tpl: &ActorTemplateSpec,
     ) -> Result<String, DataplaneError> {
-        let gk = format!("golden:{}", key(tenant, template));
-        let lock = self.lock_of(&gk);
-        let _serial = lock.lock().await;
+        let _serial = self
+            .serialize(&format!("golden:{}", key(tenant, template)))
+            .await;
         let gkey = golden_key(tenant, template, &tpl.workload.digest());
         if let Some(d) = self
             .control
@@ -1237,9 +1239,7 @@ impl Dataplane {
         name: &str,
         reason: &str,
     ) -> Result<Option<SnapshotRecord>, DataplaneError> {
-        let k = key(tenant, name);
-        let lock = self.lock_of(&k);
-        let _serial = lock.lock().await;
+        let _serial = self.serialize(&key(tenant, name)).await;
         self.suspend_locked(tenant, name, reason).await
     }
 
@@ -1350,9 +1350,7 @@ impl Dataplane {
             .await?;
         // One critical section: no request can resume the actor between its checkpoint and
         // its restore elsewhere.
-        let k = key(tenant, name);
-        let lock = self.lock_of(&k);
-        let _serial = lock.lock().await;
+        let _serial = self.serialize(&key(tenant, name)).await;
         self.suspend_locked(tenant, name, "Moving").await?;
         match &from {
             Some(w) => self.resume_locked(tenant, name, Placement::Avoid(w)).await,
@@ -1432,9 +1430,7 @@ impl Dataplane {
             ));
         }
         let tenant = caller.tenant.as_str();
-        let k = key(tenant, name);
-        let lock = self.lock_of(&k);
-        let _serial = lock.lock().await;
+        let _serial = self.serialize(&key(tenant, name)).await;
         let (tpl, template, rec) = self.load(tenant, name).await?;
         let Some(rec) = rec else {
             return Ok(0);
