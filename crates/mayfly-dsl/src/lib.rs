@@ -2,10 +2,12 @@
 //!
 //! Pure: no IO. Every error names `file:line:col` and, where relevant, the step.
 
+pub mod graph;
 pub mod node;
 pub mod playbook;
 pub mod template;
 
+pub use graph::{Graph, GraphEdge, GraphNode, graph};
 pub use node::{Loc, Node, NodeV};
 pub use playbook::{
     Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec,

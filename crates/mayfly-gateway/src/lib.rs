@@ -7,8 +7,11 @@
 
 mod actors;
 mod control;
+mod reads;
+mod ui;
 
 pub use control::Admissions;
+pub use ui::Sessions;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -29,6 +32,7 @@ use serde_json::{Map, Value, json};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY: usize = 1 << 20;
@@ -288,7 +292,7 @@ pub async fn bootstrap_admin(
     Ok(Some(token))
 }
 
-fn request_id(headers: &HeaderMap) -> String {
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
@@ -337,6 +341,19 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
         return not_leader().into_response();
     }
     let audit = req.extensions().get::<Auditor>().cloned();
+    // A browser session stands for the token it was opened with (checked again below).
+    let session = match (&bearer, req.extensions().get::<ui::Sessions>()) {
+        (None, Some(sessions)) => {
+            ui::session_cookie(req.headers()).map(|v| sessions.check(&v, mayfly_types::now_ms()))
+        }
+        _ => None,
+    };
+    let ui_header = req.headers().get(ui::UI_HEADER).is_some();
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let result: ApiResult<Caller> = async {
         if too_big {
             return Err(Problem::new(
@@ -345,16 +362,39 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
                 format!("bodies are limited to {MAX_BODY} bytes"),
             ));
         }
-        let token = bearer.ok_or_else(|| {
-            Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "send `Authorization: Bearer <token>`",
-            )
-        })?;
+        let hash = match (bearer, session) {
+            (Some(token), _) => token_hash(&token),
+            (None, Some(Some(hash))) => {
+                if write && !ui_header {
+                    return Err(Problem::new(
+                        StatusCode::FORBIDDEN,
+                        "csrf",
+                        format!(
+                            "writes made with a browser session must send `{}: 1`",
+                            ui::UI_HEADER
+                        ),
+                    ));
+                }
+                hash
+            }
+            (None, Some(None)) => {
+                return Err(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "session_expired",
+                    "the session has expired or was issued by another gateway: log in again",
+                ));
+            }
+            (None, None) => {
+                return Err(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "send `Authorization: Bearer <token>`",
+                ));
+            }
+        };
         let grant = gw
             .store
-            .find_token(&token_hash(&token))
+            .find_token(&hash)
             .await
             .map_err(Problem::internal)?
             .ok_or_else(|| {
@@ -372,10 +412,25 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
         })
     }
     .await;
+    // The request's span: its fields are on every log line of the request, and with
+    // tracing on it is the root (or the continuation of the client's `traceparent`) of the
+    // trace that follows the execution through its commands and blocks.
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %action,
+        otel.kind = "server",
+        request_id = %rid,
+        tenant = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    if let Some(tp) = traceparent {
+        mayfly_runtime::trace::set_parent(&span, &tp);
+    }
     let mut resp = match result {
         Ok(caller) => {
+            span.record("tenant", caller.tenant.as_str());
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            next.run(req).instrument(span.clone()).await
         }
         Err(p) => {
             if p.status == StatusCode::UNAUTHORIZED
@@ -398,6 +453,8 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    span.record("http.response.status_code", resp.status().as_u16());
+    span.in_scope(|| tracing::info!(status = resp.status().as_u16(), "request served"));
     resp
 }
 
@@ -408,14 +465,21 @@ pub fn router(gw: Gateway) -> Router {
     } else {
         Auditor::log_only()
     };
+    let sessions = ui::Sessions::random();
     // `GET /status` is `GET /v1/status` (same authentication), where operators expect it.
     let status_alias = Router::new()
         .route("/status", get(control::status))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(auditor.clone()));
+        .layer(axum::Extension(auditor.clone()))
+        .layer(axum::Extension(sessions.clone()));
     let v1 = Router::new()
         .route("/playbooks", post(register).get(list_playbooks))
         .route("/playbooks/{*path}", get(get_playbook))
+        .route("/whoami", get(reads::whoami))
+        .route("/catalog/graph", get(reads::graph))
+        .route("/catalog/diff", get(reads::diff))
+        .route("/keychain", get(reads::keychain))
+        .route("/workers", get(reads::workers))
         .route("/executions", post(start).get(list_executions))
         .route("/executions/{id}", get(status))
         .route("/executions/{id}/events", get(events))
@@ -446,18 +510,30 @@ pub fn router(gw: Gateway) -> Router {
         .route("/actors/{name}/suspend", post(actors::suspend))
         .route("/actors/{name}/reset", post(actors::reset))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(auditor.clone()));
+        .layer(axum::Extension(auditor.clone()))
+        .layer(axum::Extension(sessions.clone()));
     // The router: the caller's actors, by name, any method.
     let actor_routes = Router::new()
         .route("/actors/{name}", any(actors::route_root))
         .route("/actors/{name}/", any(actors::route_root))
         .route("/actors/{name}/{*path}", any(actors::route))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(auditor));
+        .layer(axum::Extension(auditor.clone()))
+        .layer(axum::Extension(sessions.clone()));
+    let ui_routes = Router::new()
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::root))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
+        .route("/ui/session", post(ui::login).delete(ui::logout))
+        .layer(axum::Extension(auditor))
+        .layer(axum::Extension(sessions));
     Router::new()
         .nest("/v1", v1)
         .merge(status_alias)
         .merge(actor_routes)
+        .merge(ui_routes)
         .route("/actor-credentials", post(actors::credentials))
         .route("/healthz", get(health))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
@@ -585,6 +661,7 @@ async fn start(
             Some(c.request_id.clone()),
             Some(c.tenant.clone()),
             admission.limits,
+            mayfly_runtime::trace::traceparent(&tracing::Span::current()),
         )
         .await
         .map_err(|e| match e {
@@ -615,16 +692,35 @@ struct Page {
     from: Option<u64>,
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+    /// Only executions in this status (`running`, `completed`, `failed`, `cancelled`, …).
+    status: Option<String>,
+    /// Only executions whose playbook path contains this text.
+    path: Option<String>,
+}
+
+/// Most recent first. Filters apply to the tenant's 1,000 most recent executions.
 async fn list_executions(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
-    Query(p): Query<Page>,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    let rows = gw
+    let limit = q.limit.unwrap_or(50).min(1000) as usize;
+    let status = q.status.filter(|s| !s.is_empty());
+    let path = q.path.filter(|s| !s.is_empty());
+    let filtered = status.is_some() || path.is_some();
+    let mut rows = gw
         .store
-        .list_executions(Some(&c.tenant), p.limit.unwrap_or(50).min(1000))
+        .list_executions(Some(&c.tenant), if filtered { 1000 } else { limit as u32 })
         .await
         .map_err(Problem::internal)?;
+    rows.retain(|r| {
+        status.as_ref().is_none_or(|s| &r.status == s)
+            && path.as_ref().is_none_or(|p| r.path.contains(p.as_str()))
+    });
+    rows.truncate(limit);
     Ok(Json(json!({"executions": rows})))
 }
 

@@ -1230,3 +1230,273 @@ async fn a_superseded_appender_refuses_starts_with_epoch_mismatch() {
         .await
         .expect("drop");
 }
+
+/// A browser session: opened with a token, carried by an HttpOnly cookie, refused when
+/// forged, and unable to write without the UI header (no cross-site form can send it).
+#[tokio::test]
+async fn browser_sessions_cookies_csrf_and_logout() {
+    let s = server().await;
+    let author = s.token("acme", "author").await;
+    let (st, v, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/ui/session",
+            None,
+            Some(json!({"token": "mf_wrong"}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
+    );
+    let r = s
+        .http
+        .post(format!("{}/ui/session", s.base))
+        .body(json!({"token": author}).to_string())
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), StatusCode::OK);
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    assert!(
+        !set.contains(&author),
+        "the token itself is never in the cookie"
+    );
+    let cookie = set.split(';').next().expect("pair").to_owned();
+    let with_cookie = |m: reqwest::Method, path: &str| {
+        s.http
+            .request(m, format!("{}{path}", s.base))
+            .header("cookie", cookie.clone())
+    };
+    let me: Value = with_cookie(reqwest::Method::GET, "/v1/whoami")
+        .send()
+        .await
+        .expect("whoami")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (me["tenant"].as_str(), me["role"].as_str()),
+        (Some("acme"), Some("author"))
+    );
+    // A write without the UI header is refused (CSRF), with it accepted.
+    let r = with_cookie(reqwest::Method::POST, "/v1/playbooks")
+        .body(HELLO)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let p: Value = r.json().await.expect("problem");
+    assert_eq!(p["code"], "csrf");
+    let r = with_cookie(reqwest::Method::POST, "/v1/playbooks")
+        .header("x-mayfly-ui", "1")
+        .body(HELLO)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // A tampered cookie is refused.
+    let forged = format!("{}x", cookie);
+    let r = s
+        .http
+        .get(format!("{}/v1/whoami", s.base))
+        .header("cookie", forged)
+        .send()
+        .await
+        .expect("forged");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Logging out clears the cookie.
+    let r = s
+        .http
+        .delete(format!("{}/ui/session", s.base))
+        .send()
+        .await
+        .expect("logout");
+    assert!(
+        r.headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.contains("Max-Age=0"))
+    );
+    // The UI itself is served with a strict content security policy.
+    let r = s
+        .http
+        .get(format!("{}/ui/", s.base))
+        .send()
+        .await
+        .expect("ui");
+    assert_eq!(r.status(), StatusCode::OK);
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert!(r.text().await.expect("html").contains("/ui/app.js"));
+}
+
+/// The read models behind the UI: a catalog playbook's graph, the diff of two versions,
+/// keychain aliases (never values), the queue, and filtered execution lists.
+#[tokio::test]
+async fn graph_diff_keychain_workers_and_filters() {
+    let s = server().await;
+    let author = s.token("acme", "author").await;
+    let v2 = HELLO.replace("'hello': who", "'hi': who");
+    for body in [HELLO.to_owned(), v2] {
+        let (st, v, _) = s
+            .call(
+                reqwest::Method::POST,
+                "/v1/playbooks",
+                Some(&author),
+                Some(body),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let (st, g, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/catalog/graph?path=team/hi&version=1",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{g}");
+    assert_eq!(g["version"], 1);
+    assert_eq!(g["graph"]["nodes"][0]["name"], "start");
+    assert_eq!(g["graph"]["nodes"][0]["tools"], json!(["python"]));
+    let (st, d, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/catalog/diff?path=team/hi&from=1",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{d}");
+    assert_eq!(
+        (d["from"]["version"].as_u64(), d["to"]["version"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(
+        (d["added"].as_u64(), d["removed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let u = d["unified"].as_str().expect("unified");
+    assert!(
+        u.contains("--- team/hi@1") && u.contains("+++ team/hi@2"),
+        "{u}"
+    );
+    assert!(u.contains("-    tool: {kind: python, input: {who: \"{{ who }}\"}, code: \"result = {'hello': who}\"}"), "{u}");
+    // Unknown version and another tenant's playbook: 404.
+    let (st, _, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/catalog/diff?path=team/hi&from=9",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let other = s.token("globex", "viewer").await;
+    let (st, _, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/catalog/graph?path=team/hi",
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, k, _) = s
+        .call(reqwest::Method::GET, "/v1/keychain", Some(&author), None)
+        .await;
+    assert_eq!((st, k["aliases"].clone()), (StatusCode::OK, json!([])));
+    // Queue stats for every tenant; worker agents for the platform tenant only.
+    let (st, w, _) = s
+        .call(reqwest::Method::GET, "/v1/workers", Some(&author), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{w}");
+    assert_eq!(w["queue"]["up"], true);
+    assert!(w["queue"]["stats"]["depth"].is_u64(), "{w}");
+    assert!(w["agents"].is_null(), "{w}");
+    let (_, w, _) = s
+        .call(reqwest::Method::GET, "/v1/workers", Some(&s.admin), None)
+        .await;
+    assert!(w["agents"].is_array(), "{w}");
+    // Executions filtered by status and path.
+    let (st, v, _) = s
+        .call(
+            reqwest::Method::POST,
+            "/v1/executions",
+            Some(&author),
+            Some(json!({"path": "team/hi"}).to_string()),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let id = v["execution_id"].as_str().expect("id").to_owned();
+    for _ in 0..200 {
+        let (_, r, _) = s
+            .call(
+                reqwest::Method::GET,
+                "/v1/executions?status=completed",
+                Some(&author),
+                None,
+            )
+            .await;
+        if r["executions"].as_array().is_some_and(|a| a.len() == 1) {
+            assert_eq!(r["executions"][0]["execution_id"], id.as_str());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, r, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/executions?status=completed",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1), "{r}");
+    let (_, r, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/executions?status=failed",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(r["executions"], json!([]));
+    let (_, r, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/executions?path=nope",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(r["executions"], json!([]));
+    let (_, r, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/v1/executions?path=team",
+            Some(&author),
+            None,
+        )
+        .await;
+    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1));
+}

@@ -11,6 +11,7 @@ pub mod loader;
 mod orchestrator;
 pub mod payload;
 pub mod remote;
+pub mod trace;
 pub mod worker;
 
 use mayfly_dsl::Playbook;
@@ -82,6 +83,13 @@ pub struct Block {
     pub command_id: String,
     pub step: String,
     pub index: Option<usize>,
+    /// W3C trace context of the command's span (when the execution is traced): the
+    /// worker's block span continues that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The request that started the execution (for the worker's logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// A claimed block with everything needed to run it (the hydrated scope).
@@ -181,6 +189,7 @@ pub struct RuntimeHandle {
     queue_health: remote::QueueHealth,
     /// Where remote workers' agents report (set once the control plane is up).
     hub: Arc<std::sync::OnceLock<Arc<dyn agent::AgentHub>>>,
+    stats: Arc<QueueStats>,
 }
 
 impl RuntimeHandle {
@@ -221,12 +230,13 @@ impl RuntimeHandle {
         request_id: Option<String>,
         tenant: Option<String>,
     ) -> Result<ExecutionId, RuntimeError> {
-        self.start_limited(pb, overrides, request_id, tenant, None)
+        self.start_limited(pb, overrides, request_id, tenant, None, None)
             .await
     }
 
     /// Start an execution owned by `tenant` under the policy budgets `limits` (recorded in
-    /// `execution.requested`, enforced on every block, inherited by children).
+    /// `execution.requested`, enforced on every block, inherited by children), traced as a
+    /// child of `traceparent` (the starting request's span) when given.
     pub async fn start_limited(
         &self,
         pb: Arc<Playbook>,
@@ -234,6 +244,7 @@ impl RuntimeHandle {
         request_id: Option<String>,
         tenant: Option<String>,
         limits: Option<mayfly_types::Limits>,
+        traceparent: Option<String>,
     ) -> Result<ExecutionId, RuntimeError> {
         self.ask(|reply| Msg::Start {
             pb,
@@ -241,6 +252,7 @@ impl RuntimeHandle {
             request_id,
             tenant,
             limits,
+            traceparent,
             reply,
         })
         .await?
@@ -381,6 +393,11 @@ impl RuntimeHandle {
 
     /// False while commands cannot be published to the queue (distributed mode): they are
     /// retried, not lost, but no new block starts meanwhile.
+    /// The work queue now: depth, blocks in flight, consumer lag.
+    pub fn queue_stats(&self) -> QueueReading {
+        self.stats.read()
+    }
+
     pub fn queue_up(&self) -> bool {
         self.queue_health.up()
     }
@@ -398,6 +415,42 @@ impl RuntimeHandle {
 pub(crate) struct Dispatch {
     tx: mpsc::UnboundedSender<Block>,
     pending: Arc<AtomicU64>,
+    pub(crate) stats: Arc<QueueStats>,
+}
+
+/// The work queue as the orchestrator last saw it (also exported as Prometheus gauges):
+/// what the web UI's workers page and `/v1/workers` show.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) depth: AtomicU64,
+    pub(crate) live: AtomicU64,
+    /// JetStream consumer lag + 1 (0: not measured, e.g. the in-process queue).
+    pub(crate) lag: AtomicU64,
+}
+
+/// A reading of [`QueueStats`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QueueReading {
+    /// Blocks claimed by a worker and not yet completed.
+    pub blocks_in_flight: u64,
+    /// Blocks issued and waiting for a worker.
+    pub depth: u64,
+    /// Executions the orchestrator holds in memory (not terminal).
+    pub live_executions: u64,
+    /// Messages in the JetStream stream not yet acknowledged (distributed mode only).
+    pub consumer_lag: Option<u64>,
+}
+
+impl QueueStats {
+    pub fn read(&self) -> QueueReading {
+        QueueReading {
+            blocks_in_flight: self.in_flight.load(Ordering::Relaxed),
+            depth: self.depth.load(Ordering::Relaxed),
+            live_executions: self.live.load(Ordering::Relaxed),
+            consumer_lag: self.lag.load(Ordering::Relaxed).checked_sub(1),
+        }
+    }
 }
 
 impl Dispatch {
@@ -425,12 +478,14 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(QueueStats::default());
         let (events, _) = broadcast::channel(16_384);
         let orch = Orchestrator::new(
             store.clone(),
             Dispatch {
                 tx: btx,
                 pending: pending.clone(),
+                stats: stats.clone(),
             },
             events.clone(),
             config.lease,
@@ -456,6 +511,7 @@ impl Runtime {
                 background.push(tokio::spawn(remote::lag_reporter(
                     q.clone(),
                     health.clone(),
+                    stats.clone(),
                 )));
                 // Nothing is dispatched in process: next_block() ends at once.
                 mpsc::unbounded_channel().1
@@ -470,6 +526,7 @@ impl Runtime {
             events,
             queue_health: health,
             hub: Default::default(),
+            stats,
         };
         let mut workers: Vec<JoinHandle<()>> = (0..config.workers)
             .map(|i| {

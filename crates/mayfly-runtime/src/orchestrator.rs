@@ -30,6 +30,7 @@ pub(crate) enum Msg {
         request_id: Option<String>,
         tenant: Option<String>,
         limits: Option<mayfly_types::Limits>,
+        traceparent: Option<String>,
         reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
     },
     Resume {
@@ -83,6 +84,9 @@ struct Exec {
     st: ExecState,
     request_id: Option<String>,
     source: Option<String>,
+    /// Trace context its commands are issued under (in memory only: after a restart the
+    /// execution's remaining blocks start fresh traces).
+    traceparent: Option<String>,
 }
 
 /// What a new execution starts from.
@@ -94,6 +98,33 @@ struct Start {
     source: Option<String>,
     tenant: Option<String>,
     limits: Option<mayfly_types::Limits>,
+    traceparent: Option<String>,
+}
+
+/// The span of a command being issued (a child of the execution's trace, when traced):
+/// its context travels in the block, so the worker's span continues the trace. Returns the
+/// block's trace context and request id.
+fn command_trace(
+    x: &Exec,
+    command_id: &str,
+    step: &str,
+    index: Option<usize>,
+) -> (Option<String>, Option<String>) {
+    let Some(parent) = &x.traceparent else {
+        return (None, x.request_id.clone());
+    };
+    let span = tracing::info_span!(
+        "command",
+        otel.name = %format!("command {step}"),
+        execution_id = %x.st.execution_id,
+        step = %step,
+        index = ?index,
+        command_id = %command_id,
+        tenant = %x.st.tenant,
+        request_id = ?x.request_id,
+    );
+    crate::trace::set_parent(&span, parent);
+    (crate::trace::traceparent(&span), x.request_id.clone())
 }
 
 struct Lease {
@@ -252,6 +283,7 @@ impl Orchestrator {
                     request_id,
                     tenant,
                     limits,
+                    traceparent,
                     reply,
                 } => {
                     let id = ExecutionId(uuid::Uuid::now_v7().to_string());
@@ -267,6 +299,7 @@ impl Orchestrator {
                         source,
                         tenant,
                         limits,
+                        traceparent,
                     };
                     self.start_exec(&mut c, id.clone(), start);
                     c.replies.push(Reply::Started(reply, id));
@@ -543,9 +576,21 @@ impl Orchestrator {
     /// Autoscaling signals: blocks claimed and running, and blocks waiting for a worker.
     fn record_gauges(&self) {
         let open: usize = self.execs.values().map(|x| x.st.commands.len()).sum();
+        let depth = open.saturating_sub(self.leases.len());
         metrics::gauge!("mayfly_blocks_in_flight").set(self.leases.len() as f64);
-        metrics::gauge!("mayfly_queue_depth").set(open.saturating_sub(self.leases.len()) as f64);
+        metrics::gauge!("mayfly_queue_depth").set(depth as f64);
         metrics::gauge!("mayfly_live_executions").set(self.execs.len() as f64);
+        let s = &self.dispatch.stats;
+        s.in_flight.store(
+            self.leases.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        s.depth
+            .store(depth as u64, std::sync::atomic::Ordering::Relaxed);
+        s.live.store(
+            self.execs.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     async fn report_from_store(&self, id: &ExecutionId) -> Result<Report, RuntimeError> {
@@ -561,6 +606,7 @@ impl Orchestrator {
             source,
             tenant,
             limits,
+            traceparent,
         } = start;
         let req = ExecutionRequested {
             path: pb.path.clone(),
@@ -578,6 +624,7 @@ impl Orchestrator {
                 st,
                 request_id,
                 source,
+                traceparent,
             },
         );
         self.emit(
@@ -680,11 +727,18 @@ impl Orchestrator {
                         step: step.clone(),
                         index,
                     });
+                    let (traceparent, request_id) = self
+                        .execs
+                        .get(&id)
+                        .map(|x| command_trace(x, &cmd, &step, index))
+                        .unwrap_or_default();
                     c.dispatch.push(Block {
                         execution_id: id.clone(),
                         command_id: cmd,
                         step,
                         index,
+                        traceparent,
+                        request_id,
                     });
                 }
                 EventKind::StepWaiting => {
@@ -741,6 +795,7 @@ impl Orchestrator {
             )
         });
         let request_id = px.request_id.clone();
+        let traceparent = px.traceparent.clone();
         let tenant = Some(px.st.tenant.clone());
         // A child runs under its parent's budgets.
         let limits = px.st.limits;
@@ -789,6 +844,7 @@ impl Orchestrator {
                     source,
                     tenant,
                     limits,
+                    traceparent,
                 };
                 self.start_exec(c, child_id, start);
             }
@@ -1133,6 +1189,8 @@ impl Orchestrator {
                     command_id: cmd.clone(),
                     step: p.step.clone(),
                     index: p.index,
+                    traceparent: None,
+                    request_id: first.request_id.clone(),
                 });
             }
             let awaited: Vec<(String, Option<usize>, ExecutionId)> = st
@@ -1150,6 +1208,7 @@ impl Orchestrator {
                     st,
                     request_id,
                     source,
+                    traceparent: None,
                 },
             );
             c.loaded.push(id.clone());

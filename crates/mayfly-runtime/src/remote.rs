@@ -451,13 +451,18 @@ pub(crate) async fn publisher(
 }
 
 /// Export the queue's consumer lag (waiting + unacknowledged) for autoscalers.
-pub(crate) async fn lag_reporter(queue: Arc<dyn CommandQueue>, health: QueueHealth) {
+pub(crate) async fn lag_reporter(
+    queue: Arc<dyn CommandQueue>,
+    health: QueueHealth,
+    stats: Arc<crate::QueueStats>,
+) {
     let mut t = tokio::time::interval(Duration::from_secs(2));
     loop {
         t.tick().await;
         match queue.depth().await {
             Ok(d) => {
                 metrics::gauge!("mayfly_queue_consumer_lag").set(d as f64);
+                stats.lag.store(d + 1, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => {
                 health.set(false);

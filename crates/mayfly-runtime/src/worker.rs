@@ -10,6 +10,7 @@ use mayfly_types::{ErrorInfo, StepFailed, StepFinished};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Upper bound on task runs in one pipeline (guards `jump` cycles).
 const MAX_TASK_RUNS: usize = 10_000;
@@ -89,6 +90,24 @@ pub async fn worker_loop<C: Coordinator>(
             }
         };
         metrics::gauge!("mayfly_worker_blocks_in_flight").increment(1.0);
+        // Every log line of the block carries these fields; with tracing on, the span
+        // continues the trace of the command it runs.
+        let span = tracing::info_span!(
+            "block",
+            otel.name = %format!("block {}", h.block.step),
+            execution_id = %h.block.execution_id,
+            step = %h.block.step,
+            index = ?h.block.index,
+            command_id = %h.block.command_id,
+            attempt = h.attempt,
+            tenant = %h.tenant,
+            request_id = h.block.request_id.as_deref().unwrap_or(""),
+            worker = %worker,
+        );
+        if let Some(tp) = &h.block.traceparent {
+            crate::trace::set_parent(&span, tp);
+        }
+        let started = Instant::now();
         // The block runs in its own task so that even a panic becomes a recorded failure
         // instead of a silently lost worker; heartbeats keep the lease alive meanwhile.
         let mut job = {
@@ -98,17 +117,20 @@ pub async fn worker_loop<C: Coordinator>(
             let payloads = payloads.clone();
             let agent = agent.clone();
             let mut h = h.clone();
-            tokio::spawn(async move {
-                if let Some(p) = &payloads {
-                    crate::payload::hydrate(p, &mut h).await?;
+            tokio::spawn(
+                async move {
+                    if let Some(p) = &payloads {
+                        crate::payload::hydrate(p, &mut h).await?;
+                    }
+                    let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
+                    let mut out = run_block(&tools, secrets.as_ref(), agent.as_deref(), &h).await;
+                    if let Some(p) = &payloads {
+                        crate::payload::externalize(p, &h.tenant, &mut out).await?;
+                    }
+                    Ok::<_, CacheError>(out)
                 }
-                let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
-                let mut out = run_block(&tools, secrets.as_ref(), agent.as_deref(), &h).await;
-                if let Some(p) = &payloads {
-                    crate::payload::externalize(p, &h.tenant, &mut out).await?;
-                }
-                Ok::<_, CacheError>(out)
-            })
+                .instrument(span.clone()),
+            )
         };
         let mut beat = tokio::time::interval((h.lease / 3).max(Duration::from_millis(10)));
         beat.tick().await;
@@ -157,6 +179,10 @@ pub async fn worker_loop<C: Coordinator>(
         if let Some(ms) = ms {
             metrics::histogram!("mayfly_step_duration_seconds").record(ms as f64 / 1000.0);
         }
+        span.in_scope(|| match &outcome {
+            Ok(_) => tracing::info!(status, elapsed_ms = started.elapsed().as_millis() as u64, "block finished"),
+            Err(f) => tracing::info!(status, elapsed_ms = started.elapsed().as_millis() as u64, error.code = %f.error.code, "block failed"),
+        });
         let c = Completion {
             block: h.block.clone(),
             attempt: h.attempt,
@@ -640,6 +666,13 @@ async fn run_pipeline(
         .map(secs);
         let out: ToolOutput = tools
             .run(task.kind.as_str(), &config, &input, timeout)
+            .instrument(tracing::info_span!(
+                "tool",
+                otel.name = %format!("tool {}", task.kind.as_str()),
+                tool = task.kind.as_str(),
+                task = %task.name,
+                attempt = tries + 1,
+            ))
             .await;
         if out.logs.is_some() {
             logs = out.logs.clone();

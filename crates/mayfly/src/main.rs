@@ -8,6 +8,7 @@ mod keychain;
 mod progress;
 mod remote;
 mod rollout;
+mod telemetry;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +33,10 @@ use std::sync::Arc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Export OpenTelemetry traces over OTLP/HTTP to this collector base URL (e.g.
+    /// http://127.0.0.1:4318; traces go to its /v1/traces). Off by default.
+    #[arg(long, global = true)]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -411,13 +416,22 @@ impl CacheOpts {
 }
 
 fn main() -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("MAYFLY_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let service = match &cli.cmd {
+        Cmd::Server { .. } => "mayfly-server",
+        Cmd::Worker(_) => "mayfly-worker",
+        _ => "mayfly",
+    };
+    let _telemetry = match telemetry::init(
+        service,
+        telemetry::otlp_endpoint(cli.otlp_endpoint.as_deref()),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,0 +1,292 @@
+//! Observability end to end, in distributed mode (Postgres log, NATS JetStream queue, a
+//! separate worker process): one OpenTelemetry trace runs from the gateway request that
+//! starts an execution, through each command the orchestrator issues, across the queue to
+//! the worker's block span and its tool call — continuing the trace the client sent in
+//! `traceparent`. Spans are received by a real OTLP/HTTP endpoint served by the test. The
+//! worker's and the server's JSON logs carry execution id, step, tenant and request id.
+
+mod common;
+
+use axum::extract::State;
+use axum::routing::post;
+use common::{Running, bin, start_server_banner};
+use serde_json::{Value, json};
+use std::io::BufRead;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+const CHAIN: &str = r#"apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: traced, path: tests/traced}
+workflow:
+  - step: start
+    tool: {kind: python, code: "result = {'n': 20}"}
+    next: {arcs: [{step: end}]}
+  - step: end
+    tool: {kind: python, input: {n: "{{ start.n }}"}, code: "result = {'n': n + 1}"}
+"#;
+
+type Spans = Arc<Mutex<Vec<Value>>>;
+
+/// An OTLP/HTTP (JSON) trace receiver: every span it is sent, flattened, with its service.
+async fn otlp_receiver() -> (String, Spans) {
+    let spans: Spans = Arc::default();
+    async fn traces(State(spans): State<Spans>, body: axum::body::Bytes) -> &'static str {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mut out = spans.lock().unwrap_or_else(|p| p.into_inner());
+        for rs in v["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .map(|a| a["value"]["stringValue"].clone())
+                .unwrap_or(Value::Null);
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for s in ss["spans"].as_array().into_iter().flatten() {
+                    let mut s = s.clone();
+                    s["service"] = service.clone();
+                    out.push(s);
+                }
+            }
+        }
+        "{}"
+    }
+    let app = axum::Router::new()
+        .route("/v1/traces", post(traces))
+        .with_state(spans.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, spans)
+}
+
+fn attr(span: &Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .and_then(|a| {
+            let v = &a["value"];
+            v["stringValue"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| v["intValue"].as_str().map(str::to_owned))
+                .or_else(|| v["intValue"].as_i64().map(|i| i.to_string()))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_from_request_to_tool_across_the_queue_and_json_logs() {
+    if !(mayfly_testkit::postgres() && mayfly_testkit::nats()) {
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (otlp, spans) = otlp_receiver().await;
+    let schema = mayfly_testkit::unique("mayfly_otel");
+    let stream = mayfly_testkit::unique("MAYFLY_OTEL");
+    let db = format!("{PG}?schema={schema}");
+    let telemetry = |c: &mut std::process::Command| {
+        c.args(["--otlp-endpoint", &otlp])
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("MAYFLY_LOG_FORMAT", "json")
+            .env("MAYFLY_LOG", "info");
+    };
+    let mut cmd = bin();
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--db", &db])
+        .args(["--queue", NATS, "--queue-name", &stream]);
+    telemetry(&mut cmd);
+    let (_server, banner) = start_server_banner(&mut cmd);
+    let (url, token) = (
+        banner.url.expect("ready"),
+        banner.token.expect("admin token"),
+    );
+    let mut w = bin();
+    w.args([
+        "worker",
+        "--queue",
+        NATS,
+        "--queue-name",
+        &stream,
+        "--id",
+        "W",
+    ]);
+    telemetry(&mut w);
+    let mut worker = Running(
+        w.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker"),
+    );
+    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+    {
+        let logs = logs.clone();
+        let err = worker.0.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                logs.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+            }
+        });
+    }
+
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/v1/playbooks"))
+        .bearer_auth(&token)
+        .body(CHAIN)
+        .send()
+        .await
+        .expect("register");
+    assert!(r.status().is_success());
+    // The client's own trace: everything below must continue it.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = http
+        .post(format!("{url}/v1/executions"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .header("x-request-id", "req-otel-1")
+        .body(json!({"path": "tests/traced"}).to_string())
+        .send()
+        .await
+        .expect("start");
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let id = r.json::<Value>().await.expect("json")["execution_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let t0 = Instant::now();
+    loop {
+        let s: Value = http
+            .get(format!("{url}/v1/executions/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        if s["status"] == "completed" {
+            assert_eq!(s["result"], json!({"n": 21}));
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "not completed: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The trace: request → command (per step) → block (on the worker) → tool.
+    let of = |name: &str| -> Vec<Value> {
+        spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|s| s["name"] == name && s["traceId"] == trace_id)
+            .cloned()
+            .collect()
+    };
+    let t0 = Instant::now();
+    // Server and worker export in their own batches: wait for every span.
+    let expected = [
+        ("POST /v1/executions", 1),
+        ("command start", 1),
+        ("command end", 1),
+        ("block start", 1),
+        ("block end", 1),
+        ("tool python", 2),
+    ];
+    while expected.iter().any(|(name, n)| of(name).len() < *n) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "spans received: {:?}",
+            spans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|s| (s["name"].clone(), s["traceId"].clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let request = of("POST /v1/executions");
+    assert_eq!(
+        request.len(),
+        1,
+        "the starting request, in the client's trace"
+    );
+    assert_eq!(request[0]["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(request[0]["service"], "mayfly-server");
+    assert_eq!(
+        attr(&request[0], "request_id").as_deref(),
+        Some("req-otel-1")
+    );
+    assert_eq!(attr(&request[0], "tenant").as_deref(), Some("system"));
+    for step in ["start", "end"] {
+        let command = of(&format!("command {step}"));
+        assert_eq!(command.len(), 1, "command {step}");
+        assert_eq!(command[0]["parentSpanId"], request[0]["spanId"]);
+        assert_eq!(command[0]["service"], "mayfly-server");
+        let block = of(&format!("block {step}"));
+        assert_eq!(block.len(), 1, "block {step}");
+        assert_eq!(
+            block[0]["parentSpanId"], command[0]["spanId"],
+            "the worker continues the command's span across NATS"
+        );
+        assert_eq!(block[0]["service"], "mayfly-worker");
+        assert_eq!(
+            attr(&block[0], "execution_id").as_deref(),
+            Some(id.as_str())
+        );
+        assert_eq!(attr(&block[0], "request_id").as_deref(), Some("req-otel-1"));
+        let tool: Vec<Value> = of("tool python")
+            .into_iter()
+            .filter(|t| t["parentSpanId"] == block[0]["spanId"])
+            .collect();
+        assert_eq!(tool.len(), 1, "the tool call inside block {step}");
+    }
+
+    // The worker's JSON logs: every line is JSON; a block's carries its identifiers.
+    let t0 = Instant::now();
+    let line = loop {
+        let found = logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "block finished" && v["span"]["step"] == "end");
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "no block log line");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(line["span"]["execution_id"], id.as_str());
+    assert_eq!(line["span"]["tenant"], "system");
+    assert_eq!(line["span"]["request_id"], "req-otel-1");
+    assert_eq!(line["level"], "INFO");
+    // Only the startup banner (readiness, for humans and supervisors) is plain text.
+    for l in logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|l| !l.starts_with("mayfly worker W: "))
+    {
+        assert!(
+            serde_json::from_str::<Value>(l).is_ok(),
+            "a worker log line is not JSON: {l}"
+        );
+    }
+
+    drop(worker);
+    mayfly_queue::NatsQueue::delete(NATS, &stream)
+        .await
+        .expect("delete stream");
+    mayfly_store::PostgresStore::drop_schema(PG, &schema)
+        .await
+        .expect("drop schema");
+}

@@ -1,0 +1,377 @@
+//! The web UI in a real headless Chromium (Debian `chromium` + `chromium-driver`, which
+//! `.ci/run` installs): log in with a token, start an execution, watch it complete live,
+//! open an event, browse the catalog (graph, diff), keychain and workers pages. Screenshots
+//! of every stage are saved under `target/ui-screenshots/` as test artifacts.
+//!
+//! Without chromedriver the test is skipped loudly — and fails under `CI=true`.
+
+mod common;
+
+use common::{bin, out, start_server};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+const LOOPING: &str = r#"apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: ui-demo, path: demo/ui}
+workload:
+  items: [a, b, c]
+workflow:
+  - step: start
+    desc: Say which items will be processed
+    tool: {kind: python, code: "result = {'count': len(items)}", input: {items: "{{ items }}"}}
+    next: {arcs: [{step: each}]}
+  - step: each
+    desc: One slow block per item
+    loop: {in: "{{ items }}", iterator: item, spec: {mode: sequential}}
+    tool:
+      kind: python
+      input: {item: "{{ item }}"}
+      code: |
+        import time
+        time.sleep(0.4)
+        result = item.upper()
+    next: {arcs: [{step: end}]}
+  - step: end
+    tool: {kind: python, input: {all: "{{ each }}"}, code: "result = {'joined': ''.join(all)}"}
+"#;
+
+fn screenshots() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/ui-screenshots");
+    std::fs::create_dir_all(&d).expect("screenshot dir");
+    d
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots().join(format!("{name}.png")), png).expect("write screenshot");
+}
+
+async fn wait_css(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("waiting for {css}: {e}"))
+}
+
+/// Poll `f` until it yields Some (or fail after 60 s, naming `what`).
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    match c.find(Locator::Css(css)).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_in_start_watch_open_an_event_and_browse() {
+    if !Path::new(CHROMEDRIVER).exists() || !Path::new(CHROMIUM).exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but {CHROMEDRIVER} or {CHROMIUM} is missing (.ci/run installs chromium and chromium-driver)"
+        );
+        eprintln!(
+            "SKIPPED: the web UI browser test needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("ui.db");
+    let key = dir.path().join("master.key");
+    // A credential in the system tenant's keychain: its alias is listed, its value never.
+    let o = bin()
+        .args(["keychain", "set", "warehouse", "--tenant", "system", "--db"])
+        .arg(&db)
+        .arg("--master-key-file")
+        .arg(&key)
+        .args(["--field", "password=pw-never-shown-7431"])
+        .output()
+        .expect("keychain set");
+    assert!(o.status.success(), "{}", out(&o));
+    let mut cmd = bin();
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .arg("--master-key-file")
+        .arg(&key)
+        .arg("--control-key-file")
+        .arg(dir.path().join("control.key"));
+    let (_server, url, token) = start_server(cmd);
+
+    // Two versions of the playbook in the catalog (the second for the diff).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    for body in [
+        LOOPING.to_owned(),
+        LOOPING.replace("time.sleep(0.4)", "time.sleep(0.3)"),
+    ] {
+        let r = http
+            .post(format!("{url}/v1/playbooks"))
+            .bearer_auth(&token)
+            .body(body)
+            .send()
+            .await
+            .expect("register");
+        assert!(
+            r.status().is_success(),
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    let port = free_port();
+    let _driver = Driver(
+        Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver"),
+    );
+    let caps: serde_json::Map<String, Value> = serde_json::from_value(json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1700"],
+        }
+    }))
+    .expect("caps");
+    let driver_url = format!("http://127.0.0.1:{port}");
+    let c = until("chromedriver accepts a session", || {
+        let caps = caps.clone();
+        let driver_url = driver_url.clone();
+        async move {
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+                .capabilities(caps)
+                .connect(&driver_url)
+                .await
+                .ok()
+        }
+    })
+    .await;
+
+    // Log in: a wrong token is refused, the right one opens a session.
+    c.goto(&format!("{url}/ui/")).await.expect("open ui");
+    let input = wait_css(&c, "#token").await;
+    input.send_keys("mf_not-a-token").await.expect("type");
+    c.find(Locator::Css("#login-button"))
+        .await
+        .expect("button")
+        .click()
+        .await
+        .expect("click");
+    until("the wrong token is refused", || async {
+        (text(&c, "#login-error").await == "Unknown token.").then_some(())
+    })
+    .await;
+    shot(&c, "01-login-refused").await;
+    let input = c.find(Locator::Css("#token")).await.expect("token input");
+    input.clear().await.expect("clear");
+    input.send_keys(&token).await.expect("type");
+    c.find(Locator::Css("#login-button"))
+        .await
+        .expect("button")
+        .click()
+        .await
+        .expect("click");
+    until("logged in", || async {
+        text(&c, "#who").await.contains("system").then_some(())
+    })
+    .await;
+    // The session cookie is HttpOnly: the page's scripts cannot read it, nor the token.
+    let cookies = c
+        .execute("return document.cookie", vec![])
+        .await
+        .expect("js");
+    assert_eq!(
+        cookies,
+        json!(""),
+        "the session cookie is not readable by scripts"
+    );
+
+    // Start an execution from the executions page.
+    wait_css(&c, "#start-button").await;
+    let wl = c
+        .find(Locator::Css("#start-workload"))
+        .await
+        .expect("workload");
+    wl.send_keys(r#"{"items": ["x", "y", "z"]}"#)
+        .await
+        .expect("type workload");
+    shot(&c, "02-executions").await;
+    c.find(Locator::Css("#start-button"))
+        .await
+        .expect("start")
+        .click()
+        .await
+        .expect("click start");
+    let id = until("navigated to the execution", || async {
+        let u = c.current_url().await.ok()?;
+        u.fragment()?
+            .strip_prefix("/executions/")
+            .map(str::to_owned)
+    })
+    .await;
+    // Live: the graph shows the loop running before the execution completes.
+    wait_css(&c, "g.gnode[data-step='each']").await;
+    until("the loop is seen running", || async {
+        let e = c
+            .find(Locator::Css("g.gnode[data-step='each']"))
+            .await
+            .ok()?;
+        (e.attr("data-state").await.ok()?? == "running").then_some(())
+    })
+    .await;
+    shot(&c, "03-execution-running").await;
+    until("the execution completes", || async {
+        (text(&c, "#exec-status").await == "completed").then_some(())
+    })
+    .await;
+    // Every step is drawn done and the loop's progress reads 3/3.
+    for step in ["start", "each", "end"] {
+        let state = c
+            .find(Locator::Css(&format!("g.gnode[data-step='{step}']")))
+            .await
+            .expect("node")
+            .attr("data-state")
+            .await
+            .expect("attr");
+        assert_eq!(state.as_deref(), Some("done"), "step {step}");
+    }
+    assert_eq!(text(&c, "text[data-loop='each']").await, "3/3");
+    assert!(
+        text(&c, "#result").await.contains("XYZ"),
+        "result: {}",
+        text(&c, "#result").await
+    );
+    let kinds = c
+        .find_all(Locator::Css("#timeline li"))
+        .await
+        .expect("timeline");
+    assert!(kinds.len() > 10, "events: {}", kinds.len());
+    wait_css(&c, "#timeline li[data-kind='execution.completed']").await;
+    // Open an event: a loop iteration's step.finished.
+    c.find(Locator::Css("#timeline li[data-kind='step.finished']"))
+        .await
+        .expect("a step.finished event")
+        .click()
+        .await
+        .expect("open event");
+    let detail = text(&c, "#event-detail").await;
+    assert!(detail.contains("\"kind\": \"step.finished\""), "{detail}");
+    assert!(
+        detail.contains(&format!("\"execution_id\": \"{id}\"")),
+        "{detail}"
+    );
+    shot(&c, "04-execution-completed-event-open").await;
+
+    // The list shows it completed, and filters.
+    c.goto(&format!("{url}/ui/#/executions"))
+        .await
+        .expect("list");
+    let row = wait_css(&c, &format!("tr[data-id='{id}']")).await;
+    assert!(row.text().await.expect("row").contains("completed"));
+    c.find(Locator::Css("#f-status"))
+        .await
+        .expect("filter")
+        .select_by_value("failed")
+        .await
+        .expect("select");
+    until("the filter hides it", || async {
+        c.find(Locator::Css(&format!("tr[data-id='{id}']")))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+
+    // Catalog: versions, graph and the diff of v1 → v2.
+    c.goto(&format!("{url}/ui/#/catalog/demo%2Fui"))
+        .await
+        .expect("catalog");
+    wait_css(&c, "#graph g.gnode[data-step='end']").await;
+    let diff = until("the diff", || async {
+        let d = text(&c, "#diff").await;
+        d.contains("@@").then_some(d)
+    })
+    .await;
+    assert!(diff.contains("-        time.sleep(0.4)"), "{diff}");
+    assert!(diff.contains("+        time.sleep(0.3)"), "{diff}");
+    shot(&c, "05-catalog-graph-diff").await;
+
+    // Keychain: the alias, never the value.
+    c.goto(&format!("{url}/ui/#/keychain"))
+        .await
+        .expect("keychain");
+    let aliases = wait_css(&c, "#aliases").await;
+    assert!(aliases.text().await.expect("aliases").contains("warehouse"));
+    assert!(
+        !c.source()
+            .await
+            .expect("source")
+            .contains("pw-never-shown-7431"),
+        "a keychain value reached the page"
+    );
+    shot(&c, "06-keychain").await;
+
+    // Workers and queue.
+    c.goto(&format!("{url}/ui/#/workers"))
+        .await
+        .expect("workers");
+    until("queue stats", || async {
+        (text(&c, "#q-up").await == "up").then_some(())
+    })
+    .await;
+    shot(&c, "07-workers").await;
+
+    // Log out: the session is gone.
+    c.find(Locator::Css("#logout"))
+        .await
+        .expect("logout")
+        .click()
+        .await
+        .expect("click");
+    wait_css(&c, "#login:not([hidden])").await;
+    let r = c
+        .execute("return fetch('/v1/whoami').then(r => r.status)", vec![])
+        .await
+        .expect("js");
+    assert_eq!(r, json!(401));
+    c.close().await.expect("close");
+}
