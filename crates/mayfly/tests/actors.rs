@@ -5,26 +5,13 @@
 //! killed with its lease expiring and the actor restored elsewhere from its last snapshot,
 //! idle suspension — and the conformance CLI against a live provider.
 
+mod common;
+
+use common::{bin, out, start_server_banner};
 use serde_json::{Value, json};
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
-    c.env("MAYFLY_LOG", "error");
-    c
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A provider process: stopped with SIGINT (it stops its actors), then killed.
 struct ProviderProc(Option<Child>);
@@ -57,14 +44,6 @@ impl Drop for ProviderProc {
             let _ = c.wait();
         }
     }
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn free_port() -> u16 {
@@ -201,7 +180,8 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         .output()
         .expect("keychain");
     assert!(o.status.success(), "{}", out(&o));
-    let mut server = bin()
+    let mut server = bin();
+    server
         .env("MAYFLY_HOME", home)
         .args([
             "server",
@@ -215,20 +195,8 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         .arg("--db")
         .arg(home.join("m.db"))
         .arg("--snapshots")
-        .arg(home.join("snapshots"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server");
-    let mut banner = mayfly_gateway::banner::Banner::default();
-    let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
-    for l in lines.by_ref() {
-        if banner.feed(&l.expect("line")) {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let _server = Running(server);
+        .arg(home.join("snapshots"));
+    let (_server, banner) = start_server_banner(&mut server);
     let env = Env {
         home,
         url: banner.url.expect("url"),

@@ -1,16 +1,13 @@
 //! The `mayfly` binary end to end: run, validate, events, replay, resume — including a real
 //! `kill -9` of a running process and recovery from its log.
 
+mod common;
+
+use common::{Running, bin, start_server};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mayfly"));
-    c.env("MAYFLY_LOG", "error");
-    c
-}
 
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
@@ -853,59 +850,22 @@ fn remote_cli<'a>(url: &'a str, token: &'a str) -> impl Fn(&[&str]) -> std::proc
     }
 }
 
-/// A server process that is stopped when dropped — also when its test fails midway.
-struct Running(std::process::Child);
-
-impl std::ops::Deref for Running {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn local_server(db: &std::path::Path) -> (Running, String, String) {
     local_server_at(db, "127.0.0.1:0")
 }
 
 /// The same, listening on `listen`.
 fn local_server_at(db: &std::path::Path, listen: &str) -> (Running, String, String) {
-    use std::io::BufRead;
     // The control plane key lives beside the log, not in the user's home.
     let key = db.with_extension("control.key");
-    let mut server = bin()
+    let mut server = bin();
+    server
         .args(["server", "--listen", listen, "--db"])
         .arg(db)
         .arg("--control-key-file")
         .arg(&key)
-        .env("MAYFLY_AGENT_INTERVAL_MS", "200")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("server");
-    let mut banner = mayfly_gateway::banner::Banner::default();
-    let mut lines = std::io::BufReader::new(server.stderr.take().expect("stderr")).lines();
-    for l in lines.by_ref() {
-        if banner.feed(&l.expect("line")) {
-            break;
-        }
-    }
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let token = banner.token.expect("first start prints the admin token");
-    (Running(server), banner.url.expect("ready"), token)
+        .env("MAYFLY_AGENT_INTERVAL_MS", "200");
+    start_server(server)
 }
 
 #[test]
