@@ -280,3 +280,22 @@ impl LocalDataplane {
         }
     }
 }
+
+/// Serve `provider`'s op API over plain HTTP on a loopback port, for tests and benches that
+/// exercise the provider itself (the dataplane always speaks mTLS). Returns a client for
+/// it and the serving task.
+pub async fn serve_plain(
+    provider: Arc<Provider>,
+) -> std::io::Result<(ProviderClient, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = crate::http::router(provider);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(std::io::Error::other)?;
+    Ok((ProviderClient::new(format!("http://{addr}"), http), server))
+}

@@ -54,16 +54,12 @@ async fn start_with(
     )
     .await
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = mayfly_actors::http::router(provider.clone());
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (client, server) = mayfly_actors::local::serve_plain(provider.clone())
+        .await
+        .unwrap();
     Harness {
         provider,
-        client: ProviderClient::new(format!("http://{addr}"), http),
+        client,
         server,
         external,
     }

@@ -34,18 +34,10 @@ async fn start(root: &Path, key: &ControlKey) -> (Arc<Provider>, ProviderClient,
     )
     .await
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = mayfly_actors::http::router(provider.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    (
-        provider,
-        ProviderClient::new(format!("http://{addr}"), http),
-        external,
-    )
+    let (client, _server) = mayfly_actors::local::serve_plain(provider.clone())
+        .await
+        .unwrap();
+    (provider, client, external)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
