@@ -361,13 +361,15 @@ async function executionPage(id) {
     if (events.length && e.seq <= events[events.length - 1].seq) return;
     addEvent(e);
     if (!pending) pending = setTimeout(() => { pending = null; redraw(); }, 100);
+    // The status badge follows the events; the result comes with a fetch at the end.
+    const s = $("#exec-status");
     if (TERMINAL.includes(e.kind)) {
       es.close();
+      if (s) s.replaceChildren(badge(e.kind.slice("execution.".length)));
       api(`/v1/executions/${encodeURIComponent(id)}`).then(renderHead).catch(() => {});
       setTimeout(redraw, 0);
-    } else if (e.kind === "execution.started" || e.kind === "step.finished" || e.kind === "step.failed") {
-      const s = $("#exec-status");
-      if (s && s.textContent !== "running") s.replaceChildren(badge("running"));
+    } else if (s && s.textContent === "pending" && e.kind === "execution.started") {
+      s.replaceChildren(badge("running"));
     }
   };
   for (const k of KINDS) es.addEventListener(k, onEvent);
