@@ -669,6 +669,12 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
     if let Err(e) = mayfly_queue::NatsQueue::delete(queue, &stream).await {
         eprintln!("warning: could not delete stream {stream}: {e}");
     }
+    // The server's shared cache bucket is named after the stream.
+    if let Ok(client) = async_nats::connect(queue).await
+        && let Err(e) = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await
+    {
+        eprintln!("warning: could not delete the cache bucket {stream}-cache: {e}");
+    }
     if let (Some(url), Some(schema)) = (&a.db, schema)
         && let Err(e) = mayfly_store::PostgresStore::drop_schema(url, &schema).await
     {

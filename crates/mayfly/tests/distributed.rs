@@ -149,6 +149,8 @@ impl Running {
             mayfly_queue::NatsQueue::delete(NATS, &stream)
                 .await
                 .expect("delete stream");
+            let client = async_nats::connect(NATS).await.expect("nats");
+            let _ = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await;
             mayfly_store::PostgresStore::drop_schema(PG, &schema)
                 .await
                 .expect("drop schema");

@@ -286,6 +286,10 @@ async fn one_trace_from_request_to_tool_across_the_queue_and_json_logs() {
     mayfly_queue::NatsQueue::delete(NATS, &stream)
         .await
         .expect("delete stream");
+    let client = async_nats::connect(NATS).await.expect("nats");
+    mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache"))
+        .await
+        .expect("delete the cache bucket");
     mayfly_store::PostgresStore::drop_schema(PG, &schema)
         .await
         .expect("drop schema");
