@@ -486,6 +486,15 @@ async function actorsPage() {
     if (e.code === "dataplane_disabled") { view.append(el("div", { class: "card" }, el("p", { class: "muted" }, "The actor dataplane is off on this server (mayfly server --provider-listen ADDR turns it on)."))); return; }
     throw e;
   }
+  // Declared actors that never ran have no dataplane record yet: list them from their objects.
+  const objs = await api("/v1/objects/Actor").catch(() => ({ objects: [] }));
+  const seen = new Set(r.actors.map((a) => `${a.tenant}/${a.name}`));
+  for (const o of objs.objects || []) {
+    const k = o.key || {};
+    if (seen.has(`${k.tenant}/${k.name}`)) continue;
+    const cond = ((o.status || {}).conditions || [])[0] || {};
+    r.actors.push({ name: k.name, tenant: k.tenant, template: (o.spec || {}).template, phase: cond.reason || "Declared", epoch: 0, reason: cond.message || "never run" });
+  }
   const snaps = el("pre", { id: "snapshots" }, "Select an actor to list its snapshots.");
   view.append(el("div", { class: "card" }, el("table", {}, el("thead", {}, el("tr", {}, ["Actor", "Tenant", "Template", "Phase", "Epoch", "Worker", "Last snapshot", "Reason"].map((h) => el("th", {}, h)))),
     el("tbody", { id: "actors" }, r.actors.map((a) => el("tr", { class: "clickable", "data-actor": a.name, onclick: async () => {

@@ -128,6 +128,10 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     let mut cmd = bin();
     cmd.args(["server", "--listen", "127.0.0.1:0", "--db"])
         .arg(&db)
+        .args(["--provider-listen", "127.0.0.1:0"])
+        .arg("--snapshots")
+        .arg(dir.path().join("snapshots"))
+        .env("MAYFLY_AGENT_INTERVAL_MS", "200")
         .arg("--master-key-file")
         .arg(&key)
         .arg("--control-key-file")
@@ -423,6 +427,86 @@ async fn log_in_start_watch_open_an_event_and_browse() {
         "ui figure: a {total}-event execution (1,000-item fan-out) opens with its graph and whole timeline in {} ms",
         opened.as_millis()
     );
+
+    // Rollouts: a policy bundle rolled out to the server's own workers; the page shows, per
+    // agent, the bundle it acknowledged and whether it is effective.
+    let post = |path: &str, body: String| {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(&token)
+            .body(body)
+            .send()
+    };
+    let r = post(
+        "/v1/apply",
+        "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: no-shell}\nspec:\n  tools: {allow: [noop, python]}\n".into(),
+    )
+    .await
+    .expect("apply policy");
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let b: Value = post("/v1/bundles", String::new())
+        .await
+        .expect("publish")
+        .json()
+        .await
+        .expect("json");
+    let digest = b["digest"].as_str().expect("bundle digest").to_owned();
+    let r = post(
+        "/v1/apply",
+        format!("apiVersion: mayfly.dev/v1\nkind: Rollout\nmetadata: {{name: no-shell}}\nspec:\n  bundle: \"{digest}\"\n  target: {{pool: default}}\n"),
+    )
+    .await
+    .expect("apply rollout");
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    c.goto(&format!("{url}/ui/#/rollouts"))
+        .await
+        .expect("rollouts");
+    until("the agent acknowledges the bundle", || async {
+        let t = text(&c, "[data-rollout='no-shell']").await;
+        if t.contains(&digest[..19]) && t.contains("ok") && t.contains("live") {
+            return Some(());
+        }
+        c.refresh().await.ok()?;
+        wait_css(&c, "[data-rollout='no-shell']").await;
+        None
+    })
+    .await;
+    shot(&c, "09-rollouts").await;
+
+    // Actors: declared, not yet placed; the page lists phase and epoch, and its snapshots.
+    let actors = [
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "counter", "tenant": "acme"},
+               "spec": {"workload": mayfly_actors::conformance::process_workload()}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "ui-actor", "tenant": "acme"}, "spec": {"template": "counter"}}),
+    ];
+    let body: Vec<String> = actors.iter().map(Value::to_string).collect();
+    let r = post("/v1/apply", body.join("\n---\n"))
+        .await
+        .expect("apply actors");
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    c.goto(&format!("{url}/ui/#/actors")).await.expect("actors");
+    let row = wait_css(&c, "tr[data-actor='ui-actor']").await;
+    let t = row.text().await.expect("row");
+    assert!(t.contains("acme") && t.contains("counter"), "{t}");
+    row.click().await.expect("open snapshots");
+    until("the snapshot list", || async {
+        (text(&c, "#snapshots").await == "[]").then_some(())
+    })
+    .await;
+    shot(&c, "10-actors").await;
 
     // Log out: the session is gone.
     c.find(Locator::Css("#logout"))
