@@ -493,7 +493,6 @@ impl Control {
         self.append_folded(&mut st, events).await
     }
 
-    /// Rollout `name`'s transition and, per targeted agent, what it acknowledged.
     /// Every agent that has reported since this control plane started, with its last
     /// report, when it was heard from and whether it is live (what `/v1/workers` lists).
     pub fn agents(&self) -> Vec<(crate::rollout::LiveAgent, bool)> {
@@ -502,6 +501,7 @@ impl Control {
         live.values().map(|a| (a.clone(), a.live(now))).collect()
     }
 
+    /// Rollout `name`'s transition and, per targeted agent, what it acknowledged.
     pub async fn rollout_status(&self, name: &str) -> Result<RolloutStatus, ControlError> {
         let now = now_ms();
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -333,6 +333,16 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
         .map(|u| u.path().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
     let action = format!("{} {path}", req.method());
+    // An actor's data path is its own (it may carry anything): spans and logs name the
+    // route, not the path.
+    let span_name = match path.strip_prefix("/actors/") {
+        Some(rest) => format!(
+            "{} /actors/{}",
+            req.method(),
+            rest.split('/').next().unwrap_or_default()
+        ),
+        None => action.clone(),
+    };
     let write = !matches!(
         *req.method(),
         axum::http::Method::GET | axum::http::Method::HEAD
@@ -417,7 +427,7 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
     // trace that follows the execution through its commands and blocks.
     let span = tracing::info_span!(
         "request",
-        otel.name = %action,
+        otel.name = %span_name,
         otel.kind = "server",
         request_id = %rid,
         tenant = tracing::field::Empty,
@@ -518,8 +528,9 @@ pub fn router(gw: Gateway) -> Router {
         .route("/actors/{name}/", any(actors::route_root))
         .route("/actors/{name}/{*path}", any(actors::route))
         .layer(middleware::from_fn_with_state(gw.clone(), authenticate))
-        .layer(axum::Extension(auditor.clone()))
-        .layer(axum::Extension(sessions.clone()));
+        .layer(axum::Extension(auditor.clone()));
+    // No browser session reaches an actor: its answers are the actor's own content, served
+    // on this origin, so a session there would hand the UI's authority to actor code.
     let ui_routes = Router::new()
         .route("/", get(ui::root))
         .route("/ui", get(ui::root))

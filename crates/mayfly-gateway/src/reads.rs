@@ -81,23 +81,33 @@ pub(crate) async fn diff(
 ) -> ApiResult<Json<Value>> {
     let (a, pa) = resolve(&gw, &c, &q.path, Some(q.from)).await?;
     let (b, pb) = resolve(&gw, &c, &q.path, q.to).await?;
-    let text = similar::TextDiff::from_lines(&pa.content, &pb.content);
-    let unified = text
-        .unified_diff()
-        .context_radius(3)
-        .header(
-            &format!("{}@{}", a.path, a.version),
-            &format!("{}@{}", b.path, b.version),
-        )
-        .to_string();
-    let (mut added, mut removed) = (0usize, 0usize);
-    for op in text.iter_all_changes() {
-        match op.tag() {
-            similar::ChangeTag::Insert => added += 1,
-            similar::ChangeTag::Delete => removed += 1,
-            similar::ChangeTag::Equal => {}
+    let (old, new) = (
+        format!("{}@{}", a.path, a.version),
+        format!("{}@{}", b.path, b.version),
+    );
+    // Diffing is CPU work on caller-chosen input: off the async threads, and bounded (past
+    // the deadline the diff is coarser, never slower).
+    let (unified, added, removed) = tokio::task::spawn_blocking(move || {
+        let text = similar::TextDiff::configure()
+            .timeout(std::time::Duration::from_millis(500))
+            .diff_lines(&pa.content, &pb.content);
+        let unified = text
+            .unified_diff()
+            .context_radius(3)
+            .header(&old, &new)
+            .to_string();
+        let (mut added, mut removed) = (0usize, 0usize);
+        for op in text.iter_all_changes() {
+            match op.tag() {
+                similar::ChangeTag::Insert => added += 1,
+                similar::ChangeTag::Delete => removed += 1,
+                similar::ChangeTag::Equal => {}
+            }
         }
-    }
+        (unified, added, removed)
+    })
+    .await
+    .map_err(Problem::internal)?;
     Ok(Json(json!({
         "path": a.path,
         "from": {"version": a.version, "digest": a.digest},

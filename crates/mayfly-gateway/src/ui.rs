@@ -122,16 +122,22 @@ pub(crate) struct Login {
     token: String,
 }
 
-fn cookie(value: &str, max_age_s: u64) -> HeaderValue {
+/// Behind a TLS-terminating proxy (`x-forwarded-proto: https`) the cookie is `Secure`.
+fn cookie(value: &str, max_age_s: u64, headers: &HeaderMap) -> HeaderValue {
+    let secure = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+    let secure = if secure { "; Secure" } else { "" };
     // The value is base64url and hex: always a valid header.
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}"
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("mayfly_session=; Path=/; Max-Age=0"))
 }
 
-/// `POST /ui/session` `{"token": …}`: open a session for an API token (401 for an unknown
-/// one, audited like any refused credential).
+/// `POST /ui/session` `{"token": …}` with `x-mayfly-ui: 1`: open a session for an API token
+/// (401 for an unknown one, audited like any refused credential). The header keeps another
+/// site from logging a browser in to the attacker's tenant (login CSRF).
 pub(crate) async fn login(
     State(gw): State<Gateway>,
     axum::Extension(sessions): axum::Extension<Sessions>,
@@ -139,6 +145,13 @@ pub(crate) async fn login(
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
+    if headers.get(UI_HEADER).is_none() {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            format!("logging in needs `{UI_HEADER}: 1`"),
+        ));
+    }
     let req: Login = serde_json::from_str(&body).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,
@@ -174,15 +187,16 @@ pub(crate) async fn login(
         .into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
-        cookie(&sessions.issue(&hash, exp), SESSION_TTL_MS / 1000),
+        cookie(&sessions.issue(&hash, exp), SESSION_TTL_MS / 1000, &headers),
     );
     Ok(r)
 }
 
 /// `DELETE /ui/session`: forget the session cookie.
-pub(crate) async fn logout() -> Response {
+pub(crate) async fn logout(headers: HeaderMap) -> Response {
     let mut r = StatusCode::NO_CONTENT.into_response();
-    r.headers_mut().insert(header::SET_COOKIE, cookie("", 0));
+    r.headers_mut()
+        .insert(header::SET_COOKIE, cookie("", 0, &headers));
     r
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 struct Server {
+    store: Arc<dyn Store>,
     view: mayfly_control::View,
     base: String,
     admin: String,
@@ -51,7 +52,7 @@ async fn server_on(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
     let app = router(Gateway {
         control: Some(control),
         view: view.clone(),
-        store,
+        store: store.clone(),
         runtime: Some(rt.handle()),
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
@@ -63,6 +64,7 @@ async fn server_on(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
     let base = format!("http://{}", l.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(l, app).await });
     Server {
+        store,
         base,
         view,
         admin,
@@ -1237,21 +1239,33 @@ async fn a_superseded_appender_refuses_starts_with_epoch_mismatch() {
 async fn browser_sessions_cookies_csrf_and_logout() {
     let s = server().await;
     let author = s.token("acme", "author").await;
-    let (st, v, _) = s
-        .call(
-            reqwest::Method::POST,
-            "/ui/session",
-            None,
-            Some(json!({"token": "mf_wrong"}).to_string()),
-        )
-        .await;
+    let r = s
+        .http
+        .post(format!("{}/ui/session", s.base))
+        .header("x-mayfly-ui", "1")
+        .body(json!({"token": "mf_wrong"}).to_string())
+        .send()
+        .await
+        .expect("login");
+    let st = r.status();
+    let v: Value = r.json().await.expect("problem");
     assert_eq!(
         (st, v["code"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("unauthenticated"))
     );
+    // Without the UI header another site could log a browser in (login CSRF): refused.
     let r = s
         .http
         .post(format!("{}/ui/session", s.base))
+        .body(json!({"token": author}).to_string())
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = s
+        .http
+        .post(format!("{}/ui/session", s.base))
+        .header("x-mayfly-ui", "1")
         .body(json!({"token": author}).to_string())
         .send()
         .await
@@ -1304,6 +1318,12 @@ async fn browser_sessions_cookies_csrf_and_logout() {
         .await
         .expect("register");
     assert_eq!(r.status(), StatusCode::CREATED);
+    // The actor router takes no session: an actor's answer is served on this origin.
+    let r = with_cookie(reqwest::Method::GET, "/actors/some-actor/")
+        .send()
+        .await
+        .expect("actor");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     // A tampered cookie is refused.
     let forged = format!("{}x", cookie);
     let r = s
@@ -1421,10 +1441,31 @@ async fn graph_diff_keychain_workers_and_filters() {
         )
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+    // Keychain aliases: the tenant's own, never a (sealed) value.
+    let put = |tenant: &str, alias: &str| mayfly_store::SecretOp::Put {
+        tenant: tenant.into(),
+        alias: alias.into(),
+        sealed: format!("sealed-bytes-of-{alias}"),
+    };
+    s.store
+        .append(Arc::new(mayfly_store::Batch {
+            secrets: vec![put("acme", "warehouse"), put("globex", "their-db")],
+            ..Default::default()
+        }))
+        .await
+        .expect("secrets");
     let (st, k, _) = s
         .call(reqwest::Method::GET, "/v1/keychain", Some(&author), None)
         .await;
-    assert_eq!((st, k["aliases"].clone()), (StatusCode::OK, json!([])));
+    assert_eq!(st, StatusCode::OK, "{k}");
+    let aliases: Vec<&str> = k["aliases"]
+        .as_array()
+        .expect("aliases")
+        .iter()
+        .filter_map(|a| a["alias"].as_str())
+        .collect();
+    assert_eq!(aliases, vec!["warehouse"]);
+    assert!(!k.to_string().contains("sealed-bytes"), "{k}");
     // Queue stats for every tenant; worker agents for the platform tenant only.
     let (st, w, _) = s
         .call(reqwest::Method::GET, "/v1/workers", Some(&author), None)

@@ -204,19 +204,21 @@ function foldProgress(events) {
     if (!e.step) continue;
     const x = s(e.step), idx = e.payload && e.payload.index;
     switch (e.kind) {
-      case "command.issued": if (x.state === "") x.state = "queued"; break;
+      // A step entered again (a back arc) starts over.
+      case "command.issued": if (idx === undefined || idx === null) { x.state = "queued"; } else if (x.state === "") x.state = "queued"; break;
       case "command.claimed": case "step.started": if (x.state !== "done" && x.state !== "failed") x.state = "running"; break;
       case "step.waiting": x.state = "waiting"; break;
       case "loop.started": {
         const p = e.payload || {};
         x.total = p.source && p.source.count != null ? p.source.count : (p.items || []).length;
-        x.state = "running"; break;
+        x.done = 0; x.failed = 0; x.state = "running"; break;
       }
       case "step.finished":
         if (idx !== undefined && idx !== null) x.done += 1; else x.state = "done";
         break;
       case "loop.done": x.state = "done"; break;
-      case "step.failed": if (idx !== undefined && idx !== null) x.failed += 1; else x.state = "failed"; break;
+      // A failed item fails its loop step (the engine stops it; no loop.done follows).
+      case "step.failed": if (idx !== undefined && idx !== null) x.failed += 1; x.state = "failed"; break;
       case "step.routed": {
         const p = e.payload || {};
         for (const t of [...(p.to || []), ...(p.joins || [])]) taken.add(`${e.step}->${t}`);
@@ -373,6 +375,8 @@ async function executionPage(id) {
     }
   };
   for (const k of KINDS) es.addEventListener(k, onEvent);
+  // A refused stream (say, the session expired) is not retried by the browser: find out why.
+  es.onerror = () => { if (es.readyState === EventSource.CLOSED) api("/v1/whoami").catch(() => {}); };
 }
 
 // ---------- catalog ----------

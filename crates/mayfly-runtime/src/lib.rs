@@ -391,13 +391,13 @@ impl RuntimeHandle {
         });
     }
 
-    /// False while commands cannot be published to the queue (distributed mode): they are
-    /// retried, not lost, but no new block starts meanwhile.
     /// The work queue now: depth, blocks in flight, consumer lag.
     pub fn queue_stats(&self) -> QueueReading {
         self.stats.read()
     }
 
+    /// False while commands cannot be published to the queue (distributed mode): they are
+    /// retried, not lost, but no new block starts meanwhile.
     pub fn queue_up(&self) -> bool {
         self.queue_health.up()
     }
