@@ -499,10 +499,11 @@ pub(crate) async fn desired_playbook_version(gw: &Gateway, c: &Caller, path: &st
         .and_then(|(v, _)| v)
 }
 
+/// `?path=P[&version=N]`: a catalog playbook, at a version or the current one.
 #[derive(Deserialize)]
-pub(crate) struct ExplainQuery {
-    path: String,
-    version: Option<u32>,
+pub(crate) struct PlaybookQuery {
+    pub(crate) path: String,
+    pub(crate) version: Option<u32>,
 }
 
 /// `GET /v1/policy/explain?path=P[&version=N]`: how the policies in force for the caller's
@@ -510,7 +511,7 @@ pub(crate) struct ExplainQuery {
 pub(crate) async fn explain(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
-    Query(q): Query<ExplainQuery>,
+    Query(q): Query<PlaybookQuery>,
 ) -> ApiResult<Json<Value>> {
     let version = match q.version {
         Some(v) => Some(v),

@@ -21,12 +21,6 @@ pub(crate) async fn whoami(axum::Extension(c): axum::Extension<Caller>) -> Json<
     }))
 }
 
-#[derive(Deserialize)]
-pub(crate) struct GraphQuery {
-    path: String,
-    version: Option<u32>,
-}
-
 async fn resolve(
     gw: &Gateway,
     c: &Caller,
@@ -50,7 +44,7 @@ async fn resolve(
 pub(crate) async fn graph(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
-    Query(q): Query<GraphQuery>,
+    Query(q): Query<crate::control::PlaybookQuery>,
 ) -> ApiResult<Json<Value>> {
     let (entry, stored) = resolve(&gw, &c, &q.path, q.version).await?;
     // Registration parsed it with the same (default) options, so this succeeds.

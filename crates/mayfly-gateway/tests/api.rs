@@ -1504,40 +1504,25 @@ async fn graph_diff_keychain_workers_and_filters() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (_, r, _) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/executions?status=completed",
-            Some(&author),
-            None,
-        )
-        .await;
-    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1), "{r}");
-    let (_, r, _) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/executions?status=failed",
-            Some(&author),
-            None,
-        )
-        .await;
-    assert_eq!(r["executions"], json!([]));
-    let (_, r, _) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/executions?path=nope",
-            Some(&author),
-            None,
-        )
-        .await;
-    assert_eq!(r["executions"], json!([]));
-    let (_, r, _) = s
-        .call(
-            reqwest::Method::GET,
-            "/v1/executions?path=team",
-            Some(&author),
-            None,
-        )
-        .await;
-    assert_eq!(r["executions"].as_array().map(Vec::len), Some(1));
+    for (query, n) in [
+        ("status=completed", 1),
+        ("status=failed", 0),
+        ("path=nope", 0),
+        ("path=team", 1),
+        ("status=completed&path=team/hi", 1),
+    ] {
+        let (_, r, _) = s
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/executions?{query}"),
+                Some(&author),
+                None,
+            )
+            .await;
+        assert_eq!(
+            r["executions"].as_array().map(Vec::len),
+            Some(n),
+            "{query}: {r}"
+        );
+    }
 }

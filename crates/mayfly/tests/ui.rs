@@ -93,6 +93,15 @@ where
     }
 }
 
+async fn click(c: &Client, css: &str, what: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("clicking {what}: {e}"));
+}
+
 async fn text(c: &Client, css: &str) -> String {
     match c.find(Locator::Css(css)).await {
         Ok(e) => e.text().await.unwrap_or_default(),
@@ -194,12 +203,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     c.goto(&format!("{url}/ui/")).await.expect("open ui");
     let input = wait_css(&c, "#token").await;
     input.send_keys("mf_not-a-token").await.expect("type");
-    c.find(Locator::Css("#login-button"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#login-button", "button").await;
     until("the wrong token is refused", || async {
         (text(&c, "#login-error").await == "Unknown token.").then_some(())
     })
@@ -208,12 +212,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     let input = c.find(Locator::Css("#token")).await.expect("token input");
     input.clear().await.expect("clear");
     input.send_keys(&token).await.expect("type");
-    c.find(Locator::Css("#login-button"))
-        .await
-        .expect("button")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#login-button", "button").await;
     until("logged in", || async {
         text(&c, "#who").await.contains("system").then_some(())
     })
@@ -239,12 +238,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
         .await
         .expect("type workload");
     shot(&c, "02-executions").await;
-    c.find(Locator::Css("#start-button"))
-        .await
-        .expect("start")
-        .click()
-        .await
-        .expect("click start");
+    click(&c, "#start-button", "start").await;
     let id = until("navigated to the execution", || async {
         let u = c.current_url().await.ok()?;
         u.fragment()?
@@ -288,12 +282,12 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     assert!(kinds.len() > 10, "events: {}", kinds.len());
     wait_css(&c, "#timeline li[data-kind='execution.completed']").await;
     // Open an event: a loop iteration's step.finished.
-    c.find(Locator::Css("#timeline li[data-kind='step.finished']"))
-        .await
-        .expect("a step.finished event")
-        .click()
-        .await
-        .expect("open event");
+    click(
+        &c,
+        "#timeline li[data-kind='step.finished']",
+        "a step.finished event",
+    )
+    .await;
     let detail = text(&c, "#event-detail").await;
     assert!(detail.contains("\"kind\": \"step.finished\""), "{detail}");
     assert!(
@@ -509,12 +503,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     shot(&c, "10-actors").await;
 
     // Log out: the session is gone.
-    c.find(Locator::Css("#logout"))
-        .await
-        .expect("logout")
-        .click()
-        .await
-        .expect("click");
+    click(&c, "#logout", "logout").await;
     wait_css(&c, "#login:not([hidden])").await;
     let r = c
         .execute("return fetch('/v1/whoami').then(r => r.status)", vec![])
