@@ -786,6 +786,10 @@ async fn events(
     let next = (evs.len() as u32 == limit)
         .then(|| evs.last().map(|e| e.seq + 1))
         .flatten();
+    let mut evs = serde_json::to_value(evs).map_err(Problem::internal)?;
+    if let Value::Array(list) = &mut evs {
+        list.iter_mut().for_each(|e| redact_callback_token(&c, e));
+    }
     Ok(Json(json!({"events": evs, "next": next})))
 }
 
@@ -818,6 +822,7 @@ async fn stream(
             if let Some(m) = v.as_object_mut() {
                 m.remove("position");
             }
+            redact_callback_token(&c, &mut v);
             let data = v.to_string();
             SseEvent::default()
                 .id(e.seq.to_string())
@@ -879,6 +884,20 @@ async fn stream(
         }
     });
     Ok(Sse::new(s).keep_alive(KeepAlive::default()))
+}
+
+/// A parked step's callback token is a capability (`POST /callbacks/{token}` resumes the
+/// step with any result): callers who may not operate executions read it redacted. Their
+/// copy of that event then no longer matches its hash; the log itself is untouched.
+fn redact_callback_token(c: &Caller, event: &mut Value) {
+    if c.role >= Role::Operator || event["kind"] != "step.waiting" {
+        return;
+    }
+    if let Some(p) = event.get_mut("payload").and_then(Value::as_object_mut)
+        && p.contains_key("token")
+    {
+        p.insert("token".into(), Value::from("[redacted]"));
+    }
 }
 
 /// A stream fed by a producer task through a bounded channel (back-pressure to the client).

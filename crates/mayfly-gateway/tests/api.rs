@@ -545,6 +545,22 @@ async fn callbacks_resume_a_parked_step_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(token.starts_with("cb_"));
+    // A viewer reads the parked step's token redacted: it is a capability to resume it.
+    let viewer = s.token("acme", "viewer").await;
+    let (_, v, _) = s
+        .call(
+            M::GET,
+            &format!("/v1/executions/{id}/events"),
+            Some(&viewer),
+            None,
+        )
+        .await;
+    let waiting = v["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "step.waiting"))
+        .expect("the viewer sees the event");
+    assert_eq!(waiting["payload"]["token"], "[redacted]");
+    assert!(!v.to_string().contains(&token), "{v}");
     // A body spelling a cache ref is refused (refs are minted by mayfly) and spends nothing.
     let forged = json!({"approved": {"$ref": format!("sha256:{}", "a".repeat(64)), "format": "json", "bytes": 9}});
     let (st, v, _) = s
