@@ -96,6 +96,7 @@ impl Sim {
             parent: None,
             tenant: None,
             limits: None,
+            traceparent: None,
         };
         self.push(vec![Draft::new(EventKind::ExecutionRequested, json!(req))]);
         let mut guard = 0;

@@ -615,6 +615,7 @@ impl Orchestrator {
             parent,
             tenant,
             limits,
+            traceparent: traceparent.clone(),
         };
         let st = ExecState::new(id.clone());
         self.execs.insert(
@@ -1183,16 +1184,6 @@ impl Orchestrator {
                 .get("source")
                 .and_then(Value::as_str)
                 .map(str::to_owned);
-            for (cmd, p) in &st.commands {
-                c.dispatch.push(Block {
-                    execution_id: id.clone(),
-                    command_id: cmd.clone(),
-                    step: p.step.clone(),
-                    index: p.index,
-                    traceparent: None,
-                    request_id: first.request_id.clone(),
-                });
-            }
             let awaited: Vec<(String, Option<usize>, ExecutionId)> = st
                 .children
                 .iter()
@@ -1201,6 +1192,11 @@ impl Orchestrator {
                 })
                 .collect();
             let request_id = first.request_id.clone();
+            let traceparent = first
+                .payload
+                .get("traceparent")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             self.execs.insert(
                 id.clone(),
                 Exec {
@@ -1208,10 +1204,24 @@ impl Orchestrator {
                     st,
                     request_id,
                     source,
-                    traceparent: None,
+                    traceparent,
                 },
             );
             c.loaded.push(id.clone());
+            // Open commands go out again, still children of the starting request's trace.
+            if let Some(x) = self.execs.get(&id) {
+                for (cmd, p) in &x.st.commands {
+                    let (traceparent, request_id) = command_trace(x, cmd, &p.step, p.index);
+                    c.dispatch.push(Block {
+                        execution_id: id.clone(),
+                        command_id: cmd.clone(),
+                        step: p.step.clone(),
+                        index: p.index,
+                        traceparent,
+                        request_id,
+                    });
+                }
+            }
             if let Some(x) = self.execs.get(&id) {
                 for token in x.st.waiting.keys() {
                     self.callbacks.insert(token.clone(), id.clone());

@@ -276,6 +276,10 @@ pub struct ExecutionRequested {
     /// Budgets the policies in force set when it was admitted (bounded autonomy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// W3C trace context of the request that started it (when traced): its commands are
+    /// issued as children of it, also after an orchestrator restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Step budgets set by policy: a step's timeout and a task's attempts never exceed them,
