@@ -10,7 +10,7 @@ mod common;
 
 use axum::extract::State;
 use axum::routing::post;
-use common::{Running, bin, start_server_banner};
+use common::{Running, bin, start_server_banner, start_server_logged};
 use serde_json::{Value, json};
 use std::io::BufRead;
 use std::process::Stdio;
@@ -107,7 +107,7 @@ async fn one_trace_from_request_to_tool_across_the_queue_and_json_logs() {
         telemetry(&mut cmd);
         cmd
     };
-    let (mut server, banner) = start_server_banner(&mut server_cmd());
+    let (mut server, banner, server_logs) = start_server_logged(&mut server_cmd());
     let (url, token) = (
         banner.url.expect("ready"),
         banner.token.expect("admin token"),
@@ -302,6 +302,28 @@ async fn one_trace_from_request_to_tool_across_the_queue_and_json_logs() {
     assert_eq!(line["span"]["tenant"], "system");
     assert_eq!(line["span"]["request_id"], "req-otel-1");
     assert_eq!(line["level"], "INFO");
+    // The server's JSON logs: the request that started the execution is logged with its
+    // request id and tenant (its span's fields), and every line is JSON.
+    let served = server_logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "request served" && v["span"]["request_id"] == "req-otel-1")
+        .expect("the server logged the start request");
+    assert_eq!(served["span"]["tenant"], "system", "{served}");
+    assert_eq!(served["status"], 201, "{served}");
+    for l in server_logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|l| !l.starts_with("mayfly "))
+    {
+        assert!(
+            serde_json::from_str::<Value>(l).is_ok(),
+            "a server log line is not JSON: {l}"
+        );
+    }
     // Only the startup banner (readiness, for humans and supervisors) is plain text.
     for l in logs
         .lock()

@@ -373,7 +373,11 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     let r: Value = http
         .post(format!("{url}/v1/executions"))
         .bearer_auth(&token)
-        .body(json!({"path": "demo/fanout", "workload": {"items": items}}).to_string())
+        // `note` is over the inline limit: the request records it by ref (opened below).
+        .body(
+            json!({"path": "demo/fanout", "workload": {"items": items, "note": "n".repeat(20_000)}})
+                .to_string(),
+        )
         .send()
         .await
         .expect("start")
@@ -417,6 +421,27 @@ async fn log_in_start_watch_open_an_event_and_browse() {
     })
     .await;
     shot(&c, "08-fanout-1000").await;
+    // A payload ref opens from the timeline: the request's workload carries `note` by ref;
+    // its chip shows the ref (digest, format, size), never bytes the gateway would have to read.
+    click(
+        &c,
+        "#timeline li[data-kind='execution.requested']",
+        "the execution.requested event",
+    )
+    .await;
+    click(&c, "#event-detail span.ref", "the note's cache ref").await;
+    let opened_ref = until("the ref opens", || async {
+        let d = text(&c, "#event-detail").await;
+        d.starts_with("cache reference sha256:").then_some(d)
+    })
+    .await;
+    assert!(opened_ref.contains("\"format\": \"json\""), "{opened_ref}");
+    assert!(opened_ref.contains("\"bytes\": 20002"), "{opened_ref}");
+    assert!(
+        !opened_ref.contains("nnnn"),
+        "the payload itself is not shown"
+    );
+    shot(&c, "09-payload-ref-open").await;
     eprintln!(
         "ui figure: a {total}-event execution (1,000-item fan-out) opens with its graph and whole timeline in {} ms",
         opened.as_millis()
@@ -472,7 +497,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
         None
     })
     .await;
-    shot(&c, "09-rollouts").await;
+    shot(&c, "10-rollouts").await;
 
     // Actors: declared, not yet placed; the page lists phase and epoch, and its snapshots.
     let actors = [
@@ -500,7 +525,7 @@ async fn log_in_start_watch_open_an_event_and_browse() {
         (text(&c, "#snapshots").await == "[]").then_some(())
     })
     .await;
-    shot(&c, "10-actors").await;
+    shot(&c, "11-actors").await;
 
     // Log out: the session is gone.
     click(&c, "#logout", "logout").await;

@@ -55,6 +55,19 @@ pub fn start_server(mut cmd: Command) -> (Running, String, String) {
 
 /// The same, returning the whole banner (e.g. a restart prints no token).
 pub fn start_server_banner(cmd: &mut Command) -> (Running, mayfly_gateway::banner::Banner) {
+    let (server, banner, _) = spawn_server(cmd, false);
+    (server, banner)
+}
+
+/// The same, also keeping every stderr line after the banner (the server's logs).
+pub fn start_server_logged(cmd: &mut Command) -> (Running, mayfly_gateway::banner::Banner, Logs) {
+    spawn_server(cmd, true)
+}
+
+/// Lines a process wrote, collected as they arrive.
+pub type Logs = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn spawn_server(cmd: &mut Command, keep: bool) -> (Running, mayfly_gateway::banner::Banner, Logs) {
     let mut server = Running(
         cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -69,6 +82,14 @@ pub fn start_server_banner(cmd: &mut Command) -> (Running, mayfly_gateway::banne
         }
     }
     // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (server, banner)
+    let logs = Logs::default();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if keep {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+            }
+        }
+    });
+    (server, banner, logs)
 }
