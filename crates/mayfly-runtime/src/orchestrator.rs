@@ -13,8 +13,8 @@ use mayfly_dsl::{ParseOptions, Playbook, parse};
 use mayfly_engine::{ExecState, Iteration, Report, context, decide};
 use mayfly_store::{Batch, CommandOp, Store, StoredPlaybook};
 use mayfly_types::{
-    ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed, ExecutionId,
-    ExecutionRequested, ParentRef, StepFailed, StepFinished, command_id, now_ms,
+    CacheRef, ChildRequested, ChildStarted, Draft, ErrorInfo, Event, EventKind, ExecutionFailed,
+    ExecutionId, ExecutionRequested, ParentRef, StepFailed, StepFinished, command_id, now_ms,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -667,7 +667,17 @@ impl Orchestrator {
                         .to_owned(),
                     _ => x.st.tenant.clone(),
                 };
-                split_payload(&mut d, p.inline_limit(), &tenant, &mut c.blobs);
+                // A loop's list goes by ref only where workers consume its items: the engine
+                // renders inline steps' and child playbooks' items itself, and never reads
+                // the cache.
+                let by_ref = d.kind == EventKind::LoopStarted
+                    && d.step
+                        .as_deref()
+                        .and_then(|n| x.pb.step(n))
+                        .is_some_and(|s| {
+                            !s.is_inline() && s.playbook_task().is_none() && s.wait_task().is_none()
+                        });
+                split_payload(&mut d, p.inline_limit(), by_ref, &tenant, &mut c.blobs);
             }
             let cmd = if d.kind == EventKind::CommandIssued {
                 Some(command_id(id, seq))
@@ -1289,6 +1299,7 @@ fn block_context(x: &Exec, step: &str, index: Option<usize>) -> Map<String, Valu
 fn split_payload(
     d: &mut Draft,
     limit: usize,
+    loop_by_ref: bool,
     tenant: &str,
     blobs: &mut Vec<(String, mayfly_cache::Blob)>,
 ) {
@@ -1313,6 +1324,28 @@ fn split_payload(
         }
         EventKind::ChildRequested => each(d.payload.get_mut("input"), &mut split),
         EventKind::ExecutionRequested => each(d.payload.get_mut("workload"), &mut split),
+        EventKind::LoopStarted if loop_by_ref => {
+            // A list the engine computed (`range(…)`, a concatenation) leaves the log like
+            // any other large payload: the loop then runs over its elements by ref, exactly
+            // as a loop over a tool's large result does.
+            let Value::Object(m) = &mut d.payload else {
+                return;
+            };
+            if m.get("source").is_some_and(|s| !s.is_null()) {
+                return;
+            }
+            let Some(items) = m.get_mut("items") else {
+                return;
+            };
+            let (out, parts) = mayfly_cache::split(std::mem::take(items), limit);
+            if CacheRef::parse(&out).is_some() {
+                *items = Value::Array(Vec::new());
+                m.insert("source".into(), out);
+                blobs.extend(parts.into_iter().map(|b| (tenant.to_owned(), b)));
+            } else {
+                *items = out;
+            }
+        }
         _ => {}
     }
 }

@@ -71,6 +71,17 @@ impl mayfly_cache::Cache for CountingCache {
         self.gets.fetch_add(1, Ordering::SeqCst);
         self.inner.get(tenant, digest).await
     }
+    async fn list(&self) -> Result<Vec<mayfly_cache::Entry>, mayfly_cache::CacheError> {
+        self.inner.list().await
+    }
+    async fn delete(
+        &self,
+        tenant: &str,
+        digest: &str,
+        touched_ms: u64,
+    ) -> Result<bool, mayfly_cache::CacheError> {
+        self.inner.delete(tenant, digest, touched_ms).await
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -550,6 +561,86 @@ workflow:
             e.seq
         );
     }
+}
+
+/// A list the engine computes itself (`range(…)`) over the inline limit leaves the log too
+/// when workers consume its items: `loop.started` records a ref, not the list, each block
+/// hydrates its element, and the aggregate comes out right. A loop whose items the engine
+/// consumes itself (an inline step) keeps its list: the engine never reads the cache.
+#[tokio::test]
+async fn large_computed_loop_lists_go_by_ref() {
+    use mayfly_types::{CacheRef, LoopStarted};
+    let env = env().await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: biggen, path: tests/biggen}
+workload: {n: 4000}
+workflow:
+  - step: start
+    loop: {in: "{{ range(n) }}", iterator: i, spec: {mode: parallel, max_in_flight: 64}}
+    tool: {kind: noop}
+    next:
+      arcs:
+        - {step: doubled, when: "{{ event.name == 'loop.done' }}"}
+  - step: doubled
+    loop: {in: "{{ range(n) }}", iterator: i, spec: {mode: parallel, max_in_flight: 64}}
+    tool: {kind: python, input: {i: "{{ i }}"}, code: "result = {'v': i * 2}"}
+    next:
+      arcs:
+        - {step: end, when: "{{ event.name == 'loop.done' }}"}
+  - step: end
+    tool:
+      kind: python
+      input: {a: "{{ start }}", b: "{{ doubled }}"}
+      code: "result = {'a': sum(a), 'b': sum(x['v'] for x in b), 'n': len(b)}"
+"#;
+    let pb = mayfly_dsl::parse("biggen.yaml", src, &ParseOptions::default()).expect("parse");
+    let r = env.rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    let sum: i64 = (0..4000).sum();
+    assert_eq!(r.result, json!({"a": sum, "b": 2 * sum, "n": 4000}));
+    assert_replays(env.store.as_ref(), &r).await;
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    let loop_of = |step: &str| -> LoopStarted {
+        let e = events
+            .iter()
+            .find(|e| e.kind == EventKind::LoopStarted && e.step.as_deref() == Some(step))
+            .expect("loop.started");
+        serde_json::from_value(e.payload.clone()).expect("payload")
+    };
+    // Workers consume `doubled`'s items: its list is a ref.
+    let l = loop_of("doubled");
+    assert!(l.items.is_empty(), "the list is not in the log");
+    assert_eq!(l.source.and_then(|s| s.count), Some(4000));
+    // The engine completes `start`'s (noop) items itself, with their values.
+    let l = loop_of("start");
+    assert_eq!((l.items.len(), l.source), (4000, None));
+    let inline = events
+        .iter()
+        .find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("start"))
+        .expect("an item of start");
+    assert!(!CacheRef::any_in(&inline.payload), "{}", inline.payload);
+    for e in events.iter().filter(|e| e.step.as_deref() != Some("start")) {
+        let size = serde_json::to_vec(&e.payload).expect("json").len();
+        assert!(
+            size <= 16 * 1024,
+            "{} #{} carries {size} bytes",
+            e.kind,
+            e.seq
+        );
+    }
+    // A list under the limit stays inline.
+    let small = src.replace("{n: 4000}", "{n: 10}");
+    let pb = mayfly_dsl::parse("biggen.yaml", &small, &ParseOptions::default()).expect("parse");
+    let r = env.rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.result, json!({"a": 45, "b": 90, "n": 10}));
+    let events = env.store.read_all(&r.execution_id).await.expect("events");
+    let started = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopStarted)
+        .expect("loop.started");
+    assert_eq!(started.payload["items"], json!((0..10).collect::<Vec<_>>()));
 }
 
 /// A large workload value goes by ref too (the request's event stays small): a loop iterates
