@@ -19,6 +19,7 @@ pub async fn run_all(c: Arc<dyn Cache>) {
     bad_keys_are_refused(c.as_ref()).await;
     large_payloads_round_trip(c.as_ref()).await;
     concurrent_puts_of_one_payload(c.clone()).await;
+    list_touch_and_delete(c.as_ref()).await;
     payloads_externalize_and_hydrate(c).await;
 }
 
@@ -42,6 +43,64 @@ pub async fn put_is_idempotent(c: &dyn Cache) {
         .await
         .expect("second put");
     assert_eq!(c.get("acme", &digest(&b)).await.expect("get"), Some(b));
+}
+
+/// Retention's view: the listing names each payload with its tenant (any tenant name), size
+/// and touch time; a put of a stored payload touches it; a delete spares a payload touched
+/// after the listing that chose it, and removes only that tenant's copy.
+pub async fn list_touch_and_delete(c: &dyn Cache) {
+    let b = Bytes::from_static(b"retained or not");
+    let d = digest(&b);
+    let (t1, t2) = ("retention", "retention/../ x");
+    c.put(t1, &d, b.clone()).await.expect("put");
+    c.put(t2, &d, b.clone()).await.expect("put");
+    let entry = |t: &'static str| {
+        let d = d.clone();
+        async move {
+            c.list()
+                .await
+                .expect("list")
+                .into_iter()
+                .find(|e| e.tenant == t && e.digest == d)
+        }
+    };
+    let first = entry(t1).await.expect("listed");
+    assert_eq!(first.bytes, b.len() as u64);
+    assert!(first.touched_ms > 0);
+    assert!(
+        entry(t2).await.is_some(),
+        "the other tenant's copy is listed"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    c.put(t1, &d, b.clone()).await.expect("put again");
+    let again = entry(t1).await.expect("listed");
+    assert!(
+        again.touched_ms > first.touched_ms,
+        "a put of a stored payload touches it ({} → {})",
+        first.touched_ms,
+        again.touched_ms
+    );
+    assert!(
+        !c.delete(t1, &d, first.touched_ms).await.expect("delete"),
+        "touched after the listing: spared"
+    );
+    assert_eq!(c.get(t1, &d).await.expect("get"), Some(b.clone()));
+    assert!(c.delete(t1, &d, again.touched_ms).await.expect("delete"));
+    assert_eq!(c.get(t1, &d).await.expect("get"), None);
+    assert!(entry(t1).await.is_none(), "gone from the listing");
+    assert!(
+        !c.delete(t1, &d, u64::MAX).await.expect("delete"),
+        "deleting what is absent is a no-op"
+    );
+    assert_eq!(
+        c.get(t2, &d).await.expect("get"),
+        Some(b.clone()),
+        "the other tenant's copy stays"
+    );
+    c.put(t1, &d, b.clone())
+        .await
+        .expect("stored again after a delete");
+    assert_eq!(c.get(t1, &d).await.expect("get"), Some(b));
 }
 
 pub async fn tenants_are_isolated(c: &dyn Cache) {

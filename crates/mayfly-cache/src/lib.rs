@@ -53,13 +53,31 @@ impl CacheError {
     }
 }
 
+/// One stored payload, as retention sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub tenant: String,
+    pub digest: String,
+    pub bytes: u64,
+    /// When it was last stored (a put of a payload already there counts), unix ms.
+    pub touched_ms: u64,
+}
+
 /// A content-addressed blob store scoped by tenant.
 #[async_trait]
 pub trait Cache: Send + Sync {
-    /// Store `bytes`, whose digest must be `digest`, in `tenant`'s scope. Idempotent.
+    /// Store `bytes`, whose digest must be `digest`, in `tenant`'s scope. Idempotent; a put
+    /// of a payload already stored marks it touched now, so retention's grace period covers
+    /// a writer that is about to reference it.
     async fn put(&self, tenant: &str, digest: &str, bytes: Bytes) -> Result<(), CacheError>;
     /// The bytes stored under `digest` in `tenant`'s scope (None when absent). Verified.
     async fn get(&self, tenant: &str, digest: &str) -> Result<Option<Bytes>, CacheError>;
+    /// Every stored payload (retention's sweep).
+    async fn list(&self) -> Result<Vec<Entry>, CacheError>;
+    /// Delete a payload unless it was touched after `touched_ms` (a put since the listing
+    /// that chose it keeps it). True when it was deleted.
+    async fn delete(&self, tenant: &str, digest: &str, touched_ms: u64)
+    -> Result<bool, CacheError>;
     /// Where the cache lives, for logs and `/healthz`.
     fn describe(&self) -> String;
 }
@@ -80,6 +98,12 @@ pub(crate) fn check_key(tenant: &str, digest: &str) -> Result<(), CacheError> {
 /// `/`, `..`) can escape its scope or collide with another's.
 pub(crate) fn tenant_dir(tenant: &str) -> String {
     format!("t{}", hex::encode(tenant.as_bytes()))
+}
+
+/// The tenant a [`tenant_dir`] component names.
+pub(crate) fn tenant_of_dir(dir: &str) -> Option<String> {
+    let hex = dir.strip_prefix('t')?;
+    String::from_utf8(hex::decode(hex).ok()?).ok()
 }
 
 pub(crate) fn verify(digest: &str, bytes: &[u8]) -> Result<(), CacheError> {

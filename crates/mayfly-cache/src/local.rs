@@ -2,7 +2,7 @@
 //! Writes go to a temporary file in the same directory and are renamed into place, so a
 //! reader sees a payload whole or not at all, and a crash never leaves a torn payload.
 
-use crate::{Cache, CacheError, check_key, tenant_dir, verify};
+use crate::{Cache, CacheError, Entry, check_key, tenant_dir, tenant_of_dir, verify};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
@@ -45,7 +45,14 @@ impl Cache for LocalCache {
         verify(digest, &bytes)?;
         let path = self.path(tenant, digest);
         if tokio::fs::try_exists(&path).await.map_err(io)? {
-            return Ok(());
+            let p = path.clone();
+            let touched = tokio::task::spawn_blocking(move || touch(&p))
+                .await
+                .map_err(|e| CacheError::Unavailable(e.to_string()))??;
+            if touched {
+                return Ok(());
+            }
+            // Deleted since the check: store it anew.
         }
         let parent = path
             .parent()
@@ -75,9 +82,105 @@ impl Cache for LocalCache {
         }
     }
 
+    async fn list(&self) -> Result<Vec<Entry>, CacheError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || list_dir(&dir))
+            .await
+            .map_err(|e| CacheError::Unavailable(e.to_string()))?
+    }
+
+    async fn delete(
+        &self,
+        tenant: &str,
+        digest: &str,
+        touched_ms: u64,
+    ) -> Result<bool, CacheError> {
+        check_key(tenant, digest)?;
+        let path = self.path(tenant, digest);
+        tokio::task::spawn_blocking(move || {
+            // Out of the way first, then judged: a touch after the rename finds no file and
+            // stores the payload anew; one before it shows in the tombstone's mtime.
+            let tomb = path.with_extension(format!("gc-{}", std::process::id()));
+            match std::fs::rename(&path, &tomb) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io(e)),
+            }
+            let m = std::fs::metadata(&tomb).map_err(io)?;
+            if mtime_ms(&m) > touched_ms {
+                std::fs::rename(&tomb, &path).map_err(io)?;
+                return Ok(false);
+            }
+            std::fs::remove_file(&tomb).map_err(io)?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| CacheError::Unavailable(e.to_string()))?
+    }
+
     fn describe(&self) -> String {
         format!("dir:{}", self.dir.display())
     }
+}
+
+fn mtime_ms(m: &std::fs::Metadata) -> u64 {
+    m.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Mark a stored payload as just written (retention's grace period starts again); false
+/// when it is gone (a delete got there first).
+fn touch(path: &Path) -> Result<bool, CacheError> {
+    match std::fs::OpenOptions::new().append(true).open(path) {
+        Ok(f) => f
+            .set_modified(std::time::SystemTime::now())
+            .map(|()| true)
+            .map_err(io),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// `<dir>/t<hex tenant>/<xx>/<hex>`: every payload file (temporary files are skipped).
+fn list_dir(dir: &Path) -> Result<Vec<Entry>, CacheError> {
+    let read = |p: &Path| match std::fs::read_dir(p) {
+        Ok(r) => Ok(Some(r)),
+        Err(_) if !p.is_dir() => Ok(None),
+        Err(e) => Err(io(e)),
+    };
+    let mut out = Vec::new();
+    let Some(tenants) = read(dir)? else {
+        return Ok(out);
+    };
+    for t in tenants {
+        let t = t.map_err(io)?;
+        let Some(tenant) = t.file_name().to_str().and_then(tenant_of_dir) else {
+            continue;
+        };
+        for shard in read(&t.path())?.into_iter().flatten() {
+            let shard = shard.map_err(io)?;
+            for f in read(&shard.path())?.into_iter().flatten() {
+                let f = f.map_err(io)?;
+                let Some(name) = f.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let digest = format!("sha256:{name}");
+                if !mayfly_types::is_sha256_digest(&digest) {
+                    continue;
+                }
+                let m = f.metadata().map_err(io)?;
+                out.push(Entry {
+                    tenant: tenant.clone(),
+                    digest,
+                    bytes: m.len(),
+                    touched_ms: mtime_ms(&m),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A uniquely named new file in `dir` (concurrent writers of one payload never share one).

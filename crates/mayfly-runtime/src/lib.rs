@@ -11,6 +11,7 @@ pub mod loader;
 mod orchestrator;
 pub mod payload;
 pub mod remote;
+pub mod retention;
 pub mod trace;
 pub mod worker;
 

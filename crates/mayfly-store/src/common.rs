@@ -240,6 +240,29 @@ macro_rules! store_impl {
         };
         rows.iter().map(row_to_execution).collect()
     }
+    async fn retained_cache_refs(
+        &self,
+        finished_before: u64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        // Retained: live or recently ended executions, and every descendant of one (a parent
+        // holds its child's result, which may be a ref to refs only the child's events name).
+        let rows = sqlx::query(
+            "WITH RECURSIVE kept (execution_id) AS ( \
+                 SELECT execution_id FROM executions \
+                 WHERE status NOT IN ('completed', 'failed', 'cancelled') OR updated_at >= $1 \
+               UNION \
+                 SELECT c.execution_id FROM executions c JOIN kept k ON c.parent_execution_id = k.execution_id) \
+             SELECT DISTINCT x.tenant, r.digest FROM kept k \
+             JOIN cache_refs r ON r.execution_id = k.execution_id \
+             JOIN executions x ON x.execution_id = k.execution_id",
+        )
+        .bind(finished_before as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.string("tenant")?, r.string("digest")?)))
+            .collect()
+    }
     async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError> {
         self.append(Arc::new(Batch {
             tokens: vec![(hash.to_owned(), grant.clone())],
@@ -398,6 +421,25 @@ macro_rules! write_fns {
     ($db:ty, $conn:ty) => {
 
 async fn project_executions(tx: &mut $conn, events: &[Event]) -> Result<(), StoreError> {
+    // The cache payloads the events name, for retention (most events name none): one
+    // statement per chunk of distinct pairs.
+    let mut refs = std::collections::BTreeSet::new();
+    let mut digests = Vec::new();
+    for e in events {
+        digests.clear();
+        mayfly_types::CacheRef::digests_in(&e.payload, &mut digests);
+        refs.extend(digests.iter().map(|d| (e.execution_id.0.as_str(), *d)));
+    }
+    let refs: Vec<_> = refs.into_iter().collect();
+    for chunk in refs.chunks(1000) {
+        let mut qb: sqlx::QueryBuilder<$db> =
+            sqlx::QueryBuilder::new("INSERT INTO cache_refs (execution_id, digest) ");
+        qb.push_values(chunk, |mut b, (x, d)| {
+            b.push_bind(*x).push_bind(*d);
+        });
+        qb.push(" ON CONFLICT DO NOTHING");
+        qb.build().execute(&mut *tx).await?;
+    }
     for e in events {
         let status = match e.kind {
             EventKind::ExecutionRequested => {

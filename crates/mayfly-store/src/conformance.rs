@@ -63,6 +63,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     command_lifecycle(store.as_ref()).await;
     command_ops_apply_as_sets(store.as_ref()).await;
     execution_projection(store.as_ref()).await;
+    cache_refs_follow_retention(store.as_ref()).await;
     playbooks_are_immutable_by_digest(store.as_ref()).await;
     keychain_slots(store.as_ref()).await;
     catalog_versions(store.clone()).await;
@@ -717,6 +718,103 @@ pub async fn execution_projection(store: &dyn Store) {
             .await
             .expect("get")
             .is_none()
+    );
+}
+
+/// The payloads named by a live execution's events are always retained; a finished one's
+/// only while it ended at or after the cutoff. Refs nested anywhere in a payload count, and
+/// each pair is reported once.
+pub async fn cache_refs_follow_retention(store: &dyn Store) {
+    let tenant = unique("cref");
+    let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let r = |c: char| json!({"$ref": d(c), "format": "json", "bytes": 10});
+    let (live, done, child) = (
+        unique("cref-live"),
+        unique("cref-done"),
+        unique("cref-child"),
+    );
+    let mut events = chain(
+        &live,
+        1,
+        GENESIS_HASH,
+        &[
+            (
+                EventKind::ExecutionRequested,
+                None,
+                json!({"path": "p", "workload": {"w": r('a')}, "tenant": tenant}),
+            ),
+            (EventKind::ExecutionStarted, None, json!({})),
+            (
+                EventKind::StepFinished,
+                None,
+                json!({"result": {"rows": [r('b'), {"x": r('b')}]}}),
+            ),
+        ],
+    );
+    events.extend(chain(
+        &done,
+        1,
+        GENESIS_HASH,
+        &[
+            (
+                EventKind::ExecutionRequested,
+                None,
+                json!({"path": "p", "workload": {}, "tenant": tenant}),
+            ),
+            (EventKind::ExecutionStarted, None, json!({})),
+            (
+                EventKind::ExecutionCompleted,
+                None,
+                json!({"result": r('c')}),
+            ),
+        ],
+    ));
+    // A child of the live execution, ended long ago: its parent may hold its result.
+    events.extend(chain(
+        &child,
+        1,
+        GENESIS_HASH,
+        &[
+            (
+                EventKind::ExecutionRequested,
+                None,
+                json!({"path": "c", "workload": {}, "tenant": tenant, "parent": {"execution_id": live, "step": "s"}}),
+            ),
+            (EventKind::ExecutionStarted, None, json!({})),
+            (EventKind::ExecutionCompleted, None, json!({"result": [r('d'), r('d')]})),
+        ],
+    ));
+    store
+        .append(Arc::new(Batch {
+            events,
+            ..Default::default()
+        }))
+        .await
+        .expect("append");
+    let tn = tenant.as_str();
+    let retained = |cutoff: u64| async move {
+        let mut v: Vec<String> = store
+            .retained_cache_refs(cutoff)
+            .await
+            .expect("retained")
+            .into_iter()
+            .filter(|(t, _)| t == tn)
+            .map(|(_, d)| d)
+            .collect();
+        v.sort();
+        v
+    };
+    // The finished execution's last event is at 1_700_000_000_002.
+    assert_eq!(
+        retained(1_700_000_000_002).await,
+        vec![d('a'), d('b'), d('c'), d('d')],
+        "a recent finish keeps its payloads"
+    );
+    assert_eq!(
+        retained(1_700_000_000_003).await,
+        vec![d('a'), d('b'), d('d')],
+        "a finish before the cutoff releases its payloads; the live execution keeps its own \
+         and its finished child's"
     );
 }
 

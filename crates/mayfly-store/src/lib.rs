@@ -329,6 +329,14 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ExecutionRow>, StoreError>;
 
+    /// `(tenant, digest)` of every shared-cache payload named by the events of an execution
+    /// that is still live or ended at or after `finished_before` (unix ms), or that descends
+    /// from such an execution: what cache retention must keep.
+    async fn retained_cache_refs(
+        &self,
+        finished_before: u64,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+
     /// Store a token grant under the token's hash.
     async fn put_token(&self, hash: &str, grant: &TokenGrant) -> Result<(), StoreError>;
     /// The grant of a token hash.

@@ -4,7 +4,7 @@
 //! committed late (the classic BIGSERIAL gap problem).
 
 use crate::common::{
-    GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
+    DbRow, GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
 };
 use crate::{AuditRecord, CatalogEntry, TokenGrant};
 use crate::{

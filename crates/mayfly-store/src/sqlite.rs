@@ -2,7 +2,7 @@
 //! reader pool. Many concurrent blocks share one fsync.
 
 use crate::common::{
-    GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
+    DbRow, GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
 };
 use crate::{AuditRecord, CatalogEntry, TokenGrant};
 use crate::{

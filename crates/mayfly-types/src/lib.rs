@@ -507,6 +507,24 @@ impl CacheRef {
         }
     }
 
+    /// The digest of every ref inside `v`, read leniently (any `$ref` holding a digest):
+    /// retention keeps what these name, and keeping a payload too long is safe where
+    /// dropping one still referenced is not.
+    pub fn digests_in<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(d)) = m.get("$ref")
+                    && is_sha256_digest(d)
+                {
+                    out.push(d);
+                }
+                m.values().for_each(|x| CacheRef::digests_in(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| CacheRef::digests_in(x, out)),
+            _ => {}
+        }
+    }
+
     /// True when `v` holds a ref anywhere inside.
     pub fn any_in(v: &Value) -> bool {
         match v {
@@ -549,6 +567,10 @@ mod tests {
             item: None,
         };
         let v = r.to_value();
+        let nested = serde_json::json!({"a": [v.clone(), {"b": r.element(3).to_value()}], "c": {"$ref": "#/x"}});
+        let mut found = Vec::new();
+        CacheRef::digests_in(&nested, &mut found);
+        assert_eq!(found, vec![D, D]);
         assert_eq!(v["$ref"], D);
         assert_eq!(v["format"], "arrow");
         assert_eq!(CacheRef::parse(&v), Some(r.clone()));

@@ -57,6 +57,9 @@ pub struct BenchArgs {
     /// restore, checkpoint time and snapshot size against durable data, actors per provider.
     #[arg(long)]
     actors: bool,
+    /// Payloads collected by the cache retention round (SQLite log, local cache).
+    #[arg(long, default_value_t = 5000)]
+    gc_payloads: usize,
     /// Wasm actors started on one provider by the actors bench.
     #[arg(long, default_value_t = 500)]
     wasm_actors: usize,
@@ -226,6 +229,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let by_ref = measure(&handoff(a.rows), a.runs, true, db).await?;
     let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX).await?;
     let codec = table_codec(a.rows)?;
+    let (gc_dry, gc_ms) = retention_round(a.gc_payloads).await?;
     let out = json!({
         "machine": {"cpus": cpus, "store": store_name},
         "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
@@ -235,6 +239,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
         "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
         "table_codec": codec,
+        "cache_retention": {"payloads": a.gc_payloads, "dry_run_ms": gc_dry, "collect_ms": gc_ms},
     });
     if a.json {
         println!("{out}");
@@ -287,6 +292,12 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             codec["decode_ms"].as_f64().unwrap_or(0.0),
             codec["json_bytes"].as_u64().unwrap_or(0) / 1024,
             codec["arrow_bytes"].as_u64().unwrap_or(0) / 1024,
+        );
+        println!(
+            "  {:<44} {:>10.1} ms (mark + list only: {:.1} ms)",
+            format!("cache retention, {} payloads collected", a.gc_payloads),
+            gc_ms,
+            gc_dry
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -517,6 +528,75 @@ async fn rollout_bench(
         "converge_ms": converge_ms,
         "rounds": rounds,
     }))
+}
+
+/// One retention round over `n` payloads on a SQLite log and a local cache: every payload is
+/// named by its own finished execution (`cache_refs` holds `n` rows), and `keep = 0`
+/// collects them all. Returns (dry-run ms, collecting ms).
+async fn retention_round(n: usize) -> Result<(f64, f64)> {
+    use mayfly_cache::Cache;
+    use mayfly_store::{Batch, Store};
+    use mayfly_types::{EventKind, GENESIS_HASH};
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(dir.path().join("gc.db")).await?;
+    let cache = mayfly_cache::LocalCache::new(dir.path().join("gc.cache"));
+    let pad = "x".repeat(1024);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut events = Vec::new();
+        for &i in chunk {
+            let blob = mayfly_cache::encode(&json!({"payload": i, "pad": pad}));
+            cache
+                .put(
+                    mayfly_types::DEFAULT_TENANT,
+                    &blob.cache_ref.digest,
+                    blob.bytes,
+                )
+                .await?;
+            events.extend(mayfly_store::conformance::chain(
+                &format!("gc-{i}"),
+                1,
+                GENESIS_HASH,
+                &[
+                    (
+                        EventKind::ExecutionRequested,
+                        None,
+                        json!({"path": "gc", "workload": {}}),
+                    ),
+                    (EventKind::ExecutionStarted, None, json!({})),
+                    (
+                        EventKind::ExecutionCompleted,
+                        None,
+                        json!({"result": blob.cache_ref.to_value()}),
+                    ),
+                ],
+            ));
+        }
+        store
+            .append(std::sync::Arc::new(Batch {
+                events,
+                ..Default::default()
+            }))
+            .await?;
+    }
+    let policy = mayfly_runtime::retention::Retention {
+        keep: std::time::Duration::ZERO,
+        grace: std::time::Duration::ZERO,
+    };
+    let now = mayfly_types::now_ms() + 1;
+    let t = Instant::now();
+    let dry = mayfly_runtime::retention::collect(&store, &cache, policy, now, true).await?;
+    let dry_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let done = mayfly_runtime::retention::collect(&store, &cache, policy, now, false).await?;
+    let gc_ms = t.elapsed().as_secs_f64() * 1000.0;
+    if dry.deleted != n || done.deleted != n {
+        bail!(
+            "retention bench: expected {n} collected, got {} (dry run {})",
+            done.deleted,
+            dry.deleted
+        );
+    }
+    Ok((dry_ms, gc_ms))
 }
 
 /// The public key a published bundle is signed with, as agents are configured with it.

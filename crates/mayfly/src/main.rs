@@ -7,6 +7,7 @@ mod control;
 mod keychain;
 mod progress;
 mod remote;
+mod retention;
 mod rollout;
 mod telemetry;
 
@@ -102,28 +103,11 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Serve the gateway (HTTP API, SSE) with an embedded runtime: SQLite (or Postgres) log,
     /// in-process workers. Prints an admin token on first start.
-    Server {
-        /// Event log: a SQLite file or a postgres:// URL.
-        #[arg(long, default_value = "mayfly.db")]
-        db: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// A view-only node of a Postgres log another server appends to: it keeps its own
-        /// view of the control plane fed by the log tail and serves reads (executions,
-        /// events, catalog, control-plane objects under their freshness class); every write
-        /// answers `not_leader`.
-        #[arg(long)]
-        replica: bool,
-        #[command(flatten)]
-        opts: RunOpts,
-        #[command(flatten)]
-        dist: DistOpts,
-        #[command(flatten)]
-        control_key: rollout::ControlKeyOpts,
-        #[command(flatten)]
-        agent: rollout::AgentOpts,
-        #[command(flatten)]
-        dataplane: actors::DataplaneOpts,
+    Server(ServerArgs),
+    /// The shared cache: `gc` deletes payloads no retained execution names.
+    Cache {
+        #[command(subcommand)]
+        cmd: retention::CacheCmd,
     },
     /// A stateless worker process for a distributed server (`server --queue nats://…`):
     /// pulls blocks from the JetStream work queue, claims, runs and completes them.
@@ -283,6 +267,44 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        // Every flag's value type matches its field (clap checks that only when parsing).
+        for args in [
+            &["mayfly", "server"][..],
+            &[
+                "mayfly",
+                "server",
+                "--cache-keep",
+                "off",
+                "--cache-gc-every",
+                "30s",
+            ],
+            &[
+                "mayfly",
+                "cache",
+                "gc",
+                "--db",
+                "x.db",
+                "--keep",
+                "1d",
+                "--dry-run",
+            ],
+            &["mayfly", "worker", "--queue", "nats://127.0.0.1:4222"],
+            &["mayfly", "run", "x.yaml"],
+        ] {
+            let cli = Cli::try_parse_from(args.iter().copied())
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            if let Cmd::Server(a) = cli.cmd {
+                let p = a.retention.policy().expect("policy");
+                assert_eq!(p.is_none(), args.contains(&"off"));
+            }
+        }
+        assert!(Cli::try_parse_from(["mayfly", "server", "--cache-keep", "soon"]).is_err());
+    }
+
+    #[test]
     fn set_values_parse_as_json_or_strings() {
         let m =
             overrides(&["n=5".into(), "s=bob".into(), "l=[1,2]".into(), "e=".into()]).expect("ok");
@@ -293,6 +315,34 @@ mod tests {
         assert!(overrides(&["novalue".into()]).is_err());
         assert!(overrides(&["=x".into()]).is_err());
     }
+}
+
+/// `mayfly server`.
+#[derive(Args)]
+struct ServerArgs {
+    /// Event log: a SQLite file or a postgres:// URL.
+    #[arg(long, default_value = "mayfly.db")]
+    db: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// A view-only node of a Postgres log another server appends to: it keeps its own
+    /// view of the control plane fed by the log tail and serves reads (executions,
+    /// events, catalog, control-plane objects under their freshness class); every write
+    /// answers `not_leader`.
+    #[arg(long)]
+    replica: bool,
+    #[command(flatten)]
+    opts: RunOpts,
+    #[command(flatten)]
+    dist: DistOpts,
+    #[command(flatten)]
+    control_key: rollout::ControlKeyOpts,
+    #[command(flatten)]
+    agent: rollout::AgentOpts,
+    #[command(flatten)]
+    dataplane: actors::DataplaneOpts,
+    #[command(flatten)]
+    retention: retention::RetentionOpts,
 }
 
 /// Distributed mode: where commands go and how long a claim lives.
@@ -418,7 +468,7 @@ impl CacheOpts {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let service = match &cli.cmd {
-        Cmd::Server { .. } => "mayfly-server",
+        Cmd::Server(_) => "mayfly-server",
         Cmd::Worker(_) => "mayfly-worker",
         _ => "mayfly",
     };
@@ -494,22 +544,9 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
-        Cmd::Server {
-            db,
-            listen,
-            replica: true,
-            ..
-        } => replica(&db, &listen).await,
-        Cmd::Server {
-            db,
-            listen,
-            opts,
-            dist,
-            control_key,
-            agent,
-            dataplane,
-            ..
-        } => server(&db, &listen, &opts, &dist, &control_key, &agent, &dataplane).await,
+        Cmd::Server(a) if a.replica => replica(&a.db, &a.listen).await,
+        Cmd::Server(a) => server(&a).await,
+        Cmd::Cache { cmd } => cache_cmd(cmd).await,
         Cmd::Provider { cmd } => actors::provider(cmd).await,
         Cmd::Actors { cmd } => actors::actors(cmd).await,
         Cmd::Worker(w) => worker(&w).await,
@@ -742,6 +779,41 @@ async fn run(
     print_report(&report, opts.json, Some(began.elapsed()))
 }
 
+async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
+    let retention::CacheCmd::Gc {
+        db,
+        keep,
+        grace,
+        dry_run,
+        json,
+        queue,
+        queue_name,
+    } = cmd;
+    let (store, _) = open_db(&db, false, false).await?;
+    let opts = CacheOpts {
+        inline_limit: mayfly_cache::DEFAULT_INLINE_LIMIT,
+    };
+    let payloads = match queue.as_deref() {
+        Some(url) => {
+            let client = async_nats::connect(url)
+                .await
+                .with_context(|| format!("connecting to NATS at {url}"))?;
+            opts.nats(client, &queue_name).await?
+        }
+        None => opts.local(&db),
+    };
+    let rep = mayfly_runtime::retention::collect(
+        store.as_ref(),
+        payloads.cache().as_ref(),
+        mayfly_runtime::retention::Retention { keep, grace },
+        mayfly_types::now_ms(),
+        dry_run,
+    )
+    .await?;
+    retention::print(&rep, dry_run, json);
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     let (store, mut lock) = open_db(db, true, true).await?;
     let runtime = Runtime::start(store, runtime_config(opts, db)?)?;
@@ -805,15 +877,20 @@ async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn server(
-    db: &Path,
-    listen: &str,
-    opts: &RunOpts,
-    dist: &DistOpts,
-    control_key: &rollout::ControlKeyOpts,
-    agent_opts: &rollout::AgentOpts,
-    dataplane_opts: &actors::DataplaneOpts,
-) -> Result<ExitCode> {
+async fn server(a: &ServerArgs) -> Result<ExitCode> {
+    let ServerArgs {
+        db,
+        listen,
+        opts,
+        dist,
+        control_key,
+        agent: agent_opts,
+        dataplane: dataplane_opts,
+        retention,
+        ..
+    } = a;
+    let (db, listen) = (db.as_path(), listen.as_str());
+    let retain = retention.policy()?;
     let (store, lock) = open_db(db, false, true).await?;
     let key = control_key.load_or_create()?;
     let mut cfg = runtime_config(opts, db)?;
@@ -834,6 +911,16 @@ async fn server(
         cfg.cache = Some(opts.cache.nats(client.clone(), &dist.queue_name).await?);
         nats = Some(client);
     }
+    // The shared cache's retention (a mark from the log, a sweep of the cache).
+    let _retention = match (retain, &cfg.cache) {
+        (Some(r), Some(p)) => Some(mayfly_runtime::retention::spawn_periodic(
+            store.clone(),
+            p.cache().clone(),
+            r,
+            retention.cache_gc_every,
+        )),
+        _ => None,
+    };
     let runtime = Runtime::start(store.clone(), cfg)?;
     let _rpc = match nats {
         Some(client) => {

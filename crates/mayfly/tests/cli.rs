@@ -1256,3 +1256,119 @@ fn bundles_roll_out_to_the_servers_workers_and_are_enforced() {
     server.kill().expect("stop");
     server.wait().expect("wait");
 }
+
+/// Files under `dir`, recursively (the local shared cache).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// `mayfly cache gc` on an embedded log: a dry run deletes nothing, a payload within the
+/// keep window stays, one past it goes, and the execution still replays from its log.
+#[test]
+fn cache_gc_collects_the_payloads_of_ended_executions() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("m.db");
+    let report = run_json(&examples().join("table.yaml"), &db);
+    assert_eq!(report["status"], "completed");
+    let cache = dir.path().join("m.db.cache");
+    let stored = files_under(&cache).len();
+    assert!(
+        stored >= 2,
+        "the table and the loop's aggregate are cached: {stored}"
+    );
+    let gc = |args: &[&str]| {
+        let o = bin()
+            .args(["cache", "gc", "--json", "--db"])
+            .arg(&db)
+            .args(args)
+            .output()
+            .expect("gc");
+        assert!(o.status.success(), "{}", err(&o));
+        json(&o)
+    };
+    let v = gc(&["--keep", "1h", "--grace", "0s"]);
+    assert_eq!(v["report"]["deleted"], 0, "{v}");
+    assert_eq!(v["report"]["referenced"], stored, "{v}");
+    let v = gc(&["--keep", "0s", "--grace", "0s", "--dry-run"]);
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["report"]["deleted"], stored, "{v}");
+    assert_eq!(
+        files_under(&cache).len(),
+        stored,
+        "a dry run deletes nothing"
+    );
+    let v = gc(&["--keep", "0s", "--grace", "0s"]);
+    assert_eq!(v["report"]["deleted"], stored, "{v}");
+    assert!(
+        v["report"]["deleted_bytes"].as_u64().unwrap_or(0) > 10_000,
+        "{v}"
+    );
+    assert!(files_under(&cache).is_empty());
+    // The log is the record: replay still verifies and reproduces the execution.
+    let id = report["execution_id"].as_str().expect("id");
+    let o = bin()
+        .args(["replay", id, "--json", "--db"])
+        .arg(&db)
+        .output()
+        .expect("replay");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(json(&o)["status"], "completed");
+}
+
+/// The server collects on its own (`--cache-gc-every`), keeping what live executions name.
+#[test]
+fn the_server_collects_the_cache_periodically() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("m.db");
+    let mut server = bin();
+    server
+        .args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .arg("--control-key-file")
+        .arg(dir.path().join("control.key"))
+        // A grace period covers a payload stored just before the completion naming it.
+        .args([
+            "--cache-keep",
+            "0s",
+            "--cache-grace",
+            "2s",
+            "--cache-gc-every",
+            "1s",
+        ]);
+    let (_server, url, token) = start_server(server);
+    let cli = remote_cli(&url, &token);
+    let o = cli(&[
+        "register",
+        examples().join("table.yaml").to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = cli(&["exec", "start", "examples/table", "--watch"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(err(&o).contains("execution.completed"), "{}", err(&o));
+    let cache = dir.path().join("m.db.cache");
+    assert!(
+        cache.is_dir(),
+        "the execution stored payloads (its directories stay)"
+    );
+    let t0 = Instant::now();
+    while !files_under(&cache).is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the server never collected: {:?}",
+            files_under(&cache)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
