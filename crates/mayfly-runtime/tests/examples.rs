@@ -496,6 +496,19 @@ workflow:
     );
 }
 
+/// No event carries more than the inline limit (16 KiB) of payload.
+fn assert_no_bulk(events: &[mayfly_types::Event]) {
+    for e in events {
+        let size = serde_json::to_vec(&e.payload).expect("json").len();
+        assert!(
+            size <= 16 * 1024,
+            "{} #{} carries {size} bytes",
+            e.kind,
+            e.seq
+        );
+    }
+}
+
 /// A large `set` value of a routing arc goes by ref (the orchestrator stores it), a loop over
 /// it iterates by element ref, and the blocks that bind it hydrate it.
 #[tokio::test]
@@ -552,15 +565,7 @@ workflow:
     let l: LoopStarted = serde_json::from_value(started.payload.clone()).expect("payload");
     assert!(l.items.is_empty());
     assert_eq!(l.source.and_then(|s| s.count), Some(1400));
-    for e in &events {
-        let size = serde_json::to_vec(&e.payload).expect("json").len();
-        assert!(
-            size <= 16 * 1024,
-            "{} #{} carries {size} bytes",
-            e.kind,
-            e.seq
-        );
-    }
+    assert_no_bulk(&events);
 }
 
 /// A list the engine computes itself (`range(…)`) over the inline limit leaves the log too
@@ -621,15 +626,12 @@ workflow:
         .find(|e| e.kind == EventKind::StepFinished && e.step.as_deref() == Some("start"))
         .expect("an item of start");
     assert!(!CacheRef::any_in(&inline.payload), "{}", inline.payload);
-    for e in events.iter().filter(|e| e.step.as_deref() != Some("start")) {
-        let size = serde_json::to_vec(&e.payload).expect("json").len();
-        assert!(
-            size <= 16 * 1024,
-            "{} #{} carries {size} bytes",
-            e.kind,
-            e.seq
-        );
-    }
+    let others: Vec<_> = events
+        .iter()
+        .filter(|e| e.step.as_deref() != Some("start"))
+        .cloned()
+        .collect();
+    assert_no_bulk(&others);
     // A list under the limit stays inline.
     let small = src.replace("{n: 4000}", "{n: 10}");
     let pb = mayfly_dsl::parse("biggen.yaml", &small, &ParseOptions::default()).expect("parse");
@@ -697,13 +699,5 @@ workflow:
         req.payload
     );
     assert_eq!(req.payload["workload"]["tag"], "small");
-    for e in &events {
-        let size = serde_json::to_vec(&e.payload).expect("json").len();
-        assert!(
-            size <= 16 * 1024,
-            "{} #{} carries {size} bytes",
-            e.kind,
-            e.seq
-        );
-    }
+    assert_no_bulk(&events);
 }
