@@ -72,14 +72,28 @@ impl Cache for LocalCache {
 
     async fn get(&self, tenant: &str, digest: &str) -> Result<Option<Bytes>, CacheError> {
         check_key(tenant, digest)?;
-        match tokio::fs::read(self.path(tenant, digest)).await {
-            Ok(b) => {
-                verify(digest, &b)?;
-                Ok(Some(Bytes::from(b)))
+        let path = self.path(tenant, digest);
+        for last in [false, true] {
+            match tokio::fs::read(&path).await {
+                Ok(b) => {
+                    verify(digest, &b)?;
+                    return Ok(Some(Bytes::from(b)));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Moved aside by a delete that may yet spare it: look again once.
+                    let p = path.clone();
+                    let judged = tokio::task::spawn_blocking(move || being_judged(&p))
+                        .await
+                        .unwrap_or(false);
+                    if last || !judged {
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(io(e)),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(e)),
         }
+        Ok(None)
     }
 
     async fn list(&self) -> Result<Vec<Entry>, CacheError> {
@@ -98,8 +112,15 @@ impl Cache for LocalCache {
         check_key(tenant, digest)?;
         let path = self.path(tenant, digest);
         tokio::task::spawn_blocking(move || {
-            // Out of the way first, then judged: a touch after the rename finds no file and
-            // stores the payload anew; one before it shows in the tombstone's mtime.
+            match std::fs::metadata(&path) {
+                Ok(m) if mtime_ms(&m) > touched_ms => return Ok(false),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io(e)),
+            }
+            // Out of the way, then judged again: a touch after the rename finds no file (or
+            // sees its file moved) and stores the payload anew; one before it shows in the
+            // tombstone's mtime.
             let tomb = path.with_extension(format!("gc-{}", std::process::id()));
             match std::fs::rename(&path, &tomb) {
                 Ok(()) => {}
@@ -133,14 +154,35 @@ fn mtime_ms(m: &std::fs::Metadata) -> u64 {
 /// Mark a stored payload as just written (retention's grace period starts again); false
 /// when it is gone (a delete got there first).
 fn touch(path: &Path) -> Result<bool, CacheError> {
-    match std::fs::OpenOptions::new().append(true).open(path) {
-        Ok(f) => f
-            .set_modified(std::time::SystemTime::now())
-            .map(|()| true)
-            .map_err(io),
+    use std::os::unix::fs::MetadataExt;
+    let f = match std::fs::OpenOptions::new().append(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(e)),
+    };
+    f.set_modified(std::time::SystemTime::now()).map_err(io)?;
+    // A delete may have moved the file aside meanwhile: only a file still in place counts.
+    let mine = f.metadata().map_err(io)?;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.dev() == mine.dev() && m.ino() == mine.ino()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io(e)),
     }
+}
+
+/// True when a delete has `path` moved aside right now (it may still be spared).
+fn being_judged(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    let prefix = format!("{name}.gc-");
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+    })
 }
 
 /// `<dir>/t<hex tenant>/<xx>/<hex>`: every payload file (temporary files are skipped).
@@ -170,7 +212,12 @@ fn list_dir(dir: &Path) -> Result<Vec<Entry>, CacheError> {
                 if !mayfly_types::is_sha256_digest(&digest) {
                     continue;
                 }
-                let m = f.metadata().map_err(io)?;
+                let m = match f.metadata() {
+                    Ok(m) => m,
+                    // Deleted since the directory was read (another collection).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(e)),
+                };
                 out.push(Entry {
                     tenant: tenant.clone(),
                     digest,

@@ -13,6 +13,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
+/// How long one payload read may take in all.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn unavailable(e: impl std::fmt::Display) -> CacheError {
     CacheError::Unavailable(e.to_string())
 }
@@ -139,17 +142,19 @@ impl Cache for NatsCache {
         check_key(tenant, digest)?;
         verify(digest, &bytes)?;
         let name = name(tenant, digest);
-        // Already stored: touch it (an object's own mtime is its first put's), unless a
-        // delete wins the race, in which case the bytes are stored anew below.
-        for _ in 0..3 {
-            match self.meta(&name).await? {
-                Some(Meta { seq, mut info }) if !info.deleted => {
-                    info.description = Some(touched_now());
-                    if self.replace_meta(&name, seq, &info).await? {
-                        return Ok(());
-                    }
-                }
-                _ => break,
+        // Already stored: touch it (an object's own mtime is its first put's). A rejected
+        // touch means another writer rewrote the record: if it is still stored, that writer
+        // just touched it; if a delete won, the bytes are stored anew below. (A full put over
+        // a stored object would purge chunks a reader may be streaming.)
+        if let Some(Meta { seq, mut info }) = self.meta(&name).await?
+            && !info.deleted
+        {
+            info.description = Some(touched_now());
+            if self.replace_meta(&name, seq, &info).await? {
+                return Ok(());
+            }
+            if self.meta(&name).await?.is_some_and(|m| !m.info.deleted) {
+                return Ok(());
             }
         }
         self.store
@@ -167,7 +172,12 @@ impl Cache for NatsCache {
             Err(e) => return Err(unavailable(e)),
         };
         let mut buf = Vec::with_capacity(obj.info().size);
-        obj.read_to_end(&mut buf).await.map_err(unavailable)?;
+        // Chunks purged under a reader (a delete racing it) never arrive: give up rather
+        // than wait forever (the block is given back and runs again).
+        tokio::time::timeout(READ_TIMEOUT, obj.read_to_end(&mut buf))
+            .await
+            .map_err(|_| unavailable(format!("reading {digest} stalled")))?
+            .map_err(unavailable)?;
         verify(digest, &buf)?;
         Ok(Some(Bytes::from(buf)))
     }

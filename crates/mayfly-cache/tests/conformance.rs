@@ -25,6 +25,36 @@ async fn local_cache_detects_a_tampered_payload() {
     assert_eq!(err.code(), "cache_corrupt");
 }
 
+/// A reader that meets a payload moved aside by a delete still judging it (to be spared)
+/// looks again instead of reporting it missing; a put meeting it stores it anew.
+#[tokio::test]
+async fn local_cache_reads_through_a_delete_that_spares() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = LocalCache::new(dir.path());
+    let b = bytes::Bytes::from_static(b"spared");
+    let d = mayfly_trust::sha256_digest(&b);
+    c.put("acme", &d, b.clone()).await.expect("put");
+    let hex = d.trim_start_matches("sha256:");
+    let path = dir.path().join("t61636d65").join(&hex[..2]).join(hex);
+    let tomb = path.with_extension("gc-1");
+    std::fs::rename(&path, &tomb).expect("move aside");
+    let (from, to) = (tomb.clone(), path.clone());
+    let back = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        std::fs::rename(from, to).expect("spare");
+    });
+    assert_eq!(c.get("acme", &d).await.expect("get"), Some(b.clone()));
+    back.await.expect("task");
+    // Without a delete in progress, absent is absent at once.
+    std::fs::remove_file(&path).expect("remove");
+    assert_eq!(c.get("acme", &d).await.expect("get"), None);
+    // A put of a payload a delete has moved aside stores it anew.
+    c.put("acme", &d, b.clone()).await.expect("put");
+    std::fs::rename(&path, &tomb).expect("move aside");
+    c.put("acme", &d, b.clone()).await.expect("put again");
+    assert_eq!(std::fs::read(&path).expect("stored anew"), b.to_vec());
+}
+
 #[tokio::test]
 async fn nats_cache_passes_the_conformance_suite() {
     if !mayfly_testkit::nats() {

@@ -55,6 +55,8 @@ pub struct Report {
     pub deleted_bytes: u64,
     /// Chosen, but touched again before the delete: kept.
     pub spared: usize,
+    /// Deletes that failed (retried next round).
+    pub failed: usize,
 }
 
 /// One mark-and-sweep at wall-clock `now_ms`. A dry run deletes nothing and reports what
@@ -99,7 +101,11 @@ pub async fn collect(
                     rep.deleted_bytes += e.bytes;
                 }
                 Ok(false) => rep.spared += 1,
-                Err(err) => return Err(RuntimeError::Store(format!("shared cache: {err}"))),
+                // One bad entry must not stall collection: the rest go, it is tried again.
+                Err(err) => {
+                    rep.failed += 1;
+                    tracing::warn!(digest = %e.digest, error = %err, "could not delete a cached payload");
+                }
             }
         }
     }
@@ -141,6 +147,7 @@ pub fn spawn_periodic(
                         young = rep.young,
                         deleted = rep.deleted,
                         deleted_bytes = rep.deleted_bytes,
+                        failed = rep.failed,
                         "cache retention round"
                     );
                 }

@@ -794,7 +794,8 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
         queue,
         queue_name,
     } = cmd;
-    let (store, _) = open_db(&db, false, false).await?;
+    // Must exist: an empty log marks nothing, and the sweep would take every payload.
+    let (store, _) = open_db(&db, true, false).await?;
     let opts = CacheOpts {
         inline_limit: mayfly_cache::DEFAULT_INLINE_LIMIT,
     };

@@ -102,6 +102,12 @@ pub fn print(rep: &Report, dry_run: bool, json: bool) {
             String::new()
         }
     );
+    if rep.failed > 0 {
+        eprintln!(
+            "warning: {} payloads could not be deleted (see the log); they are tried again next time",
+            rep.failed
+        );
+    }
 }
 
 #[cfg(test)]

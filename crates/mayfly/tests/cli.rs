@@ -1298,6 +1298,14 @@ fn cache_gc_collects_the_payloads_of_ended_executions() {
         assert!(o.status.success(), "{}", err(&o));
         json(&o)
     };
+    // A log that does not exist is refused, not created (its empty mark would sweep all).
+    let o = bin()
+        .args(["cache", "gc", "--db"])
+        .arg(dir.path().join("typo.db"))
+        .output()
+        .expect("gc");
+    assert!(!o.status.success());
+    assert!(!dir.path().join("typo.db").exists());
     let v = gc(&["--keep", "1h", "--grace", "0s"]);
     assert_eq!(v["report"]["deleted"], 0, "{v}");
     assert_eq!(v["report"]["referenced"], stored, "{v}");
