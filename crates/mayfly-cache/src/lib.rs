@@ -100,10 +100,12 @@ pub(crate) fn tenant_dir(tenant: &str) -> String {
     format!("t{}", hex::encode(tenant.as_bytes()))
 }
 
-/// The tenant a [`tenant_dir`] component names.
-pub(crate) fn tenant_of_dir(dir: &str) -> Option<String> {
-    let hex = dir.strip_prefix('t')?;
-    String::from_utf8(hex::decode(hex).ok()?).ok()
+/// The `(tenant, digest)` key a backend's stored name stands for: the inverse of
+/// [`tenant_dir`] plus the digest's hex (None for anything else, e.g. temporary files).
+pub(crate) fn key_of(tenant_part: &str, hex_digest: &str) -> Option<(String, String)> {
+    let tenant = String::from_utf8(hex::decode(tenant_part.strip_prefix('t')?).ok()?).ok()?;
+    let digest = format!("sha256:{hex_digest}");
+    is_sha256_digest(&digest).then_some((tenant, digest))
 }
 
 pub(crate) fn verify(digest: &str, bytes: &[u8]) -> Result<(), CacheError> {

@@ -2,7 +2,7 @@
 //! Writes go to a temporary file in the same directory and are renamed into place, so a
 //! reader sees a payload whole or not at all, and a crash never leaves a torn payload.
 
-use crate::{Cache, CacheError, Entry, check_key, tenant_dir, tenant_of_dir, verify};
+use crate::{Cache, CacheError, Entry, check_key, key_of, tenant_dir, verify};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
@@ -198,20 +198,18 @@ fn list_dir(dir: &Path) -> Result<Vec<Entry>, CacheError> {
     };
     for t in tenants {
         let t = t.map_err(io)?;
-        let Some(tenant) = t.file_name().to_str().and_then(tenant_of_dir) else {
+        let Some(tenant_part) = t.file_name().to_str().map(str::to_owned) else {
             continue;
         };
         for shard in read(&t.path())?.into_iter().flatten() {
             let shard = shard.map_err(io)?;
             for f in read(&shard.path())?.into_iter().flatten() {
                 let f = f.map_err(io)?;
-                let Some(name) = f.file_name().to_str().map(str::to_owned) else {
+                let Some((tenant, digest)) =
+                    f.file_name().to_str().and_then(|n| key_of(&tenant_part, n))
+                else {
                     continue;
                 };
-                let digest = format!("sha256:{name}");
-                if !mayfly_types::is_sha256_digest(&digest) {
-                    continue;
-                }
                 let m = match f.metadata() {
                     Ok(m) => m,
                     // Deleted since the directory was read (another collection).
@@ -219,7 +217,7 @@ fn list_dir(dir: &Path) -> Result<Vec<Entry>, CacheError> {
                     Err(e) => return Err(io(e)),
                 };
                 out.push(Entry {
-                    tenant: tenant.clone(),
+                    tenant,
                     digest,
                     bytes: m.len(),
                     touched_ms: mtime_ms(&m),

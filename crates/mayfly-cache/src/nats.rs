@@ -6,7 +6,7 @@
 //! `Nats-Expected-Last-Subject-Sequence` on the meta subject), so a delete never lands on a
 //! payload touched after its check, and a touch that loses to a delete stores the bytes anew.
 
-use crate::{Cache, CacheError, Entry, check_key, tenant_dir, tenant_of_dir, verify};
+use crate::{Cache, CacheError, Entry, check_key, key_of, tenant_dir, verify};
 use async_nats::jetstream::{self, object_store};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -190,15 +190,13 @@ impl Cache for NatsCache {
             if info.deleted {
                 continue;
             }
-            let Some((t, hex)) = info.name.split_once('/') else {
+            let Some((tenant, digest)) = info
+                .name
+                .split_once('/')
+                .and_then(|(t, hex)| key_of(t, hex))
+            else {
                 continue;
             };
-            let (Some(tenant), digest) = (tenant_of_dir(t), format!("sha256:{hex}")) else {
-                continue;
-            };
-            if !mayfly_types::is_sha256_digest(&digest) {
-                continue;
-            }
             out.push(Entry {
                 tenant,
                 digest,
