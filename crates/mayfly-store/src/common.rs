@@ -415,202 +415,15 @@ macro_rules! store_impl {
 }
 pub(crate) use store_impl;
 
-/// The write-path helpers shared by both backends (same SQL; `$db` / `$conn` name the sqlx
-/// database and connection types): the executions projection and the commands table.
+/// The write-path helper shared by both backends (same SQL; `$conn` names the sqlx
+/// connection type): the rarely written side tables and compaction, inside the writer's
+/// transaction. The hot tables (events, projections, commands) are written per backend:
+/// SQLite statement by statement, Postgres in one call of `mayfly_append`.
 macro_rules! write_fns {
-    ($db:ty, $conn:ty) => {
+    ($conn:ty) => {
 
-async fn project_executions(tx: &mut $conn, events: &[Event]) -> Result<(), StoreError> {
-    // The cache payloads the events name, for retention (most events name none): one
-    // statement per chunk of distinct pairs.
-    let mut refs = std::collections::BTreeSet::new();
-    let mut digests = Vec::new();
-    for e in events {
-        digests.clear();
-        mayfly_types::CacheRef::digests_in(&e.payload, &mut digests);
-        refs.extend(digests.iter().map(|d| (e.execution_id.0.as_str(), *d)));
-    }
-    let refs: Vec<_> = refs.into_iter().collect();
-    for chunk in refs.chunks(1000) {
-        let mut qb: sqlx::QueryBuilder<$db> =
-            sqlx::QueryBuilder::new("INSERT INTO cache_refs (execution_id, digest) ");
-        qb.push_values(chunk, |mut b, (x, d)| {
-            b.push_bind(*x).push_bind(*d);
-        });
-        qb.push(" ON CONFLICT DO NOTHING");
-        qb.build().execute(&mut *tx).await?;
-    }
-    for e in events {
-        let status = match e.kind {
-            EventKind::ExecutionRequested => {
-                let path = e
-                    .payload
-                    .get("path")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or_default();
-                let parent = e
-                    .payload
-                    .get("parent")
-                    .and_then(|p| p.get("execution_id"))
-                    .and_then(|p| p.as_str());
-                sqlx::query(
-                    "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at, tenant) \
-                     VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7) ON CONFLICT (execution_id) DO NOTHING",
-                )
-                .bind(&e.execution_id.0)
-                .bind(path)
-                .bind(&e.playbook_digest)
-                .bind(parent)
-                .bind(e.at as i64)
-                .bind(e.at as i64)
-                .bind(e.payload.get("tenant").and_then(|t| t.as_str()).unwrap_or(mayfly_types::DEFAULT_TENANT))
-                .execute(&mut *tx)
-                .await?;
-                continue;
-            }
-            EventKind::ExecutionStarted => "running",
-            EventKind::ExecutionCompleted => "completed",
-            EventKind::ExecutionFailed => "failed",
-            EventKind::ExecutionCancelled => "cancelled",
-            _ => continue,
-        };
-        sqlx::query("UPDATE executions SET status = $1, updated_at = $2 WHERE execution_id = $3")
-            .bind(status)
-            .bind(e.at as i64)
-            .bind(&e.execution_id.0)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(())
-}
-
-async fn apply_commands(tx: &mut $conn, ops: &[CommandOp]) -> Result<(), StoreError> {
-    let now = now_ms() as i64;
-    let inserts: Vec<&CommandOp> = ops
-        .iter()
-        .filter(|o| matches!(o, CommandOp::Insert { .. }))
-        .collect();
-    for chunk in inserts.chunks(CHUNK) {
-        let mut qb: QueryBuilder<$db> = QueryBuilder::new(
-            "INSERT INTO commands (command_id, execution_id, step, idx, state, deliveries, created_at) ",
-        );
-        qb.push_values(chunk, |mut b, op| {
-            if let CommandOp::Insert {
-                command_id,
-                execution_id,
-                step,
-                index,
-            } = op
-            {
-                b.push_bind(command_id.clone())
-                    .push_bind(execution_id.0.clone())
-                    .push_bind(step.clone())
-                    .push_bind(index.map(|i| i as i64))
-                    .push_bind("pending")
-                    .push_bind(0i64)
-                    .push_bind(now);
-            }
-        });
-        qb.build().execute(&mut *tx).await?;
-    }
-    // One statement per kind and chunk, not one per command: a fan-out commits hundreds of
-    // claims and completions per batch, and a round trip each dominated the writer. Kinds
-    // apply in lifecycle order (claim, extend, done); the orchestrator never puts a claim
-    // after a done of the same command in one batch (a done command is gone from memory).
-    // Done commands leave the table: it holds open commands only (the log keeps the
-    // history), so a claim batch joined against it stays cheap however long the log is.
-    let mut claims: Vec<(&String, &String, i64, i64)> = Vec::new();
-    let mut seen = std::collections::HashMap::new();
-    for op in ops {
-        if let CommandOp::Claim {
-            command_id,
-            worker,
-            lease_until,
-            deliveries,
-        } = op
-        {
-            let row = (command_id, worker, *lease_until as i64, i64::from(*deliveries));
-            match seen.get(command_id) {
-                // A later claim of the same command in one batch supersedes the earlier.
-                Some(&i) => claims[i] = row,
-                None => {
-                    seen.insert(command_id, claims.len());
-                    claims.push(row);
-                }
-            }
-        }
-    }
-    for chunk in claims.chunks(CHUNK) {
-        let mut qb: QueryBuilder<$db> =
-            QueryBuilder::new("WITH u (id, worker, lease_until, deliveries) AS (");
-        qb.push_values(chunk, |mut b, (id, worker, lease, deliveries)| {
-            b.push_bind((*id).clone())
-                .push_bind((*worker).clone())
-                .push_bind(*lease)
-                .push_bind(*deliveries);
-        });
-        qb.push(
-            ") UPDATE commands SET state = 'claimed', worker = u.worker, lease_until = u.lease_until, \
-             deliveries = u.deliveries FROM u WHERE commands.command_id = u.id AND commands.state <> 'done'",
-        );
-        let r = qb.build().execute(&mut *tx).await?;
-        if r.rows_affected() != chunk.len() as u64 {
-            return Err(StoreError::Conflict(format!(
-                "{} of {} claimed commands are done or unknown",
-                chunk.len() as u64 - r.rows_affected(),
-                chunk.len()
-            )));
-        }
-    }
-    for op in ops {
-        if let CommandOp::Extend {
-            command_id,
-            lease_until,
-        } = op
-        {
-            sqlx::query("UPDATE commands SET lease_until = $1 WHERE command_id = $2 AND state = 'claimed'")
-                .bind(*lease_until as i64)
-                .bind(command_id)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    let dones: Vec<&String> = ops
-        .iter()
-        .filter_map(|o| match o {
-            CommandOp::Done { command_id } => Some(command_id),
-            _ => None,
-        })
-        .collect();
-    for chunk in dones.chunks(CHUNK) {
-        let mut qb: QueryBuilder<$db> = QueryBuilder::new(
-            "DELETE FROM commands WHERE command_id IN (",
-        );
-        let mut ids = qb.separated(", ");
-        for id in chunk {
-            ids.push_bind((*id).clone());
-        }
-        qb.push(")");
-        qb.build().execute(&mut *tx).await?;
-    }
-    Ok(())
-}
-
-/// Everything of a batch but its events: the side tables, the executions projection and
-/// the commands table, inside the writer's transaction.
-async fn apply_records(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), StoreError> {
-    for pb in &batch.playbooks {
-        sqlx::query(
-            "INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
-        )
-        .bind(&pb.digest)
-        .bind(&pb.path)
-        .bind(&pb.source_name)
-        .bind(&pb.content)
-        .bind(now_ms() as i64)
-        .execute(&mut *tx)
-        .await?;
-    }
+/// A batch's audit records, tokens, keychain changes and compactions.
+async fn apply_side(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), StoreError> {
     for a in &batch.audit {
         sqlx::query(
             "INSERT INTO audit (at_ms, tenant, actor, action, outcome, detail, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -659,8 +472,6 @@ async fn apply_records(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), Stor
             }
         }
     }
-    project_executions(tx, &batch.events).await?;
-    apply_commands(tx, &batch.commands).await?;
     for c in &batch.compact {
         // The database refuses deletes unless the stream is named in `compacting` within
         // the same transaction (migration 0007/0008).

@@ -122,10 +122,16 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(d) = &e
-            && d.is_unique_violation()
-        {
-            return StoreError::Conflict(d.message().to_owned());
+        if let sqlx::Error::Database(d) = &e {
+            if d.is_unique_violation() {
+                return StoreError::Conflict(d.message().to_owned());
+            }
+            // Raised by Postgres' `mayfly_append` (migration 0010).
+            match d.code().as_deref() {
+                Some("MF001") => return StoreError::Fenced(d.message().to_owned()),
+                Some("MF002") => return StoreError::Conflict(d.message().to_owned()),
+                _ => {}
+            }
         }
         StoreError::Db(e.to_string())
     }

@@ -12,18 +12,15 @@ use crate::{
 };
 use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{
-    AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Postgres, QueryBuilder, Row,
-};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Postgres, Row};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
-crate::common::write_fns!(Postgres, PgConnection);
+crate::common::write_fns!(PgConnection);
 
-/// Most rows in one multi-row INSERT (Postgres allows 65535 bound parameters).
-const CHUNK: usize = 1000;
 /// Advisory lock key of the append path ("mayfly" in ASCII).
 const APPEND_LOCK: i64 = 0x6d61_7966_6c79;
 
@@ -161,70 +158,272 @@ async fn write_group(
     jobs: &[Job],
     fence: i64,
 ) -> Result<Vec<Option<u64>>, StoreError> {
-    let mut tx = conn.begin().await?;
-    // Serialize appenders (across processes too) so positions become visible in order.
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    if fence > 0 {
-        // Under the append lock, so no take-over can slip in between check and commit.
-        let current: i64 = sqlx::query("SELECT epoch FROM appender WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("epoch")?;
-        if current != fence {
-            return Err(StoreError::Fenced(format!(
-                "another process took over this log (appender epoch {current}, ours {fence})"
-            )));
+    let cols = Columns::of(jobs)?;
+    let side = jobs.iter().any(|j| {
+        let b = &j.batch;
+        !(b.audit.is_empty() && b.tokens.is_empty() && b.secrets.is_empty() && b.compact.is_empty())
+    });
+    let rows = if side {
+        // Rare (audit, tokens, keychain, compaction): their statements share the transaction.
+        let mut tx = conn.begin().await?;
+        let rows = cols.call(fence).fetch_all(&mut *tx).await?;
+        for job in jobs {
+            apply_side(&mut tx, &job.batch).await?;
+        }
+        tx.commit().await?;
+        rows
+    } else {
+        // The hot path: one auto-committed statement, one round trip.
+        cols.call(fence).fetch_all(&mut *conn).await?
+    };
+    let mut positions = vec![None; jobs.len()];
+    for r in rows {
+        let job: i32 = r.try_get("job")?;
+        let last: Option<i64> = r.try_get("last_position")?;
+        if let Some(p) = usize::try_from(job).ok().and_then(|j| positions.get_mut(j)) {
+            *p = last.map(|l| l as u64);
         }
     }
-    let mut positions = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let mut last = None;
-        for chunk in job.batch.events.chunks(CHUNK) {
-            let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-                "INSERT INTO events (execution_id, seq, kind, step, attempt, command_id, at, actor, request_id, \
-                 playbook_digest, payload, payload_ref, prev_hash, hash) ",
-            );
-            let mut encode_err = None;
-            qb.push_values(chunk, |mut b, e| {
-                let payload = serde_json::to_string(&e.payload).unwrap_or_else(|err| {
-                    encode_err = Some(err.to_string());
-                    String::new()
-                });
-                b.push_bind(e.execution_id.0.clone())
-                    .push_bind(e.seq as i64)
-                    .push_bind(e.kind.as_str())
-                    .push_bind(e.step.clone())
-                    .push_bind(e.attempt.map(i64::from))
-                    .push_bind(e.command_id.clone())
-                    .push_bind(e.at as i64)
-                    .push_bind(e.actor.clone())
-                    .push_bind(e.request_id.clone())
-                    .push_bind(e.playbook_digest.clone())
-                    .push_bind(payload)
-                    .push_bind(e.payload_ref.clone())
-                    .push_bind(e.prev_hash.clone())
-                    .push_bind(e.hash.clone());
-            });
-            if let Some(err) = encode_err {
-                return Err(StoreError::Db(format!("cannot encode payload: {err}")));
-            }
-            qb.push(" RETURNING position");
-            let rows = qb.build().fetch_all(&mut *tx).await?;
-            last = rows
-                .iter()
-                .filter_map(|r| r.try_get::<i64, _>("position").ok())
-                .max()
-                .map(|p| p as u64)
-                .or(last);
-        }
-        apply_records(&mut tx, &job.batch).await?;
-        positions.push(last);
-    }
-    tx.commit().await?;
     Ok(positions)
+}
+
+/// `mayfly_append` (migration 0010) with its 45 array arguments.
+const APPEND: &str = "SELECT job, last_position FROM mayfly_append($1, $2, \
+    $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+    $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, \
+    $34, $35, $36, $37, $38, $39, $40, $41, $42, $43, $44, $45)";
+
+/// A group's rows as the column arrays `mayfly_append` takes. Rows that one statement would
+/// otherwise touch twice are folded here: the last status of an execution, the last claim
+/// or lease extension of a command (a later one supersedes an earlier one in the batches'
+/// order).
+#[derive(Default)]
+struct Columns<'a> {
+    e_job: Vec<i32>,
+    e_exec: Vec<&'a str>,
+    e_seq: Vec<i64>,
+    e_kind: Vec<&'a str>,
+    e_step: Vec<Option<&'a str>>,
+    e_attempt: Vec<Option<i64>>,
+    e_cmd: Vec<Option<&'a str>>,
+    e_at: Vec<i64>,
+    e_actor: Vec<&'a str>,
+    e_req: Vec<Option<&'a str>>,
+    e_digest: Vec<&'a str>,
+    e_payload: Vec<String>,
+    e_ref: Vec<Option<&'a str>>,
+    e_prev: Vec<&'a str>,
+    e_hash: Vec<&'a str>,
+    p_digest: Vec<&'a str>,
+    p_path: Vec<&'a str>,
+    p_source: Vec<&'a str>,
+    p_content: Vec<&'a str>,
+    r_exec: Vec<&'a str>,
+    r_digest: Vec<&'a str>,
+    x_id: Vec<&'a str>,
+    x_path: Vec<&'a str>,
+    x_digest: Vec<&'a str>,
+    x_parent: Vec<Option<&'a str>>,
+    x_at: Vec<i64>,
+    x_tenant: Vec<&'a str>,
+    s_id: Vec<&'a str>,
+    s_status: Vec<&'a str>,
+    s_at: Vec<i64>,
+    c_id: Vec<&'a str>,
+    c_exec: Vec<&'a str>,
+    c_step: Vec<&'a str>,
+    c_idx: Vec<Option<i64>>,
+    k_id: Vec<&'a str>,
+    k_worker: Vec<&'a str>,
+    k_lease: Vec<i64>,
+    k_deliveries: Vec<i64>,
+    l_id: Vec<&'a str>,
+    l_lease: Vec<i64>,
+    d_id: Vec<&'a str>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(jobs: &'a [Job]) -> Result<Self, StoreError> {
+        let mut c = Columns::default();
+        let mut playbooks = HashSet::new();
+        let mut refs = BTreeSet::new();
+        let mut requested = HashSet::new();
+        let mut status: HashMap<&str, usize> = HashMap::new();
+        let mut claims: HashMap<&str, usize> = HashMap::new();
+        let mut extends: HashMap<&str, usize> = HashMap::new();
+        let mut digests = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let b = &job.batch;
+            for e in &b.events {
+                let payload = serde_json::to_string(&e.payload)
+                    .map_err(|err| StoreError::Db(format!("cannot encode payload: {err}")))?;
+                c.e_job.push(j as i32);
+                c.e_exec.push(&e.execution_id.0);
+                c.e_seq.push(e.seq as i64);
+                c.e_kind.push(e.kind.as_str());
+                c.e_step.push(e.step.as_deref());
+                c.e_attempt.push(e.attempt.map(i64::from));
+                c.e_cmd.push(e.command_id.as_deref());
+                c.e_at.push(e.at as i64);
+                c.e_actor.push(&e.actor);
+                c.e_req.push(e.request_id.as_deref());
+                c.e_digest.push(&e.playbook_digest);
+                c.e_payload.push(payload);
+                c.e_ref.push(e.payload_ref.as_deref());
+                c.e_prev.push(&e.prev_hash);
+                c.e_hash.push(&e.hash);
+                digests.clear();
+                mayfly_types::CacheRef::digests_in(&e.payload, &mut digests);
+                refs.extend(digests.iter().map(|d| (e.execution_id.0.as_str(), *d)));
+                let st = match e.kind {
+                    EventKind::ExecutionRequested => {
+                        if requested.insert(e.execution_id.0.as_str()) {
+                            let p = &e.payload;
+                            c.x_id.push(&e.execution_id.0);
+                            c.x_path
+                                .push(p.get("path").and_then(|v| v.as_str()).unwrap_or_default());
+                            c.x_digest.push(&e.playbook_digest);
+                            c.x_parent.push(
+                                p.get("parent")
+                                    .and_then(|v| v.get("execution_id"))
+                                    .and_then(|v| v.as_str()),
+                            );
+                            c.x_at.push(e.at as i64);
+                            c.x_tenant.push(
+                                p.get("tenant")
+                                    .and_then(|t| t.as_str())
+                                    .unwrap_or(mayfly_types::DEFAULT_TENANT),
+                            );
+                        }
+                        continue;
+                    }
+                    EventKind::ExecutionStarted => "running",
+                    EventKind::ExecutionCompleted => "completed",
+                    EventKind::ExecutionFailed => "failed",
+                    EventKind::ExecutionCancelled => "cancelled",
+                    _ => continue,
+                };
+                match status.get(e.execution_id.0.as_str()) {
+                    Some(&i) => {
+                        c.s_status[i] = st;
+                        c.s_at[i] = e.at as i64;
+                    }
+                    None => {
+                        status.insert(&e.execution_id.0, c.s_id.len());
+                        c.s_id.push(&e.execution_id.0);
+                        c.s_status.push(st);
+                        c.s_at.push(e.at as i64);
+                    }
+                }
+            }
+            for pb in &b.playbooks {
+                if playbooks.insert(pb.digest.as_str()) {
+                    c.p_digest.push(&pb.digest);
+                    c.p_path.push(&pb.path);
+                    c.p_source.push(&pb.source_name);
+                    c.p_content.push(&pb.content);
+                }
+            }
+            for op in &b.commands {
+                match op {
+                    CommandOp::Insert {
+                        command_id,
+                        execution_id,
+                        step,
+                        index,
+                    } => {
+                        c.c_id.push(command_id);
+                        c.c_exec.push(&execution_id.0);
+                        c.c_step.push(step);
+                        c.c_idx.push(index.map(|i| i as i64));
+                    }
+                    CommandOp::Claim {
+                        command_id,
+                        worker,
+                        lease_until,
+                        deliveries,
+                    } => match claims.get(command_id.as_str()) {
+                        Some(&i) => {
+                            c.k_worker[i] = worker;
+                            c.k_lease[i] = *lease_until as i64;
+                            c.k_deliveries[i] = i64::from(*deliveries);
+                        }
+                        None => {
+                            claims.insert(command_id, c.k_id.len());
+                            c.k_id.push(command_id);
+                            c.k_worker.push(worker);
+                            c.k_lease.push(*lease_until as i64);
+                            c.k_deliveries.push(i64::from(*deliveries));
+                        }
+                    },
+                    CommandOp::Extend {
+                        command_id,
+                        lease_until,
+                    } => match extends.get(command_id.as_str()) {
+                        Some(&i) => c.l_lease[i] = *lease_until as i64,
+                        None => {
+                            extends.insert(command_id, c.l_id.len());
+                            c.l_id.push(command_id);
+                            c.l_lease.push(*lease_until as i64);
+                        }
+                    },
+                    CommandOp::Done { command_id } => c.d_id.push(command_id),
+                }
+            }
+        }
+        (c.r_exec, c.r_digest) = refs.into_iter().unzip();
+        Ok(c)
+    }
+
+    fn call(&'a self, fence: i64) -> sqlx::query::Query<'a, Postgres, sqlx::postgres::PgArguments> {
+        let now = now_ms() as i64;
+        sqlx::query(APPEND)
+            .bind(APPEND_LOCK)
+            .bind(fence)
+            .bind(&self.e_job)
+            .bind(&self.e_exec)
+            .bind(&self.e_seq)
+            .bind(&self.e_kind)
+            .bind(&self.e_step)
+            .bind(&self.e_attempt)
+            .bind(&self.e_cmd)
+            .bind(&self.e_at)
+            .bind(&self.e_actor)
+            .bind(&self.e_req)
+            .bind(&self.e_digest)
+            .bind(&self.e_payload)
+            .bind(&self.e_ref)
+            .bind(&self.e_prev)
+            .bind(&self.e_hash)
+            .bind(&self.p_digest)
+            .bind(&self.p_path)
+            .bind(&self.p_source)
+            .bind(&self.p_content)
+            .bind(now)
+            .bind(&self.r_exec)
+            .bind(&self.r_digest)
+            .bind(&self.x_id)
+            .bind(&self.x_path)
+            .bind(&self.x_digest)
+            .bind(&self.x_parent)
+            .bind(&self.x_at)
+            .bind(&self.x_tenant)
+            .bind(&self.s_id)
+            .bind(&self.s_status)
+            .bind(&self.s_at)
+            .bind(&self.c_id)
+            .bind(&self.c_exec)
+            .bind(&self.c_step)
+            .bind(&self.c_idx)
+            .bind(now)
+            .bind(&self.k_id)
+            .bind(&self.k_worker)
+            .bind(&self.k_lease)
+            .bind(&self.k_deliveries)
+            .bind(&self.l_id)
+            .bind(&self.l_lease)
+            .bind(&self.d_id)
+    }
 }
 
 crate::common::store_impl!(PostgresStore, "ord", {
