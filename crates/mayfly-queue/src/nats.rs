@@ -90,8 +90,10 @@ impl NatsAcker {
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(&self) -> Result<(), QueueError> {
-        // Wait for the server's confirmation: a lost ack would mean a duplicate run.
-        self.msg.double_ack().await.map_err(unavailable)
+        // Fire and forget, no confirmation round trip: a lost ack only means a redelivery,
+        // and a redelivered command that is already done is answered `Done` by its claim
+        // and never runs again (the claim protocol, not the queue, makes a run happen once).
+        self.msg.ack().await.map_err(unavailable)
     }
     async fn nak(&self, delay: Option<Duration>) -> Result<(), QueueError> {
         let d = delay.unwrap_or_else(|| self.cfg.backoff_for(self.delivered));

@@ -19,11 +19,16 @@ def _has_top_level_return(tree):
     return False
 
 
-def _run(code, inp):
-    g = {"__name__": "__mayfly_step__", "__builtins__": __builtins__}
-    if isinstance(inp, dict):
-        g.update(inp)
-    g["input_data"] = inp
+# Compiled steps by source: a fan-out runs one step's code thousands of times, and parsing
+# and compiling it each time cost more than running it.
+_COMPILED = {}
+_COMPILED_MAX = 256
+
+
+def _compile(code):
+    hit = _COMPILED.get(code)
+    if hit is not None:
+        return hit
     try:
         tree = ast.parse(code, "<step>", "exec")
         wrapped = False
@@ -36,11 +41,27 @@ def _run(code, inp):
         wrapped = True
     if wrapped:
         src = "def __mayfly_main__(input_data):\n" + textwrap.indent(code, "    ") + "\n    return locals().get('result')\n"
-        _remember(src)
-        exec(compile(src, "<step>", "exec"), g)
+        obj = compile(src, "<step>", "exec")
+    else:
+        src = code
+        obj = compile(tree, "<step>", "exec")
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    hit = _COMPILED[code] = (obj, wrapped, (len(src), None, src.splitlines(True), "<step>"))
+    return hit
+
+
+def _run(code, inp):
+    g = {"__name__": "__mayfly_step__", "__builtins__": __builtins__}
+    if isinstance(inp, dict):
+        g.update(inp)
+    g["input_data"] = inp
+    obj, wrapped, lines = _compile(code)
+    # Lets tracebacks show the offending source line of the step.
+    linecache.cache["<step>"] = lines
+    exec(obj, g)
+    if wrapped:
         return g["__mayfly_main__"](inp)
-    _remember(code)
-    exec(compile(tree, "<step>", "exec"), g)
     if "result" in g:
         return g["result"]
     main = g.get("main")
@@ -50,11 +71,6 @@ def _run(code, inp):
         except TypeError:
             return main(inp)
     return None
-
-
-def _remember(src):
-    # Lets tracebacks show the offending source line of the step.
-    linecache.cache["<step>"] = (len(src), None, src.splitlines(True), "<step>")
 
 
 def _traceback(e):

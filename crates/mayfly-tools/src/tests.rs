@@ -97,6 +97,34 @@ async fn python_pool_is_warm_and_isolated() {
 }
 
 #[tokio::test]
+async fn python_reruns_of_one_step_share_its_compiled_code_not_its_state() {
+    let t = tools(1);
+    let code = "seen = globals().get('seen', 0) + 1\nif n < 0:\n    raise ValueError(n)\nresult = [n * 2, seen]";
+    for n in [1, 2, 3] {
+        let o = py(&t, code, json!({"n": n})).await;
+        assert_eq!(
+            o.data,
+            json!([n * 2, 1]),
+            "run {n}: fresh globals, its own input"
+        );
+    }
+    // Another step ran in between; the cached step's traceback still shows its own line.
+    assert!(py(&t, "result = 'other'", json!({})).await.ok);
+    let o = py(&t, code, json!({"n": -1})).await;
+    let tb = o
+        .error
+        .and_then(|e| e.detail)
+        .and_then(|d| d.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    assert!(tb.contains("raise ValueError(n)"), "{tb}");
+    // Top-level return wraps the code in a function; cached the same way.
+    for n in [4, 5] {
+        let o = py(&t, "return n + 1", json!({"n": n})).await;
+        assert_eq!(o.data, json!(n + 1));
+    }
+}
+
+#[tokio::test]
 async fn python_timeout_kills_and_replaces_the_interpreter() {
     let t = tools(1);
     let pid = py(&t, "import os\nresult = os.getpid()", json!({}))
