@@ -58,8 +58,8 @@ impl Client {
         }
     }
 
-    /// Follow an execution's SSE stream silently until it ends; its final status.
-    pub async fn await_end(&self, id: &str) -> Result<Value> {
+    /// Follow an execution's SSE stream until the server ends it (the execution ended).
+    pub async fn follow(&self, id: &str) -> Result<()> {
         let resp = self
             .http
             .get(format!("{}/v1/executions/{id}/stream", self.base))
@@ -78,8 +78,7 @@ impl Client {
         while let Some(chunk) = body.next().await {
             chunk?;
         }
-        self.send(reqwest::Method::GET, &format!("/v1/executions/{id}"), None)
-            .await
+        Ok(())
     }
 
     /// An execution's events from `from`, at most `limit`, following the server's pages.
