@@ -158,33 +158,67 @@ async fn write_group(
     jobs: &[Job],
     fence: i64,
 ) -> Result<Vec<Option<u64>>, StoreError> {
-    let cols = Columns::of(jobs)?;
+    // One call applies command changes kind by kind (inserts, claims, extends, dones), which
+    // is each batch's own order but not the order across batches: a group whose batches
+    // both change commands is split so each call holds at most one of them. (Today only the
+    // orchestrator changes commands, one commit at a time, so the hot path is one call.)
+    let calls = split_calls(jobs.iter().map(|j| !j.batch.commands.is_empty()));
     let side = jobs.iter().any(|j| {
         let b = &j.batch;
         !(b.audit.is_empty() && b.tokens.is_empty() && b.secrets.is_empty() && b.compact.is_empty())
     });
-    let rows = if side {
-        // Rare (audit, tokens, keychain, compaction): their statements share the transaction.
-        let mut tx = conn.begin().await?;
-        let rows = cols.call(fence).fetch_all(&mut *tx).await?;
-        for job in jobs {
-            apply_side(&mut tx, &job.batch).await?;
-        }
-        tx.commit().await?;
-        rows
-    } else {
-        // The hot path: one auto-committed statement, one round trip.
-        cols.call(fence).fetch_all(&mut *conn).await?
-    };
     let mut positions = vec![None; jobs.len()];
-    for r in rows {
-        let job: i32 = r.try_get("job")?;
-        let last: Option<i64> = r.try_get("last_position")?;
-        if let Some(p) = usize::try_from(job).ok().and_then(|j| positions.get_mut(j)) {
-            *p = last.map(|l| l as u64);
+    let mut record = |range: &std::ops::Range<usize>, rows: Vec<sqlx::postgres::PgRow>| {
+        for r in rows {
+            let job: i32 = r.try_get("job")?;
+            let last: Option<i64> = r.try_get("last_position")?;
+            if let Some(p) = usize::try_from(job)
+                .ok()
+                .and_then(|j| positions.get_mut(range.start + j))
+            {
+                *p = last.map(|l| l as u64);
+            }
         }
+        Ok::<(), StoreError>(())
+    };
+    if !side && calls.len() == 1 {
+        // The hot path: one auto-committed statement, one round trip.
+        let rows = Columns::of(jobs)?.call(fence).fetch_all(&mut *conn).await?;
+        record(&calls[0], rows)?;
+        return Ok(positions);
     }
+    // Rare (audit, tokens, keychain, compaction, or several batches changing commands): the
+    // calls and statements share one transaction.
+    let mut tx = conn.begin().await?;
+    for range in &calls {
+        let group = &jobs[range.clone()];
+        let rows = Columns::of(group)?.call(fence).fetch_all(&mut *tx).await?;
+        record(range, rows)?;
+    }
+    for job in jobs {
+        apply_side(&mut tx, &job.batch).await?;
+    }
+    tx.commit().await?;
     Ok(positions)
+}
+
+/// Consecutive ranges of a group's batches, each holding at most one batch that changes
+/// commands (`has_commands` per batch, in order).
+fn split_calls(has_commands: impl Iterator<Item = bool>) -> Vec<std::ops::Range<usize>> {
+    let mut calls = Vec::new();
+    let (mut start, mut len, mut with_commands) = (0, 0, false);
+    for (i, has) in has_commands.enumerate() {
+        if has {
+            if with_commands {
+                calls.push(start..i);
+                start = i;
+            }
+            with_commands = true;
+        }
+        len = i + 1;
+    }
+    calls.push(start..len);
+    calls
 }
 
 /// `mayfly_append` (migration 0010) with its 45 array arguments.
@@ -558,4 +592,20 @@ async fn try_lock(opts: &PgConnectOptions, key: i64) -> Result<Option<PgConnecti
         .fetch_one(&mut conn)
         .await?;
     Ok(got.then_some(conn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_calls;
+
+    #[test]
+    fn a_call_holds_at_most_one_batch_that_changes_commands() {
+        let split = |v: &[bool]| split_calls(v.iter().copied());
+        assert_eq!(split(&[]), vec![0..0]);
+        assert_eq!(split(&[false, false]), vec![0..2]);
+        assert_eq!(split(&[true, false, false]), vec![0..3]);
+        assert_eq!(split(&[false, true, false, true]), vec![0..3, 3..4]);
+        assert_eq!(split(&[true, true, true]), vec![0..1, 1..2, 2..3]);
+        assert_eq!(split(&[true, false, true, false]), vec![0..2, 2..4]);
+    }
 }

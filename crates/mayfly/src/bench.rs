@@ -702,11 +702,18 @@ async fn against_server(c: &crate::remote::Client, a: &BenchArgs) -> Result<serd
     }
     let py_chain = measure_remote(c, "bench-python-chain", a.runs).await?;
     let py_fan = measure_remote(c, "bench-python-fanout", a.runs).await?;
-    let wide = measure_remote(c, "bench-python-fanout-wide", a.runs).await?;
+    // `--wide-items 0` skips it (e.g. against a shared server).
+    let wide = match a.wide_items {
+        0 => serde_json::Value::Null,
+        n => {
+            let t = measure_remote(c, "bench-python-fanout-wide", a.runs).await?;
+            json!({"items": n, "in_flight": a.wide_in_flight, "seconds": t, "steps_per_second": n as f64 / t})
+        }
+    };
     Ok(json!({
         "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
         "python_fanout": {"items": a.python_items, "in_flight": 64, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
-        "python_fanout_wide": {"items": a.wide_items, "in_flight": a.wide_in_flight, "seconds": wide, "steps_per_second": a.wide_items as f64 / wide},
+        "python_fanout_wide": wide,
     }))
 }
 
@@ -824,6 +831,9 @@ fn print_remote(a: &BenchArgs, rows: &[(String, serde_json::Value)]) {
                 .as_f64()
                 .unwrap_or(0.0)
         );
+        if v["python_fanout_wide"].is_null() {
+            continue;
+        }
         println!(
             "  {:<14} {:<40} {:>8.0} steps/s",
             name,
