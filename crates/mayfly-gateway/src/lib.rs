@@ -818,12 +818,22 @@ async fn stream(
         let send = |e: &mayfly_types::Event| {
             // The same bytes whichever path an event took: events followed from the commit
             // broadcast carry no log position, so none carries it here (`/events` has it).
-            let mut v = serde_json::to_value(e).unwrap_or_default();
-            if let Some(m) = v.as_object_mut() {
-                m.remove("position");
+            // Serialized straight from the event (no `Value` in between): a fan-out streams
+            // several events per item.
+            let redact = c.role < Role::Operator
+                && e.kind == EventKind::StepWaiting
+                && e.payload.get("token").is_some();
+            let data = if e.position.is_none() && !redact {
+                serde_json::to_string(e)
+            } else {
+                let mut e = e.clone();
+                e.position = None;
+                if redact && let Some(p) = e.payload.as_object_mut() {
+                    p.insert("token".into(), Value::from("[redacted]"));
+                }
+                serde_json::to_string(&e)
             }
-            redact_callback_token(&c, &mut v);
-            let data = v.to_string();
+            .unwrap_or_default();
             SseEvent::default()
                 .id(e.seq.to_string())
                 .event(e.kind.as_str())

@@ -561,6 +561,32 @@ async fn callbacks_resume_a_parked_step_once() {
         .expect("the viewer sees the event");
     assert_eq!(waiting["payload"]["token"], "[redacted]");
     assert!(!v.to_string().contains(&token), "{v}");
+    // The live stream redacts it the same way (the execution is parked: read until it shows).
+    let mut resp = s
+        .http
+        .get(format!("{}/v1/executions/{id}/stream", s.base))
+        .bearer_auth(&viewer)
+        .send()
+        .await
+        .expect("sse");
+    let mut text = String::new();
+    let waiting_data = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let chunk = resp.chunk().await.expect("chunk").expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(at) = text.find("event: step.waiting")
+                && let Some(line) = text[at..].lines().find_map(|l| l.strip_prefix("data: "))
+                && text[at..].contains("\n\n")
+            {
+                return line.to_owned();
+            }
+        }
+    })
+    .await
+    .expect("step.waiting streamed");
+    let ev: Value = serde_json::from_str(&waiting_data).expect("event json");
+    assert_eq!(ev["payload"]["token"], "[redacted]", "{ev}");
+    assert!(!text.contains(&token), "{text}");
     // A body spelling a cache ref is refused (refs are minted by mayfly) and spends nothing.
     let forged = json!({"approved": {"$ref": format!("sha256:{}", "a".repeat(64)), "format": "json", "bytes": 9}});
     let (st, v, _) = s
