@@ -86,6 +86,42 @@ pub(crate) async fn writer_loop<W: GroupWriter>(mut conn: W, mut rx: mpsc::Recei
     }
 }
 
+/// What an event changes in the executions projection (both backends project the same).
+pub(crate) enum Projection<'a> {
+    /// A new execution row, `pending`.
+    Requested {
+        path: &'a str,
+        parent: Option<&'a str>,
+        tenant: &'a str,
+    },
+    /// The execution's new status.
+    Status(&'static str),
+}
+
+pub(crate) fn projection(e: &Event) -> Option<Projection<'_>> {
+    Some(match e.kind {
+        EventKind::ExecutionRequested => {
+            let p = &e.payload;
+            Projection::Requested {
+                path: p.get("path").and_then(|v| v.as_str()).unwrap_or_default(),
+                parent: p
+                    .get("parent")
+                    .and_then(|v| v.get("execution_id"))
+                    .and_then(|v| v.as_str()),
+                tenant: p
+                    .get("tenant")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or(mayfly_types::DEFAULT_TENANT),
+            }
+        }
+        EventKind::ExecutionStarted => Projection::Status("running"),
+        EventKind::ExecutionCompleted => Projection::Status("completed"),
+        EventKind::ExecutionFailed => Projection::Status("failed"),
+        EventKind::ExecutionCancelled => Projection::Status("cancelled"),
+        _ => return None,
+    })
+}
+
 pub(crate) fn opt_u64(v: Option<i64>) -> Option<u64> {
     v.map(|x| x as u64)
 }

@@ -4,13 +4,14 @@
 //! committed late (the classic BIGSERIAL gap problem).
 
 use crate::common::{
-    DbRow, GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
+    DbRow, GroupWriter, Job, Projection, catalog_row, opt_u64, projection, row_to_event,
+    row_to_execution, writer_loop,
 };
 use crate::{AuditRecord, CatalogEntry, TokenGrant};
 use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, StoreError, StoredPlaybook,
 };
-use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
+use mayfly_types::{Event, ExecutionId, now_ms};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool, Postgres, Row};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -309,33 +310,24 @@ impl<'a> Columns<'a> {
                 digests.clear();
                 mayfly_types::CacheRef::digests_in(&e.payload, &mut digests);
                 refs.extend(digests.iter().map(|d| (e.execution_id.0.as_str(), *d)));
-                let st = match e.kind {
-                    EventKind::ExecutionRequested => {
+                let st = match projection(e) {
+                    Some(Projection::Requested {
+                        path,
+                        parent,
+                        tenant,
+                    }) => {
                         if requested.insert(e.execution_id.0.as_str()) {
-                            let p = &e.payload;
                             c.x_id.push(&e.execution_id.0);
-                            c.x_path
-                                .push(p.get("path").and_then(|v| v.as_str()).unwrap_or_default());
+                            c.x_path.push(path);
                             c.x_digest.push(&e.playbook_digest);
-                            c.x_parent.push(
-                                p.get("parent")
-                                    .and_then(|v| v.get("execution_id"))
-                                    .and_then(|v| v.as_str()),
-                            );
+                            c.x_parent.push(parent);
                             c.x_at.push(e.at as i64);
-                            c.x_tenant.push(
-                                p.get("tenant")
-                                    .and_then(|t| t.as_str())
-                                    .unwrap_or(mayfly_types::DEFAULT_TENANT),
-                            );
+                            c.x_tenant.push(tenant);
                         }
                         continue;
                     }
-                    EventKind::ExecutionStarted => "running",
-                    EventKind::ExecutionCompleted => "completed",
-                    EventKind::ExecutionFailed => "failed",
-                    EventKind::ExecutionCancelled => "cancelled",
-                    _ => continue,
+                    Some(Projection::Status(st)) => st,
+                    None => continue,
                 };
                 match status.get(e.execution_id.0.as_str()) {
                     Some(&i) => {

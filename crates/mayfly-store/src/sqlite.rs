@@ -2,13 +2,14 @@
 //! reader pool. Many concurrent blocks share one fsync.
 
 use crate::common::{
-    DbRow, GroupWriter, Job, catalog_row, opt_u64, row_to_event, row_to_execution, writer_loop,
+    DbRow, GroupWriter, Job, Projection, catalog_row, opt_u64, projection, row_to_event,
+    row_to_execution, writer_loop,
 };
 use crate::{AuditRecord, CatalogEntry, TokenGrant};
 use crate::{
     Batch, CommandOp, CommandRow, ExecutionRow, SecretEntry, SecretOp, StoreError, StoredPlaybook,
 };
-use mayfly_types::{Event, EventKind, ExecutionId, now_ms};
+use mayfly_types::{Event, ExecutionId, now_ms};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use std::path::{Path, PathBuf};
@@ -148,18 +149,12 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
         qb.build().execute(&mut *tx).await?;
     }
     for e in events {
-        let status = match e.kind {
-            EventKind::ExecutionRequested => {
-                let path = e
-                    .payload
-                    .get("path")
-                    .and_then(|p| p.as_str())
-                    .unwrap_or_default();
-                let parent = e
-                    .payload
-                    .get("parent")
-                    .and_then(|p| p.get("execution_id"))
-                    .and_then(|p| p.as_str());
+        let status = match projection(e) {
+            Some(Projection::Requested {
+                path,
+                parent,
+                tenant,
+            }) => {
                 sqlx::query(
                     "INSERT INTO executions (execution_id, path, playbook_digest, status, parent_execution_id, created_at, updated_at, tenant) \
                      VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7) ON CONFLICT (execution_id) DO NOTHING",
@@ -170,16 +165,13 @@ async fn project_executions(tx: &mut SqliteConnection, events: &[Event]) -> Resu
                 .bind(parent)
                 .bind(e.at as i64)
                 .bind(e.at as i64)
-                .bind(e.payload.get("tenant").and_then(|t| t.as_str()).unwrap_or(mayfly_types::DEFAULT_TENANT))
+                .bind(tenant)
                 .execute(&mut *tx)
                 .await?;
                 continue;
             }
-            EventKind::ExecutionStarted => "running",
-            EventKind::ExecutionCompleted => "completed",
-            EventKind::ExecutionFailed => "failed",
-            EventKind::ExecutionCancelled => "cancelled",
-            _ => continue,
+            Some(Projection::Status(st)) => st,
+            None => continue,
         };
         sqlx::query("UPDATE executions SET status = $1, updated_at = $2 WHERE execution_id = $3")
             .bind(status)
