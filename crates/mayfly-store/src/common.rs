@@ -458,6 +458,21 @@ pub(crate) use store_impl;
 macro_rules! write_fns {
     ($conn:ty) => {
 
+/// Store a playbook version (idempotent by digest).
+async fn insert_playbook(tx: &mut $conn, pb: &$crate::StoredPlaybook) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
+    )
+    .bind(&pb.digest)
+    .bind(&pb.path)
+    .bind(&pb.source_name)
+    .bind(&pb.content)
+    .bind(now_ms() as i64)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// A batch's audit records, tokens, keychain changes and compactions.
 async fn apply_side(tx: &mut $conn, batch: &$crate::Batch) -> Result<(), StoreError> {
     for a in &batch.audit {

@@ -465,14 +465,7 @@ crate::common::store_impl!(PostgresStore, "ord", {
             .bind(&pb.path)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING")
-            .bind(&pb.digest)
-            .bind(&pb.path)
-            .bind(&pb.source_name)
-            .bind(&pb.content)
-            .bind(now_ms() as i64)
-            .execute(&mut *tx)
-            .await?;
+        insert_playbook(&mut tx, &pb).await?;
         if let Some(r) = sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = $1 AND path = $2 AND digest = $3").bind(tenant).bind(&pb.path).bind(&pb.digest).fetch_optional(&mut *tx).await? {
             let e = catalog_row(&r)?;
             tx.commit().await?;

@@ -305,16 +305,7 @@ async fn apply_commands(tx: &mut SqliteConnection, ops: &[CommandOp]) -> Result<
 /// the commands table, inside the writer's transaction.
 async fn apply_records(tx: &mut SqliteConnection, batch: &Batch) -> Result<(), StoreError> {
     for pb in &batch.playbooks {
-        sqlx::query(
-            "INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (digest) DO NOTHING",
-        )
-        .bind(&pb.digest)
-        .bind(&pb.path)
-        .bind(&pb.source_name)
-        .bind(&pb.content)
-        .bind(now_ms() as i64)
-        .execute(&mut *tx)
-        .await?;
+        insert_playbook(tx, pb).await?;
     }
     apply_side(tx, batch).await?;
     project_executions(tx, &batch.events).await?;
@@ -330,14 +321,7 @@ crate::common::store_impl!(SqliteStore, "rowid", {
         // BEGIN IMMEDIATE: take the write lock up front, so concurrent registrations serialize.
         let mut conn = SqliteConnection::connect_with(&options(&self.path)).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("INSERT INTO playbooks (digest, path, source_name, content, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (digest) DO NOTHING")
-            .bind(&pb.digest)
-            .bind(&pb.path)
-            .bind(&pb.source_name)
-            .bind(&pb.content)
-            .bind(now_ms() as i64)
-            .execute(&mut *tx)
-            .await?;
+        insert_playbook(&mut tx, &pb).await?;
         if let Some(r) = sqlx::query("SELECT path, version, digest, created_at FROM catalog WHERE tenant = ? AND path = ? AND digest = ?").bind(tenant).bind(&pb.path).bind(&pb.digest).fetch_optional(&mut *tx).await? {
             let e = catalog_row(&r)?;
             tx.commit().await?;
