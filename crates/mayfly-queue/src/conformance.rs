@@ -39,6 +39,7 @@ async fn assert_empty(q: &dyn CommandQueue, why: &str) {
 pub async fn run_all(q: Arc<dyn CommandQueue>) {
     publish_pull_ack(q.as_ref()).await;
     publish_is_deduplicated(q.as_ref()).await;
+    batch_publish_is_many_publishes(q.as_ref()).await;
     batch_pull_returns_what_is_there_without_waiting_to_fill(q.as_ref()).await;
     nak_with_delay_redelivers_later(q.as_ref()).await;
     unacked_delivery_is_redelivered_after_ack_wait(q.as_ref()).await;
@@ -99,6 +100,48 @@ pub async fn publish_is_deduplicated(q: &dyn CommandQueue) {
     assert_eq!(d.id, d_id);
     d.ack().await.expect("ack");
     assert_empty(q, "a duplicate publish is delivered once").await;
+}
+
+pub async fn batch_publish_is_many_publishes(q: &dyn CommandQueue) {
+    // A duplicate inside the batch and one of an earlier publish are both dropped.
+    let earlier = id("bp0");
+    q.publish(&earlier, b"0").await.expect("publish");
+    let ids: Vec<String> = (1..=40).map(|i| id(&format!("bp{i}"))).collect();
+    let mut items: Vec<(String, bytes::Bytes)> = ids
+        .iter()
+        .map(|i| (i.clone(), bytes::Bytes::from(i.clone().into_bytes())))
+        .collect();
+    items.push((
+        ids[3].clone(),
+        bytes::Bytes::from(ids[3].clone().into_bytes()),
+    ));
+    items.push((earlier.clone(), bytes::Bytes::from_static(b"0")));
+    let results = q.publish_batch(&items).await;
+    assert_eq!(results.len(), items.len(), "one result per message");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let mut got = Vec::new();
+    while got.len() < ids.len() + 1 {
+        let batch = q.pull_batch(64, SOME_WAIT).await.expect("batch");
+        assert!(
+            !batch.is_empty(),
+            "only {} of {} delivered",
+            got.len(),
+            ids.len() + 1
+        );
+        got.extend(batch);
+    }
+    let order: Vec<&str> = got.iter().map(|d| d.id.as_str()).collect();
+    let want: Vec<&str> = std::iter::once(earlier.as_str())
+        .chain(ids.iter().map(String::as_str))
+        .collect();
+    assert_eq!(order, want, "each message once, in publish order");
+    for d in &got[1..] {
+        assert_eq!(d.payload, d.id.as_bytes(), "payload of {}", d.id);
+    }
+    for d in got {
+        d.ack().await.expect("ack");
+    }
+    assert_empty(q, "after acking a batch with duplicates").await;
 }
 
 pub async fn nak_with_delay_redelivers_later(q: &dyn CommandQueue) {

@@ -114,6 +114,16 @@ pub(crate) trait Acker: Send + Sync {
 pub trait CommandQueue: Send + Sync + 'static {
     /// Enqueue `payload` under `id` (deduplicated by id).
     async fn publish(&self, id: &str, payload: &[u8]) -> Result<(), QueueError>;
+    /// Enqueue several messages, each exactly as [`publish`](Self::publish) would: one result
+    /// per message, in order. A backend may send them together (JetStream gets the batch in
+    /// one write and confirms each message).
+    async fn publish_batch(&self, items: &[(String, bytes::Bytes)]) -> Vec<Result<(), QueueError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (id, payload) in items {
+            out.push(self.publish(id, payload).await);
+        }
+        out
+    }
     /// The next deliverable message, waiting up to `wait`.
     async fn pull(&self, wait: Duration) -> Result<Option<Delivery>, QueueError>;
     /// Up to `max` deliverable messages: returns as soon as at least one is available

@@ -27,9 +27,11 @@ use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-/// Publishes in flight at once (JetStream acks each publish; pipelining them is what makes
-/// fan-out fast).
+/// Publish batches in flight at once (JetStream acks each message; pipelining them is what
+/// makes fan-out fast).
 const MAX_INFLIGHT_PUBLISHES: usize = 512;
+/// Most blocks in one publish batch.
+const MAX_PUBLISH_BATCH: usize = 256;
 /// How long a worker waits for the orchestrator's answer.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most claims or completions in one batched request.
@@ -407,6 +409,9 @@ impl QueueHealth {
 /// Publish every dispatched block to `queue`, retrying each until JetStream acknowledges
 /// it. Message ids are unique per dispatch (the dedupe window only absorbs a retried
 /// publish whose ack was lost; a later re-dispatch of the same command must get through).
+///
+/// The blocks a commit dispatches arrive together and go out as one batch (one write to
+/// NATS instead of one per block); a block whose publish fails is retried on its own.
 pub(crate) async fn publisher(
     mut rx: mpsc::UnboundedReceiver<Block>,
     queue: Arc<dyn CommandQueue>,
@@ -421,27 +426,53 @@ pub(crate) async fn publisher(
         tokio::select! {
             b = rx.recv(), if inflight.len() < MAX_INFLIGHT_PUBLISHES => {
                 let Some(b) = b else { break };
-                n += 1;
-                let id = format!("{}.{nonce}.{n}", b.command_id);
-                let payload = encode(&b);
+                let mut items = Vec::new();
+                let mut next = Some(b);
+                while let Some(b) = next {
+                    n += 1;
+                    items.push((format!("{}.{nonce}.{n}", b.command_id), encode(&b)));
+                    next = match items.len() < MAX_PUBLISH_BATCH {
+                        true => rx.try_recv().ok(),
+                        false => None,
+                    };
+                }
                 let (queue, health, pending) = (queue.clone(), health.clone(), pending.clone());
                 inflight.spawn(async move {
-                    let mut pause = Duration::from_millis(100);
-                    loop {
-                        match queue.publish(&id, &payload).await {
+                    let results = queue.publish_batch(&items).await;
+                    let mut retries = JoinSet::new();
+                    for ((id, payload), r) in items.into_iter().zip(results) {
+                        match r {
                             Ok(()) => {
                                 health.set(true);
                                 pending.fetch_sub(1, Ordering::Relaxed);
-                                return;
                             }
                             Err(e) => {
                                 health.set(false);
                                 tracing::warn!(error = %e, command = %id, "publish failed; retrying");
-                                tokio::time::sleep(pause).await;
-                                pause = (pause * 2).min(Duration::from_secs(5));
+                                let (queue, health, pending) =
+                                    (queue.clone(), health.clone(), pending.clone());
+                                retries.spawn(async move {
+                                    let mut pause = Duration::from_millis(100);
+                                    loop {
+                                        tokio::time::sleep(pause).await;
+                                        pause = (pause * 2).min(Duration::from_secs(5));
+                                        match queue.publish(&id, &payload).await {
+                                            Ok(()) => {
+                                                health.set(true);
+                                                pending.fetch_sub(1, Ordering::Relaxed);
+                                                return;
+                                            }
+                                            Err(e) => {
+                                                health.set(false);
+                                                tracing::warn!(error = %e, command = %id, "publish failed; retrying");
+                                            }
+                                        }
+                                    }
+                                });
                             }
                         }
                     }
+                    while retries.join_next().await.is_some() {}
                 });
             }
             Some(_) = inflight.join_next(), if !inflight.is_empty() => {}

@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Slots of each `mayfly worker` the distributed bench spawns.
     #[arg(long, default_value_t = 64)]
     worker_slots: usize,
+    /// Runtime threads of each `mayfly worker` the distributed bench spawns (default: the
+    /// workers together get one per CPU, at least one each).
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Rows in the table hand-off (shared cache) scenario.
     #[arg(long, default_value_t = 10_000)]
     rows: usize,
@@ -717,6 +721,30 @@ async fn against_server(c: &crate::remote::Client, a: &BenchArgs) -> Result<serd
     }))
 }
 
+/// A bench process started the way a service runs: in a session of its own. Linux's
+/// autogroup scheduler shares the CPUs fairly between sessions, not processes; Postgres and
+/// NATS each run in one of their own, so a server and its workers all left in the bench's
+/// one session would share a single service's share between them. The process is killed
+/// with the bench (it no longer gets the terminal's Ctrl-C).
+fn service(exe: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(exe);
+    #[cfg(unix)]
+    // SAFETY: between fork and exec only async-signal-safe calls are made (setsid, prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            #[cfg(target_os = "linux")]
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Spawn a distributed server and `workers` worker processes, benchmark, tear down.
 async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde_json::Value> {
     use tokio::io::AsyncBufReadExt;
@@ -732,7 +760,7 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
         }
         None => (dir.path().join("bench.db").display().to_string(), None),
     };
-    let mut server = tokio::process::Command::new(&exe)
+    let mut server = service(&exe)
         .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
         .args(["--queue", queue, "--queue-name", &stream])
         .env("MAYFLY_LOG", "error")
@@ -758,13 +786,19 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
     }
     let (token, url) = (banner.token, banner.url);
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = a
+        .worker_threads
+        .unwrap_or_else(|| cpus.div_ceil(workers.max(1)))
+        .max(1);
     let mut procs = Vec::new();
     for i in 0..workers {
         procs.push(
-            tokio::process::Command::new(&exe)
+            service(&exe)
                 .args(["worker", "--queue", queue, "--queue-name", &stream])
                 .args(["--id", &format!("bench{i}")])
                 .args(["--slots", &a.worker_slots.to_string()])
+                .args(["--threads", &threads.to_string()])
                 .env("MAYFLY_LOG", "error")
                 .stderr(std::process::Stdio::null())
                 .kill_on_drop(true)
