@@ -16,6 +16,7 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
 
 /// A JetStream-backed command queue.
 pub struct NatsQueue {
+    client: async_nats::Client,
     js: jetstream::Context,
     subject: String,
     consumer: PullConsumer,
@@ -26,7 +27,7 @@ impl NatsQueue {
     /// Connect to `url` and create (or reuse) stream `name` with its durable consumer.
     pub async fn connect(url: &str, name: &str, cfg: QueueConfig) -> Result<Self, QueueError> {
         let client = async_nats::connect(url).await.map_err(unavailable)?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let subject = format!("{name}.commands");
         let stream = js
             .get_or_create_stream(jetstream::stream::Config {
@@ -57,11 +58,18 @@ impl NatsQueue {
             .await
             .map_err(unavailable)?;
         Ok(NatsQueue {
+            client,
             js,
             subject,
             consumer,
             cfg,
         })
+    }
+
+    /// The connection this queue's deliveries are acknowledged on: flush it before the
+    /// process exits, or acks still in its buffer are lost (and their messages redelivered).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     /// Delete stream `name` (tests clean up after themselves).

@@ -515,6 +515,10 @@ type PlaybookKey = (String, Vec<String>);
 
 struct Inner {
     client: async_nats::Client,
+    /// The queue's own connection, which carries the deliveries' acks.
+    queue_client: async_nats::Client,
+    /// Set once the worker drains: slots stop taking deliveries.
+    draining: tokio::sync::watch::Sender<bool>,
     claims: Batcher<ClaimWire>,
     completes: Batcher<()>,
     /// Idle slots ask the fetcher for a delivery here.
@@ -540,6 +544,7 @@ impl RemoteCoordinator {
         let queue = NatsQueue::connect(url, prefix, cfg)
             .await
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let queue_client = queue.client();
         let (wants, rx) = mpsc::unbounded_channel();
         let fetcher = tokio::spawn(fetcher(queue, rx));
         let room = room(client.server_info().max_payload);
@@ -548,12 +553,34 @@ impl RemoteCoordinator {
                 claims: Batcher::start(client.clone(), format!("{prefix}.rpc.claims"), room),
                 completes: Batcher::start(client.clone(), format!("{prefix}.rpc.completes"), room),
                 client,
+                queue_client,
+                draining: tokio::sync::watch::Sender::new(false),
                 wants,
                 fetcher,
                 prefix: prefix.to_owned(),
                 playbooks: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Stop taking deliveries: idle slots' `next()` returns None at once (a delivery already
+    /// on its way to one goes back to the queue), busy slots finish their block and then
+    /// get None. Their worker loops end; nothing running is abandoned.
+    pub fn drain(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Write out whatever the NATS connections still buffer (acks, above all): called before
+    /// the process exits, so a finished block's ack is not lost and redelivered.
+    pub async fn flush(&self) {
+        for (what, c) in [
+            ("requests", &self.inner.client),
+            ("queue", &self.inner.queue_client),
+        ] {
+            if let Err(e) = c.flush().await {
+                tracing::warn!(error = %e, connection = what, "could not flush NATS");
+            }
+        }
     }
 
     /// Report this process's agent to the control plane behind the orchestrator.
@@ -819,9 +846,24 @@ impl Coordinator for RemoteCoordinator {
     type Ticket = Delivery;
 
     async fn next(&self) -> Option<(Block, Delivery)> {
-        let (tx, rx) = oneshot::channel();
+        let mut draining = self.inner.draining.subscribe();
+        if *draining.borrow_and_update() {
+            return None;
+        }
+        let (tx, mut rx) = oneshot::channel();
         self.inner.wants.send(tx).ok()?;
-        rx.await.ok()
+        tokio::select! {
+            biased;
+            got = &mut rx => got.ok(),
+            _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
+                // A delivery the fetcher handed over meanwhile goes straight back.
+                rx.close();
+                if let Ok((_, d)) = rx.try_recv() {
+                    let _ = d.nak(Some(Duration::ZERO)).await;
+                }
+                None
+            }
+        }
     }
 
     async fn claim(&self, block: Block, worker: &str) -> Result<Claim, RuntimeError> {
@@ -908,17 +950,16 @@ impl Coordinator for RemoteCoordinator {
     }
 
     async fn settle(&self, ticket: Delivery, settle: Settle) {
-        // Off the slot's path: the slot pulls its next block while JetStream confirms. A
-        // lost ack means a redelivery, which the claim protocol answers with `done`.
-        tokio::spawn(async move {
-            let r = match settle {
-                Settle::Ack => ticket.ack().await,
-                Settle::Retry(d) => ticket.nak(Some(d)).await,
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "could not settle a delivery");
-            }
-        });
+        // Acks are fire and forget (handing one to the client is all this awaits): a lost ack
+        // means a redelivery, which the claim protocol answers with `done`. Settled before
+        // the slot moves on, so a draining worker's last acks are in the buffer it flushes.
+        let r = match settle {
+            Settle::Ack => ticket.ack().await,
+            Settle::Retry(d) => ticket.nak(Some(d)).await,
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not settle a delivery");
+        }
     }
 
     async fn sealed_secret(&self, h: &Hydrated, alias: &str) -> Result<Option<String>, String> {

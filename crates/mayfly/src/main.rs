@@ -240,6 +240,9 @@ struct WorkerArgs {
     /// Concurrent blocks in this process.
     #[arg(long, default_value_t = 16)]
     slots: usize,
+    /// Seconds a worker told to stop (SIGTERM or SIGINT) lets its running blocks finish.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
     /// Runtime threads (default: one per CPU). A worker mostly waits on NATS and on its
     /// tools' processes; several workers sharing few CPUs spend less on thread wake-ups
     /// with one each.
@@ -1011,7 +1014,9 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
         cache,
         agent: agent_opts,
         threads: _,
+        drain_timeout,
     } = w;
+    let drain_timeout = *drain_timeout;
     let (slots, python_pool, metrics_listen, id) =
         (*slots, *python_pool, metrics_listen.as_deref(), id.clone());
     let Some(url) = dist.nats_url()? else {
@@ -1070,10 +1075,50 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
         ));
     }
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = shutdown_signal() => {
+            // Scale-down, not a crash: finish what runs, hand back what waits, then exit.
+            let grace = std::time::Duration::try_from_secs_f64(drain_timeout.max(0.0))
+                .unwrap_or(std::time::Duration::MAX);
+            eprintln!(
+                "mayfly worker {id}: draining (running blocks finish, up to {}s; a second signal stops at once)",
+                grace.as_secs_f64()
+            );
+            coord.drain();
+            let all_done = async { while loops.join_next().await.is_some() {} };
+            tokio::select! {
+                r = tokio::time::timeout(grace, all_done) => if r.is_err() {
+                    eprintln!("mayfly worker {id}: drain timed out; unfinished blocks will be redelivered");
+                },
+                _ = shutdown_signal() => {}
+            }
+        }
         _ = loops.join_next() => {}
     }
+    coord.flush().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT or SIGTERM (what a service manager or Kubernetes sends to stop a process).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Resolve `path[@version]` from the tenant's catalog (outer error: the store failed;

@@ -225,6 +225,101 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     r.cleanup();
 }
 
+/// Messages of `stream` not yet acknowledged: waiting plus delivered-but-unacked.
+fn unacked(stream: &str) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(NATS).await.expect("nats"));
+        let s = js.get_stream(stream).await.expect("stream");
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            s.get_consumer("workers").await.expect("consumer");
+        let i = c.info().await.expect("consumer info");
+        i.num_pending + i.num_ack_pending as u64
+    })
+}
+
+#[test]
+fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
+    let Some(mut r) = slow_step_running("drain", "1") else {
+        return;
+    };
+    let (db, url, token, id, stream) = (
+        r.db.clone(),
+        r.url.clone(),
+        r.token.clone(),
+        r.id.clone(),
+        r.stream.clone(),
+    );
+    let procs = &mut r.procs;
+    // SIGTERM while worker A's step sleeps: A finishes it, then exits on its own.
+    let a = procs.0.get_mut(1).expect("worker A");
+    let pid = libc::pid_t::try_from(a.id()).expect("pid");
+    // SAFETY: signals a child process this test started and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM A");
+    let began = Instant::now();
+    let exit = loop {
+        if let Some(s) = a.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "worker A did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "worker A exited {exit:?}");
+
+    let evs = events(&db, &id);
+    let of = |kind: &str, step: &str| -> Vec<Value> {
+        evs.iter()
+            .filter(|e| e["kind"] == kind && e["step"] == step)
+            .cloned()
+            .collect()
+    };
+    let claims = of("command.claimed", "start");
+    assert_eq!(claims.len(), 1, "claimed once, by A: {claims:?}");
+    assert!(
+        claims[0]["payload"]["worker"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("A/")),
+        "{claims:?}"
+    );
+    let finished = of("step.finished", "start");
+    assert_eq!(finished.len(), 1, "A finished the step it was running");
+    assert_eq!(finished[0]["attempt"], 1);
+    assert!(
+        of("command.claimed", "end").is_empty(),
+        "a draining worker takes no new block"
+    );
+    // A's ack reached JetStream before it exited: only the next step's command is left.
+    assert_eq!(unacked(&stream), 1, "the `end` command and nothing else");
+
+    // The next step waits for another worker.
+    procs.0.push(worker(&stream, "B", "1"));
+    wait_for("the execution to complete", Duration::from_secs(60), || {
+        status(&url, &token, &id)["status"] == "completed"
+    });
+    assert_eq!(
+        status(&url, &token, &id)["result"],
+        serde_json::json!({"after": 40})
+    );
+    let evs = events(&db, &id);
+    let end_claims: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "command.claimed" && e["step"] == "end")
+        .collect();
+    assert_eq!(end_claims.len(), 1, "{end_claims:?}");
+    assert!(
+        end_claims[0]["payload"]["worker"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("B/"))
+    );
+    r.cleanup();
+}
+
 /// Start a distributed server; (child, base url, admin token if this start printed one).
 fn start_server(db: &str, stream: &str) -> (Child, String, Option<String>) {
     spawn_server(&[
