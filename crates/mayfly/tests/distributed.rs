@@ -178,21 +178,10 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
 
     // Worker B gets the redelivered command and the execution completes.
     procs.0.push(worker(&stream, "B", "2"));
-    wait_for("the execution to complete", Duration::from_secs(60), || {
-        status(&url, &token, &id)["status"] == "completed"
-    });
-    assert_eq!(
-        status(&url, &token, &id)["result"],
-        serde_json::json!({"after": 40})
-    );
+    completes(&url, &token, &id);
 
     let evs = events(&db, &id);
-    let of = |kind: &str| -> Vec<&Value> {
-        evs.iter()
-            .filter(|e| e["kind"] == kind && e["step"] == "start")
-            .collect()
-    };
-    let claims: Vec<(u64, String)> = of("command.claimed")
+    let claims: Vec<(u64, String)> = of(&evs, "command.claimed", "start")
         .iter()
         .map(|e| {
             (
@@ -210,14 +199,14 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
         claims[1].0 == 2 && claims[1].1.starts_with("B/"),
         "{claims:?}"
     );
-    let finished = of("step.finished");
+    let finished = of(&evs, "step.finished", "start");
     assert_eq!(
         finished.len(),
         1,
         "exactly one step.finished for the command"
     );
     assert_eq!(finished[0]["attempt"], 2);
-    assert_eq!(of("command.completed").len(), 1);
+    assert_eq!(of(&evs, "command.completed", "start").len(), 1);
     assert_eq!(
         evs.last().map(|e| e["kind"].clone()),
         Some(Value::from("execution.completed"))
@@ -273,13 +262,7 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
     assert!(exit.success(), "worker A exited {exit:?}");
 
     let evs = events(&db, &id);
-    let of = |kind: &str, step: &str| -> Vec<Value> {
-        evs.iter()
-            .filter(|e| e["kind"] == kind && e["step"] == step)
-            .cloned()
-            .collect()
-    };
-    let claims = of("command.claimed", "start");
+    let claims = of(&evs, "command.claimed", "start");
     assert_eq!(claims.len(), 1, "claimed once, by A: {claims:?}");
     assert!(
         claims[0]["payload"]["worker"]
@@ -287,11 +270,11 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
             .is_some_and(|w| w.starts_with("A/")),
         "{claims:?}"
     );
-    let finished = of("step.finished", "start");
+    let finished = of(&evs, "step.finished", "start");
     assert_eq!(finished.len(), 1, "A finished the step it was running");
     assert_eq!(finished[0]["attempt"], 1);
     assert!(
-        of("command.claimed", "end").is_empty(),
+        of(&evs, "command.claimed", "end").is_empty(),
         "a draining worker takes no new block"
     );
     // A's ack reached JetStream before it exited: only the next step's command is left.
@@ -299,18 +282,9 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
 
     // The next step waits for another worker.
     procs.0.push(worker(&stream, "B", "1"));
-    wait_for("the execution to complete", Duration::from_secs(60), || {
-        status(&url, &token, &id)["status"] == "completed"
-    });
-    assert_eq!(
-        status(&url, &token, &id)["result"],
-        serde_json::json!({"after": 40})
-    );
+    completes(&url, &token, &id);
     let evs = events(&db, &id);
-    let end_claims: Vec<&Value> = evs
-        .iter()
-        .filter(|e| e["kind"] == "command.claimed" && e["step"] == "end")
-        .collect();
+    let end_claims = of(&evs, "command.claimed", "end");
     assert_eq!(end_claims.len(), 1, "{end_claims:?}");
     assert!(
         end_claims[0]["payload"]["worker"]
@@ -383,6 +357,24 @@ fn status(url: &str, token: &str, id: &str) -> Value {
     serde_json::from_str(&remote(url, token, &["exec", "status", id])).expect("status")
 }
 
+/// Wait for [`SLOW`] execution `id` to complete, with its result.
+fn completes(url: &str, token: &str, id: &str) {
+    wait_for("the execution to complete", Duration::from_secs(60), || {
+        status(url, token, id)["status"] == "completed"
+    });
+    assert_eq!(
+        status(url, token, id)["result"],
+        serde_json::json!({"after": 40})
+    );
+}
+
+/// The events of `kind` for `step`.
+fn of<'a>(evs: &'a [Value], kind: &str, step: &str) -> Vec<&'a Value> {
+    evs.iter()
+        .filter(|e| e["kind"] == kind && e["step"] == step)
+        .collect()
+}
+
 #[test]
 fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
     let Some(mut r) = slow_step_running("srvkill", "2") else {
@@ -403,13 +395,7 @@ fn the_server_killed_mid_step_restarts_and_the_execution_completes_once() {
     let (server, url, again) = start_server(&db, &stream);
     assert!(again.is_none(), "the admin token is printed only once");
     procs.0[0] = server;
-    wait_for("the execution to complete", Duration::from_secs(60), || {
-        status(&url, &token, &id)["status"] == "completed"
-    });
-    assert_eq!(
-        status(&url, &token, &id)["result"],
-        serde_json::json!({"after": 40})
-    );
+    completes(&url, &token, &id);
     let evs = events(&db, &id);
     let finished: Vec<&Value> = evs
         .iter()
