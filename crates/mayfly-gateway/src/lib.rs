@@ -793,14 +793,71 @@ async fn events(
     Ok(Json(json!({"events": evs, "next": next})))
 }
 
+#[derive(Deserialize)]
+struct StreamQuery {
+    /// Comma-separated event kinds to send (`step.finished`) or families (`execution.*`).
+    kinds: Option<String>,
+}
+
+/// Which event kinds a stream sends (`?kinds=`); none given sends every kind.
+struct KindFilter(Option<Vec<String>>);
+
+impl KindFilter {
+    fn parse(q: Option<&str>) -> ApiResult<Self> {
+        let Some(q) = q.filter(|q| !q.trim().is_empty()) else {
+            return Ok(KindFilter(None));
+        };
+        let mut out = Vec::new();
+        for k in q.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            // Families keep their dot (`execution.`) so `execution.*` never matches `executions`.
+            let known = match k.strip_suffix('*') {
+                Some(family) => {
+                    family.ends_with('.')
+                        && EventKind::ALL
+                            .iter()
+                            .any(|e| e.as_str().starts_with(family))
+                }
+                None => EventKind::ALL.iter().any(|e| e.as_str() == k),
+            };
+            if !known {
+                return Err(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!(
+                        "kinds: `{k}` is neither an event kind (step.finished) nor a family of them (step.*)"
+                    ),
+                ));
+            }
+            out.push(k.trim_end_matches('*').to_owned());
+        }
+        Ok(KindFilter(Some(out)))
+    }
+
+    fn wants(&self, kind: EventKind) -> bool {
+        let k = kind.as_str();
+        self.0.as_ref().is_none_or(|want| {
+            want.iter().any(|w| {
+                if w.ends_with('.') {
+                    k.starts_with(w.as_str())
+                } else {
+                    k == w
+                }
+            })
+        })
+    }
+}
+
 /// SSE of an execution's events: `id` is the seq (resume with `Last-Event-ID`), `event` the
-/// kind. The stream ends after the execution's terminal event.
+/// kind; `?kinds=` sends only those kinds. The stream ends after the execution's terminal
+/// event, whether or not the filter lets it through.
 async fn stream(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let filter = KindFilter::parse(q.kinds.as_deref())?;
     let id = owned(&gw, &c, &id).await?;
     let mut next = headers
         .get("last-event-id")
@@ -855,7 +912,7 @@ async fn stream(
             };
             for e in &page {
                 next = e.seq + 1;
-                if tx.send(Ok(send(e))).await.is_err() || ends(e) {
+                if filter.wants(e.kind) && tx.send(Ok(send(e))).await.is_err() || ends(e) {
                     return;
                 }
             }
@@ -877,7 +934,9 @@ async fn stream(
                             }
                             // Counted only once sent: a timeout while the client is slow
                             // must not skip it.
-                            if tx.send(Ok(send(&e))).await.is_err() || ends(&e) {
+                            if filter.wants(e.kind) && tx.send(Ok(send(&e))).await.is_err()
+                                || ends(&e)
+                            {
                                 return true;
                             }
                             next = e.seq + 1;
@@ -1133,7 +1192,7 @@ pub fn openapi() -> Value {
             },
             "/v1/executions/{id}": {"get": {"summary": "Status and result (rebuilt from the verified log)", "responses": {"200": ok("report"), "404": problem}}},
             "/v1/executions/{id}/events": {"get": {"summary": "Events, paged (?from=SEQ&limit=N)", "responses": {"200": ok("events and next"), "404": problem}}},
-            "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID", "responses": {"200": {"description": "text/event-stream"}, "404": problem}}},
+            "/v1/executions/{id}/stream": {"get": {"summary": "Server-sent events; resumable with Last-Event-ID; ?kinds=step.finished,execution.* sends only those kinds (the stream still ends with the execution)", "parameters": [{"name": "kinds", "in": "query", "schema": {"type": "string"}}], "responses": {"200": {"description": "text/event-stream"}, "400": problem, "404": problem}}},
             "/v1/executions/{id}/cancel": {"post": {"summary": "Cancel a running execution and its children", "responses": {"200": ok("cancelled"), "404": problem, "409": problem}}},
             "/v1/audit": {"get": {"summary": "Audit records of refused requests, most recent first (admin; system admins: every tenant or ?tenant=)", "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}, {"name": "tenant", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{audit: [...]}"), "403": problem}}},
             "/v1/apply": {"post": {"summary": "Apply desired state: a YAML body of manifests (Tenant, Environment, Policy, WorkerPool, Rollout; or one NoETL playbook), all or nothing; ?file= names the source in messages", "parameters": [{"name": "file", "in": "query", "schema": {"type": "string"}}], "responses": {"200": ok("{results: [{kind, tenant, name, version, generation, outcome, reason, retry_hint?}], accepted_token}"), "400": problem, "403": problem, "409": problem}}},

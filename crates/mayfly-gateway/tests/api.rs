@@ -683,10 +683,10 @@ async fn sse_follows_a_running_execution_live_every_event_once_in_order() {
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let id = v["execution_id"].as_str().expect("id").to_owned();
-    let follow = |last: Option<u64>| {
+    let follow = |last: Option<u64>, query: &str| {
         let mut r = s
             .http
-            .get(format!("{}/v1/executions/{id}/stream", s.base))
+            .get(format!("{}/v1/executions/{id}/stream{query}", s.base))
             .bearer_auth(&author);
         if let Some(l) = last {
             r = r.header("last-event-id", l.to_string());
@@ -703,7 +703,13 @@ async fn sse_follows_a_running_execution_live_every_event_once_in_order() {
                 .collect::<Vec<u64>>()
         }
     };
-    let (a, b, c) = tokio::join!(follow(None), follow(None), follow(Some(2)));
+    // The fourth asks for step results and the execution's own events only.
+    let (a, b, c, only) = tokio::join!(
+        follow(None, ""),
+        follow(None, ""),
+        follow(Some(2), ""),
+        follow(None, "?kinds=step.finished,execution.*")
+    );
     let (st, v, _) = s
         .call(M::GET, &format!("/v1/executions/{id}"), Some(&author), None)
         .await;
@@ -724,6 +730,38 @@ async fn sse_follows_a_running_execution_live_every_event_once_in_order() {
     assert_eq!(a, (1..=n).collect::<Vec<_>>(), "every event once, in order");
     assert_eq!(b, a);
     assert_eq!(c, (3..=n).collect::<Vec<_>>());
+    let wanted: Vec<u64> = ev["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| {
+            let k = e["kind"].as_str().unwrap_or("");
+            k == "step.finished" || k.starts_with("execution.")
+        })
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert_eq!(
+        wanted.len(),
+        40 + 3,
+        "40 results, requested, started, completed"
+    );
+    assert_eq!(
+        only, wanted,
+        "only the asked-for kinds, each once, in order"
+    );
+    // The filter is checked before anything streams: an unknown kind or family is a 400.
+    for bad in ["step.finish", "step*", "nothing.*", "executions.*"] {
+        let resp = s
+            .http
+            .get(format!("{}/v1/executions/{id}/stream?kinds={bad}", s.base))
+            .bearer_auth(&author)
+            .send()
+            .await
+            .expect("sse");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let v: Value = resp.json().await.expect("problem");
+        assert_eq!(v["code"], "invalid_request", "{bad}: {v}");
+    }
 }
 
 /// Desired state through the API: apply (created, unchanged, configured), read with status,

@@ -107,6 +107,39 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order (kept whole by a test over the wire names).
+    pub const ALL: &[EventKind] = &[
+        EventKind::ExecutionRequested,
+        EventKind::ExecutionStarted,
+        EventKind::ExecutionCompleted,
+        EventKind::ExecutionFailed,
+        EventKind::ExecutionCancelled,
+        EventKind::CommandIssued,
+        EventKind::CommandClaimed,
+        EventKind::CommandCompleted,
+        EventKind::StepStarted,
+        EventKind::StepFinished,
+        EventKind::StepFailed,
+        EventKind::StepRouted,
+        EventKind::JoinReleased,
+        EventKind::LoopStarted,
+        EventKind::LoopDone,
+        EventKind::ChildRequested,
+        EventKind::ChildStarted,
+        EventKind::StepWaiting,
+        EventKind::CallbackReceived,
+        EventKind::ObjectApplied,
+        EventKind::ObjectDenied,
+        EventKind::BundlePublished,
+        EventKind::TransitionChanged,
+        EventKind::AgentReported,
+        EventKind::ControlSnapshot,
+        EventKind::ProviderRegistered,
+        EventKind::WorkerChanged,
+        EventKind::ActorChanged,
+        EventKind::SnapshotRecorded,
+    ];
+
     /// The dotted wire name, e.g. `step.finished`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -555,6 +588,24 @@ mod tests {
     use serde_json::json;
 
     const D: &str = "sha256:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn all_lists_every_event_kind_once() {
+        // The enum's variants, counted by their wire names in this very source.
+        let src = include_str!("lib.rs");
+        let start = src.find("pub enum EventKind").unwrap_or(0);
+        let end = start + src[start..].find("\n}").unwrap_or(0);
+        let declared = src[start..end].matches("#[serde(rename = ").count();
+        assert!(declared > 20, "the enum was not found ({declared})");
+        assert_eq!(EventKind::ALL.len(), declared);
+        let mut names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::parse(k.as_str()), Some(*k));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), declared);
+    }
 
     #[test]
     fn cache_ref_round_trips_and_is_strict() {

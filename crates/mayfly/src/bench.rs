@@ -672,7 +672,7 @@ async fn measure_remote(c: &crate::remote::Client, path: &str, runs: usize) -> R
             )
             .await?;
         let id = v["execution_id"].as_str().unwrap_or_default().to_owned();
-        c.follow(&id).await?;
+        c.wait_ended(&id).await?;
         let took = t.elapsed().as_secs_f64();
         // Untimed: the status read verifies the whole hash chain, which is not the run.
         let end = c

@@ -58,11 +58,16 @@ impl Client {
         }
     }
 
-    /// Follow an execution's SSE stream until the server ends it (the execution ended).
-    pub async fn follow(&self, id: &str) -> Result<()> {
+    /// Wait for an execution to end: its SSE stream, filtered to the execution's own events
+    /// (a fan-out's thousands of step events are not the waiter's business), until the
+    /// server ends it.
+    pub async fn wait_ended(&self, id: &str) -> Result<()> {
         let resp = self
             .http
-            .get(format!("{}/v1/executions/{id}/stream", self.base))
+            .get(format!(
+                "{}/v1/executions/{id}/stream?kinds=execution.*",
+                self.base
+            ))
             .bearer_auth(&self.token)
             .send()
             .await
