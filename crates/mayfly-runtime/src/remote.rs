@@ -904,7 +904,7 @@ impl Coordinator for RemoteCoordinator {
                                     duration_ms: None,
                                     logs: None,
                                 };
-                                self.complete(Completion {
+                                self.complete(&Completion {
                                     block,
                                     attempt,
                                     worker: worker.to_owned(),
@@ -945,8 +945,8 @@ impl Coordinator for RemoteCoordinator {
         }
     }
 
-    async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
-        self.inner.completes.call(&c).await
+    async fn complete(&self, c: &Completion) -> Result<(), RuntimeError> {
+        self.inner.completes.call(c).await
     }
 
     async fn settle(&self, ticket: Delivery, settle: Settle) {

@@ -35,7 +35,8 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
         command_id: &str,
         attempt: u32,
     ) -> impl Future<Output = ()> + Send;
-    fn complete(&self, c: Completion) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Record a completion (borrowed: a retry sends the same one again).
+    fn complete(&self, c: &Completion) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Acknowledge the delivery, or ask for it again after a delay.
     fn settle(&self, ticket: Self::Ticket, settle: Settle) -> impl Future<Output = ()> + Send;
     /// The sealed keychain value of `alias` in the claim's tenant (None: not set).
@@ -108,6 +109,8 @@ pub async fn worker_loop<C: Coordinator>(
             crate::trace::set_parent(&span, tp);
         }
         let started = Instant::now();
+        // The block (not its context, which only the task needs) is kept to report on.
+        let (block, attempt, lease) = (h.block.clone(), h.attempt, h.lease);
         // The block runs in its own task so that even a panic becomes a recorded failure
         // instead of a silently lost worker; heartbeats keep the lease alive meanwhile.
         let mut job = {
@@ -116,7 +119,7 @@ pub async fn worker_loop<C: Coordinator>(
             let key = key.clone();
             let payloads = payloads.clone();
             let agent = agent.clone();
-            let mut h = h.clone();
+            let mut h = h;
             tokio::spawn(
                 async move {
                     if let Some(p) = &payloads {
@@ -132,12 +135,12 @@ pub async fn worker_loop<C: Coordinator>(
                 .instrument(span.clone()),
             )
         };
-        let mut beat = tokio::time::interval((h.lease / 3).max(Duration::from_millis(10)));
+        let mut beat = tokio::time::interval((lease / 3).max(Duration::from_millis(10)));
         beat.tick().await;
         let joined = loop {
             tokio::select! {
                 r = &mut job => break r,
-                _ = beat.tick() => coord.heartbeat(&ticket, &h.block.command_id, h.attempt).await,
+                _ = beat.tick() => coord.heartbeat(&ticket, &block.command_id, attempt).await,
             }
         };
         metrics::gauge!("mayfly_worker_blocks_in_flight").decrement(1.0);
@@ -145,20 +148,20 @@ pub async fn worker_loop<C: Coordinator>(
             Ok(Ok(o)) => o,
             Ok(Err(e @ CacheError::Unavailable(_))) => {
                 // Like a lost store: give the block back; it runs again once the cache is up.
-                tracing::warn!(command = %h.block.command_id, error = %e, "shared cache unavailable; the block will be delivered again");
+                tracing::warn!(command = %block.command_id, error = %e, "shared cache unavailable; the block will be delivered again");
                 coord
                     .settle(ticket, Settle::Retry(Duration::from_secs(1)))
                     .await;
                 continue;
             }
             Ok(Err(e)) => Err(StepFailed {
-                index: h.block.index,
+                index: block.index,
                 error: ErrorInfo::new(e.code(), e.to_string()),
                 duration_ms: None,
                 logs: None,
             }),
             Err(e) => Err(StepFailed {
-                index: h.block.index,
+                index: block.index,
                 error: ErrorInfo::new(
                     "worker_panic",
                     format!("the block crashed the worker task: {e}"),
@@ -184,12 +187,12 @@ pub async fn worker_loop<C: Coordinator>(
             Err(f) => tracing::info!(status, elapsed_ms = started.elapsed().as_millis() as u64, error.code = %f.error.code, "block failed"),
         });
         let c = Completion {
-            block: h.block.clone(),
-            attempt: h.attempt,
+            block,
+            attempt,
             worker: worker.clone(),
             outcome,
         };
-        let settle = report(&coord, &ticket, c, h.lease).await;
+        let settle = report(&coord, &ticket, c, lease).await;
         coord.settle(ticket, settle).await;
     }
 }
@@ -206,7 +209,7 @@ async fn report<C: Coordinator>(
     let deadline = Instant::now() + lease;
     let mut pause = Duration::from_millis(50);
     loop {
-        match coord.complete(c.clone()).await {
+        match coord.complete(&c).await {
             Ok(()) => return Settle::Ack,
             // A fenced orchestrator is about to stop; its successor takes the completion.
             Err(e @ (RuntimeError::Closed | RuntimeError::Store(_) | RuntimeError::Fenced(_))) => {
@@ -242,8 +245,8 @@ impl Coordinator for crate::RuntimeHandle {
     async fn heartbeat(&self, _: &(), command_id: &str, attempt: u32) {
         self.extend(command_id, attempt);
     }
-    async fn complete(&self, c: Completion) -> Result<(), RuntimeError> {
-        crate::RuntimeHandle::complete(self, c).await
+    async fn complete(&self, c: &Completion) -> Result<(), RuntimeError> {
+        crate::RuntimeHandle::complete(self, c.clone()).await
     }
     // In process a busy or lost block is re-dispatched by the orchestrator's lease reaper.
     async fn settle(&self, _: (), _: Settle) {}
@@ -423,11 +426,13 @@ pub async fn run_block<C: Coordinator>(
 fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<String> {
     use mayfly_dsl::playbook::keychain_mentions as scan;
     let mut out = std::collections::BTreeSet::new();
-    let mctx = to_value(ctx);
+    // Converted only for a step with `auth:` (most have none, and a big context is costly).
+    let mut mctx = None;
     for t in &step.tasks {
         scan(&t.config, &mut out);
         if let Some(a) = t.config.get("auth")
-            && let Ok(Value::String(alias)) = templates().render_node(a, &mctx)
+            && let Ok(Value::String(alias)) =
+                templates().render_node(a, mctx.get_or_insert_with(|| to_value(ctx)))
             && !alias.is_empty()
         {
             out.insert(alias);

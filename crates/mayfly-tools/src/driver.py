@@ -1,7 +1,7 @@
 # mayfly python worker driver: one long-lived interpreter, one JSON request per line on
 # stdin, one marked JSON response line on stdout. User output is captured, never mixed
 # with the protocol (stray writes to fd 1 are tolerated: the host skips unmarked lines).
-import ast, contextlib, io, json, linecache, sys, textwrap, traceback
+import ast, io, json, linecache, sys, textwrap, traceback
 
 MARK = "\x1e@@MAYFLY@@"
 LIMIT = 65536
@@ -85,22 +85,32 @@ def _clip(s):
 
 
 def serve():
-    out = sys.stdout
+    # The protocol goes to the real stdout's bytes; the step's own writes to sys.stdout and
+    # sys.stderr go to per-request buffers (swapped in directly: a fan-out calls this
+    # thousands of times, and the context managers cost more than the step).
+    out = sys.stdout.buffer
+    dumps = json.dumps
     for line in sys.stdin:
         if not line.strip():
             continue
         so, se = io.StringIO(), io.StringIO()
+        real = sys.stdout, sys.stderr
         try:
             req = json.loads(line)
-            with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+            sys.stdout, sys.stderr = so, se
+            try:
                 value = _run(req.get("code", ""), req.get("input") or {})
-            resp = {"ok": True, "result": json.loads(json.dumps(value, default=str))}
+            finally:
+                sys.stdout, sys.stderr = real
+            # Encoded once, straight into the response (no decode and re-encode).
+            head = '{"ok": true, "result": ' + dumps(value, default=str)
         except BaseException as e:  # noqa: B036 - report everything, including SystemExit
+            sys.stdout, sys.stderr = real
             tb = _traceback(e)
-            resp = {"ok": False, "error": {"type": type(e).__name__, "message": str(e), "traceback": _clip(tb)}}
-        resp["stdout"] = _clip(so.getvalue())
-        resp["stderr"] = _clip(se.getvalue())
-        out.write(MARK + json.dumps(resp) + "\n")
+            err = {"type": type(e).__name__, "message": str(e), "traceback": _clip(tb)}
+            head = '{"ok": false, "error": ' + dumps(err)
+        resp = head + ', "stdout": ' + dumps(_clip(so.getvalue())) + ', "stderr": ' + dumps(_clip(se.getvalue())) + "}"
+        out.write((MARK + resp + "\n").encode())
         out.flush()
 
 

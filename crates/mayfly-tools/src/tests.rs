@@ -79,6 +79,46 @@ async fn python_exceptions_become_errors_with_traceback() {
     );
 }
 
+/// The driver swaps the step's stdout/stderr in and out itself: whatever the step does to
+/// them, or however it ends, the protocol and the next step's capture stay intact.
+#[tokio::test]
+async fn python_output_capture_survives_what_steps_do() {
+    let t = tools(1);
+    let o = py(
+        &t,
+        "import sys\nprint('out')\nprint('err', file=sys.stderr)\nresult = {'s': {1}}",
+        json!({}),
+    )
+    .await;
+    assert!(o.ok, "{:?}", o.error);
+    // Not JSON-native: encoded with str(), as before.
+    assert_eq!(o.data, json!({"s": "{1}"}));
+    let logs = o.logs.expect("logs");
+    assert_eq!(
+        (&logs["stdout"], &logs["stderr"]),
+        (&json!("out\n"), &json!("err\n"))
+    );
+    let o = py(
+        &t,
+        "import sys\nsys.stdout = None\nraise SystemExit(3)",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        o.error.map(|e| (e.code, e.message)),
+        Some(("python_exception".into(), "SystemExit: 3".into()))
+    );
+    let o = py(&t, "a = []\na.append(a)\nresult = a", json!({})).await;
+    assert_eq!(
+        o.error.map(|e| e.message),
+        Some("ValueError: Circular reference detected".into())
+    );
+    // The same interpreter, its streams restored.
+    let o = py(&t, "print('again')\nresult = 2", json!({})).await;
+    assert_eq!((o.ok, &o.data), (true, &json!(2)));
+    assert_eq!(o.logs.expect("logs")["stdout"], json!("again\n"));
+}
+
 #[tokio::test]
 async fn python_pool_is_warm_and_isolated() {
     let t = tools(1);
