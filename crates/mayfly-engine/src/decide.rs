@@ -9,7 +9,8 @@
 use crate::context::{Iteration, binds_ref, context};
 use crate::state::{ExecState, Status};
 use mayfly_dsl::{
-    LoopMode, NextMode, Playbook, SetTarget, Step, TemplateError, ToolKind, templates, to_value,
+    LoopMode, NextMode, NodeV, Playbook, SetTarget, Step, TemplateError, Templates, ToolKind,
+    templates, to_value,
 };
 use mayfly_types::{
     CacheRef, ChildRequested, CommandIssued, Draft, ErrorInfo, Event, EventKind,
@@ -275,10 +276,15 @@ fn fill_loop(pb: &Playbook, st: &ExecState, step: &Step) -> R<Vec<Draft>> {
         LoopMode::Parallel => match &spec.max_in_flight {
             None => DEFAULT_PARALLEL_WINDOW,
             Some(node) => {
-                let ctx = to_value(&context(st, None));
-                let v = templates()
-                    .render_node(node, &ctx)
-                    .map_err(|e| tmpl_err(pb, &step.name, e))?;
+                // Recomputed each time an item ends: the execution's whole context is built
+                // only when the window is templated (usually it is a number).
+                let v = match &node.v {
+                    NodeV::Str(s) if !Templates::is_template(s) => node.to_json(),
+                    NodeV::Str(_) | NodeV::Seq(_) | NodeV::Map(_) => templates()
+                        .render_node(node, &to_value(&context(st, None)))
+                        .map_err(|e| tmpl_err(pb, &step.name, e))?,
+                    _ => node.to_json(),
+                };
                 let w = v
                     .as_u64()
                     .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))

@@ -367,6 +367,38 @@ fn failed_iteration_fails_loop_once() {
     assert!(s.count(EventKind::CommandIssued, "start") <= 4);
 }
 
+/// The window is a number, a plain string or a template over the execution (read each time
+/// an item ends); anything else fails the step with its location.
+#[test]
+fn parallel_loop_window_forms() {
+    for (window, expect) in [
+        ("2", Ok(2)),
+        ("'4'", Ok(4)),
+        ("\"{{ workload.w }}\"", Ok(3)),
+        ("\"{{ workload.w * 2 }}\"", Ok(6)),
+        ("lots", Err("bad_max_in_flight")),
+        ("\"{{ 1 / 0 }}\"", Err("template_error")),
+    ] {
+        let src = format!(
+            "{H}workload: {{w: 3}}\nworkflow:\n  - step: start\n    loop: {{in: \"{{{{ range(10) }}}}\", iterator: x, spec: {{mode: parallel, max_in_flight: {window}}}}}\n    tool: {{kind: python, code: x}}\n"
+        );
+        let mut s = Sim::new(&src);
+        let r = s.run(json!({}), &|_, i, _| Ok(json!(i)));
+        match expect {
+            Ok(n) => {
+                assert_eq!(r.status, Status::Completed, "{window}: {:?}", r.error);
+                assert_eq!(s.max_in_flight_seen, n, "{window}");
+                assert_eq!(s.count(EventKind::CommandIssued, "start"), 10, "{window}");
+            }
+            Err(code) => {
+                let e = r.error.expect("error");
+                assert_eq!(e.code, code, "{window}: {}", e.message);
+                assert!(e.message.starts_with("t.yaml:"), "{}", e.message);
+            }
+        }
+    }
+}
+
 #[test]
 fn runtime_template_errors_fail_with_location() {
     let src = format!(
