@@ -163,13 +163,6 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     let Some(mut r) = slow_step_running("kill", "1") else {
         return;
     };
-    let (db, url, token, id, stream) = (
-        r.db.clone(),
-        r.url.clone(),
-        r.token.clone(),
-        r.id.clone(),
-        r.stream.clone(),
-    );
     let procs = &mut r.procs;
     // Worker A is killed while the step sleeps.
     let a = procs.0.get_mut(1).expect("worker A");
@@ -177,10 +170,10 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     a.wait().expect("reaped");
 
     // Worker B gets the redelivered command and the execution completes.
-    procs.0.push(worker(&stream, "B", "2"));
-    completes(&url, &token, &id);
+    procs.0.push(worker(&r.stream, "B", "2"));
+    completes(&r.url, &r.token, &r.id);
 
-    let evs = events(&db, &id);
+    let evs = events(&r.db, &r.id);
     let claims: Vec<(u64, String)> = of(&evs, "command.claimed", "start")
         .iter()
         .map(|e| {
@@ -235,13 +228,6 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
     let Some(mut r) = slow_step_running("drain", "1") else {
         return;
     };
-    let (db, url, token, id, stream) = (
-        r.db.clone(),
-        r.url.clone(),
-        r.token.clone(),
-        r.id.clone(),
-        r.stream.clone(),
-    );
     let procs = &mut r.procs;
     // SIGTERM while worker A's step sleeps: A finishes it, then exits on its own.
     let a = procs.0.get_mut(1).expect("worker A");
@@ -261,7 +247,7 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
     };
     assert!(exit.success(), "worker A exited {exit:?}");
 
-    let evs = events(&db, &id);
+    let evs = events(&r.db, &r.id);
     let claims = of(&evs, "command.claimed", "start");
     assert_eq!(claims.len(), 1, "claimed once, by A: {claims:?}");
     assert!(
@@ -278,12 +264,12 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
         "a draining worker takes no new block"
     );
     // A's ack reached JetStream before it exited: only the next step's command is left.
-    assert_eq!(unacked(&stream), 1, "the `end` command and nothing else");
+    assert_eq!(unacked(&r.stream), 1, "the `end` command and nothing else");
 
     // The next step waits for another worker.
-    procs.0.push(worker(&stream, "B", "1"));
-    completes(&url, &token, &id);
-    let evs = events(&db, &id);
+    procs.0.push(worker(&r.stream, "B", "1"));
+    completes(&r.url, &r.token, &r.id);
+    let evs = events(&r.db, &r.id);
     let end_claims = of(&evs, "command.claimed", "end");
     assert_eq!(end_claims.len(), 1, "{end_claims:?}");
     assert!(
