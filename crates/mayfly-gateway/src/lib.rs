@@ -896,14 +896,6 @@ async fn stream(
                 .event(e.kind.as_str())
                 .data(data)
         };
-        let ends = |e: &mayfly_types::Event| {
-            matches!(
-                e.kind,
-                EventKind::ExecutionCompleted
-                    | EventKind::ExecutionFailed
-                    | EventKind::ExecutionCancelled
-            )
-        };
         loop {
             // Catch up from the log (the start, a gap, or commits of another process).
             let page = match store.read(&id, next, 500).await {
@@ -912,7 +904,9 @@ async fn stream(
             };
             for e in &page {
                 next = e.seq + 1;
-                if filter.wants(e.kind) && tx.send(Ok(send(e))).await.is_err() || ends(e) {
+                if filter.wants(e.kind) && tx.send(Ok(send(e))).await.is_err()
+                    || e.kind.is_terminal()
+                {
                     return;
                 }
             }
@@ -935,7 +929,7 @@ async fn stream(
                             // Counted only once sent: a timeout while the client is slow
                             // must not skip it.
                             if filter.wants(e.kind) && tx.send(Ok(send(&e))).await.is_err()
-                                || ends(&e)
+                                || e.kind.is_terminal()
                             {
                                 return true;
                             }
