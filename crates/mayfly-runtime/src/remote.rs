@@ -32,6 +32,10 @@ use tokio::task::{JoinHandle, JoinSet};
 const MAX_INFLIGHT_PUBLISHES: usize = 512;
 /// Most blocks in one publish batch.
 const MAX_PUBLISH_BATCH: usize = 256;
+/// Most blocks in one queue message, and most bytes of blocks in one (a block larger than
+/// that travels alone). Small enough that one worker's share of a dispatch stays a share.
+const MAX_GROUP: usize = 16;
+const MAX_GROUP_BYTES: usize = 64 * 1024;
 /// How long a worker waits for the orchestrator's answer.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most claims or completions in one batched request.
@@ -406,12 +410,15 @@ impl QueueHealth {
     }
 }
 
-/// Publish every dispatched block to `queue`, retrying each until JetStream acknowledges
-/// it. Message ids are unique per dispatch (the dedupe window only absorbs a retried
-/// publish whose ack was lost; a later re-dispatch of the same command must get through).
+/// Publish every dispatched block to `queue`, retrying each message until JetStream
+/// acknowledges it. Message ids are unique per dispatch (the dedupe window only absorbs a
+/// retried publish whose ack was lost; a later re-dispatch of the same command must get
+/// through).
 ///
-/// The blocks a commit dispatches arrive together and go out as one batch (one write to
-/// NATS instead of one per block); a block whose publish fails is retried on its own.
+/// The blocks a commit dispatches arrive together and go out as one batch of messages, each
+/// carrying up to [`MAX_GROUP`] blocks as a JSON array: JetStream's cost (store, ack,
+/// delivery, consumer bookkeeping) is per message, and a fan-out dispatches blocks by the
+/// dozen. A worker settles such a message once all its blocks are done with (see `Group`).
 pub(crate) async fn publisher(
     mut rx: mpsc::UnboundedReceiver<Block>,
     queue: Arc<dyn CommandQueue>,
@@ -426,29 +433,34 @@ pub(crate) async fn publisher(
         tokio::select! {
             b = rx.recv(), if inflight.len() < MAX_INFLIGHT_PUBLISHES => {
                 let Some(b) = b else { break };
-                let mut items = Vec::new();
-                let mut next = Some(b);
-                while let Some(b) = next {
+                let mut blocks = vec![b];
+                while blocks.len() < MAX_PUBLISH_BATCH {
+                    match rx.try_recv() {
+                        Ok(b) => blocks.push(b),
+                        Err(_) => break,
+                    }
+                }
+                // (message id, payload, blocks in it)
+                let mut items: Vec<(String, bytes::Bytes)> = Vec::new();
+                let mut counts: Vec<u64> = Vec::new();
+                for group in groups(&blocks) {
                     n += 1;
-                    items.push((format!("{}.{nonce}.{n}", b.command_id), encode(&b)));
-                    next = match items.len() < MAX_PUBLISH_BATCH {
-                        true => rx.try_recv().ok(),
-                        false => None,
-                    };
+                    items.push((format!("{}.{nonce}.{n}", group.first_id), group.payload));
+                    counts.push(group.len as u64);
                 }
                 let (queue, health, pending) = (queue.clone(), health.clone(), pending.clone());
                 inflight.spawn(async move {
                     let results = queue.publish_batch(&items).await;
                     let mut retries = JoinSet::new();
-                    for ((id, payload), r) in items.into_iter().zip(results) {
+                    for (((id, payload), count), r) in items.into_iter().zip(counts).zip(results) {
                         match r {
                             Ok(()) => {
                                 health.set(true);
-                                pending.fetch_sub(1, Ordering::Relaxed);
+                                pending.fetch_sub(count, Ordering::Relaxed);
                             }
                             Err(e) => {
                                 health.set(false);
-                                tracing::warn!(error = %e, command = %id, "publish failed; retrying");
+                                tracing::warn!(error = %e, message = %id, "publish failed; retrying");
                                 let (queue, health, pending) =
                                     (queue.clone(), health.clone(), pending.clone());
                                 retries.spawn(async move {
@@ -459,12 +471,12 @@ pub(crate) async fn publisher(
                                         match queue.publish(&id, &payload).await {
                                             Ok(()) => {
                                                 health.set(true);
-                                                pending.fetch_sub(1, Ordering::Relaxed);
+                                                pending.fetch_sub(count, Ordering::Relaxed);
                                                 return;
                                             }
                                             Err(e) => {
                                                 health.set(false);
-                                                tracing::warn!(error = %e, command = %id, "publish failed; retrying");
+                                                tracing::warn!(error = %e, message = %id, "publish failed; retrying");
                                             }
                                         }
                                     }
@@ -479,6 +491,55 @@ pub(crate) async fn publisher(
         }
     }
     while inflight.join_next().await.is_some() {}
+}
+
+/// One queue message's worth of blocks.
+struct Encoded {
+    first_id: String,
+    payload: bytes::Bytes,
+    len: usize,
+}
+
+/// `blocks` cut into messages of at most [`MAX_GROUP`] blocks and [`MAX_GROUP_BYTES`]
+/// bytes (a single larger block still travels, alone), each a JSON array.
+fn groups(blocks: &[Block]) -> Vec<Encoded> {
+    let mut out = Vec::new();
+    let mut parts: Vec<bytes::Bytes> = Vec::new();
+    let mut bytes = 0;
+    let mut first_id = String::new();
+    let flush = |parts: &mut Vec<bytes::Bytes>, first_id: &mut String, out: &mut Vec<Encoded>| {
+        if !parts.is_empty() {
+            out.push(Encoded {
+                first_id: std::mem::take(first_id),
+                payload: join_array(parts.iter().map(|p| p.as_ref())),
+                len: parts.len(),
+            });
+            parts.clear();
+        }
+    };
+    for b in blocks {
+        let e = encode(b);
+        if parts.len() == MAX_GROUP || (!parts.is_empty() && bytes + e.len() > MAX_GROUP_BYTES) {
+            flush(&mut parts, &mut first_id, &mut out);
+            bytes = 0;
+        }
+        if parts.is_empty() {
+            first_id = b.command_id.clone();
+        }
+        bytes += e.len() + 1;
+        parts.push(e);
+    }
+    flush(&mut parts, &mut first_id, &mut out);
+    out
+}
+
+/// The blocks of one queue message: a JSON array of blocks, or a single block (what
+/// publishers before grouping sent).
+fn decode_group(payload: &[u8]) -> Result<Vec<Block>, serde_json::Error> {
+    match payload.iter().find(|c| !c.is_ascii_whitespace()) {
+        Some(b'[') => serde_json::from_slice(payload),
+        _ => serde_json::from_slice::<Block>(payload).map(|b| vec![b]),
+    }
 }
 
 /// Export the queue's consumer lag (waiting + unacknowledged) for autoscalers.
@@ -522,7 +583,7 @@ struct Inner {
     claims: Batcher<ClaimWire>,
     completes: Batcher<()>,
     /// Idle slots ask the fetcher for a delivery here.
-    wants: mpsc::UnboundedSender<oneshot::Sender<(Block, Delivery)>>,
+    wants: mpsc::UnboundedSender<oneshot::Sender<(Block, Ticket)>>,
     fetcher: JoinHandle<()>,
     prefix: String,
     /// Parsed playbooks by (digest, extra workload keys): workers fetch each version once.
@@ -541,12 +602,14 @@ impl RemoteCoordinator {
             .connect(url)
             .await
             .map_err(|e| RuntimeError::Invalid(format!("connecting to NATS at {url}: {e}")))?;
+        let ack_wait = cfg.ack_wait;
         let queue = NatsQueue::connect(url, prefix, cfg)
             .await
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let queue_client = queue.client();
         let (wants, rx) = mpsc::unbounded_channel();
-        let fetcher = tokio::spawn(fetcher(queue, rx));
+        let draining = tokio::sync::watch::Sender::new(false);
+        let fetcher = tokio::spawn(fetcher(queue, rx, draining.subscribe(), ack_wait));
         let room = room(client.server_info().max_payload);
         Ok(RemoteCoordinator {
             inner: Arc::new(Inner {
@@ -554,7 +617,7 @@ impl RemoteCoordinator {
                 completes: Batcher::start(client.clone(), format!("{prefix}.rpc.completes"), room),
                 client,
                 queue_client,
-                draining: tokio::sync::watch::Sender::new(false),
+                draining,
                 wants,
                 fetcher,
                 prefix: prefix.to_owned(),
@@ -778,31 +841,132 @@ impl Drop for Inner {
     }
 }
 
-/// One puller per worker process: it asks JetStream for exactly as many messages as there
-/// are idle slots (one request for all of them), so no message waits in a local buffer
-/// while its ack_wait runs, and an idle worker costs one pending pull request.
+/// The blocks of one queue message settle it together. The message is acked once every
+/// block in it is done with, or given back (after the longest delay any of them asked for)
+/// when one of them wants another delivery: on that redelivery the claims of its finished
+/// siblings are answered `done`, so nothing runs twice. Any running block's heartbeat keeps
+/// the whole message in progress.
+struct Group {
+    delivery: Mutex<Option<Delivery>>,
+    remaining: std::sync::atomic::AtomicUsize,
+    retry: std::sync::Mutex<Option<Duration>>,
+    /// When the message was last reported in progress (its blocks' heartbeats coincide).
+    beat: std::sync::Mutex<std::time::Instant>,
+}
+
+/// A worker's hold on one block of a queue message (see [`RemoteCoordinator`]).
+pub struct Ticket(Arc<Group>);
+
+/// Heartbeats of one message's blocks closer together than this are sent once.
+const GROUP_BEAT: Duration = Duration::from_millis(250);
+
+impl Ticket {
+    fn group(d: Delivery, blocks: usize) -> Vec<Ticket> {
+        let g = Arc::new(Group {
+            delivery: Mutex::new(Some(d)),
+            remaining: std::sync::atomic::AtomicUsize::new(blocks),
+            retry: std::sync::Mutex::new(None),
+            beat: std::sync::Mutex::new(std::time::Instant::now()),
+        });
+        (0..blocks).map(|_| Ticket(g.clone())).collect()
+    }
+
+    async fn in_progress(&self) -> Result<(), mayfly_queue::QueueError> {
+        if let Ok(mut last) = self.0.beat.lock() {
+            if last.elapsed() < GROUP_BEAT {
+                return Ok(());
+            }
+            *last = std::time::Instant::now();
+        }
+        match &*self.0.delivery.lock().await {
+            Some(d) => d.in_progress().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn settle(self, settle: Settle) -> Result<(), mayfly_queue::QueueError> {
+        let g = self.0;
+        if let (Settle::Retry(d), Ok(mut r)) = (settle, g.retry.lock()) {
+            *r = Some(r.map_or(d, |x| x.max(d)));
+        }
+        if g.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Ok(());
+        }
+        let Some(d) = g.delivery.lock().await.take() else {
+            return Ok(());
+        };
+        let retry = g.retry.lock().ok().and_then(|r| *r);
+        match retry {
+            None => d.ack().await,
+            Some(delay) => d.nak(Some(delay)).await,
+        }
+    }
+}
+
+/// One puller per worker process: it asks JetStream for about as many messages as the idle
+/// slots will take (one request for all of them, sized by the blocks per message seen so
+/// far), so few blocks wait in the local buffer while their ack_wait runs, and an idle
+/// worker costs one pending pull request. Buffered blocks are kept in progress, and go
+/// back to the queue when the worker drains.
 async fn fetcher(
     queue: NatsQueue,
-    mut wants: mpsc::UnboundedReceiver<oneshot::Sender<(Block, Delivery)>>,
+    mut wants: mpsc::UnboundedReceiver<oneshot::Sender<(Block, Ticket)>>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    ack_wait: Duration,
 ) {
-    let mut idle: std::collections::VecDeque<oneshot::Sender<(Block, Delivery)>> =
-        std::collections::VecDeque::new();
+    type Want = oneshot::Sender<(Block, Ticket)>;
+    let mut idle: std::collections::VecDeque<Want> = std::collections::VecDeque::new();
+    let mut ready: std::collections::VecDeque<(Block, Ticket)> = std::collections::VecDeque::new();
+    // Running mean of blocks per message.
+    let mut per_message = 1.0_f64;
     let mut pause = Duration::from_millis(100);
+    let mut keepalive = tokio::time::interval((ack_wait / 3).max(Duration::from_millis(10)));
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if idle.is_empty() {
-            match wants.recv().await {
-                Some(w) => idle.push_back(w),
-                None => return,
+        if *draining.borrow_and_update() {
+            for (_, t) in ready.drain(..) {
+                let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
+            }
+            return;
+        }
+        // Hand out what was fetched before asking for more.
+        while let Some(item) = ready.pop_front() {
+            if let Some(item) = give(&mut idle, item) {
+                ready.push_front(item);
+                break;
             }
         }
         while let Ok(w) = wants.try_recv() {
             idle.push_back(w);
         }
         idle.retain(|w| !w.is_closed());
-        if idle.is_empty() {
+        if idle.is_empty() || !ready.is_empty() {
+            tokio::select! {
+                w = wants.recv() => match w {
+                    Some(w) => idle.push_back(w),
+                    None => {
+                        for (_, t) in ready.drain(..) {
+                            let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
+                        }
+                        return;
+                    }
+                },
+                _ = keepalive.tick(), if !ready.is_empty() => {
+                    let mut seen: Vec<usize> = Vec::new();
+                    for (_, t) in &ready {
+                        let g = Arc::as_ptr(&t.0) as usize;
+                        if !seen.contains(&g) {
+                            seen.push(g);
+                            let _ = t.in_progress().await;
+                        }
+                    }
+                }
+                _ = draining.changed() => {}
+            }
             continue;
         }
-        let batch = match queue.pull_batch(idle.len(), Duration::from_secs(5)).await {
+        let want = ((idle.len() as f64 / per_message).floor() as usize).max(1);
+        let batch = match queue.pull_batch(want, Duration::from_secs(5)).await {
             Ok(b) => {
                 pause = Duration::from_millis(100);
                 b
@@ -815,37 +979,44 @@ async fn fetcher(
             }
         };
         for d in batch {
-            let b = match serde_json::from_slice::<Block>(&d.payload) {
-                Ok(b) => b,
+            let blocks = match decode_group(&d.payload) {
+                Ok(b) if !b.is_empty() => b,
+                Ok(_) => {
+                    let _ = d.ack().await;
+                    continue;
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, id = %d.id, "malformed command; terminating it");
+                    tracing::error!(error = %e, id = %d.id, "malformed command message; terminating it");
                     let _ = d.term().await;
                     continue;
                 }
             };
-            let mut item = (b, d);
-            loop {
-                match idle.pop_front() {
-                    Some(w) => match w.send(item) {
-                        Ok(()) => break,
-                        // That slot is gone: offer the delivery to the next one.
-                        Err(back) => item = back,
-                    },
-                    None => {
-                        // Every slot that asked is gone: give the delivery back at once.
-                        let _ = item.1.nak(None).await;
-                        break;
-                    }
-                }
-            }
+            per_message = 0.8 * per_message + 0.2 * blocks.len() as f64;
+            let tickets = Ticket::group(d, blocks.len());
+            ready.extend(blocks.into_iter().zip(tickets));
         }
     }
 }
 
-impl Coordinator for RemoteCoordinator {
-    type Ticket = Delivery;
+/// Offer `item` to the first idle slot still waiting; it comes back if none is.
+fn give(
+    idle: &mut std::collections::VecDeque<oneshot::Sender<(Block, Ticket)>>,
+    mut item: (Block, Ticket),
+) -> Option<(Block, Ticket)> {
+    while let Some(w) = idle.pop_front() {
+        match w.send(item) {
+            Ok(()) => return None,
+            // That slot is gone: offer the block to the next one.
+            Err(back) => item = back,
+        }
+    }
+    Some(item)
+}
 
-    async fn next(&self) -> Option<(Block, Delivery)> {
+impl Coordinator for RemoteCoordinator {
+    type Ticket = Ticket;
+
+    async fn next(&self) -> Option<(Block, Ticket)> {
         let mut draining = self.inner.draining.subscribe();
         if *draining.borrow_and_update() {
             return None;
@@ -858,8 +1029,8 @@ impl Coordinator for RemoteCoordinator {
             _ = async { draining.wait_for(|d| *d).await.is_ok() } => {
                 // A delivery the fetcher handed over meanwhile goes straight back.
                 rx.close();
-                if let Ok((_, d)) = rx.try_recv() {
-                    let _ = d.nak(Some(Duration::ZERO)).await;
+                if let Ok((_, t)) = rx.try_recv() {
+                    let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
                 }
                 None
             }
@@ -931,7 +1102,7 @@ impl Coordinator for RemoteCoordinator {
         }
     }
 
-    async fn heartbeat(&self, ticket: &Delivery, command_id: &str, attempt: u32) {
+    async fn heartbeat(&self, ticket: &Ticket, command_id: &str, attempt: u32) {
         if let Err(e) = ticket.in_progress().await {
             tracing::warn!(error = %e, command = command_id, "in-progress signal failed");
         }
@@ -949,15 +1120,11 @@ impl Coordinator for RemoteCoordinator {
         self.inner.completes.call(c).await
     }
 
-    async fn settle(&self, ticket: Delivery, settle: Settle) {
+    async fn settle(&self, ticket: Ticket, settle: Settle) {
         // Acks are fire and forget (handing one to the client is all this awaits): a lost ack
         // means a redelivery, which the claim protocol answers with `done`. Settled before
         // the slot moves on, so a draining worker's last acks are in the buffer it flushes.
-        let r = match settle {
-            Settle::Ack => ticket.ack().await,
-            Settle::Retry(d) => ticket.nak(Some(d)).await,
-        };
-        if let Err(e) = r {
+        if let Err(e) = ticket.settle(settle).await {
             tracing::warn!(error = %e, "could not settle a delivery");
         }
     }
@@ -975,5 +1142,70 @@ impl Coordinator for RemoteCoordinator {
 impl crate::agent::AgentHub for RemoteCoordinator {
     fn report(&self, report: mayfly_control::rollout::AgentReport) -> crate::agent::HubFuture<'_> {
         Box::pin(async move { self.agent_report(&report).await.map_err(|e| e.to_string()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(i: usize, pad: usize) -> Block {
+        Block {
+            execution_id: mayfly_types::ExecutionId("x".into()),
+            command_id: format!("c{i}"),
+            step: "s".repeat(pad.max(1)),
+            index: Some(i),
+            traceparent: None,
+            request_id: None,
+        }
+    }
+
+    fn ids(blocks: &[Block]) -> Vec<String> {
+        blocks.iter().map(|b| b.command_id.clone()).collect()
+    }
+
+    #[test]
+    fn dispatched_blocks_are_cut_into_messages_that_decode_back_in_order() {
+        let blocks: Vec<Block> = (0..40).map(|i| block(i, 1)).collect();
+        let msgs = groups(&blocks);
+        assert_eq!(
+            msgs.iter().map(|m| m.len).collect::<Vec<_>>(),
+            [MAX_GROUP, MAX_GROUP, 40 - 2 * MAX_GROUP]
+        );
+        let mut back = Vec::new();
+        for m in &msgs {
+            let got = decode_group(&m.payload).expect("decodes");
+            assert_eq!(got.len(), m.len);
+            assert_eq!(m.first_id, got[0].command_id);
+            back.extend(got);
+        }
+        assert_eq!(ids(&back), ids(&blocks));
+        assert!(groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn messages_stay_under_their_byte_budget_and_a_large_block_travels_alone() {
+        let blocks: Vec<Block> = (0..6).map(|i| block(i, MAX_GROUP_BYTES / 3)).collect();
+        let msgs = groups(&blocks);
+        // Two of these fill a message.
+        assert_eq!(msgs.iter().map(|m| m.len).collect::<Vec<_>>(), [2, 2, 2]);
+        assert!(msgs.iter().all(|m| m.payload.len() <= MAX_GROUP_BYTES));
+        let big = [block(0, 1), block(1, MAX_GROUP_BYTES * 2), block(2, 1)];
+        let msgs = groups(&big);
+        assert_eq!(msgs.iter().map(|m| m.len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert!(msgs[1].payload.len() > MAX_GROUP_BYTES);
+    }
+
+    #[test]
+    fn a_single_block_message_still_decodes() {
+        let one = serde_json::to_vec(&block(7, 1)).expect("encode");
+        assert_eq!(ids(&decode_group(&one).expect("decodes")), ["c7"]);
+        assert_eq!(
+            ids(&decode_group(b" [] ").expect("decodes")),
+            Vec::<String>::new()
+        );
+        assert!(decode_group(b"{\"nope\": 1}").is_err());
+        assert!(decode_group(b"[1, 2]").is_err());
+        assert!(decode_group(b"").is_err());
     }
 }

@@ -291,6 +291,129 @@ workflow:
     c.stop().await;
 }
 
+/// Blocks dispatched together travel in one queue message, and that message settles as a
+/// whole: while one of its blocks asks to be delivered again, the finished ones are not
+/// acked on their own. On the redelivery the finished blocks' claims are answered `done`
+/// (none runs twice) and the one given back runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blocks_sharing_a_queue_message_settle_it_together() {
+    use mayfly_queue::CommandQueue;
+    use mayfly_runtime::worker::{Coordinator, Settle};
+    use mayfly_runtime::{Claim, Completion};
+    if !services() {
+        return;
+    }
+    let c = Cluster::start(0, 0, None).await;
+    let src = r#"
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: grouped}
+workflow:
+  - step: start
+    loop:
+      in: "{{ range(6) }}"
+      iterator: i
+      spec: {mode: parallel, max_in_flight: 6}
+    tool: {kind: python, input: {i: "{{ i }}"}, code: "result = i * 10"}
+"#;
+    let pb = mayfly_dsl::parse("grouped.yaml", src, &ParseOptions::default()).expect("parse");
+    let coord = RemoteCoordinator::connect(NATS, &c.stream, queue_config())
+        .await
+        .expect("worker connects");
+    let by_hand = async {
+        let mut got = Vec::new();
+        while got.len() < 6 {
+            let next = tokio::time::timeout(Duration::from_secs(20), coord.next());
+            got.push(next.await.expect("six blocks arrive").expect("a block"));
+        }
+        // Six blocks, fewer messages: every message the worker holds is unacknowledged.
+        let queue = NatsQueue::connect(NATS, &c.stream, queue_config())
+            .await
+            .expect("queue");
+        let messages = queue.depth().await.expect("depth");
+        assert!(
+            (1..6).contains(&messages),
+            "six blocks dispatched together arrived in {messages} messages"
+        );
+        let mut got = got.into_iter();
+        let (given_back, ticket) = got.next().expect("first block");
+        coord.settle(ticket, Settle::Retry(Duration::ZERO)).await;
+        for (block, ticket) in got {
+            let Claim::Granted(h) = coord.claim(block, "by-hand").await.expect("claim") else {
+                panic!("a first claim is granted");
+            };
+            let done = Completion {
+                block: h.block.clone(),
+                attempt: h.attempt,
+                worker: "by-hand".into(),
+                outcome: Ok(mayfly_types::StepFinished {
+                    index: h.block.index,
+                    result: json!("by hand"),
+                    set: Map::new(),
+                    inline: false,
+                    duration_ms: None,
+                    logs: None,
+                }),
+            };
+            coord.complete(&done).await.expect("complete");
+            coord.settle(ticket, Settle::Ack).await;
+        }
+        // The message comes back whole; a worker finishes what was given back.
+        let tools = Arc::new(Tools::new(ToolsConfig::default()).expect("tools"));
+        tokio::spawn(worker_loop(
+            coord.clone(),
+            tools,
+            None,
+            Some(c.cache.clone()),
+            None,
+            "w0/0".into(),
+        ));
+        given_back.index
+    };
+    let (report, given_back) = tokio::join!(c.run_pb(pb, Map::new()), by_hand);
+    assert_eq!(report.status, Status::Completed, "{:?}", report.error);
+    let events = c
+        .store
+        .read_all(&report.execution_id)
+        .await
+        .expect("events");
+    let count = |kind: EventKind| {
+        let mut per: std::collections::BTreeMap<String, usize> = Default::default();
+        for e in events.iter().filter(|e| e.kind == kind) {
+            *per.entry(e.command_id.clone().expect("command id"))
+                .or_default() += 1;
+        }
+        per
+    };
+    let claimed = count(EventKind::CommandClaimed);
+    assert_eq!(claimed.len(), 6);
+    assert!(
+        claimed.values().all(|n| *n == 1),
+        "claimed once each: {claimed:?}"
+    );
+    let finished = count(EventKind::StepFinished);
+    assert_eq!(finished.len(), 6);
+    assert!(
+        finished.values().all(|n| *n == 1),
+        "finished once each: {finished:?}"
+    );
+    let done = events
+        .iter()
+        .find(|e| e.kind == EventKind::LoopDone)
+        .expect("loop.done");
+    let results = done.payload["results"].as_array().expect("results").clone();
+    let i = given_back.expect("a loop item");
+    for (k, r) in results.iter().enumerate() {
+        let want = if k == i {
+            json!(10 * i)
+        } else {
+            json!("by hand")
+        };
+        assert_eq!(r, &want, "item {k}");
+    }
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_workers_open_keychain_values_the_orchestrator_never_sees() {
     if !services() {
