@@ -7,15 +7,25 @@
 
 use crate::{ToolError, ToolOutput};
 use serde_json::{Value, json};
+use std::collections::VecDeque;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot};
 
 const DRIVER: &str = include_str!("driver.py");
 const MARK: &str = "\u{1e}@@MAYFLY@@";
+/// Most requests written to one interpreter at once. While steps queue for an interpreter,
+/// the next ones are already in its pipe when it finishes one: it never sleeps between
+/// them, and one write carries several. Each still gets its own response and timeout.
+const DEPTH: usize = 8;
+/// Most bytes of requests written behind the first. The pipe is empty when a batch is
+/// written, so a batch within its buffer (64 KiB) never blocks the write while the
+/// interpreter, busy with the first request, cannot read.
+const PIPE_ROOM: usize = 32 * 1024;
 
 struct Interp {
     _child: Child,
@@ -23,23 +33,43 @@ struct Interp {
     stdout: BufReader<ChildStdout>,
 }
 
-/// The interpreter pool. `size` bounds concurrent python steps in this process.
-pub struct PythonPool {
+/// One step waiting for an interpreter.
+struct Job {
+    /// The encoded request, newline included.
+    line: String,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Value, ToolError>>,
+}
+
+struct Shared {
     python: String,
-    idle: Mutex<Vec<Interp>>,
-    slots: Semaphore,
+    jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
+    /// Interpreter tasks started, and those of them waiting for work.
+    live: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+/// The interpreter pool. `size` bounds concurrent python steps in this process: steps
+/// beyond it queue, and each interpreter takes the queue's next ones as it frees up.
+pub struct PythonPool {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<Job>,
     size: usize,
 }
 
 impl PythonPool {
     /// A pool of at most `size` interpreters of `python` (e.g. `python3`).
     pub fn new(python: impl Into<String>, size: usize) -> Self {
-        let size = size.max(1);
+        let (jobs, rx) = mpsc::unbounded_channel();
         PythonPool {
-            python: python.into(),
-            idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(size),
-            size,
+            shared: Arc::new(Shared {
+                python: python.into(),
+                jobs: tokio::sync::Mutex::new(rx),
+                live: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+            }),
+            jobs,
+            size: size.max(1),
         }
     }
 
@@ -47,139 +77,232 @@ impl PythonPool {
         self.size
     }
 
-    fn spawn(&self) -> Result<Interp, ToolError> {
-        let mut child = Command::new(&self.python)
-            .arg("-u")
-            .arg("-c")
-            .arg(DRIVER)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                ToolError::new(
-                    "python_unavailable",
-                    format!("cannot start `{}`: {e}", self.python),
-                )
-            })?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or_else(|| ToolError::new("python_unavailable", "no stdin pipe"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| ToolError::new("python_unavailable", "no stdout pipe"))?;
-        Ok(Interp {
-            _child: child,
-            stdin,
-            stdout: BufReader::new(stdout),
-        })
-    }
-
-    /// Start interpreters until `size` are idle, so the first steps pay no start-up.
+    /// Start interpreters until `size` run, so the first steps pay no start-up.
     pub async fn warm(&self) -> Result<(), ToolError> {
-        let have = self.idle.lock().map(|v| v.len()).unwrap_or(0);
-        for _ in have..self.size {
-            let mut it = self.spawn()?;
+        while self.shared.live.load(Ordering::Acquire) < self.size {
+            let mut it = spawn(&self.shared.python)?;
             // A no-op round trip proves the interpreter is ready.
-            exchange(
-                &mut it,
-                &json!({"code": "result = None", "input": {}}),
-                Duration::from_secs(30),
-            )
-            .await?;
-            if let Ok(mut v) = self.idle.lock() {
-                v.push(it);
+            let line = request_line(&json!({"code": "result = None", "input": {}}))?;
+            it.stdin.write_all(line.as_bytes()).await.map_err(crashed)?;
+            it.stdin.flush().await.map_err(crashed)?;
+            tokio::time::timeout(Duration::from_secs(30), response(&mut it))
+                .await
+                .map_err(|_| ToolError::new("timeout", "python did not start in 30s"))??;
+            if self.shared.live.fetch_add(1, Ordering::AcqRel) >= self.size {
+                self.shared.live.fetch_sub(1, Ordering::AcqRel);
+                break;
             }
+            tokio::spawn(interpreter(self.shared.clone(), Some(it)));
         }
         Ok(())
     }
 
     /// Run `code` with `input` (keys become globals, the whole map is `input_data`).
     pub async fn run(&self, code: &str, input: &Value, timeout: Duration) -> ToolOutput {
-        let Ok(_permit) = self.slots.acquire().await else {
-            return ToolOutput::failed(ToolError::new("python_unavailable", "pool closed"));
+        let line = match request_line(&json!({"code": code, "input": input})) {
+            Ok(l) => l,
+            Err(e) => return ToolOutput::failed(e),
         };
-        let existing = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let mut it = match existing {
-            Some(it) => it,
-            None => match self.spawn() {
-                Ok(it) => it,
-                Err(e) => return ToolOutput::failed(e),
-            },
-        };
-        let req = json!({"code": code, "input": input});
-        match exchange(&mut it, &req, timeout).await {
-            Ok(resp) => {
-                if let Ok(mut v) = self.idle.lock() {
-                    v.push(it);
-                }
-                let logs = json!({
-                    "stdout": resp.get("stdout").cloned().unwrap_or(Value::Null),
-                    "stderr": resp.get("stderr").cloned().unwrap_or(Value::Null),
-                });
-                if resp.get("ok").and_then(Value::as_bool) == Some(true) {
-                    let mut out =
-                        ToolOutput::ok(resp.get("result").cloned().unwrap_or(Value::Null));
-                    out.logs = Some(logs);
-                    out
-                } else {
-                    let err = resp.get("error").cloned().unwrap_or(Value::Null);
-                    let ty = err.get("type").and_then(Value::as_str).unwrap_or("Error");
-                    let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
-                    let mut e = ToolError::new("python_exception", format!("{ty}: {msg}"));
-                    e.detail = err.get("traceback").cloned();
-                    let mut out = ToolOutput::failed(e);
-                    out.logs = Some(logs);
-                    out
-                }
+        // Another interpreter only when none is free to take this step.
+        if self.shared.waiting.load(Ordering::Acquire) == 0 {
+            if self.shared.live.fetch_add(1, Ordering::AcqRel) < self.size {
+                tokio::spawn(interpreter(self.shared.clone(), None));
+            } else {
+                self.shared.live.fetch_sub(1, Ordering::AcqRel);
             }
-            // The interpreter is dropped (killed): its state is unknown after a timeout.
-            Err(e) => ToolOutput::failed(e),
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            line,
+            timeout,
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            return ToolOutput::failed(ToolError::new("python_unavailable", "pool closed"));
+        }
+        match rx.await {
+            Ok(Ok(resp)) => output(resp),
+            Ok(Err(e)) => ToolOutput::failed(e),
+            Err(_) => ToolOutput::failed(ToolError::new(
+                "python_unavailable",
+                "the interpreter pool stopped",
+            )),
         }
     }
 }
 
-async fn exchange(it: &mut Interp, req: &Value, timeout: Duration) -> Result<Value, ToolError> {
+fn spawn(python: &str) -> Result<Interp, ToolError> {
+    let mut child = Command::new(python)
+        .arg("-u")
+        .arg("-c")
+        .arg(DRIVER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            ToolError::new(
+                "python_unavailable",
+                format!("cannot start `{python}`: {e}"),
+            )
+        })?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| ToolError::new("python_unavailable", "no stdin pipe"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ToolError::new("python_unavailable", "no stdout pipe"))?;
+    Ok(Interp {
+        _child: child,
+        stdin,
+        stdout: BufReader::new(stdout),
+    })
+}
+
+/// One interpreter's life: take the queue's next steps (up to [`DEPTH`]), write them all,
+/// read their responses in order. A step that times out or crashes the interpreter takes
+/// it down (its state is unknown); the steps written after it had not started, so they
+/// run on the replacement. Ends when the pool is dropped.
+async fn interpreter(shared: Arc<Shared>, mut it: Option<Interp>) {
+    let mut carried: VecDeque<Job> = VecDeque::new();
+    loop {
+        let mut batch: Vec<Job> = Vec::new();
+        let mut behind = 0;
+        let fits = |batch: &Vec<Job>, behind: usize, j: &Job| {
+            batch.is_empty() || (batch.len() < DEPTH && behind + j.line.len() <= PIPE_ROOM)
+        };
+        while let Some(j) = carried.pop_front() {
+            if !fits(&batch, behind, &j) {
+                carried.push_front(j);
+                break;
+            }
+            if !batch.is_empty() {
+                behind += j.line.len();
+            }
+            batch.push(j);
+        }
+        if batch.is_empty() {
+            shared.waiting.fetch_add(1, Ordering::AcqRel);
+            let mut rx = shared.jobs.lock().await;
+            let first = rx.recv().await;
+            shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            let Some(first) = first else { return };
+            batch.push(first);
+            while let Ok(j) = rx.try_recv() {
+                if !fits(&batch, behind, &j) {
+                    carried.push_back(j);
+                    break;
+                }
+                behind += j.line.len();
+                batch.push(j);
+            }
+        }
+        // A step whose caller has gone is not run.
+        batch.retain(|j| !j.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut interp = match it.take() {
+            Some(i) => i,
+            None => match spawn(&shared.python) {
+                Ok(i) => i,
+                Err(e) => {
+                    for j in batch {
+                        let _ = j.reply.send(Err(e.clone()));
+                    }
+                    continue;
+                }
+            },
+        };
+        let lines: String = batch.iter().map(|j| j.line.as_str()).collect();
+        let mut jobs = batch.into_iter();
+        if let Err(e) = write(&mut interp, &lines).await {
+            // Nothing ran: the interpreter died before it read them.
+            if let Some(j) = jobs.next() {
+                let _ = j.reply.send(Err(crashed(e)));
+            }
+            carried.extend(jobs);
+            continue;
+        }
+        let mut healthy = true;
+        while let Some(j) = jobs.next() {
+            let r = match tokio::time::timeout(j.timeout, response(&mut interp)).await {
+                Ok(r) => r,
+                Err(_) => Err(ToolError::new(
+                    "timeout",
+                    format!("python step exceeded {:.3}s", j.timeout.as_secs_f64()),
+                )),
+            };
+            healthy = r.is_ok();
+            let _ = j.reply.send(r);
+            if !healthy {
+                carried.extend(jobs);
+                break;
+            }
+        }
+        if healthy {
+            it = Some(interp);
+        }
+        // Otherwise `interp` is dropped here, which kills it.
+    }
+}
+
+fn request_line(req: &Value) -> Result<String, ToolError> {
     let mut line =
         serde_json::to_string(req).map_err(|e| ToolError::new("python_protocol", e.to_string()))?;
     line.push('\n');
-    let io = async {
-        it.stdin.write_all(line.as_bytes()).await?;
-        it.stdin.flush().await?;
-        let mut buf = String::new();
-        loop {
-            buf.clear();
-            let n = it.stdout.read_line(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "interpreter exited",
-                ));
-            }
-            if let Some(rest) = buf.strip_prefix(MARK) {
-                return Ok(rest.to_owned());
-            }
-            // Unmarked line: something wrote to fd 1 directly (e.g. a subprocess); skip it.
+    Ok(line)
+}
+
+fn crashed(e: std::io::Error) -> ToolError {
+    ToolError::new("python_crashed", format!("python interpreter failed: {e}"))
+}
+
+async fn write(it: &mut Interp, lines: &str) -> std::io::Result<()> {
+    it.stdin.write_all(lines.as_bytes()).await?;
+    it.stdin.flush().await
+}
+
+/// The next response of `it` (its lines without the mark are stray output, skipped).
+async fn response(it: &mut Interp) -> Result<Value, ToolError> {
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        let n = it.stdout.read_line(&mut buf).await.map_err(crashed)?;
+        if n == 0 {
+            return Err(crashed(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "interpreter exited",
+            )));
         }
-    };
-    let resp = match tokio::time::timeout(timeout, io).await {
-        Err(_) => {
-            return Err(ToolError::new(
-                "timeout",
-                format!("python step exceeded {:.3}s", timeout.as_secs_f64()),
-            ));
+        if let Some(rest) = buf.strip_prefix(MARK) {
+            return serde_json::from_str(rest)
+                .map_err(|e| ToolError::new("python_protocol", format!("bad response: {e}")));
         }
-        Ok(Err(e)) => {
-            return Err(ToolError::new(
-                "python_crashed",
-                format!("python interpreter failed: {e}"),
-            ));
-        }
-        Ok(Ok(s)) => s,
-    };
-    serde_json::from_str(&resp)
-        .map_err(|e| ToolError::new("python_protocol", format!("bad response: {e}")))
+        // Unmarked line: something wrote to fd 1 directly (e.g. a subprocess); skip it.
+    }
+}
+
+fn output(resp: Value) -> ToolOutput {
+    let logs = json!({
+        "stdout": resp.get("stdout").cloned().unwrap_or(Value::Null),
+        "stderr": resp.get("stderr").cloned().unwrap_or(Value::Null),
+    });
+    if resp.get("ok").and_then(Value::as_bool) == Some(true) {
+        let mut out = ToolOutput::ok(resp.get("result").cloned().unwrap_or(Value::Null));
+        out.logs = Some(logs);
+        out
+    } else {
+        let err = resp.get("error").cloned().unwrap_or(Value::Null);
+        let ty = err.get("type").and_then(Value::as_str).unwrap_or("Error");
+        let msg = err.get("message").and_then(Value::as_str).unwrap_or("");
+        let mut e = ToolError::new("python_exception", format!("{ty}: {msg}"));
+        e.detail = err.get("traceback").cloned();
+        let mut out = ToolOutput::failed(e);
+        out.logs = Some(logs);
+        out
+    }
 }

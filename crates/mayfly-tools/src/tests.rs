@@ -370,3 +370,75 @@ async fn postgres_commands_queries_params_and_types() {
         .await;
     assert_eq!(o.error.map(|e| e.code), Some("bad_config".to_owned()));
 }
+
+/// Steps queued for one interpreter are written to it together. The ones behind a step that
+/// times out, or that crashes the interpreter, had not started: they run on its replacement,
+/// each once, with its own result.
+#[tokio::test]
+async fn python_steps_queued_behind_a_failure_run_on_the_replacement() {
+    let t = tools(1);
+    let pool = &t.python;
+    let long = Duration::from_secs(20);
+    let pid = "import os\nresult = [i, os.getpid()]";
+    for failing in [
+        ("import time\ntime.sleep(30)", "timeout"),
+        ("import os\nos._exit(3)", "python_crashed"),
+    ] {
+        let before = pool.run(pid, &json!({"i": 0}), long).await.data[1].clone();
+        // All queued before the interpreter takes any: one batch, the failure second.
+        let (i1, i2, i3, none) = (json!({"i": 1}), json!({"i": 2}), json!({"i": 3}), json!({}));
+        let (a, bad, b, c) = tokio::join!(
+            pool.run(pid, &i1, long),
+            pool.run(failing.0, &none, Duration::from_millis(500)),
+            pool.run(pid, &i2, long),
+            pool.run(pid, &i3, long)
+        );
+        assert_eq!(bad.error.map(|e| e.code), Some(failing.1.to_owned()));
+        assert_eq!(
+            a.data,
+            json!([1, before]),
+            "ran before the failure, same interpreter"
+        );
+        for (i, o) in [(2, &b), (3, &c)] {
+            assert!(o.ok, "{:?}", o.error);
+            assert_eq!(o.data[0], json!(i));
+            assert_ne!(
+                o.data[1], before,
+                "queued behind the failure: ran on the replacement"
+            );
+        }
+        assert_eq!(b.data[1], c.data[1]);
+    }
+}
+
+/// Many steps with large inputs and outputs queued at once: the batches written to an
+/// interpreter stay within its pipe, so neither side blocks the other.
+#[tokio::test]
+async fn python_queued_steps_with_large_payloads_do_not_deadlock() {
+    let t = tools(2);
+    let blob = "x".repeat(20_000);
+    let runs = (0..24).map(|i| {
+        let input = json!({"i": i, "blob": blob});
+        let pool = &t.python;
+        async move {
+            pool.run(
+                "result = [i, len(blob), blob * 5]",
+                &input,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    });
+    let outs = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(runs),
+    )
+    .await
+    .expect("no deadlock");
+    for (i, o) in outs.iter().enumerate() {
+        assert!(o.ok, "{:?}", o.error);
+        assert_eq!(o.data[0], json!(i));
+        assert_eq!(o.data[1], json!(20_000));
+        assert_eq!(o.data[2].as_str().map(str::len), Some(100_000));
+    }
+}
