@@ -26,13 +26,15 @@ pub struct BenchArgs {
     python_items: usize,
     /// Items in the wide python fan-out (through a server only): enough for its throughput
     /// to be a steady state, not the ramp up and the tail.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 15_000)]
     wide_items: usize,
-    /// Items in flight at once in the wide fan-out.
-    #[arg(long, default_value_t = 256)]
+    /// Items in flight at once in the wide fan-out. A deep window is what a throughput-bound
+    /// fan-out wants: each commit then dispatches, and each queue message carries, more blocks.
+    #[arg(long, default_value_t = 1024)]
     wide_in_flight: usize,
-    /// Slots of each `mayfly worker` the distributed bench spawns.
-    #[arg(long, default_value_t = 64)]
+    /// Slots of each `mayfly worker` the distributed bench spawns (blocks waiting for one of
+    /// the worker's python interpreters hold a slot, not an interpreter).
+    #[arg(long, default_value_t = 256)]
     worker_slots: usize,
     /// Runtime threads of each `mayfly worker` the distributed bench spawns (default: the
     /// workers together get one per CPU, at least one each).
