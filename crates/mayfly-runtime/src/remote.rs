@@ -924,9 +924,7 @@ async fn fetcher(
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if *draining.borrow_and_update() {
-            for (_, t) in ready.drain(..) {
-                let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
-            }
+            give_back(&mut ready).await;
             return;
         }
         // Hand out what was fetched before asking for more.
@@ -945,9 +943,7 @@ async fn fetcher(
                 w = wants.recv() => match w {
                     Some(w) => idle.push_back(w),
                     None => {
-                        for (_, t) in ready.drain(..) {
-                            let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
-                        }
+                        give_back(&mut ready).await;
                         return;
                     }
                 },
@@ -961,7 +957,13 @@ async fn fetcher(
                         }
                     }
                 }
-                _ = draining.changed() => {}
+                // An error: the coordinator is gone; give back what is buffered.
+                changed = draining.changed() => {
+                    if changed.is_err() {
+                        give_back(&mut ready).await;
+                        return;
+                    }
+                }
             }
             continue;
         }
@@ -995,6 +997,14 @@ async fn fetcher(
             let tickets = Ticket::group(d, blocks.len());
             ready.extend(blocks.into_iter().zip(tickets));
         }
+    }
+}
+
+/// Return the buffered blocks to the queue at once (the worker drains or its coordinator is
+/// gone).
+async fn give_back(ready: &mut std::collections::VecDeque<(Block, Ticket)>) {
+    for (_, t) in ready.drain(..) {
+        let _ = t.settle(Settle::Retry(Duration::ZERO)).await;
     }
 }
 
