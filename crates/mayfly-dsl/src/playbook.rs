@@ -196,6 +196,19 @@ pub struct Step {
     pub looping: Option<LoopSpec>,
     pub next: Next,
     pub timeout_s: Option<f64>,
+    /// `bound_paths`, computed once: a fan-out hydrates thousands of blocks of one step.
+    bound: Memo<BTreeSet<String>>,
+}
+
+/// A value computed on first use and then kept; it takes no part in equality (it is derived
+/// from the rest of its owner).
+#[derive(Clone, Debug, Default)]
+struct Memo<T>(std::sync::OnceLock<T>);
+
+impl<T> PartialEq for Memo<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Step {
@@ -213,7 +226,11 @@ impl Step {
     /// field a worker renders or evaluates (input, task fields but python `code`, policy
     /// rule conditions and `set` values). Used to hydrate only the cached payloads a block
     /// reads.
-    pub fn bound_paths(&self) -> BTreeSet<String> {
+    pub fn bound_paths(&self) -> &BTreeSet<String> {
+        self.bound.0.get_or_init(|| self.scan_bound_paths())
+    }
+
+    fn scan_bound_paths(&self) -> BTreeSet<String> {
         fn scan(n: &Node, bare: bool, out: &mut BTreeSet<String>) {
             match &n.v {
                 NodeV::Str(s) => {
@@ -875,6 +892,7 @@ impl Parser<'_> {
             looping,
             next,
             timeout_s,
+            bound: Memo::default(),
         })
     }
 

@@ -295,3 +295,52 @@ fn template_paths_follow_static_attribute_chains() {
     );
     assert!(t.paths("plain text", false).expect("none").is_empty());
 }
+
+#[test]
+fn a_steps_bound_paths_cover_what_its_block_renders_once_computed() {
+    let pb = ok(&format!(
+        "{HEAD}{}",
+        r#"workload: {users: [1], base: x}
+workflow:
+  - step: start
+    next: a
+  - step: a
+    loop: {in: "{{ users }}", iterator: user}
+    input: {who: "{{ user.name }}"}
+    tool:
+      - name: fetch
+        kind: http
+        url: "http://{{ base }}/{{ start.data.id }}"
+        spec:
+          policy:
+            rules:
+              - when: "{{ output.status == 'error' }}"
+                then: {do: continue, set: {ctx.seen: "{{ steps.start.data }}"}}
+      - name: post
+        kind: python
+        code: "result = never.bound"
+        input: {rows: "{{ fetch.rows }}"}
+"#
+    ));
+    let before = pb.clone();
+    let a = pb.step("a").expect("step a");
+    let want: std::collections::BTreeSet<String> = [
+        "user.name",
+        "base",
+        "start.data.id",
+        "output.status",
+        "steps.start.data",
+        "fetch.rows",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(a.bound_paths(), &want, "python code is never rendered");
+    // Kept after the first call.
+    assert!(std::ptr::eq(a.bound_paths(), a.bound_paths()));
+    assert_eq!(
+        before.step("a"),
+        pb.step("a"),
+        "the kept paths take no part in equality"
+    );
+}

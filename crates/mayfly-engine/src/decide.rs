@@ -183,7 +183,7 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         .then(|| context(st, iteration))
         .filter(|c| {
             // A block that reads a cached payload goes to a worker (the engine does no IO).
-            !(c.values().any(CacheRef::any_in) && binds_ref(c, &step.bound_paths()))
+            !(c.values().any(CacheRef::any_in) && binds_ref(c, step.bound_paths()))
         });
     if let Some(ctx) = inline_ctx {
         // Trivial blocks never cost a queue round-trip: the engine completes them itself.
