@@ -440,7 +440,7 @@ pub(crate) async fn publisher(
                         Err(_) => break,
                     }
                 }
-                // (message id, payload, blocks in it)
+                // (message id, payload) per message, and how many blocks each carries.
                 let mut items: Vec<(String, bytes::Bytes)> = Vec::new();
                 let mut counts: Vec<u64> = Vec::new();
                 for group in groups(&blocks) {
