@@ -799,8 +799,8 @@ struct StreamQuery {
     kinds: Option<String>,
 }
 
-/// Which event kinds a stream sends (`?kinds=`); none given sends every kind.
-struct KindFilter(Option<Vec<String>>);
+/// Which event kinds a stream sends (`?kinds=`), resolved once; none given sends every kind.
+struct KindFilter(Option<Vec<EventKind>>);
 
 impl KindFilter {
     fn parse(q: Option<&str>) -> ApiResult<Self> {
@@ -809,17 +809,22 @@ impl KindFilter {
         };
         let mut out = Vec::new();
         for k in q.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-            // Families keep their dot (`execution.`) so `execution.*` never matches `executions`.
-            let known = match k.strip_suffix('*') {
-                Some(family) => {
-                    family.ends_with('.')
-                        && EventKind::ALL
-                            .iter()
-                            .any(|e| e.as_str().starts_with(family))
-                }
-                None => EventKind::ALL.iter().any(|e| e.as_str() == k),
+            let matched: Vec<EventKind> = match k.strip_suffix('*') {
+                // Families keep their dot (`execution.`) so `execution.*` never matches
+                // `executions`.
+                Some(family) if family.ends_with('.') => EventKind::ALL
+                    .iter()
+                    .copied()
+                    .filter(|e| e.as_str().starts_with(family))
+                    .collect(),
+                Some(_) => Vec::new(),
+                None => EventKind::ALL
+                    .iter()
+                    .copied()
+                    .filter(|e| e.as_str() == k)
+                    .collect(),
             };
-            if !known {
+            if matched.is_empty() {
                 return Err(Problem::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
@@ -828,22 +833,13 @@ impl KindFilter {
                     ),
                 ));
             }
-            out.push(k.trim_end_matches('*').to_owned());
+            out.extend(matched);
         }
         Ok(KindFilter(Some(out)))
     }
 
     fn wants(&self, kind: EventKind) -> bool {
-        let k = kind.as_str();
-        self.0.as_ref().is_none_or(|want| {
-            want.iter().any(|w| {
-                if w.ends_with('.') {
-                    k.starts_with(w.as_str())
-                } else {
-                    k == w
-                }
-            })
-        })
+        self.0.as_ref().is_none_or(|want| want.contains(&kind))
     }
 }
 
