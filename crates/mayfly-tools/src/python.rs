@@ -83,18 +83,25 @@ impl PythonPool {
             let mut it = spawn(&self.shared.python)?;
             // A no-op round trip proves the interpreter is ready.
             let line = request_line(&json!({"code": "result = None", "input": {}}))?;
-            it.stdin.write_all(line.as_bytes()).await.map_err(crashed)?;
-            it.stdin.flush().await.map_err(crashed)?;
+            write(&mut it, &line).await.map_err(crashed)?;
             tokio::time::timeout(Duration::from_secs(30), response(&mut it))
                 .await
                 .map_err(|_| ToolError::new("timeout", "python did not start in 30s"))??;
-            if self.shared.live.fetch_add(1, Ordering::AcqRel) >= self.size {
-                self.shared.live.fetch_sub(1, Ordering::AcqRel);
+            if !self.reserve() {
                 break;
             }
             tokio::spawn(interpreter(self.shared.clone(), Some(it)));
         }
         Ok(())
+    }
+
+    /// Count one more interpreter task, unless `size` already run.
+    fn reserve(&self) -> bool {
+        if self.shared.live.fetch_add(1, Ordering::AcqRel) < self.size {
+            return true;
+        }
+        self.shared.live.fetch_sub(1, Ordering::AcqRel);
+        false
     }
 
     /// Run `code` with `input` (keys become globals, the whole map is `input_data`).
@@ -104,12 +111,8 @@ impl PythonPool {
             Err(e) => return ToolOutput::failed(e),
         };
         // Another interpreter only when none is free to take this step.
-        if self.shared.waiting.load(Ordering::Acquire) == 0 {
-            if self.shared.live.fetch_add(1, Ordering::AcqRel) < self.size {
-                tokio::spawn(interpreter(self.shared.clone(), None));
-            } else {
-                self.shared.live.fetch_sub(1, Ordering::AcqRel);
-            }
+        if self.shared.waiting.load(Ordering::Acquire) == 0 && self.reserve() {
+            tokio::spawn(interpreter(self.shared.clone(), None));
         }
         let (reply, rx) = oneshot::channel();
         let job = Job {
