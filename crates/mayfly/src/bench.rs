@@ -661,9 +661,15 @@ fn table_codec(rows: usize) -> Result<serde_json::Value> {
 }
 
 /// Median seconds of `runs` executions of catalog playbook `path` on a server (after one
-/// untimed warm-up run), each timed from the start request to the end of its SSE stream.
-async fn measure_remote(c: &crate::remote::Client, path: &str, runs: usize) -> Result<f64> {
+/// untimed warm-up run), each timed from the start request to the end of its SSE stream,
+/// and the id of the last run.
+async fn measure_remote(
+    c: &crate::remote::Client,
+    path: &str,
+    runs: usize,
+) -> Result<(f64, String)> {
     let mut times = Vec::with_capacity(runs);
+    let mut last = String::new();
     for i in 0..=runs.max(1) {
         let t = Instant::now();
         let v = c
@@ -690,8 +696,108 @@ async fn measure_remote(c: &crate::remote::Client, path: &str, runs: usize) -> R
         if i > 0 {
             times.push(took);
         }
+        last = id;
     }
-    Ok(median(times))
+    Ok((median(times), last))
+}
+
+/// Mean milliseconds an item of a loop spent between the stages its events record, read
+/// off the log's `at` stamps (taken by the orchestrator as it handles each message).
+#[derive(Debug, Clone, PartialEq)]
+struct Stages {
+    /// Items with all three stages in the log.
+    items: usize,
+    /// `command.issued` → `command.claimed`: the issuing commit, the queue, the worker's
+    /// fetch and its claim reaching the orchestrator.
+    issued_to_claimed: f64,
+    /// `command.claimed` → `step.finished`: the claim's commit and grant, the tool, and
+    /// the completion reaching the orchestrator.
+    claimed_to_finished: f64,
+    /// The tool's own run, as the worker reported it (`duration_ms`).
+    tool: f64,
+}
+
+impl Stages {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "items": self.items,
+            "issued_to_claimed_ms": self.issued_to_claimed,
+            "claimed_to_finished_ms": self.claimed_to_finished,
+            "tool_ms": self.tool,
+        })
+    }
+}
+
+/// The stages of every command of an execution's events (JSON as the events API returns
+/// them). A command delivered more than once counts from its issue to its last claim and
+/// the finish of that claim's attempt; commands without all three stages are left out.
+fn stages(events: &[serde_json::Value]) -> Option<Stages> {
+    #[derive(Default)]
+    struct Item {
+        issued: Option<u64>,
+        claimed: Option<(u64, u64)>,
+        finished: Option<(u64, u64, u64)>,
+    }
+    let mut items: std::collections::HashMap<&str, Item> = std::collections::HashMap::new();
+    for e in events {
+        let (Some(cmd), Some(at)) = (e["command_id"].as_str(), e["at"].as_u64()) else {
+            continue;
+        };
+        let attempt = e["attempt"].as_u64().unwrap_or(0);
+        let it = items.entry(cmd).or_default();
+        match e["kind"].as_str() {
+            Some("command.issued") => {
+                it.issued.get_or_insert(at);
+            }
+            Some("command.claimed") => it.claimed = Some((attempt, at)),
+            Some("step.finished") => {
+                let tool = e["payload"]["duration_ms"].as_u64().unwrap_or(0);
+                it.finished = Some((attempt, at, tool));
+            }
+            _ => {}
+        }
+    }
+    let (mut n, mut a, mut b, mut t) = (0usize, 0u64, 0u64, 0u64);
+    for it in items.values() {
+        if let (Some(i), Some((ca, c)), Some((fa, f, tool))) = (it.issued, it.claimed, it.finished)
+            && ca == fa
+        {
+            n += 1;
+            a += c.saturating_sub(i);
+            b += f.saturating_sub(c);
+            t += tool;
+        }
+    }
+    (n > 0).then(|| Stages {
+        items: n,
+        issued_to_claimed: a as f64 / n as f64,
+        claimed_to_finished: b as f64 / n as f64,
+        tool: t as f64 / n as f64,
+    })
+}
+
+/// The stages of execution `id`'s items, its events read through the paged events API
+/// (untimed, after the runs).
+async fn remote_stages(c: &crate::remote::Client, id: &str) -> Result<Option<Stages>> {
+    let mut events = Vec::new();
+    let mut from = 1u64;
+    loop {
+        let page = c
+            .send(
+                reqwest::Method::GET,
+                &format!("/v1/executions/{id}/events?from={from}&limit=1000"),
+                None,
+            )
+            .await?;
+        if let Some(list) = page["events"].as_array() {
+            events.extend(list.iter().cloned());
+        }
+        match page["next"].as_u64() {
+            Some(n) if n > from => from = n,
+            _ => break,
+        }
+    }
+    Ok(stages(&events))
 }
 
 /// The worker-bound scenarios through a server's API: python chain, python fan-out (64 in
@@ -706,19 +812,23 @@ async fn against_server(c: &crate::remote::Client, a: &BenchArgs) -> Result<serd
         c.send(reqwest::Method::POST, "/v1/playbooks", Some(src))
             .await?;
     }
-    let py_chain = measure_remote(c, "bench-python-chain", a.runs).await?;
-    let py_fan = measure_remote(c, "bench-python-fanout", a.runs).await?;
+    let (py_chain, _) = measure_remote(c, "bench-python-chain", a.runs).await?;
+    let (py_fan, fan_id) = measure_remote(c, "bench-python-fanout", a.runs).await?;
+    let fan_stages = remote_stages(c, &fan_id).await?;
     // `--wide-items 0` skips it (e.g. against a shared server).
     let wide = match a.wide_items {
         0 => serde_json::Value::Null,
         n => {
-            let t = measure_remote(c, "bench-python-fanout-wide", a.runs).await?;
-            json!({"items": n, "in_flight": a.wide_in_flight, "seconds": t, "steps_per_second": n as f64 / t})
+            let (t, id) = measure_remote(c, "bench-python-fanout-wide", a.runs).await?;
+            let st = remote_stages(c, &id).await?;
+            json!({"items": n, "in_flight": a.wide_in_flight, "seconds": t, "steps_per_second": n as f64 / t,
+                   "stages": st.map(|s| s.json())})
         }
     };
     Ok(json!({
         "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
-        "python_fanout": {"items": a.python_items, "in_flight": 64, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
+        "python_fanout": {"items": a.python_items, "in_flight": 64, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan,
+                          "stages": fan_stages.map(|s| s.json())},
         "python_fanout_wide": wide,
     }))
 }
@@ -867,6 +977,7 @@ fn print_remote(a: &BenchArgs, rows: &[(String, serde_json::Value)]) {
                 .as_f64()
                 .unwrap_or(0.0)
         );
+        print_stages(&v["python_fanout"]["stages"]);
         if v["python_fanout_wide"].is_null() {
             continue;
         }
@@ -881,5 +992,90 @@ fn print_remote(a: &BenchArgs, rows: &[(String, serde_json::Value)]) {
                 .as_f64()
                 .unwrap_or(0.0)
         );
+        print_stages(&v["python_fanout_wide"]["stages"]);
+    }
+}
+
+/// The line under a fan-out row: where its items' time went (last run, mean per item).
+fn print_stages(s: &serde_json::Value) {
+    let ms = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    if s.is_null() {
+        return;
+    }
+    println!(
+        "  {:<14}   per item: issued → claimed {:.1} ms, claimed → finished {:.1} ms (the tool {:.1} ms)",
+        "",
+        ms("issued_to_claimed_ms"),
+        ms("claimed_to_finished_ms"),
+        ms("tool_ms")
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: &str, cmd: &str, attempt: Option<u64>, at: u64) -> serde_json::Value {
+        json!({"kind": kind, "command_id": cmd, "attempt": attempt, "at": at, "payload": {}})
+    }
+
+    #[test]
+    fn stages_average_each_commands_intervals() {
+        let mut finished_a = ev("step.finished", "a", Some(1), 20);
+        finished_a["payload"]["duration_ms"] = json!(4);
+        let mut finished_b = ev("step.finished", "b", Some(1), 40);
+        finished_b["payload"]["duration_ms"] = json!(2);
+        let events = vec![
+            json!({"kind": "execution.started", "at": 0, "payload": {}}),
+            ev("command.issued", "a", None, 0),
+            ev("command.issued", "b", None, 10),
+            ev("command.claimed", "a", Some(1), 6),
+            ev("command.claimed", "b", Some(1), 12),
+            finished_a,
+            finished_b,
+            ev("command.completed", "a", Some(1), 20),
+        ];
+        let s = stages(&events).expect("two complete items");
+        assert_eq!(
+            s,
+            Stages {
+                items: 2,
+                issued_to_claimed: 4.0,
+                claimed_to_finished: 21.0,
+                tool: 3.0,
+            }
+        );
+    }
+
+    #[test]
+    fn a_redelivered_command_counts_from_its_issue_to_its_last_attempt() {
+        let events = vec![
+            ev("command.issued", "a", None, 100),
+            ev("command.claimed", "a", Some(1), 101),
+            // The first claim's worker died; the second attempt finished.
+            ev("command.claimed", "a", Some(2), 150),
+            ev("step.finished", "a", Some(2), 160),
+        ];
+        let s = stages(&events).expect("one item");
+        assert_eq!(
+            (s.items, s.issued_to_claimed, s.claimed_to_finished),
+            (1, 50.0, 10.0)
+        );
+    }
+
+    #[test]
+    fn items_missing_a_stage_are_left_out() {
+        let events = vec![
+            ev("command.issued", "a", None, 0),
+            ev("command.claimed", "a", Some(1), 5),
+            // b never finished; c finished an attempt other than its last claim.
+            ev("command.issued", "b", None, 0),
+            ev("command.claimed", "b", Some(1), 5),
+            ev("command.issued", "c", None, 0),
+            ev("command.claimed", "c", Some(2), 5),
+            ev("step.finished", "c", Some(1), 9),
+        ];
+        assert_eq!(stages(&events), None);
+        assert_eq!(stages(&[]), None);
     }
 }
