@@ -728,31 +728,31 @@ impl Stages {
     }
 }
 
-/// The stages of every command of an execution's events (JSON as the events API returns
-/// them). A command delivered more than once counts from its issue to its last claim and
-/// the finish of that claim's attempt; commands without all three stages are left out.
-fn stages(events: &[serde_json::Value]) -> Option<Stages> {
+/// The stages of every command of an execution's events. A command delivered more than
+/// once counts from its issue to its last claim and the finish of that claim's attempt;
+/// commands without all three stages are left out.
+fn stages(events: &[mayfly_types::Event]) -> Option<Stages> {
+    use mayfly_types::EventKind;
     #[derive(Default)]
     struct Item {
         issued: Option<u64>,
-        claimed: Option<(u64, u64)>,
-        finished: Option<(u64, u64, u64)>,
+        claimed: Option<(Option<u32>, u64)>,
+        finished: Option<(Option<u32>, u64, u64)>,
     }
     let mut items: std::collections::HashMap<&str, Item> = std::collections::HashMap::new();
     for e in events {
-        let (Some(cmd), Some(at)) = (e["command_id"].as_str(), e["at"].as_u64()) else {
+        let Some(cmd) = e.command_id.as_deref() else {
             continue;
         };
-        let attempt = e["attempt"].as_u64().unwrap_or(0);
         let it = items.entry(cmd).or_default();
-        match e["kind"].as_str() {
-            Some("command.issued") => {
-                it.issued.get_or_insert(at);
+        match e.kind {
+            EventKind::CommandIssued => {
+                it.issued.get_or_insert(e.at);
             }
-            Some("command.claimed") => it.claimed = Some((attempt, at)),
-            Some("step.finished") => {
-                let tool = e["payload"]["duration_ms"].as_u64().unwrap_or(0);
-                it.finished = Some((attempt, at, tool));
+            EventKind::CommandClaimed => it.claimed = Some((e.attempt, e.at)),
+            EventKind::StepFinished => {
+                let tool = e.payload["duration_ms"].as_u64().unwrap_or(0);
+                it.finished = Some((e.attempt, e.at, tool));
             }
             _ => {}
         }
@@ -779,25 +779,7 @@ fn stages(events: &[serde_json::Value]) -> Option<Stages> {
 /// The stages of execution `id`'s items, its events read through the paged events API
 /// (untimed, after the runs).
 async fn remote_stages(c: &crate::remote::Client, id: &str) -> Result<Option<Stages>> {
-    let mut events = Vec::new();
-    let mut from = 1u64;
-    loop {
-        let page = c
-            .send(
-                reqwest::Method::GET,
-                &format!("/v1/executions/{id}/events?from={from}&limit=1000"),
-                None,
-            )
-            .await?;
-        if let Some(list) = page["events"].as_array() {
-            events.extend(list.iter().cloned());
-        }
-        match page["next"].as_u64() {
-            Some(n) if n > from => from = n,
-            _ => break,
-        }
-    }
-    Ok(stages(&events))
+    Ok(stages(&c.events(id, 1, u32::MAX).await?))
 }
 
 /// The worker-bound scenarios through a server's API: python chain, python fan-out (64 in
@@ -1015,18 +997,25 @@ fn print_stages(s: &serde_json::Value) {
 mod tests {
     use super::*;
 
-    fn ev(kind: &str, cmd: &str, attempt: Option<u64>, at: u64) -> serde_json::Value {
-        json!({"kind": kind, "command_id": cmd, "attempt": attempt, "at": at, "payload": {}})
+    fn ev(kind: &str, cmd: &str, attempt: Option<u32>, at: u64) -> mayfly_types::Event {
+        serde_json::from_value(json!({
+            "execution_id": "x", "seq": 1, "kind": kind, "command_id": cmd, "attempt": attempt,
+            "at": at, "actor": "engine", "playbook_digest": "d", "payload": {},
+            "prev_hash": "p", "hash": "h",
+        }))
+        .expect("a well-formed event")
     }
 
     #[test]
     fn stages_average_each_commands_intervals() {
         let mut finished_a = ev("step.finished", "a", Some(1), 20);
-        finished_a["payload"]["duration_ms"] = json!(4);
+        finished_a.payload = json!({"duration_ms": 4});
         let mut finished_b = ev("step.finished", "b", Some(1), 40);
-        finished_b["payload"]["duration_ms"] = json!(2);
+        finished_b.payload = json!({"duration_ms": 2});
+        let mut started = ev("execution.started", "a", None, 0);
+        started.command_id = None;
         let events = vec![
-            json!({"kind": "execution.started", "at": 0, "payload": {}}),
+            started,
             ev("command.issued", "a", None, 0),
             ev("command.issued", "b", None, 10),
             ev("command.claimed", "a", Some(1), 6),
