@@ -669,21 +669,23 @@ impl Dataplane {
                     .filter(|r| !assigned_here(st, &provider.id, r))
                     .cloned()
                     .collect();
+                // The leases are renewed under the control lock, before the worker records
+                // land: a controller round (which reads the leases under the same lock)
+                // never sees a worker's record without the lease of the heartbeat that
+                // wrote it, and so never declares a worker that just joined lost.
+                let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                for w in hb.workers.iter().filter(|w| w.healthy) {
+                    leases.insert(
+                        w.id.clone(),
+                        Lease {
+                            expires_ms: now + self.cfg.lease_ms,
+                            used: w.used,
+                        },
+                    );
+                }
                 Ok((changes, stop))
             })
             .await?;
-        {
-            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-            for w in hb.workers.iter().filter(|w| w.healthy) {
-                leases.insert(
-                    w.id.clone(),
-                    Lease {
-                        expires_ms: now + self.cfg.lease_ms,
-                        used: w.used,
-                    },
-                );
-            }
-        }
         Ok(HeartbeatAnswer {
             lease_ms: self.cfg.lease_ms,
             stop,
@@ -694,9 +696,10 @@ impl Dataplane {
     /// fenced (Suspended, epoch raised) durably; idle actors are suspended.
     pub async fn tick(self: &Arc<Self>) -> Result<(), DataplaneError> {
         let now = now_ms();
-        let leases = self.leases();
         self.control
             .transact(WHO, |st| {
+                // Read under the control lock, as heartbeats renew them (see `heartbeat`).
+                let leases = self.leases();
                 let mut changes = Vec::new();
                 for id in st.expired_workers(&leases, now) {
                     if let Some(w) = st.workers.get(&id) {

@@ -270,6 +270,54 @@ async fn only_enrolled_certificates_heartbeat_and_a_cut_provider_is_fenced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_just_joined_is_never_declared_lost_by_a_concurrent_controller_round() {
+    // A controller round that read the leases before a new worker's first heartbeat
+    // renewed its lease, but took the control lock after that heartbeat wrote the worker's
+    // record, saw a worker without a lease and declared it lost (and fenced its actors).
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rig, _) = rig(dir.path(), Arc::new(AtomicBool::new(false)), false).await;
+    let (fingerprint, incarnation) = rig
+        .control
+        .read(|st| {
+            st.providers
+                .get("faulty")
+                .map(|p| (p.fingerprint.clone(), p.incarnation.clone()))
+        })
+        .await
+        .unwrap()
+        .expect("the rig's provider is enrolled");
+    let info = rig.providers[0].provider.info().await;
+    for i in 0..50 {
+        let mut joiner = info.workers[0].clone();
+        joiner.id = format!("faulty/joiner-{i}");
+        let hb = Heartbeat {
+            incarnation: incarnation.clone().expect("the provider has heartbeated"),
+            capabilities: info.capabilities.clone(),
+            workers: vec![joiner.clone()],
+            running: vec![],
+        };
+        // Both in flight at once: the heartbeat first, the round right behind it.
+        let (beat, round) = tokio::join!(rig.dp.heartbeat(&fingerprint, hb), rig.dp.tick());
+        beat.unwrap();
+        round.unwrap();
+        let lost = rig
+            .control
+            .read(|st| st.workers.get(&joiner.id).map(|w| w.lost))
+            .await
+            .unwrap();
+        assert_eq!(
+            lost,
+            Some(false),
+            "round {i}: the new worker was declared lost"
+        );
+    }
+    // The rig's own actor was never fenced by any of it.
+    rig.get("t", "c").await.unwrap();
+    assert_eq!(record(&rig).await.epoch, 1);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_claiming_a_scope_it_lacks_fails_conformance() {
     let dir = tempfile::tempdir().unwrap();
     let (rig, key) = rig(dir.path(), Arc::new(AtomicBool::new(false)), true).await;
