@@ -5,14 +5,15 @@
 pub mod graph;
 pub mod node;
 pub mod playbook;
+pub mod schema;
 pub mod template;
 
 pub use graph::{Graph, GraphEdge, GraphNode, graph};
 pub use node::{Loc, Node, NodeV};
 pub use playbook::{
-    Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry, LoopMode, LoopSpec,
-    Next, NextMode, ParseOptions, Playbook, Reach, Rule, SetOp, SetTarget, Step, Task, ToolKind,
-    parse,
+    Admit, AdmitRule, Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry,
+    LoopMode, LoopSpec, Next, NextMode, ParseOptions, Playbook, Reach, Rule, SetOp, SetTarget,
+    Step, TOOL_KINDS, Task, ToolKind, parse, parse_bytes,
 };
 pub use template::{TemplateError, Templates, templates, to_value, truthy};
 

@@ -1,6 +1,7 @@
 //! The NoETL v2 playbook model and its parser/validator.
 
 use crate::node::{Loc, Node, NodeV};
+use crate::schema;
 use crate::template::{Templates, templates};
 use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -148,8 +149,11 @@ pub struct Rule {
 pub struct Task {
     pub name: String,
     pub kind: ToolKind,
-    /// The task's fields other than `name`, `kind` and `spec` (templated at run time).
+    /// The task's fields other than `name`, `kind`, `spec` and `set` (templated at run time).
     pub config: Node,
+    /// Task-level `set:`, rendered after the task ran with `output` = its data, before the
+    /// policy rules (NoETL's task_sequence order).
+    pub set: Vec<SetOp>,
     pub rules: Vec<Rule>,
     /// What an *error* does when no rule matched: `Fail` unless `on_unmatched: continue`.
     pub on_unmatched_error: Directive,
@@ -181,6 +185,27 @@ pub struct Arc {
 pub struct Next {
     pub mode: NextMode,
     pub arcs: Vec<Arc>,
+    /// The router named its mode (`next.spec.mode`), which wins over `spec.next_mode`.
+    pub explicit_mode: bool,
+}
+
+/// One admission rule of `spec.policy.admit.rules` (`when` None = the `else` rule).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdmitRule {
+    pub when: Option<Node>,
+    pub allow: bool,
+    pub reason: Option<String>,
+    pub loc: Loc,
+}
+
+/// `spec.policy.admit`: evaluated before the step runs (each loop item too). `exclusive`
+/// (the default): the first rule whose `when` holds decides; `inclusive`: every rule whose
+/// `when` holds must allow. No rule holding admits (NoETL's default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admit {
+    pub rules: Vec<AdmitRule>,
+    pub inclusive: bool,
+    pub loc: Loc,
 }
 
 /// One workflow step.
@@ -191,11 +216,16 @@ pub struct Step {
     pub loc: Loc,
     /// Empty = pure routing step (completed inline by the engine).
     pub tasks: Vec<Task>,
+    /// `tool:` is a list: the step's result is `{<task name>: <its data>, …}` (NoETL's
+    /// task_sequence), not one task's data.
+    pub pipeline: bool,
     pub input: Option<Node>,
     pub set: Vec<SetOp>,
     pub looping: Option<LoopSpec>,
     pub next: Next,
     pub timeout_s: Option<f64>,
+    /// `spec.policy.admit`, if any.
+    pub admit: Option<Admit>,
     /// `bound_paths`, computed once: a fan-out hydrates thousands of blocks of one step.
     bound: Memo<BTreeSet<String>>,
 }
@@ -212,9 +242,12 @@ impl<T> PartialEq for Memo<T> {
 }
 
 impl Step {
-    /// True when the engine can complete this step itself: no tool, or only `noop` tasks.
+    /// True when the engine can complete this step itself: no tool, or only `noop` tasks
+    /// without policy rules or task `set` (those run their pipeline in a worker).
     pub fn is_inline(&self) -> bool {
-        self.tasks.iter().all(|t| t.kind == ToolKind::Noop)
+        self.tasks
+            .iter()
+            .all(|t| t.kind == ToolKind::Noop && t.rules.is_empty() && t.set.is_empty())
     }
 
     /// The wait task, when this step parks for a callback.
@@ -250,8 +283,11 @@ impl Step {
         for t in &self.tasks {
             if let NodeV::Map(entries) = &t.config.v {
                 for (k, _, v) in entries {
-                    // Python code is handed over verbatim, never rendered.
-                    if !(t.kind == ToolKind::Python && k == "code") {
+                    // Python code is rendered only where it holds template syntax.
+                    if !(t.kind == ToolKind::Python
+                        && k == "code"
+                        && !v.as_str().is_some_and(Templates::is_template))
+                    {
                         scan(v, false, &mut out);
                     }
                 }
@@ -297,11 +333,23 @@ pub struct Playbook {
     pub workload: Map<String, Value>,
     pub keychain: Vec<KeychainEntry>,
     pub steps: Vec<Step>,
+    /// Problems that do not stop the playbook from running (unreachable steps, cycles of
+    /// inline steps): `validate` prints them, `run` prints them on stderr.
+    pub warnings: Vec<Diagnostic>,
     index: HashMap<String, usize>,
     /// reach[i][j]: step j can be reached from step i by following one or more arcs.
     reach: Vec<Vec<bool>>,
     in_degree: Vec<usize>,
 }
+
+/// Tool kinds this build runs (`kind:` values; `workbook` references a root workbook task).
+pub const TOOL_KINDS: &[&str] = &[
+    "python", "shell", "http", "postgres", "playbook", "noop", "wait", "workbook",
+];
+
+/// Most runs of one inline step in one execution: a cycle of inline steps (`a → b → a` with
+/// no tool) otherwise never leaves the engine.
+pub const MAX_INLINE_RUNS: u32 = 10_000;
 
 /// The entry step name (the NoETL Rust engine's rule).
 pub const ENTRY_STEP: &str = "start";
@@ -321,6 +369,9 @@ const SCOPE_NAMES: &[&str] = &[
     "path",
     "version",
     "loop_index",
+    "_index",
+    "_total",
+    "_attempt",
     "keychain",
     "input",
     "attempt",
@@ -434,8 +485,56 @@ impl Playbook {
     }
 }
 
+/// Parse and validate a playbook read as bytes: invalid UTF-8 is reported at its byte offset
+/// (and line:col).
+pub fn parse_bytes(file: &str, bytes: &[u8], opts: &ParseOptions) -> Result<Playbook, DslError> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => parse(file, s, opts),
+        Err(e) => {
+            let at = e.valid_up_to();
+            let before = String::from_utf8_lossy(&bytes[..at]);
+            let line = before.matches('\n').count() as u32 + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u32 + 1;
+            Err(DslError {
+                diagnostics: vec![Diagnostic {
+                    file: file.to_owned(),
+                    loc: Loc { line, col },
+                    step: None,
+                    message: format!("invalid UTF-8 at byte offset {at}"),
+                }],
+            })
+        }
+    }
+}
+
+/// Stack for parsing: YAML deserialization recurses per nesting level with large frames
+/// (tens of KiB a level in a debug build), so untrusted input is parsed on a thread whose
+/// stack is known, whatever thread (a 2 MiB runtime worker) asked.
+const PARSE_STACK: usize = 64 << 20;
+
 /// Parse and validate a playbook. `file` is used only in messages.
 pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, DslError> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("mayfly-parse".into())
+            .stack_size(PARSE_STACK)
+            .spawn_scoped(s, || parse_here(file, source, opts))
+            .map(|h| h.join())
+    })
+    .unwrap_or_else(|_| Ok(parse_here(file, source, opts)))
+    .unwrap_or_else(|_| {
+        Err(DslError {
+            diagnostics: vec![Diagnostic {
+                file: file.to_owned(),
+                loc: Loc { line: 1, col: 1 },
+                step: None,
+                message: "the parser failed on this input".into(),
+            }],
+        })
+    })
+}
+
+fn parse_here(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, DslError> {
     // YAML 1.2 core booleans: `n`, `y`, `on`, `off` stay strings (keys like `n:` are common).
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
@@ -461,12 +560,14 @@ pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, 
     let mut p = Parser {
         file,
         diags: Vec::new(),
+        warnings: Vec::new(),
         step: None,
     };
     let pb = p.playbook(&root, source, opts);
     if p.diags.is_empty()
-        && let Some(pb) = pb
+        && let Some(mut pb) = pb
     {
+        pb.warnings = p.warnings;
         return Ok(pb);
     }
     if p.diags.is_empty() {
@@ -485,6 +586,7 @@ pub fn parse(file: &str, source: &str, opts: &ParseOptions) -> Result<Playbook, 
 struct Parser<'a> {
     file: &'a str,
     diags: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
     step: Option<String>,
 }
 
@@ -562,6 +664,24 @@ impl Parser<'_> {
         }
     }
 
+    /// Every key of mapping `n` must be in `known`; `place` selects the legacy messages.
+    fn keys(&mut self, n: &Node, place: &str, what: &str, known: &[&str]) {
+        let NodeV::Map(entries) = &n.v else { return };
+        for (k, loc, _) in entries {
+            if known.contains(&k.as_str()) {
+                continue;
+            }
+            let msg = match schema::legacy(place, k) {
+                Some(alt) => format!("`{k}` in {what}: {alt}"),
+                None => match schema::did_you_mean(k, known) {
+                    Some(m) => format!("unknown key `{k}` in {what}; did you mean `{m}`?"),
+                    None => format!("unknown key `{k}` in {what} (known: {})", known.join(", ")),
+                },
+            };
+            self.err(*loc, msg);
+        }
+    }
+
     fn check_templates(&mut self, n: &Node) {
         match &n.v {
             NodeV::Str(s) => {
@@ -577,6 +697,10 @@ impl Parser<'_> {
 
     fn playbook(&mut self, root: &Node, source: &str, opts: &ParseOptions) -> Option<Playbook> {
         self.map(root, "document")?;
+        self.keys(root, "root", "the playbook", schema::ROOT);
+        if let Some(e) = root.get("executor").filter(|e| !e.is_null()) {
+            self.executor(e);
+        }
         match root.get("apiVersion").and_then(Node::as_str) {
             Some("noetl.io/v2") => {}
             Some(other) => {
@@ -601,6 +725,7 @@ impl Parser<'_> {
         }
         let (name, path, description) = match root.get("metadata") {
             Some(m) if self.map(m, "metadata").is_some() => {
+                self.keys(m, "metadata", "`metadata`", schema::METADATA);
                 let name = match m.get("name") {
                     Some(n) => self.string(n, "metadata.name"),
                     None => {
@@ -705,7 +830,7 @@ impl Parser<'_> {
                 }
             }
         }
-        let reach = (0..n)
+        let reach: Vec<Vec<bool>> = (0..n)
             .map(|i| {
                 let mut r = vec![false; n];
                 let mut q: VecDeque<usize> = adj[i].iter().copied().collect();
@@ -718,6 +843,7 @@ impl Parser<'_> {
                 r
             })
             .collect();
+        self.graph_warnings(&steps, &index, &reach);
         let name = name?;
         Some(Playbook {
             file: self.file.to_owned(),
@@ -729,10 +855,90 @@ impl Parser<'_> {
             workload,
             keychain,
             steps,
+            warnings: Vec::new(),
             index,
             reach,
             in_degree,
         })
+    }
+
+    fn warn(&mut self, loc: Loc, step: &str, message: String) {
+        self.warnings.push(Diagnostic {
+            file: self.file.to_owned(),
+            loc,
+            step: Some(step.to_owned()),
+            message,
+        });
+    }
+
+    /// Steps `start` never reaches, and cycles made only of inline steps (no tool runs in
+    /// them: they spin in the engine until a `when` stops them, capped at run time).
+    fn graph_warnings(
+        &mut self,
+        steps: &[Step],
+        index: &HashMap<String, usize>,
+        reach: &[Vec<bool>],
+    ) {
+        let Some(&start) = index.get(ENTRY_STEP) else {
+            return;
+        };
+        for (i, s) in steps.iter().enumerate() {
+            if i != start && !reach[start][i] {
+                self.warn(
+                    s.loc,
+                    &s.name,
+                    format!("step `{}` is unreachable from `{ENTRY_STEP}`", s.name),
+                );
+            }
+        }
+        // Reachability through inline steps only.
+        let inline: Vec<bool> = steps
+            .iter()
+            .map(|s| s.is_inline() && s.looping.is_none())
+            .collect();
+        let mut reported = vec![false; steps.len()];
+        for (i, s) in steps.iter().enumerate() {
+            if !inline[i] || reported[i] {
+                continue;
+            }
+            let mut seen = vec![false; steps.len()];
+            let mut stack: Vec<usize> = s
+                .next
+                .arcs
+                .iter()
+                .filter_map(|a| index.get(&a.step).copied())
+                .collect();
+            while let Some(j) = stack.pop() {
+                if !inline[j] || seen[j] {
+                    continue;
+                }
+                seen[j] = true;
+                stack.extend(
+                    steps[j]
+                        .next
+                        .arcs
+                        .iter()
+                        .filter_map(|a| index.get(&a.step).copied()),
+                );
+            }
+            if seen[i] {
+                let members: Vec<&str> = (0..steps.len())
+                    .filter(|&j| seen[j])
+                    .map(|j| steps[j].name.as_str())
+                    .collect();
+                for j in 0..steps.len() {
+                    reported[j] |= seen[j];
+                }
+                self.warn(
+                    s.loc,
+                    &s.name,
+                    format!(
+                        "steps {} form a cycle of inline steps (no tool runs in it): each pass is appended by the engine itself; an execution stops with `inline_cycle` after {MAX_INLINE_RUNS} passes of one step",
+                        members.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
     }
 
     fn keychain(&mut self, n: Option<&Node>) -> Vec<KeychainEntry> {
@@ -748,6 +954,7 @@ impl Parser<'_> {
         };
         let mut out = Vec::new();
         for it in items {
+            self.keys(it, "keychain", "a keychain entry", schema::KEYCHAIN);
             match it.get("name").and_then(Node::as_str) {
                 Some(name) => out.push(KeychainEntry {
                     name: name.to_owned(),
@@ -771,6 +978,7 @@ impl Parser<'_> {
             return out;
         };
         for it in items {
+            self.keys(it, "workbook", "a workbook entry", schema::WORKBOOK);
             match (it.get("name").and_then(Node::as_str), it.get("tool")) {
                 (Some(name), Some(tool)) => {
                     out.insert(name.to_owned(), tool.clone());
@@ -791,13 +999,8 @@ impl Parser<'_> {
             }
         };
         self.step = Some(name.clone());
-        for (k, loc, _) in entries {
-            match k.as_str() {
-                "case" => self.err(*loc, "legacy `case` routing is not supported; use `next: {arcs: [...]}`"),
-                "when" => self.err(*loc, "step-level `when` guards are not supported; put the condition on the incoming arc"),
-                _ => {}
-            }
-        }
+        let _ = entries;
+        self.keys(n, "step", "a step", schema::STEP);
         let desc = n
             .get("desc")
             .or(n.get("description"))
@@ -814,14 +1017,33 @@ impl Parser<'_> {
             .unwrap_or_default();
         let mut timeout_s = None;
         let mut step_rules = Vec::new();
+        let mut admit = None;
+        let mut next_mode = None;
         if let Some(spec) = n.get("spec").filter(|s| !s.is_null())
             && self.map(spec, "spec").is_some()
         {
+            self.keys(spec, "step_spec", "a step's `spec`", schema::STEP_SPEC);
             timeout_s = spec
                 .get("timeout")
                 .and_then(|t| self.number(t, "spec.timeout"));
-            if let Some(rules) = spec.get("policy").and_then(|p| p.get("rules")) {
-                step_rules = self.rules(rules);
+            if let Some(p) = spec.get("policy").filter(|p| !p.is_null())
+                && self.map(p, "spec.policy").is_some()
+            {
+                self.keys(
+                    p,
+                    "step_policy",
+                    "a step's `spec.policy`",
+                    schema::STEP_POLICY,
+                );
+                if let Some(rules) = p.get("rules") {
+                    step_rules = self.rules(rules);
+                }
+                if let Some(a) = p.get("admit").filter(|a| !a.is_null()) {
+                    admit = self.admit(a);
+                }
+            }
+            if let Some(m) = spec.get("next_mode") {
+                next_mode = self.next_mode(m);
             }
         }
         let mut tasks = match n.get("tool") {
@@ -881,17 +1103,25 @@ impl Parser<'_> {
             .get("loop")
             .filter(|l| !l.is_null())
             .and_then(|l| self.loop_spec(l));
-        let next = self.next(n.get("next"));
+        let mut next = self.next(n.get("next"));
+        if let Some(m) = next_mode
+            && !next.explicit_mode
+        {
+            next.mode = m;
+        }
+        let pipeline = matches!(n.get("tool").map(|t| &t.v), Some(NodeV::Seq(_)));
         Some(Step {
             name,
             desc,
             loc: n.loc,
             tasks,
+            pipeline,
             input,
             set,
             looping,
             next,
             timeout_s,
+            admit,
             bound: Memo::default(),
         })
     }
@@ -912,6 +1142,12 @@ impl Parser<'_> {
         };
         let kind_str = self.string(kind_node, "kind")?;
         if kind_str == "workbook" {
+            self.keys(
+                n,
+                "workbook_ref",
+                "a `kind: workbook` reference",
+                schema::WORKBOOK_REF,
+            );
             let Some(target) = n.get("name").and_then(Node::as_str) else {
                 self.err(n.loc, "`kind: workbook` needs `name` (the workbook task)");
                 return None;
@@ -959,21 +1195,38 @@ impl Parser<'_> {
             "postgres" => ToolKind::Postgres,
             "wait" | "callback" => ToolKind::Wait,
             "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai"
-            | "secrets" | "transfer" | "mcp" | "agent" => {
+            | "secrets" | "transfer" | "mcp" | "agent" | "playbooks" | "iterator" | "script"
+            | "snowflake_transfer" | "gcs" | "gateway" | "task_sequence" | "subscription"
+            | "wasm" => {
                 self.err(
                     kind_node.loc,
-                    format!("tool kind `{kind_str}` is not available in this build (available: python, shell, http, postgres, playbook, wait, noop)"),
+                    format!(
+                        "tool kind `{kind_str}` is not available in this build (available: {})",
+                        TOOL_KINDS.join(", ")
+                    ),
                 );
                 return None;
             }
             other => {
+                let hint = schema::did_you_mean(other, TOOL_KINDS)
+                    .map(|m| format!("; did you mean `{m}`?"))
+                    .unwrap_or_default();
                 self.err(
                     kind_node.loc,
-                    format!("unknown tool kind `{other}` (available: python, shell, http, postgres, playbook, wait, noop)"),
+                    format!(
+                        "unknown tool kind `{other}` (available: {}){hint}",
+                        TOOL_KINDS.join(", ")
+                    ),
                 );
                 return None;
             }
         };
+        let known: Vec<&str> = schema::TASK_COMMON
+            .iter()
+            .chain(schema::tool_keys(&kind_str))
+            .copied()
+            .collect();
+        self.keys(n, "tool", &format!("a `{kind_str}` task"), &known);
         let name = n
             .get("name")
             .and_then(Node::as_str)
@@ -982,7 +1235,20 @@ impl Parser<'_> {
         let mut rules = Vec::new();
         let mut timeout_s = None;
         let mut on_unmatched_error = Directive::Fail;
+        let mut task_set = Vec::new();
+        if let Some(s) = n.get("set").filter(|s| !s.is_null()) {
+            task_set = self.set_ops(s, true);
+        }
         if let Some(spec) = n.get("spec").filter(|s| !s.is_null()) {
+            self.keys(spec, "task_spec", "a task's `spec`", schema::TASK_SPEC);
+            if let Some(p) = spec.get("policy").filter(|p| !p.is_null()) {
+                self.keys(
+                    p,
+                    "task_policy",
+                    "a task's `spec.policy`",
+                    schema::TASK_POLICY,
+                );
+            }
             if let Some(r) = spec.get("policy").and_then(|p| p.get("rules")) {
                 rules = self.rules(r);
             }
@@ -1002,7 +1268,7 @@ impl Parser<'_> {
         }
         let config_entries: Vec<(String, Loc, Node)> = entries
             .iter()
-            .filter(|(k, _, _)| !matches!(k.as_str(), "name" | "kind" | "spec"))
+            .filter(|(k, _, _)| !matches!(k.as_str(), "name" | "kind" | "spec" | "set"))
             .cloned()
             .collect();
         let config = Node {
@@ -1013,7 +1279,10 @@ impl Parser<'_> {
             ToolKind::Python => match config.get("code") {
                 Some(c) if c.as_str().is_some() => {}
                 Some(c) => self.err(c.loc, "python `code` must be a string"),
-                None => self.err(n.loc, "python tool needs `code`"),
+                None if ["code_b64", "code_base64", "script"]
+                    .iter()
+                    .any(|k| config.get(k).is_some()) => {}
+                None => self.err(n.loc, "python tool needs `code` (or `code_b64`, `script`)"),
             },
             ToolKind::Shell => {
                 if config
@@ -1048,18 +1317,17 @@ impl Parser<'_> {
                 }
             }
         }
-        // `code` is handed to Python verbatim (never templated); check everything else.
+        // Python `code` is a template too where it holds `{{`/`{%` (NoETL renders it).
         if let NodeV::Map(m) = &config.v {
-            for (k, _, v) in m {
-                if !(kind == ToolKind::Python && k == "code") {
-                    self.check_templates(v);
-                }
+            for (_, _, v) in m {
+                self.check_templates(v);
             }
         }
         Some(Task {
             name,
             kind,
             config,
+            set: task_set,
             rules,
             on_unmatched_error,
             timeout_s,
@@ -1074,7 +1342,9 @@ impl Parser<'_> {
         };
         let mut out = Vec::new();
         for it in items {
+            self.keys(it, "rule", "a policy rule", schema::RULE);
             let (when, then) = if let Some(e) = it.get("else") {
+                self.keys(e, "rule_else", "`else`", schema::RULE_ELSE);
                 (None, e.get("then").unwrap_or(e))
             } else {
                 match it.get("then") {
@@ -1091,6 +1361,7 @@ impl Parser<'_> {
             let (directive, set) = match &then.v {
                 NodeV::Str(s) => (self.directive(s, then, then.loc), Vec::new()),
                 NodeV::Map(_) => {
+                    self.keys(then, "then", "a policy rule's `then`", schema::THEN);
                     let d = match then.get("do") {
                         Some(dn) => match dn.as_str() {
                             Some(s) => self.directive(s, then, dn.loc),
@@ -1222,6 +1493,10 @@ impl Parser<'_> {
 
     fn loop_spec(&mut self, n: &Node) -> Option<LoopSpec> {
         self.map(n, "loop")?;
+        self.keys(n, "loop", "`loop`", schema::LOOP);
+        if let Some(sp) = n.get("spec").filter(|s| !s.is_null()) {
+            self.keys(sp, "loop_spec", "`loop.spec`", schema::LOOP_SPEC);
+        }
         let Some(items) = n.get("in").or(n.get("items")) else {
             self.err(n.loc, "`loop` needs `in` (the collection)");
             return None;
@@ -1236,6 +1511,11 @@ impl Parser<'_> {
         let mode = match mode_node.and_then(Node::as_str) {
             None | Some("sequential") => LoopMode::Sequential,
             Some("parallel") | Some("async") => LoopMode::Parallel,
+            Some("cursor") => {
+                let loc = mode_node.map(|m| m.loc).unwrap_or(n.loc);
+                self.err(loc, "cursor loops (`mode: cursor`) are not supported; claim rows in a step and loop over them");
+                LoopMode::Sequential
+            }
             Some(other) => {
                 let loc = mode_node.map(|m| m.loc).unwrap_or(n.loc);
                 self.err(
@@ -1270,6 +1550,7 @@ impl Parser<'_> {
                 loc: n.loc,
             }),
             NodeV::Map(_) => {
+                self.keys(n, "arc", "an arc", schema::ARC);
                 let Some(step) = n.get("step").and_then(|s| self.string(s, "step")) else {
                     self.err(n.loc, "arc needs `step` (the target)");
                     return None;
@@ -1302,10 +1583,142 @@ impl Parser<'_> {
         }
     }
 
+    fn next_mode(&mut self, mode: &Node) -> Option<NextMode> {
+        match mode.as_str() {
+            Some("exclusive") => Some(NextMode::Exclusive),
+            Some("inclusive") => Some(NextMode::Inclusive),
+            _ => {
+                let shown = mode
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| mode.type_name().into());
+                self.err(
+                    mode.loc,
+                    format!("unknown next mode `{shown}` (exclusive, inclusive)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn admit(&mut self, n: &Node) -> Option<Admit> {
+        self.map(n, "spec.policy.admit")?;
+        self.keys(n, "admit", "`spec.policy.admit`", schema::ADMIT);
+        let inclusive = match n.get("mode") {
+            None => false,
+            Some(m) => self.next_mode(m) == Some(NextMode::Inclusive),
+        };
+        let Some(items) = n.get("rules").and_then(Node::as_seq) else {
+            self.err(n.loc, "`spec.policy.admit` needs `rules` (a list)");
+            return None;
+        };
+        let mut rules = Vec::new();
+        for it in items {
+            if self.map(it, "admit rule").is_none() {
+                continue;
+            }
+            self.keys(it, "rule", "an admit rule", schema::RULE);
+            let (when, then) = match it.get("else") {
+                Some(e) => {
+                    self.keys(e, "rule_else", "`else`", schema::RULE_ELSE);
+                    (None, e.get("then"))
+                }
+                None => (it.get("when").cloned(), it.get("then")),
+            };
+            let Some(then) = then else {
+                self.err(it.loc, "admit rule needs `then: {allow: true|false}`");
+                continue;
+            };
+            if self.map(then, "then").is_none() {
+                continue;
+            }
+            self.keys(
+                then,
+                "admit_then",
+                "an admit rule's `then`",
+                schema::ADMIT_THEN,
+            );
+            let allow = match then.get("allow").map(|a| &a.v) {
+                Some(NodeV::Bool(b)) => *b,
+                _ => {
+                    self.err(then.loc, "admit rule's `then.allow` must be true or false");
+                    continue;
+                }
+            };
+            if let Some(w) = &when {
+                self.check_templates(w);
+            } else if it.get("else").is_none() {
+                self.err(it.loc, "admit rule needs `when` (or `else: {then: …}`)");
+                continue;
+            }
+            let reason = then.get("reason").and_then(|r| self.string(r, "reason"));
+            rules.push(AdmitRule {
+                when,
+                allow,
+                reason,
+                loc: it.loc,
+            });
+        }
+        Some(Admit {
+            rules,
+            inclusive,
+            loc: n.loc,
+        })
+    }
+
+    fn executor(&mut self, e: &Node) {
+        if self.map(e, "executor").is_none() {
+            return;
+        }
+        self.keys(e, "executor", "`executor`", schema::EXECUTOR);
+        if let Some(p) = e.get("profile") {
+            match p.as_str() {
+                Some("local" | "distributed" | "auto") => {}
+                _ => self.err(
+                    p.loc,
+                    "`executor.profile` must be local, distributed or auto",
+                ),
+            }
+        }
+        if let Some(r) = e.get("requires").filter(|r| !r.is_null()) {
+            if self.map(r, "executor.requires").is_none() {
+                return;
+            }
+            self.keys(
+                r,
+                "executor_requires",
+                "`executor.requires`",
+                schema::EXECUTOR_REQUIRES,
+            );
+            for t in r.get("tools").and_then(Node::as_seq).unwrap_or_default() {
+                let name = t.as_str().unwrap_or_default();
+                if !TOOL_KINDS.contains(&name) {
+                    self.err(
+                        t.loc,
+                        format!(
+                            "the playbook requires tool `{name}`, which this build does not have (available: {})",
+                            TOOL_KINDS.join(", ")
+                        ),
+                    );
+                }
+            }
+            for f in r.get("features").and_then(Node::as_seq).unwrap_or_default() {
+                self.err(
+                    f.loc,
+                    format!(
+                        "the playbook requires feature `{}`, which this build does not know",
+                        f.as_str().unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+
     fn next(&mut self, n: Option<&Node>) -> Next {
         let mut next = Next {
             mode: NextMode::Exclusive,
             arcs: Vec::new(),
+            explicit_mode: false,
         };
         let Some(n) = n else { return next };
         match &n.v {
@@ -1318,6 +1731,10 @@ impl Parser<'_> {
             }
             NodeV::Map(_) => {
                 if let Some(arcs) = n.get("arcs") {
+                    self.keys(n, "next", "`next`", schema::NEXT);
+                    if let Some(sp) = n.get("spec").filter(|s| !s.is_null()) {
+                        self.keys(sp, "next_spec", "`next.spec`", schema::NEXT_SPEC);
+                    }
                     match arcs.as_seq() {
                         Some(items) => {
                             for it in items {
@@ -1326,17 +1743,11 @@ impl Parser<'_> {
                         }
                         None => self.err(arcs.loc, "`next.arcs` must be a list"),
                     }
-                    let mode = n.get("spec").and_then(|s| s.get("mode"));
-                    match mode.and_then(Node::as_str) {
-                        None | Some("exclusive") => {}
-                        Some("inclusive") => next.mode = NextMode::Inclusive,
-                        Some(other) => {
-                            let loc = mode.map(|m| m.loc).unwrap_or(n.loc);
-                            self.err(
-                                loc,
-                                format!("unknown next mode `{other}` (exclusive, inclusive)"),
-                            );
-                        }
+                    if let Some(mode) = n.get("spec").and_then(|s| s.get("mode"))
+                        && let Some(m) = self.next_mode(mode)
+                    {
+                        next.mode = m;
+                        next.explicit_mode = true;
                     }
                 } else if n.get("step").is_some() {
                     next.arcs.extend(self.arc(n));

@@ -22,6 +22,25 @@ pub struct TemplateError {
     pub message: String,
 }
 
+/// How a message of a template that ran out of fuel begins.
+pub const LIMIT_MESSAGE: &str = "template limit exceeded";
+
+/// Fuel of one render (one fuel pays for one instruction, or 64 bytes produced): far above
+/// what any playbook expression needs, far below `{{ [0] * 100000000 }}`'s gigabytes.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+
+impl TemplateError {
+    /// The stable error code: `template_limit` when the render ran out of fuel, else
+    /// `template_error`.
+    pub fn code(&self) -> &'static str {
+        if self.message.starts_with(LIMIT_MESSAGE) {
+            "template_limit"
+        } else {
+            "template_error"
+        }
+    }
+}
+
 /// The shared template environment (filters, tests, undefined behaviour).
 pub struct Templates {
     env: Environment<'static>,
@@ -75,6 +94,7 @@ impl Templates {
     fn new() -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("b64encode", b64encode);
         env.add_filter("b64decode", b64decode);
@@ -83,6 +103,18 @@ impl Templates {
         env.add_filter("keys", keys_filter);
         env.add_filter("values", values_filter);
         Templates { env }
+    }
+
+    /// Compile an expression, after the nesting guard (untrusted text must never recurse
+    /// the parser off the end of the stack).
+    fn expr<'s>(&'s self, s: &'s str) -> Result<minijinja::Expression<'s, 's>, MjError> {
+        nesting_guard(s, true)?;
+        self.env.compile_expression(s)
+    }
+
+    fn tmpl<'s>(&'s self, s: &'s str) -> Result<minijinja::Template<'s, 's>, MjError> {
+        nesting_guard(s, false)?;
+        self.env.template_from_str(s)
     }
 
     /// True when the string contains template syntax at all.
@@ -106,13 +138,23 @@ impl Templates {
             return Ok(Value::String(s.to_owned()));
         }
         if let Some(expr) = Self::single_expression(s) {
-            let compiled = self.env.compile_expression(expr).map_err(describe)?;
+            let compiled = self.expr(expr).map_err(describe)?;
             let v = compiled.eval(ctx.clone()).map_err(describe)?;
             return to_json(&v);
         }
-        let tmpl = self.env.template_from_str(s).map_err(describe)?;
+        let tmpl = self.tmpl(s).map_err(describe)?;
         tmpl.render(ctx.clone())
             .map(Value::String)
+            .map_err(describe)
+    }
+
+    /// Render a template as text (never a native value), e.g. python `code`.
+    pub fn render_text(&self, s: &str, ctx: &MjValue) -> Result<String, String> {
+        if !Self::is_template(s) {
+            return Ok(s.to_owned());
+        }
+        self.tmpl(s)
+            .and_then(|t| t.render(ctx.clone()))
             .map_err(describe)
     }
 
@@ -149,10 +191,7 @@ impl Templates {
         match &n.v {
             NodeV::Str(s) => {
                 if let Some(expr) = Self::single_expression(s) {
-                    let compiled = self
-                        .env
-                        .compile_expression(expr)
-                        .map_err(|e| err(describe(e)))?;
+                    let compiled = self.expr(expr).map_err(|e| err(describe(e)))?;
                     let v = compiled.eval(ctx.clone()).map_err(|e| err(describe(e)))?;
                     Ok(v.is_true())
                 } else if Self::is_template(s) {
@@ -160,10 +199,7 @@ impl Templates {
                     Ok(truthy(&out))
                 } else {
                     // A bare expression without braces, as some fixtures write `when: x > 1`.
-                    let compiled = self
-                        .env
-                        .compile_expression(s)
-                        .map_err(|e| err(describe(e)))?;
+                    let compiled = self.expr(s).map_err(|e| err(describe(e)))?;
                     let v = compiled.eval(ctx.clone()).map_err(|e| err(describe(e)))?;
                     Ok(v.is_true())
                 }
@@ -181,12 +217,9 @@ impl Templates {
     /// Syntax check of one string (no rendering).
     pub fn check(&self, s: &str) -> Result<(), String> {
         if let Some(expr) = Self::single_expression(s) {
-            self.env
-                .compile_expression(expr)
-                .map(|_| ())
-                .map_err(describe)
+            self.expr(expr).map(|_| ()).map_err(describe)
         } else if Self::is_template(s) {
-            self.env.template_from_str(s).map(|_| ()).map_err(describe)
+            self.tmpl(s).map(|_| ()).map_err(describe)
         } else {
             Ok(())
         }
@@ -210,20 +243,13 @@ impl Templates {
         nested: bool,
     ) -> Result<BTreeSet<String>, String> {
         let set = if let Some(expr) = Self::single_expression(s) {
-            self.env
-                .compile_expression(expr)
+            self.expr(expr)
                 .map_err(describe)?
                 .undeclared_variables(nested)
         } else if Self::is_template(s) {
-            self.env
-                .template_from_str(s)
-                .map_err(describe)?
-                .undeclared_variables(nested)
+            self.tmpl(s).map_err(describe)?.undeclared_variables(nested)
         } else if bare_expression {
-            self.env
-                .compile_expression(s)
-                .map_err(describe)?
-                .undeclared_variables(nested)
+            self.expr(s).map_err(describe)?.undeclared_variables(nested)
         } else {
             Default::default()
         };
@@ -231,9 +257,174 @@ impl Templates {
     }
 }
 
-/// Convert any serializable value (typically `serde_json::Value`) into a template value.
-pub fn to_value<T: serde::Serialize>(v: &T) -> MjValue {
-    MjValue::from(minijinja::value::Serde(v))
+/// Deepest bracket nesting, longest run of prefix operators (`not`, `-`, `+`), most `if`s in
+/// one expression, and deepest `{% block %}` nesting that a template may have. minijinja's
+/// parser recurses on each, and a run of prefix operators is not covered by its own
+/// recursion limit: 10,000 `not`s overflow any stack (and 150 nested `if`s a small one).
+pub const MAX_NESTING: usize = 32;
+
+/// `{% … %}` tags that open a block (closed by `end…`).
+const BLOCK_TAGS: &[&str] = &[
+    "if",
+    "for",
+    "macro",
+    "call",
+    "filter",
+    "with",
+    "block",
+    "autoescape",
+];
+
+/// Reject expressions nested deeper than [`MAX_NESTING`]. `bare`: the whole text is one
+/// expression; otherwise only `{{ … }}` and `{% … %}` regions are expressions.
+fn nesting_guard(s: &str, bare: bool) -> Result<(), MjError> {
+    let b = s.as_bytes();
+    let too_deep = |what: &str| {
+        Err(MjError::new(
+            ErrorKind::SyntaxError,
+            format!("expression nested too deeply ({what} beyond {MAX_NESTING} levels)"),
+        ))
+    };
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let keyword = |i: usize, k: &[u8]| {
+        b[i..].starts_with(k)
+            && (i == 0 || !word(b[i - 1]))
+            && !b.get(i + k.len()).copied().is_some_and(word)
+    };
+    let (mut i, mut in_expr, mut depth, mut run, mut ifs) = (0usize, bare, 0usize, 0usize, 0usize);
+    let mut blocks = 0usize;
+    while i < b.len() {
+        let c = b[i];
+        let next = b.get(i + 1).copied();
+        if !in_expr {
+            if c == b'{' && matches!(next, Some(b'{') | Some(b'%')) {
+                if next == Some(b'%') {
+                    // The tag's first word: a block opener or an `end…`.
+                    let rest = s[i + 2..].trim_start_matches(['-', '+', ' ', '\t', '\n', '\r']);
+                    let tag: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if BLOCK_TAGS.contains(&tag.as_str()) {
+                        blocks += 1;
+                        if blocks > MAX_NESTING {
+                            return too_deep("nested `{% … %}` blocks");
+                        }
+                    } else if tag.starts_with("end") {
+                        blocks = blocks.saturating_sub(1);
+                    }
+                }
+                in_expr = true;
+                depth = 0;
+                run = 0;
+                ifs = 0;
+                i += 2;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        match c {
+            b'}' | b'%' if !bare && depth == 0 && next == Some(b'}') => {
+                in_expr = false;
+                i += 2;
+                continue;
+            }
+            b'\'' | b'"' => {
+                // Skip the string literal.
+                i += 1;
+                while i < b.len() && b[i] != c {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                run = 0;
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return too_deep("brackets");
+                }
+            }
+            b')' | b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                run = 0;
+            }
+            b'-' | b'+' => {
+                run += 1;
+                if run > MAX_NESTING {
+                    return too_deep("prefix operators");
+                }
+            }
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            b'n' if keyword(i, b"not") => {
+                run += 1;
+                if run > MAX_NESTING {
+                    return too_deep("`not`");
+                }
+                i += 3;
+                continue;
+            }
+            b'i' if keyword(i, b"if") => {
+                ifs += 1;
+                if ifs > MAX_NESTING {
+                    return too_deep("`if`");
+                }
+                run = 0;
+                i += 2;
+                continue;
+            }
+            _ => run = 0,
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// JSON a template scope is built from: a whole context (`Map`) or one value.
+pub trait Json {
+    fn template_value(&self) -> MjValue;
+}
+
+impl Json for Value {
+    fn template_value(&self) -> MjValue {
+        from_json(self)
+    }
+}
+
+impl Json for Map<String, Value> {
+    fn template_value(&self) -> MjValue {
+        object(self)
+    }
+}
+
+/// Convert JSON into a template value. As on NoETL's server, a JSON `null` held by a key
+/// is *undefined* there: `x | default('d')` gives `'d'`, `{{ x }}` renders empty and
+/// `x is defined` is false (a null list element stays `none`).
+pub fn to_value<T: Json + ?Sized>(v: &T) -> MjValue {
+    v.template_value()
+}
+
+fn object(m: &Map<String, Value>) -> MjValue {
+    let map: std::collections::BTreeMap<MjValue, MjValue> = m
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (MjValue::from(k.as_str()), from_json(v)))
+        .collect();
+    MjValue::from(map)
+}
+
+fn from_json(v: &Value) -> MjValue {
+    match v {
+        Value::Null => MjValue::from(()),
+        Value::Bool(b) => MjValue::from(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => MjValue::from(i),
+            (None, Some(u)) => MjValue::from(u),
+            _ => MjValue::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => MjValue::from(s.as_str()),
+        Value::Array(a) => MjValue::from_iter(a.iter().map(from_json)),
+        Value::Object(m) => object(m),
+    }
 }
 
 /// Truthiness of a rendered value (strings follow Jinja's `"False"` rendering).
@@ -255,14 +446,51 @@ pub fn truthy(v: &Value) -> bool {
     }
 }
 
+/// Most items (list elements and map entries, all levels) one rendered value may hold. A
+/// lazy value (`[0] * 100000000` repeats a list without allocating) is refused here,
+/// before it is materialized.
+pub const MAX_RESULT_ITEMS: usize = 1_000_000;
+
 fn to_json(v: &MjValue) -> Result<Value, String> {
     if v.is_undefined() {
         return Ok(Value::Null);
+    }
+    fn items(v: &MjValue, budget: &mut usize) -> bool {
+        use minijinja::value::ValueKind;
+        if !matches!(
+            v.kind(),
+            ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+        ) {
+            return true;
+        }
+        let n = v.len().unwrap_or(0);
+        if n > *budget {
+            return false;
+        }
+        *budget -= n;
+        match v.try_iter() {
+            Ok(it) => it.take(n + 1).all(|k| match v.kind() {
+                ValueKind::Map => v.get_item(&k).map(|x| items(&x, budget)).unwrap_or(true),
+                _ => items(&k, budget),
+            }),
+            Err(_) => true,
+        }
+    }
+    let mut budget = MAX_RESULT_ITEMS;
+    if !items(v, &mut budget) {
+        return Err(format!(
+            "{LIMIT_MESSAGE}: the value has more than {MAX_RESULT_ITEMS} items"
+        ));
     }
     serde_json::to_value(v).map_err(|e| format!("template produced a value that is not JSON: {e}"))
 }
 
 fn describe(e: MjError) -> String {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return format!(
+            "{LIMIT_MESSAGE}: the expression needs more than {TEMPLATE_FUEL} fuel (instructions, or 64 bytes each of data it produces)"
+        );
+    }
     let mut msg = match e.detail() {
         Some(d) => format!("{}: {}", e.kind(), d),
         None => e.kind().to_string(),

@@ -344,3 +344,84 @@ workflow:
         "the kept paths take no part in equality"
     );
 }
+
+#[test]
+fn unreachable_steps_and_inline_cycles_are_warnings() {
+    let pb = ok(&format!(
+        "{HEAD}workflow:\n  - step: start\n    next: [a]\n  - step: a\n    next: [b]\n  - step: b\n    next: [a]\n  - step: orphan\n    tool: {{kind: python, code: x}}\n"
+    ));
+    let w: Vec<String> = pb.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!(
+        w[0],
+        "pb.yaml:12:5: step `orphan` is unreachable from `start` (step `orphan`)"
+    );
+    assert!(
+        w[1].starts_with("pb.yaml:8:5: steps `a`, `b` form a cycle of inline steps"),
+        "{}",
+        w[1]
+    );
+    // A cycle through a step that runs a tool is not inline: no warning.
+    let pb = ok(&format!(
+        "{HEAD}workflow:\n  - step: start\n    next: [a]\n  - step: a\n    tool: {{kind: python, code: x}}\n    next: [start]\n"
+    ));
+    assert!(pb.warnings.is_empty(), "{:?}", pb.warnings);
+}
+
+#[test]
+fn every_place_is_strict_with_a_did_you_mean() {
+    let cases = [
+        (
+            "  - step: start\n    tool: {kind: noop}\n    nxt: [start]\n",
+            "unknown key `nxt` in a step; did you mean `next`?",
+        ),
+        (
+            "  - step: start\n    tool: {kind: http, url: x, methd: GET}\n",
+            "unknown key `methd` in a `http` task; did you mean `method`?",
+        ),
+        (
+            "  - step: start\n    loop: {in: [1], iterator: i, spec: {mod: parallel}}\n",
+            "unknown key `mod` in `loop.spec`; did you mean `mode`?",
+        ),
+        (
+            "  - step: start\n    next: {spec: {mode: inclusive}, arks: [start]}\n",
+            "`next` must be a step name, a list of arcs, or {spec, arcs}",
+        ),
+        (
+            "  - step: start\n    next: {arcs: [{step: start, wen: x}]}\n",
+            "unknown key `wen` in an arc; did you mean `when`?",
+        ),
+        (
+            "  - step: start\n    spec: {timout: 3}\n",
+            "unknown key `timout` in a step's `spec`; did you mean `timeout`?",
+        ),
+        (
+            "  - step: start\n    spec: {policy: {rules: [{else: {then: {do: fail, sett: {}}}}]}}\n",
+            "unknown key `sett` in a policy rule's `then`; did you mean `set`?",
+        ),
+        (
+            "  - step: start\n    spec: {on_error: x}\n",
+            "`spec.on_error` is never read by NoETL",
+        ),
+    ];
+    for (steps, want) in cases {
+        let e = err(&format!("{HEAD}workflow:\n{steps}")).to_string();
+        assert!(e.contains(want), "{steps}\n→ {e}\nwanted: {want}");
+    }
+    let e = err(&format!(
+        "{HEAD}  lables: {{}}\nworkflow:\n  - step: start\n"
+    ))
+    .to_string();
+    assert!(
+        e.contains("unknown key `lables` in `metadata`; did you mean `labels`?"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{HEAD}keychain:\n  - {{name: a, kind: oauth2, token_url: x}}\nworkflow:\n  - step: start\n"
+    ))
+    .to_string();
+    assert!(
+        e.contains("unknown key `token_url` in a keychain entry"),
+        "{e}"
+    );
+}

@@ -14,6 +14,8 @@ pub struct Iteration<'a> {
     pub iterator: &'a str,
     pub value: &'a Value,
     pub index: usize,
+    /// Items in the loop.
+    pub total: usize,
 }
 
 /// A step's data as exposed bare: objects gain a `.data` alias of themselves, so
@@ -22,9 +24,25 @@ pub struct Iteration<'a> {
 /// A cached ref stays a ref (the worker that hydrates it aliases the value).
 pub fn alias(result: &Value) -> Value {
     match result {
-        Value::Object(m) if !m.contains_key("data") && CacheRef::parse(result).is_none() => {
+        Value::Object(m) if CacheRef::parse(result).is_none() => {
             let mut out = m.clone();
-            out.insert("data".into(), result.clone());
+            // A pipeline's `{label: data}` (every value an object): each task's fields are
+            // also at the top, in task order, the last one winning (NoETL's flattening).
+            if !m.is_empty() && m.values().all(Value::is_object) {
+                for v in m.values() {
+                    if let Value::Object(fields) = v {
+                        for (k, x) in fields {
+                            if !m.contains_key(k) {
+                                out.insert(k.clone(), x.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            let flat = Value::Object(out.clone());
+            out.entry("data").or_insert_with(|| flat.clone());
+            // `x.result.k` reads `x.k` when the data has no `result` of its own.
+            out.entry("result").or_insert(flat);
             Value::Object(out)
         }
         other => other.clone(),
@@ -38,7 +56,13 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
     let mut steps = Map::new();
     for (name, rec) in &st.results {
         let mut env = Map::new();
-        env.insert("status".into(), Value::String(rec.status.clone()));
+        // NoETL's envelope status.
+        let status = if rec.status == "ok" {
+            "COMPLETED"
+        } else {
+            "FAILED"
+        };
+        env.insert("status".into(), Value::String(status.into()));
         env.insert("data".into(), rec.result.clone());
         if let Some(e) = &rec.error {
             env.insert("error".into(), json!(e));
@@ -70,9 +94,18 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
     if let Some(it) = iteration {
         m.insert(it.iterator.to_owned(), it.value.clone());
         m.insert("loop_index".into(), json!(it.index));
+        m.insert("_index".into(), json!(it.index));
+        m.insert("_total".into(), json!(it.total));
         m.insert(
             "iter".into(),
-            json!({ it.iterator: it.value, "index": it.index }),
+            json!({
+                it.iterator: it.value,
+                "index": it.index,
+                "_index": it.index,
+                "_total": it.total,
+                "_first": it.index == 0,
+                "_last": it.index + 1 == it.total,
+            }),
         );
     }
     m

@@ -20,6 +20,9 @@ use mayfly_types::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+/// See `issue`: how often a chain of inline steps yields to a worker.
+pub const INLINE_YIELD_EVERY: u64 = 1024;
+
 /// Default window of a `parallel` loop without `max_in_flight`.
 pub const DEFAULT_PARALLEL_WINDOW: usize = 64;
 
@@ -38,7 +41,7 @@ fn tmpl_err(pb: &Playbook, step: &str, e: TemplateError) -> Failure {
     Failure {
         step: Some(step.to_owned()),
         error: ErrorInfo::new(
-            "template_error",
+            e.code(),
             format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message),
         ),
     }
@@ -103,6 +106,38 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
         step: Some(name.to_owned()),
         error: ErrorInfo::new("unknown_step", format!("step `{name}` is not defined")),
     })?;
+    if let Some(error) = admission(pb, st, step)? {
+        // A refusal is the step's outcome: recorded, and routable like any failure
+        // (`event.name == 'call.error'`, `error.code == 'admission_denied'`).
+        let f = StepFailed {
+            index: None,
+            error,
+            duration_ms: None,
+            logs: None,
+        };
+        return Ok(vec![
+            Draft::new(EventKind::StepFailed, payload(&f)).step(name),
+        ]);
+    }
+    if step.is_inline()
+        && step.looping.is_none()
+        && st
+            .results
+            .get(name)
+            .is_some_and(|r| r.runs >= mayfly_dsl::playbook::MAX_INLINE_RUNS)
+    {
+        return Err(Failure {
+            step: Some(name.to_owned()),
+            error: ErrorInfo::new(
+                "inline_cycle",
+                format!(
+                    "{}: step `{name}` ran {} times without a tool: a cycle of inline steps never ends (step `{name}`)",
+                    pb.at(step.loc),
+                    mayfly_dsl::playbook::MAX_INLINE_RUNS
+                ),
+            ),
+        });
+    }
     if let Some(l) = &step.looping {
         let ctx = to_value(&context(st, None));
         let items = templates()
@@ -167,6 +202,41 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
     Ok(vec![issue(pb, st, step, None)?])
 }
 
+/// `spec.policy.admit`, evaluated against the step's scope when the step is entered: the
+/// refusal it yields, if any.
+fn admission(pb: &Playbook, st: &ExecState, step: &Step) -> R<Option<ErrorInfo>> {
+    let Some(admit) = &step.admit else {
+        return Ok(None);
+    };
+    let ctx = to_value(&context(st, None));
+    let mut refusal = None;
+    for (i, rule) in admit.rules.iter().enumerate() {
+        let holds = match &rule.when {
+            None => true,
+            Some(w) => templates()
+                .eval_condition(w, &ctx)
+                .map_err(|e| tmpl_err(pb, &step.name, e))?,
+        };
+        if !holds {
+            continue;
+        }
+        if !rule.allow && refusal.is_none() {
+            let why = rule
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("admit rule {} refused the step", i + 1));
+            refusal = Some(ErrorInfo::new(
+                "admission_denied",
+                format!("{}: {why} (step `{}`)", pb.at(rule.loc), step.name),
+            ));
+        }
+        if !admit.inclusive {
+            break;
+        }
+    }
+    Ok(refusal)
+}
+
 /// The draft that runs one block (whole step, or one loop item).
 fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value)>) -> R<Draft> {
     let iteration = match (item, &step.looping) {
@@ -174,12 +244,16 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
             iterator: &l.iterator,
             value,
             index,
+            total: st.loops.get(&step.name).map_or(0, |l| l.len()),
         }),
         _ => None,
     };
     let index = item.map(|(i, _)| i);
-    let inline_ctx = step
-        .is_inline()
+    // Every INLINE_YIELD_EVERY-th step end, an inline step goes through a worker instead:
+    // the appender leaves its commit loop, so a long run (or cycle) of inline steps never
+    // holds the orchestrator from every other execution.
+    let yields = item.is_none() && st.steps_finished % INLINE_YIELD_EVERY == INLINE_YIELD_EVERY - 1;
+    let inline_ctx = (step.is_inline() && !yields)
         .then(|| context(st, iteration))
         .filter(|c| {
             // A block that reads a cached payload goes to a worker (the engine does no IO).
@@ -188,12 +262,8 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
     if let Some(ctx) = inline_ctx {
         // Trivial blocks never cost a queue round-trip: the engine completes them itself.
         let ctx = to_value(&ctx);
-        let result = match &step.input {
-            Some(input) => templates()
-                .render_node(input, &ctx)
-                .map_err(|e| tmpl_err(pb, &step.name, e))?,
-            None => item.map(|(_, v)| v.clone()).unwrap_or(Value::Null),
-        };
+        let result = inline_result(step, &ctx, item.map(|(_, v)| v))
+            .map_err(|e| tmpl_err(pb, &step.name, e))?;
         let f = StepFinished {
             index,
             result,
@@ -252,6 +322,61 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         index,
     };
     Ok(Draft::new(EventKind::CommandIssued, payload(&c)).step(&step.name))
+}
+
+/// The result of an inline step. A `noop` task: its rendered `result:` if given, else the
+/// step's rendered `input`, else `{status: "ok", message}` (NoETL's noop). A step with no
+/// tool: its rendered `input`, else the loop item.
+pub fn inline_result(
+    step: &Step,
+    ctx: &minijinja::Value,
+    item: Option<&Value>,
+) -> Result<Value, TemplateError> {
+    let noop =
+        |task: &mayfly_dsl::Task, ctx: &minijinja::Value| -> Result<Option<Value>, TemplateError> {
+            if let Some(r) = task.config.get("result") {
+                return templates().render_node(r, ctx).map(Some);
+            }
+            if step.input.is_some() {
+                return Ok(None);
+            }
+            let message = match task.config.get("message") {
+                Some(m) => templates().render_node(m, ctx)?,
+                None => Value::String("noop".into()),
+            };
+            Ok(Some(json!({"status": "ok", "message": message})))
+        };
+    if step.pipeline {
+        // `{label: data}`, each task seeing the ones before it by label (as in a worker).
+        let mut scope: Map<String, Value> = ctx
+            .as_object()
+            .map(|o| {
+                o.try_iter_pairs()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| {
+                        Some((k.as_str()?.to_owned(), serde_json::to_value(&v).ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut labeled = Map::new();
+        for task in &step.tasks {
+            let v = noop(task, &to_value(&scope))?.unwrap_or(Value::Null);
+            scope.insert(task.name.clone(), crate::context::alias(&v));
+            labeled.insert(task.name.clone(), v);
+        }
+        return Ok(Value::Object(labeled));
+    }
+    if let Some(task) = step.tasks.last()
+        && let Some(v) = noop(task, ctx)?
+    {
+        return Ok(v);
+    }
+    match &step.input {
+        Some(input) => templates().render_node(input, ctx),
+        None => Ok(item.cloned().unwrap_or(Value::Null)),
+    }
 }
 
 /// Issue loop items up to the window; finish the loop when every item is done.
@@ -353,6 +478,18 @@ fn on_step_end(pb: &Playbook, st: &ExecState, ev: &Event) -> R<Vec<Draft>> {
     Ok(vec![route(pb, st, step, "call.done", &result)?])
 }
 
+/// `output` in a step's `set` and arcs: the step's data with its `.data` alias (NoETL), plus
+/// `status: "success"` when the data has no `status` of its own.
+fn output_of(result: &Value) -> Value {
+    match crate::context::alias(result) {
+        Value::Object(mut m) => {
+            m.entry("status").or_insert_with(|| json!("success"));
+            Value::Object(m)
+        }
+        other => json!({"status": "success", "data": other}),
+    }
+}
+
 fn error_context(st: &ExecState, step: &str, error: &ErrorInfo) -> Map<String, Value> {
     let mut ctx = context(st, None);
     ctx.insert("event".into(), json!({"name": "call.error", "step": step}));
@@ -452,7 +589,7 @@ fn route(pb: &Playbook, st: &ExecState, step: &Step, event: &str, result: &Value
     let mut ctx = context(st, None);
     ctx.insert("result".into(), result.clone());
     ctx.insert("event".into(), json!({"name": event, "step": step.name}));
-    ctx.insert("output".into(), json!({"status": "ok", "data": result}));
+    ctx.insert("output".into(), output_of(result));
     let mut set = Map::new();
     let mut step_set = Map::new();
     apply_set(

@@ -200,7 +200,7 @@ fn set_and_scope_rules() {
     );
     assert_eq!(
         r.result,
-        json!({"msg": "hi", "seen": 7, "arc": 8, "tag": "extra", "st": "ok"})
+        json!({"msg": "hi", "seen": 7, "arc": 8, "tag": "extra", "st": "COMPLETED"})
     );
     assert_eq!(r.steps["start"], json!({"v": 7, "tag": "extra"}));
 }

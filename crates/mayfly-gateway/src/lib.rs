@@ -557,10 +557,10 @@ pub fn router(gw: Gateway) -> Router {
 async fn register(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
-    body: String,
+    body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Author)?;
-    let pb = mayfly_dsl::parse("request", &body, &ParseOptions::default()).map_err(|e| {
+    let pb = mayfly_dsl::parse_bytes("request", &body, &ParseOptions::default()).map_err(|e| {
         let diags: Vec<Value> = e
             .diagnostics
             .iter()
@@ -574,7 +574,7 @@ async fn register(
         digest: pb.digest.clone(),
         path: pb.path.clone(),
         source_name: pb.path.clone(),
-        content: body,
+        content: pb.source.clone(),
     };
     let (entry, created) = gw
         .store

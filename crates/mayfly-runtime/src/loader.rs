@@ -1,6 +1,6 @@
 //! Loading playbooks from files (embedded mode) for `mayfly run` and child playbooks.
 
-use mayfly_dsl::{ParseOptions, Playbook, parse};
+use mayfly_dsl::{ParseOptions, Playbook};
 use std::path::{Path, PathBuf};
 
 /// Why a playbook could not be loaded.
@@ -19,11 +19,15 @@ pub enum LoadError {
 
 /// Read and validate a playbook file.
 pub fn load_file(path: &Path, opts: &ParseOptions) -> Result<Playbook, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    Ok(parse(&path.display().to_string(), &text, opts)?)
+    Ok(mayfly_dsl::parse_bytes(
+        &path.display().to_string(),
+        &bytes,
+        opts,
+    )?)
 }
 
 /// Resolve a `playbook` tool `path` relative to the parent playbook's file.

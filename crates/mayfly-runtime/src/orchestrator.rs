@@ -79,6 +79,9 @@ pub(crate) enum Msg {
 /// A live claim's tenant and, when asked for, its template context.
 pub(crate) type LiveClaim = (String, Option<Map<String, Value>>);
 
+/// Most executions one chain of child playbooks may nest (the root counts as one).
+pub const MAX_CHILD_DEPTH: usize = 16;
+
 struct Exec {
     pb: Arc<Playbook>,
     st: ExecState,
@@ -797,6 +800,38 @@ impl Orchestrator {
             return;
         };
         let step = ev.step.clone().unwrap_or_default();
+        // How deep the parent already is: a playbook that calls itself must end somewhere.
+        let mut depth = 1usize;
+        let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
+        while let Some(pid) = up {
+            depth += 1;
+            up = self
+                .execs
+                .get(&pid)
+                .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
+        }
+        if depth >= MAX_CHILD_DEPTH {
+            let f = StepFailed {
+                index: req.index,
+                error: ErrorInfo::new(
+                    "child_depth_exceeded",
+                    format!(
+                        "child playbook `{}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
+                        req.path,
+                        depth + 1
+                    ),
+                ),
+                duration_ms: None,
+                logs: None,
+            };
+            self.emit(
+                c,
+                parent,
+                vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)],
+                "engine",
+            );
+            return;
+        }
         let loaded = resolve_child(px.source.as_deref(), &req.path).and_then(|p| {
             load_file(
                 &p,
@@ -901,9 +936,12 @@ impl Orchestrator {
                 Ok(ev.payload.get("result").cloned().unwrap_or(Value::Null))
             }
             EventKind::ExecutionFailed => Err(ExecutionFailed::deserialize(&ev.payload)
-                .map(|f| f.error.to_string())
-                .unwrap_or_else(|_| ev.kind.to_string())),
-            _ => Err("cancelled".to_owned()),
+                .map(|f| f.error)
+                .unwrap_or_else(|_| ErrorInfo::new("child_failed", ev.kind.to_string()))),
+            _ => Err(ErrorInfo::new(
+                "cancelled",
+                "the child execution was cancelled",
+            )),
         };
         self.notify_parent(c, &parent, id, outcome);
     }
@@ -915,7 +953,7 @@ impl Orchestrator {
         c: &mut Cycle,
         parent: &ParentRef,
         child: &ExecutionId,
-        outcome: Result<Value, String>,
+        outcome: Result<Value, ErrorInfo>,
     ) {
         let Some(px) = self.execs.get(&parent.execution_id) else {
             return;
@@ -938,12 +976,19 @@ impl Orchestrator {
                 Draft::new(EventKind::StepFinished, json!(f))
             }
             Err(why) => {
-                let f = StepFailed {
-                    index: parent.index,
-                    error: ErrorInfo::new(
+                // A runaway recursion keeps its own code up the chain (one message, not
+                // sixteen nested ones); any other failure is the child's.
+                let error = if why.code == "child_depth_exceeded" {
+                    why
+                } else {
+                    ErrorInfo::new(
                         "child_failed",
                         format!("child execution {child} failed: {why}"),
-                    ),
+                    )
+                };
+                let f = StepFailed {
+                    index: parent.index,
+                    error,
                     duration_ms: None,
                     logs: None,
                 };
@@ -1244,8 +1289,8 @@ impl Orchestrator {
                     // The child ended but its parent never heard (it was not live): tell it now.
                     let outcome = match (cst.status, cst.result.clone(), cst.error.clone()) {
                         (mayfly_engine::Status::Completed, r, _) => Ok(r.unwrap_or(Value::Null)),
-                        (_, _, Some(e)) => Err(e.to_string()),
-                        (s, _, None) => Err(s.as_str().to_owned()),
+                        (_, _, Some(e)) => Err(e),
+                        (s, _, None) => Err(ErrorInfo::new("child_failed", s.as_str())),
                     };
                     let pref = ParentRef {
                         execution_id: id.clone(),
@@ -1288,6 +1333,7 @@ fn block_context(x: &Exec, step: &str, index: Option<usize>) -> Map<String, Valu
                 iterator: it,
                 value: v,
                 index: i,
+                total: x.st.loops.get(step).map_or(0, |l| l.len()),
             }),
         ),
         _ => context(&x.st, None),

@@ -295,7 +295,7 @@ fn secs(s: f64) -> Duration {
 
 fn tmpl(pb: &mayfly_dsl::Playbook, step: &str, e: TemplateError) -> ErrorInfo {
     ErrorInfo::new(
-        "template_error",
+        e.code(),
         format!("{}: {} (step `{step}`)", pb.at(e.loc), e.message),
     )
 }
@@ -546,6 +546,65 @@ impl Redactor {
     }
 }
 
+/// Write one `set` assignment into the running block: `ctx.x`/`x` is execution scope (and
+/// persisted), `step.x` a field of the step's result, `iter.x` block-local.
+fn assign(
+    ctx: &mut Map<String, Value>,
+    set: &mut Map<String, Value>,
+    step_fields: &mut Map<String, Value>,
+    target: &mayfly_dsl::SetTarget,
+    v: Value,
+) {
+    match target {
+        mayfly_dsl::SetTarget::Ctx(k) => {
+            set.insert(k.clone(), v.clone());
+            if let Some(Value::Object(c)) = ctx.get_mut("ctx") {
+                c.insert(k.clone(), v.clone());
+            }
+            ctx.insert(k.clone(), v);
+        }
+        mayfly_dsl::SetTarget::Step(k) => {
+            step_fields.insert(k.clone(), v);
+        }
+        mayfly_dsl::SetTarget::Iter(k) => {
+            match ctx.get_mut("iter") {
+                Some(Value::Object(it)) => {
+                    it.insert(k.clone(), v.clone());
+                }
+                _ => {
+                    let mut it = Map::new();
+                    it.insert(k.clone(), v.clone());
+                    ctx.insert("iter".into(), Value::Object(it));
+                }
+            }
+            ctx.insert(k.clone(), v);
+        }
+    }
+}
+
+/// What a python task's `context` global holds: `execution_id`, `step`, and — only when
+/// the code reads `context` or `variables`, since it is the whole render context — the
+/// render context as `variables`.
+fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrated) -> Value {
+    let code = task
+        .config
+        .get("code")
+        .and_then(|c| c.as_str())
+        .unwrap_or("");
+    let mut c = Map::new();
+    c.insert(
+        "execution_id".into(),
+        Value::String(h.block.execution_id.0.clone()),
+    );
+    c.insert("step".into(), Value::String(h.block.step.clone()));
+    if code.contains("context") || code.contains("variables") {
+        let mut vars = ctx.clone();
+        vars.remove("keychain");
+        c.insert("variables".into(), Value::Object(vars));
+    }
+    Value::Object(c)
+}
+
 /// The task pipeline under its policy rules.
 async fn run_pipeline(
     tools: &Tools,
@@ -579,17 +638,15 @@ async fn run_pipeline(
     if step.is_inline() {
         // Sent here only because it reads a cached payload: the same result the engine
         // computes for an inline block (the rendered `input`, else the loop item).
-        let result = match &step.input {
-            Some(n) => match templates().render_node(n, &to_value(&ctx)) {
+        let item = step
+            .looping
+            .as_ref()
+            .and_then(|l| ctx.get(&l.iterator).cloned());
+        let result =
+            match mayfly_engine::decide::inline_result(step, &to_value(&ctx), item.as_ref()) {
                 Ok(v) => v,
                 Err(e) => return Err(fail(tmpl(pb, &step.name, e), None, started)),
-            },
-            None => step
-                .looping
-                .as_ref()
-                .and_then(|l| ctx.get(&l.iterator).cloned())
-                .unwrap_or(Value::Null),
-        };
+            };
         return Ok(StepFinished {
             index,
             result,
@@ -611,6 +668,8 @@ async fn run_pipeline(
     let mut set = Map::new();
     let mut step_fields = Map::new();
     let mut last = Value::Null;
+    // A pipeline's result: each task's data under its label, in task order (NoETL).
+    let mut labeled = Map::new();
     let mut i = 0usize;
     let mut tries = 0u32;
     let mut runs = 0usize;
@@ -633,7 +692,22 @@ async fn run_pipeline(
         if let NodeV::Map(entries) = &task.config.v {
             for (k, _, v) in entries {
                 let rendered = if task.kind == ToolKind::Python && k == "code" {
-                    v.to_json()
+                    // NoETL renders `{{ }}` in python code before it runs (always as text).
+                    match v.as_str() {
+                        Some(code) if mayfly_dsl::Templates::is_template(code) => {
+                            match templates().render_text(code, &mctx) {
+                                Ok(c) => Value::String(c),
+                                Err(message) => {
+                                    let e = TemplateError {
+                                        loc: v.loc,
+                                        message,
+                                    };
+                                    return Err(fail(tmpl(pb, &step.name, e), logs, started));
+                                }
+                            }
+                        }
+                        _ => v.to_json(),
+                    }
                 } else {
                     match templates().render_node(v, &mctx) {
                         Ok(r) => r,
@@ -642,6 +716,12 @@ async fn run_pipeline(
                 };
                 config.insert(k.clone(), rendered);
             }
+        }
+        if task.kind == ToolKind::Python {
+            config.insert(
+                mayfly_tools::CONTEXT_KEY.into(),
+                python_context(task, &ctx, h),
+            );
         }
         let mut input = base_input.clone();
         for key in ["args", "input"] {
@@ -669,6 +749,7 @@ async fn run_pipeline(
             (t, b) => t.or(b),
         }
         .map(secs);
+        let task_started = Instant::now();
         let out: ToolOutput = tools
             .run(task.kind.as_str(), &config, &input, timeout)
             .instrument(tracing::info_span!(
@@ -682,11 +763,29 @@ async fn run_pipeline(
         if out.logs.is_some() {
             logs = out.logs.clone();
         }
-        let output = out.as_output();
+        let mut output = out.as_output();
+        output["meta"] = serde_json::json!({
+            "attempt": tries + 1,
+            "duration_ms": task_started.elapsed().as_millis() as u64,
+        });
+        // Task-level `set:` first, with `output` = the task's own data (NoETL's order).
+        if !task.set.is_empty() {
+            let mut sctx = ctx.clone();
+            sctx.insert("output".into(), out.data.clone());
+            let sctx_v = to_value(&sctx);
+            for op in &task.set {
+                let v = match templates().render_node(&op.value, &sctx_v) {
+                    Ok(v) => v,
+                    Err(e) => return Err(fail(tmpl(pb, &step.name, e), logs, started)),
+                };
+                assign(&mut ctx, &mut set, &mut step_fields, &op.target, v);
+            }
+        }
         let mut pctx = ctx.clone();
         pctx.insert("output".into(), output.clone());
         pctx.insert("result".into(), out.data.clone());
         pctx.insert("attempt".into(), Value::from(tries + 1));
+        pctx.insert("_attempt".into(), Value::from(tries + 1));
         let pctx_v = to_value(&pctx);
         let rule = match select_rule(&task.rules, &pctx_v) {
             Ok(r) => r,
@@ -698,37 +797,13 @@ async fn run_pipeline(
                     Ok(v) => v,
                     Err(e) => return Err(fail(tmpl(pb, &step.name, e), logs, started)),
                 };
-                match &op.target {
-                    mayfly_dsl::SetTarget::Ctx(k) => {
-                        set.insert(k.clone(), v.clone());
-                        if let Some(Value::Object(c)) = ctx.get_mut("ctx") {
-                            c.insert(k.clone(), v.clone());
-                        }
-                        ctx.insert(k.clone(), v);
-                    }
-                    mayfly_dsl::SetTarget::Step(k) => {
-                        step_fields.insert(k.clone(), v);
-                    }
-                    mayfly_dsl::SetTarget::Iter(k) => {
-                        match ctx.get_mut("iter") {
-                            Some(Value::Object(it)) => {
-                                it.insert(k.clone(), v.clone());
-                            }
-                            _ => {
-                                let mut it = Map::new();
-                                it.insert(k.clone(), v.clone());
-                                ctx.insert("iter".into(), Value::Object(it));
-                            }
-                        }
-                        ctx.insert(k.clone(), v);
-                    }
-                }
+                assign(&mut ctx, &mut set, &mut step_fields, &op.target, v);
             }
         }
         let directive = rule
             .map(|r| r.directive.clone())
             .unwrap_or_else(|| default_directive(out.ok, &task.on_unmatched_error));
-        let value = if out.ok {
+        let value = if out.ok || !out.data.is_null() {
             out.data.clone()
         } else {
             output.clone()
@@ -766,15 +841,17 @@ async fn run_pipeline(
             }
             Directive::Fail => return Err(fail(error_of(&out, &task.name), logs, started)),
             Directive::Continue | Directive::Retry { .. } => {
-                ctx.insert(task.name.clone(), value.clone());
+                ctx.insert(task.name.clone(), mayfly_engine::alias(&value));
                 ctx.insert("_prev".into(), value.clone());
+                labeled.insert(task.name.clone(), value.clone());
                 last = value;
                 i += 1;
                 tries = 0;
             }
             Directive::Jump { to } => {
-                ctx.insert(task.name.clone(), value.clone());
+                ctx.insert(task.name.clone(), mayfly_engine::alias(&value));
                 ctx.insert("_prev".into(), value.clone());
+                labeled.insert(task.name.clone(), value.clone());
                 last = value;
                 i = step
                     .tasks
@@ -784,10 +861,14 @@ async fn run_pipeline(
                 tries = 0;
             }
             Directive::Break => {
+                labeled.insert(task.name.clone(), value.clone());
                 last = value;
                 break;
             }
         }
+    }
+    if step.pipeline {
+        last = Value::Object(labeled);
     }
     if !step_fields.is_empty() {
         if !last.is_object() {

@@ -584,7 +584,7 @@ workload: {n: 4000}
 workflow:
   - step: start
     loop: {in: "{{ range(n) }}", iterator: i, spec: {mode: parallel, max_in_flight: 64}}
-    tool: {kind: noop}
+    tool: {kind: noop, result: "{{ i }}"}
     next:
       arcs:
         - {step: doubled, when: "{{ event.name == 'loop.done' }}"}

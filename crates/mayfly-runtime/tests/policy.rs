@@ -51,9 +51,14 @@ workflow:
 "#)
     .await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    // A pipeline's result is each task's data under its label (NoETL's task_sequence).
     assert_eq!(
         r.result,
-        json!({"items": [10, 11, 20, 21, 30, 31], "has_more": false, "pages": 3})
+        json!({
+            "init": {"status": "ok", "message": "noop"},
+            "fetch": {"items": [10, 11, 20, 21, 30, 31], "has_more": false},
+            "pages": 3
+        })
     );
     assert_eq!(r.ctx["fetched"], json!(6));
     assert!(
@@ -98,9 +103,10 @@ workflow:
     .await;
     assert_eq!(r.status, Status::Failed);
     assert_eq!(
-        r.steps["start"],
+        r.steps["start"]["after"],
         json!({"saw": "error", "msg": "ValueError: soft failure"})
     );
+    assert_eq!(r.steps["start"]["boom"]["error"]["kind"], json!("schema"));
     assert_eq!(r.failed_step.as_deref(), Some("check"));
     assert_eq!(r.error.map(|e| e.code), Some("policy_fail".to_owned()));
 }

@@ -1,7 +1,7 @@
 # mayfly python worker driver: one long-lived interpreter, one JSON request per line on
 # stdin, one marked JSON response line on stdout. User output is captured, never mixed
 # with the protocol (stray writes to fd 1 are tolerated: the host skips unmarked lines).
-import ast, io, json, linecache, sys, textwrap, traceback
+import ast, io, json, linecache, os, sys, textwrap, traceback
 
 MARK = "\x1e@@MAYFLY@@"
 LIMIT = 65536
@@ -51,26 +51,70 @@ def _compile(code):
     return hit
 
 
-def _run(code, inp):
-    g = {"__name__": "__mayfly_step__", "__builtins__": __builtins__}
+def _run(code, inp, req):
+    # NoETL's wrapper prologue, in its order: json and sys pre-imported; `context`, `args`,
+    # `variables`, `execution_id`, `step`; every input key a global; `input_data` (a copy
+    # of the whole input) last, so an input key named `input_data` is overwritten by it.
+    ctx = req.get("context") or {}
+    context = {
+        "args": inp,
+        "variables": ctx.get("variables") or {},
+        "execution_id": ctx.get("execution_id"),
+        "step": ctx.get("step"),
+    }
+    g = {
+        "__name__": "__mayfly_step__",
+        "__builtins__": __builtins__,
+        "json": json,
+        "sys": sys,
+        "context": context,
+        "args": inp,
+        "variables": context["variables"],
+        "execution_id": context["execution_id"],
+        "step": context["step"],
+    }
     if isinstance(inp, dict):
         g.update(inp)
-    g["input_data"] = inp
+        g["input_data"] = dict(inp)
+    else:
+        g["input_data"] = inp
+    libs = req.get("libs")
+    if libs:
+        exec(compile(libs, "<libs>", "exec"), g)
     obj, wrapped, lines = _compile(code)
     # Lets tracebacks show the offending source line of the step.
     linecache.cache["<step>"] = lines
     exec(obj, g)
     if wrapped:
         return g["__mayfly_main__"](inp)
-    if "result" in g:
-        return g["result"]
+    result = g.get("result")
     main = g.get("main")
-    if callable(main):
-        try:
-            return main(**inp) if isinstance(inp, dict) else main(inp)
-        except TypeError:
-            return main(inp)
-    return None
+    if result is None and callable(main):
+        result = _call_main(main, inp)
+    return result
+
+
+def _call_main(main, inp):
+    # NoETL's `main()` convention: parameters bound from the input by name, a `**kwargs`
+    # parameter takes all of it, an `async def main` is awaited. A single parameter that no
+    # input key names receives the whole input (mayfly's `def main(input_data)`).
+    import inspect
+    args = inp if isinstance(inp, dict) else {}
+    try:
+        params = list(inspect.signature(main).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        rv = main(**args)
+    elif len(named) == 1 and named[0].name not in args and len(params) == 1:
+        rv = main(inp)
+    else:
+        rv = main(**{p.name: args[p.name] for p in named if p.name in args})
+    if inspect.iscoroutine(rv):
+        import asyncio
+        rv = asyncio.run(rv)
+    return rv
 
 
 def _traceback(e):
@@ -97,11 +141,19 @@ def serve():
         real = sys.stdout, sys.stderr
         try:
             req = json.loads(line)
+            env = req.get("env") or {}
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update({k: str(v) for k, v in env.items()})
             sys.stdout, sys.stderr = so, se
             try:
-                value = _run(req.get("code", ""), req.get("input") or {})
+                value = _run(req.get("code", ""), req.get("input") or {}, req)
             finally:
                 sys.stdout, sys.stderr = real
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             # Encoded once, straight into the response (no decode and re-encode).
             head = '{"ok": true, "result": ' + dumps(value, default=str)
         except BaseException as e:  # noqa: B036 - report everything, including SystemExit

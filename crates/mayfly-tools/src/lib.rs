@@ -74,24 +74,109 @@ impl ToolOutput {
         }
     }
 
-    /// The `output` object that policy rules see.
+    /// The `output` object that policy rules see (NoETL's scope, both runtimes' fields):
+    /// `status` (`success` | `error`), `data`, `error: {kind, retryable, code, status,
+    /// status_code, message, detail}` (null on success), and per tool `http: {status,
+    /// headers}` + `response`, `pg: {sqlstate}`, `py: {exception, traceback}`.
     pub fn as_output(&self) -> Value {
         let mut m = self.meta.clone();
         m.insert(
             "status".into(),
-            Value::String(if self.ok { "ok" } else { "error" }.into()),
+            Value::String(if self.ok { "success" } else { "error" }.into()),
         );
         m.insert("data".into(), self.data.clone());
-        m.insert(
-            "error".into(),
-            match &self.error {
-                Some(e) => {
-                    serde_json::json!({"code": e.code, "message": e.message, "detail": e.detail})
-                }
-                None => Value::Null,
-            },
-        );
+        let error = match &self.error {
+            Some(e) => {
+                let http = self
+                    .meta
+                    .get("http")
+                    .and_then(|h| h.get("status"))
+                    .and_then(Value::as_u64);
+                let sqlstate = self
+                    .meta
+                    .get("pg")
+                    .and_then(|p| p.get("sqlstate"))
+                    .and_then(Value::as_str);
+                let py = self
+                    .meta
+                    .get("py")
+                    .and_then(|p| p.get("exception"))
+                    .and_then(Value::as_str);
+                let (kind, retryable) = error_kind(&e.code, &e.message, http, sqlstate, py);
+                serde_json::json!({
+                    "kind": kind,
+                    "retryable": retryable,
+                    "code": e.code,
+                    "status": http,
+                    "status_code": http,
+                    "message": e.message,
+                    "detail": e.detail,
+                })
+            }
+            None => Value::Null,
+        };
+        m.insert("error".into(), error);
         Value::Object(m)
+    }
+}
+
+/// NoETL's error-kind taxonomy (`noetl/core/errors.py`): the kind of a tool failure and
+/// whether retrying it can help. `http` is the response status, `sqlstate` the Postgres
+/// error code, `exception` the Python exception type, where there is one.
+pub fn error_kind(
+    code: &str,
+    message: &str,
+    http: Option<u64>,
+    sqlstate: Option<&str>,
+    exception: Option<&str>,
+) -> (&'static str, bool) {
+    let msg = message.to_ascii_lowercase();
+    if let Some(s) = http.filter(|s| *s >= 400) {
+        return match s {
+            429 => ("rate_limit", true),
+            401 | 403 => ("auth", false),
+            404 => ("not_found", false),
+            400..=499 => ("client_error", false),
+            _ => ("server_error", true),
+        };
+    }
+    if let Some(st) = sqlstate {
+        return match st {
+            "40001" | "40P01" => ("db_deadlock", true),
+            "57014" => ("db_timeout", true),
+            _ if st.starts_with("23") => ("db_constraint", false),
+            _ if st.starts_with("08") => ("db_connection", true),
+            _ => ("unknown", false),
+        };
+    }
+    if let Some(ex) = exception {
+        return match ex {
+            "JSONDecodeError" => ("parse", false),
+            "TypeError" | "ValueError" | "ValidationError" | "KeyError" | "IndexError" => {
+                ("schema", false)
+            }
+            "TimeoutError" => ("timeout", true),
+            "ConnectionError" | "ConnectionRefusedError" | "ConnectionResetError" => {
+                ("connection", true)
+            }
+            _ => ("unknown", false),
+        };
+    }
+    match code {
+        "timeout" if msg.starts_with("postgres") => ("db_timeout", true),
+        "timeout" => ("timeout", true),
+        "connection_failed" if msg.starts_with("postgres") => ("db_connection", true),
+        "connection_failed" | "http_error" => ("connection", true),
+        "exit_status" | "python_crashed" => ("tool_error", false),
+        "bad_config" | "bad_credential" | "template_error" | "keychain_missing" => {
+            ("config", false)
+        }
+        _ if msg.contains("deadlock") => ("db_deadlock", true),
+        _ if msg.contains("timeout") || msg.contains("timed out") => ("timeout", true),
+        _ if msg.contains("refused") || msg.contains("dns") || msg.contains("resolve") => {
+            ("connection", true)
+        }
+        _ => ("unknown", false),
     }
 }
 
@@ -116,7 +201,7 @@ impl Default for ToolsConfig {
 /// Runs tools. One per worker process; cheap to share.
 pub struct Tools {
     pub python: PythonPool,
-    http: reqwest::Client,
+    http: http::Clients,
     postgres: postgres::Pools,
     pub config: ToolsConfig,
 }
@@ -125,7 +210,7 @@ impl Tools {
     pub fn new(config: ToolsConfig) -> Result<Self, ToolError> {
         Ok(Tools {
             python: PythonPool::new(config.python.clone(), config.python_pool),
-            http: http::client()?,
+            http: http::clients()?,
             postgres: postgres::Pools::default(),
             config,
         })
@@ -143,22 +228,144 @@ impl Tools {
         let timeout = timeout.unwrap_or(self.config.default_timeout);
         match kind {
             "python" => {
-                let code = config
-                    .get("code")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
+                let code = match self.python_code(config).await {
+                    Ok(c) => c,
+                    Err(e) => return ToolOutput::failed(e),
+                };
+                let mut extra = Map::new();
+                if let Some(c) = config.get(CONTEXT_KEY) {
+                    extra.insert("context".into(), c.clone());
+                }
+                match config.get("libs").map(python::import_lines) {
+                    None => {}
+                    Some(Ok(lines)) => {
+                        extra.insert("libs".into(), Value::String(lines));
+                    }
+                    Some(Err(e)) => return ToolOutput::failed(e),
+                }
+                match config.get("env") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Object(env)) => {
+                        let env: Map<String, Value> = env
+                            .iter()
+                            .map(|(k, v)| {
+                                let v = v
+                                    .as_str()
+                                    .map(str::to_owned)
+                                    .unwrap_or_else(|| v.to_string());
+                                (k.clone(), Value::String(v))
+                            })
+                            .collect();
+                        extra.insert("env".into(), Value::Object(env));
+                    }
+                    Some(_) => {
+                        return ToolOutput::failed(ToolError::new(
+                            "bad_config",
+                            "python `env` must be a mapping",
+                        ));
+                    }
+                }
                 self.python
-                    .run(code, &Value::Object(input.clone()), timeout)
+                    .run_with(&code, &Value::Object(input.clone()), extra, timeout)
                     .await
             }
             "shell" => shell::run(config, timeout).await,
             "http" => http::run(&self.http, config, timeout).await,
             "postgres" => postgres::run(&self.postgres, config, input, timeout).await,
-            "noop" => ToolOutput::ok(Value::Object(input.clone())),
+            "noop" => ToolOutput::ok(match config.get("result") {
+                Some(r) => r.clone(),
+                None if !input.is_empty() => Value::Object(input.clone()),
+                None => {
+                    serde_json::json!({"status": "ok", "message": config.get("message").cloned().unwrap_or_else(|| "noop".into())})
+                }
+            }),
             other => ToolOutput::failed(ToolError::new(
                 "unknown_tool",
                 format!("tool kind `{other}` cannot run in a worker"),
             )),
+        }
+    }
+}
+
+/// The config key under which the worker hands a python task its `context` (the render
+/// context as `variables`, `execution_id`, `step`). Not a playbook key: the schema
+/// rejects it in a playbook.
+pub const CONTEXT_KEY: &str = "__context";
+
+impl Tools {
+    /// A python task's source: `code`, else `code_b64`/`code_base64`, else `script`
+    /// (`source.type` inline, or http fetched with this worker's client).
+    async fn python_code(&self, config: &Map<String, Value>) -> Result<String, ToolError> {
+        let bad = |m: String| ToolError::new("bad_config", m);
+        if let Some(c) = config.get("code") {
+            return c
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad("python `code` must be a string".into()));
+        }
+        if let Some(b) = config.get("code_b64").or(config.get("code_base64")) {
+            use base64::Engine as _;
+            let raw = b
+                .as_str()
+                .and_then(|s| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s.trim())
+                        .ok()
+                })
+                .ok_or_else(|| bad("python `code_b64` is not valid base64".into()))?;
+            return String::from_utf8(raw)
+                .map_err(|_| bad("python `code_b64` does not decode to UTF-8 text".into()));
+        }
+        let Some(script) = config.get("script") else {
+            return Err(bad("python needs `code`, `code_b64` or `script`".into()));
+        };
+        let source = script.get("source").cloned().unwrap_or(Value::Null);
+        let kind = source
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("inline");
+        match kind {
+            "inline" => source
+                .get("code")
+                .or(script.get("code"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| bad("python `script.source.code` is missing".into())),
+            "http" => {
+                let url = source
+                    .get("endpoint")
+                    .or(script.get("uri"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        bad("python `script` of type http needs `source.endpoint` or `uri`".into())
+                    })?;
+                let mut cfg = Map::new();
+                cfg.insert("url".into(), Value::String(url.to_owned()));
+                cfg.insert("response_type".into(), Value::String("text".into()));
+                if let Some(m) = source.get("method") {
+                    cfg.insert("method".into(), m.clone());
+                }
+                let timeout = seconds(source.get("timeout")).unwrap_or(Duration::from_secs(30));
+                let out = http::run(&self.http, &cfg, timeout).await;
+                match (out.ok, out.data.get("body").and_then(Value::as_str)) {
+                    (true, Some(code)) => Ok(code.to_owned()),
+                    _ => Err(ToolError::new(
+                        "script_unavailable",
+                        format!(
+                            "python script from {url}: {}",
+                            out.error
+                                .map(|e| e.message)
+                                .unwrap_or_else(|| "no body".into())
+                        ),
+                    )),
+                }
+            }
+            "file" | "gcs" | "s3" => Err(bad(format!(
+                "python `script.source.type: {kind}` is not supported: a worker reads no host files or buckets for a playbook; inline the code or serve it over http"
+            ))),
+            other => Err(bad(format!(
+                "unknown python `script.source.type` `{other}` (inline, http)"
+            ))),
         }
     }
 }

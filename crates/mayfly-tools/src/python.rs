@@ -6,7 +6,7 @@
 //! protocol) gets its interpreter killed and replaced.
 
 use crate::{ToolError, ToolOutput};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use std::collections::VecDeque;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -106,7 +106,21 @@ impl PythonPool {
 
     /// Run `code` with `input` (keys become globals, the whole map is `input_data`).
     pub async fn run(&self, code: &str, input: &Value, timeout: Duration) -> ToolOutput {
-        let line = match request_line(&json!({"code": code, "input": input})) {
+        self.run_with(code, input, Map::new(), timeout).await
+    }
+
+    /// [`run`](Self::run) with the request's other fields: `context` (`variables`,
+    /// `execution_id`, `step`), `libs` (import lines), `env`.
+    pub async fn run_with(
+        &self,
+        code: &str,
+        input: &Value,
+        mut extra: Map<String, Value>,
+        timeout: Duration,
+    ) -> ToolOutput {
+        extra.insert("code".into(), Value::String(code.to_owned()));
+        extra.insert("input".into(), input.clone());
+        let line = match request_line(&Value::Object(extra)) {
             Ok(l) => l,
             Err(e) => return ToolOutput::failed(e),
         };
@@ -132,6 +146,67 @@ impl PythonPool {
             )),
         }
     }
+}
+
+/// `libs:` as Python import lines: `{alias: module}` → `import module as alias` (plain
+/// `import module` when they are equal), `{alias: {from: pkg, import: name}}` →
+/// `from pkg import name as alias` (NoETL's Python runtime). Names must be dotted
+/// identifiers, so a `libs` entry cannot smuggle code.
+pub fn import_lines(libs: &Value) -> Result<String, ToolError> {
+    let bad = |m: String| ToolError::new("bad_config", m);
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|p| {
+                p.chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                    && p.chars().all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
+    let Value::Object(m) = libs else {
+        return Err(bad(
+            "python `libs` must be a mapping of alias: module".into()
+        ));
+    };
+    let mut out = String::new();
+    for (alias, spec) in m {
+        if !ident(alias) || alias.contains('.') {
+            return Err(bad(format!(
+                "python `libs`: `{alias}` is not a valid alias"
+            )));
+        }
+        let line = match spec {
+            Value::String(module) if ident(module) => {
+                if module == alias {
+                    format!("import {module}")
+                } else {
+                    format!("import {module} as {alias}")
+                }
+            }
+            Value::Object(f) => {
+                let from = f.get("from").and_then(Value::as_str).unwrap_or_default();
+                let name = f.get("import").and_then(Value::as_str).unwrap_or_default();
+                if !ident(from) || !ident(name) || name.contains('.') {
+                    return Err(bad(format!(
+                        "python `libs.{alias}` needs `from: <module>` and `import: <name>`"
+                    )));
+                }
+                if name == alias {
+                    format!("from {from} import {name}")
+                } else {
+                    format!("from {from} import {name} as {alias}")
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "python `libs.{alias}`: `{other}` is not a module name"
+                )));
+            }
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 fn spawn(python: &str) -> Result<Interp, ToolError> {
@@ -295,7 +370,12 @@ fn output(resp: Value) -> ToolOutput {
         "stderr": resp.get("stderr").cloned().unwrap_or(Value::Null),
     });
     if resp.get("ok").and_then(Value::as_bool) == Some(true) {
-        let mut out = ToolOutput::ok(resp.get("result").cloned().unwrap_or(Value::Null));
+        // No result (None): the step's output is what it printed (NoETL).
+        let result = match resp.get("result") {
+            None | Some(Value::Null) => logs.clone(),
+            Some(v) => v.clone(),
+        };
+        let mut out = ToolOutput::ok(result);
         out.logs = Some(logs);
         out
     } else {
@@ -305,6 +385,10 @@ fn output(resp: Value) -> ToolOutput {
         let mut e = ToolError::new("python_exception", format!("{ty}: {msg}"));
         e.detail = err.get("traceback").cloned();
         let mut out = ToolOutput::failed(e);
+        out.meta.insert(
+            "py".into(),
+            json!({"exception": ty, "traceback": err.get("traceback").cloned().unwrap_or(Value::Null)}),
+        );
         out.logs = Some(logs);
         out
     }

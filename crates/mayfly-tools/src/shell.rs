@@ -1,5 +1,8 @@
-//! `shell`: run `cmds` (a list, in order, stopping at the first failure) or `command`
-//! with `sh -c`. Result: `{stdout, stderr, exit_code}`; a non-zero exit is an error.
+//! `shell`: run `command` (one string, NoETL's Rust runtime) or `cmds` (a list, in order,
+//! stopping at the first failure, NoETL's Python runtime) with `<shell> -c` (`shell`,
+//! default `sh`), in `cwd`, with `env` added. Result, the union of both runtimes:
+//! `{exit_code, returncode, stdout, stderr}`, plus `commands: [{cmd, returncode, stdout,
+//! stderr, duration_ms}]` for a `cmds` list. A non-zero exit is an error.
 
 use crate::{ToolError, ToolOutput};
 use serde_json::{Map, Value, json};
@@ -19,6 +22,17 @@ fn clip(b: &[u8]) -> String {
 }
 
 pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
+    let listed = matches!(config.get("cmds"), Some(Value::Array(_)));
+    let shell = match config.get("shell") {
+        None => "sh".to_owned(),
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(other) => {
+            return ToolOutput::failed(ToolError::new(
+                "bad_config",
+                format!("`shell` must name a shell program, got {other}"),
+            ));
+        }
+    };
     let cmds: Vec<String> = match config
         .get("cmds")
         .or(config.get("command"))
@@ -58,8 +72,18 @@ pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
     let deadline = tokio::time::Instant::now() + timeout;
     let (mut stdout, mut stderr) = (String::new(), String::new());
     let mut code = 0;
+    let mut commands = Vec::new();
+    let result = |stdout: &str, stderr: &str, code: i32, commands: &Vec<Value>| {
+        let mut r =
+            json!({"stdout": stdout, "stderr": stderr, "exit_code": code, "returncode": code});
+        if listed {
+            r["commands"] = Value::Array(commands.clone());
+        }
+        r
+    };
     for c in &cmds {
-        let mut cmd = Command::new("sh");
+        let began = std::time::Instant::now();
+        let mut cmd = Command::new(&shell);
         cmd.arg("-c")
             .arg(c)
             .envs(env.iter().cloned())
@@ -86,13 +110,20 @@ pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
         stdout.push_str(&clip(&out.stdout));
         stderr.push_str(&clip(&out.stderr));
         code = out.status.code().unwrap_or(-1);
+        commands.push(json!({
+            "cmd": c,
+            "returncode": code,
+            "stdout": clip(&out.stdout),
+            "stderr": clip(&out.stderr),
+            "duration_ms": began.elapsed().as_millis() as u64,
+        }));
         if !out.status.success() {
             let mut e = ToolError::new("exit_status", format!("`{c}` exited with status {code}"));
             e.detail = Some(json!({"stderr": clip(&out.stderr)}));
             let mut o = ToolOutput::failed(e);
-            o.data = json!({"stdout": stdout, "stderr": stderr, "exit_code": code});
+            o.data = result(&stdout, &stderr, code, &commands);
             return o;
         }
     }
-    ToolOutput::ok(json!({"stdout": stdout, "stderr": stderr, "exit_code": code}))
+    ToolOutput::ok(result(&stdout, &stderr, code, &commands))
 }

@@ -212,10 +212,14 @@ async fn shell_runs_commands_in_order() {
     );
     let o = t.run("shell", &cfg, &Map::new(), None).await;
     assert!(o.ok);
-    assert_eq!(
-        o.data,
-        json!({"stdout": "one\ntwo\n", "stderr": "hey\n", "exit_code": 0})
-    );
+    assert_eq!(o.data["stdout"], json!("one\ntwo\n"));
+    assert_eq!(o.data["stderr"], json!("hey\n"));
+    assert_eq!(o.data["exit_code"], json!(0));
+    assert_eq!(o.data["returncode"], json!(0));
+    let cmds = o.data["commands"].as_array().expect("commands");
+    assert_eq!(cmds.len(), 3);
+    assert_eq!(cmds[1]["cmd"], json!("echo $GREETING >&2"));
+    assert_eq!(cmds[1]["stderr"], json!("hey\n"));
     let cfg = input(json!({"cmds": ["echo a", "exit 3", "echo never"]}));
     let o = t.run("shell", &cfg, &Map::new(), None).await;
     assert!(!o.ok);
@@ -263,27 +267,36 @@ async fn http_get_post_and_errors() {
     let o = t.run("http", &cfg, &Map::new(), None).await;
     assert!(o.ok, "{o:?}");
     assert_eq!(o.data["status_code"], json!(200));
-    assert_eq!(o.data["json"], json!({"hello": "ann"}));
+    assert_eq!(o.data["data"], json!({"hello": "ann"}));
+    assert_eq!(o.data["body"], json!({"hello": "ann"}));
+    assert!(o.data["elapsed"].as_f64().is_some());
     assert_eq!(o.as_output()["http"]["status"], json!(200));
+    assert_eq!(o.as_output()["status"], json!("success"));
+    assert_eq!(o.as_output()["error"], Value::Null);
     let cfg = input(
         json!({"url": format!("{base}/echo"), "method": "post", "json": {"a": [1, 2]}, "headers": {"x-t": "1"}}),
     );
     assert_eq!(
-        t.run("http", &cfg, &Map::new(), None).await.data["json"],
+        t.run("http", &cfg, &Map::new(), None).await.data["data"],
         json!({"got": {"a": [1, 2]}})
     );
     let cfg = input(json!({"url": format!("{base}/fail")}));
     let o = t.run("http", &cfg, &Map::new(), None).await;
     assert!(!o.ok);
-    assert_eq!(o.data["text"], json!("down"));
+    assert_eq!(o.data["body"], json!("down"));
     assert_eq!(o.as_output()["status"], json!("error"));
     assert_eq!(o.as_output()["http"]["status"], json!(503));
+    assert_eq!(o.as_output()["error"]["kind"], json!("server_error"));
+    assert_eq!(o.as_output()["error"]["retryable"], json!(true));
+    assert_eq!(o.as_output()["error"]["status"], json!(503));
+    assert_eq!(o.as_output()["response"]["status_code"], json!(503));
     // connection refused: a port nobody listens on
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
     drop(l);
     let cfg = input(json!({"url": format!("http://127.0.0.1:{port}/x")}));
     let o = t.run("http", &cfg, &Map::new(), None).await;
+    assert_eq!(o.as_output()["error"]["kind"], json!("connection"));
     let e = o.error.expect("error");
     assert_eq!(e.code, "connection_failed");
     assert!(
@@ -320,29 +333,39 @@ async fn postgres_commands_queries_params_and_types() {
     let o = run(json!({"command": format!("INSERT INTO {table} (id, name, score, meta) VALUES ($1, $2, $3, $4::jsonb), ($5, $6, $7, $8::jsonb)"),
         "params": [1, "ann", 12.5, {"tags": ["a"]}, 2, "bob", 3, null]})).await;
     assert!(o.ok, "{o:?}");
-    assert_eq!(o.data, json!({"rows_affected": 2}));
+    assert_eq!(o.data["affected_rows"], json!(2));
+    assert_eq!(o.data["command_0"]["affected_rows"], json!(2));
     let o = run(json!({"query": format!("SELECT id, name, score, meta, at FROM {table} WHERE id >= $1 ORDER BY id;"), "params": [1]})).await;
     assert!(o.ok, "{o:?}");
     assert_eq!(
-        o.data,
+        o.data["columns"],
+        json!(["id", "name", "score", "meta", "at"])
+    );
+    assert_eq!(o.data["row_count"], json!(2));
+    assert_eq!(
+        o.data["rows"],
         json!([
-            {"id": 1, "name": "ann", "score": 12.50, "meta": {"tags": ["a"]}, "at": "2026-01-02T03:04:05+00:00"},
-            {"id": 2, "name": "bob", "score": 3.00, "meta": null, "at": "2026-01-02T03:04:05+00:00"}
-        ])
+            {"id": 1, "name": "ann", "score": "12.50", "meta": {"tags": ["a"]}, "at": "2026-01-02T03:04:05+00:00"},
+            {"id": 2, "name": "bob", "score": "3.00", "meta": null, "at": "2026-01-02T03:04:05+00:00"}
+        ]),
+        "numeric is an exact decimal string (NoETL)"
     );
     let o = run(json!({"query": format!("INSERT INTO {table} (id, name) VALUES (3, 'cyd') RETURNING id, name")})).await;
     assert_eq!(
-        o.data,
+        o.data["rows"],
         json!([{"id": 3, "name": "cyd"}]),
-        "INSERT … RETURNING works as a query"
+        "INSERT … RETURNING keeps its rows"
     );
     let o = run(json!({"query": format!("SELECT * FROM {table} WHERE id > 100")})).await;
-    assert_eq!(o.data, json!([]));
+    assert_eq!(o.data["rows"], json!([]));
+    assert_eq!(o.data["row_count"], json!(0));
     let o = run(json!({"query": "SELEC nope"})).await;
     let e = o.error.expect("error");
     assert_eq!(e.code, "postgres_error");
     assert!(e.message.contains("SQLSTATE 42601"), "{}", e.message);
     let o = run(json!({"command": format!("INSERT INTO {table} (id) VALUES (1)")})).await;
+    assert_eq!(o.as_output()["pg"]["sqlstate"], json!("23505"));
+    assert_eq!(o.as_output()["error"]["kind"], json!("db_constraint"));
     assert!(o.error.expect("dup").message.contains("23505"));
     let o = run(json!({"command": format!("DROP TABLE {table}")})).await;
     assert!(o.ok);

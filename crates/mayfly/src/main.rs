@@ -768,6 +768,9 @@ async fn run(
             return Ok(ExitCode::from(2));
         }
     };
+    if !opts.json {
+        print_warnings(&pb, ov.keys());
+    }
     let cfg = runtime_config(opts, &db_path)?;
     let payloads = cfg.cache.clone();
     let runtime = Runtime::start(store, cfg)?;
@@ -843,9 +846,34 @@ async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     print_report(&report, opts.json, Some(began.elapsed()))
 }
 
+/// A playbook's warnings, and `--set` keys it does not declare in `workload` (a typo there
+/// silently adds a variable nothing reads), on stderr.
+fn print_warnings<'k>(pb: &mayfly_dsl::Playbook, set: impl Iterator<Item = &'k String>) {
+    for w in &pb.warnings {
+        eprintln!("warning: {w}");
+    }
+    for k in set {
+        if !pb.workload.contains_key(k) {
+            let hint = mayfly_dsl::schema::did_you_mean(
+                k,
+                &pb.workload.keys().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .map(|m| format!("; did you mean `{m}`?"))
+            .unwrap_or_default();
+            eprintln!("warning: --set {k}: the playbook's workload does not declare `{k}`{hint}");
+        }
+    }
+}
+
 fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
-    match load_file(playbook, &ParseOptions { extra_vars: vars }) {
+    match load_file(
+        playbook,
+        &ParseOptions {
+            extra_vars: vars.clone(),
+        },
+    ) {
         Ok(pb) => {
+            print_warnings(&pb, std::iter::empty());
             println!(
                 "ok: {} ({} steps, digest {})",
                 pb.path,

@@ -565,7 +565,7 @@ workflow:
         result = {{"echo": tok, "len": len(tok), "who": who}}
     next: end
   - step: end
-    input: {{echoed: "{{{{ start.json.you_sent }}}}", py: "{{{{ py }}}}"}}
+    input: {{echoed: "{{{{ start.data.you_sent }}}}", py: "{{{{ py }}}}"}}
 "#
         ),
     )

@@ -5,6 +5,7 @@ use mayfly_store::Store;
 use std::path::PathBuf;
 
 /// A file in the repository's `examples/`.
+#[allow(dead_code)] // not every test binary runs the examples
 pub fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../examples")
