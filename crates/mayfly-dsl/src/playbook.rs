@@ -1303,6 +1303,16 @@ impl Parser<'_> {
                 if config.get("path").is_none() {
                     self.err(n.loc, "playbook tool needs `path`");
                 }
+                if let Some(r) = config.get("return_result")
+                    && !matches!(r.v, NodeV::Bool(_))
+                {
+                    self.err(r.loc, "`return_result` must be true or false");
+                }
+                if let Some(r) = config.get("result_step")
+                    && r.as_str().is_none()
+                {
+                    self.err(r.loc, "`result_step` must name a step of the child");
+                }
             }
             ToolKind::Noop => {}
             ToolKind::Wait => {}

@@ -150,7 +150,7 @@ pub fn tool_keys(kind: &str) -> &'static [&'static str] {
             "schema",
             "as_objects",
         ],
-        "playbook" => &["path"],
+        "playbook" => &["path", "return_step", "return_result", "result_step"],
         "noop" => &["result", "message"],
         "wait" | "callback" => &[],
         _ => &[],
@@ -187,9 +187,6 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
         }
         ("tool", "python") => {
             "choosing the interpreter per task is not supported; the worker's `python3` runs every python task"
-        }
-        ("tool", "return_step") | ("tool", "return_result") | ("tool", "result_step") => {
-            "mayfly always waits for a child playbook and returns its result; remove the key (NoETL's fire-and-forget children are not supported yet)"
         }
         ("tool", "catalog_id") => "children are named by `path`; `catalog_id` is not supported",
         ("tool", "version") => {

@@ -403,13 +403,85 @@ pub fn to_value<T: Json + ?Sized>(v: &T) -> MjValue {
     v.template_value()
 }
 
+/// The context key naming the loop steps whose results are in the context (see
+/// [`LoopAggregate`]); never a template variable itself.
+pub const LOOPS_KEY: &str = "__mayfly_loops__";
+
 fn object(m: &Map<String, Value>) -> MjValue {
+    let loops: Vec<&str> = match m.get(LOOPS_KEY) {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
     let map: std::collections::BTreeMap<MjValue, MjValue> = m
         .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, v)| (MjValue::from(k.as_str()), from_json(v)))
+        .filter(|(k, v)| !v.is_null() && k.as_str() != LOOPS_KEY)
+        .map(|(k, v)| {
+            let value = match v {
+                Value::Array(items) if loops.contains(&k.as_str()) => LoopAggregate::value(items),
+                _ => from_json(v),
+            };
+            (MjValue::from(k.as_str()), value)
+        })
         .collect();
     MjValue::from(map)
+}
+
+/// A loop step's result in templates: the list of item results (it indexes, iterates and
+/// has a length, as NoETL's Rust runtime's array does) that also answers `.results` (the
+/// same list) and `.stats` (`{total, success, failed}`), NoETL's Python runtime's shape.
+#[derive(Debug)]
+struct LoopAggregate {
+    items: Vec<MjValue>,
+    stats: MjValue,
+}
+
+impl LoopAggregate {
+    fn value(items: &[Value]) -> MjValue {
+        // A failed item's slot is `{"error": …}` (see the loop fold).
+        let failed = items
+            .iter()
+            .filter(|i| {
+                i.as_object()
+                    .is_some_and(|o| o.len() == 1 && o.contains_key("error"))
+            })
+            .count();
+        let stats = from_json(&serde_json::json!({
+            "total": items.len(),
+            "success": items.len() - failed,
+            "failed": failed,
+        }));
+        MjValue::from_object(LoopAggregate {
+            items: items.iter().map(from_json).collect(),
+            stats,
+        })
+    }
+}
+
+impl minijinja::value::Object for LoopAggregate {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Seq
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &MjValue) -> Option<MjValue> {
+        match key.as_str() {
+            Some("results") => Some(MjValue::from(self.items.clone())),
+            Some("stats") => Some(self.stats.clone()),
+            Some(_) => None,
+            None => {
+                let i = i64::try_from(key.clone()).ok()?;
+                let i = if i < 0 {
+                    self.items.len() as i64 + i
+                } else {
+                    i
+                };
+                self.items.get(usize::try_from(i).ok()?).cloned()
+            }
+        }
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Seq(self.items.len())
+    }
 }
 
 fn from_json(v: &Value) -> MjValue {

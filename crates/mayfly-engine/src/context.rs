@@ -71,6 +71,16 @@ pub fn context(st: &ExecState, iteration: Option<Iteration<'_>>) -> Map<String, 
         m.insert(name.clone(), alias(&rec.result));
     }
     m.insert("steps".into(), Value::Object(steps));
+    // Loop steps' results are lists that also answer `.results` / `.stats` in templates.
+    let loops: Vec<Value> = st
+        .loops
+        .keys()
+        .filter(|n| st.results.get(*n).is_some_and(|r| r.result.is_array()))
+        .map(|n| Value::String(n.clone()))
+        .collect();
+    if !loops.is_empty() {
+        m.insert(mayfly_dsl::template::LOOPS_KEY.into(), Value::Array(loops));
+    }
     for (k, v) in &st.ctx {
         m.insert(k.clone(), v.clone());
     }

@@ -314,6 +314,15 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
                 input.extend(m);
             }
         }
+        // A child in a loop also gets the item, `_index` and `_total` (NoETL): they arrive in
+        // its workload unless the input names them itself.
+        if let (Some(it), Some(l)) = (iteration, &step.looping) {
+            input
+                .entry(l.iterator.clone())
+                .or_insert_with(|| it.value.clone());
+            input.entry("_index").or_insert_with(|| json!(it.index));
+            input.entry("_total").or_insert_with(|| json!(it.total));
+        }
         let c = ChildRequested { index, path, input };
         return Ok(Draft::new(EventKind::ChildRequested, payload(&c)).step(&step.name));
     }

@@ -943,6 +943,10 @@ impl Orchestrator {
                 "the child execution was cancelled",
             )),
         };
+        let outcome = match (self.execs.get(&parent.execution_id), self.execs.get(id)) {
+            (Some(px), Some(cx)) => child_outcome(&px.pb, &parent, id, &cx.st, outcome),
+            _ => outcome,
+        };
         self.notify_parent(c, &parent, id, outcome);
     }
 
@@ -1297,6 +1301,10 @@ impl Orchestrator {
                         step,
                         index,
                     };
+                    let outcome = match self.execs.get(&id) {
+                        Some(px) => child_outcome(&px.pb, &pref, &child, &cst, outcome),
+                        None => outcome,
+                    };
                     self.notify_parent(c, &pref, &child, outcome);
                     self.drain(c);
                 } else {
@@ -1316,6 +1324,55 @@ impl Orchestrator {
         mayfly_trust::verify_chain(&events)?;
         let st = ExecState::fold(id.clone(), &events)?;
         Ok((events, st))
+    }
+}
+
+/// What a parent step receives from its child, as its `playbook` task asks (NoETL):
+/// `return_step` → the child's status payload `{execution_id, status, path, result, error}`,
+/// a success even when the child failed; `result_step: S` → the data of the child's step
+/// `S`; otherwise (and with `return_result: true`) the child's result, its failure failing
+/// the step.
+fn child_outcome(
+    parent_pb: &Playbook,
+    parent: &ParentRef,
+    child: &ExecutionId,
+    child_st: &ExecState,
+    outcome: Result<Value, ErrorInfo>,
+) -> Result<Value, ErrorInfo> {
+    let Some(task) = parent_pb.step(&parent.step).and_then(|s| s.playbook_task()) else {
+        return outcome;
+    };
+    let returns_result = matches!(
+        task.config.get("return_result").map(|n| &n.v),
+        Some(mayfly_dsl::NodeV::Bool(true))
+    );
+    if task.config.get("return_step").is_some() && !returns_result {
+        let status = match (&outcome, child_st.status) {
+            (Ok(_), _) => "COMPLETED",
+            (Err(_), mayfly_engine::Status::Cancelled) => "CANCELLED",
+            (Err(_), _) => "FAILED",
+        };
+        let (result, error) = match outcome {
+            Ok(v) => (v, Value::Null),
+            Err(e) => (Value::Null, json!(e)),
+        };
+        return Ok(json!({
+            "execution_id": child.0,
+            "status": status,
+            "path": child_st.path,
+            "result": result,
+            "error": error,
+        }));
+    }
+    match task.config.get("result_step").and_then(|n| n.as_str()) {
+        Some(name) => outcome.map(|_| {
+            child_st
+                .results
+                .get(name)
+                .map(|r| r.result.clone())
+                .unwrap_or(Value::Null)
+        }),
+        None => outcome,
     }
 }
 

@@ -600,6 +600,7 @@ fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrate
     if code.contains("context") || code.contains("variables") {
         let mut vars = ctx.clone();
         vars.remove("keychain");
+        vars.remove(mayfly_dsl::template::LOOPS_KEY);
         c.insert("variables".into(), Value::Object(vars));
     }
     Value::Object(c)
@@ -724,6 +725,15 @@ async fn run_pipeline(
             );
         }
         let mut input = base_input.clone();
+        // A single tool in a loop also gets the item, `_index` and `_total` as arguments
+        // (NoETL), so python code reads the iterator as a global without listing it.
+        if let (Some(l), false) = (&step.looping, step.pipeline) {
+            for k in [l.iterator.as_str(), "_index", "_total"] {
+                if let Some(v) = ctx.get(k) {
+                    input.insert(k.to_owned(), v.clone());
+                }
+            }
+        }
         for key in ["args", "input"] {
             if let Some(Value::Object(m)) = config.get(key) {
                 input.extend(m.clone());
