@@ -251,6 +251,19 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX).await?;
     let codec = table_codec(a.rows)?;
     let (gc_dry, gc_ms) = retention_round(a.gc_payloads).await?;
+    // Strict parse + validate (schema, templates, static `when` check, graph warnings) of a
+    // playbook as `run`, `register` and the API do it: median of 200.
+    let validate_ms = {
+        let src = chain("keychain", a.steps);
+        let mut lat = Vec::with_capacity(200);
+        for _ in 0..200 {
+            let t = Instant::now();
+            parse("bench.yaml", &src, &ParseOptions::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        percentile(lat, 0.5)
+    };
     let out = json!({
         "machine": {"cpus": cpus, "store": store_name},
         "noop_chain": {"steps": a.steps, "seconds": noop_chain, "ms_per_step": noop_chain * 1000.0 / a.steps as f64},
@@ -261,6 +274,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
         "table_codec": codec,
         "cache_retention": {"payloads": a.gc_payloads, "dry_run_ms": gc_dry, "collect_ms": gc_ms},
+        "parse_validate": {"steps": a.steps, "ms": validate_ms},
     });
     if a.json {
         println!("{out}");
@@ -319,6 +333,11 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             format!("cache retention, {} payloads collected", a.gc_payloads),
             gc_ms,
             gc_dry
+        );
+        println!(
+            "  {:<44} {:>10.2} ms",
+            format!("strict parse + validate, {}-step playbook", a.steps),
+            validate_ms
         );
     }
     Ok(ExitCode::SUCCESS)

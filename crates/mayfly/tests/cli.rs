@@ -1380,3 +1380,67 @@ fn the_server_collects_the_cache_periodically() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Strictness through the CLI: an unknown key fails `validate` (exit 2) at its line:col with a
+/// did-you-mean; warnings (an unreachable step, a `--set` key the workload does not declare)
+/// go to stderr and the playbook still runs; a file that is not UTF-8 is refused at its byte
+/// offset.
+#[test]
+fn validate_is_strict_and_warns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: t}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n    nxt: [start]\n",
+    )
+    .expect("write");
+    let o = bin().arg("validate").arg(&typo).output().expect("validate");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains(
+            "typo.yaml:7:5: unknown key `nxt` in a step; did you mean `next`? (step `start`)"
+        ),
+        "{}",
+        err(&o)
+    );
+    let warn = dir.path().join("warn.yaml");
+    std::fs::write(
+        &warn,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: w}\nworkload: {msg: hi}\nworkflow:\n  - step: start\n    tool: {kind: noop, result: {m: \"{{ msg }}\"}}\n  - step: orphan\n    tool: {kind: noop}\n",
+    )
+    .expect("write");
+    let o = bin().arg("validate").arg(&warn).output().expect("validate");
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        err(&o).contains("warning: ")
+            && err(&o).contains("warn.yaml:8:5: step `orphan` is unreachable from `start`"),
+        "{}",
+        err(&o)
+    );
+    let o = bin()
+        .args(["run", "--json", "--set", "mgs=x"])
+        .arg(&warn)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(json(&o)["result"]["m"], "hi");
+    let o = bin()
+        .args(["run", "--quiet", "--set", "mgs=x"])
+        .arg(&warn)
+        .output()
+        .expect("run");
+    assert!(
+        err(&o).contains("warning: --set mgs: the playbook's workload does not declare `mgs`; did you mean `msg`?"),
+        "{}",
+        err(&o)
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, b"apiVersion: noetl.io/v2\nkind: \xff\n").expect("write");
+    let o = bin().arg("validate").arg(&bad).output().expect("validate");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains("bad.yaml:2:7: invalid UTF-8 at byte offset 30"),
+        "{}",
+        err(&o)
+    );
+}
