@@ -423,7 +423,36 @@ fn object(m: &Map<String, Value>) -> MjValue {
             (MjValue::from(k.as_str()), value)
         })
         .collect();
-    MjValue::from(map)
+    MjValue::from_object(ResultProxy(map))
+}
+
+/// A JSON object in templates: a map whose `.result` reads the map itself when it has no
+/// `result` key of its own (NoETL's `.result` fall-through: `s.result.k` is `s.k`), without
+/// the key appearing in its length, keys or `tojson`.
+#[derive(Debug)]
+struct ResultProxy(std::collections::BTreeMap<MjValue, MjValue>);
+
+impl minijinja::value::Object for ResultProxy {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Map
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &MjValue) -> Option<MjValue> {
+        match self.0.get(key) {
+            Some(v) => Some(v.clone()),
+            None if key.as_str() == Some("result") => Some(MjValue::from_dyn_object(self.clone())),
+            None => None,
+        }
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        use minijinja::value::ObjectExt as _;
+        self.mapped_enumerator(|this| Box::new(this.0.keys().cloned()))
+    }
+
+    fn enumerator_len(self: &std::sync::Arc<Self>) -> Option<usize> {
+        Some(self.0.len())
+    }
 }
 
 /// A loop step's result in templates: the list of item results (it indexes, iterates and

@@ -39,10 +39,9 @@ pub fn alias(result: &Value) -> Value {
                     }
                 }
             }
+            // (`x.result.k` reads `x.k` in templates for every map: see `to_value`.)
             let flat = Value::Object(out.clone());
-            out.entry("data").or_insert_with(|| flat.clone());
-            // `x.result.k` reads `x.k` when the data has no `result` of its own.
-            out.entry("result").or_insert(flat);
+            out.entry("data").or_insert(flat);
             Value::Object(out)
         }
         other => other.clone(),

@@ -316,7 +316,7 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         }
         // A child in a loop also gets the item, `_index` and `_total` (NoETL): they arrive in
         // its workload unless the input names them itself.
-        if let (Some(it), Some(l)) = (iteration, &step.looping) {
+        if let (Some(it), Some(l), false) = (iteration, &step.looping, step.pipeline) {
             input
                 .entry(l.iterator.clone())
                 .or_insert_with(|| it.value.clone());

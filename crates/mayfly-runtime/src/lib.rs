@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-pub use loader::{LoadError, load_file, resolve_child};
+pub use loader::{LoadError, PlaybookIndex, load_file, resolve_child};
 
 /// Runtime failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -155,6 +155,9 @@ pub struct RuntimeConfig {
     /// The process's data-plane agent: in-process workers enforce the policy bundle it
     /// applied (None: no bundle enforcement, as for a one-shot `mayfly run`).
     pub agent: Option<Arc<agent::Agent>>,
+    /// Child playbooks by catalog path (`mayfly run --playbooks DIR`): a child's `path` is
+    /// looked up here first, then beside its parent's file.
+    pub playbooks: Option<Arc<PlaybookIndex>>,
 }
 
 impl Default for RuntimeConfig {
@@ -175,6 +178,7 @@ impl Default for RuntimeConfig {
             queue: None,
             cache: None,
             agent: None,
+            playbooks: None,
         }
     }
 }
@@ -493,6 +497,7 @@ impl Runtime {
             config.cache.clone(),
             config.max_attempts,
         );
+        let orch = orch.with_playbooks(config.playbooks.clone());
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();
         let health = remote::QueueHealth::default();

@@ -68,3 +68,104 @@ pub fn resolve_child(parent_source: Option<&str>, child: &str) -> Result<PathBuf
             .join(", "),
     })
 }
+
+/// Playbooks under a root directory by their catalog path (`metadata.path`): how `mayfly
+/// run` resolves a child named the way NoETL names it (a catalog key, not a file name).
+#[derive(Debug, Default, Clone)]
+pub struct PlaybookIndex {
+    root: PathBuf,
+    by_path: std::collections::BTreeMap<String, Vec<PathBuf>>,
+}
+
+/// Most files a playbook root may hold (a root of the wrong size is a mistake, not a tree
+/// to parse forever).
+pub const MAX_INDEXED_FILES: usize = 10_000;
+
+/// Deepest directory level under a playbook root that is searched.
+pub const MAX_INDEX_DEPTH: usize = 8;
+
+impl PlaybookIndex {
+    /// Every `*.yaml`/`*.yml` under `root` (hidden directories and `target` skipped) that is
+    /// a valid playbook, by its catalog path. Files that are not playbooks are skipped.
+    pub fn scan(root: &Path) -> Result<PlaybookIndex, LoadError> {
+        let io = |source| LoadError::Io {
+            path: root.display().to_string(),
+            source,
+        };
+        let mut idx = PlaybookIndex {
+            root: root.to_path_buf(),
+            by_path: Default::default(),
+        };
+        let mut stack = vec![(root.to_path_buf(), 0usize)];
+        let mut files = 0usize;
+        while let Some((dir, depth)) = stack.pop() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for p in entries {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if p.is_dir() {
+                    if depth < MAX_INDEX_DEPTH
+                        && !name.starts_with('.')
+                        && name != "target"
+                        && name != "node_modules"
+                    {
+                        stack.push((p, depth + 1));
+                    }
+                    continue;
+                }
+                if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+                    continue;
+                }
+                files += 1;
+                if files > MAX_INDEXED_FILES {
+                    return Err(LoadError::NotFound {
+                        path: root.display().to_string(),
+                        tried: format!(
+                            "more than {MAX_INDEXED_FILES} YAML files under the playbook root; name a smaller one with --playbooks"
+                        ),
+                    });
+                }
+                if let Ok(pb) = load_file(&p, &ParseOptions::default()) {
+                    idx.by_path.entry(pb.path).or_default().push(p);
+                }
+            }
+        }
+        Ok(idx)
+    }
+
+    /// The file whose catalog path is `path` (a trailing `.yaml`/`.yml` ignored), if any;
+    /// an error when several files claim it.
+    pub fn find(&self, path: &str) -> Option<Result<PathBuf, LoadError>> {
+        let key = path
+            .trim_end_matches(".yaml")
+            .trim_end_matches(".yml")
+            .trim_start_matches("./");
+        let files = self.by_path.get(key)?;
+        Some(match files.as_slice() {
+            [one] => Ok(one.clone()),
+            many => Err(LoadError::NotFound {
+                path: path.to_owned(),
+                tried: format!(
+                    "catalog path `{key}` is claimed by {} files under {}: {}",
+                    many.len(),
+                    self.root.display(),
+                    many.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_path.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_path.is_empty()
+    }
+}

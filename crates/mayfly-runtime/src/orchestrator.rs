@@ -185,6 +185,8 @@ pub(crate) struct Orchestrator {
     cache: Option<Arc<mayfly_cache::Payloads>>,
     /// Claims of one command after which it fails with `worker_lost`.
     max_attempts: u32,
+    /// Children by catalog path (see `RuntimeConfig::playbooks`).
+    playbooks: Option<Arc<crate::PlaybookIndex>>,
 }
 
 impl Orchestrator {
@@ -209,7 +211,13 @@ impl Orchestrator {
             reload: std::collections::BTreeSet::new(),
             cache,
             max_attempts: max_attempts.max(1),
+            playbooks: None,
         }
+    }
+
+    pub(crate) fn with_playbooks(mut self, playbooks: Option<Arc<crate::PlaybookIndex>>) -> Self {
+        self.playbooks = playbooks;
+        self
     }
 
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
@@ -832,7 +840,11 @@ impl Orchestrator {
             );
             return;
         }
-        let loaded = resolve_child(px.source.as_deref(), &req.path).and_then(|p| {
+        let found = match self.playbooks.as_ref().and_then(|i| i.find(&req.path)) {
+            Some(f) => f,
+            None => resolve_child(px.source.as_deref(), &req.path),
+        };
+        let loaded = found.and_then(|p| {
             load_file(
                 &p,
                 &ParseOptions {

@@ -421,6 +421,10 @@ struct RunOpts {
     /// step fails with `worker_lost`.
     #[arg(long, default_value_t = mayfly_runtime::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
+    /// Where child playbooks are found by catalog path (`metadata.path`), as NoETL names
+    /// them: every playbook under DIR (default: the directory of the playbook run).
+    #[arg(long, value_name = "DIR")]
+    playbooks: Option<PathBuf>,
     #[command(flatten)]
     key: keychain::KeyOpts,
     #[command(flatten)]
@@ -771,7 +775,29 @@ async fn run(
     if !opts.json {
         print_warnings(&pb, ov.keys());
     }
-    let cfg = runtime_config(opts, &db_path)?;
+    let mut cfg = runtime_config(opts, &db_path)?;
+    // Children by catalog path: the playbooks under --playbooks, or beside the file run.
+    let root = opts.playbooks.clone().or_else(|| {
+        (playbook.exists() && pb.steps.iter().any(|s| s.playbook_task().is_some()))
+            .then(|| playbook.parent().map(Path::to_path_buf))
+            .flatten()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p
+                }
+            })
+    });
+    if let Some(root) = root {
+        match mayfly_runtime::PlaybookIndex::scan(&root) {
+            Ok(idx) => cfg.playbooks = Some(Arc::new(idx)),
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
     let payloads = cfg.cache.clone();
     let runtime = Runtime::start(store, cfg)?;
     let handle = runtime.handle();

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Running, bin, start_server};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -1443,4 +1443,72 @@ fn validate_is_strict_and_warns() {
         "{}",
         err(&o)
     );
+}
+
+/// NoETL names a child by its catalog path (`metadata.path`), not by its file: `mayfly run`
+/// finds it among the playbooks under `--playbooks DIR` (default: the directory of the file
+/// run, subdirectories included); a path two files claim is an error naming both.
+#[test]
+fn children_resolve_by_catalog_path() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let parents = dir.path().join("flows");
+    let lib = dir.path().join("lib/deep");
+    std::fs::create_dir_all(&parents).expect("mkdir");
+    std::fs::create_dir_all(&lib).expect("mkdir");
+    let parent = parents.join("parent.yaml");
+    std::fs::write(
+        &parent,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, input: {n: 4}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        lib.join("whatever_file_name.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: scorer, path: shared/scorer}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: noop, result: {score: \"{{ n * 10 }}\"}}\n",
+    )
+    .expect("write");
+    // Beside the parent it is not: without a root that holds it, the run fails loudly.
+    let o = bin()
+        .args(["run", "--json"])
+        .arg(&parent)
+        .output()
+        .expect("run");
+    assert_eq!(json(&o)["status"], "failed");
+    assert_eq!(json(&o)["error"]["code"], "child_load_failed");
+    let o = bin()
+        .args(["run", "--json", "--playbooks"])
+        .arg(dir.path())
+        .arg(&parent)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(json(&o)["result"], json!({"score": 40}));
+    // The default root is the directory of the file run.
+    let local = dir.path().join("local.yaml");
+    std::fs::write(
+        &local,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: local}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, input: {n: 2}}\n",
+    )
+    .expect("write");
+    let o = bin()
+        .args(["run", "--json"])
+        .arg(&local)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(json(&o)["result"], json!({"score": 20}));
+    // Two files claiming one catalog path: refused, both named.
+    std::fs::write(
+        dir.path().join("lib/twin.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: twin, path: shared/scorer}\nworkflow:\n  - step: start\n",
+    )
+    .expect("write");
+    let o = bin()
+        .args(["run", "--json"])
+        .arg(&local)
+        .output()
+        .expect("run");
+    let report = json(&o);
+    assert_eq!(report["status"], "failed");
+    let msg = report["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("is claimed by 2 files"), "{msg}");
 }
