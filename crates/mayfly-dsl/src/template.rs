@@ -137,15 +137,15 @@ impl Templates {
         if !Self::is_template(s) {
             return Ok(Value::String(s.to_owned()));
         }
-        if let Some(expr) = Self::single_expression(s) {
+        let out = if let Some(expr) = Self::single_expression(s) {
             let compiled = self.expr(expr).map_err(describe)?;
             let v = compiled.eval(ctx.clone()).map_err(describe)?;
-            return to_json(&v);
-        }
-        let tmpl = self.tmpl(s).map_err(describe)?;
-        tmpl.render(ctx.clone())
-            .map(Value::String)
-            .map_err(describe)
+            to_json(&v)?
+        } else {
+            let tmpl = self.tmpl(s).map_err(describe)?;
+            Value::String(tmpl.render(ctx.clone()).map_err(describe)?)
+        };
+        Ok(retype(out))
     }
 
     /// Render a template as text (never a native value), e.g. python `code`.
@@ -255,6 +255,21 @@ impl Templates {
         };
         Ok(set.into_iter().collect())
     }
+}
+
+/// NoETL's typing of a rendered template: text that is a JSON object or array (`{{ body |
+/// tojson }}`, `'{"id": {{ id }}}'`) becomes that value, so a body built as text is sent as
+/// the object it spells. Other text stays text (NoETL's Rust server also turns `"42"` and
+/// `"True"` into scalars; mayfly leaves scalars to a lone `{{ expr }}`, which is native).
+fn retype(v: Value) -> Value {
+    let Value::String(s) = &v else { return v };
+    let t = s.trim();
+    let framed =
+        (t.starts_with('{') && t.ends_with('}')) || (t.starts_with('[') && t.ends_with(']'));
+    if framed && let Ok(parsed) = serde_json::from_str::<Value>(t) {
+        return parsed;
+    }
+    v
 }
 
 /// Deepest bracket nesting, longest run of prefix operators (`not`, `-`, `+`), most `if`s in
@@ -651,10 +666,14 @@ mod tests {
         assert_eq!(t.render_str("{{ m.get('k') }}", &c), Ok(json!("v")));
         assert_eq!(t.render_str("{{ m | get('z', 'd') }}", &c), Ok(json!("d")));
         assert_eq!(t.render_str("{{ m | keys | list }}", &c), Ok(json!(["k"])));
+        // JSON text is typed back into its value (NoETL), inside a larger text it stays text.
+        assert_eq!(t.render_str("{{ m | tojson }}", &c), Ok(json!({"k": "v"})));
         assert_eq!(
-            t.render_str("{{ m | tojson }}", &c),
-            Ok(json!("{\"k\": \"v\"}"))
+            t.render_str("m={{ m | tojson }}", &c),
+            Ok(json!("m={\"k\": \"v\"}"))
         );
+        assert_eq!(t.render_str("[{{ m.k }}]", &c), Ok(json!("[v]")));
+        assert_eq!(t.render_str("[\"{{ m.k }}\"]", &c), Ok(json!(["v"])));
         assert!(
             t.render_str("{{ b64 | b64decode }}", &ctx(json!({"b64": "!!"})))
                 .is_err()

@@ -800,6 +800,29 @@ impl Orchestrator {
         }
     }
 
+    /// Record that the engine failed `step` (loop item `index`) of execution `id`.
+    fn fail_step(
+        &mut self,
+        c: &mut Cycle,
+        id: &ExecutionId,
+        step: String,
+        index: Option<usize>,
+        error: ErrorInfo,
+    ) {
+        let f = StepFailed {
+            index,
+            error,
+            duration_ms: None,
+            logs: None,
+        };
+        self.emit(
+            c,
+            id,
+            vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)],
+            "engine",
+        );
+    }
+
     fn start_child(&mut self, c: &mut Cycle, parent: &ExecutionId, ev: &Event) {
         let Some(px) = self.execs.get(parent) else {
             return;
@@ -819,25 +842,15 @@ impl Orchestrator {
                 .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
         }
         if depth >= MAX_CHILD_DEPTH {
-            let f = StepFailed {
-                index: req.index,
-                error: ErrorInfo::new(
-                    "child_depth_exceeded",
-                    format!(
-                        "child playbook `{}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
-                        req.path,
-                        depth + 1
-                    ),
+            let e = ErrorInfo::new(
+                "child_depth_exceeded",
+                format!(
+                    "child playbook `{}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
+                    req.path,
+                    depth + 1
                 ),
-                duration_ms: None,
-                logs: None,
-            };
-            self.emit(
-                c,
-                parent,
-                vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)],
-                "engine",
             );
+            self.fail_step(c, parent, step, req.index, e);
             return;
         }
         let found = match self.playbooks.as_ref().and_then(|i| i.find(&req.path)) {
@@ -859,18 +872,8 @@ impl Orchestrator {
         let limits = px.st.limits;
         match loaded {
             Err(e) => {
-                let f = StepFailed {
-                    index: req.index,
-                    error: ErrorInfo::new("child_load_failed", e.to_string()),
-                    duration_ms: None,
-                    logs: None,
-                };
-                self.emit(
-                    c,
-                    parent,
-                    vec![Draft::new(EventKind::StepFailed, json!(f)).step(step)],
-                    "engine",
-                );
+                let e = ErrorInfo::new("child_load_failed", e.to_string());
+                self.fail_step(c, parent, step, req.index, e);
             }
             Ok(child) => {
                 let child = Arc::new(child);
