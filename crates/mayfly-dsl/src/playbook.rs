@@ -226,6 +226,10 @@ pub struct Step {
     pub timeout_s: Option<f64>,
     /// `spec.policy.admit`, if any.
     pub admit: Option<Admit>,
+    /// The legacy step guard NoETL's Rust runtime still honours: false when the step is
+    /// entered → the step is skipped (it runs nothing, its result is null) and its arcs
+    /// route on as after any step.
+    pub when: Option<Node>,
     /// `bound_paths`, computed once: a fan-out hydrates thousands of blocks of one step.
     bound: Memo<BTreeSet<String>>,
 }
@@ -1001,6 +1005,10 @@ impl Parser<'_> {
         self.step = Some(name.clone());
         let _ = entries;
         self.keys(n, "step", "a step", schema::STEP);
+        let guard = n.get("when").cloned();
+        if let Some(w) = &guard {
+            self.check_templates(w);
+        }
         let desc = n
             .get("desc")
             .or(n.get("description"))
@@ -1122,6 +1130,7 @@ impl Parser<'_> {
             next,
             timeout_s,
             admit,
+            when: guard,
             bound: Memo::default(),
         })
     }
@@ -1820,6 +1829,12 @@ impl Parser<'_> {
                 .arcs
                 .iter()
                 .filter_map(|a| a.when.as_ref())
+                .chain(s.when.iter())
+                .chain(
+                    s.admit
+                        .iter()
+                        .flat_map(|a| a.rules.iter().filter_map(|r| r.when.as_ref())),
+                )
                 .chain(
                     s.tasks
                         .iter()

@@ -34,6 +34,7 @@ pub const EXECUTOR_REQUIRES: &[&str] = &["tools", "features"];
 /// A workflow step.
 pub const STEP: &[&str] = &[
     "step",
+    "when",
     "desc",
     "description",
     "tool",
@@ -168,9 +169,6 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
             "step `vars` is legacy and never read by NoETL's runtime; use `set:` (ctx) or tool `input:`"
         }
         ("step", "case") => "legacy `case` routing is not supported; use `next: {arcs: [...]}`",
-        ("step", "when") => {
-            "step-level `when` guards are not supported; use `spec.policy.admit` on the step or a `when` on the incoming arc"
-        }
         ("step", "args") => "step `args` is not supported; use `input:` on the step or the tool",
         ("step", "tools") => "`tools` is not a step key; write `tool:` (one task or a list)",
         ("step", "output")

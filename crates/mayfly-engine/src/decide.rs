@@ -106,6 +106,24 @@ fn enter(pb: &Playbook, st: &ExecState, name: &str) -> R<Vec<Draft>> {
         step: Some(name.to_owned()),
         error: ErrorInfo::new("unknown_step", format!("step `{name}` is not defined")),
     })?;
+    // The legacy step guard (NoETL's Rust runtime): false → skipped, and routing goes on.
+    if let Some(w) = &step.when
+        && !templates()
+            .eval_condition(w, &to_value(&context(st, None)))
+            .map_err(|e| tmpl_err(pb, name, e))?
+    {
+        let f = StepFinished {
+            index: None,
+            result: Value::Null,
+            set: Map::new(),
+            inline: true,
+            duration_ms: None,
+            logs: None,
+        };
+        return Ok(vec![
+            Draft::new(EventKind::StepFinished, payload(&f)).step(name),
+        ]);
+    }
     if let Some(error) = admission(pb, st, step)? {
         // A refusal is the step's outcome: recorded, and routable like any failure
         // (`event.name == 'call.error'`, `error.code == 'admission_denied'`).
