@@ -279,7 +279,6 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         });
     if let Some(ctx) = inline_ctx {
         // Trivial blocks never cost a queue round-trip: the engine completes them itself.
-        let ctx = to_value(&ctx);
         let result = inline_result(step, &ctx, item.map(|(_, v)| v))
             .map_err(|e| tmpl_err(pb, &step.name, e))?;
         let f = StepFinished {
@@ -356,7 +355,7 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
 /// tool: its rendered `input`, else the loop item.
 pub fn inline_result(
     step: &Step,
-    ctx: &minijinja::Value,
+    scope: &Map<String, Value>,
     item: Option<&Value>,
 ) -> Result<Value, TemplateError> {
     let noop =
@@ -375,18 +374,7 @@ pub fn inline_result(
         };
     if step.pipeline {
         // `{label: data}`, each task seeing the ones before it by label (as in a worker).
-        let mut scope: Map<String, Value> = ctx
-            .as_object()
-            .map(|o| {
-                o.try_iter_pairs()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(k, v)| {
-                        Some((k.as_str()?.to_owned(), serde_json::to_value(&v).ok()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut scope = scope.clone();
         let mut labeled = Map::new();
         for task in &step.tasks {
             let v = noop(task, &to_value(&scope))?.unwrap_or(Value::Null);
@@ -395,13 +383,14 @@ pub fn inline_result(
         }
         return Ok(Value::Object(labeled));
     }
+    let ctx = to_value(scope);
     if let Some(task) = step.tasks.last()
-        && let Some(v) = noop(task, ctx)?
+        && let Some(v) = noop(task, &ctx)?
     {
         return Ok(v);
     }
     match &step.input {
-        Some(input) => templates().render_node(input, ctx),
+        Some(input) => templates().render_node(input, &ctx),
         None => Ok(item.cloned().unwrap_or(Value::Null)),
     }
 }

@@ -643,11 +643,10 @@ async fn run_pipeline(
             .looping
             .as_ref()
             .and_then(|l| ctx.get(&l.iterator).cloned());
-        let result =
-            match mayfly_engine::decide::inline_result(step, &to_value(&ctx), item.as_ref()) {
-                Ok(v) => v,
-                Err(e) => return Err(fail(tmpl(pb, &step.name, e), None, started)),
-            };
+        let result = match mayfly_engine::decide::inline_result(step, &ctx, item.as_ref()) {
+            Ok(v) => v,
+            Err(e) => return Err(fail(tmpl(pb, &step.name, e), None, started)),
+        };
         return Ok(StepFinished {
             index,
             result,
