@@ -129,6 +129,9 @@ pub enum Claim {
 }
 
 /// Default for [`RuntimeConfig::max_attempts`].
+/// Default of [`RuntimeConfig::max_children`].
+pub const DEFAULT_MAX_CHILDREN: u64 = 100_000;
+
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// Tuning of the embedded runtime.
@@ -158,6 +161,9 @@ pub struct RuntimeConfig {
     /// Child playbooks by catalog path (`mayfly run --playbooks DIR`): a child's `path` is
     /// looked up here first, then beside its parent's file.
     pub playbooks: Option<Arc<PlaybookIndex>>,
+    /// Most child executions one root execution may start, its whole tree counted (a
+    /// playbook that calls itself in a loop grows exponentially long before it is deep).
+    pub max_children: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -179,6 +185,7 @@ impl Default for RuntimeConfig {
             cache: None,
             agent: None,
             playbooks: None,
+            max_children: DEFAULT_MAX_CHILDREN,
         }
     }
 }
@@ -497,7 +504,9 @@ impl Runtime {
             config.cache.clone(),
             config.max_attempts,
         );
-        let orch = orch.with_playbooks(config.playbooks.clone());
+        let orch = orch
+            .with_playbooks(config.playbooks.clone())
+            .with_max_children(config.max_children);
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();
         let health = remote::QueueHealth::default();

@@ -187,6 +187,10 @@ pub(crate) struct Orchestrator {
     max_attempts: u32,
     /// Children by catalog path (see `RuntimeConfig::playbooks`).
     playbooks: Option<Arc<crate::PlaybookIndex>>,
+    /// Child executions started per root execution in this process's life, and the most
+    /// allowed (see `RuntimeConfig::max_children`).
+    children_started: HashMap<ExecutionId, u64>,
+    max_children: u64,
 }
 
 impl Orchestrator {
@@ -212,7 +216,14 @@ impl Orchestrator {
             cache,
             max_attempts: max_attempts.max(1),
             playbooks: None,
+            children_started: HashMap::new(),
+            max_children: crate::DEFAULT_MAX_CHILDREN,
         }
+    }
+
+    pub(crate) fn with_max_children(mut self, max: u64) -> Self {
+        self.max_children = max.max(1);
+        self
     }
 
     pub(crate) fn with_playbooks(mut self, playbooks: Option<Arc<crate::PlaybookIndex>>) -> Self {
@@ -833,6 +844,7 @@ impl Orchestrator {
         let step = ev.step.clone().unwrap_or_default();
         // How deep the parent already is: a playbook that calls itself must end somewhere.
         let mut depth = 1usize;
+        let mut root = parent.clone();
         let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
         while let Some(pid) = up {
             depth += 1;
@@ -840,6 +852,20 @@ impl Orchestrator {
                 .execs
                 .get(&pid)
                 .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
+            root = pid;
+        }
+        let started = self.children_started.entry(root).or_insert(0);
+        *started += 1;
+        if *started > self.max_children {
+            let e = ErrorInfo::new(
+                "child_limit_exceeded",
+                format!(
+                    "child playbook `{}`: the execution tree already started {} child executions",
+                    req.path, self.max_children
+                ),
+            );
+            self.fail_step(c, parent, step, req.index, e);
+            return;
         }
         if depth >= MAX_CHILD_DEPTH {
             let e = ErrorInfo::new(
@@ -945,7 +971,10 @@ impl Orchestrator {
                 "engine",
             );
         }
-        let Some(parent) = parent else { return };
+        let Some(parent) = parent else {
+            self.children_started.remove(id);
+            return;
+        };
         let outcome = match ev.kind {
             EventKind::ExecutionCompleted => {
                 Ok(ev.payload.get("result").cloned().unwrap_or(Value::Null))
@@ -997,14 +1026,15 @@ impl Orchestrator {
             Err(why) => {
                 // A runaway recursion keeps its own code up the chain (one message, not
                 // sixteen nested ones); any other failure is the child's.
-                let error = if why.code == "child_depth_exceeded" {
-                    why
-                } else {
-                    ErrorInfo::new(
-                        "child_failed",
-                        format!("child execution {child} failed: {why}"),
-                    )
-                };
+                let error =
+                    if why.code == "child_depth_exceeded" || why.code == "child_limit_exceeded" {
+                        why
+                    } else {
+                        ErrorInfo::new(
+                            "child_failed",
+                            format!("child execution {child} failed: {why}"),
+                        )
+                    };
                 let f = StepFailed {
                     index: parent.index,
                     error,

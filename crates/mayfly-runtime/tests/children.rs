@@ -58,3 +58,42 @@ async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
         "no command left open"
     );
 }
+
+/// A playbook that calls itself twice per level would start 2^16 executions before the depth
+/// limit: the whole tree's child count is capped, and the root fails with
+/// `child_limit_exceeded`, not sixteen nested `child_failed`s.
+#[tokio::test]
+async fn a_self_calling_fan_out_stops_at_the_child_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("boom.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom}\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let cfg = RuntimeConfig {
+        max_children: 40,
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let pb = load_file(&dir.path().join("boom.yaml"), &ParseOptions::default()).expect("pb");
+    let report = tokio::time::timeout(Duration::from_secs(60), rt.run(pb, Map::new()))
+        .await
+        .expect("ends")
+        .expect("run");
+    assert_eq!(report.status, Status::Failed);
+    assert_eq!(
+        report.error.map(|e| e.code),
+        Some("child_limit_exceeded".to_owned())
+    );
+    let all = store.list_executions(None, 1000).await.expect("list");
+    assert!(
+        all.len() <= 41,
+        "at most the root and its 40 children exist: {}",
+        all.len()
+    );
+}
