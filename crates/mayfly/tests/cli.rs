@@ -1467,19 +1467,13 @@ fn children_resolve_by_catalog_path() {
     )
     .expect("write");
     // Beside the parent it is not: without a root that holds it, the run fails loudly.
-    let o = bin()
-        .args(["run", "--json"])
-        .arg(&parent)
-        .output()
-        .expect("run");
+    let run =
+        |args: &[&str], file: &std::path::Path| bin().args(args).arg(file).output().expect("run");
+    let o = run(&["run", "--json"], &parent);
     assert_eq!(json(&o)["status"], "failed");
     assert_eq!(json(&o)["error"]["code"], "child_load_failed");
-    let o = bin()
-        .args(["run", "--json", "--playbooks"])
-        .arg(dir.path())
-        .arg(&parent)
-        .output()
-        .expect("run");
+    let root = dir.path().to_string_lossy().into_owned();
+    let o = run(&["run", "--json", "--playbooks", &root], &parent);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(json(&o)["result"], json!({"score": 40}));
     // The default root is the directory of the file run.
@@ -1489,11 +1483,7 @@ fn children_resolve_by_catalog_path() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: local}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, input: {n: 2}}\n",
     )
     .expect("write");
-    let o = bin()
-        .args(["run", "--json"])
-        .arg(&local)
-        .output()
-        .expect("run");
+    let o = run(&["run", "--json"], &local);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(json(&o)["result"], json!({"score": 20}));
     // Two files claiming one catalog path: refused, both named.
