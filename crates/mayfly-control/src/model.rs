@@ -214,8 +214,8 @@ struct WorkerPoolSpec {
     labels: BTreeMap<String, String>,
 }
 
-const TOOL_KINDS: [&str; 7] = [
-    "python", "shell", "http", "playbook", "noop", "postgres", "wait",
+const TOOL_KINDS: [&str; 9] = [
+    "python", "shell", "http", "playbook", "noop", "postgres", "duckdb", "nats", "wait",
 ];
 
 /// Names: lowercase alphanumerics, `-`, `_`, `.`, `/`; at most 253 characters; start and

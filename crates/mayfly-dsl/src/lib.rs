@@ -12,8 +12,8 @@ pub use graph::{Graph, GraphEdge, GraphNode, graph};
 pub use node::{Loc, Node, NodeV};
 pub use playbook::{
     Admit, AdmitRule, Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry,
-    LoopMode, LoopSpec, Next, NextMode, ParseOptions, Playbook, Reach, Rule, SetOp, SetTarget,
-    Step, TOOL_KINDS, Task, ToolKind, parse, parse_bytes,
+    LoopMode, LoopSpec, NATS_OPERATIONS, Next, NextMode, ParseOptions, Playbook, Reach, Rule,
+    SetOp, SetTarget, Step, TOOL_KINDS, Task, ToolKind, parse, parse_bytes,
 };
 pub use template::{TemplateError, Templates, templates, to_value, truthy};
 

@@ -57,6 +57,8 @@ pub enum ToolKind {
     Playbook,
     Noop,
     Postgres,
+    Duckdb,
+    Nats,
     /// Park the step until a callback arrives (no worker is held).
     Wait,
 }
@@ -70,6 +72,8 @@ impl ToolKind {
             ToolKind::Playbook => "playbook",
             ToolKind::Noop => "noop",
             ToolKind::Postgres => "postgres",
+            ToolKind::Duckdb => "duckdb",
+            ToolKind::Nats => "nats",
             ToolKind::Wait => "wait",
         }
     }
@@ -348,7 +352,27 @@ pub struct Playbook {
 
 /// Tool kinds this build runs (`kind:` values; `workbook` references a root workbook task).
 pub const TOOL_KINDS: &[&str] = &[
-    "python", "shell", "http", "postgres", "playbook", "noop", "wait", "workbook",
+    "python", "shell", "http", "postgres", "duckdb", "nats", "playbook", "noop", "wait", "workbook",
+];
+
+/// Operations of the `nats` tool.
+pub const NATS_OPERATIONS: &[&str] = &[
+    "kv_get",
+    "kv_put",
+    "kv_delete",
+    "kv_keys",
+    "kv_purge",
+    "object_get",
+    "object_put",
+    "object_delete",
+    "object_list",
+    "object_info",
+    "js_publish",
+    "js_consume",
+    "js_get_msg",
+    "js_stream_info",
+    "publish",
+    "request",
 ];
 
 /// Most runs of one inline step in one execution: a cycle of inline steps (`a → b → a` with
@@ -1202,9 +1226,11 @@ impl Parser<'_> {
             "playbook" => ToolKind::Playbook,
             "noop" => ToolKind::Noop,
             "postgres" => ToolKind::Postgres,
+            "duckdb" => ToolKind::Duckdb,
+            "nats" => ToolKind::Nats,
             "wait" | "callback" => ToolKind::Wait,
-            "duckdb" | "ducklake" | "snowflake" | "nats" | "container" | "artifact" | "rhai"
-            | "secrets" | "transfer" | "mcp" | "agent" | "playbooks" | "iterator" | "script"
+            "ducklake" | "snowflake" | "container" | "artifact" | "rhai" | "secrets"
+            | "transfer" | "mcp" | "agent" | "playbooks" | "iterator" | "script"
             | "snowflake_transfer" | "gcs" | "gateway" | "task_sequence" | "subscription"
             | "wasm" => {
                 self.err(
@@ -1333,6 +1359,43 @@ impl Parser<'_> {
                     .is_none()
                 {
                     self.err(n.loc, "postgres tool needs `query` or `command`");
+                }
+            }
+            ToolKind::Nats => match config.get("operation") {
+                None => self.err(n.loc, "nats tool needs `operation`"),
+                Some(o) => {
+                    if let Some(op) = o.as_str()
+                        && !op.contains("{{")
+                        && !NATS_OPERATIONS.contains(&op)
+                    {
+                        let hint = schema::did_you_mean(op, NATS_OPERATIONS)
+                            .map(|m| format!("; did you mean `{m}`?"))
+                            .unwrap_or_default();
+                        self.err(
+                            o.loc,
+                            format!(
+                                "unknown nats `operation` `{op}` (one of {}){hint}",
+                                NATS_OPERATIONS.join(", ")
+                            ),
+                        );
+                    }
+                }
+            },
+            ToolKind::Duckdb => {
+                if ["query", "command", "commands", "sql"]
+                    .iter()
+                    .all(|k| config.get(k).is_none())
+                {
+                    self.err(
+                        n.loc,
+                        "duckdb tool needs `query` (or `command`, `commands`)",
+                    );
+                }
+                if let Some(a) = n.get("auth") {
+                    self.err(
+                        a.loc,
+                        "duckdb `auth` (credentials turned into DuckDB secrets for ATTACH) is not supported: DuckDB's postgres and httpfs extensions are downloaded at run time, which a worker never does; read the rows with a postgres task and hand them in with duckdb `tables:`",
+                    );
                 }
             }
         }

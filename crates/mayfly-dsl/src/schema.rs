@@ -151,6 +151,43 @@ pub fn tool_keys(kind: &str) -> &'static [&'static str] {
             "schema",
             "as_objects",
         ],
+        "duckdb" => &[
+            "query",
+            "command",
+            "commands",
+            "sql",
+            "params",
+            "parameters",
+            "db_path",
+            "database",
+            "db",
+            "as_objects",
+            "tables",
+        ],
+        "nats" => &[
+            "operation",
+            "url",
+            "user",
+            "password",
+            "token",
+            "bucket",
+            "key",
+            "value",
+            "pattern",
+            "name",
+            "data",
+            "encoding",
+            "description",
+            "stream",
+            "subject",
+            "headers",
+            "seq",
+            "last",
+            "consumer",
+            "batch",
+            "timeout_ms",
+            "ack",
+        ],
         "playbook" => &["path", "return_step", "return_result", "result_step"],
         "noop" => &["result", "message"],
         "wait" | "callback" => &[],
@@ -185,6 +222,12 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
         }
         ("tool", "python") => {
             "choosing the interpreter per task is not supported; the worker's `python3` runs every python task"
+        }
+        ("tool", "credentials") => {
+            "duckdb `credentials` (secrets for ATTACH) are not supported: DuckDB's extensions are downloaded at run time, which a worker never does; read the rows with a postgres task and hand them in with duckdb `tables:`"
+        }
+        ("tool", "ttl") => {
+            "a per-key `ttl` is not something NATS KV has (NoETL ignores it): give the bucket a `max_age`"
         }
         ("tool", "catalog_id") => "children are named by `path`; `catalog_id` is not supported",
         ("tool", "version") => {

@@ -210,7 +210,7 @@ fn structural_errors() {
         "{e}"
     );
     let e = err(&format!(
-        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: duckdb, query: x}}\n"
+        "{HEAD}workflow:\n  - step: start\n    tool: {{kind: snowflake, query: x}}\n"
     ));
     assert!(e.diagnostics[0].message.contains("not available"), "{e}");
     let e = err(&format!(

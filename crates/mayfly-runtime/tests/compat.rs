@@ -9,6 +9,8 @@
 //! # expect-failed: <error code>    the execution fails with this error code
 //! # expect-invalid: <text>         validation refuses the playbook with a message containing it
 //! # needs: postgres                the playbook reads the local Postgres through alias `pg`
+//! # needs: duckdb                  the playbook runs DuckDB (python3's `duckdb` package)
+//! # needs: nats                    the local NATS, with KV bucket `mayfly_compat`; `$NATS` is its URL
 //! ```
 //!
 //! The suite runs on the SQLite log and on the Postgres log; each case's chain is verified
@@ -49,6 +51,8 @@ struct Header {
     failed: Option<String>,
     invalid: Option<String>,
     postgres: bool,
+    duckdb: bool,
+    nats: bool,
 }
 
 fn header(path: &Path, http: &str) -> Header {
@@ -59,7 +63,10 @@ fn header(path: &Path, http: &str) -> Header {
         let Some((k, v)) = line.split_once(':') else {
             continue;
         };
-        let v = v.trim().replace("$HTTP", http);
+        let v = v
+            .trim()
+            .replace("$HTTP", http)
+            .replace("$NATS", &mayfly_testkit::nats_url());
         let json = |v: &str| -> Value {
             serde_json::from_str(v)
                 .unwrap_or_else(|e| panic!("{}: bad JSON `{v}`: {e}", path.display()))
@@ -70,7 +77,12 @@ fn header(path: &Path, http: &str) -> Header {
             "expect" => h.expect = Some(json(&v)),
             "expect-failed" => h.failed = Some(v),
             "expect-invalid" => h.invalid = Some(v),
-            "needs" => h.postgres = v == "postgres",
+            "needs" => match v.as_str() {
+                "postgres" => h.postgres = true,
+                "duckdb" => h.duckdb = true,
+                "nats" => h.nats = true,
+                other => panic!("{}: unknown need `{other}`", path.display()),
+            },
             _ => {}
         }
     }
@@ -172,6 +184,28 @@ async fn with_pg_alias(store: &dyn Store, key: &mayfly_trust::keychain::MasterKe
 }
 
 /// Run every case on `store`; returns the failures (one line each).
+/// KV bucket `mayfly_compat` on the local NATS (its stream made by hand: async-nats'
+/// `create_key_value` sends fields the NATS 2.9 of Debian does not parse).
+async fn compat_bucket() -> bool {
+    let client = async_nats::connect(mayfly_testkit::nats_url())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client);
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "KV_mayfly_compat".into(),
+        subjects: vec!["$KV.mayfly_compat.>".into()],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("compat bucket");
+    true
+}
+
 async fn suite(store: Arc<dyn Store>) -> Vec<String> {
     let http = stub().await;
     let key = mayfly_trust::keychain::MasterKey::generate();
@@ -185,6 +219,8 @@ async fn suite(store: Arc<dyn Store>) -> Vec<String> {
     )
     .expect("runtime");
     let mut failures = Vec::new();
+    let duckdb = mayfly_testkit::duckdb();
+    let nats = mayfly_testkit::nats() && compat_bucket().await;
     let all = cases();
     assert!(
         all.len() >= 60,
@@ -198,6 +234,9 @@ async fn suite(store: Arc<dyn Store>) -> Vec<String> {
             .to_string_lossy()
             .to_string();
         let h = header(&path, &http);
+        if (h.duckdb && !duckdb) || (h.nats && !nats) {
+            continue;
+        }
         let opts = ParseOptions {
             extra_vars: h.set.keys().cloned().collect(),
         };
@@ -302,4 +341,9 @@ async fn compat_suite_on_postgres() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn validation_and_the_worker_know_the_same_nats_operations() {
+    assert_eq!(mayfly_dsl::NATS_OPERATIONS, mayfly_tools::NATS_OPERATIONS);
 }

@@ -39,6 +39,25 @@ pub fn postgres() -> bool {
     service_up("127.0.0.1:5432", "Postgres")
 }
 
+/// DuckDB's Python package importable by the `python3` the tools run (the duckdb tool runs
+/// through it): skipped loudly when absent, a failure under `CI=true`.
+pub fn duckdb() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but python3 cannot import duckdb (python3 -m pip install duckdb)"
+        );
+        eprintln!("SKIPPED: python3 cannot import duckdb (python3 -m pip install duckdb)");
+    }
+    ok
+}
+
 /// NATS JetStream at 127.0.0.1:4222 (see [`service_up`]).
 pub fn nats() -> bool {
     service_up("127.0.0.1:4222", "NATS")

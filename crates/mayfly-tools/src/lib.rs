@@ -1,15 +1,18 @@
 //! Tool kinds executed inside atomic blocks: `python` (warm interpreter pool), `shell`,
-//! `http` and `postgres`. (`noop` and `playbook` never reach a worker: the engine completes noops
+//! `http`, `postgres`, `duckdb` (through the python pool) and `nats`. (`noop` and `playbook` never reach a worker: the engine completes noops
 //! inline and runs child playbooks as their own executions.)
 //!
 //! A tool never panics or returns a Rust error for a user-level failure: failures become
 //! `ToolOutput { ok: false, error }`, which task policy rules can act on.
 
+mod duckdb;
 mod http;
+mod nats;
 mod postgres;
 mod python;
 mod shell;
 
+pub use nats::OPERATIONS as NATS_OPERATIONS;
 pub use python::PythonPool;
 
 use mayfly_types::ErrorInfo;
@@ -166,11 +169,13 @@ pub fn error_kind(
         "timeout" if msg.starts_with("postgres") => ("db_timeout", true),
         "timeout" => ("timeout", true),
         "connection_failed" if msg.starts_with("postgres") => ("db_connection", true),
+        "not_found" => ("not_found", false),
         "connection_failed" | "http_error" => ("connection", true),
         "exit_status" | "python_crashed" => ("tool_error", false),
-        "bad_config" | "bad_credential" | "template_error" | "keychain_missing" => {
-            ("config", false)
-        }
+        "duckdb_error" if msg.contains("constraint") => ("db_constraint", false),
+        "duckdb_error" if msg.contains("could not set lock") => ("db_deadlock", true),
+        "bad_config" | "bad_credential" | "template_error" | "keychain_missing"
+        | "tool_unavailable" => ("config", false),
         _ if msg.contains("deadlock") => ("db_deadlock", true),
         _ if msg.contains("timeout") || msg.contains("timed out") => ("timeout", true),
         _ if msg.contains("refused") || msg.contains("dns") || msg.contains("resolve") => {
@@ -203,6 +208,8 @@ pub struct Tools {
     pub python: PythonPool,
     http: http::Clients,
     postgres: postgres::Pools,
+    duckdb: duckdb::Locks,
+    nats: nats::Clients,
     pub config: ToolsConfig,
 }
 
@@ -212,6 +219,8 @@ impl Tools {
             python: PythonPool::new(config.python.clone(), config.python_pool),
             http: http::clients()?,
             postgres: postgres::Pools::default(),
+            duckdb: duckdb::Locks::default(),
+            nats: nats::Clients::default(),
             config,
         })
     }
@@ -272,6 +281,8 @@ impl Tools {
             "shell" => shell::run(config, timeout).await,
             "http" => http::run(&self.http, config, timeout).await,
             "postgres" => postgres::run(&self.postgres, config, input, timeout).await,
+            "duckdb" => duckdb::run(&self.python, &self.duckdb, config, timeout).await,
+            "nats" => nats::run(&self.nats, config, input, timeout).await,
             "noop" => ToolOutput::ok(match config.get("result") {
                 Some(r) => r.clone(),
                 None if !input.is_empty() => Value::Object(input.clone()),

@@ -443,6 +443,27 @@ fn shape(stmt: &Stmt, rows_shape: bool) -> Value {
     }
 }
 
+/// A script's result from its statements' shapes (postgres and duckdb alike): the last
+/// statement's fields at the top, every statement as `command_<i>`, and `statement_count`.
+pub(crate) fn assemble(shapes: Vec<Value>) -> Value {
+    let mut out = Map::new();
+    let n = shapes.len();
+    let mut last = Value::Null;
+    for (i, v) in shapes.into_iter().enumerate() {
+        out.insert(format!("command_{i}"), v.clone());
+        last = v;
+    }
+    if let Value::Object(m) = last {
+        for (k, v) in m {
+            if k != "status" {
+                out.insert(k, v);
+            }
+        }
+    }
+    out.insert("statement_count".into(), json!(n));
+    Value::Object(out)
+}
+
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -543,24 +564,15 @@ pub async fn run(
             format!("postgres exceeded {:.3}s", timeout.as_secs_f64()),
         )),
         Ok(Ok(done)) => {
-            let mut out = Map::new();
-            let n = done.len();
-            let mut last = Value::Null;
-            for (i, st) in done.iter().enumerate() {
-                let text = statements.get(i).map(String::as_str).unwrap_or("");
-                let v = shape(st, !st.rows.is_empty() || returns_rows(text));
-                out.insert(format!("command_{i}"), v.clone());
-                last = v;
-            }
-            if let Value::Object(m) = last {
-                for (k, v) in m {
-                    if k != "status" {
-                        out.insert(k, v);
-                    }
-                }
-            }
-            out.insert("statement_count".into(), json!(n));
-            ToolOutput::ok(Value::Object(out))
+            let shapes = done
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    let text = statements.get(i).map(String::as_str).unwrap_or("");
+                    shape(st, !st.rows.is_empty() || returns_rows(text))
+                })
+                .collect();
+            ToolOutput::ok(assemble(shapes))
         }
         Ok(Err(e)) => {
             let mut sqlstate = None;

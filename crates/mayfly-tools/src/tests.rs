@@ -465,3 +465,331 @@ async fn python_queued_steps_with_large_payloads_do_not_deadlock() {
         assert_eq!(o.data[2].as_str().map(str::len), Some(100_000));
     }
 }
+
+async fn duck(t: &Tools, cfg: Value) -> ToolOutput {
+    t.run(
+        "duckdb",
+        &input(cfg),
+        &Map::new(),
+        Some(Duration::from_secs(30)),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn duckdb_maps_values_as_the_postgres_tool_does() {
+    if !mayfly_testkit::duckdb() {
+        return;
+    }
+    let t = tools(1);
+    let o = duck(
+        &t,
+        json!({"query": "select 12345678901234567890123::hugeint as big, 1.25::decimal(5,2) as d, \
+                 timestamp '2026-01-02 03:04:05.5' as ts, date '2026-01-02' as day, \
+                 'abc'::blob as b, [1, 2] as l, {'k': 'v'} as s, 'nan'::double as f, \
+                 null as n, interval 90 second as i"}),
+    )
+    .await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(
+        o.data["rows"][0],
+        json!({"big": "12345678901234567890123", "d": "1.25", "ts": "2026-01-02T03:04:05.500000",
+               "day": "2026-01-02", "b": "YWJj", "l": [1, 2], "s": {"k": "v"}, "f": null,
+               "n": null, "i": 90.0})
+    );
+    assert_eq!(o.data["statement_count"], json!(1));
+}
+
+#[tokio::test]
+async fn duckdb_refuses_bad_config_before_running() {
+    let t = tools(1);
+    for (cfg, want) in [
+        (json!({}), "needs `query`"),
+        (
+            json!({"query": "select 1", "tables": {"x y": [{"a": 1}]}}),
+            "identifier",
+        ),
+        (json!({"query": "select 1", "tables": {"t": []}}), "no rows"),
+        (
+            json!({"query": "select 1", "tables": {"t": [1, 2]}}),
+            "list of records",
+        ),
+        (
+            json!({"query": "select 1", "as_objects": "yes"}),
+            "true or false",
+        ),
+    ] {
+        let o = duck(&t, cfg.clone()).await;
+        let e = o.error.expect("an error");
+        assert_eq!(e.code, "bad_config", "{cfg}");
+        assert!(e.message.contains(want), "{cfg}: {}", e.message);
+    }
+}
+
+#[tokio::test]
+async fn duckdb_params_refuse_a_script() {
+    if !mayfly_testkit::duckdb() {
+        return;
+    }
+    let t = tools(1);
+    let o = duck(&t, json!({"query": "select ?; select 2", "params": [1]})).await;
+    let e = o.error.expect("an error");
+    assert_eq!(e.code, "duckdb_error");
+    assert!(
+        e.message.contains("bind a single statement"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn duckdb_without_its_package_says_how_to_install_it() {
+    // An interpreter that cannot see site-packages stands for a machine without duckdb.
+    let dir = std::env::temp_dir().join(format!("mayfly_noduck_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let py = dir.join("python-no-site");
+    std::fs::write(&py, "#!/bin/sh\nexec python3 -S \"$@\"\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let t = Tools::new(ToolsConfig {
+        python: py.display().to_string(),
+        python_pool: 1,
+        ..Default::default()
+    })
+    .expect("tools");
+    let o = duck(&t, json!({"query": "select 1"})).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let e = o.error.clone().expect("an error");
+    assert_eq!(e.code, "tool_unavailable", "{e:?}");
+    assert!(e.message.contains("-m pip install duckdb"), "{}", e.message);
+    assert_eq!(o.as_output()["error"]["kind"], json!("config"));
+}
+
+async fn nats_op(t: &Tools, cfg: Value) -> ToolOutput {
+    let mut cfg = input(cfg);
+    cfg.insert("url".into(), json!(mayfly_testkit::nats_url()));
+    t.run("nats", &cfg, &Map::new(), Some(Duration::from_secs(10)))
+        .await
+}
+
+#[tokio::test]
+async fn nats_kv_object_and_jetstream_operations_have_noetls_shapes() {
+    if !mayfly_testkit::nats() {
+        return;
+    }
+    let client = async_nats::connect(mayfly_testkit::nats_url())
+        .await
+        .expect("nats");
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = mayfly_testkit::unique("tool_kv");
+    // The bucket's stream made by hand: async-nats' `create_key_value` sends fields the
+    // NATS 2.9 of Debian does not parse.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("kv bucket");
+    let t = tools(1);
+
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_put", "bucket": bucket, "key": "a.b", "value": {"n": 1}}),
+    )
+    .await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(o.data["status"], json!("success"));
+    assert!(o.data["revision"].as_u64().is_some_and(|r| r >= 1));
+    nats_op(
+        &t,
+        json!({"operation": "kv_put", "bucket": bucket, "key": "c", "value": "text"}),
+    )
+    .await;
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_get", "bucket": bucket, "key": "a.b"}),
+    )
+    .await;
+    assert_eq!(
+        o.data,
+        json!({"status": "success", "bucket": bucket, "key": "a.b", "value": {"n": 1}})
+    );
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_get", "bucket": bucket, "key": "c"}),
+    )
+    .await;
+    assert_eq!(o.data["value"], json!("text"));
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_keys", "bucket": bucket, "pattern": "a*"}),
+    )
+    .await;
+    assert_eq!(o.data["keys"], json!(["a.b"]));
+    assert_eq!(o.data["count"], json!(1));
+    nats_op(
+        &t,
+        json!({"operation": "kv_delete", "bucket": bucket, "key": "c"}),
+    )
+    .await;
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_get", "bucket": bucket, "key": "c"}),
+    )
+    .await;
+    assert!(o.ok, "a missing key is a result, not a failure: {o:?}");
+    assert_eq!(o.data["status"], json!("not_found"));
+    assert_eq!(o.data["value"], Value::Null);
+
+    let objects = mayfly_testkit::unique("tool_obj");
+    js.create_object_store(async_nats::jetstream::object_store::Config {
+        bucket: objects.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("object bucket");
+    let o = nats_op(&t, json!({"operation": "object_put", "bucket": objects, "name": "f", "data": "aGVsbG8=", "encoding": "base64"})).await;
+    assert_eq!(o.data["size"], json!(5), "{o:?}");
+    let o = nats_op(
+        &t,
+        json!({"operation": "object_get", "bucket": objects, "name": "f"}),
+    )
+    .await;
+    assert_eq!(o.data["data"], json!("hello"));
+    let o = nats_op(&t, json!({"operation": "object_list", "bucket": objects})).await;
+    assert_eq!(o.data["count"], json!(1));
+    assert_eq!(o.data["objects"][0]["name"], json!("f"));
+
+    let stream = mayfly_testkit::unique("TOOLS");
+    let subject = format!("{stream}.events");
+    let s = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    s.create_consumer(async_nats::jetstream::consumer::pull::Config {
+        durable_name: Some("c".into()),
+        ..Default::default()
+    })
+    .await
+    .expect("consumer");
+    for i in 0..3 {
+        let o = nats_op(&t, json!({"operation": "js_publish", "subject": subject, "data": {"i": i}, "headers": {"h": "v"}})).await;
+        assert_eq!(o.data["seq"], json!(i + 1), "{o:?}");
+        assert_eq!(o.data["stream"], json!(stream));
+    }
+    let o = nats_op(
+        &t,
+        json!({"operation": "js_get_msg", "stream": stream, "last": true}),
+    )
+    .await;
+    assert_eq!(o.data["data"], json!({"i": 2}), "{o:?}");
+    assert_eq!(o.data["seq"], json!(3));
+    let o = nats_op(&t, json!({"operation": "js_consume", "stream": stream, "consumer": "c", "batch": 2, "timeout_ms": 500})).await;
+    assert_eq!(o.data["count"], json!(2), "{o:?}");
+    assert_eq!(o.data["messages"][0]["data"], json!({"i": 0}));
+    assert_eq!(o.data["messages"][0]["headers"]["h"], json!("v"));
+    // Bounded: an idle consumer answers within its wait (capped at 5 s), empty.
+    let started = std::time::Instant::now();
+    let o = nats_op(
+        &t,
+        json!({"operation": "js_consume", "stream": stream, "consumer": "c", "timeout_ms": 60000}),
+    )
+    .await;
+    assert_eq!(o.data["count"], json!(1), "{o:?}");
+    let o = nats_op(
+        &t,
+        json!({"operation": "js_consume", "stream": stream, "consumer": "c", "timeout_ms": 60000}),
+    )
+    .await;
+    assert_eq!(o.data["count"], json!(0), "{o:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    let o = nats_op(&t, json!({"operation": "js_stream_info", "stream": stream})).await;
+    assert_eq!(o.data["state"]["messages"], json!(3), "{o:?}");
+
+    let _ = js.delete_stream(format!("KV_{bucket}")).await;
+    let _ = js.delete_object_store(&objects).await;
+    let _ = js.delete_stream(&stream).await;
+}
+
+#[tokio::test]
+async fn nats_request_reply_and_its_failures() {
+    if !mayfly_testkit::nats() {
+        return;
+    }
+    let client = async_nats::connect(mayfly_testkit::nats_url())
+        .await
+        .expect("nats");
+    let subject = mayfly_testkit::unique("tool.echo");
+    let mut sub = client.subscribe(subject.clone()).await.expect("sub");
+    let responder = client.clone();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        while let Some(m) = sub.next().await {
+            if let Some(reply) = m.reply {
+                let body = format!("{{\"got\": {}}}", String::from_utf8_lossy(&m.payload));
+                let _ = responder.publish(reply, body.into()).await;
+            }
+        }
+    });
+    client.flush().await.expect("flush");
+    let t = tools(1);
+    let o = nats_op(
+        &t,
+        json!({"operation": "request", "subject": subject, "data": {"q": 1}}),
+    )
+    .await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(o.data["data"], json!({"got": {"q": 1}}));
+
+    let o = nats_op(
+        &t,
+        json!({"operation": "request", "subject": mayfly_testkit::unique("nobody.home")}),
+    )
+    .await;
+    let e = o.error.clone().expect("no responders");
+    assert_eq!(e.code, "not_found", "{e:?}");
+    assert_eq!(o.as_output()["error"]["kind"], json!("not_found"));
+
+    let o = nats_op(
+        &t,
+        json!({"operation": "kv_get", "bucket": "no_such_bucket_here", "key": "k"}),
+    )
+    .await;
+    assert_eq!(o.error.expect("no bucket").code, "nats_error");
+    let o = nats_op(&t, json!({"operation": "kv_gett"})).await;
+    let e = o.error.expect("unknown op");
+    assert_eq!(e.code, "bad_config");
+    assert!(e.message.contains("kv_get"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn nats_unreachable_server_is_a_connection_failure() {
+    let t = tools(1);
+    let mut cfg = input(json!({"operation": "kv_get", "bucket": "b", "key": "k"}));
+    // A port nothing listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    cfg.insert("url".into(), json!(format!("nats://127.0.0.1:{port}")));
+    let o = t
+        .run("nats", &cfg, &Map::new(), Some(Duration::from_secs(5)))
+        .await;
+    let e = o.error.clone().expect("an error");
+    assert_eq!(e.code, "connection_failed", "{e:?}");
+    assert_eq!(o.as_output()["error"]["kind"], json!("connection"));
+    assert_eq!(o.as_output()["error"]["retryable"], json!(true));
+}

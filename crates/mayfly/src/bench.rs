@@ -131,6 +131,21 @@ fn handoff(n: usize) -> String {
     )
 }
 
+/// One python step returns `n` rows, a duckdb step groups them (handed in by `tables:`).
+fn duckdb_groupby(n: usize) -> String {
+    format!(
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: bench-duckdb}}\nworkflow:\n  - step: start\n    tool: {{kind: python, code: 'result = [{{\"id\": i, \"team\": \"t%d\" % (i % 10), \"score\": i / 7}} for i in range({n})]'}}\n    next: agg\n  - step: agg\n    tool: {{kind: duckdb, tables: {{rows: \"{{{{ start }}}}\"}}, query: 'select team, count(*) n, sum(score) s from rows group by team order by team'}}\n"
+    )
+}
+
+fn duckdb_available() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -250,6 +265,12 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let by_ref = measure(&handoff(a.rows), a.runs, true, db).await?;
     let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX).await?;
     let codec = table_codec(a.rows)?;
+    // DuckDB runs through python3's `duckdb` package; a machine without it has no figure.
+    let duck = if duckdb_available() {
+        Some(measure(&duckdb_groupby(a.rows), a.runs, true, db).await?)
+    } else {
+        None
+    };
     let (gc_dry, gc_ms) = retention_round(a.gc_payloads).await?;
     // Strict parse + validate (schema, templates, static `when` check, graph warnings) of a
     // playbook as `run`, `register` and the API do it: median of 200.
@@ -273,6 +294,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
         "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
         "table_codec": codec,
+        "duckdb_groupby": {"rows": a.rows, "ms": duck.map(|d| d * 1000.0)},
         "cache_retention": {"payloads": a.gc_payloads, "dry_run_ms": gc_dry, "collect_ms": gc_ms},
         "parse_validate": {"steps": a.steps, "ms": validate_ms},
     });
@@ -328,6 +350,19 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             codec["json_bytes"].as_u64().unwrap_or(0) / 1024,
             codec["arrow_bytes"].as_u64().unwrap_or(0) / 1024,
         );
+        match duck {
+            Some(d) => println!(
+                "  {:<44} {:>10.1} ms (python reading them: {:.1} ms)",
+                format!("{} rows to a duckdb group-by", a.rows),
+                d * 1000.0,
+                by_ref * 1000.0
+            ),
+            None => println!(
+                "  {:<44} {:>10}",
+                format!("{} rows to a duckdb group-by", a.rows),
+                "python3 has no duckdb package"
+            ),
+        }
         println!(
             "  {:<44} {:>10.1} ms (mark + list only: {:.1} ms)",
             format!("cache retention, {} payloads collected", a.gc_payloads),
