@@ -15,7 +15,7 @@ pub use playbook::{
     LoopMode, LoopSpec, NATS_OPERATIONS, Next, NextMode, ParseOptions, Playbook, Reach, Rule,
     SetOp, SetTarget, Step, TOOL_KINDS, Task, ToolKind, parse, parse_bytes,
 };
-pub use template::{TemplateError, Templates, templates, to_value, truthy};
+pub use template::{REF_KEYS, REFS_KEY, TemplateError, Templates, templates, to_value, truthy};
 
 #[cfg(test)]
 mod tests;

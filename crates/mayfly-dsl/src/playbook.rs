@@ -1233,10 +1233,26 @@ impl Parser<'_> {
             | "transfer" | "mcp" | "agent" | "playbooks" | "iterator" | "script"
             | "snowflake_transfer" | "gcs" | "gateway" | "task_sequence" | "subscription"
             | "wasm" => {
+                let instead = match kind_str.as_str() {
+                    "secrets" => {
+                        "; secrets never become step results in mayfly: declare the alias under `keychain:` and read `{{ keychain.<alias>.<field> }}` in the step that needs it"
+                    }
+                    "artifact" => {
+                        "; a result held in the shared cache is fetched when a step reads it (`{{ s }}`, `{{ s.rows }}`), and `{{ s._ref }}` names it without fetching"
+                    }
+                    "iterator" => "; iterate with a step `loop: {in: …, iterator: …}`",
+                    "script" => {
+                        "; run scripts with `kind: python` (`script: {source: …}`) or `kind: shell`"
+                    }
+                    "ducklake" => "; `kind: duckdb` runs DuckDB SQL",
+                    "task_sequence" => "; write the pipeline as `tool:` with a list of tasks",
+                    "playbooks" => "; call one child per task with `kind: playbook`",
+                    _ => "",
+                };
                 self.err(
                     kind_node.loc,
                     format!(
-                        "tool kind `{kind_str}` is not available in this build (available: {})",
+                        "tool kind `{kind_str}` is not available in this build (available: {}){instead}",
                         TOOL_KINDS.join(", ")
                     ),
                 );

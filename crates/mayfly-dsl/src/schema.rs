@@ -212,7 +212,7 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
         | ("tool", "output")
         | ("step", "output_select")
         | ("tool", "output_select") => {
-            "result externalisation (`output:`/`output_select`) is not supported in this build: large results already go to the shared cache by reference"
+            "`output:`/`output_select` are not supported: a result over the inline budget (16 KiB) already goes to the shared cache by reference; `{{ s._ref }}` names it and reading `{{ s }}` or a part of it fetches it"
         }
         ("step", "sink") | ("step", "save") => {
             "`sink`/`save` blocks were removed from NoETL v2; write to the target with a tool task"

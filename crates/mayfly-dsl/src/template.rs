@@ -422,30 +422,89 @@ pub fn to_value<T: Json + ?Sized>(v: &T) -> MjValue {
 /// [`LoopAggregate`]); never a template variable itself.
 pub const LOOPS_KEY: &str = "__mayfly_loops__";
 
+/// The context key holding, by step name, the cache refs a worker fetched for its block:
+/// the fetched value still answers [`REF_KEYS`]. Never a template variable itself.
+pub const REFS_KEY: &str = "__mayfly_refs__";
+
 fn object(m: &Map<String, Value>) -> MjValue {
     let loops: Vec<&str> = match m.get(LOOPS_KEY) {
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
         _ => Vec::new(),
     };
+    let refs = m.get(REFS_KEY).and_then(Value::as_object);
     let map: std::collections::BTreeMap<MjValue, MjValue> = m
         .iter()
-        .filter(|(k, v)| !v.is_null() && k.as_str() != LOOPS_KEY)
+        .filter(|(k, v)| !v.is_null() && k.as_str() != LOOPS_KEY && k.as_str() != REFS_KEY)
         .map(|(k, v)| {
-            let value = match v {
-                Value::Array(items) if loops.contains(&k.as_str()) => LoopAggregate::value(items),
+            let fetched = refs
+                .and_then(|r| r.get(k))
+                .and_then(Value::as_object)
+                .and_then(cache_ref_fields);
+            let value = match (v, fetched) {
+                (Value::Array(items), _) if loops.contains(&k.as_str()) => {
+                    LoopAggregate::value(items)
+                }
+                (Value::Array(items), Some(fields)) => MjValue::from_object(RefList {
+                    items: items.iter().map(from_json).collect(),
+                    fields,
+                }),
+                (Value::Object(o), Some(fields)) => {
+                    match object(o).downcast_object::<ResultProxy>() {
+                        Some(p) => MjValue::from_object(ResultProxy(p.0.clone(), Some(fields))),
+                        None => from_json(v),
+                    }
+                }
                 _ => from_json(v),
             };
             (MjValue::from(k.as_str()), value)
         })
         .collect();
-    MjValue::from_object(ResultProxy(map))
+    MjValue::from_object(ResultProxy(map, cache_ref_fields(m)))
+}
+
+/// Keys a result held in the shared cache by reference answers without being fetched
+/// (NoETL's externalised result: `_ref`, `_size_bytes`, `_store`, and `_count` for a list).
+pub const REF_KEYS: &[&str] = &["_ref", "_size_bytes", "_store", "_count"];
+
+/// The `_ref` family of a cache ref (`{"$ref": "sha256:…", "format": …, "bytes": …}`):
+/// `_ref` is `mayfly://cache/<format>/<digest>` (an `artifact` task with `action: get`
+/// fetches it), `_size_bytes` the stored size, `_store` `cache`, `_count` its elements.
+fn cache_ref_fields(
+    m: &Map<String, Value>,
+) -> Option<std::collections::BTreeMap<&'static str, MjValue>> {
+    let digest = m.get("$ref")?.as_str()?;
+    let format = m.get("format")?.as_str()?;
+    if !digest.starts_with("sha256:") {
+        return None;
+    }
+    let mut f = std::collections::BTreeMap::new();
+    let item = match m.get("item").and_then(Value::as_u64) {
+        Some(i) => format!("#{i}"),
+        None => String::new(),
+    };
+    f.insert(
+        "_ref",
+        MjValue::from(format!("mayfly://cache/{format}/{digest}{item}")),
+    );
+    if let Some(b) = m.get("bytes").and_then(Value::as_u64) {
+        f.insert("_size_bytes", MjValue::from(b));
+    }
+    f.insert("_store", MjValue::from("cache"));
+    if let Some(c) = m.get("count").and_then(Value::as_u64) {
+        f.insert("_count", MjValue::from(c));
+    }
+    Some(f)
 }
 
 /// A JSON object in templates: a map whose `.result` reads the map itself when it has no
 /// `result` key of its own (NoETL's `.result` fall-through: `s.result.k` is `s.k`), without
 /// the key appearing in its length, keys or `tojson`.
 #[derive(Debug)]
-struct ResultProxy(std::collections::BTreeMap<MjValue, MjValue>);
+struct ResultProxy(
+    std::collections::BTreeMap<MjValue, MjValue>,
+    /// For a cache ref: its [`REF_KEYS`] (answered, never listed).
+    Option<std::collections::BTreeMap<&'static str, MjValue>>,
+);
 
 impl minijinja::value::Object for ResultProxy {
     fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
@@ -456,7 +515,7 @@ impl minijinja::value::Object for ResultProxy {
         match self.0.get(key) {
             Some(v) => Some(v.clone()),
             None if key.as_str() == Some("result") => Some(MjValue::from_dyn_object(self.clone())),
-            None => None,
+            None => self.1.as_ref()?.get(key.as_str()?).cloned(),
         }
     }
 
@@ -467,6 +526,39 @@ impl minijinja::value::Object for ResultProxy {
 
     fn enumerator_len(self: &std::sync::Arc<Self>) -> Option<usize> {
         Some(self.0.len())
+    }
+}
+
+/// A list a worker fetched from the shared cache: it indexes, iterates and has a length as
+/// the list does, and also answers the ref's [`REF_KEYS`].
+#[derive(Debug)]
+struct RefList {
+    items: Vec<MjValue>,
+    fields: std::collections::BTreeMap<&'static str, MjValue>,
+}
+
+impl minijinja::value::Object for RefList {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Seq
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &MjValue) -> Option<MjValue> {
+        match key.as_str() {
+            Some(k) => self.fields.get(k).cloned(),
+            None => {
+                let i = i64::try_from(key.clone()).ok()?;
+                let i = if i < 0 {
+                    self.items.len() as i64 + i
+                } else {
+                    i
+                };
+                self.items.get(usize::try_from(i).ok()?).cloned()
+            }
+        }
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Seq(self.items.len())
     }
 }
 

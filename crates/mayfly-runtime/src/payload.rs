@@ -20,8 +20,10 @@ pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
     };
     let paths = step.bound_paths();
     let tenant = h.tenant.clone();
+    // Step results fetched here keep answering `_ref` & co. (see `REFS_KEY`).
+    let mut fetched = serde_json::Map::new();
     for path in paths {
-        let mut parts = path.split('.');
+        let mut parts = path.split('.').peekable();
         let Some(root) = parts.next() else { continue };
         let is_step = h.playbook.step(root).is_some();
         let Some(mut node) = h.context.get_mut(root) else {
@@ -29,11 +31,25 @@ pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
         };
         let mut depth = 0;
         loop {
+            // `s._ref` (and its family) reads the ref itself: never fetched for that.
+            if parts
+                .peek()
+                .is_some_and(|k| mayfly_dsl::REF_KEYS.contains(k))
+                && CacheRef::parse(node).is_some()
+            {
+                break;
+            }
             // A hydrated value can be a ref again (an element of an aggregate of refs).
             let mut hydrated = false;
+            let original = (depth == 0 && is_step)
+                .then(|| CacheRef::parse(node).map(|_| node.clone()))
+                .flatten();
             while let Some(r) = CacheRef::parse(node) {
                 *node = p.hydrate(&tenant, &r).await?;
                 hydrated = true;
+            }
+            if let Some(r) = original {
+                fetched.insert(root.to_owned(), r);
             }
             if hydrated && depth == 0 && is_step {
                 *node = alias(node);
@@ -51,6 +67,10 @@ pub async fn hydrate(p: &Payloads, h: &mut Hydrated) -> Result<(), CacheError> {
             };
             depth += 1;
         }
+    }
+    if !fetched.is_empty() {
+        h.context
+            .insert(mayfly_dsl::REFS_KEY.into(), Value::Object(fetched));
     }
     Ok(())
 }

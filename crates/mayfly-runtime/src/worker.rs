@@ -601,6 +601,7 @@ fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrate
         let mut vars = ctx.clone();
         vars.remove("keychain");
         vars.remove(mayfly_dsl::template::LOOPS_KEY);
+        vars.remove(mayfly_dsl::template::REFS_KEY);
         c.insert("variables".into(), Value::Object(vars));
     }
     Value::Object(c)

@@ -210,10 +210,17 @@ async fn suite(store: Arc<dyn Store>) -> Vec<String> {
     let http = stub().await;
     let key = mayfly_trust::keychain::MasterKey::generate();
     with_pg_alias(store.as_ref(), &key).await;
+    // A shared cache as `mayfly run` has: results over 16 KiB go by reference.
+    let cache_dir = tempfile::tempdir().expect("cache dir");
+    let payloads = Arc::new(mayfly_cache::Payloads::new(
+        Arc::new(mayfly_cache::LocalCache::new(cache_dir.path())),
+        mayfly_cache::DEFAULT_INLINE_LIMIT,
+    ));
     let rt = Runtime::start(
         store.clone(),
         RuntimeConfig {
             keychain: Some(key),
+            cache: Some(payloads.clone()),
             ..Default::default()
         },
     )
@@ -264,7 +271,7 @@ async fn suite(store: Arc<dyn Store>) -> Vec<String> {
             rt.run(pb, h.set.clone()),
         )
         .await;
-        let report = match run {
+        let mut report = match run {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 failures.push(format!("{name}: runtime error {e}"));
@@ -276,6 +283,10 @@ async fn suite(store: Arc<dyn Store>) -> Vec<String> {
             }
         };
         assert_replays(store.as_ref(), &report).await;
+        payloads
+            .hydrate_all("default", &mut report.result)
+            .await
+            .expect("hydrate the result");
         match (&h.expect, &h.failed) {
             (Some(want), _) => {
                 if report.status != Status::Completed || &report.result != want {
