@@ -529,6 +529,13 @@ impl minijinja::value::Object for ResultProxy {
     }
 }
 
+/// Element `key` of a list object (a negative index counts from the end, as for lists).
+fn index(items: &[MjValue], key: &MjValue) -> Option<MjValue> {
+    let i = i64::try_from(key.clone()).ok()?;
+    let i = if i < 0 { items.len() as i64 + i } else { i };
+    items.get(usize::try_from(i).ok()?).cloned()
+}
+
 /// A list a worker fetched from the shared cache: it indexes, iterates and has a length as
 /// the list does, and also answers the ref's [`REF_KEYS`].
 #[derive(Debug)]
@@ -545,15 +552,7 @@ impl minijinja::value::Object for RefList {
     fn get_value(self: &std::sync::Arc<Self>, key: &MjValue) -> Option<MjValue> {
         match key.as_str() {
             Some(k) => self.fields.get(k).cloned(),
-            None => {
-                let i = i64::try_from(key.clone()).ok()?;
-                let i = if i < 0 {
-                    self.items.len() as i64 + i
-                } else {
-                    i
-                };
-                self.items.get(usize::try_from(i).ok()?).cloned()
-            }
+            None => index(&self.items, key),
         }
     }
 
@@ -603,15 +602,7 @@ impl minijinja::value::Object for LoopAggregate {
             Some("results") => Some(MjValue::from(self.items.clone())),
             Some("stats") => Some(self.stats.clone()),
             Some(_) => None,
-            None => {
-                let i = i64::try_from(key.clone()).ok()?;
-                let i = if i < 0 {
-                    self.items.len() as i64 + i
-                } else {
-                    i
-                };
-                self.items.get(usize::try_from(i).ok()?).cloned()
-            }
+            None => index(&self.items, key),
         }
     }
 

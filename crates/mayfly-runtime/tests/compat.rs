@@ -184,25 +184,12 @@ async fn with_pg_alias(store: &dyn Store, key: &mayfly_trust::keychain::MasterKe
 }
 
 /// Run every case on `store`; returns the failures (one line each).
-/// KV bucket `mayfly_compat` on the local NATS (its stream made by hand: async-nats'
-/// `create_key_value` sends fields the NATS 2.9 of Debian does not parse).
+/// KV bucket `mayfly_compat` on the local NATS.
 async fn compat_bucket() -> bool {
     let client = async_nats::connect(mayfly_testkit::nats_url())
         .await
         .expect("nats");
-    let js = async_nats::jetstream::new(client);
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "KV_mayfly_compat".into(),
-        subjects: vec!["$KV.mayfly_compat.>".into()],
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .expect("compat bucket");
+    mayfly_testkit::nats_kv_bucket(&async_nats::jetstream::new(client), "mayfly_compat").await;
     true
 }
 

@@ -58,6 +58,24 @@ pub fn duckdb() -> bool {
     ok
 }
 
+/// Make KV bucket `bucket` on the NATS of `js` (idempotent). Its stream is made by hand:
+/// async-nats' `create_key_value` sends fields that the NATS 2.9 of Debian does not parse.
+pub async fn nats_kv_bucket(js: &async_nats::jetstream::Context, bucket: &str) {
+    use async_nats::jetstream::stream;
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("kv bucket");
+}
+
 /// NATS JetStream at 127.0.0.1:4222 (see [`service_up`]).
 pub fn nats() -> bool {
     service_up("127.0.0.1:4222", "NATS")

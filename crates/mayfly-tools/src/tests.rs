@@ -582,20 +582,7 @@ async fn nats_kv_object_and_jetstream_operations_have_noetls_shapes() {
         .expect("nats");
     let js = async_nats::jetstream::new(client.clone());
     let bucket = mayfly_testkit::unique("tool_kv");
-    // The bucket's stream made by hand: async-nats' `create_key_value` sends fields the
-    // NATS 2.9 of Debian does not parse.
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: format!("KV_{bucket}"),
-        subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    })
-    .await
-    .expect("kv bucket");
+    mayfly_testkit::nats_kv_bucket(&js, &bucket).await;
     let t = tools(1);
 
     let o = nats_op(
