@@ -214,8 +214,9 @@ struct WorkerPoolSpec {
     labels: BTreeMap<String, String>,
 }
 
-const TOOL_KINDS: [&str; 9] = [
-    "python", "shell", "http", "playbook", "noop", "postgres", "duckdb", "nats", "wait",
+const TOOL_KINDS: [&str; 11] = [
+    "python", "shell", "http", "playbook", "noop", "postgres", "duckdb", "nats", "artifact",
+    "transfer", "wait",
 ];
 
 /// Names: lowercase alphanumerics, `-`, `_`, `.`, `/`; at most 253 characters; start and

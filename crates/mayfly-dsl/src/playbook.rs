@@ -59,6 +59,9 @@ pub enum ToolKind {
     Postgres,
     Duckdb,
     Nats,
+    /// Fetch a result held in the shared cache by its `_ref`.
+    Artifact,
+    Transfer,
     /// Park the step until a callback arrives (no worker is held).
     Wait,
 }
@@ -74,6 +77,8 @@ impl ToolKind {
             ToolKind::Postgres => "postgres",
             ToolKind::Duckdb => "duckdb",
             ToolKind::Nats => "nats",
+            ToolKind::Artifact => "artifact",
+            ToolKind::Transfer => "transfer",
             ToolKind::Wait => "wait",
         }
     }
@@ -1228,17 +1233,15 @@ impl Parser<'_> {
             "postgres" => ToolKind::Postgres,
             "duckdb" => ToolKind::Duckdb,
             "nats" => ToolKind::Nats,
+            "artifact" => ToolKind::Artifact,
+            "transfer" => ToolKind::Transfer,
             "wait" | "callback" => ToolKind::Wait,
-            "ducklake" | "snowflake" | "container" | "artifact" | "rhai" | "secrets"
-            | "transfer" | "mcp" | "agent" | "playbooks" | "iterator" | "script"
-            | "snowflake_transfer" | "gcs" | "gateway" | "task_sequence" | "subscription"
-            | "wasm" => {
+            "ducklake" | "snowflake" | "container" | "rhai" | "secrets" | "mcp" | "agent"
+            | "playbooks" | "iterator" | "script" | "snowflake_transfer" | "gcs" | "gateway"
+            | "task_sequence" | "subscription" | "wasm" => {
                 let instead = match kind_str.as_str() {
                     "secrets" => {
                         "; secrets never become step results in mayfly: declare the alias under `keychain:` and read `{{ keychain.<alias>.<field> }}` in the step that needs it"
-                    }
-                    "artifact" => {
-                        "; a result held in the shared cache is fetched when a step reads it (`{{ s }}`, `{{ s.rows }}`), and `{{ s._ref }}` names it without fetching"
                     }
                     "iterator" => "; iterate with a step `loop: {in: …, iterator: …}`",
                     "script" => {
@@ -1375,6 +1378,44 @@ impl Parser<'_> {
                     .is_none()
                 {
                     self.err(n.loc, "postgres tool needs `query` or `command`");
+                }
+            }
+            ToolKind::Transfer => {
+                for (side, keys) in [
+                    ("source", schema::TRANSFER_SOURCE),
+                    ("target", schema::TRANSFER_TARGET),
+                ] {
+                    match config.get(side) {
+                        None => self.err(n.loc, format!("transfer tool needs `{side}`")),
+                        Some(ep) => {
+                            self.keys(ep, "transfer", &format!("transfer `{side}`"), keys);
+                        }
+                    }
+                }
+            }
+            ToolKind::Artifact => {
+                if let Some(a) = config.get("action") {
+                    match a.as_str() {
+                        Some("get") => {}
+                        Some("put") => self.err(
+                            a.loc,
+                            "artifact `action: put` is not supported (NoETL's Rust runtime refuses it too): a result over the inline budget is stored by reference already; name it with `{{ s._ref }}`",
+                        ),
+                        Some(t) if t.contains("{{") => {}
+                        _ => self.err(a.loc, "artifact `action` must be `get`"),
+                    }
+                }
+                let has_ref = ["result_ref", "ref"]
+                    .iter()
+                    .any(|k| config.get(k).is_some())
+                    || config
+                        .get("input")
+                        .is_some_and(|i| i.get("result_ref").is_some() || i.get("ref").is_some());
+                if !has_ref {
+                    self.err(
+                        n.loc,
+                        "artifact tool needs `result_ref` (a step's `{{ s._ref }}`)",
+                    );
                 }
             }
             ToolKind::Nats => match config.get("operation") {

@@ -114,6 +114,50 @@ pub const TASK_COMMON: &[&str] = &[
     "set",
 ];
 
+/// Keys of a `transfer` task's `source`.
+pub const TRANSFER_SOURCE: &[&str] = &[
+    "type",
+    "kind",
+    "tool",
+    "query",
+    "auth",
+    "connection",
+    "connection_string",
+    "host",
+    "port",
+    "database",
+    "dbname",
+    "user",
+    "username",
+    "password",
+    "url",
+    "method",
+    "headers",
+    "params",
+    "data_path",
+];
+
+/// Keys of a `transfer` task's `target`.
+pub const TRANSFER_TARGET: &[&str] = &[
+    "type",
+    "kind",
+    "tool",
+    "table",
+    "mapping",
+    "key",
+    "conflict_columns",
+    "auth",
+    "connection",
+    "connection_string",
+    "host",
+    "port",
+    "database",
+    "dbname",
+    "user",
+    "username",
+    "password",
+];
+
 /// Keys of each tool kind, beside [`TASK_COMMON`].
 pub fn tool_keys(kind: &str) -> &'static [&'static str] {
     match kind {
@@ -188,6 +232,8 @@ pub fn tool_keys(kind: &str) -> &'static [&'static str] {
             "timeout_ms",
             "ack",
         ],
+        "artifact" => &["action", "result_ref", "ref"],
+        "transfer" => &["source", "target", "mode", "chunk_size"],
         "playbook" => &["path", "return_step", "return_result", "result_step"],
         "noop" => &["result", "message"],
         "wait" | "callback" => &[],

@@ -5,8 +5,8 @@ use crate::{Block, Claim, Completion, Hydrated, RuntimeError};
 use mayfly_cache::{CacheError, Payloads};
 use mayfly_dsl::{Directive, NodeV, TemplateError, ToolKind, templates, to_value};
 use mayfly_engine::policy::{backoff_delay, default_directive, select_rule};
-use mayfly_tools::{ToolOutput, Tools};
-use mayfly_types::{ErrorInfo, StepFailed, StepFinished};
+use mayfly_tools::{ToolError, ToolOutput, Tools};
+use mayfly_types::{CacheRef, ErrorInfo, StepFailed, StepFinished};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,7 +126,14 @@ pub async fn worker_loop<C: Coordinator>(
                         crate::payload::hydrate(p, &mut h).await?;
                     }
                     let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
-                    let mut out = run_block(&tools, secrets.as_ref(), agent.as_deref(), &h).await;
+                    let mut out = run_block(
+                        &tools,
+                        secrets.as_ref(),
+                        agent.as_deref(),
+                        payloads.as_deref(),
+                        &h,
+                    )
+                    .await;
                     if let Some(p) = &payloads {
                         crate::payload::externalize(p, &h.tenant, &mut out).await?;
                     }
@@ -357,6 +364,7 @@ pub async fn run_block<C: Coordinator>(
     tools: &Tools,
     secrets: Option<&Secrets<'_, C>>,
     agent: Option<&crate::agent::Agent>,
+    payloads: Option<&Payloads>,
     h: &Hydrated,
 ) -> Result<StepFinished, StepFailed> {
     let index = h.block.index;
@@ -377,7 +385,7 @@ pub async fn run_block<C: Coordinator>(
         return Err(denied);
     }
     if aliases.is_empty() {
-        return run_pipeline(tools, h, None).await;
+        return run_pipeline(tools, payloads, h, None).await;
     }
     let resolved = match secrets {
         Some(s) => s.resolve(h, &aliases).await,
@@ -400,7 +408,7 @@ pub async fn run_block<C: Coordinator>(
             });
         }
     };
-    let out = run_pipeline(tools, h, Some(values)).await;
+    let out = run_pipeline(tools, payloads, h, Some(values)).await;
     match out {
         Ok(mut f) => {
             redactor.value(&mut f.result);
@@ -430,12 +438,18 @@ fn referenced_aliases(step: &mayfly_dsl::Step, ctx: &Map<String, Value>) -> Vec<
     let mut mctx = None;
     for t in &step.tasks {
         scan(&t.config, &mut out);
-        if let Some(a) = t.config.get("auth")
-            && let Ok(Value::String(alias)) =
+        // A transfer's endpoints name their own credentials.
+        let endpoints = ["source", "target"]
+            .iter()
+            .filter(|_| t.kind == ToolKind::Transfer)
+            .filter_map(|side| t.config.get(side).and_then(|ep| ep.get("auth")));
+        for a in t.config.get("auth").into_iter().chain(endpoints) {
+            if let Ok(Value::String(alias)) =
                 templates().render_node(a, mctx.get_or_insert_with(|| to_value(ctx)))
-            && !alias.is_empty()
-        {
-            out.insert(alias);
+                && !alias.is_empty()
+            {
+                out.insert(alias);
+            }
         }
     }
     if let Some(i) = &step.input {
@@ -607,9 +621,62 @@ fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrate
     Value::Object(c)
 }
 
+/// `kind: artifact, action: get`: the value a `_ref` (`mayfly://cache/<format>/<digest>`,
+/// optionally `#<item>`) names, fetched from this tenant's shared cache.
+async fn artifact_get(
+    payloads: Option<&Payloads>,
+    tenant: &str,
+    config: &Map<String, Value>,
+    input: &Map<String, Value>,
+) -> ToolOutput {
+    let bad = |m: String| ToolOutput::failed(ToolError::new("bad_config", m));
+    let r = ["result_ref", "ref"]
+        .iter()
+        .find_map(|k| config.get(*k).or(input.get(*k)))
+        .cloned()
+        .unwrap_or(Value::Null);
+    // NoETL passes the reference as a string or as `{ref: …}`.
+    let text = match &r {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => match m.get("ref").or(m.get("_ref")).and_then(Value::as_str) {
+            Some(s) => s.to_owned(),
+            None => return bad("artifact `result_ref` has no `ref`".into()),
+        },
+        _ => return bad("artifact needs `result_ref`: a step's `{{ s._ref }}`".into()),
+    };
+    let Some(cache_ref) = parse_ref(&text) else {
+        return bad(format!(
+            "artifact `result_ref` `{text}` is not a mayfly://cache/<json|arrow>/sha256:<hex> reference"
+        ));
+    };
+    let Some(p) = payloads else {
+        return ToolOutput::failed(ToolError::new(
+            "cache_unavailable",
+            "this worker has no shared cache to fetch the artifact from",
+        ));
+    };
+    match p.hydrate(tenant, &cache_ref).await {
+        Ok(v) => ToolOutput::ok(v),
+        Err(e) => ToolOutput::failed(ToolError::new(e.code(), e.to_string())),
+    }
+}
+
+/// `mayfly://cache/<format>/<digest>[#item]` → the ref (see `mayfly_dsl::REF_KEYS`).
+fn parse_ref(s: &str) -> Option<CacheRef> {
+    let rest = s.strip_prefix("mayfly://cache/")?;
+    let (format, rest) = rest.split_once('/')?;
+    let (digest, item) = match rest.split_once('#') {
+        Some((d, i)) => (d, Some(i.parse::<u64>().ok()?)),
+        None => (rest, None),
+    };
+    let v = serde_json::json!({"$ref": digest, "format": format, "bytes": 0, "item": item});
+    CacheRef::parse(&v)
+}
+
 /// The task pipeline under its policy rules.
 async fn run_pipeline(
     tools: &Tools,
+    payloads: Option<&Payloads>,
     h: &Hydrated,
     keychain: Option<Value>,
 ) -> Result<StepFinished, StepFailed> {
@@ -747,6 +814,20 @@ async fn run_pipeline(
                 .unwrap_or(Value::Null);
             apply_auth(task.kind, &mut config, &mut input, &cred);
         }
+        if task.kind == ToolKind::Transfer {
+            for side in ["source", "target"] {
+                if let Some(Value::Object(ep)) = config.get_mut(side)
+                    && let Some(Value::String(alias)) = ep.get("auth").cloned()
+                {
+                    let cred = ctx
+                        .get("keychain")
+                        .and_then(|k| k.get(&alias))
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    ep.insert("auth".into(), cred);
+                }
+            }
+        }
         // The policy budget caps whatever the playbook asks for (bounded autonomy).
         let budget = h.limits.and_then(|l| l.step_timeout_s).map(|s| s as f64);
         let timeout = match (
@@ -760,8 +841,16 @@ async fn run_pipeline(
         }
         .map(secs);
         let task_started = Instant::now();
-        let out: ToolOutput = tools
-            .run(task.kind.as_str(), &config, &input, timeout)
+        let run = async {
+            if task.kind == ToolKind::Artifact {
+                artifact_get(payloads, &h.tenant, &config, &input).await
+            } else {
+                tools
+                    .run(task.kind.as_str(), &config, &input, timeout)
+                    .await
+            }
+        };
+        let out: ToolOutput = run
             .instrument(tracing::info_span!(
                 "tool",
                 otel.name = %format!("tool {}", task.kind.as_str()),

@@ -1,5 +1,5 @@
 //! Tool kinds executed inside atomic blocks: `python` (warm interpreter pool), `shell`,
-//! `http`, `postgres`, `duckdb` (through the python pool) and `nats`. (`noop` and `playbook` never reach a worker: the engine completes noops
+//! `http`, `postgres`, `duckdb` (through the python pool), `nats` and `transfer`. (`noop` and `playbook` never reach a worker: the engine completes noops
 //! inline and runs child playbooks as their own executions.)
 //!
 //! A tool never panics or returns a Rust error for a user-level failure: failures become
@@ -11,6 +11,7 @@ mod nats;
 mod postgres;
 mod python;
 mod shell;
+mod transfer;
 
 pub use nats::OPERATIONS as NATS_OPERATIONS;
 pub use python::PythonPool;
@@ -283,6 +284,7 @@ impl Tools {
             "postgres" => postgres::run(&self.postgres, config, input, timeout).await,
             "duckdb" => duckdb::run(&self.python, &self.duckdb, config, timeout).await,
             "nats" => nats::run(&self.nats, config, input, timeout).await,
+            "transfer" => transfer::run(&self.postgres, &self.http, config, timeout).await,
             "noop" => ToolOutput::ok(match config.get("result") {
                 Some(r) => r.clone(),
                 None if !input.is_empty() => Value::Object(input.clone()),

@@ -77,7 +77,7 @@ fn options(cred: &Value) -> Result<(String, PgConnectOptions), String> {
 }
 
 impl Pools {
-    async fn pool(&self, cred: &Value, timeout: Duration) -> Result<PgPool, ToolError> {
+    pub(crate) async fn pool(&self, cred: &Value, timeout: Duration) -> Result<PgPool, ToolError> {
         let (key, opts) = options(cred).map_err(|m| ToolError::new("bad_credential", m))?;
         if let Some(p) = self.pools.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
