@@ -360,6 +360,10 @@ pub const TOOL_KINDS: &[&str] = &[
     "python", "shell", "http", "postgres", "duckdb", "nats", "playbook", "noop", "wait", "workbook",
 ];
 
+/// A child's wait has no timeout of its own (NoETL polls with one); accepting the key would
+/// ignore it.
+const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a child playbook is not supported: the parent step is completed by the child's end event and never times out on its own; bound the child's own steps (`timeout_seconds` on its tasks)";
+
 /// Operations of the `nats` tool.
 pub const NATS_OPERATIONS: &[&str] = &[
     "kv_get",
@@ -1147,6 +1151,12 @@ impl Parser<'_> {
             next.mode = m;
         }
         let pipeline = matches!(n.get("tool").map(|t| &t.v), Some(NodeV::Seq(_)));
+        if timeout_s.is_some()
+            && tasks.iter().any(|t| t.kind == ToolKind::Playbook)
+            && let Some(t) = n.get("spec").and_then(|s| s.get("timeout"))
+        {
+            self.err(t.loc, PLAYBOOK_TIMEOUT);
+        }
         Some(Step {
             name,
             desc,
@@ -1356,6 +1366,9 @@ impl Parser<'_> {
             ToolKind::Playbook => {
                 if config.get("path").is_none() {
                     self.err(n.loc, "playbook tool needs `path`");
+                }
+                if let Some(t) = n.get("timeout_seconds").or(n.get("timeout")) {
+                    self.err(t.loc, PLAYBOOK_TIMEOUT);
                 }
                 if let Some(r) = config.get("return_result")
                     && !matches!(r.v, NodeV::Bool(_))

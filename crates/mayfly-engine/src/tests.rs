@@ -93,6 +93,7 @@ impl Sim {
             path: self.pb.path.clone(),
             source: None,
             workload: w,
+            origin: None,
             parent: None,
             tenant: None,
             limits: None,

@@ -97,6 +97,8 @@ struct Start {
     pb: Arc<Playbook>,
     workload: Map<String, Value>,
     parent: Option<ParentRef>,
+    /// A fire-and-forget child's starter (lineage only; see `ExecutionRequested::origin`).
+    origin: Option<ParentRef>,
     request_id: Option<String>,
     source: Option<String>,
     tenant: Option<String>,
@@ -191,6 +193,12 @@ pub(crate) struct Orchestrator {
     /// allowed (see `RuntimeConfig::max_children`).
     children_started: HashMap<ExecutionId, u64>,
     max_children: u64,
+    /// Each live child's execution tree (its root) and depth (the root is 1), kept while it
+    /// runs: a fire-and-forget child outlives its starter, and the depth and count limits
+    /// must still see the whole chain.
+    lineage: HashMap<ExecutionId, (ExecutionId, usize)>,
+    /// Live children per tree root (the root's count is dropped once none is left).
+    tree_live: HashMap<ExecutionId, u64>,
 }
 
 impl Orchestrator {
@@ -218,6 +226,8 @@ impl Orchestrator {
             playbooks: None,
             children_started: HashMap::new(),
             max_children: crate::DEFAULT_MAX_CHILDREN,
+            lineage: HashMap::new(),
+            tree_live: HashMap::new(),
         }
     }
 
@@ -317,6 +327,7 @@ impl Orchestrator {
                         pb,
                         workload,
                         parent: None,
+                        origin: None,
                         request_id,
                         source,
                         tenant,
@@ -624,6 +635,7 @@ impl Orchestrator {
             pb,
             workload,
             parent,
+            origin,
             request_id,
             source,
             tenant,
@@ -635,6 +647,7 @@ impl Orchestrator {
             source: source.clone(),
             workload,
             parent,
+            origin,
             tenant,
             limits,
             traceparent: traceparent.clone(),
@@ -843,18 +856,37 @@ impl Orchestrator {
         };
         let step = ev.step.clone().unwrap_or_default();
         // How deep the parent already is: a playbook that calls itself must end somewhere.
-        let mut depth = 1usize;
-        let mut root = parent.clone();
-        let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
-        while let Some(pid) = up {
-            depth += 1;
-            up = self
-                .execs
-                .get(&pid)
-                .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
-            root = pid;
-        }
-        let started = self.children_started.entry(root).or_insert(0);
+        // Children started here know their tree; after a restart the parent chain is walked.
+        let (root, depth) = match self.lineage.get(parent) {
+            Some((root, depth)) => (root.clone(), *depth),
+            None => {
+                let mut depth = 1usize;
+                let mut root = parent.clone();
+                let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
+                while let Some(pid) = up {
+                    depth += 1;
+                    up = self
+                        .execs
+                        .get(&pid)
+                        .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
+                    root = pid;
+                }
+                (root, depth)
+            }
+        };
+        // NoETL's default: without `return_step`/`return_result` the parent does not wait.
+        let detached = px
+            .pb
+            .step(&step)
+            .and_then(|s| s.playbook_task())
+            .is_some_and(|t| {
+                t.config.get("return_step").is_none()
+                    && !matches!(
+                        t.config.get("return_result").map(|n| &n.v),
+                        Some(mayfly_dsl::NodeV::Bool(true))
+                    )
+            });
+        let started = self.children_started.entry(root.clone()).or_insert(0);
         *started += 1;
         if *started > self.max_children {
             let e = ErrorInfo::new(
@@ -923,17 +955,36 @@ impl Orchestrator {
                     vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)],
                     "engine",
                 );
+                self.lineage
+                    .insert(child_id.clone(), (root.clone(), depth + 1));
+                *self.tree_live.entry(root).or_insert(0) += 1;
+                let (parent_ref, origin) = if detached {
+                    (None, Some(pref.clone()))
+                } else {
+                    (Some(pref.clone()), None)
+                };
                 let start = Start {
                     pb: child,
                     workload,
-                    parent: Some(pref),
+                    parent: parent_ref,
+                    origin,
                     request_id,
                     source,
                     tenant,
                     limits,
                     traceparent,
                 };
-                self.start_exec(c, child_id, start);
+                self.start_exec(c, child_id.clone(), start);
+                if detached {
+                    // NoETL's fire-and-forget result; the child runs on as a root of its own.
+                    let result = json!({
+                        "status": "started",
+                        "execution_id": child_id.0,
+                        "path": req.path,
+                        "async": true,
+                    });
+                    self.notify_parent(c, &pref, &child_id, Ok(result));
+                }
             }
         }
     }
@@ -971,8 +1022,30 @@ impl Orchestrator {
                 "engine",
             );
         }
+        // The tree's child count lives as long as any of its executions does.
+        match self.lineage.remove(id) {
+            Some((root, _)) => {
+                let left = self.tree_live.get_mut(&root).map(|n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                let root_live = self
+                    .execs
+                    .get(&root)
+                    .is_some_and(|r| !r.st.status.is_terminal());
+                if left == Some(0) {
+                    self.tree_live.remove(&root);
+                    if !root_live {
+                        self.children_started.remove(&root);
+                    }
+                }
+            }
+            None if !self.tree_live.contains_key(id) => {
+                self.children_started.remove(id);
+            }
+            None => {}
+        }
         let Some(parent) = parent else {
-            self.children_started.remove(id);
             return;
         };
         let outcome = match ev.kind {

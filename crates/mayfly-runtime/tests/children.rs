@@ -1,5 +1,6 @@
 //! Child executions: a failing child fails its parent and the siblings still running are
-//! cancelled with it (no orphans).
+//! cancelled with it (no orphans); fire-and-forget children (NoETL's default) outlive their
+//! parent and stay bounded.
 
 use mayfly_dsl::ParseOptions;
 use mayfly_engine::Status;
@@ -14,7 +15,7 @@ async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::write(
         dir.path().join("parent.yaml"),
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkload: {xs: [fast_fail, slow]}\nworkflow:\n  - step: start\n    loop: {in: \"{{ xs }}\", iterator: x, spec: {mode: parallel}}\n    tool: {kind: playbook, path: child, input: {mode: \"{{ x }}\"}}\n",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkload: {xs: [fast_fail, slow]}\nworkflow:\n  - step: start\n    loop: {in: \"{{ xs }}\", iterator: x, spec: {mode: parallel}}\n    tool: {kind: playbook, path: child, return_result: true, input: {mode: \"{{ x }}\"}}\n",
     )
     .expect("write");
     std::fs::write(
@@ -67,7 +68,7 @@ async fn a_self_calling_fan_out_stops_at_the_child_limit() {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::write(
         dir.path().join("boom.yaml"),
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom}\n",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom, return_result: true}\n",
     )
     .expect("write");
     let store = Arc::new(
@@ -95,5 +96,137 @@ async fn a_self_calling_fan_out_stops_at_the_child_limit() {
         all.len() <= 41,
         "at most the root and its 40 children exist: {}",
         all.len()
+    );
+}
+
+/// Poll the log until no execution is running (fire-and-forget children end on their own).
+async fn settled(store: &dyn Store) -> Vec<mayfly_store::ExecutionRow> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let all = store.list_executions(None, 1000).await.expect("list");
+        if all
+            .iter()
+            .all(|x| x.status != "running" && x.status != "requested")
+        {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "executions still running: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fire_and_forget_child_outlives_its_parent_and_lists_under_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, input: {n: 2}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {n: \"{{ n }}\"}\n      code: |\n        import time\n        time.sleep(0.5)\n        result = n * 10\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(report.status, Status::Completed, "{:?}", report.error);
+    assert_eq!(report.result["status"], "started");
+    assert_eq!(report.result["async"], true);
+    assert_eq!(report.result["path"], "child");
+    let child = mayfly_types::ExecutionId(
+        report.result["execution_id"]
+            .as_str()
+            .expect("execution_id")
+            .to_owned(),
+    );
+    let row = store
+        .list_executions(None, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|x| x.execution_id == child)
+        .expect("the child is listed");
+    assert_eq!(row.parent_execution_id.as_ref(), Some(&report.execution_id));
+    assert_eq!(
+        row.status, "running",
+        "the parent completed while its child still ran"
+    );
+    let done = rt.handle().wait(&child).await.expect("wait child");
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(done.result, serde_json::json!(20));
+}
+
+/// A fire-and-forget self-call completes each parent at once, so nothing waits on the
+/// chain: the depth limit still ends it at 16 executions.
+#[tokio::test]
+async fn a_fire_and_forget_self_call_stops_at_the_depth_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("again.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: again, path: again}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: again}\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let pb = load_file(&dir.path().join("again.yaml"), &ParseOptions::default()).expect("pb");
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(report.status, Status::Completed);
+    let all = settled(store.as_ref()).await;
+    assert_eq!(all.len(), 16, "{all:?}");
+    let failed: Vec<_> = all.iter().filter(|x| x.status == "failed").collect();
+    assert_eq!(failed.len(), 1, "{all:?}");
+    assert_eq!(
+        all.iter().filter(|x| x.status == "completed").count(),
+        15,
+        "{all:?}"
+    );
+}
+
+/// Fire-and-forget children that fan out are counted against the tree's child limit even
+/// after the executions that started them have ended.
+#[tokio::test]
+async fn a_fire_and_forget_fan_out_stops_at_the_child_limit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("boom.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom}\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let cfg = RuntimeConfig {
+        max_children: 40,
+        ..Default::default()
+    };
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let pb = load_file(&dir.path().join("boom.yaml"), &ParseOptions::default()).expect("pb");
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(report.status, Status::Completed);
+    let all = settled(store.as_ref()).await;
+    assert!(
+        all.len() <= 41,
+        "at most the root and its 40 children exist: {}",
+        all.len()
+    );
+    assert!(
+        all.iter().any(|x| x.status == "failed"),
+        "the child that hit the limit failed: {all:?}"
     );
 }

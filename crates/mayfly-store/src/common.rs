@@ -104,8 +104,10 @@ pub(crate) fn projection(e: &Event) -> Option<Projection<'_>> {
             let p = &e.payload;
             Projection::Requested {
                 path: p.get("path").and_then(|v| v.as_str()).unwrap_or_default(),
+                // A fire-and-forget child lists under the execution that started it.
                 parent: p
                     .get("parent")
+                    .or(p.get("origin"))
                     .and_then(|v| v.get("execution_id"))
                     .and_then(|v| v.as_str()),
                 tenant: p

@@ -303,6 +303,11 @@ pub struct ExecutionRequested {
     pub workload: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The step that started this execution without waiting for it (a fire-and-forget
+    /// child): lineage only. Unlike `parent`, nothing is reported back and the execution is
+    /// a root of its own (it outlives its starter and is resumed on its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<ParentRef>,
     /// Tenant the execution belongs to (None = `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,

@@ -648,6 +648,30 @@ impl LogLock {
 }
 
 /// Run `f` unless another process takes the log over first (then stop: fail closed).
+/// Wait for every execution `root` started, transitively (children that ran detached
+/// included), in the order they were started.
+async fn wait_started(
+    handle: &mayfly_runtime::RuntimeHandle,
+    log: &dyn Store,
+    root: &ExecutionId,
+) -> Result<Vec<(ExecutionId, Report)>> {
+    let mut out = Vec::new();
+    let mut queue = std::collections::VecDeque::from([root.clone()]);
+    while let Some(id) = queue.pop_front() {
+        for e in log.read(&id, 1, u32::MAX).await? {
+            if e.kind != mayfly_types::EventKind::ChildStarted {
+                continue;
+            }
+            if let Some(c) = e.payload.get("child_execution_id").and_then(Value::as_str) {
+                let c = ExecutionId(c.to_owned());
+                out.push((c.clone(), handle.wait(&c).await?));
+                queue.push_back(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
 async fn until_lost<T>(
     lock: &mut Option<LogLock>,
     f: impl std::future::Future<Output = T>,
@@ -799,6 +823,7 @@ async fn run(
         }
     }
     let payloads = cfg.cache.clone();
+    let log = store.clone();
     let runtime = Runtime::start(store, cfg)?;
     let handle = runtime.handle();
     let events = handle.subscribe();
@@ -813,8 +838,24 @@ async fn run(
     let display =
         (!opts.json && !opts.quiet).then(|| progress::spawn(events, pb.clone(), id.clone()));
     let mut report = until_lost(&mut lock, handle.wait(&id)).await??;
+    // Fire-and-forget children (NoETL's default) run on after their parent: a local run
+    // ends when every execution it started has, and says which of them failed.
+    let started = until_lost(&mut lock, wait_started(&handle, log.as_ref(), &id)).await??;
     if let Some(d) = display {
         d.finish().await;
+    }
+    for (child, r) in &started {
+        if r.status != Status::Completed && !opts.json {
+            let why = r
+                .error
+                .as_ref()
+                .map(|e| format!("{}: {}", e.code, e.message))
+                .unwrap_or_default();
+            eprintln!(
+                "warning: child execution {child} ended {} ({why})",
+                r.status.as_str()
+            );
+        }
     }
     // A local run prints what the playbook produced: refs resolved from the local cache.
     if let Some(p) = payloads

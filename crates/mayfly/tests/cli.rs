@@ -368,7 +368,7 @@ fn a_crash_inside_a_child_playbook_resumes_through_the_child_or_the_parent() {
     let flag = dir.path().join("child-slept");
     std::fs::write(
         dir.path().join("parent.yaml"),
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, input: {n: 21}}\n    next: end\n  - step: end\n    input: {doubled: \"{{ start.n2 }}\"}\n",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, return_result: true, input: {n: 21}}\n    next: end\n  - step: end\n    input: {doubled: \"{{ start.n2 }}\"}\n",
     )
     .expect("write");
     std::fs::write(
@@ -1458,7 +1458,7 @@ fn children_resolve_by_catalog_path() {
     let parent = parents.join("parent.yaml");
     std::fs::write(
         &parent,
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, input: {n: 4}}\n",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, return_result: true, input: {n: 4}}\n",
     )
     .expect("write");
     std::fs::write(
@@ -1480,7 +1480,7 @@ fn children_resolve_by_catalog_path() {
     let local = dir.path().join("local.yaml");
     std::fs::write(
         &local,
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: local}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, input: {n: 2}}\n",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: local}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: shared/scorer, return_result: true, input: {n: 2}}\n",
     )
     .expect("write");
     let o = run(&["run", "--json"], &local);
@@ -1501,4 +1501,56 @@ fn children_resolve_by_catalog_path() {
     assert_eq!(report["status"], "failed");
     let msg = report["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("is claimed by 2 files"), "{msg}");
+}
+
+/// A child started without `return_step`/`return_result` runs detached (NoETL's default):
+/// the parent completes with `{status: started, …}` at once, and `mayfly run` still ends
+/// only when the child has, warning about a child that failed.
+#[test]
+fn run_waits_for_fire_and_forget_children_and_reports_their_failures() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let done = dir.path().join("child-done");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool:\n      - {name: ok, kind: playbook, path: slow}\n    next: [bad]\n  - step: bad\n    tool: {kind: playbook, path: boom}\n    next: [report]\n  - step: report\n    tool: {kind: noop, result: {first: \"{{ start.status }}\", async: \"{{ bad.async }}\"}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("slow.yaml"),
+        format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: slow}}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      code: |\n        import time\n        time.sleep(0.5)\n        open({:?}, 'w').write('done')\n",
+            done.display().to_string()
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("boom.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"raise ValueError('detached child says no')\"}\n",
+    )
+    .expect("write");
+    let o = bin()
+        .args(["run", "--json"])
+        .arg(dir.path().join("parent.yaml"))
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    assert_eq!(
+        json(&o)["result"],
+        json!({"first": "started", "async": true})
+    );
+    assert!(
+        done.exists(),
+        "the detached child finished before the run ended"
+    );
+    let o = bin()
+        .args(["run"])
+        .arg(dir.path().join("parent.yaml"))
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", err(&o));
+    let e = err(&o);
+    assert!(
+        e.contains("warning: child execution") && e.contains("detached child says no"),
+        "{e}"
+    );
 }
