@@ -1469,6 +1469,28 @@ impl Parser<'_> {
                 }
             }
         }
+        if let Some(o) = n.get("output") {
+            match o.v {
+                NodeV::Map(_) => self.keys(o, "output", "a tool's `output`", schema::OUTPUT),
+                _ => self.err(
+                    o.loc,
+                    "a tool's `output` must be a mapping (`{output_select: [paths]}`)",
+                ),
+            }
+        }
+        let select = n
+            .get("output_select")
+            .or(n.get("output").and_then(|o| o.get("output_select")));
+        if let Some(sel) = select
+            && !sel
+                .as_seq()
+                .is_some_and(|items| items.iter().all(|i| i.as_str().is_some()))
+        {
+            self.err(
+                sel.loc,
+                "`output_select` must be a list of paths (`status`, `data.items[0].id`)",
+            );
+        }
         // Python `code` is a template too where it holds `{{`/`{%` (NoETL renders it).
         if let NodeV::Map(m) = &config.v {
             for (_, _, v) in m {

@@ -112,7 +112,12 @@ pub const TASK_COMMON: &[&str] = &[
     "timeout",
     "timeout_seconds",
     "set",
+    "output_select",
+    "output",
 ];
+
+/// Keys of a tool's `output:` block.
+pub const OUTPUT: &[&str] = &["output_select"];
 
 /// Keys of a `transfer` task's `source`.
 pub const TRANSFER_SOURCE: &[&str] = &[
@@ -254,11 +259,11 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
         ("step", "case") => "legacy `case` routing is not supported; use `next: {arcs: [...]}`",
         ("step", "args") => "step `args` is not supported; use `input:` on the step or the tool",
         ("step", "tools") => "`tools` is not a step key; write `tool:` (one task or a list)",
-        ("step", "output")
-        | ("tool", "output")
-        | ("step", "output_select")
-        | ("tool", "output_select") => {
-            "`output:`/`output_select` are not supported: a result over the inline budget (16 KiB) already goes to the shared cache by reference; `{{ s._ref }}` names it and reading `{{ s }}` or a part of it fetches it"
+        ("step", "output") | ("step", "output_select") => {
+            "`output_select` belongs on the tool (`tool: {…, output_select: [paths]}`); a result over the inline budget (16 KiB) goes to the shared cache by reference anyway: `{{ s._ref }}` names it and reading `{{ s }}` fetches it"
+        }
+        ("output", _) => {
+            "of a tool's `output:` block only `output_select` is supported: large results go to mayfly's shared cache by reference (no store tiers, scopes or accumulation to choose)"
         }
         ("step", "sink") | ("step", "save") => {
             "`sink`/`save` blocks were removed from NoETL v2; write to the target with a tool task"

@@ -3,6 +3,7 @@
 
 pub mod context;
 pub mod decide;
+pub mod output;
 pub mod policy;
 pub mod state;
 

@@ -661,6 +661,52 @@ async fn artifact_get(
     }
 }
 
+/// NoETL's `output_select` (Python runtime): the selected fields beside the data — `{…fields,
+/// _inline: data}`, or for data over the inline budget (stored in the cache now) `{…fields,
+/// _ref: {ref, store, bytes}, _preview, _size_bytes, _store}`; `kind: artifact` loads it by
+/// `_ref`.
+async fn selected(
+    payloads: Option<&Payloads>,
+    tenant: &str,
+    data: Value,
+    paths: &[String],
+) -> Result<Value, CacheError> {
+    use mayfly_engine::output::{preview, select};
+    let mut out = select(&data, paths);
+    let size = serde_json::to_vec(&data).map(|b| b.len()).unwrap_or(0);
+    match payloads {
+        Some(p) if size > p.inline_limit() && CacheRef::parse(&data).is_none() => {
+            let blob = mayfly_cache::encode(&data);
+            p.cache()
+                .put(tenant, &blob.cache_ref.digest, blob.bytes.clone())
+                .await?;
+            let r = &blob.cache_ref;
+            let format = match r.format {
+                mayfly_types::CacheFormat::Json => "json",
+                mayfly_types::CacheFormat::Arrow => "arrow",
+            };
+            // NoETL's Python runtime's `_ref` is an object; `$ref` also keeps the payload
+            // retained as long as this result is (retention follows `$ref` digests).
+            out.insert(
+                "_ref".into(),
+                serde_json::json!({
+                    "ref": format!("mayfly://cache/{format}/{}", r.digest),
+                    "$ref": r.digest,
+                    "store": "cache",
+                    "bytes": r.bytes,
+                }),
+            );
+            out.insert("_preview".into(), preview(&data));
+            out.insert("_size_bytes".into(), Value::from(size));
+            out.insert("_store".into(), Value::from("cache"));
+        }
+        _ => {
+            out.insert("_inline".into(), data);
+        }
+    }
+    Ok(Value::Object(out))
+}
+
 /// `mayfly://cache/<format>/<digest>[#item]` → the ref (see `mayfly_dsl::REF_KEYS`).
 fn parse_ref(s: &str) -> Option<CacheRef> {
     let rest = s.strip_prefix("mayfly://cache/")?;
@@ -841,6 +887,15 @@ async fn run_pipeline(
         }
         .map(secs);
         let task_started = Instant::now();
+        // `output_select` shapes the task's data afterwards; no tool reads it.
+        let select: Option<Vec<String>> = config
+            .remove("output_select")
+            .or_else(|| {
+                config
+                    .remove("output")
+                    .and_then(|o| o.get("output_select").cloned())
+            })
+            .and_then(|v| serde_json::from_value(v).ok());
         let run = async {
             if task.kind == ToolKind::Artifact {
                 artifact_get(payloads, &h.tenant, &config, &input).await
@@ -906,6 +961,15 @@ async fn run_pipeline(
             out.data.clone()
         } else {
             output.clone()
+        };
+        let value = match &select {
+            Some(paths) if out.ok => match selected(payloads, &h.tenant, value, paths).await {
+                Ok(v) => v,
+                Err(e) => {
+                    return Err(fail(ErrorInfo::new(e.code(), e.to_string()), logs, started));
+                }
+            },
+            _ => value,
         };
         let error_of = |out: &ToolOutput, task: &str| match &out.error {
             Some(e) => {
