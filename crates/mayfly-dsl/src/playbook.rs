@@ -318,8 +318,13 @@ impl Step {
     }
 
     /// The playbook task, when this step runs a child playbook.
+    /// The playbook task of a child step (a step whose only task starts a child; a
+    /// fire-and-forget playbook task among other tasks runs in the worker's pipeline).
     pub fn playbook_task(&self) -> Option<&Task> {
-        self.tasks.iter().find(|t| t.kind == ToolKind::Playbook)
+        match self.tasks.as_slice() {
+            [t] if t.kind == ToolKind::Playbook => Some(t),
+            _ => None,
+        }
     }
 }
 
@@ -1136,9 +1141,17 @@ impl Parser<'_> {
             let loc = tasks[0].loc;
             self.err(loc, "a `wait` task must be the only task of its step (the step parks until its callback)");
         }
-        if tasks.iter().any(|t| t.kind == ToolKind::Playbook) && tasks.len() > 1 {
-            let loc = tasks[0].loc;
-            self.err(loc, "a `playbook` task must be the only task of its step (the step awaits the child execution)");
+        if tasks.len() > 1 {
+            for t in tasks.iter().filter(|t| t.kind == ToolKind::Playbook) {
+                let waits = t.config.get("return_step").is_some()
+                    || matches!(
+                        t.config.get("return_result").map(|n| &n.v),
+                        Some(NodeV::Bool(true))
+                    );
+                if waits {
+                    self.err(t.loc, "a `playbook` task that waits for its child (`return_result`, `return_step`) must be the only task of its step (the step then waits without holding a worker); a fire-and-forget playbook task may share a step");
+                }
+            }
         }
         let looping = n
             .get("loop")

@@ -448,8 +448,11 @@ impl ExecState {
             }
             EventKind::ChildStarted => {
                 let c: ChildStarted = p(ev)?;
-                self.children
-                    .insert((step()?, c.index), Some(c.child_execution_id));
+                let s = step()?;
+                if !c.detached {
+                    self.children
+                        .insert((s, c.index), Some(c.child_execution_id));
+                }
             }
             EventKind::StepWaiting => {
                 let w: mayfly_types::StepWaiting = p(ev)?;

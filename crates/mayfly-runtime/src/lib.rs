@@ -59,6 +59,9 @@ pub enum RuntimeError {
     /// The store refused the write: another process appends to the log now.
     #[error("epoch mismatch: {0}")]
     Fenced(String),
+    /// A child playbook could not be started (`child_depth_exceeded`, …).
+    #[error("{}: {}", .0.code, .0.message)]
+    Child(mayfly_types::ErrorInfo),
 }
 
 impl From<StoreError> for RuntimeError {
@@ -351,6 +354,25 @@ impl RuntimeHandle {
         .await
         .ok()
         .flatten()
+    }
+
+    /// Start a fire-and-forget child playbook from a task of the live claim `(command_id,
+    /// attempt)` (a playbook task in a pipeline); the child's id once it is recorded.
+    pub async fn start_task_child(
+        &self,
+        command_id: &str,
+        attempt: u32,
+        path: &str,
+        input: Map<String, Value>,
+    ) -> Result<ExecutionId, RuntimeError> {
+        self.ask(|reply| Msg::StartChild {
+            command_id: command_id.to_owned(),
+            attempt,
+            path: path.to_owned(),
+            input,
+            reply,
+        })
+        .await?
     }
 
     /// A stored playbook version by digest (remote workers fetch what they run).

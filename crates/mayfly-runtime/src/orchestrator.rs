@@ -74,6 +74,14 @@ pub(crate) enum Msg {
         id: ExecutionId,
         reply: oneshot::Sender<Result<Report, RuntimeError>>,
     },
+    /// A task of a running block starts a fire-and-forget child.
+    StartChild {
+        command_id: String,
+        attempt: u32,
+        path: String,
+        input: Map<String, Value>,
+        reply: oneshot::Sender<Result<ExecutionId, RuntimeError>>,
+    },
 }
 
 /// A live claim's tenant and, when asked for, its template context.
@@ -375,6 +383,40 @@ impl Orchestrator {
                             Some((x.st.tenant.clone(), ctx))
                         });
                     let _ = reply.send(live);
+                }
+                Msg::StartChild {
+                    command_id,
+                    attempt,
+                    path,
+                    input,
+                    reply,
+                } => {
+                    let block = self
+                        .leases
+                        .get(&command_id)
+                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
+                        .map(|l| l.block.clone());
+                    let Some(b) = block else {
+                        let _ = reply.send(Err(RuntimeError::StaleClaim(format!(
+                            "no live claim {command_id}#{attempt} (no child started)"
+                        ))));
+                        continue;
+                    };
+                    match self.spawn_child(
+                        &mut c,
+                        &b.execution_id,
+                        &b.step,
+                        b.index,
+                        &path,
+                        input,
+                        true,
+                        true,
+                    ) {
+                        Ok(id) => c.replies.push(Reply::Started(reply, id)),
+                        Err(e) => {
+                            let _ = reply.send(Err(RuntimeError::Child(e)));
+                        }
+                    }
                 }
                 Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
                     Ok(()) => c.replies.push(Reply::Completed(reply)),
@@ -855,6 +897,64 @@ impl Orchestrator {
             return;
         };
         let step = ev.step.clone().unwrap_or_default();
+        // NoETL's default: without `return_step`/`return_result` the parent does not wait.
+        let detached = px
+            .pb
+            .step(&step)
+            .and_then(|s| s.playbook_task())
+            .is_some_and(|t| {
+                t.config.get("return_step").is_none()
+                    && !matches!(
+                        t.config.get("return_result").map(|n| &n.v),
+                        Some(mayfly_dsl::NodeV::Bool(true))
+                    )
+            });
+        let spawned = self.spawn_child(
+            c, parent, &step, req.index, &req.path, req.input, detached, false,
+        );
+        match spawned {
+            Err(e) => self.fail_step(c, parent, step, req.index, e),
+            Ok(child_id) if detached => {
+                // NoETL's fire-and-forget result; the child runs on as a root of its own.
+                let result = json!({
+                    "status": "started",
+                    "execution_id": child_id.0,
+                    "path": req.path,
+                    "async": true,
+                });
+                let pref = ParentRef {
+                    execution_id: parent.clone(),
+                    step,
+                    index: req.index,
+                };
+                self.notify_parent(c, &pref, &child_id, Ok(result));
+            }
+            Ok(_) => {}
+        }
+    }
+
+    /// Start child playbook `path` for step `step` (item `index`) of `parent`: the depth and
+    /// count limits, resolution, lineage and events that child steps and pipeline tasks
+    /// share. A `detached` child is a root of its own (linked by `origin`); `from_task`
+    /// marks its `child.started` as not awaited by the step.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_child(
+        &mut self,
+        c: &mut Cycle,
+        parent: &ExecutionId,
+        step: &str,
+        index: Option<usize>,
+        path: &str,
+        input: Map<String, Value>,
+        detached: bool,
+        from_task: bool,
+    ) -> Result<ExecutionId, ErrorInfo> {
+        let Some(px) = self.execs.get(parent) else {
+            return Err(ErrorInfo::new(
+                "child_load_failed",
+                format!("execution {parent} is not live"),
+            ));
+        };
         // How deep the parent already is: a playbook that calls itself must end somewhere.
         // Children started here know their tree; after a restart the parent chain is walked.
         let (root, depth) = match self.lineage.get(parent) {
@@ -874,119 +974,88 @@ impl Orchestrator {
                 (root, depth)
             }
         };
-        // NoETL's default: without `return_step`/`return_result` the parent does not wait.
-        let detached = px
-            .pb
-            .step(&step)
-            .and_then(|s| s.playbook_task())
-            .is_some_and(|t| {
-                t.config.get("return_step").is_none()
-                    && !matches!(
-                        t.config.get("return_result").map(|n| &n.v),
-                        Some(mayfly_dsl::NodeV::Bool(true))
-                    )
-            });
         let started = self.children_started.entry(root.clone()).or_insert(0);
         *started += 1;
         if *started > self.max_children {
-            let e = ErrorInfo::new(
+            return Err(ErrorInfo::new(
                 "child_limit_exceeded",
                 format!(
-                    "child playbook `{}`: the execution tree already started {} child executions",
-                    req.path, self.max_children
+                    "child playbook `{path}`: the execution tree already started {} child executions",
+                    self.max_children
                 ),
-            );
-            self.fail_step(c, parent, step, req.index, e);
-            return;
+            ));
         }
         if depth >= MAX_CHILD_DEPTH {
-            let e = ErrorInfo::new(
+            return Err(ErrorInfo::new(
                 "child_depth_exceeded",
                 format!(
-                    "child playbook `{}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
-                    req.path,
+                    "child playbook `{path}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
                     depth + 1
                 ),
-            );
-            self.fail_step(c, parent, step, req.index, e);
-            return;
+            ));
         }
-        let found = match self.playbooks.as_ref().and_then(|i| i.find(&req.path)) {
+        let found = match self.playbooks.as_ref().and_then(|i| i.find(path)) {
             Some(f) => f,
-            None => resolve_child(px.source.as_deref(), &req.path),
+            None => resolve_child(px.source.as_deref(), path),
         };
-        let loaded = found.and_then(|p| {
-            load_file(
-                &p,
-                &ParseOptions {
-                    extra_vars: req.input.keys().cloned().collect(),
-                },
-            )
-        });
+        let child = found
+            .and_then(|p| {
+                load_file(
+                    &p,
+                    &ParseOptions {
+                        extra_vars: input.keys().cloned().collect(),
+                    },
+                )
+            })
+            .map_err(|e| ErrorInfo::new("child_load_failed", e.to_string()))?;
         let request_id = px.request_id.clone();
         let traceparent = px.traceparent.clone();
         let tenant = Some(px.st.tenant.clone());
         // A child runs under its parent's budgets.
         let limits = px.st.limits;
-        match loaded {
-            Err(e) => {
-                let e = ErrorInfo::new("child_load_failed", e.to_string());
-                self.fail_step(c, parent, step, req.index, e);
-            }
-            Ok(child) => {
-                let child = Arc::new(child);
-                let child_id = ExecutionId(uuid::Uuid::now_v7().to_string());
-                let mut workload = child.workload.clone();
-                workload.extend(req.input);
-                c.batch.playbooks.push(stored(&child));
-                let pref = ParentRef {
-                    execution_id: parent.clone(),
-                    step: step.clone(),
-                    index: req.index,
-                };
-                let source = Some(child.file.clone());
-                let started = ChildStarted {
-                    index: req.index,
-                    child_execution_id: child_id.clone(),
-                };
-                self.emit(
-                    c,
-                    parent,
-                    vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step)],
-                    "engine",
-                );
-                self.lineage
-                    .insert(child_id.clone(), (root.clone(), depth + 1));
-                *self.tree_live.entry(root).or_insert(0) += 1;
-                let (parent_ref, origin) = if detached {
-                    (None, Some(pref.clone()))
-                } else {
-                    (Some(pref.clone()), None)
-                };
-                let start = Start {
-                    pb: child,
-                    workload,
-                    parent: parent_ref,
-                    origin,
-                    request_id,
-                    source,
-                    tenant,
-                    limits,
-                    traceparent,
-                };
-                self.start_exec(c, child_id.clone(), start);
-                if detached {
-                    // NoETL's fire-and-forget result; the child runs on as a root of its own.
-                    let result = json!({
-                        "status": "started",
-                        "execution_id": child_id.0,
-                        "path": req.path,
-                        "async": true,
-                    });
-                    self.notify_parent(c, &pref, &child_id, Ok(result));
-                }
-            }
-        }
+        let child = Arc::new(child);
+        let child_id = ExecutionId(uuid::Uuid::now_v7().to_string());
+        let mut workload = child.workload.clone();
+        workload.extend(input);
+        c.batch.playbooks.push(stored(&child));
+        let pref = ParentRef {
+            execution_id: parent.clone(),
+            step: step.to_owned(),
+            index,
+        };
+        let source = Some(child.file.clone());
+        let started = ChildStarted {
+            index,
+            child_execution_id: child_id.clone(),
+            detached: from_task,
+        };
+        self.emit(
+            c,
+            parent,
+            vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step.to_owned())],
+            "engine",
+        );
+        self.lineage
+            .insert(child_id.clone(), (root.clone(), depth + 1));
+        *self.tree_live.entry(root).or_insert(0) += 1;
+        let (parent_ref, origin) = if detached {
+            (None, Some(pref))
+        } else {
+            (Some(pref), None)
+        };
+        let start = Start {
+            pb: child,
+            workload,
+            parent: parent_ref,
+            origin,
+            request_id,
+            source,
+            tenant,
+            limits,
+            traceparent,
+        };
+        self.start_exec(c, child_id.clone(), start);
+        Ok(child_id)
     }
 
     fn finish(&mut self, c: &mut Cycle, id: &ExecutionId, ev: &Event) {

@@ -91,6 +91,14 @@ struct SecretReq {
 }
 
 #[derive(Serialize, Deserialize)]
+struct ChildReq {
+    command_id: String,
+    attempt: u32,
+    path: String,
+    input: Map<String, Value>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct PlaybookReq {
     digest: String,
 }
@@ -117,6 +125,12 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::Store(_) => "store",
             RuntimeError::TooLarge(_) => "too_large",
             RuntimeError::Fenced(_) => "epoch_mismatch",
+            RuntimeError::Child(info) => {
+                return WireError {
+                    code: info.code.clone(),
+                    message: info.message.clone(),
+                };
+            }
             _ => "invalid",
         };
         WireError {
@@ -134,6 +148,9 @@ impl From<WireError> for RuntimeError {
             "store" => RuntimeError::Store(e.message),
             "too_large" => RuntimeError::TooLarge(e.message),
             "epoch_mismatch" => RuntimeError::Fenced(e.message),
+            c if c.starts_with("child_") => {
+                RuntimeError::Child(mayfly_types::ErrorInfo::new(c, e.message))
+            }
             _ => RuntimeError::Invalid(e.message),
         }
     }
@@ -358,6 +375,18 @@ async fn answer(
                     .await
                     .map_err(|e| (&RuntimeError::from(e)).into()),
             };
+            Some(encode(&a))
+        }
+        "child" => {
+            let r: ChildReq = match serde_json::from_slice(payload) {
+                Ok(r) => r,
+                Err(e) => return bad::<mayfly_types::ExecutionId>(e),
+            };
+            // Only a worker holding a live claim starts a child, in its execution's tree.
+            let a: Answer<mayfly_types::ExecutionId> = h
+                .start_task_child(&r.command_id, r.attempt, &r.path, r.input)
+                .await
+                .map_err(|e| (&e).into());
             Some(encode(&a))
         }
         "playbook" => {
@@ -1137,6 +1166,21 @@ impl Coordinator for RemoteCoordinator {
         if let Err(e) = ticket.settle(settle).await {
             tracing::warn!(error = %e, "could not settle a delivery");
         }
+    }
+
+    async fn start_child(
+        &self,
+        h: &Hydrated,
+        path: &str,
+        input: Map<String, Value>,
+    ) -> Result<mayfly_types::ExecutionId, RuntimeError> {
+        let req = ChildReq {
+            command_id: h.block.command_id.clone(),
+            attempt: h.attempt,
+            path: path.to_owned(),
+            input,
+        };
+        self.call("child", &req).await
     }
 
     async fn sealed_secret(&self, h: &Hydrated, alias: &str) -> Result<Option<String>, String> {

@@ -6,7 +6,7 @@ use mayfly_cache::{CacheError, Payloads};
 use mayfly_dsl::{Directive, NodeV, TemplateError, ToolKind, templates, to_value};
 use mayfly_engine::policy::{backoff_delay, default_directive, select_rule};
 use mayfly_tools::{ToolError, ToolOutput, Tools};
-use mayfly_types::{CacheRef, ErrorInfo, StepFailed, StepFinished};
+use mayfly_types::{CacheRef, ErrorInfo, ExecutionId, StepFailed, StepFinished};
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +39,13 @@ pub trait Coordinator: Clone + Send + Sync + 'static {
     fn complete(&self, c: &Completion) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Acknowledge the delivery, or ask for it again after a delay.
     fn settle(&self, ticket: Self::Ticket, settle: Settle) -> impl Future<Output = ()> + Send;
+    /// Start a fire-and-forget child playbook from a task of the claim's block.
+    fn start_child(
+        &self,
+        h: &Hydrated,
+        path: &str,
+        input: Map<String, Value>,
+    ) -> impl Future<Output = Result<ExecutionId, RuntimeError>> + Send;
     /// The sealed keychain value of `alias` in the claim's tenant (None: not set).
     fn sealed_secret(
         &self,
@@ -127,6 +134,7 @@ pub async fn worker_loop<C: Coordinator>(
                     }
                     let secrets = key.as_ref().map(|key| Secrets { coord: &coord, key });
                     let mut out = run_block(
+                        &coord,
                         &tools,
                         secrets.as_ref(),
                         agent.as_deref(),
@@ -257,6 +265,16 @@ impl Coordinator for crate::RuntimeHandle {
     }
     // In process a busy or lost block is re-dispatched by the orchestrator's lease reaper.
     async fn settle(&self, _: (), _: Settle) {}
+    async fn start_child(
+        &self,
+        h: &Hydrated,
+        path: &str,
+        input: Map<String, Value>,
+    ) -> Result<ExecutionId, RuntimeError> {
+        self.start_task_child(&h.block.command_id, h.attempt, path, input)
+            .await
+    }
+
     async fn sealed_secret(&self, h: &Hydrated, alias: &str) -> Result<Option<String>, String> {
         self.store
             .get_secret(&h.tenant, alias)
@@ -361,6 +379,7 @@ fn enforce(
 /// check them and its tool kinds against the policy bundle `agent` enforces, run the task
 /// pipeline, and redact every resolved secret value from what it returns.
 pub async fn run_block<C: Coordinator>(
+    coord: &C,
     tools: &Tools,
     secrets: Option<&Secrets<'_, C>>,
     agent: Option<&crate::agent::Agent>,
@@ -385,7 +404,7 @@ pub async fn run_block<C: Coordinator>(
         return Err(denied);
     }
     if aliases.is_empty() {
-        return run_pipeline(tools, payloads, h, None).await;
+        return run_pipeline(coord, tools, payloads, h, None).await;
     }
     let resolved = match secrets {
         Some(s) => s.resolve(h, &aliases).await,
@@ -408,7 +427,7 @@ pub async fn run_block<C: Coordinator>(
             });
         }
     };
-    let out = run_pipeline(tools, payloads, h, Some(values)).await;
+    let out = run_pipeline(coord, tools, payloads, h, Some(values)).await;
     match out {
         Ok(mut f) => {
             redactor.value(&mut f.result);
@@ -621,6 +640,30 @@ fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrate
     Value::Object(c)
 }
 
+/// A fire-and-forget `playbook` task of a pipeline (validation refuses a waiting one there):
+/// the child is started through the coordinator, recorded before this returns, and the task's
+/// data is NoETL's `{status: started, execution_id, path, async: true}`.
+async fn child_task<C: Coordinator>(
+    coord: &C,
+    h: &Hydrated,
+    config: &Map<String, Value>,
+    input: &Map<String, Value>,
+) -> ToolOutput {
+    let Some(path) = config.get("path").and_then(Value::as_str) else {
+        return ToolOutput::failed(ToolError::new("bad_config", "playbook task needs `path`"));
+    };
+    match coord.start_child(h, path, input.clone()).await {
+        Ok(id) => ToolOutput::ok(serde_json::json!({
+            "status": "started",
+            "execution_id": id.0,
+            "path": path,
+            "async": true,
+        })),
+        Err(RuntimeError::Child(e)) => ToolOutput::failed(ToolError::new(e.code, e.message)),
+        Err(e) => ToolOutput::failed(ToolError::new("child_start_failed", e.to_string())),
+    }
+}
+
 /// `kind: artifact, action: get`: the value a `_ref` (`mayfly://cache/<format>/<digest>`,
 /// optionally `#<item>`) names, fetched from this tenant's shared cache.
 async fn artifact_get(
@@ -720,7 +763,8 @@ fn parse_ref(s: &str) -> Option<CacheRef> {
 }
 
 /// The task pipeline under its policy rules.
-async fn run_pipeline(
+async fn run_pipeline<C: Coordinator>(
+    coord: &C,
     tools: &Tools,
     payloads: Option<&Payloads>,
     h: &Hydrated,
@@ -899,6 +943,8 @@ async fn run_pipeline(
         let run = async {
             if task.kind == ToolKind::Artifact {
                 artifact_get(payloads, &h.tenant, &config, &input).await
+            } else if task.kind == ToolKind::Playbook {
+                child_task(coord, h, &config, &input).await
             } else {
                 tools
                     .run(task.kind.as_str(), &config, &input, timeout)

@@ -230,3 +230,47 @@ async fn a_fire_and_forget_fan_out_stops_at_the_child_limit() {
         "the child that hit the limit failed: {all:?}"
     );
 }
+
+/// A fire-and-forget playbook task inside a pipeline starts its child through the worker's
+/// coordinator: the child runs, is listed under the parent, and later tasks see its id.
+#[tokio::test]
+async fn a_playbook_task_in_a_pipeline_starts_a_detached_child() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool:\n      - {name: prep, kind: python, code: \"result = {'n': 4}\"}\n      - {name: go, kind: playbook, path: child, input: {n: \"{{ prep.n }}\"}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {n: \"{{ n }}\"}, code: \"result = n * 100\"}\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(report.status, Status::Completed, "{:?}", report.error);
+    assert_eq!(report.result["go"]["status"], "started");
+    let child = mayfly_types::ExecutionId(
+        report.result["go"]["execution_id"]
+            .as_str()
+            .expect("id")
+            .to_owned(),
+    );
+    let done = rt.handle().wait(&child).await.expect("wait");
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(done.result, serde_json::json!(400));
+    let row = store
+        .list_executions(None, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|x| x.execution_id == child)
+        .expect("listed");
+    assert_eq!(row.parent_execution_id.as_ref(), Some(&report.execution_id));
+}

@@ -448,6 +448,10 @@ pub struct ChildStarted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
     pub child_execution_id: ExecutionId,
+    /// Started by a task of a running block, fire-and-forget: lineage only, the step does
+    /// not wait for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// Payload of `step.waiting`: the step (or loop item) waits for `POST /callbacks/{token}`

@@ -297,7 +297,19 @@ fn start_server(db: &str, stream: &str) -> (Child, String, Option<String>) {
 /// `mayfly server --listen 127.0.0.1:0 ARGS`, once ready: (child, base url, admin token if
 /// this start printed one).
 fn spawn_server(args: &[&str]) -> (Child, String, Option<String>) {
-    let mut server = bin()
+    spawn_server_in(None, args)
+}
+
+/// [`spawn_server`] with the server's working directory at `cwd`.
+fn spawn_server_in(
+    cwd: Option<&std::path::Path>,
+    args: &[&str],
+) -> (Child, String, Option<String>) {
+    let mut cmd = bin();
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let mut server = cmd
         .args(["server", "--listen", "127.0.0.1:0"])
         .args(args)
         .stderr(Stdio::piped())
@@ -513,4 +525,79 @@ fn a_replica_process_serves_reads_from_its_own_view_and_refuses_writes() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(mayfly_store::PostgresStore::drop_schema(PG, &schema))
         .expect("drop schema");
+}
+
+/// A fire-and-forget `playbook` task inside a pipeline run by a remote worker: the worker
+/// asks the server (over NATS, for its live claim) to start the child, which then runs on
+/// a worker too.
+#[test]
+fn a_remote_worker_starts_a_pipeline_child_through_the_server() {
+    if !(mayfly_testkit::postgres() && mayfly_testkit::nats()) {
+        return;
+    }
+    let schema = unique("mayfly_pipechild");
+    let stream = unique("MAYFLY_PIPECHILD");
+    let db = format!("{PG}?schema={schema}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut procs = Procs(Vec::new());
+    // A server resolves a child beside its parent's catalog path, from its working
+    // directory (issue 22 moves that to the tenant's catalog).
+    std::fs::create_dir_all(dir.path().join("tests")).expect("mkdir");
+    let (server, url, token) = spawn_server_in(
+        Some(dir.path()),
+        &[
+            "--db",
+            &db,
+            "--queue",
+            NATS,
+            "--queue-name",
+            &stream,
+            "--lease",
+            "2",
+        ],
+    );
+    let token = token.expect("first start prints the admin token");
+    procs.0.push(server);
+    procs.0.push(worker(&stream, "A", "2"));
+    let parent = dir.path().join("parent.yaml");
+    std::fs::write(
+        &parent,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pipeparent, path: tests/pipeparent}\nworkflow:\n  - step: start\n    tool:\n      - {name: prep, kind: python, code: \"result = {'n': 3}\"}\n      - {name: go, kind: playbook, path: pipechild, input: {n: \"{{ prep.n }}\"}}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("tests/pipechild.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pipechild}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {n: \"{{ n }}\"}, code: \"result = n * 7\"}\n",
+    )
+    .expect("write");
+    remote(&url, &token, &["register", parent.to_str().expect("path")]);
+    let id = remote(&url, &token, &["exec", "start", "tests/pipeparent"]);
+    wait_for("the parent to complete", Duration::from_secs(60), || {
+        status(&url, &token, &id)["status"] == "completed"
+    });
+    let go = status(&url, &token, &id)["result"]["go"].clone();
+    assert_eq!(go["status"], "started", "{go}");
+    let child = go["execution_id"].as_str().expect("child id").to_owned();
+    wait_for("the child to complete", Duration::from_secs(60), || {
+        status(&url, &token, &child)["status"] == "completed"
+    });
+    assert_eq!(
+        status(&url, &token, &child)["result"],
+        serde_json::json!(21)
+    );
+    drop(procs);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        mayfly_queue::NatsQueue::delete(NATS, &stream)
+            .await
+            .expect("delete stream");
+        let client = async_nats::connect(NATS).await.expect("nats");
+        let _ = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await;
+        mayfly_store::PostgresStore::drop_schema(PG, &schema)
+            .await
+            .expect("drop schema");
+    });
 }
