@@ -365,9 +365,8 @@ pub const TOOL_KINDS: &[&str] = &[
     "python", "shell", "http", "postgres", "duckdb", "nats", "playbook", "noop", "wait", "workbook",
 ];
 
-/// A child's wait has no timeout of its own (NoETL polls with one); accepting the key would
-/// ignore it.
-const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a child playbook is not supported: the parent step is completed by the child's end event and never times out on its own; bound the child's own steps (`timeout_seconds` on its tasks)";
+/// A fire-and-forget child has no wait to bound; accepting the key would ignore it.
+const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a fire-and-forget child playbook bounds nothing (the step does not wait for it): add `return_step` or `return_result: true` to wait with a timeout, or bound the child's own steps";
 
 /// Operations of the `nats` tool.
 pub const NATS_OPERATIONS: &[&str] = &[
@@ -1164,8 +1163,17 @@ impl Parser<'_> {
             next.mode = m;
         }
         let pipeline = matches!(n.get("tool").map(|t| &t.v), Some(NodeV::Seq(_)));
+        let fire_and_forget = |t: &Task| {
+            t.kind == ToolKind::Playbook
+                && t.config.get("return_step").is_none()
+                && !matches!(
+                    t.config.get("return_result").map(|n| &n.v),
+                    Some(NodeV::Bool(true))
+                )
+        };
         if timeout_s.is_some()
-            && tasks.iter().any(|t| t.kind == ToolKind::Playbook)
+            && tasks.len() == 1
+            && tasks.iter().any(fire_and_forget)
             && let Some(t) = n.get("spec").and_then(|s| s.get("timeout"))
         {
             self.err(t.loc, PLAYBOOK_TIMEOUT);
@@ -1380,7 +1388,14 @@ impl Parser<'_> {
                 if config.get("path").is_none() {
                     self.err(n.loc, "playbook tool needs `path`");
                 }
-                if let Some(t) = n.get("timeout_seconds").or(n.get("timeout")) {
+                let waits = config.get("return_step").is_some()
+                    || matches!(
+                        config.get("return_result").map(|n| &n.v),
+                        Some(NodeV::Bool(true))
+                    );
+                if let Some(t) = n.get("timeout_seconds").or(n.get("timeout"))
+                    && !waits
+                {
                     self.err(t.loc, PLAYBOOK_TIMEOUT);
                 }
                 if let Some(r) = config.get("return_result")

@@ -340,7 +340,17 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
             input.entry("_index").or_insert_with(|| json!(it.index));
             input.entry("_total").or_insert_with(|| json!(it.total));
         }
-        let c = ChildRequested { index, path, input };
+        // Only a waiting child has a wait to bound (validation refuses a timeout otherwise).
+        let timeout_ms = task
+            .timeout_s
+            .or(step.timeout_s)
+            .map(|s| (s * 1000.0) as u64);
+        let c = ChildRequested {
+            index,
+            path,
+            input,
+            timeout_ms,
+        };
         return Ok(Draft::new(EventKind::ChildRequested, payload(&c)).step(&step.name));
     }
     let c = CommandIssued {

@@ -129,6 +129,8 @@ pub struct ExecState {
     pub commands: BTreeMap<String, PendingCommand>,
     /// Child executions awaited: (step, index) → child id once started.
     pub children: BTreeMap<(String, Option<usize>), Option<ExecutionId>>,
+    /// When each awaited child's wait ends (unix ms; a waiting playbook task's `timeout`).
+    pub child_deadlines: BTreeMap<(String, Option<usize>), u64>,
     pub parent: Option<ParentRef>,
     pub result: Option<Value>,
     pub error: Option<ErrorInfo>,
@@ -181,6 +183,7 @@ impl ExecState {
             loops: BTreeMap::new(),
             commands: BTreeMap::new(),
             children: BTreeMap::new(),
+            child_deadlines: BTreeMap::new(),
             parent: None,
             result: None,
             error: None,
@@ -308,6 +311,7 @@ impl ExecState {
                 match f.index {
                     Some(i) => {
                         self.children.remove(&(s.clone(), Some(i)));
+                        self.child_deadlines.remove(&(s.clone(), Some(i)));
                         let l = self
                             .loops
                             .get_mut(&s)
@@ -324,6 +328,7 @@ impl ExecState {
                     }
                     None => {
                         self.children.remove(&(s.clone(), None));
+                        self.child_deadlines.remove(&(s.clone(), None));
                         let runs = self.results.get(&s).map(|r| r.runs).unwrap_or(0) + 1;
                         self.results.insert(
                             s,
@@ -344,6 +349,7 @@ impl ExecState {
                     return self.advance(ev);
                 }
                 self.children.remove(&(s.clone(), f.index));
+                self.child_deadlines.remove(&(s.clone(), f.index));
                 if let Some(i) = f.index
                     && let Some(l) = self.loops.get_mut(&s)
                 {
@@ -443,6 +449,9 @@ impl ExecState {
                 let s = step()?;
                 if let Some(i) = c.index {
                     self.issue_item(&s, i);
+                }
+                if let Some(t) = c.timeout_ms {
+                    self.child_deadlines.insert((s.clone(), c.index), ev.at + t);
                 }
                 self.children.insert((s, c.index), None);
             }

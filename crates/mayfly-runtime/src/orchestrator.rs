@@ -65,6 +65,12 @@ pub(crate) enum Msg {
     CallbackTimeout {
         token: String,
     },
+    /// An awaited child's wait (its task's `timeout`) ran out.
+    ChildTimeout {
+        exec: ExecutionId,
+        step: String,
+        index: Option<usize>,
+    },
     Cancel {
         id: ExecutionId,
         reason: String,
@@ -205,6 +211,8 @@ pub(crate) struct Orchestrator {
     /// runs: a fire-and-forget child outlives its starter, and the depth and count limits
     /// must still see the whole chain.
     lineage: HashMap<ExecutionId, (ExecutionId, usize)>,
+    /// Executions with an awaited child whose wait is bounded (see `child_deadlines`).
+    child_timers: std::collections::BTreeSet<ExecutionId>,
     /// Live children per tree root (the root's count is dropped once none is left).
     tree_live: HashMap<ExecutionId, u64>,
 }
@@ -235,6 +243,7 @@ impl Orchestrator {
             children_started: HashMap::new(),
             max_children: crate::DEFAULT_MAX_CHILDREN,
             lineage: HashMap::new(),
+            child_timers: std::collections::BTreeSet::new(),
             tree_live: HashMap::new(),
         }
     }
@@ -297,6 +306,23 @@ impl Orchestrator {
                 token: token.clone(),
             })
             .collect();
+        let mut timed_out = timed_out;
+        let execs = &self.execs;
+        self.child_timers.retain(|id| {
+            let Some(x) = execs.get(id).filter(|x| !x.st.status.is_terminal()) else {
+                return false;
+            };
+            for ((step, index), deadline) in &x.st.child_deadlines {
+                if *deadline <= wall {
+                    timed_out.push(Msg::ChildTimeout {
+                        exec: id.clone(),
+                        step: step.clone(),
+                        index: *index,
+                    });
+                }
+            }
+            !x.st.child_deadlines.is_empty()
+        });
         let now = Instant::now();
         let expired: Vec<String> = self
             .leases
@@ -493,6 +519,9 @@ impl Orchestrator {
                             "engine",
                         );
                     }
+                }
+                Msg::ChildTimeout { exec, step, index } => {
+                    self.child_timed_out(&mut c, &exec, step, index);
                 }
                 Msg::Cancel { id, reason, reply } => match self.execs.get(&id) {
                     Some(x) if !x.st.status.is_terminal() => {
@@ -839,6 +868,9 @@ impl Orchestrator {
                     }
                 }
                 EventKind::ChildRequested => {
+                    if c.batch.events[i].payload.get("timeout_ms").is_some() {
+                        self.child_timers.insert(id.clone());
+                    }
                     let live = self
                         .execs
                         .get(&id)
@@ -1134,6 +1166,86 @@ impl Orchestrator {
             _ => outcome,
         };
         self.notify_parent(c, &parent, id, outcome);
+    }
+
+    /// An awaited child's wait ran out: NoETL's outcome for the step (`return_step`: a
+    /// success `{status: timeout, execution_id, timeout_seconds}`; otherwise the step fails
+    /// with `child_timeout`), and the child is cancelled (nothing is left orphaned).
+    fn child_timed_out(
+        &mut self,
+        c: &mut Cycle,
+        exec: &ExecutionId,
+        step: String,
+        index: Option<usize>,
+    ) {
+        let Some(x) = self.execs.get(exec).filter(|x| !x.st.status.is_terminal()) else {
+            return;
+        };
+        let key = (step.clone(), index);
+        let (Some(_), Some(Some(child))) =
+            (x.st.child_deadlines.get(&key), x.st.children.get(&key))
+        else {
+            return;
+        };
+        let child = child.clone();
+        let task = x.pb.step(&step).and_then(|s| s.playbook_task());
+        let status_only = task.is_some_and(|t| {
+            t.config.get("return_step").is_some()
+                && !matches!(
+                    t.config.get("return_result").map(|n| &n.v),
+                    Some(mayfly_dsl::NodeV::Bool(true))
+                )
+        });
+        let timeout_s = task
+            .and_then(|t| t.timeout_s)
+            .or(x.pb.step(&step).and_then(|s| s.timeout_s))
+            .unwrap_or_default();
+        let draft = if status_only {
+            let f = StepFinished {
+                index,
+                result: json!({
+                    "status": "timeout",
+                    "execution_id": child.0,
+                    // As written: `timeout: 1` reads back as 1, not 1.0.
+                    "timeout_seconds": if timeout_s.fract() == 0.0 {
+                        json!(timeout_s as u64)
+                    } else {
+                        json!(timeout_s)
+                    },
+                }),
+                set: Map::new(),
+                inline: false,
+                duration_ms: None,
+                logs: None,
+            };
+            Draft::new(EventKind::StepFinished, json!(f))
+        } else {
+            let f = StepFailed {
+                index,
+                error: ErrorInfo::new(
+                    "child_timeout",
+                    format!("child execution {child} did not end within {timeout_s}s"),
+                ),
+                duration_ms: None,
+                logs: None,
+            };
+            Draft::new(EventKind::StepFailed, json!(f))
+        };
+        self.emit(c, exec, vec![draft.step(step)], "engine");
+        if self
+            .execs
+            .get(&child)
+            .is_some_and(|cx| !cx.st.status.is_terminal())
+        {
+            let why =
+                json!({"reason": format!("the parent step stopped waiting after {timeout_s}s")});
+            self.emit(
+                c,
+                &child,
+                vec![Draft::new(EventKind::ExecutionCancelled, why)],
+                "engine",
+            );
+        }
     }
 
     /// Complete the parent step (or loop item) that awaits child `child`, unless the parent
@@ -1471,6 +1583,9 @@ impl Orchestrator {
             if let Some(x) = self.execs.get(&id) {
                 for token in x.st.waiting.keys() {
                     self.callbacks.insert(token.clone(), id.clone());
+                }
+                if !x.st.child_deadlines.is_empty() {
+                    self.child_timers.insert(id.clone());
                 }
             }
             tracing::info!(execution = %id, "resumed from the log");

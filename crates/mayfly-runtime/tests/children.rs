@@ -274,3 +274,41 @@ async fn a_playbook_task_in_a_pipeline_starts_a_detached_child() {
         .expect("listed");
     assert_eq!(row.parent_execution_id.as_ref(), Some(&report.execution_id));
 }
+
+/// A waiting child's `timeout`: `return_step` gets NoETL's `{status: timeout, …}` success,
+/// and the child is cancelled rather than left running with no one waiting for it.
+#[tokio::test]
+async fn a_child_wait_times_out_and_the_child_is_cancelled() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, return_step: true, timeout: 0.5}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(30)\"}\n",
+    )
+    .expect("write");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let t = Instant::now();
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert_eq!(report.status, Status::Completed, "{:?}", report.error);
+    assert_eq!(report.result["status"], "timeout");
+    assert_eq!(report.result["timeout_seconds"], 0.5);
+    let child = mayfly_types::ExecutionId(
+        report.result["execution_id"]
+            .as_str()
+            .expect("id")
+            .to_owned(),
+    );
+    let done = rt.handle().wait(&child).await.expect("wait");
+    assert_eq!(done.status, Status::Cancelled);
+}

@@ -440,6 +440,9 @@ pub struct ChildRequested {
     pub index: Option<usize>,
     pub path: String,
     pub input: Map<String, Value>,
+    /// How long the step waits for the child (ms; a waiting task's `timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// Payload of `child.started`.
