@@ -383,6 +383,33 @@ impl Tools {
     }
 }
 
+/// Make `cmd`'s process die with the process that starts it, even by `kill -9` (Linux
+/// `PR_SET_PDEATHSIG`): an interpreter or command left running after its runtime died
+/// would finish the step in flight while a resumed run runs it again. Only the direct
+/// child is covered (what it starts itself is the sandbox's to contain).
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only async-signal-safe calls are made (prctl,
+        // getppid, _exit) and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the call: no signal will come, so go now.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 /// Parse a duration in seconds from a JSON number or numeric string.
 pub fn seconds(v: Option<&Value>) -> Option<Duration> {
     let f = match v? {

@@ -210,21 +210,21 @@ pub fn import_lines(libs: &Value) -> Result<String, ToolError> {
 }
 
 fn spawn(python: &str) -> Result<Interp, ToolError> {
-    let mut child = Command::new(python)
-        .arg("-u")
+    let mut cmd = Command::new(python);
+    cmd.arg("-u")
         .arg("-c")
         .arg(DRIVER)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            ToolError::new(
-                "python_unavailable",
-                format!("cannot start `{python}`: {e}"),
-            )
-        })?;
+        .kill_on_drop(true);
+    crate::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| {
+        ToolError::new(
+            "python_unavailable",
+            format!("cannot start `{python}`: {e}"),
+        )
+    })?;
     let stdin = child
         .stdin
         .take()

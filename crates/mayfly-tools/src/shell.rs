@@ -89,6 +89,7 @@ pub async fn run(config: &Map<String, Value>, timeout: Duration) -> ToolOutput {
             .envs(env.iter().cloned())
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        crate::die_with_parent(&mut cmd);
         if let Some(d) = cwd {
             cmd.current_dir(d);
         }

@@ -1554,3 +1554,56 @@ fn run_waits_for_fire_and_forget_children_and_reports_their_failures() {
         "{e}"
     );
 }
+
+/// `kill -9` of `mayfly run` takes its python interpreters and shell commands with it: a
+/// step in flight never finishes behind the back of the run that resumes it.
+#[test]
+fn a_killed_run_takes_its_interpreters_and_commands_with_it() {
+    for kind in ["python", "shell"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let started = dir.path().join("started");
+        let late = dir.path().join("late");
+        let tool = match kind {
+            "python" => format!(
+                "{{kind: python, code: \"import time\\nopen('{s}', 'w').write('1')\\ntime.sleep(3)\\nopen('{l}', 'w').write('1')\"}}",
+                s = started.display(),
+                l = late.display()
+            ),
+            _ => format!(
+                "{{kind: shell, command: \"touch {} && sleep 3 && touch {}\"}}",
+                started.display(),
+                late.display()
+            ),
+        };
+        let pb = dir.path().join("pb.yaml");
+        std::fs::write(
+            &pb,
+            format!("apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: pdeath}}\nworkflow:\n  - step: start\n    tool: {tool}\n"),
+        )
+        .expect("write");
+        let mut run = bin()
+            .arg("run")
+            .arg(&pb)
+            .arg("--db")
+            .arg(dir.path().join("m.db"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run");
+        let t = std::time::Instant::now();
+        while !started.exists() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "{kind}: the step never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        run.kill().expect("SIGKILL");
+        run.wait().expect("reaped");
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        assert!(
+            !late.exists(),
+            "{kind}: the step finished after its run was killed"
+        );
+    }
+}
