@@ -365,6 +365,25 @@ pub const TOOL_KINDS: &[&str] = &[
     "python", "shell", "http", "postgres", "duckdb", "nats", "playbook", "noop", "wait", "workbook",
 ];
 
+/// Why a child's `path` is refused, if it is: a child is named by its catalog path, never
+/// by a host file (`/etc/x.yaml`) or by climbing out of the playbook root (`../x`).
+pub fn child_path_refusal(path: &str) -> Option<String> {
+    if path.contains("{{") {
+        return None;
+    }
+    if path.starts_with('/') || path.starts_with('\\') {
+        return Some(format!(
+            "child `path` `{path}` is absolute: children are named by catalog path (`metadata.path`, e.g. `team/etl`), never by a host file"
+        ));
+    }
+    if path.split(['/', '\\']).any(|seg| seg == "..") {
+        return Some(format!(
+            "child `path` `{path}` climbs out with `..`: children are named by catalog path (`metadata.path`, e.g. `team/etl`)"
+        ));
+    }
+    None
+}
+
 /// A fire-and-forget child has no wait to bound; accepting the key would ignore it.
 const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a fire-and-forget child playbook bounds nothing (the step does not wait for it): add `return_step` or `return_result: true` to wait with a timeout, or bound the child's own steps";
 
@@ -1385,8 +1404,13 @@ impl Parser<'_> {
                 }
             }
             ToolKind::Playbook => {
-                if config.get("path").is_none() {
-                    self.err(n.loc, "playbook tool needs `path`");
+                match config.get("path") {
+                    None => self.err(n.loc, "playbook tool needs `path`"),
+                    Some(p) => {
+                        if let Some(why) = p.as_str().and_then(child_path_refusal) {
+                            self.err(p.loc, why);
+                        }
+                    }
                 }
                 let waits = config.get("return_step").is_some()
                     || matches!(

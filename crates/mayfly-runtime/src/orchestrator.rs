@@ -1026,6 +1026,10 @@ impl Orchestrator {
                 ),
             ));
         }
+        // A rendered path is checked like a literal one at validation.
+        if let Some(why) = mayfly_dsl::child_path_refusal(path) {
+            return Err(ErrorInfo::new("child_path_refused", why));
+        }
         let found = match self.playbooks.as_ref().and_then(|i| i.find(path)) {
             Some(f) => f,
             None => resolve_child(px.source.as_deref(), path),
