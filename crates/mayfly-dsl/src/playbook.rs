@@ -365,6 +365,37 @@ pub const TOOL_KINDS: &[&str] = &[
     "python", "shell", "http", "postgres", "duckdb", "nats", "playbook", "noop", "wait", "workbook",
 ];
 
+/// A playbook task's `return_result: true` (its step takes the child's result).
+fn returns_result(config: &Node) -> bool {
+    matches!(
+        config.get("return_result").map(|n| &n.v),
+        Some(NodeV::Bool(true))
+    )
+}
+
+/// A playbook task's `return_step` without `return_result` (its step takes the child's
+/// status payload).
+fn returns_status(config: &Node) -> bool {
+    config.get("return_step").is_some() && !returns_result(config)
+}
+
+impl Task {
+    /// The child's result is taken (`return_result: true`).
+    pub fn returns_result(&self) -> bool {
+        returns_result(&self.config)
+    }
+
+    /// The child's status payload is taken (`return_step`, without `return_result`).
+    pub fn returns_status(&self) -> bool {
+        returns_status(&self.config)
+    }
+
+    /// A playbook task whose step waits for its child (NoETL's default is not to).
+    pub fn waits_for_child(&self) -> bool {
+        self.kind == ToolKind::Playbook && (self.returns_result() || self.returns_status())
+    }
+}
+
 /// Why a child's `path` is refused, if it is: a child is named by its catalog path, never
 /// by a host file (`/etc/x.yaml`) or by climbing out of the playbook root (`../x`).
 pub fn child_path_refusal(path: &str) -> Option<String> {
@@ -1161,12 +1192,7 @@ impl Parser<'_> {
         }
         if tasks.len() > 1 {
             for t in tasks.iter().filter(|t| t.kind == ToolKind::Playbook) {
-                let waits = t.config.get("return_step").is_some()
-                    || matches!(
-                        t.config.get("return_result").map(|n| &n.v),
-                        Some(NodeV::Bool(true))
-                    );
-                if waits {
+                if t.waits_for_child() {
                     self.err(t.loc, "a `playbook` task that waits for its child (`return_result`, `return_step`) must be the only task of its step (the step then waits without holding a worker); a fire-and-forget playbook task may share a step");
                 }
             }
@@ -1182,14 +1208,7 @@ impl Parser<'_> {
             next.mode = m;
         }
         let pipeline = matches!(n.get("tool").map(|t| &t.v), Some(NodeV::Seq(_)));
-        let fire_and_forget = |t: &Task| {
-            t.kind == ToolKind::Playbook
-                && t.config.get("return_step").is_none()
-                && !matches!(
-                    t.config.get("return_result").map(|n| &n.v),
-                    Some(NodeV::Bool(true))
-                )
-        };
+        let fire_and_forget = |t: &Task| t.kind == ToolKind::Playbook && !t.waits_for_child();
         if timeout_s.is_some()
             && tasks.len() == 1
             && tasks.iter().any(fire_and_forget)
@@ -1412,11 +1431,7 @@ impl Parser<'_> {
                         }
                     }
                 }
-                let waits = config.get("return_step").is_some()
-                    || matches!(
-                        config.get("return_result").map(|n| &n.v),
-                        Some(NodeV::Bool(true))
-                    );
+                let waits = returns_result(&config) || returns_status(&config);
                 if let Some(t) = n.get("timeout_seconds").or(n.get("timeout"))
                     && !waits
                 {

@@ -934,13 +934,7 @@ impl Orchestrator {
             .pb
             .step(&step)
             .and_then(|s| s.playbook_task())
-            .is_some_and(|t| {
-                t.config.get("return_step").is_none()
-                    && !matches!(
-                        t.config.get("return_result").map(|n| &n.v),
-                        Some(mayfly_dsl::NodeV::Bool(true))
-                    )
-            });
+            .is_some_and(|t| !t.waits_for_child());
         let spawned = self.spawn_child(
             c, parent, &step, req.index, &req.path, req.input, detached, false,
         );
@@ -1193,13 +1187,7 @@ impl Orchestrator {
         };
         let child = child.clone();
         let task = x.pb.step(&step).and_then(|s| s.playbook_task());
-        let status_only = task.is_some_and(|t| {
-            t.config.get("return_step").is_some()
-                && !matches!(
-                    t.config.get("return_result").map(|n| &n.v),
-                    Some(mayfly_dsl::NodeV::Bool(true))
-                )
-        });
+        let status_only = task.is_some_and(|t| t.returns_status());
         let timeout_s = task
             .and_then(|t| t.timeout_s)
             .or(x.pb.step(&step).and_then(|s| s.timeout_s))
@@ -1648,11 +1636,7 @@ fn child_outcome(
     let Some(task) = parent_pb.step(&parent.step).and_then(|s| s.playbook_task()) else {
         return outcome;
     };
-    let returns_result = matches!(
-        task.config.get("return_result").map(|n| &n.v),
-        Some(mayfly_dsl::NodeV::Bool(true))
-    );
-    if task.config.get("return_step").is_some() && !returns_result {
+    if task.returns_status() {
         let status = match (&outcome, child_st.status) {
             (Ok(_), _) => "COMPLETED",
             (Err(_), mayfly_engine::Status::Cancelled) => "CANCELLED",

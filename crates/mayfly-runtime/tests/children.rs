@@ -10,6 +10,22 @@ use serde_json::Map;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The log, a runtime and playbook `file` of `dir` (the files a test wrote there).
+async fn start(
+    dir: &tempfile::TempDir,
+    file: &str,
+    cfg: RuntimeConfig,
+) -> (Arc<SqliteStore>, Runtime, mayfly_dsl::Playbook) {
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let rt = Runtime::start(store.clone(), cfg).expect("rt");
+    let pb = load_file(&dir.path().join(file), &ParseOptions::default()).expect("pb");
+    (store, rt, pb)
+}
+
 #[tokio::test]
 async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -23,13 +39,7 @@ async fn a_failed_child_fails_the_parent_and_cancels_running_siblings() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {mode: x}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {mode: \"{{ mode }}\"}\n      code: |\n        import time\n        if mode == 'fast_fail':\n            time.sleep(0.3)\n            raise ValueError('child says no')\n        time.sleep(20)\n        result = 'late'\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
-    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
     let t = Instant::now();
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert!(
@@ -71,17 +81,15 @@ async fn a_self_calling_fan_out_stops_at_the_child_limit() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom, return_result: true}\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let cfg = RuntimeConfig {
-        max_children: 40,
-        ..Default::default()
-    };
-    let rt = Runtime::start(store.clone(), cfg).expect("rt");
-    let pb = load_file(&dir.path().join("boom.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(
+        &dir,
+        "boom.yaml",
+        RuntimeConfig {
+            max_children: 40,
+            ..Default::default()
+        },
+    )
+    .await;
     let report = tokio::time::timeout(Duration::from_secs(60), rt.run(pb, Map::new()))
         .await
         .expect("ends")
@@ -131,13 +139,7 @@ async fn a_fire_and_forget_child_outlives_its_parent_and_lists_under_it() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {n: \"{{ n }}\"}\n      code: |\n        import time\n        time.sleep(0.5)\n        result = n * 10\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
-    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert_eq!(report.status, Status::Completed, "{:?}", report.error);
     assert_eq!(report.result["status"], "started");
@@ -176,13 +178,7 @@ async fn a_fire_and_forget_self_call_stops_at_the_depth_limit() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: again, path: again}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: again}\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
-    let pb = load_file(&dir.path().join("again.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(&dir, "again.yaml", RuntimeConfig::default()).await;
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert_eq!(report.status, Status::Completed);
     let all = settled(store.as_ref()).await;
@@ -206,17 +202,15 @@ async fn a_fire_and_forget_fan_out_stops_at_the_child_limit() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: boom, path: boom}\nworkflow:\n  - step: start\n    loop: {in: [1, 2], iterator: i, spec: {mode: parallel}}\n    tool: {kind: playbook, path: boom}\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let cfg = RuntimeConfig {
-        max_children: 40,
-        ..Default::default()
-    };
-    let rt = Runtime::start(store.clone(), cfg).expect("rt");
-    let pb = load_file(&dir.path().join("boom.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(
+        &dir,
+        "boom.yaml",
+        RuntimeConfig {
+            max_children: 40,
+            ..Default::default()
+        },
+    )
+    .await;
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert_eq!(report.status, Status::Completed);
     let all = settled(store.as_ref()).await;
@@ -246,13 +240,7 @@ async fn a_playbook_task_in_a_pipeline_starts_a_detached_child() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {n: \"{{ n }}\"}, code: \"result = n * 100\"}\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
-    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let (store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert_eq!(report.status, Status::Completed, "{:?}", report.error);
     assert_eq!(report.result["go"]["status"], "started");
@@ -290,13 +278,7 @@ async fn a_child_wait_times_out_and_the_child_is_cancelled() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"import time\\ntime.sleep(30)\"}\n",
     )
     .expect("write");
-    let store = Arc::new(
-        SqliteStore::open(dir.path().join("m.db"))
-            .await
-            .expect("store"),
-    );
-    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
-    let pb = load_file(&dir.path().join("parent.yaml"), &ParseOptions::default()).expect("pb");
+    let (_store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
     let t = Instant::now();
     let report = rt.run(pb, Map::new()).await.expect("run");
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());

@@ -141,21 +141,26 @@ impl Running {
             ..
         } = self;
         drop(procs);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        rt.block_on(async {
-            mayfly_queue::NatsQueue::delete(NATS, &stream)
-                .await
-                .expect("delete stream");
-            let client = async_nats::connect(NATS).await.expect("nats");
-            let _ = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await;
-            mayfly_store::PostgresStore::drop_schema(PG, &schema)
-                .await
-                .expect("drop schema");
-        });
+        teardown(&stream, &schema);
     }
+}
+
+/// Delete a test's stream, its cache bucket and its schema.
+fn teardown(stream: &str, schema: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        mayfly_queue::NatsQueue::delete(NATS, stream)
+            .await
+            .expect("delete stream");
+        let client = async_nats::connect(NATS).await.expect("nats");
+        let _ = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await;
+        mayfly_store::PostgresStore::drop_schema(PG, schema)
+            .await
+            .expect("drop schema");
+    });
 }
 
 #[test]
@@ -586,18 +591,5 @@ fn a_remote_worker_starts_a_pipeline_child_through_the_server() {
         serde_json::json!(21)
     );
     drop(procs);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        mayfly_queue::NatsQueue::delete(NATS, &stream)
-            .await
-            .expect("delete stream");
-        let client = async_nats::connect(NATS).await.expect("nats");
-        let _ = mayfly_cache::NatsCache::delete(client, &format!("{stream}-cache")).await;
-        mayfly_store::PostgresStore::drop_schema(PG, &schema)
-            .await
-            .expect("drop schema");
-    });
+    teardown(&stream, &schema);
 }
