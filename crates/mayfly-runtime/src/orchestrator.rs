@@ -393,21 +393,17 @@ impl Orchestrator {
                     context,
                     reply,
                 } => {
-                    let live = self
-                        .leases
-                        .get(&command_id)
-                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
-                        .and_then(|l| {
-                            let x = self.execs.get(&l.block.execution_id)?;
-                            let ctx = match context {
-                                true => {
-                                    let index = x.st.commands.get(&command_id)?.index;
-                                    Some(block_context(x, &l.block.step, index))
-                                }
-                                false => None,
-                            };
-                            Some((x.st.tenant.clone(), ctx))
-                        });
+                    let live = self.live_lease(&command_id, attempt).and_then(|l| {
+                        let x = self.execs.get(&l.block.execution_id)?;
+                        let ctx = match context {
+                            true => {
+                                let index = x.st.commands.get(&command_id)?.index;
+                                Some(block_context(x, &l.block.step, index))
+                            }
+                            false => None,
+                        };
+                        Some((x.st.tenant.clone(), ctx))
+                    });
                     let _ = reply.send(live);
                 }
                 Msg::StartChild {
@@ -418,9 +414,7 @@ impl Orchestrator {
                     reply,
                 } => {
                     let block = self
-                        .leases
-                        .get(&command_id)
-                        .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
+                        .live_lease(&command_id, attempt)
                         .map(|l| l.block.clone());
                     let Some(b) = block else {
                         let _ = reply.send(Err(RuntimeError::StaleClaim(format!(
@@ -662,6 +656,13 @@ impl Orchestrator {
     }
 
     /// Claim a parked step's token (one time): (execution, step, index).
+    /// The lease of claim `(command_id, attempt)` while it holds.
+    fn live_lease(&self, command_id: &str, attempt: u32) -> Option<&Lease> {
+        self.leases
+            .get(command_id)
+            .filter(|l| l.attempt == attempt && l.deadline > Instant::now())
+    }
+
     fn take_callback(&mut self, token: &str) -> Option<(ExecutionId, String, Option<usize>)> {
         let exec = self.callbacks.get(token)?.clone();
         let w = self
