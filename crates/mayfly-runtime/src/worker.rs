@@ -687,7 +687,7 @@ async fn artifact_get(
         },
         _ => return bad("artifact needs `result_ref`: a step's `{{ s._ref }}`".into()),
     };
-    let Some(cache_ref) = parse_ref(&text) else {
+    let Some(cache_ref) = CacheRef::from_uri(&text) else {
         return bad(format!(
             "artifact `result_ref` `{text}` is not a mayfly://cache/<json|arrow>/sha256:<hex> reference"
         ));
@@ -724,16 +724,12 @@ async fn selected(
                 .put(tenant, &blob.cache_ref.digest, blob.bytes.clone())
                 .await?;
             let r = &blob.cache_ref;
-            let format = match r.format {
-                mayfly_types::CacheFormat::Json => "json",
-                mayfly_types::CacheFormat::Arrow => "arrow",
-            };
             // NoETL's Python runtime's `_ref` is an object; `$ref` also keeps the payload
             // retained as long as this result is (retention follows `$ref` digests).
             out.insert(
                 "_ref".into(),
                 serde_json::json!({
-                    "ref": format!("mayfly://cache/{format}/{}", r.digest),
+                    "ref": r.uri(),
                     "$ref": r.digest,
                     "store": "cache",
                     "bytes": r.bytes,
@@ -748,18 +744,6 @@ async fn selected(
         }
     }
     Ok(Value::Object(out))
-}
-
-/// `mayfly://cache/<format>/<digest>[#item]` → the ref (see `mayfly_dsl::REF_KEYS`).
-fn parse_ref(s: &str) -> Option<CacheRef> {
-    let rest = s.strip_prefix("mayfly://cache/")?;
-    let (format, rest) = rest.split_once('/')?;
-    let (digest, item) = match rest.split_once('#') {
-        Some((d, i)) => (d, Some(i.parse::<u64>().ok()?)),
-        None => (rest, None),
-    };
-    let v = serde_json::json!({"$ref": digest, "format": format, "bytes": 0, "item": item});
-    CacheRef::parse(&v)
 }
 
 /// The task pipeline under its policy rules.

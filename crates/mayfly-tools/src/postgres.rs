@@ -468,23 +468,26 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// The connection a task (or a transfer endpoint) names: its resolved `auth` credential,
+/// else `connection` / `connection_string`, else its own host/user/database fields.
+pub(crate) fn credential(auth: Option<&Value>, config: &Map<String, Value>) -> Option<Value> {
+    let direct = ["host", "user", "username", "database", "dbname"]
+        .iter()
+        .any(|k| config.contains_key(*k));
+    auth.filter(|v| !v.is_null())
+        .or(config.get("connection"))
+        .or(config.get("connection_string"))
+        .cloned()
+        .or_else(|| direct.then(|| Value::Object(config.clone())))
+}
+
 pub async fn run(
     pools: &Pools,
     config: &Map<String, Value>,
     input: &Map<String, Value>,
     timeout: Duration,
 ) -> ToolOutput {
-    let direct = ["host", "user", "username", "database", "dbname"]
-        .iter()
-        .any(|k| config.contains_key(*k));
-    let cred = input
-        .get("auth")
-        .filter(|v| !v.is_null())
-        .or(config.get("connection"))
-        .or(config.get("connection_string"))
-        .cloned()
-        .or_else(|| direct.then(|| Value::Object(config.clone())));
-    let Some(cred) = cred else {
+    let Some(cred) = credential(input.get("auth"), config) else {
         return bad(
             "postgres needs `auth: <keychain alias>` (or `connection`, `connection_string`, or host/user/database)",
         );

@@ -52,19 +52,9 @@ fn at_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
         })
 }
 
-/// The credential of an endpoint: its resolved `auth` (the worker puts the keychain value
-/// there), else `connection` / `connection_string`, else its own host/user/… fields.
+/// The credential of an endpoint (the worker has put the keychain value in its `auth`).
 fn credential(ep: &Map<String, Value>) -> Option<Value> {
-    if let Some(a) = ep.get("auth").filter(|a| a.is_object()) {
-        return Some(a.clone());
-    }
-    if let Some(c) = ep.get("connection").or(ep.get("connection_string")) {
-        return Some(c.clone());
-    }
-    ["host", "user", "username", "database", "dbname"]
-        .iter()
-        .any(|k| ep.contains_key(*k))
-        .then(|| Value::Object(ep.clone()))
+    crate::postgres::credential(ep.get("auth"), ep)
 }
 
 fn kind_of(ep: &Map<String, Value>) -> Option<&str> {

@@ -544,6 +544,40 @@ impl CacheRef {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
+    /// The ref as the string templates read as `_ref`: `mayfly://cache/<format>/<digest>`,
+    /// with `#<i>` for an element.
+    pub fn uri(&self) -> String {
+        let format = match self.format {
+            CacheFormat::Json => "json",
+            CacheFormat::Arrow => "arrow",
+        };
+        let item = self.item.map(|i| format!("#{i}")).unwrap_or_default();
+        format!("mayfly://cache/{format}/{}{item}", self.digest)
+    }
+
+    /// The ref a [`uri`](Self::uri) names (its size is not in the string: 0).
+    pub fn from_uri(s: &str) -> Option<CacheRef> {
+        let rest = s.strip_prefix("mayfly://cache/")?;
+        let (format, rest) = rest.split_once('/')?;
+        let (digest, item) = match rest.split_once('#') {
+            Some((d, i)) => (d, Some(i.parse::<u64>().ok()?)),
+            None => (rest, None),
+        };
+        let format = match format {
+            "json" => CacheFormat::Json,
+            "arrow" => CacheFormat::Arrow,
+            _ => return None,
+        };
+        is_sha256_digest(digest).then(|| CacheRef {
+            digest: digest.to_owned(),
+            format,
+            bytes: 0,
+            count: None,
+            columns: Vec::new(),
+            item,
+        })
+    }
+
     /// The ref to element `i` of this (list or table) payload.
     pub fn element(&self, i: u64) -> CacheRef {
         CacheRef {
@@ -596,6 +630,28 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_cache_ref_uri_names_the_ref() {
+        let r = CacheRef {
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            format: CacheFormat::Arrow,
+            bytes: 9,
+            count: Some(3),
+            columns: vec!["a".into()],
+            item: Some(2),
+        };
+        let uri = r.uri();
+        assert_eq!(uri, format!("mayfly://cache/arrow/{}#2", r.digest));
+        let back = CacheRef::from_uri(&uri).expect("parses");
+        assert_eq!(
+            (back.digest, back.format, back.item),
+            (r.digest.clone(), r.format, Some(2))
+        );
+        assert!(CacheRef::from_uri("mayfly://cache/xml/sha256:00").is_none());
+        assert!(CacheRef::from_uri(&format!("mayfly://cache/json/{}#x", r.digest)).is_none());
+        assert!(CacheRef::from_uri("http://example.com/x").is_none());
+    }
     use super::*;
     use serde_json::json;
 
