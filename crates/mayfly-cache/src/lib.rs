@@ -127,7 +127,7 @@ pub struct Blob {
 }
 
 /// Serialized size without building the text (this runs for every result recorded).
-fn json_len(v: &Value) -> usize {
+pub fn json_len(v: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

@@ -640,6 +640,15 @@ fn python_context(task: &mayfly_dsl::Task, ctx: &Map<String, Value>, h: &Hydrate
     Value::Object(c)
 }
 
+/// The resolved keychain value of `alias` in a block's scope (null when unresolved: the tool
+/// then refuses the missing credential).
+fn credential(ctx: &Map<String, Value>, alias: &str) -> Value {
+    ctx.get("keychain")
+        .and_then(|k| k.get(alias))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 /// A fire-and-forget `playbook` task of a pipeline (validation refuses a waiting one there):
 /// the child is started through the coordinator, recorded before this returns, and the task's
 /// data is NoETL's `{status: started, execution_id, path, async: true}`.
@@ -716,7 +725,7 @@ async fn selected(
 ) -> Result<Value, CacheError> {
     use mayfly_engine::output::{preview, select};
     let mut out = select(&data, paths);
-    let size = serde_json::to_vec(&data).map(|b| b.len()).unwrap_or(0);
+    let size = mayfly_cache::json_len(&data);
     match payloads {
         Some(p) if size > p.inline_limit() && CacheRef::parse(&data).is_none() => {
             let blob = mayfly_cache::encode(&data);
@@ -881,11 +890,7 @@ async fn run_pipeline<C: Coordinator>(
             }
         }
         if let Some(Value::String(alias)) = config.get("auth").cloned() {
-            let cred = ctx
-                .get("keychain")
-                .and_then(|k| k.get(&alias))
-                .cloned()
-                .unwrap_or(Value::Null);
+            let cred = credential(&ctx, &alias);
             apply_auth(task.kind, &mut config, &mut input, &cred);
         }
         if task.kind == ToolKind::Transfer {
@@ -893,12 +898,7 @@ async fn run_pipeline<C: Coordinator>(
                 if let Some(Value::Object(ep)) = config.get_mut(side)
                     && let Some(Value::String(alias)) = ep.get("auth").cloned()
                 {
-                    let cred = ctx
-                        .get("keychain")
-                        .and_then(|k| k.get(&alias))
-                        .cloned()
-                        .unwrap_or(Value::Null);
-                    ep.insert("auth".into(), cred);
+                    ep.insert("auth".into(), credential(&ctx, &alias));
                 }
             }
         }
