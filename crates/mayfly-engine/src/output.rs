@@ -2,34 +2,13 @@
 //! up beside its full data, so templates read them without the bulk. Pure; the worker stores
 //! the bulk in the shared cache when it is over the inline budget.
 
+pub use mayfly_types::at_path;
 use serde_json::{Map, Value, json};
 
 /// Longest string kept by a selected field (longer ones are cut, with `...`).
 const MAX_STRING: usize = 500;
 /// Budget of a preview's JSON.
 const PREVIEW_BYTES: usize = 1024;
-
-/// The value at a dotted path with optional `[i]` indexes (`data.items[0].name`, `a.0`).
-pub fn at_path<'a>(data: &'a Value, path: &str) -> Option<&'a Value> {
-    let mut cur = data;
-    for part in path.replace(']', "").split('.') {
-        let (key, idx) = match part.split_once('[') {
-            Some((k, i)) => (k, Some(i.parse::<usize>().ok()?)),
-            None => (part, None),
-        };
-        if !key.is_empty() {
-            cur = match cur {
-                Value::Object(m) => m.get(key)?,
-                Value::Array(a) => a.get(key.parse::<usize>().ok()?)?,
-                _ => return None,
-            };
-        }
-        if let Some(i) = idx {
-            cur = cur.as_array()?.get(i)?;
-        }
-    }
-    Some(cur)
-}
 
 fn cut(v: &Value) -> Value {
     match v {

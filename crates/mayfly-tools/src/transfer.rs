@@ -11,6 +11,7 @@
 
 use crate::postgres::Pools;
 use crate::{ToolError, ToolOutput};
+use mayfly_types::at_path;
 use serde_json::{Map, Value, json};
 use sqlx::Row;
 use std::time::Duration;
@@ -40,16 +41,6 @@ fn as_text(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         other => Some(other.to_string()),
     }
-}
-
-/// The value at a dotted path (`data.items`), or the value itself for an empty path.
-fn at_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.')
-        .filter(|p| !p.is_empty())
-        .try_fold(v, |node, key| match node {
-            Value::Array(a) => a.get(key.parse::<usize>().ok()?),
-            _ => node.get(key),
-        })
 }
 
 /// The credential of an endpoint (the worker has put the keychain value in its `auth`).

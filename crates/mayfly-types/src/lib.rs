@@ -628,6 +628,29 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The value at a dotted path with optional `[i]` indexes (`data.items[0].name`, `a.0`; the
+/// empty path is the value itself): `output_select` paths, a transfer's `data_path`.
+pub fn at_path<'a>(data: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = data;
+    for part in path.replace(']', "").split('.') {
+        let (key, idx) = match part.split_once('[') {
+            Some((k, i)) => (k, Some(i.parse::<usize>().ok()?)),
+            None => (part, None),
+        };
+        if !key.is_empty() {
+            cur = match cur {
+                Value::Object(m) => m.get(key)?,
+                Value::Array(a) => a.get(key.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
+        }
+        if let Some(i) = idx {
+            cur = cur.as_array()?.get(i)?;
+        }
+    }
+    Some(cur)
+}
+
 #[cfg(test)]
 mod tests {
 
