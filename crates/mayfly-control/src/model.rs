@@ -169,6 +169,8 @@ struct PolicySpec {
     tools: Option<AllowList>,
     keychain: Option<AllowList>,
     limits: Option<Limits>,
+    /// What tenant code and the tools acting for it may connect to.
+    egress: Option<mayfly_types::Egress>,
     /// A workload exception: it lifts restrictions (for `scope.playbook`, until
     /// `expires_at_ms`) instead of imposing any.
     #[serde(default)]
@@ -201,6 +203,11 @@ struct AllowList {
 struct Limits {
     step_timeout_s: Option<u64>,
     max_attempts: Option<u32>,
+    memory_mb: Option<u64>,
+    cpu_s: Option<u64>,
+    processes: Option<u64>,
+    open_files: Option<u64>,
+    disk_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +494,10 @@ fn check_spec(kind: Kind, spec: &Value) -> Result<(), String> {
                         ));
                     }
                 }
+            }
+            if let Some(e) = &p.egress {
+                mayfly_types::egress::validate(std::slice::from_ref(e))
+                    .map_err(|m| format!("egress: {m}"))?;
             }
             if let Some(t) = &p.tools
                 && let Some(bad) = t.allow.iter().find(|k| !TOOL_KINDS.contains(&k.as_str()))
@@ -1249,12 +1260,25 @@ impl ControlState {
             if !is_exception(p)
                 && let Some(l) = p.spec.get("limits")
             {
+                let n = |k: &str| l.get(k).and_then(Value::as_u64);
                 limits = limits.narrow(mayfly_types::Limits {
-                    step_timeout_s: l.get("step_timeout_s").and_then(Value::as_u64),
-                    max_attempts: l
-                        .get("max_attempts")
-                        .and_then(Value::as_u64)
-                        .map(|a| a.min(u64::from(u32::MAX)) as u32),
+                    step_timeout_s: n("step_timeout_s"),
+                    max_attempts: n("max_attempts").map(|a| a.min(u64::from(u32::MAX)) as u32),
+                    memory_mb: n("memory_mb"),
+                    cpu_s: n("cpu_s"),
+                    processes: n("processes"),
+                    open_files: n("open_files"),
+                    disk_mb: n("disk_mb"),
+                    egress: Vec::new(),
+                });
+            }
+            if !is_exception(p)
+                && let Some(e) = p.spec.get("egress")
+                && let Ok(e) = serde_json::from_value::<mayfly_types::Egress>(e.clone())
+            {
+                limits = limits.narrow(mayfly_types::Limits {
+                    egress: vec![e],
+                    ..mayfly_types::Limits::default()
                 });
             }
             let (platform, layer) = layer_of(p);

@@ -26,7 +26,7 @@ fn manifests_parse_and_validate_with_locations() {
     assert_eq!(ms[0].labels.get("team").map(String::as_str), Some("ml"));
     assert_eq!(ms[1].kind, Kind::Environment);
 
-    let bad = "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: Bad_Name}\nspec:\n  slots: 0\n---\napiVersion: v0\nkind: Gadget\nmetadata: {name: x}\nextra: 1\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  tools: {allow: [python, rocket]}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme, tenant: acme}\nspec: {colour: red}\n";
+    let bad = "apiVersion: mayfly.dev/v1\nkind: WorkerPool\nmetadata: {name: Bad_Name}\nspec:\n  slots: 0\n---\napiVersion: v0\nkind: Gadget\nmetadata: {name: x}\nextra: 1\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  tools: {allow: [python, rocket]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: q}\nspec:\n  egress: {allow: [\"10.0.0.0/40\"]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: r}\nspec:\n  egress: everywhere\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme, tenant: acme}\nspec: {colour: red}\n";
     let e = parse_manifests("bad.yaml", bad).expect_err("invalid");
     let text = e.to_string();
     for want in [
@@ -38,6 +38,8 @@ fn manifests_parse_and_validate_with_locations() {
         "unknown kind `Gadget`",
         "unknown field `extra`",
         "unknown tool kind `rocket`",
+        "egress: egress rule `10.0.0.0/40`",
+        "unknown variant `everywhere`",
         "Tenant is cluster-scoped",
         "unknown field `colour`",
     ] {
@@ -579,7 +581,7 @@ async fn explain_shows_each_layer_and_time_bound_exceptions() {
 async fn the_environment_layer_applies_to_tenants_of_that_environment() {
     let (_dir, _store, c) = control().await;
     let sys = caller(SYSTEM_TENANT, Role::Admin);
-    let platform = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [python, noop, http]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: prod-no-http}\nspec:\n  scope: {environment: prod}\n  tools: {allow: [python, noop]}\n  limits: {step_timeout_s: 30}\n---\napiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme}\nspec: {environment: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: beta}\nspec: {environment: staging}\n";
+    let platform = "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: platform}\nspec:\n  tools: {allow: [python, noop, http]}\n---\napiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: prod-no-http}\nspec:\n  scope: {environment: prod}\n  tools: {allow: [python, noop]}\n  limits: {step_timeout_s: 30, memory_mb: 512}\n  egress: public\n---\napiVersion: mayfly.dev/v1\nkind: Environment\nmetadata: {name: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: acme}\nspec: {environment: prod}\n---\napiVersion: mayfly.dev/v1\nkind: Tenant\nmetadata: {name: beta}\nspec: {environment: staging}\n";
     c.apply(&sys, &parse_manifests("p.yaml", platform).expect("parse"))
         .await
         .expect("apply");
@@ -587,7 +589,7 @@ async fn the_environment_layer_applies_to_tenants_of_that_environment() {
         &caller("acme", Role::Admin),
         &parse_manifests(
             "a.yaml",
-            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  tools: {allow: [python, noop, http, shell]}\n",
+            "apiVersion: mayfly.dev/v1\nkind: Policy\nmetadata: {name: base}\nspec:\n  tools: {allow: [python, noop, http, shell]}\n  limits: {memory_mb: 1024, processes: 32}\n  egress: {allow: [\"db.acme.internal:5432\", \"*.acme.com\"]}\n",
         )
         .expect("parse"),
     )
@@ -614,6 +616,18 @@ async fn the_environment_layer_applies_to_tenants_of_that_environment() {
         ex.limits.step_timeout_s,
         Some(30),
         "the environment's budget"
+    );
+    // Sandbox bounds narrow like budgets; every layer's egress rule applies.
+    assert_eq!(
+        (ex.limits.memory_mb, ex.limits.processes),
+        (Some(512), Some(32))
+    );
+    assert_eq!(
+        ex.limits.egress,
+        vec![
+            mayfly_types::Egress::Public,
+            mayfly_types::Egress::Allow(vec!["db.acme.internal:5432".into(), "*.acme.com".into()])
+        ]
     );
     // A bundle carries the tenants' environments: agents apply the environment layer too.
     let frozen = crate::rollout::BundleBody::freeze(&st).policy_state();

@@ -671,7 +671,7 @@ async fn start(
             req.workload,
             Some(c.request_id.clone()),
             Some(c.tenant.clone()),
-            admission.limits,
+            admission.limits.clone(),
             mayfly_runtime::trace::traceparent(&tracing::Span::current()),
         )
         .await

@@ -49,6 +49,8 @@ pub struct Agent {
     cfg: AgentConfig,
     applied: RwLock<Option<Applied>>,
     refused: Mutex<Option<Refusal>>,
+    /// The bundle the control plane last asked it to enforce (None: no bundle in force).
+    wanted: Mutex<Option<String>>,
     ok: AtomicU64,
     failed: AtomicU64,
     /// Control plane clock minus this process's, as of the last answer.
@@ -63,6 +65,7 @@ impl Agent {
             cfg,
             applied: RwLock::new(None),
             refused: Mutex::new(None),
+            wanted: Mutex::new(None),
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             skew_ms: std::sync::atomic::AtomicI64::new(0),
@@ -89,6 +92,31 @@ impl Agent {
             .is_some()
     }
 
+    /// Why this worker must run nothing: the control plane has a bundle in force and this
+    /// agent holds none (it refused the bundle, say for an unknown signing key). Running
+    /// unchecked would let through what the bundle forbids (fail closed).
+    pub fn missing_bundle(&self) -> Option<String> {
+        let wanted = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        if self.enforcing() {
+            return None;
+        }
+        let why = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|r| format!(": it refused it ({}: {})", r.code, r.message))
+            .unwrap_or_default();
+        Some(format!(
+            "policy bundle {wanted} is in force and worker `{}` holds none{why}",
+            self.cfg.id
+        ))
+    }
+
     /// The digest of the bundle it enforces.
     pub fn applied(&self) -> Option<String> {
         self.applied
@@ -102,6 +130,7 @@ impl Agent {
     /// it (keeping the bundle in force — a bad bundle never loosens or drops enforcement).
     /// `None` means no bundle: enforcement stops.
     pub fn offer(&self, desired: Option<&Signed>) {
+        *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = desired.map(|b| b.digest.clone());
         let current = self.applied();
         let Some(bundle) = desired else {
             if current.is_some() {

@@ -506,9 +506,18 @@ pub struct Runtime {
 impl Runtime {
     /// Start the orchestrator and `config.workers` worker tasks on `store`.
     pub fn start(store: Arc<dyn Store>, config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        let tools = Arc::new(
-            Tools::new(config.tools.clone()).map_err(|e| RuntimeError::Invalid(e.to_string()))?,
-        );
+        let tools = Arc::new({
+            let t = Tools::new(config.tools.clone())
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            if let Some(e) = t.sandbox_error() {
+                tracing::error!(error = %e.message, "no sandbox: shell, python and duckdb steps fail sandbox_unavailable");
+                eprintln!(
+                    "warning: {}: shell, python and duckdb steps fail until it is fixed",
+                    e.message
+                );
+            }
+            t
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicU64::new(0));

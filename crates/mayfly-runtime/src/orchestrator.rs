@@ -1043,7 +1043,7 @@ impl Orchestrator {
         let traceparent = px.traceparent.clone();
         let tenant = Some(px.st.tenant.clone());
         // A child runs under its parent's budgets.
-        let limits = px.st.limits;
+        let limits = px.st.limits.clone();
         let child = Arc::new(child);
         let child_id = ExecutionId(uuid::Uuid::now_v7().to_string());
         let mut workload = child.workload.clone();
@@ -1374,7 +1374,7 @@ impl Orchestrator {
         let ctx = block_context(x, &block.step, index);
         let pb = x.pb.clone();
         let tenant = x.st.tenant.clone();
-        let limits = x.st.limits;
+        let limits = x.st.limits.clone();
         let lease_until = now_ms() + lease.as_millis() as u64;
         let claimed = Draft::new(
             EventKind::CommandClaimed,

@@ -62,7 +62,7 @@ enum ClaimWire {
         context: Option<Map<String, Value>>,
         lease_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        limits: Option<mayfly_types::Limits>,
+        limits: Option<Box<mayfly_types::Limits>>,
     },
     Done,
     Busy {
@@ -287,7 +287,7 @@ async fn answer(
                             .unwrap_or_default(),
                         context: Some(x.context),
                         lease_ms: x.lease.as_millis() as u64,
-                        limits: x.limits,
+                        limits: x.limits.map(Box::new),
                     }),
                     Ok(Claim::Done) => Ok(ClaimWire::Done),
                     Ok(Claim::Busy(d)) => Ok(ClaimWire::Busy {
@@ -1135,7 +1135,7 @@ impl Coordinator for RemoteCoordinator {
                     playbook,
                     context,
                     lease: Duration::from_millis(lease_ms),
-                    limits,
+                    limits: limits.map(|l| *l),
                 })))
             }
         }

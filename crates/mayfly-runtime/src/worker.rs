@@ -357,6 +357,14 @@ fn enforce(
     step: &mayfly_dsl::Step,
     aliases: &[String],
 ) -> Option<StepFailed> {
+    if let Some(why) = agent.missing_bundle() {
+        return Some(StepFailed {
+            index: h.block.index,
+            error: ErrorInfo::new("no_policy_bundle", why),
+            duration_ms: None,
+            logs: None,
+        });
+    }
     if !agent.enforcing() {
         return None;
     }
@@ -903,7 +911,11 @@ async fn run_pipeline<C: Coordinator>(
             }
         }
         // The policy budget caps whatever the playbook asks for (bounded autonomy).
-        let budget = h.limits.and_then(|l| l.step_timeout_s).map(|s| s as f64);
+        let budget = h
+            .limits
+            .as_ref()
+            .and_then(|l| l.step_timeout_s)
+            .map(|s| s as f64);
         let timeout = match (
             task.timeout_s
                 .or(step.timeout_s)
@@ -930,8 +942,12 @@ async fn run_pipeline<C: Coordinator>(
             } else if task.kind == ToolKind::Playbook {
                 child_task(coord, h, &config, &input).await
             } else {
+                let scope = mayfly_tools::Scope {
+                    tenant: &h.tenant,
+                    limits: h.limits.as_ref(),
+                };
                 tools
-                    .run(task.kind.as_str(), &config, &input, timeout)
+                    .run_in(&scope, task.kind.as_str(), &config, &input, timeout)
                     .await
             }
         };
@@ -1021,6 +1037,7 @@ async fn run_pipeline<C: Coordinator>(
                 max_delay_s,
             } if tries + 1
                 < h.limits
+                    .as_ref()
                     .and_then(|l| l.max_attempts)
                     .map_or(attempts, |m| attempts.min(m)) =>
             {

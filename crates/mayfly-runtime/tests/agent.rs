@@ -239,3 +239,45 @@ async fn agents_judge_expiry_by_the_control_planes_clock() {
         "{denied}"
     );
 }
+
+/// A worker whose agent could not apply the bundle the control plane has in force (here:
+/// signed with a key it does not trust) runs nothing: failing open would let through what
+/// the bundle forbids.
+#[tokio::test]
+async fn a_worker_without_the_bundle_in_force_runs_nothing() {
+    let (_dir, store, control, _key) = setup().await;
+    let stranger = agent("w-4", &ControlKey::generate());
+    let rt = Runtime::start(
+        store.clone(),
+        RuntimeConfig {
+            workers: 1,
+            agent: Some(stranger.clone()),
+            ..Default::default()
+        },
+    )
+    .expect("rt");
+    stranger.sync(control.as_ref()).await.expect("first sync");
+    let pb = parse("sh.yaml", SHELL, &ParseOptions::default()).expect("pb");
+    assert_eq!(stranger.missing_bundle(), None, "no bundle in force yet");
+    let r = rt.run(pb.clone(), Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+
+    let b = roll_out_noop_only(&control).await;
+    // The answer that carries the bundle is the one it refuses.
+    stranger.offer(control.bundles().await.first());
+    assert_eq!(stranger.applied(), None);
+    let why = stranger.missing_bundle().expect("missing");
+    assert!(why.contains(&b) && why.contains("unknown_key"), "{why}");
+    // (A noop step never reaches a worker: the engine completes it inline.)
+    let r = rt.run(pb.clone(), Map::new()).await.expect("run");
+    let e = r.error.expect("refused");
+    assert_eq!(
+        (r.status, e.code.as_str()),
+        (Status::Failed, "no_policy_bundle"),
+        "{e:?}"
+    );
+    // The bundle withdrawn: nothing is in force, and it runs again.
+    stranger.offer(None);
+    let r = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+}

@@ -58,6 +58,25 @@ pub fn duckdb() -> bool {
     ok
 }
 
+/// Bubblewrap (`bwrap`) on PATH, which the sandbox of tenant code needs: skipped loudly
+/// when absent, a failure under `CI=true` (`.ci/run` installs it).
+pub fn bubblewrap() -> bool {
+    let ok = std::process::Command::new("bwrap")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "CI=true but bwrap is not installed (apt-get install bubblewrap)"
+        );
+        eprintln!("SKIPPED: bwrap is not installed (apt-get install bubblewrap)");
+    }
+    ok
+}
+
 /// Make KV bucket `bucket` on the NATS of `js` (idempotent). Its stream is made by hand:
 /// async-nats' `create_key_value` sends fields that the NATS 2.9 of Debian does not parse.
 pub async fn nats_kv_bucket(js: &async_nats::jetstream::Context, bucket: &str) {

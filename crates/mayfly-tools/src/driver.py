@@ -1,7 +1,7 @@
 # mayfly python worker driver: one long-lived interpreter, one JSON request per line on
 # stdin, one marked JSON response line on stdout. User output is captured, never mixed
 # with the protocol (stray writes to fd 1 are tolerated: the host skips unmarked lines).
-import ast, io, json, linecache, os, sys, textwrap, traceback
+import ast, io, json, linecache, os, shutil, sys, textwrap, traceback
 
 MARK = "\x1e@@MAYFLY@@"
 LIMIT = 65536
@@ -124,8 +124,93 @@ def _traceback(e):
     return text + "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(e), e))
 
 
-def _clip(s):
-    return s if len(s) <= LIMIT else s[:LIMIT] + "\n[truncated]"
+def _fresh_dirs():
+    # A sandboxed step starts in an empty /work and /tmp: nothing of the step before it.
+    for d in ("/work", "/tmp"):
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for e in entries:
+            p = os.path.join(d, e)
+            try:
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
+            except OSError:
+                pass
+    os.chdir("/work")
+
+
+def _cpu_budget(seconds):
+    # This step's CPU time from now (SIGXCPU ends the interpreter past it); the sandbox's
+    # wall-clock timeout bounds the step whatever the step does to this limit.
+    if not seconds:
+        return
+    import resource
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    want = int(u.ru_utime + u.ru_stime) + 1 + int(seconds)
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (want, hard))
+
+
+def _shell(req):
+    # A shell task in this (sandboxed) interpreter's sandbox: each command in its own
+    # session, its CPU bounded, whatever it left running killed after it; the step's
+    # deadline over all commands. Per command: returncode (negative: killed by that
+    # signal), stdout, stderr, duration_ms; `timed_out` names the command cut off.
+    import signal, subprocess, time
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (req.get("env") or {}).items()})
+    cwd = req.get("cwd") or "/work"
+    if not cwd.startswith("/"):
+        cwd = os.path.join("/work", cwd)
+    os.makedirs(cwd, exist_ok=True)
+    deadline = time.monotonic() + float(req.get("timeout_s") or 300)
+    cpu = req.get("cpu_s")
+    done = []
+    for c in req.get("cmds") or []:
+        began = time.monotonic()
+        if began >= deadline:
+            return {"commands": done, "timed_out": c}
+        p = subprocess.Popen([req.get("shell") or "sh", "-c", c], env=env, cwd=cwd,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+        if cpu:
+            try:
+                import resource
+                resource.prlimit(p.pid, resource.RLIMIT_CPU, (int(cpu), int(cpu) + 1))
+            except OSError:
+                pass
+        try:
+            so, se = p.communicate(timeout=max(0.001, deadline - time.monotonic()))
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if timed_out:
+            p.communicate()
+            return {"commands": done, "timed_out": c}
+        done.append({
+            "cmd": c,
+            "returncode": p.returncode,
+            "stdout": _clip(so.decode("utf-8", "replace"), 1 << 20),
+            "stderr": _clip(se.decode("utf-8", "replace"), 1 << 20),
+            "duration_ms": int((time.monotonic() - began) * 1000),
+        })
+        if p.returncode != 0:
+            break
+    return {"commands": done}
+
+
+def _clip(s, limit=LIMIT):
+    return s if len(s) <= limit else s[:limit] + "\n[truncated]"
 
 
 def serve():
@@ -141,12 +226,19 @@ def serve():
         real = sys.stdout, sys.stderr
         try:
             req = json.loads(line)
+            box = req.get("sandbox")
+            if box:
+                _fresh_dirs()
+                _cpu_budget(box.get("cpu_s"))
             env = req.get("env") or {}
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update({k: str(v) for k, v in env.items()})
             sys.stdout, sys.stderr = so, se
             try:
-                value = _run(req.get("code", ""), req.get("input") or {}, req)
+                if "shell" in req:
+                    value = _shell(req["shell"])
+                else:
+                    value = _run(req.get("code", ""), req.get("input") or {}, req)
             finally:
                 sys.stdout, sys.stderr = real
                 for k, v in saved.items():

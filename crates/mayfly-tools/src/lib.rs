@@ -6,18 +6,25 @@
 //! `ToolOutput { ok: false, error }`, which task policy rules can act on.
 
 mod duckdb;
+pub mod egress;
 mod http;
 mod nats;
 mod postgres;
 mod python;
+pub mod sandbox;
 mod shell;
 mod transfer;
 
 pub use nats::OPERATIONS as NATS_OPERATIONS;
 pub use python::PythonPool;
 
-use mayfly_types::ErrorInfo;
+use egress::Guard;
+use mayfly_types::{Egress, ErrorInfo, Limits};
+use python::Launch;
+use sandbox::{Profile, Sandbox};
 use serde_json::{Map, Value};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A tool failure with a stable code.
@@ -192,6 +199,11 @@ pub struct ToolsConfig {
     pub python: String,
     pub python_pool: usize,
     pub default_timeout: Duration,
+    /// Run tenant code (`shell`, `python`, `duckdb`) in a sandbox. When it is required and
+    /// bubblewrap cannot start one, those steps fail `sandbox_unavailable` (fail closed).
+    pub sandbox: bool,
+    /// Egress rules for tenants whose policies set none (empty: unrestricted).
+    pub default_egress: Vec<Egress>,
 }
 
 impl Default for ToolsConfig {
@@ -200,13 +212,47 @@ impl Default for ToolsConfig {
             python: "python3".into(),
             python_pool: 4,
             default_timeout: Duration::from_secs(300),
+            sandbox: false,
+            default_egress: Vec::new(),
         }
     }
 }
 
+/// Who a task runs for: its tenant and the budgets its policies set.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    pub tenant: &'a str,
+    pub limits: Option<&'a Limits>,
+}
+
+impl Default for Scope<'_> {
+    fn default() -> Self {
+        Scope {
+            tenant: mayfly_types::DEFAULT_TENANT,
+            limits: None,
+        }
+    }
+}
+
+/// Python pools kept per sandbox profile (tenant and bounds) at once; beyond it the least
+/// recently used pool is closed (its interpreters stop once their steps finish).
+const BOXED_POOLS: usize = 8;
+
+struct Boxed {
+    sandbox: Arc<Sandbox>,
+    /// The interpreter's real executable, or why python cannot run in a sandbox.
+    python: Result<String, ToolError>,
+    /// Most recently used last.
+    pools: Mutex<Vec<(Profile, Arc<PythonPool>)>>,
+}
+
 /// Runs tools. One per worker process; cheap to share.
 pub struct Tools {
+    /// The unsandboxed pool (used when the sandbox is off).
     pub python: PythonPool,
+    /// Some: tenant code must run sandboxed (Err: the sandbox cannot start, and why).
+    boxed: Option<Result<Boxed, ToolError>>,
+    own: Vec<IpAddr>,
     http: http::Clients,
     postgres: postgres::Pools,
     duckdb: duckdb::Locks,
@@ -216,8 +262,21 @@ pub struct Tools {
 
 impl Tools {
     pub fn new(config: ToolsConfig) -> Result<Self, ToolError> {
+        mayfly_types::egress::validate(&config.default_egress)
+            .map_err(|m| ToolError::new("bad_policy", m))?;
+        let boxed = config.sandbox.then(|| {
+            let layout = sandbox::python_layout(&config.python);
+            let dirs = layout.as_ref().map(|(_, d)| d.clone()).unwrap_or_default();
+            Sandbox::detect(&dirs).map(|sb| Boxed {
+                sandbox: Arc::new(sb),
+                python: layout.map(|(exe, _)| exe.display().to_string()),
+                pools: Mutex::new(Vec::new()),
+            })
+        });
         Ok(Tools {
             python: PythonPool::new(config.python.clone(), config.python_pool),
+            boxed,
+            own: egress::own_addresses(),
             http: http::clients()?,
             postgres: postgres::Pools::default(),
             duckdb: duckdb::Locks::default(),
@@ -226,8 +285,94 @@ impl Tools {
         })
     }
 
-    /// Run one task. `config` is the task's rendered fields; `input` the merged step and
-    /// task input. `code` for python is passed verbatim (never templated).
+    /// Why tenant code cannot run here, if the sandbox is required and does not start.
+    pub fn sandbox_error(&self) -> Option<&ToolError> {
+        self.boxed.as_ref().and_then(|b| b.as_ref().err())
+    }
+
+    /// Whether tenant code runs sandboxed.
+    pub fn sandboxed(&self) -> bool {
+        matches!(self.boxed, Some(Ok(_)))
+    }
+
+    /// The egress guard of `scope`: its policies' rules, else this host's default.
+    pub fn guard(&self, scope: &Scope<'_>) -> Result<Guard, ToolError> {
+        let layers = scope.limits.map(|l| &l.egress[..]).unwrap_or_default();
+        let layers = if layers.is_empty() {
+            &self.config.default_egress[..]
+        } else {
+            layers
+        };
+        Guard::new(layers, &self.own)
+    }
+
+    /// The sandbox and profile tenant code of `scope` runs in (None: unsandboxed).
+    fn boxed(
+        &self,
+        scope: &Scope<'_>,
+        guard: &Guard,
+    ) -> Result<Option<(&Boxed, Profile)>, ToolError> {
+        match &self.boxed {
+            None => Ok(None),
+            Some(Err(e)) => Err(e.clone()),
+            Some(Ok(b)) => Ok(Some((
+                b,
+                Profile::new(scope.tenant, scope.limits, guard.sandbox_network()),
+            ))),
+        }
+    }
+
+    /// The python pool for `scope`: the host pool, or the sandboxed pool of its profile.
+    fn pool(&self, scope: &Scope<'_>, guard: &Guard) -> Result<Arc<PythonPool>, ToolError> {
+        let Some((b, profile)) = self.boxed(scope, guard)? else {
+            return Err(ToolError::new("unsandboxed", ""));
+        };
+        let exe = b.python.clone()?;
+        let mut pools = b
+            .pools
+            .lock()
+            .map_err(|_| ToolError::new("python_unavailable", "pool registry poisoned"))?;
+        if let Some(i) = pools.iter().position(|(p, _)| *p == profile) {
+            let entry = pools.remove(i);
+            let pool = entry.1.clone();
+            pools.push(entry);
+            return Ok(pool);
+        }
+        if pools.len() >= BOXED_POOLS {
+            pools.remove(0);
+        }
+        let pool = Arc::new(PythonPool::launching(
+            Launch::Boxed {
+                sandbox: b.sandbox.clone(),
+                exe,
+                profile: profile.clone(),
+            },
+            self.config.python_pool,
+        ));
+        pools.push((profile, pool.clone()));
+        Ok(pool)
+    }
+
+    /// Run a python request on the pool of `scope` (the host pool when unsandboxed).
+    async fn python_run(
+        &self,
+        scope: &Scope<'_>,
+        guard: &Guard,
+        code: &str,
+        input: &Value,
+        extra: Map<String, Value>,
+        timeout: Duration,
+    ) -> ToolOutput {
+        if self.boxed.is_none() {
+            return self.python.run_with(code, input, extra, timeout).await;
+        }
+        match self.pool(scope, guard) {
+            Ok(p) => p.run_with(code, input, extra, timeout).await,
+            Err(e) => ToolOutput::failed(e),
+        }
+    }
+
+    /// Run one task for the default tenant under this host's defaults.
     pub async fn run(
         &self,
         kind: &str,
@@ -235,10 +380,29 @@ impl Tools {
         input: &Map<String, Value>,
         timeout: Option<Duration>,
     ) -> ToolOutput {
+        self.run_in(&Scope::default(), kind, config, input, timeout)
+            .await
+    }
+
+    /// Run one task for `scope`. `config` is the task's rendered fields; `input` the merged
+    /// step and task input. `code` for python is passed verbatim (never templated). Tenant
+    /// code runs in the scope's sandbox; connections pass the scope's egress rules.
+    pub async fn run_in(
+        &self,
+        scope: &Scope<'_>,
+        kind: &str,
+        config: &Map<String, Value>,
+        input: &Map<String, Value>,
+        timeout: Option<Duration>,
+    ) -> ToolOutput {
         let timeout = timeout.unwrap_or(self.config.default_timeout);
+        let guard = match self.guard(scope) {
+            Ok(g) => g,
+            Err(e) => return ToolOutput::failed(e),
+        };
         match kind {
             "python" => {
-                let code = match self.python_code(config).await {
+                let code = match self.python_code(&guard, config).await {
                     Ok(c) => c,
                     Err(e) => return ToolOutput::failed(e),
                 };
@@ -275,16 +439,40 @@ impl Tools {
                         ));
                     }
                 }
-                self.python
-                    .run_with(&code, &Value::Object(input.clone()), extra, timeout)
-                    .await
+                self.python_run(
+                    scope,
+                    &guard,
+                    &code,
+                    &Value::Object(input.clone()),
+                    extra,
+                    timeout,
+                )
+                .await
             }
-            "shell" => shell::run(config, timeout).await,
-            "http" => http::run(&self.http, config, timeout).await,
-            "postgres" => postgres::run(&self.postgres, config, input, timeout).await,
-            "duckdb" => duckdb::run(&self.python, &self.duckdb, config, timeout).await,
-            "nats" => nats::run(&self.nats, config, input, timeout).await,
-            "transfer" => transfer::run(&self.postgres, &self.http, config, timeout).await,
+            "shell" => {
+                if self.boxed.is_none() {
+                    shell::run(config, timeout, None).await
+                } else {
+                    match self.pool(scope, &guard) {
+                        Ok(p) => shell::run(config, timeout, Some(&p)).await,
+                        Err(e) => ToolOutput::failed(e),
+                    }
+                }
+            }
+            "http" => http::run(&self.http, &guard, config, timeout).await,
+            "postgres" => postgres::run(&self.postgres, &guard, config, input, timeout).await,
+            "duckdb" => {
+                if self.boxed.is_none() {
+                    duckdb::run(&self.python, &self.duckdb, config, timeout).await
+                } else {
+                    match self.pool(scope, &guard) {
+                        Ok(p) => duckdb::run(&p, &self.duckdb, config, timeout).await,
+                        Err(e) => ToolOutput::failed(e),
+                    }
+                }
+            }
+            "nats" => nats::run(&self.nats, &guard, config, input, timeout).await,
+            "transfer" => transfer::run(&self.postgres, &self.http, &guard, config, timeout).await,
             "noop" => ToolOutput::ok(match config.get("result") {
                 Some(r) => r.clone(),
                 None if !input.is_empty() => Value::Object(input.clone()),
@@ -308,7 +496,11 @@ pub const CONTEXT_KEY: &str = "__context";
 impl Tools {
     /// A python task's source: `code`, else `code_b64`/`code_base64`, else `script`
     /// (`source.type` inline, or http fetched with this worker's client).
-    async fn python_code(&self, config: &Map<String, Value>) -> Result<String, ToolError> {
+    async fn python_code(
+        &self,
+        guard: &Guard,
+        config: &Map<String, Value>,
+    ) -> Result<String, ToolError> {
         let bad = |m: String| ToolError::new("bad_config", m);
         if let Some(c) = config.get("code") {
             return c
@@ -359,7 +551,7 @@ impl Tools {
                     cfg.insert("method".into(), m.clone());
                 }
                 let timeout = seconds(source.get("timeout")).unwrap_or(Duration::from_secs(30));
-                let out = http::run(&self.http, &cfg, timeout).await;
+                let out = http::run(&self.http, guard, &cfg, timeout).await;
                 match (out.ok, out.data.get("body").and_then(Value::as_str)) {
                     (true, Some(code)) => Ok(code.to_owned()),
                     _ => Err(ToolError::new(
@@ -387,12 +579,13 @@ impl Tools {
 /// `PR_SET_PDEATHSIG`): an interpreter or command left running after its runtime died
 /// would finish the step in flight while a resumed run runs it again. Only the direct
 /// child is covered (what it starts itself is the sandbox's to contain).
-pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+pub fn die_with_parent(cmd: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
     {
         let parent = std::process::id();
         // SAFETY: between fork and exec only async-signal-safe calls are made (prctl,
         // getppid, _exit) and nothing is allocated.
+        use std::os::unix::process::CommandExt;
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

@@ -7,6 +7,7 @@
 //! 5 s (NoETL's caps), `request` waits at most the task's timeout, and every operation runs
 //! under the task's timeout. Connections are kept per server and credential.
 
+use crate::egress::Guard;
 use crate::{ToolError, ToolOutput};
 use async_nats::jetstream;
 use base64::Engine as _;
@@ -51,6 +52,8 @@ struct Conn {
     user: Option<String>,
     password: Option<String>,
     token: Option<String>,
+    /// Checked by an egress policy: the client must not follow advertised servers.
+    pinned: bool,
 }
 
 impl Clients {
@@ -65,6 +68,10 @@ impl Clients {
             .connection_timeout(timeout.min(Duration::from_secs(10)))
             // A step fails fast on a dead server instead of queueing behind reconnects.
             .max_reconnects(Some(1));
+        if c.pinned {
+            // Only the servers the task named (and its egress policy checked).
+            opts = opts.ignore_discovered_servers();
+        }
         if let Some(t) = &c.token {
             opts = opts.token(t.clone());
         } else if let (Some(u), Some(p)) = (&c.user, &c.password) {
@@ -79,6 +86,39 @@ impl Clients {
         m.insert(c.clone(), client.clone());
         Ok(client)
     }
+}
+
+/// Under an egress policy: each server of `url` (comma-separated, `nats://` by default,
+/// port 4222) resolved, checked, and replaced by the address that passed; the client is
+/// also told not to follow servers the cluster advertises (see `Clients::get`).
+async fn pinned(guard: &Guard, url: &str) -> Result<String, ToolError> {
+    if guard.unrestricted() {
+        return Ok(url.to_owned());
+    }
+    let mut out = Vec::new();
+    for server in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let full = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("nats://{server}")
+        };
+        let mut u = reqwest::Url::parse(&full)
+            .map_err(|e| bad(format!("nats `url` `{server}` is not a url: {e}")))?;
+        let host = u
+            .host_str()
+            .ok_or_else(|| bad(format!("nats `url` `{server}` has no host")))?
+            .to_owned();
+        let port = u.port().unwrap_or(4222);
+        if let Some(addrs) = guard.resolve(&host, port).await?
+            && let Some(a) = addrs.first()
+        {
+            u.set_ip_host(a.ip())
+                .map_err(|_| bad(format!("nats `url` `{server}` cannot take an address")))?;
+            let _ = u.set_port(Some(port));
+        }
+        out.push(u.to_string().trim_end_matches('/').to_owned());
+    }
+    Ok(out.join(","))
 }
 
 fn bad(m: impl Into<String>) -> ToolError {
@@ -181,11 +221,12 @@ fn glob(pattern: &str, s: &str) -> bool {
 
 pub async fn run(
     clients: &Clients,
+    guard: &Guard,
     config: &Map<String, Value>,
     input: &Map<String, Value>,
     timeout: Duration,
 ) -> ToolOutput {
-    match tokio::time::timeout(timeout, run_op(clients, config, input, timeout)).await {
+    match tokio::time::timeout(timeout, run_op(clients, guard, config, input, timeout)).await {
         Ok(Ok(v)) => ToolOutput::ok(v),
         Ok(Err(e)) => ToolOutput::failed(e),
         Err(_) => ToolOutput::failed(ToolError::new(
@@ -197,6 +238,7 @@ pub async fn run(
 
 async fn run_op(
     clients: &Clients,
+    guard: &Guard,
     cfg: &Map<String, Value>,
     input: &Map<String, Value>,
     timeout: Duration,
@@ -222,7 +264,9 @@ async fn run_op(
             "nats needs `url` (or `auth: <alias>` of a credential with `url`)",
         ));
     };
+    let url = pinned(guard, &url).await?;
     let conn = Conn {
+        pinned: !guard.unrestricted(),
         url,
         user: pick("user", "username"),
         password: pick("password", "password"),

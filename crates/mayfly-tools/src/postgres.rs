@@ -14,6 +14,7 @@
 //! date/time/uuid strings, bytea base64; other types their text (or null when Postgres
 //! sends them in binary and they are not text).
 
+use crate::egress::Guard;
 use crate::{ToolError, ToolOutput};
 use base64::Engine as _;
 use futures_util::TryStreamExt;
@@ -77,8 +78,30 @@ fn options(cred: &Value) -> Result<(String, PgConnectOptions), String> {
 }
 
 impl Pools {
-    pub(crate) async fn pool(&self, cred: &Value, timeout: Duration) -> Result<PgPool, ToolError> {
-        let (key, opts) = options(cred).map_err(|m| ToolError::new("bad_credential", m))?;
+    pub(crate) async fn pool(
+        &self,
+        cred: &Value,
+        guard: &Guard,
+        timeout: Duration,
+    ) -> Result<PgPool, ToolError> {
+        let (mut key, mut opts) = options(cred).map_err(|m| ToolError::new("bad_credential", m))?;
+        if !guard.unrestricted() {
+            // A socket path (or a host that is one) is the host's own Postgres.
+            if let Some(sock) = opts.get_socket() {
+                guard.local_socket(&sock.display().to_string())?;
+            }
+            let host = opts.get_host().to_owned();
+            if host.starts_with('/') {
+                guard.local_socket(&host)?;
+            }
+            // Connect to the address that was checked, not to the name again.
+            if let Some(addrs) = guard.resolve(&host, opts.get_port()).await?
+                && let Some(a) = addrs.first()
+            {
+                opts = opts.host(&a.ip().to_string());
+                key.push_str(&format!("\u{0}{}", a.ip()));
+            }
+        }
         if let Some(p) = self.pools.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
         }
@@ -483,6 +506,7 @@ pub(crate) fn credential(auth: Option<&Value>, config: &Map<String, Value>) -> O
 
 pub async fn run(
     pools: &Pools,
+    guard: &Guard,
     config: &Map<String, Value>,
     input: &Map<String, Value>,
     timeout: Duration,
@@ -520,7 +544,7 @@ pub async fn run(
         .get("schema")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let pool = match pools.pool(&cred, timeout).await {
+    let pool = match pools.pool(&cred, guard, timeout).await {
         Ok(p) => p,
         Err(e) => return ToolOutput::failed(e),
     };

@@ -5,6 +5,7 @@
 //! variables, while imported modules stay cached. A step that times out (or breaks the
 //! protocol) gets its interpreter killed and replaced.
 
+use crate::sandbox::{Profile, Sandbox};
 use crate::{ToolError, ToolOutput};
 use serde_json::{Map, Value, json};
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ const DEPTH: usize = 8;
 const PIPE_ROOM: usize = 32 * 1024;
 
 struct Interp {
-    _child: Child,
+    child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
@@ -41,8 +42,21 @@ struct Job {
     reply: oneshot::Sender<Result<Value, ToolError>>,
 }
 
+/// How an interpreter is started: on the host, or in a sandbox of a profile (one pool
+/// per tenant and profile: interpreters are never shared across tenants).
+#[derive(Clone, Debug)]
+pub(crate) enum Launch {
+    Host(String),
+    Boxed {
+        sandbox: Arc<Sandbox>,
+        /// The interpreter's real executable (inside the sandbox at the same path).
+        exe: String,
+        profile: Profile,
+    },
+}
+
 struct Shared {
-    python: String,
+    launch: Launch,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>,
     /// Interpreter tasks started, and those of them waiting for work.
     live: AtomicUsize,
@@ -60,10 +74,14 @@ pub struct PythonPool {
 impl PythonPool {
     /// A pool of at most `size` interpreters of `python` (e.g. `python3`).
     pub fn new(python: impl Into<String>, size: usize) -> Self {
+        Self::launching(Launch::Host(python.into()), size)
+    }
+
+    pub(crate) fn launching(launch: Launch, size: usize) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         PythonPool {
             shared: Arc::new(Shared {
-                python: python.into(),
+                launch,
                 jobs: tokio::sync::Mutex::new(rx),
                 live: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
@@ -77,10 +95,18 @@ impl PythonPool {
         self.size
     }
 
+    /// The per-step CPU budget of a sandboxed pool (None on the host).
+    pub(crate) fn cpu_s(&self) -> Option<u64> {
+        match &self.shared.launch {
+            Launch::Boxed { profile, .. } => Some(profile.cpu_s),
+            Launch::Host(_) => None,
+        }
+    }
+
     /// Start interpreters until `size` run, so the first steps pay no start-up.
     pub async fn warm(&self) -> Result<(), ToolError> {
         while self.shared.live.load(Ordering::Acquire) < self.size {
-            let mut it = spawn(&self.shared.python)?;
+            let mut it = spawn(&self.shared.launch)?;
             // A no-op round trip proves the interpreter is ready.
             let line = request_line(&json!({"code": "result = None", "input": {}}))?;
             write(&mut it, &line).await.map_err(crashed)?;
@@ -120,10 +146,24 @@ impl PythonPool {
     ) -> ToolOutput {
         extra.insert("code".into(), Value::String(code.to_owned()));
         extra.insert("input".into(), input.clone());
-        let line = match request_line(&Value::Object(extra)) {
-            Ok(l) => l,
-            Err(e) => return ToolOutput::failed(e),
-        };
+        match self.request(extra, timeout).await {
+            Ok(resp) => output(resp),
+            Err(e) => ToolOutput::failed(e),
+        }
+    }
+
+    /// Send one request (its fields as the driver reads them) and return the driver's raw
+    /// response. A sandboxed pool's driver empties the work dir and sets the step's CPU
+    /// budget first.
+    pub(crate) async fn request(
+        &self,
+        mut extra: Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Value, ToolError> {
+        if let Launch::Boxed { profile, .. } = &self.shared.launch {
+            extra.insert("sandbox".into(), json!({"cpu_s": profile.cpu_s}));
+        }
+        let line = request_line(&Value::Object(extra))?;
         // Another interpreter only when none is free to take this step.
         if self.shared.waiting.load(Ordering::Acquire) == 0 && self.reserve() {
             tokio::spawn(interpreter(self.shared.clone(), None));
@@ -135,12 +175,11 @@ impl PythonPool {
             reply,
         };
         if self.jobs.send(job).is_err() {
-            return ToolOutput::failed(ToolError::new("python_unavailable", "pool closed"));
+            return Err(ToolError::new("python_unavailable", "pool closed"));
         }
         match rx.await {
-            Ok(Ok(resp)) => output(resp),
-            Ok(Err(e)) => ToolOutput::failed(e),
-            Err(_) => ToolOutput::failed(ToolError::new(
+            Ok(r) => r,
+            Err(_) => Err(ToolError::new(
                 "python_unavailable",
                 "the interpreter pool stopped",
             )),
@@ -209,21 +248,39 @@ pub fn import_lines(libs: &Value) -> Result<String, ToolError> {
     Ok(out)
 }
 
-fn spawn(python: &str) -> Result<Interp, ToolError> {
-    let mut cmd = Command::new(python);
-    cmd.arg("-u")
-        .arg("-c")
-        .arg(DRIVER)
-        .stdin(Stdio::piped())
+fn spawn(launch: &Launch) -> Result<Interp, ToolError> {
+    let mut cmd = match launch {
+        Launch::Host(python) => {
+            let mut c = std::process::Command::new(python);
+            c.arg("-u").arg("-c").arg(DRIVER);
+            crate::die_with_parent(&mut c);
+            Command::from(c)
+        }
+        Launch::Boxed {
+            sandbox,
+            exe,
+            profile,
+        } => Command::from(sandbox.command(
+            // CPU time is budgeted per step by the driver: the interpreter outlives steps.
+            &Profile {
+                cpu_s: libc::RLIM_INFINITY,
+                ..profile.clone()
+            },
+            &[exe.clone(), "-u".into(), "-c".into(), DRIVER.into()],
+            &[("PYTHONDONTWRITEBYTECODE".into(), "1".into())],
+            None,
+        )?),
+    };
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    crate::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
-        ToolError::new(
-            "python_unavailable",
-            format!("cannot start `{python}`: {e}"),
-        )
+        let what = match launch {
+            Launch::Host(p) => p.clone(),
+            Launch::Boxed { exe, .. } => format!("{exe} in a sandbox"),
+        };
+        ToolError::new("python_unavailable", format!("cannot start `{what}`: {e}"))
     })?;
     let stdin = child
         .stdin
@@ -234,7 +291,7 @@ fn spawn(python: &str) -> Result<Interp, ToolError> {
         .take()
         .ok_or_else(|| ToolError::new("python_unavailable", "no stdout pipe"))?;
     Ok(Interp {
-        _child: child,
+        child,
         stdin,
         stdout: BufReader::new(stdout),
     })
@@ -285,7 +342,7 @@ async fn interpreter(shared: Arc<Shared>, mut it: Option<Interp>) {
         }
         let mut interp = match it.take() {
             Some(i) => i,
-            None => match spawn(&shared.python) {
+            None => match spawn(&shared.launch) {
                 Ok(i) => i,
                 Err(e) => {
                     for j in batch {
@@ -344,6 +401,42 @@ async fn write(it: &mut Interp, lines: &str) -> std::io::Result<()> {
     it.stdin.flush().await
 }
 
+/// Why an interpreter stopped answering: its exit status, read for a moment (a limit of
+/// its sandbox shows as the signal that enforced it).
+async fn exited(it: &mut Interp) -> ToolError {
+    let status = tokio::time::timeout(Duration::from_millis(500), it.child.wait())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let why = match status {
+        None => "interpreter exited".to_owned(),
+        Some(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            // bwrap reports a payload killed by signal N as exit status 128 + N.
+            let sig = s
+                .signal()
+                .or_else(|| s.code().filter(|c| *c > 128).map(|c| c - 128));
+            match sig {
+                Some(libc::SIGXCPU) => {
+                    return ToolError::new(
+                        "resource_limit",
+                        "python step exceeded its CPU time limit (cpu_s)",
+                    );
+                }
+                Some(libc::SIGXFSZ) => {
+                    return ToolError::new(
+                        "resource_limit",
+                        "python step wrote a file beyond its disk limit (disk_mb)",
+                    );
+                }
+                Some(n) => format!("interpreter killed by signal {n}"),
+                None => format!("interpreter exited ({s})"),
+            }
+        }
+    };
+    crashed(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why))
+}
+
 /// The next response of `it` (its lines without the mark are stray output, skipped).
 async fn response(it: &mut Interp) -> Result<Value, ToolError> {
     let mut buf = String::new();
@@ -351,10 +444,7 @@ async fn response(it: &mut Interp) -> Result<Value, ToolError> {
         buf.clear();
         let n = it.stdout.read_line(&mut buf).await.map_err(crashed)?;
         if n == 0 {
-            return Err(crashed(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "interpreter exited",
-            )));
+            return Err(exited(it).await);
         }
         if let Some(rest) = buf.strip_prefix(MARK) {
             return serde_json::from_str(rest)

@@ -9,6 +9,7 @@
 //! type (`$n::text::<type>`), so a JSON number lands in an `int4`, a decimal string in a
 //! `numeric`, an object in a `jsonb`.
 
+use crate::egress::Guard;
 use crate::postgres::Pools;
 use crate::{ToolError, ToolOutput};
 use mayfly_types::at_path;
@@ -58,10 +59,11 @@ fn kind_of(ep: &Map<String, Value>) -> Option<&str> {
 pub async fn run(
     pools: &Pools,
     http: &crate::http::Clients,
+    guard: &Guard,
     config: &Map<String, Value>,
     timeout: Duration,
 ) -> ToolOutput {
-    match tokio::time::timeout(timeout, transfer(pools, http, config, timeout)).await {
+    match tokio::time::timeout(timeout, transfer(pools, http, guard, config, timeout)).await {
         Ok(Ok(v)) => ToolOutput::ok(v),
         Ok(Err(e)) => ToolOutput::failed(e),
         Err(_) => ToolOutput::failed(ToolError::new(
@@ -74,6 +76,7 @@ pub async fn run(
 async fn transfer(
     pools: &Pools,
     http: &crate::http::Clients,
+    guard: &Guard,
     config: &Map<String, Value>,
     timeout: Duration,
 ) -> Result<Value, ToolError> {
@@ -120,7 +123,7 @@ async fn transfer(
             let mut cfg = Map::new();
             cfg.insert("query".into(), json!(query));
             cfg.insert("connection".into(), cred);
-            let out = crate::postgres::run(pools, &cfg, &empty, timeout).await;
+            let out = crate::postgres::run(pools, guard, &cfg, &empty, timeout).await;
             if let Some(e) = out.error {
                 return Err(ToolError::new(
                     e.code,
@@ -148,7 +151,7 @@ async fn transfer(
             if !cfg.contains_key("url") {
                 return Err(bad("transfer `source` (http) needs `url`"));
             }
-            let out = crate::http::run(http, &cfg, timeout).await;
+            let out = crate::http::run(http, guard, &cfg, timeout).await;
             if let Some(e) = out.error {
                 return Err(ToolError::new(
                     e.code,
@@ -248,7 +251,7 @@ async fn transfer(
         })
     };
 
-    let pool = pools.pool(&cred, timeout).await?;
+    let pool = pools.pool(&cred, guard, timeout).await?;
     let db = |e: sqlx::Error| {
         let mut m = format!("transfer target: {e}");
         if let sqlx::Error::Database(d) = &e

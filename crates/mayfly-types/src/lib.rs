@@ -3,6 +3,7 @@
 //! Nothing here performs IO. The envelope is the on-disk and on-wire contract of the
 //! event log (DESIGN §3); changing a field name is a breaking change to stored data.
 
+pub mod egress;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -320,18 +321,37 @@ pub struct ExecutionRequested {
     pub traceparent: Option<String>,
 }
 
-/// Step budgets set by policy: a step's timeout and a task's attempts never exceed them,
-/// whatever the playbook asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Budgets set by policy (bounded autonomy): a step's timeout and a task's attempts never
+/// exceed them, whatever the playbook asks for, and the sandbox that runs tenant code
+/// (`shell`, `python`, `duckdb`) gets its memory, CPU, process, file and disk bounds from
+/// them. `egress` is every layer's network rule; a connection must pass all of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_timeout_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Address space of each sandboxed process (MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// CPU seconds of one sandboxed command or python step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s: Option<u64>,
+    /// Processes (and threads) of one sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
+    /// Open files of each sandboxed process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
+    /// Size of a sandbox's writable work dir and /tmp (MiB each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<Egress>,
 }
 
 impl Limits {
-    /// The tighter of two budgets, field by field.
+    /// The tighter of two budgets, field by field; egress rules add up (both must pass).
     pub fn narrow(self, other: Limits) -> Limits {
         fn min<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
             match (a, b) {
@@ -339,11 +359,40 @@ impl Limits {
                 (a, b) => a.or(b),
             }
         }
+        let mut egress = self.egress;
+        for e in other.egress {
+            if !egress.contains(&e) {
+                egress.push(e);
+            }
+        }
         Limits {
             step_timeout_s: min(self.step_timeout_s, other.step_timeout_s),
             max_attempts: min(self.max_attempts, other.max_attempts),
+            memory_mb: min(self.memory_mb, other.memory_mb),
+            cpu_s: min(self.cpu_s, other.cpu_s),
+            processes: min(self.processes, other.processes),
+            open_files: min(self.open_files, other.open_files),
+            disk_mb: min(self.disk_mb, other.disk_mb),
+            egress,
         }
     }
+}
+
+/// One policy layer's network rule for what tenant code and the worker-side tools that act
+/// for it (`http`, `postgres`, `nats`, `transfer`) may connect to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    /// No network at all.
+    None,
+    /// Public addresses only: no loopback, private, link-local (cloud metadata), CGNAT,
+    /// multicast or unspecified addresses, nor the host's own.
+    Public,
+    /// Only what the list names: `host`, `host:port`, `*.domain[:port]`, `ip[:port]`,
+    /// `cidr[:port]` (`[v6]:port` for IPv6 with a port).
+    Allow(Vec<String>),
+    /// Anything the host reaches (the platform's explicit opt-out).
+    Host,
 }
 
 /// The tenant of executions started without one.
@@ -753,14 +802,34 @@ mod tests {
         // Budgets narrow field by field; an unset field leaves the other's.
         let a = Limits {
             step_timeout_s: Some(30),
-            max_attempts: None,
+            memory_mb: Some(512),
+            egress: vec![Egress::Public],
+            ..Limits::default()
         };
         let b = Limits {
             step_timeout_s: Some(10),
             max_attempts: Some(2),
+            memory_mb: Some(1024),
+            egress: vec![
+                Egress::Allow(vec!["db.example:5432".into()]),
+                Egress::Public,
+            ],
+            ..Limits::default()
         };
-        assert_eq!(a.narrow(b), b);
-        assert_eq!(a.narrow(Limits::default()), a);
+        assert_eq!(
+            a.clone().narrow(b.clone()),
+            Limits {
+                step_timeout_s: Some(10),
+                max_attempts: Some(2),
+                memory_mb: Some(512),
+                egress: vec![
+                    Egress::Public,
+                    Egress::Allow(vec!["db.example:5432".into()])
+                ],
+                ..Limits::default()
+            }
+        );
+        assert_eq!(a.clone().narrow(Limits::default()), a);
         assert!(EventKind::ExecutionFailed.is_terminal());
         assert!(!EventKind::StepFinished.is_terminal());
     }

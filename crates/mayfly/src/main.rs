@@ -251,6 +251,8 @@ struct WorkerArgs {
     /// Warm python interpreters.
     #[arg(long)]
     python_pool: Option<usize>,
+    #[command(flatten)]
+    contain: ContainOpts,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -403,8 +405,62 @@ impl DistOpts {
     }
 }
 
+/// How tenant code is contained (README "Security").
+#[derive(Args, Clone)]
+struct ContainOpts {
+    /// Run shell, python and duckdb steps in a bubblewrap sandbox: `auto` is on for
+    /// `server` and `worker`, off for `run` (your own code on your own machine).
+    #[arg(long, value_enum, default_value = "auto")]
+    sandbox: SandboxChoice,
+    /// Egress of tenants whose policies set none: `public`, `none`, `host`, or
+    /// `allow:RULE,RULE…` (default: `public` for `server` and `worker`, `host` for `run`).
+    #[arg(long, value_name = "RULE")]
+    egress: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SandboxChoice {
+    Auto,
+    On,
+    Off,
+}
+
+impl ContainOpts {
+    /// Apply to `cfg`; `served`: a server or worker (tenants' code), not `mayfly run`.
+    fn apply(&self, cfg: &mut mayfly_tools::ToolsConfig, served: bool) -> Result<()> {
+        cfg.sandbox = match self.sandbox {
+            SandboxChoice::Auto => served,
+            SandboxChoice::On => true,
+            SandboxChoice::Off => false,
+        };
+        use mayfly_types::Egress;
+        cfg.default_egress = match self.egress.as_deref() {
+            None if served => vec![Egress::Public],
+            None | Some("host") => Vec::new(),
+            Some("public") => vec![Egress::Public],
+            Some("none") => vec![Egress::None],
+            Some(rules) if rules.starts_with("allow:") => {
+                let list: Vec<String> = rules["allow:".len()..]
+                    .split(',')
+                    .map(|r| r.trim().to_owned())
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                let e = vec![Egress::Allow(list)];
+                mayfly_types::egress::validate(&e).map_err(|m| anyhow::anyhow!("--egress: {m}"))?;
+                e
+            }
+            Some(other) => {
+                bail!("--egress must be public, none, host or allow:RULE,RULE…, not `{other}`")
+            }
+        };
+        Ok(())
+    }
+}
+
 #[derive(Args, Clone)]
 struct RunOpts {
+    #[command(flatten)]
+    contain: ContainOpts,
     /// Print only the final report as one JSON document.
     #[arg(long)]
     json: bool,
@@ -708,7 +764,8 @@ fn lock_db(db: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn runtime_config(opts: &RunOpts, db: &Path) -> Result<RuntimeConfig> {
+/// The runtime of `mayfly run`/`resume` (`served`: false) or of `mayfly server`.
+fn runtime_config(opts: &RunOpts, db: &Path, served: bool) -> Result<RuntimeConfig> {
     let mut cfg = RuntimeConfig {
         workers: opts.workers.max(1),
         cache: Some(opts.cache.local(db)),
@@ -718,6 +775,7 @@ fn runtime_config(opts: &RunOpts, db: &Path) -> Result<RuntimeConfig> {
     if let Some(n) = opts.python_pool {
         cfg.tools.python_pool = n.max(1);
     }
+    opts.contain.apply(&mut cfg.tools, served)?;
     cfg.keychain = keychain::master_key(&opts.key, false)?;
     Ok(cfg)
 }
@@ -799,7 +857,7 @@ async fn run(
     if !opts.json {
         print_warnings(&pb, ov.keys());
     }
-    let mut cfg = runtime_config(opts, &db_path)?;
+    let mut cfg = runtime_config(opts, &db_path, false)?;
     // Children by catalog path: the playbooks under --playbooks, or beside the file run.
     let root = opts.playbooks.clone().or_else(|| {
         (playbook.exists() && pb.steps.iter().any(|s| s.playbook_task().is_some()))
@@ -904,7 +962,7 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
 
 async fn resume(db: &Path, id: &str, opts: &RunOpts) -> Result<ExitCode> {
     let (store, mut lock) = open_db(db, true, true).await?;
-    let runtime = Runtime::start(store, runtime_config(opts, db)?)?;
+    let runtime = Runtime::start(store, runtime_config(opts, db, false)?)?;
     let handle = runtime.handle();
     let id = ExecutionId::from(id);
     let began = std::time::Instant::now();
@@ -1006,7 +1064,7 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
     let retain = retention.policy()?;
     let (store, lock) = open_db(db, false, true).await?;
     let key = control_key.load_or_create()?;
-    let mut cfg = runtime_config(opts, db)?;
+    let mut cfg = runtime_config(opts, db, true)?;
     cfg.lease = dist.lease()?;
     // The in-process workers' agent trusts this server's own key.
     let agent = agent_opts.agent(cfg.worker_id.clone(), Some(key.public().clone()))?;
@@ -1103,6 +1161,7 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
         dist,
         slots,
         python_pool,
+        contain,
         metrics_listen,
         id,
         key,
@@ -1131,7 +1190,15 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
     if let Some(n) = python_pool {
         tools_cfg.python_pool = n.max(1);
     }
+    contain.apply(&mut tools_cfg, true)?;
     let tools = Arc::new(mayfly_tools::Tools::new(tools_cfg)?);
+    if let Some(e) = tools.sandbox_error() {
+        tracing::error!(error = %e.message, "no sandbox: shell, python and duckdb steps will fail sandbox_unavailable");
+        eprintln!(
+            "warning: {}: shell, python and duckdb steps fail until it is fixed",
+            e.message
+        );
+    }
     let key = keychain::master_key(key, false)?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
     let id = id.unwrap_or_else(|| format!("{host}-{}", std::process::id()));
