@@ -96,6 +96,7 @@ fn chain(kind: &str, n: usize) -> String {
         };
         let tool = match kind {
             "python" => "{kind: python, code: 'result = 1'}",
+            "shell" => "{kind: shell, command: 'true'}",
             "keychain" => {
                 "{kind: python, input: {t: \"{{ keychain.api.token }}\"}, code: 'result = len(t)'}"
             }
@@ -146,6 +147,12 @@ fn duckdb_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `program` is on PATH.
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -159,6 +166,7 @@ async fn measure(src: &str, runs: usize, warm_python: bool, db: Option<&str>) ->
         warm_python,
         db,
         mayfly_cache::DEFAULT_INLINE_LIMIT,
+        false,
     )
     .await
 }
@@ -170,6 +178,7 @@ async fn measure_with(
     warm_python: bool,
     db: Option<&str>,
     inline_limit: usize,
+    sandbox: bool,
 ) -> Result<f64> {
     let pb =
         parse("bench.yaml", src, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -200,7 +209,12 @@ async fn measure_with(
         ))),
         ..Default::default()
     };
+    let mut cfg = cfg;
+    cfg.tools.sandbox = sandbox;
     let rt = Runtime::start(store, cfg)?;
+    if let Some(e) = rt.tools.sandbox_error() {
+        bail!("{}", e.message);
+    }
     if warm_python {
         rt.tools
             .python
@@ -263,7 +277,19 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     let py_fan = measure(&fanout("python", a.python_items), a.runs, true, db).await?;
     let kc_chain = measure(&chain("keychain", a.steps), a.runs, true, db).await?;
     let by_ref = measure(&handoff(a.rows), a.runs, true, db).await?;
-    let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX).await?;
+    let inline = measure_with(&handoff(a.rows), a.runs, true, db, usize::MAX, false).await?;
+    // Tenant code in bubblewrap (server and worker default) against the same unsandboxed.
+    let sh_chain = measure(&chain("shell", a.steps), a.runs, false, db).await?;
+    let limit = mayfly_cache::DEFAULT_INLINE_LIMIT;
+    let boxed = |kind: &str| chain(kind, a.steps);
+    let (py_boxed, sh_boxed) = if which("bwrap") {
+        (
+            Some(measure_with(&boxed("python"), a.runs, false, db, limit, true).await?),
+            Some(measure_with(&boxed("shell"), a.runs, false, db, limit, true).await?),
+        )
+    } else {
+        (None, None)
+    };
     let codec = table_codec(a.rows)?;
     // DuckDB runs through python3's `duckdb` package; a machine without it has no figure.
     let duck = if duckdb_available() {
@@ -291,6 +317,9 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "python_chain": {"steps": a.steps, "seconds": py_chain, "ms_per_step": py_chain * 1000.0 / a.steps as f64},
         "noop_fanout": {"items": a.items, "seconds": noop_fan, "steps_per_second": a.items as f64 / noop_fan},
         "python_fanout": {"items": a.python_items, "seconds": py_fan, "steps_per_second": a.python_items as f64 / py_fan},
+        "shell_chain": {"steps": a.steps, "seconds": sh_chain, "ms_per_step": sh_chain * 1000.0 / a.steps as f64},
+        "sandboxed_python_chain": {"steps": a.steps, "ms_per_step": py_boxed.map(|s| s * 1000.0 / a.steps as f64)},
+        "sandboxed_shell_chain": {"steps": a.steps, "ms_per_step": sh_boxed.map(|s| s * 1000.0 / a.steps as f64)},
         "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
         "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
         "table_codec": codec,
@@ -315,6 +344,27 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
             format!("sequential chain, {} python steps", a.steps),
             out["python_chain"]["ms_per_step"].as_f64().unwrap_or(0.0)
         );
+        let per = |s: f64| s * 1000.0 / a.steps as f64;
+        match (py_boxed, sh_boxed) {
+            (Some(p), Some(sh)) => {
+                println!(
+                    "  {:<44} {:>10.3} ms/step (unsandboxed {:.3})",
+                    format!("chain, {} python steps in the sandbox", a.steps),
+                    per(p),
+                    per(py_chain)
+                );
+                println!(
+                    "  {:<44} {:>10.3} ms/step (unsandboxed {:.3})",
+                    format!("chain, {} shell steps in the sandbox", a.steps),
+                    per(sh),
+                    per(sh_chain)
+                );
+            }
+            _ => println!(
+                "  {:<44} {:>10}",
+                "sandboxed chains", "no bwrap on this machine"
+            ),
+        }
         println!(
             "  {:<44} {:>10.0} steps/s",
             format!("parallel fan-out, {} noop items", a.items),
