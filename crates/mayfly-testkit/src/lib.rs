@@ -42,8 +42,18 @@ pub fn postgres() -> bool {
 /// DuckDB's Python package importable by the `python3` the tools run (the duckdb tool runs
 /// through it): skipped loudly when absent, a failure under `CI=true`.
 pub fn duckdb() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import duckdb"])
+    runs(
+        "python3",
+        &["-c", "import duckdb"],
+        "python3 cannot import duckdb (python3 -m pip install duckdb)",
+    )
+}
+
+/// True when `program args` runs successfully; otherwise print why the test is skipped, or
+/// panic under `CI=true` (`missing` says what is missing and how to install it).
+fn runs(program: &str, args: &[&str], missing: &str) -> bool {
+    let ok = std::process::Command::new(program)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -51,9 +61,9 @@ pub fn duckdb() -> bool {
     if !ok {
         assert!(
             std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but python3 cannot import duckdb (python3 -m pip install duckdb)"
+            "CI=true but {missing}"
         );
-        eprintln!("SKIPPED: python3 cannot import duckdb (python3 -m pip install duckdb)");
+        eprintln!("SKIPPED: {missing}");
     }
     ok
 }
@@ -61,20 +71,11 @@ pub fn duckdb() -> bool {
 /// Bubblewrap (`bwrap`) on PATH, which the sandbox of tenant code needs: skipped loudly
 /// when absent, a failure under `CI=true` (`.ci/run` installs it).
 pub fn bubblewrap() -> bool {
-    let ok = std::process::Command::new("bwrap")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "CI=true but bwrap is not installed (apt-get install bubblewrap)"
-        );
-        eprintln!("SKIPPED: bwrap is not installed (apt-get install bubblewrap)");
-    }
-    ok
+    runs(
+        "bwrap",
+        &["--version"],
+        "bwrap is not installed (apt-get install bubblewrap)",
+    )
 }
 
 /// Make KV bucket `bucket` on the NATS of `js` (idempotent). Its stream is made by hand:
