@@ -164,6 +164,9 @@ pub struct RuntimeConfig {
     /// Child playbooks by catalog path (`mayfly run --playbooks DIR`): a child's `path` is
     /// looked up here first, then beside its parent's file.
     pub playbooks: Option<Arc<PlaybookIndex>>,
+    /// Children come from the parent tenant's catalog only, never from files of this host
+    /// (a server; `playbooks` must then be None). Looked up off the appender.
+    pub children_from_catalog: bool,
     /// Most child executions one root execution may start, its whole tree counted (a
     /// playbook that calls itself in a loop grows exponentially long before it is deep).
     pub max_children: u64,
@@ -189,6 +192,7 @@ impl Default for RuntimeConfig {
             agent: None,
             playbooks: None,
             max_children: DEFAULT_MAX_CHILDREN,
+            children_from_catalog: false,
         }
     }
 }
@@ -535,9 +539,18 @@ impl Runtime {
             config.cache.clone(),
             config.max_attempts,
         );
-        let orch = orch
+        if config.children_from_catalog && config.playbooks.is_some() {
+            return Err(RuntimeError::Invalid(
+                "children come from the tenant catalog: a playbook directory cannot be given too"
+                    .into(),
+            ));
+        }
+        let mut orch = orch
             .with_playbooks(config.playbooks.clone())
             .with_max_children(config.max_children);
+        if config.children_from_catalog {
+            orch = orch.with_catalog_children(tx.downgrade());
+        }
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();
         let health = remote::QueueHealth::default();

@@ -80,6 +80,12 @@ pub(crate) enum Msg {
         id: ExecutionId,
         reply: oneshot::Sender<Result<Report, RuntimeError>>,
     },
+    /// A child playbook looked up in the catalog (off the appender) for `ask`.
+    ChildResolved {
+        ask: Box<ChildAsk>,
+        then: ChildThen,
+        found: Result<Arc<Playbook>, ErrorInfo>,
+    },
     /// A task of a running block starts a fire-and-forget child.
     StartChild {
         command_id: String,
@@ -92,6 +98,28 @@ pub(crate) enum Msg {
 
 /// A live claim's tenant and, when asked for, its template context.
 pub(crate) type LiveClaim = (String, Option<Map<String, Value>>);
+
+/// A child playbook asked for by step `step` (item `index`) of `parent`.
+pub(crate) struct ChildAsk {
+    parent: ExecutionId,
+    step: String,
+    index: Option<usize>,
+    path: String,
+    input: Map<String, Value>,
+    /// A root of its own (linked by `origin`), not awaited.
+    detached: bool,
+    /// Started by a pipeline task (its `child.started` is not awaited by the step).
+    from_task: bool,
+}
+
+/// Who hears how a child start went.
+pub(crate) enum ChildThen {
+    /// The step that requested it (`child.requested`): a failure fails the step; a detached
+    /// child's start is its result.
+    Step,
+    /// A pipeline task of a running block, waiting for the child's id.
+    Task(oneshot::Sender<Result<ExecutionId, RuntimeError>>),
+}
 
 /// Most executions one chain of child playbooks may nest (the root counts as one).
 pub const MAX_CHILD_DEPTH: usize = 16;
@@ -203,6 +231,10 @@ pub(crate) struct Orchestrator {
     max_attempts: u32,
     /// Children by catalog path (see `RuntimeConfig::playbooks`).
     playbooks: Option<Arc<crate::PlaybookIndex>>,
+    /// Children come from the parent tenant's catalog only (a server): looked up by a task
+    /// off the appender, which answers on `me` (`Msg::ChildResolved`).
+    catalog_children: bool,
+    me: Option<mpsc::WeakUnboundedSender<Msg>>,
     /// Child executions started per root execution in this process's life, and the most
     /// allowed (see `RuntimeConfig::max_children`).
     children_started: HashMap<ExecutionId, u64>,
@@ -240,6 +272,8 @@ impl Orchestrator {
             cache,
             max_attempts: max_attempts.max(1),
             playbooks: None,
+            catalog_children: false,
+            me: None,
             children_started: HashMap::new(),
             max_children: crate::DEFAULT_MAX_CHILDREN,
             lineage: HashMap::new(),
@@ -255,6 +289,14 @@ impl Orchestrator {
 
     pub(crate) fn with_playbooks(mut self, playbooks: Option<Arc<crate::PlaybookIndex>>) -> Self {
         self.playbooks = playbooks;
+        self
+    }
+
+    /// Resolve children in the tenant catalog (never on this host's disk); `me` reaches
+    /// this orchestrator's own inbox.
+    pub(crate) fn with_catalog_children(mut self, me: mpsc::WeakUnboundedSender<Msg>) -> Self {
+        self.catalog_children = true;
+        self.me = Some(me);
         self
     }
 
@@ -422,21 +464,20 @@ impl Orchestrator {
                         ))));
                         continue;
                     };
-                    match self.spawn_child(
-                        &mut c,
-                        &b.execution_id,
-                        &b.step,
-                        b.index,
-                        &path,
+                    let ask = ChildAsk {
+                        parent: b.execution_id.clone(),
+                        step: b.step.clone(),
+                        index: b.index,
+                        path,
                         input,
-                        true,
-                        true,
-                    ) {
-                        Ok(id) => c.replies.push(Reply::Started(reply, id)),
-                        Err(e) => {
-                            let _ = reply.send(Err(RuntimeError::Child(e)));
-                        }
-                    }
+                        detached: true,
+                        from_task: true,
+                    };
+                    self.request_child(&mut c, ask, ChildThen::Task(reply));
+                }
+                Msg::ChildResolved { ask, then, found } => {
+                    let r = found.and_then(|pb| self.launch_child(&mut c, &ask, pb));
+                    self.child_outcome(&mut c, *ask, then, r);
                 }
                 Msg::Complete { completion, reply } => match self.complete(&mut c, *completion) {
                     Ok(()) => c.replies.push(Reply::Completed(reply)),
@@ -936,72 +977,138 @@ impl Orchestrator {
             .step(&step)
             .and_then(|s| s.playbook_task())
             .is_some_and(|t| !t.waits_for_child());
-        let spawned = self.spawn_child(
-            c, parent, &step, req.index, &req.path, req.input, detached, false,
-        );
-        match spawned {
-            Err(e) => self.fail_step(c, parent, step, req.index, e),
-            Ok(child_id) if detached => {
+        let ask = ChildAsk {
+            parent: parent.clone(),
+            step,
+            index: req.index,
+            path: req.path,
+            input: req.input,
+            detached,
+            from_task: false,
+        };
+        self.request_child(c, ask, ChildThen::Step);
+    }
+
+    /// Tell whoever asked for a child how its start went.
+    fn child_outcome(
+        &mut self,
+        c: &mut Cycle,
+        ask: ChildAsk,
+        then: ChildThen,
+        r: Result<ExecutionId, ErrorInfo>,
+    ) {
+        match (then, r) {
+            (ChildThen::Task(reply), Ok(id)) => c.replies.push(Reply::Started(reply, id)),
+            (ChildThen::Task(reply), Err(e)) => {
+                let _ = reply.send(Err(RuntimeError::Child(e)));
+            }
+            (ChildThen::Step, Err(e)) => self.fail_step(c, &ask.parent, ask.step, ask.index, e),
+            (ChildThen::Step, Ok(child_id)) if ask.detached => {
                 // NoETL's fire-and-forget result; the child runs on as a root of its own.
                 let result = json!({
                     "status": "started",
                     "execution_id": child_id.0,
-                    "path": req.path,
+                    "path": ask.path,
                     "async": true,
                 });
                 let pref = ParentRef {
-                    execution_id: parent.clone(),
-                    step,
-                    index: req.index,
+                    execution_id: ask.parent.clone(),
+                    step: ask.step,
+                    index: ask.index,
                 };
                 self.notify_parent(c, &pref, &child_id, Ok(result));
             }
-            Ok(_) => {}
+            (ChildThen::Step, Ok(_)) => {}
         }
     }
 
-    /// Start child playbook `path` for step `step` (item `index`) of `parent`: the depth and
-    /// count limits, resolution, lineage and events that child steps and pipeline tasks
-    /// share. A `detached` child is a root of its own (linked by `origin`); `from_task`
-    /// marks its `child.started` as not awaited by the step.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_child(
-        &mut self,
-        c: &mut Cycle,
-        parent: &ExecutionId,
-        step: &str,
-        index: Option<usize>,
-        path: &str,
-        input: Map<String, Value>,
-        detached: bool,
-        from_task: bool,
-    ) -> Result<ExecutionId, ErrorInfo> {
-        let Some(px) = self.execs.get(parent) else {
+    /// Start the child `ask` names: check the depth and count limits and the path, then
+    /// find the playbook — in the parent tenant's catalog by a task off the appender (a
+    /// server: the answer comes back as `Msg::ChildResolved`), or among the local files
+    /// (`mayfly run`) — and launch it.
+    fn request_child(&mut self, c: &mut Cycle, ask: ChildAsk, then: ChildThen) {
+        if let Err(e) = self.child_allowed(&ask.parent, &ask.path) {
+            return self.child_outcome(c, ask, then, Err(e));
+        }
+        if !self.catalog_children {
+            let found = self.child_from_files(&ask);
+            let r = found.and_then(|pb| self.launch_child(c, &ask, pb));
+            return self.child_outcome(c, ask, then, r);
+        }
+        let tenant = self
+            .execs
+            .get(&ask.parent)
+            .map(|x| x.st.tenant.clone())
+            .unwrap_or_else(|| mayfly_types::DEFAULT_TENANT.to_owned());
+        let Some(me) = self.me.as_ref().and_then(|m| m.upgrade()) else {
+            let e = ErrorInfo::new("child_load_failed", "the runtime is stopping");
+            return self.child_outcome(c, ask, then, Err(e));
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let found = child_from_catalog(store.as_ref(), &tenant, &ask).await;
+            let _ = me.send(Msg::ChildResolved {
+                ask: Box::new(ask),
+                then,
+                found,
+            });
+        });
+    }
+
+    /// The child `ask` names among the local files: `--playbooks` by catalog path, else
+    /// beside the parent's file (`mayfly run` only).
+    fn child_from_files(&self, ask: &ChildAsk) -> Result<Arc<Playbook>, ErrorInfo> {
+        let source = self.execs.get(&ask.parent).and_then(|x| x.source.clone());
+        let found = match self.playbooks.as_ref().and_then(|i| i.find(&ask.path)) {
+            Some(f) => f,
+            None => resolve_child(source.as_deref(), &ask.path),
+        };
+        found
+            .and_then(|p| {
+                load_file(
+                    &p,
+                    &ParseOptions {
+                        extra_vars: ask.input.keys().cloned().collect(),
+                    },
+                )
+            })
+            .map(Arc::new)
+            .map_err(|e| ErrorInfo::new("child_load_failed", e.to_string()))
+    }
+
+    /// The execution tree of live execution `parent` (its root) and how deep it is (the
+    /// root is 1). Children started here know their tree; after a restart the parent chain
+    /// is walked.
+    fn tree_of(&self, parent: &ExecutionId) -> Option<(ExecutionId, usize)> {
+        let px = self.execs.get(parent)?;
+        if let Some((root, depth)) = self.lineage.get(parent) {
+            return Some((root.clone(), *depth));
+        }
+        let mut depth = 1usize;
+        let mut root = parent.clone();
+        let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
+        while let Some(pid) = up {
+            depth += 1;
+            up = self
+                .execs
+                .get(&pid)
+                .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
+            root = pid;
+        }
+        Some((root, depth))
+    }
+
+    /// May `parent` start child `path`: its tree's count and depth limits (a playbook that
+    /// calls itself must end somewhere), and the path as rendered (checked like a literal
+    /// one at validation). Counts the start.
+    fn child_allowed(&mut self, parent: &ExecutionId, path: &str) -> Result<(), ErrorInfo> {
+        let Some((root, depth)) = self.tree_of(parent) else {
             return Err(ErrorInfo::new(
                 "child_load_failed",
                 format!("execution {parent} is not live"),
             ));
         };
-        // How deep the parent already is: a playbook that calls itself must end somewhere.
-        // Children started here know their tree; after a restart the parent chain is walked.
-        let (root, depth) = match self.lineage.get(parent) {
-            Some((root, depth)) => (root.clone(), *depth),
-            None => {
-                let mut depth = 1usize;
-                let mut root = parent.clone();
-                let mut up = px.st.parent.as_ref().map(|p| p.execution_id.clone());
-                while let Some(pid) = up {
-                    depth += 1;
-                    up = self
-                        .execs
-                        .get(&pid)
-                        .and_then(|x| x.st.parent.as_ref().map(|p| p.execution_id.clone()));
-                    root = pid;
-                }
-                (root, depth)
-            }
-        };
-        let started = self.children_started.entry(root.clone()).or_insert(0);
+        let started = self.children_started.entry(root).or_insert(0);
         *started += 1;
         if *started > self.max_children {
             return Err(ErrorInfo::new(
@@ -1021,55 +1128,66 @@ impl Orchestrator {
                 ),
             ));
         }
-        // A rendered path is checked like a literal one at validation.
         if let Some(why) = mayfly_dsl::child_path_refusal(path) {
             return Err(ErrorInfo::new("child_path_refused", why));
         }
-        let found = match self.playbooks.as_ref().and_then(|i| i.find(path)) {
-            Some(f) => f,
-            None => resolve_child(px.source.as_deref(), path),
+        Ok(())
+    }
+
+    /// Start `child` for `ask`: its events, lineage and execution. A `detached` child is a
+    /// root of its own (linked by `origin`); `from_task` marks its `child.started` as not
+    /// awaited by the step.
+    fn launch_child(
+        &mut self,
+        c: &mut Cycle,
+        ask: &ChildAsk,
+        child: Arc<Playbook>,
+    ) -> Result<ExecutionId, ErrorInfo> {
+        let (Some(px), Some((root, depth))) =
+            (self.execs.get(&ask.parent), self.tree_of(&ask.parent))
+        else {
+            return Err(ErrorInfo::new(
+                "child_load_failed",
+                format!("execution {} is not live", ask.parent),
+            ));
         };
-        let child = found
-            .and_then(|p| {
-                load_file(
-                    &p,
-                    &ParseOptions {
-                        extra_vars: input.keys().cloned().collect(),
-                    },
-                )
-            })
-            .map_err(|e| ErrorInfo::new("child_load_failed", e.to_string()))?;
+        if px.st.status.is_terminal() {
+            return Err(ErrorInfo::new(
+                "child_load_failed",
+                format!("execution {} has ended", ask.parent),
+            ));
+        }
+        let parent = &ask.parent;
         let request_id = px.request_id.clone();
         let traceparent = px.traceparent.clone();
         let tenant = Some(px.st.tenant.clone());
         // A child runs under its parent's budgets.
         let limits = px.st.limits.clone();
-        let child = Arc::new(child);
         let child_id = ExecutionId(uuid::Uuid::now_v7().to_string());
         let mut workload = child.workload.clone();
-        workload.extend(input);
+        workload.extend(ask.input.clone());
         c.batch.playbooks.push(stored(&child));
         let pref = ParentRef {
             execution_id: parent.clone(),
-            step: step.to_owned(),
-            index,
+            step: ask.step.clone(),
+            index: ask.index,
         };
         let source = Some(child.file.clone());
         let started = ChildStarted {
-            index,
+            index: ask.index,
             child_execution_id: child_id.clone(),
-            detached: from_task,
+            detached: ask.from_task,
         };
         self.emit(
             c,
             parent,
-            vec![Draft::new(EventKind::ChildStarted, json!(started)).step(step.to_owned())],
+            vec![Draft::new(EventKind::ChildStarted, json!(started)).step(ask.step.clone())],
             "engine",
         );
         self.lineage
             .insert(child_id.clone(), (root.clone(), depth + 1));
         *self.tree_live.entry(root).or_insert(0) += 1;
-        let (parent_ref, origin) = if detached {
+        let (parent_ref, origin) = if ask.detached {
             (None, Some(pref))
         } else {
             (Some(pref), None)
@@ -1582,6 +1700,11 @@ impl Orchestrator {
                 }
             }
             tracing::info!(execution = %id, "resumed from the log");
+            // A child asked for but not started (its catalog lookup was under way when the
+            // process stopped) is asked for again.
+            for ev in unstarted_children(&events) {
+                self.start_child(c, &id, &ev);
+            }
             for (step, index, child) in awaited {
                 let (_, cst) = self.load(&child).await?;
                 if cst.status.is_terminal() {
@@ -1764,4 +1887,54 @@ fn stored(pb: &Playbook) -> StoredPlaybook {
         source_name: pb.file.clone(),
         content: pb.source.clone(),
     }
+}
+
+/// The child `ask` names in `tenant`'s catalog (latest version), parsed with the input keys
+/// as extra variables — never a file of this host.
+async fn child_from_catalog(
+    store: &dyn Store,
+    tenant: &str,
+    ask: &ChildAsk,
+) -> Result<Arc<Playbook>, ErrorInfo> {
+    let failed = |m: String| ErrorInfo::new("child_load_failed", m);
+    let path = ask.path.trim_start_matches("./");
+    let (_, stored) = store
+        .resolve(tenant, path, None)
+        .await
+        .map_err(|e| failed(format!("child playbook `{path}`: the catalog did not answer: {e}")))?
+        .ok_or_else(|| {
+            failed(format!(
+                "child playbook `{path}` is not in tenant `{tenant}`'s catalog (register it: mayfly register FILE)"
+            ))
+        })?;
+    parse(
+        &stored.source_name,
+        &stored.content,
+        &ParseOptions {
+            extra_vars: ask.input.keys().cloned().collect(),
+        },
+    )
+    .map(Arc::new)
+    .map_err(|e| failed(e.to_string()))
+}
+
+/// `child.requested` events of an execution that nothing answered yet: no `child.started`
+/// and no outcome of that step (and loop item) after them.
+fn unstarted_children(events: &[Event]) -> Vec<Event> {
+    let index = |e: &Event| e.payload.get("index").and_then(Value::as_u64);
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind == EventKind::ChildRequested)
+        .filter(|(i, e)| {
+            !events[i + 1..].iter().any(|later| {
+                matches!(
+                    later.kind,
+                    EventKind::ChildStarted | EventKind::StepFailed | EventKind::StepFinished
+                ) && later.step == e.step
+                    && index(later) == index(e)
+            })
+        })
+        .map(|(_, e)| e.clone())
+        .collect()
 }

@@ -294,3 +294,98 @@ async fn a_child_wait_times_out_and_the_child_is_cancelled() {
     let done = rt.handle().wait(&child).await.expect("wait");
     assert_eq!(done.status, Status::Cancelled);
 }
+
+/// A server's children come from the parent tenant's catalog, looked up off the appender:
+/// a registered child runs (by its catalog path, at its latest version); a file beside the
+/// parent on this host is never read; another tenant's catalog is not this tenant's.
+#[tokio::test]
+async fn catalog_children_come_from_the_tenants_catalog_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
+    );
+    let register = |tenant: &'static str, src: &'static str| {
+        let store = store.clone();
+        async move {
+            let pb = mayfly_dsl::parse("r.yaml", src, &ParseOptions::default()).expect("pb");
+            store
+                .register(
+                    tenant,
+                    mayfly_store::StoredPlaybook {
+                        digest: pb.digest.clone(),
+                        path: pb.path.clone(),
+                        source_name: pb.path.clone(),
+                        content: pb.source.clone(),
+                    },
+                )
+                .await
+                .expect("register");
+        }
+    };
+    register(
+        "acme",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: scorer, path: shared/scorer}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: noop, result: {v: 1}}\n",
+    )
+    .await;
+    // A newer version: the latest is the one that runs.
+    register(
+        "acme",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: scorer, path: shared/scorer}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: noop, result: {v: 2, n: \"{{ n }}\"}}\n",
+    )
+    .await;
+    register(
+        "other",
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: theirs, path: other/only}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n",
+    )
+    .await;
+    // On this host's disk, beside where a parent "file" would be: never read.
+    std::fs::write(
+        dir.path().join("ondisk.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: ondisk}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n",
+    )
+    .expect("write");
+    let rt = Runtime::start(
+        store.clone(),
+        RuntimeConfig {
+            children_from_catalog: true,
+            ..Default::default()
+        },
+    )
+    .expect("rt");
+    let parent = |child: &str| {
+        let src = format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: parent}}\nworkflow:\n  - step: start\n    tool: {{kind: playbook, path: {child}, return_result: true, input: {{n: 4}}}}\n"
+        );
+        let mut pb = mayfly_dsl::parse("parent.yaml", &src, &ParseOptions::default()).expect("pb");
+        pb.file = dir.path().join("parent.yaml").display().to_string();
+        Arc::new(pb)
+    };
+    let run = |pb: Arc<mayfly_dsl::Playbook>| {
+        let h = rt.handle();
+        async move {
+            let id = h
+                .start_as(pb, Map::new(), None, Some("acme".into()))
+                .await
+                .expect("start");
+            h.wait(&id).await.expect("wait")
+        }
+    };
+    let r = run(parent("shared/scorer")).await;
+    assert_eq!(r.status, Status::Completed, "{:?}", r.error);
+    assert_eq!(r.result, serde_json::json!({"v": 2, "n": 4}), "{r:?}");
+    for (child, why) in [
+        ("ondisk", "is not in tenant `acme`'s catalog"),
+        ("other/only", "is not in tenant `acme`'s catalog"),
+    ] {
+        let r = run(parent(child)).await;
+        let e = r.error.expect("refused");
+        assert_eq!(
+            (r.status, e.code.as_str()),
+            (Status::Failed, "child_load_failed"),
+            "{e:?}"
+        );
+        assert!(e.message.contains(why), "{child}: {}", e.message);
+    }
+}

@@ -1064,7 +1064,14 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
     let retain = retention.policy()?;
     let (store, lock) = open_db(db, false, true).await?;
     let key = control_key.load_or_create()?;
+    if opts.playbooks.is_some() {
+        bail!(
+            "--playbooks is for `mayfly run`: a server runs children from the tenant's catalog (register them)"
+        );
+    }
     let mut cfg = runtime_config(opts, db, true)?;
+    // A tenant's child playbooks come from its catalog, never from this host's files.
+    cfg.children_from_catalog = true;
     cfg.lease = dist.lease()?;
     // The in-process workers' agent trusts this server's own key.
     let agent = agent_opts.agent(cfg.worker_id.clone(), Some(key.public().clone()))?;

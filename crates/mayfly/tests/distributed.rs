@@ -545,9 +545,14 @@ fn a_remote_worker_starts_a_pipeline_child_through_the_server() {
     let db = format!("{PG}?schema={schema}");
     let dir = tempfile::tempdir().expect("tmp");
     let mut procs = Procs(Vec::new());
-    // A server resolves a child beside its parent's catalog path, from its working
-    // directory (issue 22 moves that to the tenant's catalog).
+    // A server finds children in the tenant's catalog only: a file in its working
+    // directory named like the child is never read.
     std::fs::create_dir_all(dir.path().join("tests")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("tests/pipechild.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pipechild}\nworkflow:\n  - step: start\n    tool: {kind: noop, result: ON-DISK}\n",
+    )
+    .expect("write");
     let (server, url, token) = spawn_server_in(
         Some(dir.path()),
         &[
@@ -570,12 +575,14 @@ fn a_remote_worker_starts_a_pipeline_child_through_the_server() {
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pipeparent, path: tests/pipeparent}\nworkflow:\n  - step: start\n    tool:\n      - {name: prep, kind: python, code: \"result = {'n': 3}\"}\n      - {name: go, kind: playbook, path: pipechild, input: {n: \"{{ prep.n }}\"}}\n",
     )
     .expect("write");
+    let child = dir.path().join("registered-child.yaml");
     std::fs::write(
-        dir.path().join("tests/pipechild.yaml"),
+        &child,
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pipechild}\nworkload: {n: 0}\nworkflow:\n  - step: start\n    tool: {kind: python, input: {n: \"{{ n }}\"}, code: \"result = n * 7\"}\n",
     )
     .expect("write");
     remote(&url, &token, &["register", parent.to_str().expect("path")]);
+    remote(&url, &token, &["register", child.to_str().expect("path")]);
     let id = remote(&url, &token, &["exec", "start", "tests/pipeparent"]);
     wait_for("the parent to complete", Duration::from_secs(60), || {
         status(&url, &token, &id)["status"] == "completed"
