@@ -13,7 +13,8 @@ pub use node::{Loc, Node, NodeV};
 pub use playbook::{
     Admit, AdmitRule, Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry,
     LoopMode, LoopSpec, NATS_OPERATIONS, Next, NextMode, ParseOptions, Playbook, Reach, Rule,
-    SetOp, SetTarget, Step, TOOL_KINDS, Task, ToolKind, child_path_refusal, parse, parse_bytes,
+    SetOp, SetTarget, Step, TOOL_KINDS, Task, ToolKind, child_path_refusal, child_version, parse,
+    parse_bytes, split_child_version,
 };
 pub use template::{REF_KEYS, REFS_KEY, TemplateError, Templates, templates, to_value, truthy};
 

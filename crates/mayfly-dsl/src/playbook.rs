@@ -415,6 +415,44 @@ pub fn child_path_refusal(path: &str) -> Option<String> {
     None
 }
 
+/// A child's `version`: a catalog version (an integer from 1, or its digits), or `latest` /
+/// null for the latest one.
+pub fn child_version(v: &serde_json::Value) -> Result<Option<u32>, String> {
+    use serde_json::Value;
+    let bad = || format!("a child's `version` is a catalog version (1, 2, …) or `latest`, not {v}");
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim() == "latest" => Ok(None),
+        Value::String(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(bad),
+        Value::Number(n) => n
+            .as_u64()
+            .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
+            .map(|n| Some(n as u32))
+            .ok_or_else(bad),
+        _ => Err(bad()),
+    }
+}
+
+/// A child's catalog path and the version it names with an `@N` suffix (`team/etl@3`);
+/// None: the latest.
+pub fn split_child_version(path: &str) -> (&str, Option<u32>) {
+    match path.rsplit_once('@') {
+        Some((p, v)) if !p.is_empty() && !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+            match v.parse::<u32>() {
+                Ok(n) if n > 0 => (p, Some(n)),
+                _ => (path, None),
+            }
+        }
+        _ => (path, None),
+    }
+}
+
 /// A fire-and-forget child has no wait to bound; accepting the key would ignore it.
 const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a fire-and-forget child playbook bounds nothing (the step does not wait for it): add `return_step` or `return_result: true` to wait with a timeout, or bound the child's own steps";
 
@@ -1429,7 +1467,18 @@ impl Parser<'_> {
                         if let Some(why) = p.as_str().and_then(child_path_refusal) {
                             self.err(p.loc, why);
                         }
+                        if let (Some(v), Some(path)) = (config.get("version"), p.as_str())
+                            && split_child_version(path).1.is_some()
+                        {
+                            self.err(v.loc, "the child's version is given twice: by `@N` in `path` and by `version`");
+                        }
                     }
+                }
+                if let Some(v) = config.get("version")
+                    && !v.as_str().is_some_and(|s| s.contains("{{"))
+                    && let Err(why) = child_version(&v.to_json())
+                {
+                    self.err(v.loc, why);
                 }
                 let waits = returns_result(&config) || returns_status(&config);
                 if let Some(t) = n.get("timeout_seconds").or(n.get("timeout"))

@@ -239,7 +239,13 @@ pub fn tool_keys(kind: &str) -> &'static [&'static str] {
         ],
         "artifact" => &["action", "result_ref", "ref"],
         "transfer" => &["source", "target", "mode", "chunk_size"],
-        "playbook" => &["path", "return_step", "return_result", "result_step"],
+        "playbook" => &[
+            "path",
+            "version",
+            "return_step",
+            "return_result",
+            "result_step",
+        ],
         "noop" => &["result", "message"],
         "wait" | "callback" => &[],
         _ => &[],
@@ -282,7 +288,7 @@ pub fn legacy(place: &str, key: &str) -> Option<&'static str> {
         }
         ("tool", "catalog_id") => "children are named by `path`; `catalog_id` is not supported",
         ("tool", "version") => {
-            "a child's `version` is not supported yet: the child is loaded by `path`"
+            "`version` names a child playbook's catalog version (`kind: playbook`)"
         }
         ("tool", "payload") => "pass a child's values with `input:`",
         ("tool", "capture") => "shell output is always captured; remove `capture`",

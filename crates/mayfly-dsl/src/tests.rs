@@ -425,3 +425,40 @@ fn every_place_is_strict_with_a_did_you_mean() {
         "{e}"
     );
 }
+
+#[test]
+fn a_childs_version_is_a_catalog_version_given_once() {
+    let step = |tool: &str| format!("{HEAD}workflow:\n  - step: start\n    tool: {tool}\n");
+    ok(&step("{kind: playbook, path: team/etl, version: 3}"));
+    ok(&step("{kind: playbook, path: team/etl, version: latest}"));
+    ok(&step("{kind: playbook, path: team/etl@3}"));
+    ok(&step(
+        "{kind: playbook, path: team/etl, version: \"{{ workload.v }}\"}",
+    ));
+    for (tool, want) in [
+        ("{kind: playbook, path: team/etl, version: 0}", "pb.yaml:7:"),
+        (
+            "{kind: playbook, path: team/etl, version: abc}",
+            "a child's `version` is a catalog version",
+        ),
+        (
+            "{kind: playbook, path: team/etl@2, version: 3}",
+            "given twice",
+        ),
+        (
+            "{kind: python, code: x, version: 3}",
+            "`version` names a child playbook's catalog version",
+        ),
+    ] {
+        let e = err(&step(tool)).to_string();
+        assert!(e.contains(want), "{tool}: {e}");
+    }
+    assert_eq!(split_child_version("team/etl@12"), ("team/etl", Some(12)));
+    assert_eq!(split_child_version("team/etl"), ("team/etl", None));
+    assert_eq!(split_child_version("a@b"), ("a@b", None));
+    assert_eq!(split_child_version("a@0"), ("a@0", None));
+    assert_eq!(split_child_version("@3"), ("@3", None));
+    assert_eq!(child_version(&serde_json::json!("7")), Ok(Some(7)));
+    assert_eq!(child_version(&serde_json::json!(null)), Ok(None));
+    assert!(child_version(&serde_json::json!(-1)).is_err());
+}

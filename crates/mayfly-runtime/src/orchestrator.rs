@@ -1058,6 +1058,14 @@ impl Orchestrator {
     /// The child `ask` names among the local files: `--playbooks` by catalog path, else
     /// beside the parent's file (`mayfly run` only).
     fn child_from_files(&self, ask: &ChildAsk) -> Result<Arc<Playbook>, ErrorInfo> {
+        if let (path, Some(v)) = mayfly_dsl::split_child_version(&ask.path) {
+            return Err(ErrorInfo::new(
+                "child_load_failed",
+                format!(
+                    "child `{path}` version {v}: `mayfly run` finds children among files, which have no versions; register them and run on a server, or drop the version"
+                ),
+            ));
+        }
         let source = self.execs.get(&ask.parent).and_then(|x| x.source.clone());
         let found = match self.playbooks.as_ref().and_then(|i| i.find(&ask.path)) {
             Some(f) => f,
@@ -1889,7 +1897,8 @@ fn stored(pb: &Playbook) -> StoredPlaybook {
     }
 }
 
-/// The child `ask` names in `tenant`'s catalog (latest version), parsed with the input keys
+/// The child `ask` names in `tenant`'s catalog (the version its path names with `@N`, else
+/// the latest), parsed with the input keys
 /// as extra variables — never a file of this host.
 async fn child_from_catalog(
     store: &dyn Store,
@@ -1897,14 +1906,19 @@ async fn child_from_catalog(
     ask: &ChildAsk,
 ) -> Result<Arc<Playbook>, ErrorInfo> {
     let failed = |m: String| ErrorInfo::new("child_load_failed", m);
-    let path = ask.path.trim_start_matches("./");
+    let (path, version) = mayfly_dsl::split_child_version(&ask.path);
+    let path = path.trim_start_matches("./");
+    let what = match version {
+        Some(v) => format!("child playbook `{path}` version {v}"),
+        None => format!("child playbook `{path}`"),
+    };
     let (_, stored) = store
-        .resolve(tenant, path, None)
+        .resolve(tenant, path, version)
         .await
-        .map_err(|e| failed(format!("child playbook `{path}`: the catalog did not answer: {e}")))?
+        .map_err(|e| failed(format!("{what}: the catalog did not answer: {e}")))?
         .ok_or_else(|| {
             failed(format!(
-                "child playbook `{path}` is not in tenant `{tenant}`'s catalog (register it: mayfly register FILE)"
+                "{what} is not in tenant `{tenant}`'s catalog (register it: mayfly register FILE)"
             ))
         })?;
     parse(

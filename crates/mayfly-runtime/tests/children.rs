@@ -375,9 +375,18 @@ async fn catalog_children_come_from_the_tenants_catalog_only() {
     let r = run(parent("shared/scorer")).await;
     assert_eq!(r.status, Status::Completed, "{:?}", r.error);
     assert_eq!(r.result, serde_json::json!({"v": 2, "n": 4}), "{r:?}");
+    // A version by `@N` or by `version:` runs that version.
+    let r = run(parent("shared/scorer@1")).await;
+    assert_eq!(r.result, serde_json::json!({"v": 1}), "{r:?}");
+    let r = run(parent("shared/scorer, version: 1")).await;
+    assert_eq!(r.result, serde_json::json!({"v": 1}), "{r:?}");
     for (child, why) in [
         ("ondisk", "is not in tenant `acme`'s catalog"),
         ("other/only", "is not in tenant `acme`'s catalog"),
+        (
+            "shared/scorer@9",
+            "`shared/scorer` version 9 is not in tenant `acme`'s catalog",
+        ),
     ] {
         let r = run(parent(child)).await;
         let e = r.error.expect("refused");
@@ -388,4 +397,34 @@ async fn catalog_children_come_from_the_tenants_catalog_only() {
         );
         assert!(e.message.contains(why), "{child}: {}", e.message);
     }
+}
+
+/// `mayfly run` finds children among files: a version cannot be honoured there, and it is
+/// refused, never ignored.
+#[tokio::test]
+async fn a_versioned_child_is_refused_among_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("parent.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, version: 2, return_result: true}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("child.yaml"),
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n",
+    )
+    .expect("write");
+    let (_store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
+    let r = rt.run(pb, Map::new()).await.expect("run");
+    let e = r.error.expect("refused");
+    assert_eq!(
+        (r.status, e.code.as_str()),
+        (Status::Failed, "child_load_failed"),
+        "{e:?}"
+    );
+    assert!(
+        e.message.contains("version 2") && e.message.contains("no versions"),
+        "{}",
+        e.message
+    );
 }
