@@ -208,6 +208,7 @@ struct Limits {
     processes: Option<u64>,
     open_files: Option<u64>,
     disk_mb: Option<u64>,
+    max_events: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -1269,6 +1270,7 @@ impl ControlState {
                     processes: n("processes"),
                     open_files: n("open_files"),
                     disk_mb: n("disk_mb"),
+                    max_events: n("max_events"),
                     egress: Vec::new(),
                 });
             }

@@ -135,6 +135,11 @@ pub enum Claim {
 /// Default of [`RuntimeConfig::max_children`].
 pub const DEFAULT_MAX_CHILDREN: u64 = 100_000;
 
+/// Events one execution may append unless a policy sets fewer (`limits.max_events`): far
+/// above a million-item loop's, far below what would exhaust a log (a step routed back to
+/// itself forever stops here).
+pub const DEFAULT_MAX_EVENTS: u64 = 20_000_000;
+
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// Tuning of the embedded runtime.
@@ -170,6 +175,9 @@ pub struct RuntimeConfig {
     /// Most child executions one root execution may start, its whole tree counted (a
     /// playbook that calls itself in a loop grows exponentially long before it is deep).
     pub max_children: u64,
+    /// Most events one execution may append (a policy's `limits.max_events` can only
+    /// lower it); past it the execution fails `event_limit_exceeded`.
+    pub max_events: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -192,6 +200,7 @@ impl Default for RuntimeConfig {
             agent: None,
             playbooks: None,
             max_children: DEFAULT_MAX_CHILDREN,
+            max_events: DEFAULT_MAX_EVENTS,
             children_from_catalog: false,
         }
     }
@@ -547,7 +556,8 @@ impl Runtime {
         }
         let mut orch = orch
             .with_playbooks(config.playbooks.clone())
-            .with_max_children(config.max_children);
+            .with_max_children(config.max_children)
+            .with_max_events(config.max_events);
         if config.children_from_catalog {
             orch = orch.with_catalog_children(tx.downgrade());
         }

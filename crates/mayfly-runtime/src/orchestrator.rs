@@ -239,6 +239,8 @@ pub(crate) struct Orchestrator {
     /// allowed (see `RuntimeConfig::max_children`).
     children_started: HashMap<ExecutionId, u64>,
     max_children: u64,
+    /// Events one execution may append (see `RuntimeConfig::max_events`).
+    max_events: u64,
     /// Each live child's execution tree (its root) and depth (the root is 1), kept while it
     /// runs: a fire-and-forget child outlives its starter, and the depth and count limits
     /// must still see the whole chain.
@@ -276,10 +278,16 @@ impl Orchestrator {
             me: None,
             children_started: HashMap::new(),
             max_children: crate::DEFAULT_MAX_CHILDREN,
+            max_events: crate::DEFAULT_MAX_EVENTS,
             lineage: HashMap::new(),
             child_timers: std::collections::BTreeSet::new(),
             tree_live: HashMap::new(),
         }
+    }
+
+    pub(crate) fn with_max_events(mut self, max: u64) -> Self {
+        self.max_events = max.max(16);
+        self
     }
 
     pub(crate) fn with_max_children(mut self, max: u64) -> Self {
@@ -788,6 +796,36 @@ impl Orchestrator {
     fn emit(&mut self, c: &mut Cycle, id: &ExecutionId, drafts: Vec<Draft>, actor: &str) {
         let Some(x) = self.execs.get_mut(id) else {
             return;
+        };
+        // An execution that would append past its event budget fails instead (its own
+        // end still goes in): a step routed back to itself forever must stop somewhere.
+        let cap =
+            x.st.limits
+                .as_ref()
+                .and_then(|l| l.max_events)
+                .map_or(self.max_events, |m| m.min(self.max_events));
+        let ends = drafts.iter().any(|d| {
+            matches!(
+                d.kind,
+                EventKind::ExecutionCompleted
+                    | EventKind::ExecutionFailed
+                    | EventKind::ExecutionCancelled
+            )
+        });
+        let drafts = if !ends
+            && !x.st.status.is_terminal()
+            && x.st.last_seq.saturating_add(drafts.len() as u64) > cap
+        {
+            let f = ExecutionFailed {
+                step: None,
+                error: ErrorInfo::new(
+                    "event_limit_exceeded",
+                    format!("the execution reached its limit of {cap} events (limits.max_events)"),
+                ),
+            };
+            vec![Draft::new(EventKind::ExecutionFailed, json!(f))]
+        } else {
+            drafts
         };
         for d in drafts {
             let seq = x.st.last_seq + 1;

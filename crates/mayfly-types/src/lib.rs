@@ -346,6 +346,9 @@ pub struct Limits {
     /// Size of a sandbox's writable work dir and /tmp (MiB each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_mb: Option<u64>,
+    /// Events one execution may append (it fails `event_limit_exceeded` past them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<Egress>,
 }
@@ -373,6 +376,7 @@ impl Limits {
             processes: min(self.processes, other.processes),
             open_files: min(self.open_files, other.open_files),
             disk_mb: min(self.disk_mb, other.disk_mb),
+            max_events: min(self.max_events, other.max_events),
             egress,
         }
     }
