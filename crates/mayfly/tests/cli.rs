@@ -1607,3 +1607,75 @@ fn a_killed_run_takes_its_interpreters_and_commands_with_it() {
         );
     }
 }
+
+/// Red team through the API: a tenant's author registers and starts playbooks on a
+/// multi-tenant server; its shell step cannot read the server's log, keys or home, and its
+/// http step cannot reach the server's own gateway (egress `public` by default).
+#[test]
+fn a_tenant_author_cannot_reach_the_servers_files_or_ports() {
+    if !mayfly_testkit::bubblewrap() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("srv.db");
+    let (mut server, url, token) = local_server(&db);
+    let admin = remote_cli(&url, &token);
+    let o = admin(&[
+        "token", "--tenant", "acme", "--role", "author", "--name", "dev",
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let author_token = out(&o).trim().to_owned();
+    let author = remote_cli(&url, &author_token);
+    let control_key = db.with_extension("control.key");
+    assert!(control_key.exists(), "the server made its control key");
+    let probe = dir.path().join("probe.yaml");
+    std::fs::write(
+        &probe,
+        format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: probe, path: t/probe}}\nworkflow:\n  - step: start\n    tool: {{kind: shell, command: \"head -c 64 {db} 2>&1; echo; cat {key} 2>&1; ls {dir} 2>&1; echo done\"}}\n",
+            db = db.display(),
+            key = control_key.display(),
+            dir = dir.path().display(),
+        ),
+    )
+    .expect("write");
+    let o = author(&["register", probe.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = author(&["exec", "start", "t/probe", "--watch"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    let text = out(&o);
+    assert!(text.contains("done"), "the step ran: {text}");
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        3,
+        "the log, the control key and the server's directory are not there: {text}"
+    );
+    assert!(!text.contains("SQLite format"), "{text}");
+    let secret = std::fs::read_to_string(&control_key).unwrap_or_default();
+    assert!(
+        secret.len() > 8 && !text.contains(secret.trim()),
+        "the control key leaked"
+    );
+    // The gateway's own port, by the http tool: refused before any connection.
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    let call = dir.path().join("call.yaml");
+    std::fs::write(
+        &call,
+        format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: call, path: t/call}}\nworkflow:\n  - step: start\n    tool: {{kind: http, url: \"http://127.0.0.1:{port}/v1/executions\"}}\n"
+        ),
+    )
+    .expect("write");
+    let o = author(&["register", call.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = author(&["exec", "start", "t/call", "--watch"]);
+    let text = format!("{}{}", out(&o), err(&o));
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("egress_denied"), "{text}");
+    server.kill().expect("stop");
+    server.wait().expect("wait");
+}
