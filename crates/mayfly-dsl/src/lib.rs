@@ -14,7 +14,7 @@ pub use playbook::{
     Admit, AdmitRule, Arc, Backoff, Diagnostic, Directive, DslError, ENTRY_STEP, KeychainEntry,
     LoopMode, LoopSpec, NATS_OPERATIONS, Next, NextMode, ParseOptions, Playbook, Reach, Rule,
     SetOp, SetTarget, Step, TOOL_KINDS, Task, ToolKind, child_path_refusal, child_version, parse,
-    parse_bytes, split_child_version,
+    parse_bytes, split_child_version, versioned_child_path,
 };
 pub use template::{REF_KEYS, REFS_KEY, TemplateError, Templates, templates, to_value, truthy};
 

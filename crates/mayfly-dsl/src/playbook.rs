@@ -453,6 +453,22 @@ pub fn split_child_version(path: &str) -> (&str, Option<u32>) {
     }
 }
 
+/// A child's `path` with the version its task's `version` names appended as `@N` (how a
+/// version travels to the orchestrator, from a step and a pipeline task alike); the path as
+/// it is when there is none or it is `latest`.
+pub fn versioned_child_path(
+    path: &str,
+    version: Option<&serde_json::Value>,
+) -> Result<String, String> {
+    match version.map(child_version).transpose()?.flatten() {
+        None => Ok(path.to_owned()),
+        Some(_) if split_child_version(path).1.is_some() => Err(format!(
+            "child `{path}`: the version is given twice, by `@N` and by `version`"
+        )),
+        Some(n) => Ok(format!("{path}@{n}")),
+    }
+}
+
 /// A fire-and-forget child has no wait to bound; accepting the key would ignore it.
 const PLAYBOOK_TIMEOUT: &str = "a `timeout` on a fire-and-forget child playbook bounds nothing (the step does not wait for it): add `return_step` or `return_result: true` to wait with a timeout, or bound the child's own steps";
 

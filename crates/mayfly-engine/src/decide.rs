@@ -320,20 +320,12 @@ fn issue(pb: &Playbook, st: &ExecState, step: &Step, item: Option<(usize, &Value
         };
         // A `version` travels in the path as `@N`, as a pipeline task's does.
         if let Some(v) = task.config.get("version") {
-            let fail = |m: String| Failure {
-                step: Some(step.name.clone()),
-                error: ErrorInfo::new("bad_version", m),
-            };
-            match mayfly_dsl::child_version(&render(v)?) {
-                Err(m) => return Err(fail(m)),
-                Ok(Some(_)) if mayfly_dsl::split_child_version(&path).1.is_some() => {
-                    return Err(fail(format!(
-                        "child `{path}`: the version is given twice, by `@N` and by `version`"
-                    )));
+            path = mayfly_dsl::versioned_child_path(&path, Some(&render(v)?)).map_err(|m| {
+                Failure {
+                    step: Some(step.name.clone()),
+                    error: ErrorInfo::new("bad_version", m),
                 }
-                Ok(Some(n)) => path = format!("{path}@{n}"),
-                Ok(None) => {}
-            }
+            })?;
         }
         let mut input = Map::new();
         for src in [

@@ -670,21 +670,11 @@ async fn child_task<C: Coordinator>(
         return ToolOutput::failed(ToolError::new("bad_config", "playbook task needs `path`"));
     };
     // A `version` travels in the path as `@N` (the orchestrator splits it off).
-    let versioned;
-    let path = match config.get("version").map(mayfly_dsl::child_version) {
-        None | Some(Ok(None)) => path,
-        Some(Err(m)) => return ToolOutput::failed(ToolError::new("bad_version", m)),
-        Some(Ok(Some(_))) if mayfly_dsl::split_child_version(path).1.is_some() => {
-            return ToolOutput::failed(ToolError::new(
-                "bad_version",
-                format!("child `{path}`: the version is given twice, by `@N` and by `version`"),
-            ));
-        }
-        Some(Ok(Some(n))) => {
-            versioned = format!("{path}@{n}");
-            versioned.as_str()
-        }
+    let path = match mayfly_dsl::versioned_child_path(path, config.get("version")) {
+        Ok(p) => p,
+        Err(m) => return ToolOutput::failed(ToolError::new("bad_version", m)),
     };
+    let path = path.as_str();
     match coord.start_child(h, path, input.clone()).await {
         Ok(id) => ToolOutput::ok(serde_json::json!({
             "status": "started",

@@ -303,30 +303,22 @@ impl Tools {
         } else {
             layers
         };
+        if layers.is_empty() {
+            // Nothing to compile (the usual `mayfly run` case, on every task).
+            return Ok(Guard::open());
+        }
         Guard::new(layers, &self.own)
     }
 
-    /// The sandbox and profile tenant code of `scope` runs in (None: unsandboxed).
-    fn boxed(
-        &self,
-        scope: &Scope<'_>,
-        guard: &Guard,
-    ) -> Result<Option<(&Boxed, Profile)>, ToolError> {
-        match &self.boxed {
-            None => Ok(None),
-            Some(Err(e)) => Err(e.clone()),
-            Some(Ok(b)) => Ok(Some((
-                b,
-                Profile::new(scope.tenant, scope.limits, guard.sandbox_network()),
-            ))),
-        }
-    }
-
-    /// The python pool for `scope`: the host pool, or the sandboxed pool of its profile.
-    fn pool(&self, scope: &Scope<'_>, guard: &Guard) -> Result<Arc<PythonPool>, ToolError> {
-        let Some((b, profile)) = self.boxed(scope, guard)? else {
-            return Err(ToolError::new("unsandboxed", ""));
+    /// The sandboxed python pool tenant code of `scope` runs in (one per tenant and bound
+    /// profile), or None when tenant code runs unsandboxed (the host pool `python`).
+    fn pool(&self, scope: &Scope<'_>, guard: &Guard) -> Result<Option<Arc<PythonPool>>, ToolError> {
+        let b = match &self.boxed {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e.clone()),
+            Some(Ok(b)) => b,
         };
+        let profile = Profile::new(scope.tenant, scope.limits, guard.sandbox_network());
         let exe = b.python.clone()?;
         let mut pools = b
             .pools
@@ -336,7 +328,7 @@ impl Tools {
             let entry = pools.remove(i);
             let pool = entry.1.clone();
             pools.push(entry);
-            return Ok(pool);
+            return Ok(Some(pool));
         }
         if pools.len() >= BOXED_POOLS {
             pools.remove(0);
@@ -350,26 +342,7 @@ impl Tools {
             self.config.python_pool,
         ));
         pools.push((profile, pool.clone()));
-        Ok(pool)
-    }
-
-    /// Run a python request on the pool of `scope` (the host pool when unsandboxed).
-    async fn python_run(
-        &self,
-        scope: &Scope<'_>,
-        guard: &Guard,
-        code: &str,
-        input: &Value,
-        extra: Map<String, Value>,
-        timeout: Duration,
-    ) -> ToolOutput {
-        if self.boxed.is_none() {
-            return self.python.run_with(code, input, extra, timeout).await;
-        }
-        match self.pool(scope, guard) {
-            Ok(p) => p.run_with(code, input, extra, timeout).await,
-            Err(e) => ToolOutput::failed(e),
-        }
+        Ok(Some(pool))
     }
 
     /// Run one task for the default tenant under this host's defaults.
@@ -439,38 +412,28 @@ impl Tools {
                         ));
                     }
                 }
-                self.python_run(
-                    scope,
-                    &guard,
-                    &code,
-                    &Value::Object(input.clone()),
-                    extra,
-                    timeout,
-                )
-                .await
+                let pool = match self.pool(scope, &guard) {
+                    Ok(p) => p,
+                    Err(e) => return ToolOutput::failed(e),
+                };
+                pool.as_deref()
+                    .unwrap_or(&self.python)
+                    .run_with(&code, &Value::Object(input.clone()), extra, timeout)
+                    .await
             }
-            "shell" => {
-                if self.boxed.is_none() {
-                    shell::run(config, timeout, None).await
-                } else {
-                    match self.pool(scope, &guard) {
-                        Ok(p) => shell::run(config, timeout, Some(&p)).await,
-                        Err(e) => ToolOutput::failed(e),
-                    }
-                }
-            }
+            "shell" => match self.pool(scope, &guard) {
+                Ok(p) => shell::run(config, timeout, p.as_deref()).await,
+                Err(e) => ToolOutput::failed(e),
+            },
             "http" => http::run(&self.http, &guard, config, timeout).await,
             "postgres" => postgres::run(&self.postgres, &guard, config, input, timeout).await,
-            "duckdb" => {
-                if self.boxed.is_none() {
-                    duckdb::run(&self.python, &self.duckdb, config, timeout).await
-                } else {
-                    match self.pool(scope, &guard) {
-                        Ok(p) => duckdb::run(&p, &self.duckdb, config, timeout).await,
-                        Err(e) => ToolOutput::failed(e),
-                    }
+            "duckdb" => match self.pool(scope, &guard) {
+                Ok(p) => {
+                    let py = p.as_deref().unwrap_or(&self.python);
+                    duckdb::run(py, &self.duckdb, config, timeout).await
                 }
-            }
+                Err(e) => ToolOutput::failed(e),
+            },
             "nats" => nats::run(&self.nats, &guard, config, input, timeout).await,
             "transfer" => transfer::run(&self.postgres, &self.http, &guard, config, timeout).await,
             "noop" => ToolOutput::ok(match config.get("result") {

@@ -268,7 +268,6 @@ fn spawn(launch: &Launch) -> Result<Interp, ToolError> {
             },
             &[exe.clone(), "-u".into(), "-c".into(), DRIVER.into()],
             &[("PYTHONDONTWRITEBYTECODE".into(), "1".into())],
-            None,
         )?),
     };
     cmd.stdin(Stdio::piped())
@@ -412,23 +411,14 @@ async fn exited(it: &mut Interp) -> ToolError {
         None => "interpreter exited".to_owned(),
         Some(s) => {
             use std::os::unix::process::ExitStatusExt;
+            if let Some(what) = crate::sandbox::limit_hit(s.signal(), s.code()) {
+                return ToolError::new("resource_limit", format!("python step exceeded {what}"));
+            }
             // bwrap reports a payload killed by signal N as exit status 128 + N.
-            let sig = s
+            match s
                 .signal()
-                .or_else(|| s.code().filter(|c| *c > 128).map(|c| c - 128));
-            match sig {
-                Some(libc::SIGXCPU) => {
-                    return ToolError::new(
-                        "resource_limit",
-                        "python step exceeded its CPU time limit (cpu_s)",
-                    );
-                }
-                Some(libc::SIGXFSZ) => {
-                    return ToolError::new(
-                        "resource_limit",
-                        "python step wrote a file beyond its disk limit (disk_mb)",
-                    );
-                }
+                .or_else(|| s.code().filter(|c| *c > 128).map(|c| c - 128))
+            {
                 Some(n) => format!("interpreter killed by signal {n}"),
                 None => format!("interpreter exited ({s})"),
             }

@@ -158,7 +158,6 @@ impl Sandbox {
             &Profile::new("probe", None, false),
             &["/bin/sh".into(), "-c".into(), "exit 0".into()],
             &[],
-            None,
         )?;
         let out = probe
             .stdin(std::process::Stdio::null())
@@ -174,15 +173,14 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// A command that runs `argv` in a fresh sandbox of `profile`, with exactly `env` as its
-    /// environment (plus PATH, HOME, TMPDIR, LANG), in `cwd` (relative to `/work`).
+    /// A command that runs `argv` in a fresh sandbox of `profile`, in `/work`, with exactly
+    /// `env` as its environment (plus PATH, HOME, TMPDIR, LANG).
     /// Environment values never reach a command line (they may hold resolved secrets).
     pub fn command(
         &self,
         profile: &Profile,
         argv: &[String],
         env: &[(String, String)],
-        cwd: Option<&str>,
     ) -> Result<std::process::Command, ToolError> {
         if argv.is_empty() {
             return Err(ToolError::new("bad_config", "nothing to run"));
@@ -248,21 +246,7 @@ impl Sandbox {
             &mut c,
             &["--perms", "1777", "--size", &size, "--tmpfs", "/work"],
         );
-        let dir = match cwd {
-            None | Some("") => "/work".to_owned(),
-            Some(d) if d.starts_with('/') => d.to_owned(),
-            Some(d) => format!("/work/{d}"),
-        };
-        if dir.split('/').any(|s| s == "..") {
-            return Err(ToolError::new(
-                "bad_config",
-                format!("`cwd` {dir} leaves the sandbox's work dir"),
-            ));
-        }
-        if dir != "/work" && dir.starts_with("/work/") {
-            c.arg("--dir").arg(&dir);
-        }
-        c.arg("--chdir").arg(&dir);
+        c.args(["--chdir", "/work"]);
         for i in 0..self.bpf.len() {
             c.arg("--add-seccomp-fd")
                 .arg((SECCOMP_FD + i as i32).to_string());
@@ -358,6 +342,16 @@ impl Sandbox {
     /// Read-only binds (for docs and tests).
     pub fn binds(&self) -> &[PathBuf] {
         &self.ro
+    }
+}
+
+/// The sandbox limit that ended a process — killed by `signal`, or exiting `128 + signal` as
+/// bwrap and shells report a payload's death — named for a message.
+pub(crate) fn limit_hit(signal: Option<i32>, code: Option<i32>) -> Option<&'static str> {
+    match signal.or_else(|| code.filter(|c| *c > 128).map(|c| c - 128))? {
+        libc::SIGXCPU => Some("its CPU time limit (cpu_s)"),
+        libc::SIGXFSZ => Some("its file size limit (disk_mb)"),
+        _ => None,
     }
 }
 

@@ -282,17 +282,9 @@ fn assemble(
     o
 }
 
-/// A command ended by its sandbox's CPU or file-size limit (killed by the signal, or a
-/// shell reporting 128 + the signal).
+/// A command ended by its sandbox's CPU or file-size limit.
 fn limit_hit(r: &Ran, cmd: &str) -> Option<ToolError> {
-    let sig = r
-        .signal
-        .or_else(|| r.code.filter(|c| *c > 128).map(|c| c - 128))?;
-    let what = match sig {
-        libc::SIGXCPU => "its CPU time limit (cpu_s)",
-        libc::SIGXFSZ => "its file size limit (disk_mb)",
-        _ => return None,
-    };
+    let what = crate::sandbox::limit_hit(r.signal, r.code)?;
     Some(ToolError::new(
         "resource_limit",
         format!("`{cmd}` exceeded {what}"),
