@@ -1077,7 +1077,7 @@ impl Dataplane {
             self.run_op(
                 &client,
                 &OpRequest {
-                    op_id: format!("{actor}.e{epoch}.run"),
+                    op_id: op_id(tenant, &actor, epoch, "run"),
                     actor: actor.clone(),
                     tenant: tenant.into(),
                     assignment_epoch: epoch,
@@ -1097,7 +1097,7 @@ impl Dataplane {
             let mut manifest = self
                 .capture(
                     &client,
-                    format!("{actor}.e{epoch}.capture"),
+                    op_id(tenant, &actor, epoch, "capture"),
                     &spec,
                     epoch,
                     tpl,

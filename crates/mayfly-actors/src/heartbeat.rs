@@ -21,6 +21,11 @@ pub async fn run(provider: Arc<Provider>, http: reqwest::Client, control: String
     // never reaches the control plane holds nothing past one lease either.
     let renewed: Arc<std::sync::Mutex<Option<(Instant, Duration)>>> =
         Arc::new(std::sync::Mutex::new(Some((Instant::now(), default_lease))));
+    // What actors and the data path are told: the same 80% the watchdog fences at, on the
+    // wall clock (a contained actor's keeper reads it).
+    let fence_at =
+        |lease: Duration| Some(mayfly_types::now_ms() + lease.mul_f64(0.8).as_millis() as u64);
+    provider.set_lease(fence_at(default_lease));
     let watchdog = tokio::spawn({
         let provider = provider.clone();
         let renewed = renewed.clone();
@@ -80,8 +85,9 @@ pub async fn run(provider: Arc<Provider>, http: reqwest::Client, control: String
         .await;
         match answer {
             Ok(a) => {
-                *renewed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((sent, Duration::from_millis(a.lease_ms)));
+                let lease = Duration::from_millis(a.lease_ms);
+                *renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some((sent, lease));
+                provider.set_lease(fence_at(lease).map(|t| t - sent.elapsed().as_millis() as u64));
                 for s in a.stop {
                     provider.fence(&s.tenant, &s.actor, s.epoch).await;
                 }

@@ -41,8 +41,6 @@ pub struct ActorRow {
     pub actor: String,
     pub tenant: String,
     pub epoch: u64,
-    /// Process group of a running sandbox (so a restarted provider can reap orphans).
-    pub pgid: Option<i64>,
 }
 
 impl Journal {
@@ -70,7 +68,7 @@ impl Journal {
                 tenant TEXT NOT NULL,
                 actor TEXT NOT NULL,
                 epoch INTEGER NOT NULL,
-                pgid INTEGER,
+                pgid INTEGER, -- unused since the process sandbox records its own groups
                 PRIMARY KEY (tenant, actor)
             )",
         ] {
@@ -157,24 +155,22 @@ impl Journal {
 
     /// The fence record of `tenant`'s `actor`.
     pub async fn actor(&self, tenant: &str, actor: &str) -> Result<Option<ActorRow>, JournalError> {
-        let row = sqlx::query(
-            "SELECT actor, tenant, epoch, pgid FROM actors WHERE tenant = ? AND actor = ?",
-        )
-        .bind(tenant)
-        .bind(actor)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT actor, tenant, epoch FROM actors WHERE tenant = ? AND actor = ?")
+                .bind(tenant)
+                .bind(actor)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| ActorRow {
             actor: r.get(0),
             tenant: r.get(1),
             epoch: r.get::<i64, _>(2).max(0) as u64,
-            pgid: r.get(3),
         }))
     }
 
-    /// Every fence record (a restarted provider reaps the recorded process groups).
+    /// Every fence record.
     pub async fn actors(&self) -> Result<Vec<ActorRow>, JournalError> {
-        let rows = sqlx::query("SELECT actor, tenant, epoch, pgid FROM actors ORDER BY actor")
+        let rows = sqlx::query("SELECT actor, tenant, epoch FROM actors ORDER BY actor")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -183,24 +179,20 @@ impl Journal {
                 actor: r.get(0),
                 tenant: r.get(1),
                 epoch: r.get::<i64, _>(2).max(0) as u64,
-                pgid: r.get(3),
             })
             .collect())
     }
 
-    /// Bind an actor to `epoch` (never lowers it: the fence only moves forward). A `None`
-    /// pgid keeps the recorded one (its process may still need reaping).
+    /// Bind an actor to `epoch` (never lowers it: the fence only moves forward).
     pub async fn bind(&self, row: &ActorRow) -> Result<(), JournalError> {
         sqlx::query(
-            "INSERT INTO actors (actor, tenant, epoch, pgid) VALUES (?, ?, ?, ?)
+            "INSERT INTO actors (actor, tenant, epoch) VALUES (?, ?, ?)
              ON CONFLICT (tenant, actor) DO UPDATE SET
-               epoch = MAX(actors.epoch, excluded.epoch),
-               pgid = COALESCE(excluded.pgid, actors.pgid)",
+               epoch = MAX(actors.epoch, excluded.epoch)",
         )
         .bind(&row.actor)
         .bind(&row.tenant)
         .bind(row.epoch as i64)
-        .bind(row.pgid)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -37,6 +37,7 @@ pub mod dataplane;
 pub mod heartbeat;
 pub mod http;
 pub mod journal;
+pub mod keeper;
 pub mod local;
 pub mod process;
 
@@ -83,16 +84,16 @@ pub trait Sandbox: Send + Sync + 'static {
         delivery: &Delivery,
         restored: Option<(Scope, Streams)>,
     ) -> Result<Box<dyn Instance>, Refusal>;
+    /// The provider's lease was renewed until `until_ms` (wall clock; `None`: it holds no
+    /// lease, no control plane is watching). A sandbox whose actors can outlive a frozen
+    /// provider hands this to them, so they stop serving when it runs out.
+    fn lease(&self, _until_ms: Option<u64>) {}
 }
 
 /// One running actor.
 #[async_trait]
 pub trait Instance: Send + Sync {
     fn address(&self) -> Option<String>;
-    /// Its process group, when it has one (recorded so a restarted provider reaps it).
-    fn pgid(&self) -> Option<i64> {
-        None
-    }
     async fn alive(&self) -> bool;
     async fn handle(&self, req: DataRequest) -> Result<DataResponse, Refusal>;
     /// Capture `scope`; with `teardown` the actor is stopped (before or after the capture,
@@ -148,6 +149,9 @@ pub struct Provider {
     /// Running actors (the data path reads this without waiting behind an op).
     running: RwLock<HashMap<String, Running>>,
     inflight: std::sync::Mutex<HashMap<String, watch::Receiver<Option<OpStatus>>>>,
+    /// Wall-clock ms until which the provider holds its lease; 0: no lease (no control
+    /// plane). Past it, nothing is started and no request reaches an actor.
+    lease_until: std::sync::atomic::AtomicU64,
 }
 
 /// Framework failures that are not an op's outcome (answered 500).
@@ -161,8 +165,8 @@ pub enum ProviderError {
 
 impl Provider {
     /// A provider over `sandbox`, journaling to `journal`, keeping local checkpoints in
-    /// `local` and external ones in `external` (the shared snapshot store). Actor process
-    /// groups an earlier incarnation left running are reaped.
+    /// `local` and external ones in `external` (the shared snapshot store). (Building the
+    /// sandbox reaps what an earlier incarnation left running.)
     pub async fn new(
         cfg: ProviderConfig,
         sandbox: Arc<dyn Sandbox>,
@@ -170,14 +174,6 @@ impl Provider {
         local: Arc<dyn Cache>,
         external: Arc<dyn Cache>,
     ) -> Result<Arc<Provider>, ProviderError> {
-        for row in journal.actors().await? {
-            if let Some(pgid) = row.pgid {
-                process::reap_orphan(pgid, &row.actor);
-                journal
-                    .bind(&journal::ActorRow { pgid: None, ..row })
-                    .await?;
-            }
-        }
         Ok(Arc::new(Provider {
             cfg,
             incarnation: uuid::Uuid::now_v7().to_string(),
@@ -188,6 +184,7 @@ impl Provider {
             locks: Default::default(),
             running: Default::default(),
             inflight: Default::default(),
+            lease_until: Default::default(),
         }))
     }
 
@@ -378,7 +375,7 @@ impl Provider {
                 if epoch < current {
                     return Err(stale("assign"));
                 }
-                self.bind(&req.actor, &req.tenant, epoch, None).await?;
+                self.bind(&req.actor, &req.tenant, epoch).await?;
                 match desired {
                     Desired::Suspended => {
                         self.stop(&k).await;
@@ -439,7 +436,7 @@ impl Provider {
                 let captured = instance.capture(scope, teardown).await;
                 if teardown {
                     instance.stop().await;
-                    self.bind(&req.actor, &req.tenant, epoch, None).await?;
+                    self.bind(&req.actor, &req.tenant, epoch).await?;
                 }
                 let streams = captured?;
                 let store = match kind {
@@ -486,7 +483,7 @@ impl Provider {
                 )?;
                 let streams = self.fetch(&req.tenant, &manifest).await?;
                 self.stop(&k).await;
-                self.bind(&req.actor, &req.tenant, epoch, None).await?;
+                self.bind(&req.actor, &req.tenant, epoch).await?;
                 let delivery = req.delivery.unwrap_or_default();
                 self.start(spec, epoch, &delivery, Some((manifest.scope, streams)))
                     .await?;
@@ -495,19 +492,12 @@ impl Provider {
         }
     }
 
-    async fn bind(
-        &self,
-        actor: &str,
-        tenant: &str,
-        epoch: u64,
-        pgid: Option<i64>,
-    ) -> Result<(), Refusal> {
+    async fn bind(&self, actor: &str, tenant: &str, epoch: u64) -> Result<(), Refusal> {
         self.journal
             .bind(&journal::ActorRow {
                 actor: actor.into(),
                 tenant: tenant.into(),
                 epoch,
-                pgid,
             })
             .await
             .map_err(|e| Refusal::new(RefusalCode::SandboxFailed, e.to_string()))
@@ -520,6 +510,7 @@ impl Provider {
         delivery: &Delivery,
         restored: Option<(Scope, Streams)>,
     ) -> Result<(), Refusal> {
+        self.check_lease()?;
         if self.running.read().await.len() as u32 >= self.cfg.slots {
             return Err(Refusal::new(
                 RefusalCode::CapacityExhausted,
@@ -528,8 +519,7 @@ impl Provider {
         }
         let instance: Arc<dyn Instance> =
             Arc::from(self.sandbox.start(&spec, epoch, delivery, restored).await?);
-        self.bind(&spec.actor, &spec.tenant, epoch, instance.pgid())
-            .await?;
+        self.bind(&spec.actor, &spec.tenant, epoch).await?;
         self.running.write().await.insert(
             akey(&spec.tenant, &spec.actor),
             Running {
@@ -610,6 +600,26 @@ impl Provider {
         Ok(streams)
     }
 
+    /// The lease was renewed until `until_ms` (wall clock), or is held by no one (`None`).
+    pub fn set_lease(&self, until_ms: Option<u64>) {
+        self.lease_until
+            .store(until_ms.unwrap_or(0), std::sync::atomic::Ordering::Release);
+        self.sandbox.lease(until_ms);
+    }
+
+    /// Refused once the lease has run out: the control plane may by now have given this
+    /// provider's epochs to another worker.
+    fn check_lease(&self) -> Result<(), Refusal> {
+        let until = self.lease_until.load(std::sync::atomic::Ordering::Acquire);
+        if until != 0 && mayfly_types::now_ms() >= until {
+            return Err(Refusal::new(
+                RefusalCode::StaleEpoch,
+                "the provider's lease has run out: its actors may be assigned elsewhere",
+            ));
+        }
+        Ok(())
+    }
+
     /// Route a data-path request to `tenant`'s `actor`, which must be running at exactly
     /// `epoch`.
     pub async fn call(
@@ -619,6 +629,7 @@ impl Provider {
         epoch: u64,
         req: DataRequest,
     ) -> Result<DataResponse, Refusal> {
+        self.check_lease()?;
         let instance = {
             let running = self.running.read().await;
             let r = running.get(&akey(tenant, actor)).ok_or_else(|| {

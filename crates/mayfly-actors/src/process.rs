@@ -1,15 +1,27 @@
 //! The `process` sandbox: an actor is a child process serving HTTP on `$PORT`.
 //!
-//! * Layout per actor: `<root>/actors/<tenant>/<actor>/{work,run,log}`. `work` is the
-//!   working directory and holds the durable dirs; `run` holds what is delivered fresh on
-//!   every start (the identity file `run/actor-id`, one file per secret under
-//!   `run/secrets/`), is wiped on every start and stop, and is never captured.
+//! * Layout per actor: `<root>/actors/<tenant>/<actor>/{work,run,sock,log,pgid}`. `work`
+//!   holds the durable dirs; `run` holds what is delivered fresh on every start (the
+//!   identity file `run/actor-id`, one file per secret under `run/secrets/`), is wiped on
+//!   every start and stop, and is never captured.
+//! * Contained (the default of `mayfly provider serve`): each actor runs in its own
+//!   bubblewrap sandbox ([`mayfly_tools::sandbox`]) — own mount, PID, IPC, UTS and network
+//!   namespaces, a read-only `/usr`, a bounded private `/work` and `/tmp` with only its own
+//!   durable dirs bound in (`/work/<dir>`), its run dir read-only at `/run/mayfly`, seccomp,
+//!   no capabilities, rlimits, and (run by root) the tenant's own uid. It sees nothing of the
+//!   provider (key, journal, snapshot store), of other actors or of the host's processes,
+//!   and has no network: the [`crate::keeper`] relays the provider's requests from a Unix
+//!   socket to `$PORT` and ends the sandbox when the provider's lease runs out.
+//! * Uncontained (`--sandbox off`, development only): a plain child process in the run dir's
+//!   sibling `work`, on a loopback port.
 //! * Data scope = the durable dirs as one tar stream, zstd-compressed. Full scope (process
 //!   memory) is refused honestly: `unsupported_scope`.
 //! * Readiness gate: a start succeeds only once `GET readiness.path` answers 200 within
 //!   `readiness.deadline_ms`; otherwise the child is killed and the op fails `not_ready`.
-//! * Each child leads its own process group; stop kills the group, so an actor's own
-//!   children never outlive it.
+//! * No orphans: each child leads its own process group and dies with the provider
+//!   (`PR_SET_PDEATHSIG`); its group and a per-start nonce are written to `pgid` *before*
+//!   the readiness wait, and a restarted provider reaps any group still carrying that nonce
+//!   before it serves.
 
 use crate::{DataRequest, DataResponse, Instance, Sandbox, Streams};
 use async_trait::async_trait;
@@ -17,7 +29,11 @@ use mayfly_actor_api::{
     ActorSpec, Capabilities, CheckpointKind, Delivery, Format, Overhead, Refusal, RefusalCode,
     Scope, Workload,
 };
+use mayfly_tools::sandbox::Bind;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -29,18 +45,49 @@ pub fn data_format() -> Format {
     }
 }
 
+/// Where the keeper's binary is inside a sandbox (its host path may be under `/work` or
+/// `/tmp`, which every sandbox has private).
+pub const KEEPER_INSIDE: &str = "/run/mayfly-keeper";
+
+/// The port an actor serves on inside its own network namespace.
+const CONTAINED_PORT: u16 = 8080;
+
+/// How contained actors run.
+#[derive(Clone, Debug)]
+pub struct Contain {
+    pub sandbox: Arc<mayfly_tools::sandbox::Sandbox>,
+    /// The binary that runs [`crate::keeper`] (bound read-only into each sandbox at
+    /// [`KEEPER_INSIDE`]) and the arguments that make it the keeper (`mayfly
+    /// __actor-keeper`).
+    pub keeper: PathBuf,
+    pub keeper_args: Vec<String>,
+    /// Bounds of every actor (platform defaults where unset; CPU time is not bounded: an
+    /// actor is long-lived).
+    pub limits: mayfly_types::Limits,
+}
+
 /// The `process` sandbox rooted at a directory.
 pub struct ProcessSandbox {
     root: PathBuf,
     http: reqwest::Client,
+    contain: Option<Contain>,
 }
 
 impl ProcessSandbox {
-    /// A sandbox rooted at `root`. Run dirs an earlier incarnation left (identity, secrets)
-    /// are wiped: nothing delivered outlives the actor it was delivered to.
+    /// Uncontained actors (plain child processes; development and trusted code only) rooted
+    /// at `root`. Run dirs an earlier incarnation left (identity, secrets) are wiped and its
+    /// process groups reaped: nothing outlives the incarnation that started it.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, Refusal> {
+        Self::build(root.into(), None)
+    }
+
+    /// Contained actors: each in its own sandbox (module docs).
+    pub fn contained(root: impl Into<PathBuf>, contain: Contain) -> Result<Self, Refusal> {
+        Self::build(root.into(), Some(contain))
+    }
+
+    fn build(root: PathBuf, contain: Option<Contain>) -> Result<Self, Refusal> {
         crate::install_crypto();
-        let root: PathBuf = root.into();
         for tenant in std::fs::read_dir(root.join("actors"))
             .into_iter()
             .flatten()
@@ -51,15 +98,44 @@ impl ProcessSandbox {
                 .flatten()
                 .flatten()
             {
+                reap_recorded(&actor.path().join("pgid"));
                 let _ = std::fs::remove_dir_all(actor.path().join("run"));
             }
         }
+        // Readable by the tenant uids actors run as (a provider run by root).
+        let lease = root.join("lease");
+        std::fs::create_dir_all(&lease)
+            .and_then(|()| std::fs::set_permissions(&lease, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| failed(format!("lease dir: {e}")))?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| failed(format!("http client: {e}")))?;
-        Ok(ProcessSandbox { root, http })
+        let s = ProcessSandbox {
+            root,
+            http,
+            contain,
+        };
+        s.write_lease(None)?;
+        Ok(s)
+    }
+
+    /// Whether actors run contained.
+    pub fn is_contained(&self) -> bool {
+        self.contain.is_some()
+    }
+
+    /// The provider's lease as contained actors see it (`None`: no control plane, no lease).
+    /// Replaced atomically: the keepers read the directory it lives in.
+    fn write_lease(&self, until_ms: Option<u64>) -> Result<(), Refusal> {
+        let dir = self.root.join("lease");
+        let tmp = dir.join(".until");
+        let text = until_ms.map_or_else(|| "none".to_owned(), |u| u.to_string());
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("until")))
+            .map_err(|e| failed(format!("lease file: {e}")))
     }
 
     fn dir(&self, spec: &ActorSpec) -> PathBuf {
@@ -123,48 +199,182 @@ impl Sandbox for ProcessSandbox {
         let dir = self.dir(spec);
         let work = dir.join("work");
         let run = dir.join("run");
+        let sock = dir.join("sock");
         let data = restored.and_then(|(_, mut s)| s.remove("data"));
         let dirs = durable_dirs.clone();
         let identity = delivery.identity.clone();
         let secrets = delivery.secrets.clone();
-        let (w, r) = (work.clone(), run.clone());
-        tokio::task::spawn_blocking(move || prepare(&w, &r, &dirs, data, &identity, &secrets))
-            .await
-            .map_err(|e| failed(e.to_string()))??;
+        let owner = self.contain.as_ref().and_then(|c| {
+            c.sandbox.runs_as(&mayfly_tools::sandbox::Profile::new(
+                &spec.tenant,
+                None,
+                false,
+            ))
+        });
+        let (w, r, k) = (work.clone(), run.clone(), sock.clone());
+        tokio::task::spawn_blocking(move || {
+            prepare(&w, &r, &dirs, data, &identity, &secrets)?;
+            recreate(&k)?;
+            match owner {
+                Some(uid) => give(&[&w, &r, &k], uid),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))??;
 
-        let port = free_port().map_err(|e| failed(format!("no free port: {e}")))?;
+        let nonce = uuid::Uuid::now_v7().simple().to_string();
         let log = std::fs::File::create(dir.join("log")).map_err(|e| failed(e.to_string()))?;
         let log2 = log.try_clone().map_err(|e| failed(e.to_string()))?;
-        let mut cmd = tokio::process::Command::new(command);
-        cmd.args(args)
-            .current_dir(&work)
-            .envs(env)
-            .env("PORT", port.to_string())
-            .env("MAYFLY_ACTOR", &spec.actor)
-            .env("MAYFLY_TENANT", &spec.tenant)
-            .env("MAYFLY_EPOCH", epoch.to_string())
-            .env("MAYFLY_RUN_DIR", &run)
-            .env("MAYFLY_ACTOR_ID_FILE", run.join("actor-id"))
-            .stdin(std::process::Stdio::null())
+        let (std_cmd, ingress) = match &self.contain {
+            Some(c) => {
+                let mut profile =
+                    mayfly_tools::sandbox::Profile::new(&spec.tenant, Some(&c.limits), false);
+                profile.cpu_s = u64::MAX;
+                let mut binds = Vec::new();
+                let mut sorted = durable_dirs.clone();
+                sorted.sort();
+                for d in &sorted {
+                    binds.push(Bind {
+                        host: work.join(d),
+                        inside: Path::new("/work").join(d),
+                        writable: true,
+                    });
+                }
+                binds.extend([
+                    Bind {
+                        host: run.clone(),
+                        inside: "/run/mayfly".into(),
+                        writable: false,
+                    },
+                    Bind {
+                        host: sock.clone(),
+                        inside: "/run/mayfly-sock".into(),
+                        writable: true,
+                    },
+                    Bind {
+                        host: self.root.join("lease"),
+                        inside: "/run/mayfly-lease".into(),
+                        writable: false,
+                    },
+                    Bind {
+                        host: c.keeper.clone(),
+                        inside: KEEPER_INSIDE.into(),
+                        writable: false,
+                    },
+                ]);
+                let mut argv = vec![KEEPER_INSIDE.to_owned()];
+                argv.extend(c.keeper_args.iter().cloned());
+                argv.extend(
+                    [
+                        "--listen",
+                        "/run/mayfly-sock/http.sock",
+                        "--port",
+                        &CONTAINED_PORT.to_string(),
+                        "--lease",
+                        "/run/mayfly-lease/until",
+                        "--",
+                        command,
+                    ]
+                    .map(str::to_owned),
+                );
+                argv.extend(args.iter().cloned());
+                let mut envs: Vec<(String, String)> =
+                    env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                envs.extend(
+                    [
+                        ("PORT", CONTAINED_PORT.to_string()),
+                        ("MAYFLY_ACTOR", spec.actor.clone()),
+                        ("MAYFLY_TENANT", spec.tenant.clone()),
+                        ("MAYFLY_EPOCH", epoch.to_string()),
+                        ("MAYFLY_RUN_DIR", "/run/mayfly".into()),
+                        ("MAYFLY_ACTOR_ID_FILE", "/run/mayfly/actor-id".into()),
+                        ("MAYFLY_START", nonce.clone()),
+                    ]
+                    .map(|(k, v)| (k.to_owned(), v)),
+                );
+                let cmd = c
+                    .sandbox
+                    .command_with(&profile, &argv, &envs, &binds)
+                    .map_err(|e| failed(e.to_string()))?;
+                // The socket's host path can exceed a socket address's 108 bytes; a
+                // descriptor of its directory names it in a few.
+                let dir_fd = std::fs::File::open(&sock).map_err(|e| failed(e.to_string()))?;
+                let via = format!("/proc/self/fd/{}/http.sock", dir_fd.as_raw_fd());
+                let http = reqwest::Client::builder()
+                    .unix_socket(via.as_str())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build()
+                    .map_err(|e| failed(format!("http client: {e}")))?;
+                let address = format!("unix:{}", sock.join("http.sock").display());
+                (
+                    cmd,
+                    Ingress {
+                        base: "http://actor".into(),
+                        address,
+                        http,
+                        _dir: Some(dir_fd),
+                    },
+                )
+            }
+            None => {
+                let port = free_port().map_err(|e| failed(format!("no free port: {e}")))?;
+                let mut cmd = std::process::Command::new(command);
+                cmd.args(args)
+                    .current_dir(&work)
+                    .envs(env)
+                    .env("PORT", port.to_string())
+                    .env("MAYFLY_ACTOR", &spec.actor)
+                    .env("MAYFLY_TENANT", &spec.tenant)
+                    .env("MAYFLY_EPOCH", epoch.to_string())
+                    .env("MAYFLY_RUN_DIR", &run)
+                    .env("MAYFLY_ACTOR_ID_FILE", run.join("actor-id"))
+                    .env("MAYFLY_START", &nonce);
+                mayfly_tools::die_with_parent(&mut cmd);
+                let address = format!("http://127.0.0.1:{port}");
+                (
+                    cmd,
+                    Ingress {
+                        base: address.clone(),
+                        address,
+                        http: self.http.clone(),
+                        _dir: None,
+                    },
+                )
+            }
+        };
+        let mut cmd = tokio::process::Command::from(std_cmd);
+        cmd.stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             .process_group(0)
             .kill_on_drop(true);
+        // Spawned from this (runtime) thread: the death signal follows the thread that
+        // forked, and a blocking-pool thread retires when idle.
         let mut child = cmd
             .spawn()
             .map_err(|e| failed(format!("spawn `{command}`: {e}")))?;
         let pid = child.id().map(i64::from);
-        let address = format!("http://127.0.0.1:{port}");
+        let pgid_file = dir.join("pgid");
+        if let Some(p) = pid {
+            // Recorded before the readiness wait: a provider killed now leaves a record.
+            if let Err(e) = std::fs::write(&pgid_file, format!("{p} {nonce}")) {
+                kill_group(pid);
+                return Err(failed(format!("pgid record: {e}")));
+            }
+        }
         let deadline = Instant::now() + Duration::from_millis(readiness.deadline_ms);
-        let probe = format!("{address}{}", readiness.path);
+        let probe = format!("{}{}", ingress.base, readiness.path);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 kill_group(pid);
+                let _ = std::fs::remove_file(&pgid_file);
                 return Err(failed(format!(
-                    "the actor exited before it was ready ({status})"
+                    "the actor exited before it was ready ({status}); the end of its output: {}",
+                    tail(&dir.join("log"))
                 )));
             }
-            let ok = self
+            let ok = ingress
                 .http
                 .get(&probe)
                 .timeout(Duration::from_millis(500))
@@ -177,6 +387,7 @@ impl Sandbox for ProcessSandbox {
             if Instant::now() >= deadline {
                 kill_group(pid);
                 let _ = child.kill().await;
+                let _ = std::fs::remove_file(&pgid_file);
                 return Err(Refusal::new(
                     RefusalCode::NotReady,
                     format!(
@@ -190,13 +401,86 @@ impl Sandbox for ProcessSandbox {
         Ok(Box::new(ProcessInstance {
             child: Mutex::new(Some(child)),
             pgid: pid,
-            address,
+            pgid_file,
+            ingress,
             work,
             run,
             durable_dirs: durable_dirs.clone(),
-            http: self.http.clone(),
         }))
     }
+
+    fn lease(&self, until_ms: Option<u64>) {
+        if let Err(e) = self.write_lease(until_ms) {
+            tracing::error!(error = %e.message, "cannot renew the actors' lease file");
+        }
+    }
+}
+
+/// The last kilobyte of an actor's log, for a failed start's message.
+fn tail(log: &Path) -> String {
+    let bytes = std::fs::read(log).unwrap_or_default();
+    let from = bytes.len().saturating_sub(1024);
+    let text = String::from_utf8_lossy(&bytes[from..]);
+    match text.trim() {
+        "" => "(nothing)".to_owned(),
+        t => t.to_owned(),
+    }
+}
+
+/// How the provider reaches one actor.
+struct Ingress {
+    /// URL prefix of requests (`http://actor` over the keeper's Unix socket).
+    base: String,
+    /// What the provider reports as the actor's address.
+    address: String,
+    http: reqwest::Client,
+    /// The socket directory, held open for `/proc/self/fd/N/http.sock`.
+    _dir: Option<std::fs::File>,
+}
+
+/// An empty directory at `d`.
+fn recreate(d: &Path) -> Result<(), Refusal> {
+    if d.exists() {
+        std::fs::remove_dir_all(d).map_err(|e| failed(format!("clean: {e}")))?;
+    }
+    std::fs::create_dir_all(d).map_err(|e| failed(format!("mkdir: {e}")))
+}
+
+/// Hand the actor's dirs to the tenant's uid (a provider run by root starts actors as the
+/// tenant): everything under them, recursively, never following a link.
+fn give(dirs: &[&Path], uid: u32) -> Result<(), Refusal> {
+    fn walk(p: &Path, uid: u32) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(p, Some(uid), Some(uid))?;
+        if std::fs::symlink_metadata(p)?.is_dir() {
+            for e in std::fs::read_dir(p)? {
+                walk(&e?.path(), uid)?;
+            }
+        }
+        Ok(())
+    }
+    for d in dirs {
+        walk(d, uid).map_err(|e| failed(format!("chown {}: {e}", d.display())))?;
+    }
+    Ok(())
+}
+
+/// Reap the process group a `pgid` record names if its leader still carries the record's
+/// start nonce (a recycled pid is never signalled), then drop the record.
+fn reap_recorded(record: &Path) {
+    let Ok(text) = std::fs::read_to_string(record) else {
+        return;
+    };
+    if let Some((pgid, nonce)) = text.trim().split_once(' ')
+        && let Ok(pgid) = pgid.parse::<i64>()
+    {
+        let env = std::fs::read(format!("/proc/{pgid}/environ")).unwrap_or_default();
+        let want = format!("MAYFLY_START={nonce}");
+        if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            tracing::warn!(pgid, "reaping an actor an earlier provider left running");
+            kill_group(Some(pgid));
+        }
+    }
+    let _ = std::fs::remove_file(record);
 }
 
 /// Lay out the actor's dirs: work (emptied, then the restored data or empty durable dirs),
@@ -209,7 +493,6 @@ fn prepare(
     identity: &str,
     secrets: &std::collections::BTreeMap<String, String>,
 ) -> Result<(), Refusal> {
-    use std::os::unix::fs::PermissionsExt;
     let io = |what: &str, e: std::io::Error| failed(format!("{what}: {e}"));
     for d in [work, run] {
         if d.exists() {
@@ -292,34 +575,20 @@ pub(crate) fn kill_group(pgid: Option<i64>) {
     }
 }
 
-/// Kill an orphaned actor group left by an earlier incarnation, but only if its leader is
-/// still that actor (its environment names it): a recycled pid is never signalled.
-pub(crate) fn reap_orphan(pgid: i64, actor: &str) {
-    let env = std::fs::read(format!("/proc/{pgid}/environ")).unwrap_or_default();
-    let want = format!("MAYFLY_ACTOR={actor}");
-    if env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
-        kill_group(Some(pgid));
-    }
-}
-
 struct ProcessInstance {
     child: Mutex<Option<tokio::process::Child>>,
     pgid: Option<i64>,
-    address: String,
+    pgid_file: PathBuf,
+    ingress: Ingress,
     work: PathBuf,
     run: PathBuf,
     durable_dirs: Vec<String>,
-    http: reqwest::Client,
 }
 
 #[async_trait]
 impl Instance for ProcessInstance {
     fn address(&self) -> Option<String> {
-        Some(self.address.clone())
-    }
-
-    fn pgid(&self) -> Option<i64> {
-        self.pgid
+        Some(self.ingress.address.clone())
     }
 
     async fn alive(&self) -> bool {
@@ -330,9 +599,10 @@ impl Instance for ProcessInstance {
     async fn handle(&self, req: DataRequest) -> Result<DataResponse, Refusal> {
         let method = reqwest::Method::from_bytes(req.method.as_bytes())
             .map_err(|_| Refusal::invalid("method"))?;
-        let mut rb = self
-            .http
-            .request(method, format!("{}{}", self.address, req.path_and_query));
+        let mut rb = self.ingress.http.request(
+            method,
+            format!("{}{}", self.ingress.base, req.path_and_query),
+        );
         for (k, v) in &req.headers {
             rb = rb.header(k, v);
         }
@@ -383,6 +653,7 @@ impl Instance for ProcessInstance {
             let _ = c.kill().await;
         }
         let _ = tokio::fs::remove_dir_all(&self.run).await;
+        let _ = tokio::fs::remove_file(&self.pgid_file).await;
     }
 }
 

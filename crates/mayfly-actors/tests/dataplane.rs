@@ -70,9 +70,6 @@ impl Instance for FaultyInstance {
     fn address(&self) -> Option<String> {
         self.inner.address()
     }
-    fn pgid(&self) -> Option<i64> {
-        self.inner.pgid()
-    }
     async fn alive(&self) -> bool {
         self.inner.alive().await
     }

@@ -8,7 +8,7 @@ use mayfly_actor_api::{
 };
 use mayfly_actors::client::ProviderClient;
 use mayfly_actors::conformance::{self, Outcome, process_workload};
-use mayfly_actors::process::ProcessSandbox;
+use mayfly_actors::process::{Contain, ProcessSandbox};
 use mayfly_actors::{Journal, Provider, ProviderConfig};
 use mayfly_cache::{Cache, LocalCache};
 use mayfly_trust::sign::ControlKey;
@@ -25,15 +25,36 @@ struct Harness {
 }
 
 async fn start(root: &Path, key: &ControlKey, slots: u32) -> Harness {
-    start_with(root, key, slots, None).await
+    start_with(root, key, slots, None, None).await
 }
 
-/// The same, with `external` as the shared snapshot store (default: a directory).
+/// How `mayfly provider serve` contains actors, with this crate's keeper binary; `None`
+/// (and a loud skip, a failure under CI) without bubblewrap.
+fn containment() -> Option<Contain> {
+    if !mayfly_testkit::bubblewrap() {
+        return None;
+    }
+    let mut extra = Vec::new();
+    if let Ok((py, dirs)) = mayfly_tools::sandbox::python_layout("python3") {
+        extra.push(py);
+        extra.extend(dirs);
+    }
+    Some(Contain {
+        sandbox: Arc::new(mayfly_tools::sandbox::Sandbox::detect(&extra).unwrap()),
+        keeper: env!("CARGO_BIN_EXE_mayfly-actor-keeper").into(),
+        keeper_args: vec![],
+        limits: Default::default(),
+    })
+}
+
+/// The same, with `external` as the shared snapshot store (default: a directory) and
+/// actors contained or not.
 async fn start_with(
     root: &Path,
     key: &ControlKey,
     slots: u32,
     external_store: Option<Arc<dyn Cache>>,
+    contain: Option<Contain>,
 ) -> Harness {
     mayfly_actors::install_crypto();
     let cfg = ProviderConfig {
@@ -47,7 +68,10 @@ async fn start_with(
     let external = root.join("snapshots");
     let provider = Provider::new(
         cfg,
-        Arc::new(ProcessSandbox::new(root.join("sandbox")).unwrap()),
+        Arc::new(match contain {
+            Some(c) => ProcessSandbox::contained(root.join("sandbox"), c).unwrap(),
+            None => ProcessSandbox::new(root.join("sandbox")).unwrap(),
+        }),
         journal,
         Arc::new(LocalCache::new(root.join("local"))),
         external_store.unwrap_or_else(|| Arc::new(LocalCache::new(&external))),
@@ -111,9 +135,19 @@ const WAIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_provider_passes_the_conformance_suite() {
+    conformance_suite(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contained_process_provider_passes_the_conformance_suite() {
+    let Some(contain) = containment() else { return };
+    conformance_suite(Some(contain)).await;
+}
+
+async fn conformance_suite(contain: Option<Contain>) {
     let dir = tempfile::tempdir().unwrap();
     let key = ControlKey::generate();
-    let h = start(dir.path(), &key, 16).await;
+    let h = start_with(dir.path(), &key, 16, None, contain).await;
     let report = conformance::run(conformance::Config {
         client: h.client.clone(),
         key,
@@ -155,7 +189,7 @@ async fn the_process_provider_passes_with_the_nats_object_store_as_snapshot_stor
     );
     let dir = tempfile::tempdir().unwrap();
     let key = ControlKey::generate();
-    let h = start_with(dir.path(), &key, 16, Some(store)).await;
+    let h = start_with(dir.path(), &key, 16, Some(store), None).await;
     let report = conformance::run(conformance::Config {
         client: h.client.clone(),
         key,
@@ -378,3 +412,202 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The red team, from inside a contained actor: it finds only its own durable dir and run
+/// dir; the provider's key, journal and snapshot store, another actor's secrets and the
+/// host's processes are not there; it can reach nothing on the network (not the host's
+/// Postgres, not the provider's own API) and cannot write its delivered files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contained_actor_sees_only_its_own_dirs_and_reaches_nothing() {
+    let Some(contain) = containment() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start_with(dir.path(), &key, 4, None, Some(contain)).await;
+    let root = dir.path();
+    let provider_key = root.join("provider.key");
+    std::fs::write(&provider_key, "PROVIDER-PRIVATE-KEY").unwrap();
+    // Another actor holding a secret.
+    let st = h.client.run(&run("victim", "v-1", 1), WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let victim_secret = root.join("sandbox/actors/t1/victim/run/secrets/token");
+    assert!(victim_secret.exists(), "the victim's secret is on the host");
+    let port: u16 = h.client.base().rsplit(':').next().unwrap().parse().unwrap();
+    let probe = serde_json::json!({
+        "key": provider_key,
+        "journal": root.join("journal.db"),
+        "other_secret": victim_secret,
+        "snapshots": h.external,
+        "root": root,
+        "port": port,
+    });
+    let workload = Workload::Process {
+        command: "python3".into(),
+        args: vec!["-c".into(), PROBE_ACTOR.into()],
+        env: BTreeMap::from([("PROBE".into(), probe.to_string())]),
+        durable_dirs: vec!["data".into()],
+        readiness: Readiness {
+            path: "/ready".into(),
+            deadline_ms: 15_000,
+        },
+    };
+    let req = op(
+        "probe",
+        "probe-1",
+        1,
+        Op::Assign {
+            desired: Desired::Running,
+            spec: spec("probe", workload),
+        },
+    );
+    let st = h.client.run(&req, WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let answer = h
+        .client
+        .call("t1", "probe", 1, reqwest::Method::GET, "/probe", vec![])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&answer.body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&answer.body)));
+    eprintln!("what the actor found: {v}");
+    for k in ["key", "journal", "other_secret"] {
+        assert_eq!(v[k], "FileNotFoundError", "{k}: {v}");
+    }
+    assert_eq!(v["snapshots"], "FileNotFoundError", "{v}");
+    assert_eq!(v["root"], "FileNotFoundError", "{v}");
+    assert_eq!(v["own_secret"], "PLANTED-SECRET-7f3a9", "{v}");
+    assert_eq!(
+        v["write_run"], "OSError",
+        "delivered files are read-only: {v}"
+    );
+    assert_eq!(v["work"], serde_json::json!(["data"]), "{v}");
+    // Its own PID namespace: the sandbox's init, the keeper, the actor.
+    assert!(
+        v["pids"].as_array().unwrap().len() <= 4,
+        "host processes are visible: {v}"
+    );
+    for k in ["postgres", "provider_api", "outside"] {
+        let r = v[k].as_str().unwrap();
+        assert_ne!(r, "connected", "{k}: {v}");
+    }
+    // The provider's own files are intact and the actor's durable dir is the real one.
+    assert_eq!(
+        std::fs::read_to_string(&provider_key).unwrap(),
+        "PROVIDER-PRIVATE-KEY"
+    );
+    assert!(
+        root.join("sandbox/actors/t1/probe/work/data/probe-was-here")
+            .exists()
+    );
+    h.stop().await;
+}
+
+/// An actor stops serving once its provider's lease has run out: the provider refuses its
+/// requests and starts, and the keeper inside the sandbox ends the actor even if the
+/// provider never acts on it (frozen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contained_actor_ends_when_the_providers_lease_runs_out() {
+    let Some(contain) = containment() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start_with(dir.path(), &key, 4, None, Some(contain)).await;
+    let now = || mayfly_types::now_ms();
+    h.provider.set_lease(Some(now() + 60_000));
+    let st = h.client.run(&run("l1", "l-1", 1), WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let ok = h
+        .client
+        .call("t1", "l1", 1, reqwest::Method::GET, "/", vec![])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    // The lease runs out: refused by the provider at once.
+    h.provider.set_lease(Some(now().saturating_sub(1)));
+    let refused = h
+        .client
+        .call("t1", "l1", 1, reqwest::Method::GET, "/", vec![])
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.refusal.map(|r| r.code),
+        Some(RefusalCode::StaleEpoch)
+    );
+    let st = h.client.run(&run("l2", "l-2", 1), WAIT).await.unwrap();
+    assert_eq!(st.error.map(|e| e.code), Some(RefusalCode::StaleEpoch));
+    // Even with the provider's own check lifted (a frozen provider checks nothing), the
+    // actor itself is gone: its keeper ended the sandbox.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.provider.set_lease(None);
+    let gone = h
+        .client
+        .call("t1", "l1", 1, reqwest::Method::GET, "/", vec![])
+        .await
+        .unwrap();
+    let refusal = gone.refusal.expect("the actor no longer answers");
+    assert_eq!(refusal.code, RefusalCode::SandboxFailed, "{refusal}");
+    let log = std::fs::read_to_string(dir.path().join("sandbox/actors/t1/l1/log")).unwrap();
+    assert!(log.contains("lease ran out"), "{log}");
+    h.stop().await;
+}
+
+/// The probe actor of the red-team test: `GET /probe` reports what it could reach.
+const PROBE_ACTOR: &str = r#"
+import http.server, json, os, socket
+P = json.loads(os.environ["PROBE"])
+def read(p):
+    try:
+        with open(p, "rb") as f:
+            f.read(16)
+        return "read"
+    except Exception as e:
+        return type(e).__name__
+def ls(p):
+    try:
+        return sorted(os.listdir(p))
+    except Exception as e:
+        return type(e).__name__
+def connect(host, port):
+    s = socket.socket()
+    s.settimeout(1)
+    try:
+        s.connect((host, port))
+        return "connected"
+    except Exception as e:
+        return type(e).__name__
+    finally:
+        s.close()
+def write(p):
+    try:
+        with open(p, "w") as f:
+            f.write("x")
+        return "written"
+    except Exception as e:
+        return "OSError" if isinstance(e, OSError) else type(e).__name__
+def probe():
+    run = os.environ["MAYFLY_RUN_DIR"]
+    open("data/probe-was-here", "w").write("1")
+    return {
+        "key": read(P["key"]),
+        "journal": read(P["journal"]),
+        "other_secret": read(P["other_secret"]),
+        "snapshots": ls(P["snapshots"]) if isinstance(ls(P["snapshots"]), str) else "listed",
+        "root": ls(P["root"]) if isinstance(ls(P["root"]), str) else "listed",
+        "own_secret": open(os.path.join(run, "secrets", "token")).read(),
+        "write_run": write(os.path.join(run, "secrets", "token")),
+        "work": sorted(os.listdir("/work")),
+        "pids": [p for p in os.listdir("/proc") if p.isdigit()],
+        "postgres": connect("127.0.0.1", 5432),
+        "provider_api": connect("127.0.0.1", P["port"]),
+        "outside": connect("1.1.1.1", 53),
+    }
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        b = json.dumps({} if self.path == "/ready" else probe()).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+os.makedirs("data", exist_ok=True)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;

@@ -208,8 +208,18 @@ impl SnapshotRecord {
 
 /// The deterministic op id of `action` on an actor at `epoch` (a retry after a crash
 /// re-issues the same id; the provider answers the first result).
+///
+/// Tenants and actor names may both contain `.`, so the actor is named by a digest of
+/// `tenant \0 name`: `t1.a`/`b` and `t1`/`a.b` get different ids (a provider journals ops
+/// by id alone), and the id stays within a provider's 128-character limit for any names.
 pub fn op_id(tenant: &str, name: &str, epoch: u64, action: &str) -> String {
-    format!("{tenant}.{name}.e{epoch}.{action}")
+    format!("{action}.e{epoch}.{}", actor_tag(tenant, name))
+}
+
+/// 32 hex digits naming `tenant`'s actor `name` unambiguously (128 bits of sha256).
+pub fn actor_tag(tenant: &str, name: &str) -> String {
+    let d = mayfly_trust::sha256_digest(format!("{tenant}\0{name}").as_bytes());
+    d["sha256:".len().."sha256:".len() + 32].to_owned()
 }
 
 /// A worker's soft liveness: lease expiry and slots in use, from heartbeats.
@@ -576,8 +586,14 @@ mod tests {
     #[test]
     fn op_ids_are_deterministic_and_provider_safe() {
         let id = op_id("acme", "counter-1", 7, "restore");
-        assert_eq!(id, "acme.counter-1.e7.restore");
-        assert!(is_name(&id, 128));
+        assert_eq!(id, op_id("acme", "counter-1", 7, "restore"));
+        assert!(id.starts_with("restore.e7.") && is_name(&id, 128), "{id}");
+        // Dots in tenants and names cannot make two actors share an id.
+        assert_ne!(op_id("t1.a", "b", 1, "run"), op_id("t1", "a.b", 1, "run"));
+        assert_ne!(op_id("t1", "a", 1, "run"), op_id("t1", "a", 2, "run"));
+        assert_ne!(op_id("t1", "a", 1, "run"), op_id("t1", "a", 1, "pause"));
+        let long = "x".repeat(128);
+        assert!(is_name(&op_id(&long, &long, u64::MAX, "restore"), 128));
         assert!(check_actor_name("counter-1").is_ok());
         assert!(check_actor_name("a/b").is_err());
     }

@@ -68,6 +68,15 @@ impl Profile {
     }
 }
 
+/// A host directory bound into one sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    pub host: PathBuf,
+    /// Absolute, no `..`.
+    pub inside: PathBuf,
+    pub writable: bool,
+}
+
 /// A working bubblewrap and what every sandbox binds.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -111,7 +120,7 @@ impl Sandbox {
     /// Find bubblewrap (and `setpriv` when root), bind `extra` read-only (an interpreter's
     /// prefix and library dirs), and prove a sandbox starts.
     pub fn detect(extra: &[PathBuf]) -> Result<Sandbox, ToolError> {
-        let install = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or start the runtime with --no-sandbox to run tenant code uncontained";
+        let install = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or start the runtime with `--sandbox off` to run tenant code uncontained";
         let bwrap = find("bwrap")
             .ok_or_else(|| unavailable(format!("`bwrap` is not on PATH: {install}")))?;
         // SAFETY: geteuid has no preconditions.
@@ -182,6 +191,18 @@ impl Sandbox {
         argv: &[String],
         env: &[(String, String)],
     ) -> Result<std::process::Command, ToolError> {
+        self.command_with(profile, argv, env, &[])
+    }
+
+    /// [`Sandbox::command`] with host directories bound in (an actor's durable dirs, its
+    /// delivered secrets): each at its own path inside, over the private `/work`.
+    pub fn command_with(
+        &self,
+        profile: &Profile,
+        argv: &[String],
+        env: &[(String, String)],
+        binds: &[Bind],
+    ) -> Result<std::process::Command, ToolError> {
         if argv.is_empty() {
             return Err(ToolError::new("bad_config", "nothing to run"));
         }
@@ -246,6 +267,38 @@ impl Sandbox {
             &mut c,
             &["--perms", "1777", "--size", &size, "--tmpfs", "/work"],
         );
+        for b in binds {
+            if !b.inside.is_absolute()
+                || b.inside
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(ToolError::new(
+                    "bad_config",
+                    format!(
+                        "bind target `{}` is not a plain absolute path",
+                        b.inside.display()
+                    ),
+                ));
+            }
+            // Parents readable by the tenant's uid (bwrap would make them root's, 0700).
+            let mut parents: Vec<&Path> = b.inside.ancestors().skip(1).collect();
+            parents.reverse();
+            for a in parents {
+                if a == Path::new("/")
+                    || a.starts_with("/work")
+                    || a.starts_with("/tmp")
+                    || made.iter().any(|m| m == a)
+                {
+                    continue;
+                }
+                c.args(["--perms", "0755", "--dir"]).arg(a);
+                made.push(a.to_owned());
+            }
+            c.arg(if b.writable { "--bind" } else { "--ro-bind" })
+                .arg(&b.host)
+                .arg(&b.inside);
+        }
         c.args(["--chdir", "/work"]);
         for i in 0..self.bpf.len() {
             c.arg("--add-seccomp-fd")
@@ -337,6 +390,12 @@ impl Sandbox {
             });
         }
         crate::die_with_parent(c);
+    }
+
+    /// The uid `profile`'s payload runs as when it is not the caller's (run by root: the
+    /// tenant's own), so files handed to it can be given to that uid.
+    pub fn runs_as(&self, profile: &Profile) -> Option<u32> {
+        self.root.then(|| profile.uid())
     }
 
     /// Read-only binds (for docs and tests).

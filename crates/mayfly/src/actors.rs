@@ -206,6 +206,11 @@ pub enum ProviderCmd {
         snapshots: Option<String>,
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
+        /// Contain each `process` actor in a bubblewrap sandbox (`on`, the default: own
+        /// namespaces, no network, only its own dirs) or run it as a plain child process
+        /// (`off`: trusted code on a development machine only).
+        #[arg(long, value_enum, default_value = "on")]
+        sandbox: ActorSandbox,
     },
     /// Run the provider conformance suite against ENDPOINT, as the control plane of
     /// $MAYFLY_HOME (its pki/ identity and control key). Exit status 1 when a check fails.
@@ -236,6 +241,7 @@ pub async fn provider(cmd: ProviderCmd) -> Result<ExitCode> {
             labels,
             snapshots,
             heartbeat_ms,
+            sandbox,
         } => {
             serve(
                 &dir,
@@ -244,6 +250,7 @@ pub async fn provider(cmd: ProviderCmd) -> Result<ExitCode> {
                 &labels,
                 snapshots.as_deref(),
                 heartbeat_ms,
+                sandbox,
             )
             .await
         }
@@ -306,6 +313,37 @@ struct Enrolled {
     control_endpoint_fingerprint: Option<String>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ActorSandbox {
+    On,
+    Off,
+}
+
+/// The argument that makes this binary the keeper of a contained actor (it runs inside the
+/// actor's sandbox; `main` hands it over before anything else starts).
+pub const KEEPER_ARG: &str = "__actor-keeper";
+
+/// How this provider contains `process` actors: bubblewrap with this binary (bound
+/// read-only) as each sandbox's keeper, and python3's prefix bound when there is one (actors are often
+/// python). Fails closed: no bubblewrap, no provider (unless `--sandbox off`).
+fn actor_containment() -> Result<mayfly_actors::process::Contain> {
+    let exe = std::env::current_exe().context("the provider's own executable")?;
+    let mut extra = Vec::new();
+    if let Ok((py, dirs)) = mayfly_tools::sandbox::python_layout("python3") {
+        extra.push(py);
+        extra.extend(dirs);
+    }
+    let sandbox = mayfly_tools::sandbox::Sandbox::detect(&extra)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))
+        .context("actors cannot be contained (start with --sandbox off to run them uncontained)")?;
+    Ok(mayfly_actors::process::Contain {
+        sandbox: Arc::new(sandbox),
+        keeper: exe,
+        keeper_args: vec![KEEPER_ARG.into()],
+        limits: mayfly_types::Limits::default(),
+    })
+}
+
 async fn serve(
     dir: &Path,
     class: &str,
@@ -313,6 +351,7 @@ async fn serve(
     labels: &[String],
     snapshots: Option<&str>,
     heartbeat_ms: u64,
+    contain: ActorSandbox,
 ) -> Result<ExitCode> {
     if class != "process" && class != "wasm" {
         bail!("sandbox class `{class}` is not built into this provider (process, wasm)");
@@ -341,9 +380,18 @@ async fn serve(
     let sandbox: Arc<dyn mayfly_actors::Sandbox> = if class == "wasm" {
         Arc::new(mayfly_provider_wasm::WasmSandbox::new(external.clone())?)
     } else {
-        Arc::new(mayfly_actors::process::ProcessSandbox::new(
-            dir.join("sandbox"),
-        )?)
+        let root = dir.join("sandbox");
+        Arc::new(match contain {
+            ActorSandbox::Off => {
+                eprintln!(
+                    "warning: --sandbox off: actors run uncontained, as this provider's user"
+                );
+                mayfly_actors::process::ProcessSandbox::new(root)?
+            }
+            ActorSandbox::On => {
+                mayfly_actors::process::ProcessSandbox::contained(root, actor_containment()?)?
+            }
+        })
     };
     let provider = mayfly_actors::Provider::new(
         cfg,

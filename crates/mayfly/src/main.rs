@@ -539,6 +539,11 @@ impl CacheOpts {
 }
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(actors::KEEPER_ARG)) {
+        // Inside a contained actor's sandbox: no telemetry, no runtime, nothing else.
+        let code = mayfly_actors::keeper::main(std::env::args_os().skip(2));
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     let service = match &cli.cmd {
         Cmd::Server(_) => "mayfly-server",

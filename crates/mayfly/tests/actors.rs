@@ -53,7 +53,17 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+fn wait_for(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    wait_for_or(what, limit, String::new, f)
+}
+
+/// [`wait_for`], telling `why()` (logs) when it times out.
+fn wait_for_or(
+    what: &str,
+    limit: Duration,
+    why: impl FnOnce() -> String,
+    mut f: impl FnMut() -> bool,
+) {
     let end = Instant::now() + limit;
     while Instant::now() < end {
         if f() {
@@ -61,7 +71,7 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("timed out waiting for {what}");
+    panic!("timed out waiting for {what}\n{}", why());
 }
 
 struct Env<'a> {
@@ -113,17 +123,28 @@ impl Env<'_> {
 
     /// Start (or restart) the enrolled provider `id`.
     fn serve(&self, id: &str, class: &str, labels: &[&str]) -> ProviderProc {
+        self.serve_with(id, class, labels, &[])
+    }
+
+    fn serve_with(&self, id: &str, class: &str, labels: &[&str], extra: &[&str]) -> ProviderProc {
         let dir = self.home.join(id);
         let mut cmd = bin();
         cmd.env("MAYFLY_HOME", self.home)
             .args(["provider", "serve", "--slots", "4", "--heartbeat-ms", "250"])
             .args(["--class", class])
+            .args(extra)
             .arg("--dir")
             .arg(&dir)
             .arg("--snapshots")
             .arg(self.home.join("snapshots"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.home.join(format!("{id}.log")))
+                    .expect("provider log"),
+            );
         for l in labels {
             cmd.args(["--label", l]);
         }
@@ -258,14 +279,21 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
 
     let (p1, p1_port) = env.provider("p1", &["zone=a"]);
     let (p2, p2_port) = env.provider("p2", &["zone=b"]);
-    wait_for("two live workers", Duration::from_secs(30), || {
-        let v = env.json(&env.admin, &["actors", "providers"]);
-        v["workers"].as_array().is_some_and(|w| {
-            w.len() == 2
-                && w.iter()
-                    .all(|x| x["lease_ms_left"].as_u64().unwrap_or(0) > 0)
-        })
-    });
+    let logs =
+        |id: &str| std::fs::read_to_string(home.join(format!("{id}.log"))).unwrap_or_default();
+    wait_for_or(
+        "two live workers",
+        Duration::from_secs(30),
+        || logs("p1") + &logs("p2"),
+        || {
+            let v = env.json(&env.admin, &["actors", "providers"]);
+            v["workers"].as_array().is_some_and(|w| {
+                w.len() == 2
+                    && w.iter()
+                        .all(|x| x["lease_ms_left"].as_u64().unwrap_or(0) > 0)
+            })
+        },
+    );
 
     let workload = mayfly_actors::conformance::process_workload();
     let manifests = [
@@ -421,6 +449,16 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         p2.crash();
         ("p2", p1, p1_port)
     };
+    // Its contained actors die with it: nothing keeps serving, or writing, for an epoch
+    // the control plane is about to give to another worker.
+    let sandbox = home.join(crashed).join("sandbox");
+    let recorded = actor_groups(&sandbox);
+    assert!(!recorded.is_empty(), "the crash left its pgid records");
+    wait_for(
+        "the crashed provider's actors to die with it",
+        Duration::from_secs(5),
+        || recorded.iter().all(|p| !alive(*p)),
+    );
     wait_for(
         "the lost worker's actor to be fenced",
         Duration::from_secs(20),
@@ -580,23 +618,166 @@ fn actors_scale_from_zero_move_survive_a_lost_provider_and_idle_out() {
         out(&o)
     );
     drop(survivor);
-    // The crashed provider, restarted, reaps the actor processes its crash orphaned.
-    let orphans = || {
-        let sandbox = home.join(crashed).join("sandbox");
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&sandbox))
-            })
-            .count()
-    };
-    assert!(
-        orphans() > 0,
-        "the crash left its actor running (as a real crash does)"
-    );
+    // The crashed provider, restarted, clears the records its crash left.
     let restarted = env.serve(crashed, "process", &[]);
-    wait_for("orphans reaped", Duration::from_secs(20), || orphans() == 0);
+    wait_for(
+        "the crash's records cleared",
+        Duration::from_secs(20),
+        || actor_groups(&sandbox).is_empty(),
+    );
     drop(restarted);
+}
+
+/// Process groups a process provider recorded under `sandbox` (`actors/*/*/pgid`).
+fn actor_groups(sandbox: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(sandbox.join("actors"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for a in std::fs::read_dir(t.path()).into_iter().flatten().flatten() {
+            if let Ok(text) = std::fs::read_to_string(a.path().join("pgid"))
+                && let Some(p) = text.split_whitespace().next().and_then(|p| p.parse().ok())
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a process (not a zombie) is `pid`.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Processes whose environment names actor `actor` (the sandbox, its keeper, the actor).
+fn processes_of(actor: &str) -> usize {
+    let want = format!("MAYFLY_ACTOR={actor}");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+        })
+        .count()
+}
+
+/// A provider SIGKILLed while an actor is starting (before it is ready, before anything
+/// about it is journaled) leaves no process behind — contained or not.
+#[test]
+fn a_provider_killed_during_an_actor_start_leaves_no_orphan() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if !mayfly_testkit::bubblewrap() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path();
+    let mut server = bin();
+    server
+        .env("MAYFLY_HOME", home)
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--provider-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--db")
+        .arg(home.join("m.db"));
+    let (_server, banner) = start_server_banner(&mut server);
+    let env = Env {
+        home,
+        url: banner.url.expect("url"),
+        admin: banner.token.expect("token"),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for (i, mode) in ["on", "off"].into_iter().enumerate() {
+        let id = format!("p{i}");
+        let port = free_port();
+        let o = env.cli(
+            &env.admin,
+            &[
+                "provider",
+                "enroll",
+                "--id",
+                &id,
+                "--endpoint",
+                &format!("https://127.0.0.1:{port}"),
+                "--dir",
+                home.join(&id).to_str().expect("dir"),
+            ],
+        );
+        assert!(o.status.success(), "enroll: {}", out(&o));
+        let mut provider = env.serve_with(&id, "process", &[], &["--sandbox", mode]);
+        let pki = home.join("pki");
+        let ca = std::fs::read_to_string(pki.join("ca.crt")).expect("ca");
+        let identity = mayfly_pki::Identity::load(&pki, "control").expect("control identity");
+        let client = mayfly_actors::client::ProviderClient::new(
+            format!("https://127.0.0.1:{port}"),
+            mayfly_pki::client(&ca, &identity, None).expect("client"),
+        );
+        wait_for("the provider to answer", Duration::from_secs(30), || {
+            rt.block_on(client.info()).is_ok()
+        });
+        let actor = format!("slow-{mode}");
+        let req = mayfly_actor_api::OpRequest {
+            op_id: format!("start-{mode}"),
+            actor: actor.clone(),
+            tenant: "t1".into(),
+            assignment_epoch: 1,
+            op: mayfly_actor_api::Op::Assign {
+                desired: mayfly_actor_api::Desired::Running,
+                spec: mayfly_actor_api::ActorSpec {
+                    actor: actor.clone(),
+                    tenant: "t1".into(),
+                    template: "tpl".into(),
+                    // Never ready: the start is in its readiness wait when the kill lands.
+                    workload: mayfly_actor_api::Workload::Process {
+                        command: "sleep".into(),
+                        args: vec!["120".into()],
+                        env: Default::default(),
+                        durable_dirs: vec![],
+                        readiness: mayfly_actor_api::Readiness {
+                            path: "/ready".into(),
+                            deadline_ms: 60_000,
+                        },
+                    },
+                },
+            },
+            delivery: None,
+        };
+        let submit = {
+            let client = client.clone();
+            rt.spawn(async move { client.submit(&req, Duration::ZERO).await })
+        };
+        wait_for("the actor to be starting", Duration::from_secs(30), || {
+            processes_of(&actor) > 0
+        });
+        provider.crash();
+        wait_for(
+            &format!("no process of {actor} (sandbox {mode})"),
+            Duration::from_secs(5),
+            || processes_of(&actor) == 0,
+        );
+        submit.abort();
+        // Restarted, it clears the record of the start it never finished.
+        let restarted = env.serve_with(&id, "process", &[], &["--sandbox", mode]);
+        wait_for(
+            "the provider to answer again",
+            Duration::from_secs(30),
+            || rt.block_on(client.info()).is_ok(),
+        );
+        assert!(actor_groups(&home.join(&id).join("sandbox")).is_empty());
+        drop(restarted);
+    }
 }
