@@ -20,9 +20,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// The HTTP test actor for the `process` class: `GET /` reports its identity, boot id, epoch
-/// and a counter kept in its durable dir; `POST /` increments the counter.
+/// and a counter kept in its durable dir; `POST /` increments the counter (`POST /slow…`
+/// after 1.5 s).
 pub const PROCESS_ACTOR: &str = r#"
-import http.server, json, os, hashlib
+import http.server, json, os, hashlib, time
 BOOT = os.urandom(8).hex()
 os.makedirs("data", exist_ok=True)
 def counter():
@@ -54,6 +55,8 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         n = int(self.headers.get("content-length") or 0)
         self.rfile.read(n)
+        if self.path.startswith("/slow"):
+            time.sleep(1.5)
         with open("data/counter.tmp", "w") as f:
             f.write(str(counter() + 1))
         os.replace("data/counter.tmp", "data/counter")

@@ -263,6 +263,45 @@ pub struct Dataplane {
     clients: std::sync::Mutex<HashMap<String, (String, ProviderClient)>>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     activity: std::sync::Mutex<HashMap<String, u64>>,
+    /// Requests being routed per actor: an actor with one on its way in or being served is
+    /// never idle.
+    inflight: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+/// One routed request, counted in `inflight` until it is answered (or dropped).
+struct InFlight<'a> {
+    dp: &'a Dataplane,
+    key: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(dp: &'a Dataplane, tenant: &str, name: &str) -> InFlight<'a> {
+        let key = key(tenant, name);
+        *dp.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        InFlight { dp, key }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        // Idleness counts from the end of the last request.
+        self.dp
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.key.clone(), now_ms());
+        let mut m = self.dp.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 const WHO: &str = "dataplane";
@@ -315,6 +354,7 @@ impl Dataplane {
             clients: Default::default(),
             locks: Default::default(),
             activity: Default::default(),
+            inflight: Default::default(),
         }))
     }
 
@@ -736,6 +776,11 @@ impl Dataplane {
                 }
                 act.clone()
             };
+            let busy = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             self.control
                 .read(|st| {
                     st.actors
@@ -745,8 +790,9 @@ impl Dataplane {
                             let t = st
                                 .template_of(&a.tenant, &a.template)
                                 .map_or(0, |t| t.idle_timeout_ms);
-                            let last = activity.get(&key(&a.tenant, &a.name)).copied().unwrap_or(0);
-                            t > 0 && now.saturating_sub(last) >= t
+                            let k = key(&a.tenant, &a.name);
+                            let last = activity.get(&k).copied().unwrap_or(0);
+                            t > 0 && !busy.contains_key(&k) && now.saturating_sub(last) >= t
                         })
                         .map(|a| (a.tenant.clone(), a.name.clone()))
                         .collect()
@@ -1031,6 +1077,25 @@ impl Dataplane {
         }
     }
 
+    /// No request in flight, and none for `timeout_ms` (checked under the actor's lock,
+    /// which a request's resume also takes).
+    fn idle(&self, tenant: &str, name: &str, timeout_ms: u64) -> bool {
+        let k = key(tenant, name);
+        let busy = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&k);
+        let last = self
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&k)
+            .copied()
+            .unwrap_or(0);
+        timeout_ms > 0 && !busy && now_ms().saturating_sub(last) >= timeout_ms
+    }
+
     /// Record that the actor served a request now (idle suspension counts from here).
     pub fn touch(&self, tenant: &str, name: &str) {
         self.activity
@@ -1256,6 +1321,10 @@ impl Dataplane {
         let Some(rec) = rec.filter(|r| r.phase == ActorPhase::Running) else {
             return Ok(None);
         };
+        if reason == "Idle" && !self.idle(tenant, name, tpl.idle_timeout_ms) {
+            // A request came in since the controller looked: not idle after all.
+            return Ok(None);
+        }
         let Some(worker) = rec.worker.clone() else {
             return Ok(None);
         };
@@ -1391,10 +1460,11 @@ impl Dataplane {
                 )));
             }
         }
+        // Counted before the resume: an actor is never torn down for idleness while a
+        // request is on its way in or being served.
+        let _inflight = InFlight::new(self, tenant, name);
         for attempt in 0..2 {
             let route = self.resume(tenant, name).await?;
-            // Activity counts from the start of a request too: an actor is never torn down
-            // for idleness while a request is on its way in.
             self.touch(tenant, name);
             let answer = route
                 .client

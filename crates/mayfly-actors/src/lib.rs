@@ -134,7 +134,13 @@ struct Running {
     actor: String,
     spec: ActorSpec,
     instance: Arc<dyn Instance>,
+    /// Held (read) by every request being served; a graceful teardown takes it (write)
+    /// so no request is cut off mid-way.
+    drain: Arc<tokio::sync::RwLock<()>>,
 }
+
+/// How long a graceful teardown waits for requests being served.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The provider framework over one sandbox.
 pub struct Provider {
@@ -430,8 +436,19 @@ impl Provider {
                     Refusal::new(RefusalCode::UnsupportedScope, format!("{scope:?}"))
                 })?;
                 if teardown {
-                    // The route goes first: no request reaches an actor being torn down.
-                    self.running.write().await.remove(&k);
+                    // The route goes first: no request reaches an actor being torn down;
+                    // those already being served are answered first.
+                    let gone = self.running.write().await.remove(&k);
+                    if let Some(r) = gone
+                        && tokio::time::timeout(DRAIN_WAIT, r.drain.write())
+                            .await
+                            .is_err()
+                    {
+                        tracing::warn!(
+                            actor = %req.actor,
+                            "requests still in flight after {DRAIN_WAIT:?}: torn down anyway"
+                        );
+                    }
                 }
                 let captured = instance.capture(scope, teardown).await;
                 if teardown {
@@ -528,6 +545,7 @@ impl Provider {
                 actor: spec.actor.clone(),
                 spec,
                 instance,
+                drain: Default::default(),
             },
         );
         Ok(())
@@ -630,7 +648,7 @@ impl Provider {
         req: DataRequest,
     ) -> Result<DataResponse, Refusal> {
         self.check_lease()?;
-        let instance = {
+        let (instance, drain) = {
             let running = self.running.read().await;
             let r = running.get(&akey(tenant, actor)).ok_or_else(|| {
                 Refusal::new(
@@ -644,8 +662,9 @@ impl Provider {
                     format!("request epoch {epoch}, actor epoch {}", r.epoch),
                 ));
             }
-            r.instance.clone()
+            (r.instance.clone(), r.drain.clone())
         };
+        let _serving = drain.read_owned().await;
         instance.handle(req).await
     }
 

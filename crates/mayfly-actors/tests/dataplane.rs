@@ -340,3 +340,72 @@ async fn a_provider_claiming_a_scope_it_lacks_fails_conformance() {
         report.checks
     );
 }
+
+/// A request that outlasts the idle timeout is never cut off by idle suspension: the actor
+/// is idle only with no request in flight, counted from the end of the last one — and the
+/// write the slow request made is in the snapshot idle suspension then takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_suspension_never_tears_down_a_request_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rig, _) = rig(dir.path(), Arc::new(AtomicBool::new(false)), false).await;
+    rig.apply(&[
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "sleepy", "tenant": "t"},
+               "spec": {"workload": process_workload(), "idleTimeoutMs": 300}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "s", "tenant": "t"}, "spec": {"template": "sleepy"}}),
+    ])
+    .await
+    .unwrap();
+    let v = rig.call("t", "s", reqwest::Method::POST).await.unwrap();
+    assert_eq!(v["counter"], 1);
+    // 1.5 s in the actor, five idle timeouts, with the controller ticking every 200 ms.
+    let (slow, _) = rig
+        .dp
+        .route(
+            "t",
+            "s",
+            None,
+            reqwest::Method::POST,
+            "/slow",
+            None,
+            &[],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(slow.status, 200, "{}", String::from_utf8_lossy(&slow.body));
+    let v: serde_json::Value = serde_json::from_slice(&slow.body).unwrap();
+    assert_eq!(v["counter"], 2, "{v}");
+    let state = |rig: &LocalDataplane| {
+        let control = rig.control.clone();
+        async move {
+            control
+                .read(|st| st.actors.get("t/s").cloned())
+                .await
+                .unwrap()
+                .expect("record")
+        }
+    };
+    // Idleness counts from the end of the request: it is still running now.
+    let after = state(&rig).await;
+    assert_eq!(
+        (after.phase, after.epoch),
+        (ActorPhase::Running, 1),
+        "suspended while serving: {after:?}"
+    );
+    // Afterwards it idles out, with the slow request's write in its snapshot.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = state(&rig).await;
+        if r.phase == ActorPhase::Suspended {
+            assert_eq!(r.reason, "Idle");
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "never idled out: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = rig.get("t", "s").await.unwrap();
+    assert_eq!(v["counter"], 2, "{v}");
+    rig.shutdown().await;
+}

@@ -611,3 +611,64 @@ class H(http.server.BaseHTTPRequestHandler):
 os.makedirs("data", exist_ok=True)
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
+
+/// A checkpoint with teardown (suspend, move) waits for the requests the actor is serving:
+/// the slow request is answered, and its write is in the capture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teardown_waits_for_the_requests_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ControlKey::generate();
+    let h = start(dir.path(), &key, 4).await;
+    let st = h.client.run(&run("d1", "d-1", 1), WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let slow = {
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            client
+                .call("t1", "d1", 1, reqwest::Method::POST, "/slow", vec![])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ck = op(
+        "d1",
+        "d-ckpt",
+        1,
+        Op::Checkpoint {
+            kind: CheckpointKind::External,
+            scope: Scope::Data,
+            teardown: true,
+        },
+    );
+    let st = h.client.run(&ck, WAIT).await.unwrap();
+    assert_eq!(st.state, OpState::Succeeded, "{st:?}");
+    let answer = slow.await.unwrap().unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let v: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(v["counter"], 1);
+    // The request finished before the capture: its write is what was captured.
+    let snap = st.result.unwrap().snapshot.unwrap();
+    let mut data = Vec::new();
+    for b in &snap.manifest.blobs {
+        let bytes = LocalCache::new(&h.external)
+            .get("t1", &b.digest)
+            .await
+            .unwrap()
+            .unwrap();
+        data.extend_from_slice(&bytes);
+    }
+    let tar = zstd::decode_all(&data[..]).unwrap();
+    let mut ar = tar::Archive::new(&tar[..]);
+    let counter = ar
+        .entries()
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().unwrap().ends_with("counter"))
+        .map(|mut e| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            s
+        });
+    assert_eq!(counter.as_deref(), Some("1"));
+    h.stop().await;
+}
