@@ -114,6 +114,18 @@ impl LocalDataplane {
         slots: u32,
         make: MakeSandbox,
     ) -> Result<(), DataplaneError> {
+        self.add_provider_labeled(id, slots, BTreeMap::new(), make)
+            .await
+    }
+
+    /// [`LocalDataplane::add_provider`] with worker labels (for template selectors).
+    pub async fn add_provider_labeled(
+        &mut self,
+        id: &str,
+        slots: u32,
+        labels: BTreeMap<String, String>,
+        make: MakeSandbox,
+    ) -> Result<(), DataplaneError> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(err)?
@@ -143,7 +155,7 @@ impl LocalDataplane {
                 id: id.into(),
                 slots,
                 trusted: vec![e.control_public_key.clone()],
-                labels: BTreeMap::new(),
+                labels,
                 platform: ProviderConfig::platform_of_host(),
             },
             sandbox,

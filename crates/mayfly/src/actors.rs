@@ -326,7 +326,7 @@ pub const KEEPER_ARG: &str = "__actor-keeper";
 /// How this provider contains `process` actors: bubblewrap with this binary (bound
 /// read-only) as each sandbox's keeper, and python3's prefix bound when there is one (actors are often
 /// python). Fails closed: no bubblewrap, no provider (unless `--sandbox off`).
-fn actor_containment() -> Result<mayfly_actors::process::Contain> {
+pub(crate) fn actor_containment() -> Result<mayfly_actors::process::Contain> {
     let exe = std::env::current_exe().context("the provider's own executable")?;
     let mut extra = Vec::new();
     if let Ok((py, dirs)) = mayfly_tools::sandbox::python_layout("python3") {

@@ -55,12 +55,28 @@ async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<LocalDataplane> {
             .with_signer(ControlKey::from_base64(&key.to_base64())?),
     );
     let mut rig = LocalDataplane::start(control, &key, dir, 6_000).await?;
-    rig.add_provider(
+    let contained = |yes: &str| BTreeMap::from([("contained".to_owned(), yes.to_owned())]);
+    rig.add_provider_labeled(
         "bench-process",
         64,
+        contained("no"),
         Box::new(|_, d| {
             Ok(Arc::new(mayfly_actors::process::ProcessSandbox::new(
                 d.join("sandbox"),
+            )?) as Arc<dyn Sandbox>)
+        }),
+    )
+    .await?;
+    // The same, each actor in its own sandbox (what `mayfly provider serve` runs).
+    let contain = crate::actors::actor_containment()?;
+    rig.add_provider_labeled(
+        "bench-contained",
+        64,
+        contained("yes"),
+        Box::new(move |_, d| {
+            Ok(Arc::new(mayfly_actors::process::ProcessSandbox::contained(
+                d.join("sandbox"),
+                contain.clone(),
             )?) as Arc<dyn Sandbox>)
         }),
     )
@@ -73,7 +89,7 @@ async fn rig(dir: &std::path::Path, wasm_slots: u32) -> Result<LocalDataplane> {
         }),
     )
     .await?;
-    rig.wait_live(2, Duration::from_secs(20)).await?;
+    rig.wait_live(3, Duration::from_secs(20)).await?;
     Ok(rig)
 }
 
@@ -93,7 +109,14 @@ pub async fn run(
     let mut docs = vec![
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "pcounter", "tenant": "bench"},
-               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0}}),
+               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0,
+                        "selector": {"contained": "no"}}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
+               "metadata": {"name": "ccounter", "tenant": "bench"},
+               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0,
+                        "selector": {"contained": "yes"}}}),
+        json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
+               "metadata": {"name": "c1", "tenant": "bench"}, "spec": {"template": "ccounter"}}),
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "wcounter", "tenant": "bench"},
                "spec": {"workload": {"class": "wasm", "module": module}, "idleTimeoutMs": 0}}),
@@ -122,7 +145,8 @@ pub async fn run(
         docs.push(
             json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": format!("blob{mib}"), "tenant": "bench"},
-               "spec": {"workload": workload, "idleTimeoutMs": 0, "golden": false}}),
+               "spec": {"workload": workload, "idleTimeoutMs": 0, "golden": false,
+                        "selector": {"contained": "no"}}}),
         );
         docs.push(json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
                "metadata": {"name": format!("b{mib}"), "tenant": "bench"},
@@ -137,7 +161,11 @@ pub async fn run(
 
     // 1. Resume from suspended through the router.
     let mut resume = BTreeMap::new();
-    for (class, actor) in [("process", "p1"), ("wasm", "w1")] {
+    for (class, actor) in [
+        ("process", "p1"),
+        ("process, contained", "c1"),
+        ("wasm", "w1"),
+    ] {
         get(actor).await?; // first run: golden snapshot + restore
         let mut samples = Vec::new();
         for _ in 0..runs {
@@ -147,6 +175,57 @@ pub async fn run(
             samples.push(ms(t.elapsed()));
         }
         resume.insert(class, (pct(&samples, 0.5), pct(&samples, 0.99)));
+    }
+
+    // 1b. A fresh start (assign, ready, first answer) on each process provider, and its stop.
+    let mut starts = BTreeMap::new();
+    for (class, provider) in [
+        ("process", "bench-process"),
+        ("process, contained", "bench-contained"),
+    ] {
+        let client = rig.client(provider)?;
+        let mut samples = Vec::new();
+        for i in 0..runs.max(10) {
+            let a = format!("fresh{i}");
+            let req = OpRequest {
+                op_id: format!("{a}.run"),
+                actor: a.clone(),
+                tenant: "bench".into(),
+                assignment_epoch: 1,
+                op: Op::Assign {
+                    desired: Desired::Running,
+                    spec: ActorSpec {
+                        actor: a.clone(),
+                        tenant: "bench".into(),
+                        template: "pcounter".into(),
+                        workload: mayfly_actors::conformance::process_workload(),
+                    },
+                },
+                delivery: Some(Delivery {
+                    identity: a.clone(),
+                    secrets: BTreeMap::new(),
+                }),
+            };
+            let t = Instant::now();
+            let st = client.run(&req, Duration::from_secs(30)).await?;
+            samples.push(ms(t.elapsed()));
+            if st.state != OpState::Succeeded {
+                bail!("{class} start failed: {:?}", st.error);
+            }
+            let stop = OpRequest {
+                op_id: format!("{a}.stop"),
+                op: Op::Assign {
+                    desired: Desired::Suspended,
+                    spec: match req.op {
+                        Op::Assign { spec, .. } => spec,
+                        _ => unreachable!("built as an assign above"),
+                    },
+                },
+                ..req
+            };
+            client.run(&stop, Duration::from_secs(30)).await?;
+        }
+        starts.insert(class, (pct(&samples, 0.5), pct(&samples, 0.99)));
     }
 
     // 2. Golden restore on the wasm provider.
@@ -295,6 +374,7 @@ pub async fn run(
     let held = rig.providers[1].provider.running().await.len();
 
     let out = json!({
+        "process_start_ms": starts.iter().map(|(c, (p50, p99))| (c.to_string(), json!({"p50": p50, "p99": p99}))).collect::<serde_json::Map<_, _>>(),
         "resume_from_suspended_ms": resume.iter().map(|(c, (p50, p99))| (c.to_string(), json!({"p50": p50, "p99": p99}))).collect::<serde_json::Map<_, _>>(),
         "wasm_golden_restore_ms": {
             "provider_op_p50": pct(&op_samples, 0.5), "provider_op_p99": pct(&op_samples, 0.99),
@@ -309,9 +389,14 @@ pub async fn run(
         return Ok(ExitCode::SUCCESS);
     }
     println!("actor dataplane (in process, mTLS on loopback, SQLite log, {runs} samples)");
+    for (c, (p50, p99)) in &starts {
+        println!(
+            "  fresh start (provider op, until ready), {c:<18}  p50 {p50:>8.2} ms   p99 {p99:>8.2} ms"
+        );
+    }
     for (c, (p50, p99)) in &resume {
         println!(
-            "  resume from suspended via the router, {c:<7}  p50 {p50:>8.2} ms   p99 {p99:>8.2} ms"
+            "  resume from suspended via the router, {c:<19}  p50 {p50:>8.2} ms   p99 {p99:>8.2} ms"
         );
     }
     println!(
