@@ -28,6 +28,9 @@ struct Flaky {
 
 #[async_trait]
 impl Store for Flaky {
+    async fn log_id(&self) -> Result<String, StoreError> {
+        self.inner.log_id().await
+    }
     async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
         tokio::time::sleep(Duration::from_millis(3)).await;
         let take = self

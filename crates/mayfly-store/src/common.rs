@@ -206,6 +206,12 @@ macro_rules! store_impl {
         #[async_trait::async_trait]
         impl $crate::Store for $ty {
             $($own)*
+    async fn log_id(&self) -> Result<String, StoreError> {
+        let row = sqlx::query("SELECT log_id FROM log_identity WHERE id = 1")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(row.try_get("log_id")?)
+    }
     async fn append(&self, batch: Arc<Batch>) -> Result<Option<u64>, StoreError> {
         if batch.events.is_empty()
             && batch.commands.is_empty()

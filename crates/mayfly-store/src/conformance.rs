@@ -55,6 +55,7 @@ fn unique(prefix: &str) -> String {
 
 /// Run every check against `store`.
 pub async fn run_all(store: Arc<dyn Store>) {
+    the_log_has_a_stable_identity(store.as_ref()).await;
     append_read_round_trip(store.as_ref()).await;
     compaction_deletes_only_the_range_asked(store.as_ref()).await;
     seq_conflict_writes_nothing(store.as_ref()).await;
@@ -1035,5 +1036,21 @@ pub async fn tokens_are_stored_by_hash(store: &dyn Store) {
             .await
             .is_err(),
         "a hash is granted once"
+    );
+}
+
+/// The log id is 32 lowercase hex digits and the same on every read.
+pub async fn the_log_has_a_stable_identity(store: &dyn Store) {
+    let a = store.log_id().await.expect("log id");
+    assert!(
+        a.len() == 32
+            && a.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "the log id is 32 lowercase hex digits: {a}"
+    );
+    assert_eq!(
+        store.log_id().await.expect("log id"),
+        a,
+        "the log id never changes"
     );
 }

@@ -286,6 +286,10 @@ pub struct ExecutionRow {
 /// The storage contract every backend implements.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The log's identity: 32 lowercase hex digits, random, created with the log and never
+    /// changed (a copy of the log is the same log). It scopes the log's command channel.
+    async fn log_id(&self) -> Result<String, StoreError>;
+
     /// Append batches atomically, each all-or-nothing. Backends may commit several
     /// concurrent callers' batches in one transaction (group commit); a failing batch
     /// never takes others down with it. Returns the global position of the last event.

@@ -287,3 +287,21 @@ async fn a_superseded_appender_is_fenced_and_writes_nothing() {
         .await
         .expect("cleanup");
 }
+
+#[tokio::test]
+async fn each_schema_is_a_log_of_its_own_identity() {
+    let Some(url) = postgres_url() else { return };
+    let (s1, s2) = (schema(), format!("{}b", schema()));
+    let a = PostgresStore::connect_schema(&url, &s1).await.expect("a");
+    let b = PostgresStore::connect_schema(&url, &s2).await.expect("b");
+    let id = a.log_id().await.expect("id");
+    assert_ne!(id, b.log_id().await.expect("id"));
+    drop(a);
+    let again = PostgresStore::connect_schema(&url, &s1)
+        .await
+        .expect("reopen");
+    assert_eq!(again.log_id().await.expect("id"), id);
+    for s in [s1, s2] {
+        PostgresStore::drop_schema(&url, &s).await.expect("cleanup");
+    }
+}

@@ -77,3 +77,21 @@ async fn the_log_is_append_only_at_the_database_level() {
         1
     );
 }
+
+#[tokio::test]
+async fn each_log_has_its_own_identity_and_keeps_it_across_reopen() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let a = SqliteStore::open(dir.path().join("a.db")).await.expect("a");
+    let b = SqliteStore::open(dir.path().join("b.db")).await.expect("b");
+    let id = a.log_id().await.expect("id");
+    assert_ne!(
+        id,
+        b.log_id().await.expect("id"),
+        "two logs, two identities"
+    );
+    drop(a);
+    let again = SqliteStore::open(dir.path().join("a.db"))
+        .await
+        .expect("reopen");
+    assert_eq!(again.log_id().await.expect("id"), id);
+}
