@@ -474,6 +474,8 @@ pub(crate) async fn status(
         "admissions": gw.admissions.snapshot(),
         "control_view": freshness,
         "control_view_failure": gw.view.failure(),
+        // Distributed mode: the command channel (log identity, stream, refused messages).
+        "channel": gw.runtime.as_ref().and_then(mayfly_runtime::RuntimeHandle::channel),
     })))
 }
 

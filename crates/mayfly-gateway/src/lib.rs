@@ -1231,6 +1231,8 @@ pub mod banner {
         pub token: Option<String>,
         /// The gateway's base URL, once the server is ready.
         pub url: Option<String>,
+        /// The command queue's JetStream stream (distributed mode).
+        pub stream: Option<String>,
     }
 
     impl Banner {
@@ -1243,6 +1245,14 @@ pub mod banner {
                     .split_whitespace()
                     .find(|w| w.starts_with("http://"))
                     .map(str::to_owned);
+                let mut words = line.split_whitespace();
+                while let Some(w) = words.next() {
+                    if w == "stream" {
+                        self.stream = words
+                            .next()
+                            .map(|s| s.trim_end_matches([',', ')']).to_owned());
+                    }
+                }
             }
             self.url.is_some()
         }
@@ -1261,6 +1271,13 @@ pub mod banner {
             assert!(b.feed(&ready_line(addr, "db x.db, in-process workers")));
             assert_eq!(b.token.as_deref(), Some("mf_abc"));
             assert_eq!(b.url.as_deref(), Some("http://127.0.0.1:8080"));
+            assert_eq!(b.stream, None);
+            let mut d = Banner::default();
+            assert!(d.feed(&ready_line(
+                addr,
+                "db x, queue nats://h:4222, stream mayfly_0a1b, log 0a1b"
+            )));
+            assert_eq!(d.stream.as_deref(), Some("mayfly_0a1b"));
         }
     }
 }

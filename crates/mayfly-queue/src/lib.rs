@@ -15,9 +15,11 @@ use async_trait::async_trait;
 use std::time::Duration;
 
 pub mod conformance;
+mod connect;
 mod memory;
 mod nats;
 
+pub use connect::NatsConnect;
 pub use memory::MemoryQueue;
 pub use nats::NatsQueue;
 

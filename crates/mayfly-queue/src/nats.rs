@@ -26,7 +26,16 @@ pub struct NatsQueue {
 impl NatsQueue {
     /// Connect to `url` and create (or reuse) stream `name` with its durable consumer.
     pub async fn connect(url: &str, name: &str, cfg: QueueConfig) -> Result<Self, QueueError> {
-        let client = async_nats::connect(url).await.map_err(unavailable)?;
+        Self::connect_to(&crate::NatsConnect::url(url), name, cfg).await
+    }
+
+    /// [`NatsQueue::connect`] with credentials ([`crate::NatsConnect`]).
+    pub async fn connect_to(
+        nats: &crate::NatsConnect,
+        name: &str,
+        cfg: QueueConfig,
+    ) -> Result<Self, QueueError> {
+        let client = nats.connect().await?;
         let js = jetstream::new(client.clone());
         let subject = format!("{name}.commands");
         let stream = js

@@ -59,6 +59,10 @@ pub enum RuntimeError {
     /// The store refused the write: another process appends to the log now.
     #[error("epoch mismatch: {0}")]
     Fenced(String),
+    /// A block of an execution this log never had (a message from another deployment's
+    /// log, or a forged one): refused, never acknowledged.
+    #[error("not this log's execution: {0}")]
+    NotOwned(String),
     /// A child playbook could not be started (`child_depth_exceeded`, …).
     #[error("{}: {}", .0.code, .0.message)]
     Child(mayfly_types::ErrorInfo),
@@ -218,6 +222,8 @@ pub struct RuntimeHandle {
     /// Where remote workers' agents report (set once the control plane is up).
     hub: Arc<std::sync::OnceLock<Arc<dyn agent::AgentHub>>>,
     stats: Arc<QueueStats>,
+    /// The command channel this runtime serves (distributed mode).
+    channel: Arc<std::sync::OnceLock<remote::Channel>>,
 }
 
 impl RuntimeHandle {
@@ -228,6 +234,22 @@ impl RuntimeHandle {
 
     pub(crate) fn agent_hub(&self) -> Option<&Arc<dyn agent::AgentHub>> {
         self.hub.get()
+    }
+
+    pub(crate) fn set_channel(&self, channel: remote::Channel) {
+        let _ = self.channel.set(channel);
+    }
+
+    /// The command channel served (log identity, stream, refusals), in distributed mode.
+    pub fn channel(&self) -> Option<remote::ChannelReading> {
+        self.channel.get().map(remote::Channel::reading)
+    }
+
+    pub(crate) fn channel_refused(&self, reason: &'static str, what: String) {
+        match self.channel.get() {
+            Some(c) => c.refuse(reason, what),
+            None => tracing::warn!(reason, "{what}"),
+        }
     }
 
     async fn ask<T>(
@@ -595,6 +617,7 @@ impl Runtime {
             events,
             queue_health: health,
             hub: Default::default(),
+            channel: Default::default(),
             stats,
         };
         let mut workers: Vec<JoinHandle<()>> = (0..config.workers)

@@ -6,17 +6,22 @@
 //! store. It needs only NATS (and the master key, if steps use the keychain — sealed values
 //! travel to it and are opened only there).
 //!
-//! Subjects, under a prefix (the stream name, `mayfly` by default):
-//! `P.commands` (the JetStream work queue), `P.rpc.claims`, `P.rpc.completes`,
-//! `P.rpc.context`, `P.rpc.extend` (fire and forget), `P.rpc.secret`, `P.rpc.playbook`.
-//! Payloads are JSON. Claims and completions travel in batches: a worker's slots that ask
-//! at once share one round trip (a fan-out is bound by message count, not bytes).
+//! A deployment's channel is scoped by its log's identity ([`Channel`]): under the prefix
+//! `P = {queue name}_{log id}` (also the stream's name) the subjects are `P.commands` (the
+//! JetStream work queue), `P.rpc.claims`, `P.rpc.completes`, `P.rpc.context`, `P.rpc.extend`
+//! (fire and forget), `P.rpc.secret`, `P.rpc.child`, `P.rpc.playbook`, `P.rpc.agent`; a
+//! worker finds its server's log by asking `{queue name}.hello`. Every message is framed
+//! with an HMAC under the log's key ([`mayfly_trust::channel`]): what does not verify is
+//! refused (a command is terminated, a request is not answered) and counted. Payloads are
+//! JSON. Claims and completions travel in batches: a worker's slots that ask at once share
+//! one round trip (a fan-out is bound by message count, not bytes).
 
 use crate::worker::{Coordinator, Settle};
 use crate::{Block, Claim, Completion, Hydrated, RuntimeError, RuntimeHandle};
 use futures_util::StreamExt;
 use mayfly_dsl::{ParseOptions, Playbook};
-use mayfly_queue::{CommandQueue, Delivery, NatsQueue};
+use mayfly_queue::{CommandQueue, Delivery, NatsQueue, QueueError};
+use mayfly_trust::channel::{ChannelKey, Kind, LogKey};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -125,6 +130,7 @@ impl From<&RuntimeError> for WireError {
             RuntimeError::Store(_) => "store",
             RuntimeError::TooLarge(_) => "too_large",
             RuntimeError::Fenced(_) => "epoch_mismatch",
+            RuntimeError::NotOwned(_) => "not_owned",
             RuntimeError::Child(info) => {
                 return WireError {
                     code: info.code.clone(),
@@ -148,6 +154,7 @@ impl From<WireError> for RuntimeError {
             "store" => RuntimeError::Store(e.message),
             "too_large" => RuntimeError::TooLarge(e.message),
             "epoch_mismatch" => RuntimeError::Fenced(e.message),
+            "not_owned" => RuntimeError::NotOwned(e.message),
             c if c.starts_with("child_") => {
                 RuntimeError::Child(mayfly_types::ErrorInfo::new(c, e.message))
             }
@@ -157,6 +164,277 @@ impl From<WireError> for RuntimeError {
 }
 
 type Answer<T> = Result<T, WireError>;
+
+/// A log's command channel on NATS: names scoped by the log's identity, every message
+/// authenticated under the log's key.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    name: String,
+    key: LogKey,
+    stats: Arc<ChannelStats>,
+}
+
+/// Refusals on a channel (exported as `mayfly_channel_refused_total{reason}` too): what
+/// `/v1/status` shows.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    refused: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<(u64, String)>>,
+}
+
+/// The channel as status reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelReading {
+    pub log_id: String,
+    pub stream: String,
+    pub refused: u64,
+    /// (unix ms, what was refused and why)
+    pub last_refusal: Option<(u64, String)>,
+}
+
+impl ChannelStats {
+    pub(crate) fn refuse(&self, reason: &'static str, what: String) {
+        metrics::counter!("mayfly_channel_refused_total", "reason" => reason).increment(1);
+        tracing::warn!(reason, "{what}");
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some((mayfly_types::now_ms(), format!("{reason}: {what}")));
+        }
+    }
+}
+
+impl Channel {
+    pub(crate) fn refuse(&self, reason: &'static str, what: String) {
+        self.stats.refuse(reason, what);
+    }
+
+    /// The channel of queue `name` for the log `key` belongs to.
+    pub fn new(name: &str, key: LogKey) -> Channel {
+        Channel {
+            name: name.to_owned(),
+            key,
+            stats: Default::default(),
+        }
+    }
+
+    /// The stream's name and the subjects' prefix: `{name}_{log id}`.
+    pub fn prefix(&self) -> String {
+        format!("{}_{}", self.name, self.key.log_id())
+    }
+
+    pub fn log_id(&self) -> &str {
+        self.key.log_id()
+    }
+
+    pub fn reading(&self) -> ChannelReading {
+        ChannelReading {
+            log_id: self.log_id().to_owned(),
+            stream: self.prefix(),
+            refused: self.stats.refused.load(Ordering::Relaxed),
+            last_refusal: self.stats.last.lock().ok().and_then(|l| l.clone()),
+        }
+    }
+
+    /// `queue` with every message sealed on publish and opened on pull (what does not open
+    /// is terminated and counted, never handed out).
+    pub fn seal<Q: CommandQueue>(&self, queue: Q) -> Sealed<Q> {
+        Sealed {
+            inner: queue,
+            channel: self.clone(),
+        }
+    }
+
+    fn hello_subject(name: &str) -> String {
+        format!("{name}.hello")
+    }
+
+    /// The body of an answer to a `verb` request, if it verifies (bound to the subject it
+    /// came on: this request's reply inbox). One that does not is never acted on.
+    fn open_answer<'a>(
+        &self,
+        verb: &str,
+        msg: &'a async_nats::Message,
+    ) -> Result<&'a [u8], RuntimeError> {
+        self.key
+            .open(Kind::Answer, msg.subject.as_str(), &msg.payload)
+            .map_err(|e| {
+                self.stats.refuse(
+                    "unauthenticated_answer",
+                    format!("answer to `{verb}` ignored: {e}"),
+                );
+                RuntimeError::Closed
+            })
+    }
+}
+
+/// A command queue behind a channel's authentication.
+pub struct Sealed<Q> {
+    inner: Q,
+    channel: Channel,
+}
+
+impl<Q> Sealed<Q> {
+    pub fn inner(&self) -> &Q {
+        &self.inner
+    }
+
+    async fn open(&self, mut d: Delivery) -> Option<Delivery> {
+        match self.channel.key.open(Kind::Command, "", &d.payload) {
+            Ok(body) => {
+                d.payload = body.to_vec();
+                Some(d)
+            }
+            Err(e) => {
+                self.channel.stats.refuse(
+                    "unauthenticated_command",
+                    format!("queue message {} terminated: {e}", d.id),
+                );
+                let _ = d.term().await;
+                None
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<Q: CommandQueue> CommandQueue for Sealed<Q> {
+    async fn publish(&self, id: &str, payload: &[u8]) -> Result<(), QueueError> {
+        self.inner
+            .publish(id, &self.channel.key.seal(Kind::Command, "", payload))
+            .await
+    }
+    async fn publish_batch(&self, items: &[(String, bytes::Bytes)]) -> Vec<Result<(), QueueError>> {
+        let sealed: Vec<(String, bytes::Bytes)> = items
+            .iter()
+            .map(|(id, p)| {
+                (
+                    id.clone(),
+                    self.channel.key.seal(Kind::Command, "", p).into(),
+                )
+            })
+            .collect();
+        self.inner.publish_batch(&sealed).await
+    }
+    async fn pull(&self, wait: Duration) -> Result<Option<Delivery>, QueueError> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.inner.pull(left).await? {
+                None => return Ok(None),
+                Some(d) => {
+                    if let Some(d) = self.open(d).await {
+                        return Ok(Some(d));
+                    }
+                }
+            }
+        }
+    }
+    async fn pull_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let mut out = Vec::new();
+        for d in self.inner.pull_batch(max, wait).await? {
+            if let Some(d) = self.open(d).await {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+    async fn depth(&self) -> Result<u64, QueueError> {
+        self.inner.depth().await
+    }
+}
+
+/// What a server says at `{name}.hello`.
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    log_id: String,
+}
+
+/// Find the log whose channel a worker joins: ask every server of queue `name` on NATS which
+/// log it appends (each answer authenticated under that log's key, which only holders of
+/// `key` can derive), or take `pinned`. Two logs answering is refused: say which with
+/// `--log-id`. Waits for a server up to `patience`.
+pub async fn discover(
+    client: &async_nats::Client,
+    name: &str,
+    key: &ChannelKey,
+    pinned: Option<&str>,
+    patience: Duration,
+) -> Result<Channel, RuntimeError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut strangers = 0usize;
+    loop {
+        let inbox = client.new_inbox();
+        let mut sub = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| RuntimeError::Invalid(format!("subscribing to NATS: {e}")))?;
+        client
+            .publish_with_reply(Channel::hello_subject(name), inbox.clone(), "".into())
+            .await
+            .map_err(|e| RuntimeError::Invalid(format!("publishing to NATS: {e}")))?;
+        let _ = client.flush().await;
+        let mut logs = std::collections::BTreeSet::new();
+        // The first answer, then a moment for others (another deployment on the same name).
+        let mut window = Duration::from_secs(1);
+        while let Ok(Some(msg)) = tokio::time::timeout(window, sub.next()).await {
+            window = Duration::from_millis(300);
+            let frame = msg.payload.as_ref();
+            let claimed = frame
+                .get(mayfly_trust::channel::OVERHEAD..)
+                .and_then(|b| serde_json::from_slice::<Hello>(b).ok());
+            match claimed {
+                Some(h)
+                    if is_log_id(&h.log_id)
+                        && key
+                            .for_log(&h.log_id)
+                            .open(Kind::Hello, &inbox, frame)
+                            .is_ok() =>
+                {
+                    logs.insert(h.log_id);
+                }
+                _ => strangers += 1,
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        let chosen = match pinned {
+            Some(p) if logs.contains(p) => Some(p.to_owned()),
+            Some(_) => None,
+            None if logs.len() > 1 => {
+                return Err(RuntimeError::Invalid(format!(
+                    "servers of {} different logs answer on queue `{name}` ({}): pick one with --log-id",
+                    logs.len(),
+                    logs.iter().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            None => logs.into_iter().next(),
+        };
+        if let Some(log) = chosen {
+            return Ok(Channel::new(name, key.for_log(&log)));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let who = match pinned {
+                Some(p) => format!("the server of log {p}"),
+                None => "a server".into(),
+            };
+            return Err(RuntimeError::Invalid(format!(
+                "no answer from {who} on queue `{name}` that this worker's channel key (fingerprint {}) authenticates{}",
+                key.fingerprint(),
+                if strangers > 0 {
+                    format!(
+                        "; {strangers} answers did not verify: another deployment, or a different channel key (copy the server's channel.key)"
+                    )
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn is_log_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
 
 fn encode<T: Serialize>(v: &T) -> bytes::Bytes {
     // Serialising these plain data types cannot fail; an empty body is answered as an error.
@@ -211,32 +489,69 @@ fn join_array<'a>(parts: impl Iterator<Item = &'a [u8]>) -> bytes::Bytes {
     out.into()
 }
 
-/// Serve workers' requests for `handle` under `prefix` until the connection closes.
+/// Serve workers' requests for `handle` on `channel` until the connection closes, and
+/// introduce the channel's log to workers that ask (`{name}.hello`).
 pub async fn serve(
     handle: RuntimeHandle,
     client: async_nats::Client,
-    prefix: &str,
+    channel: &Channel,
 ) -> Result<JoinHandle<()>, RuntimeError> {
+    let prefix = channel.prefix();
+    let nats =
+        |e: async_nats::SubscribeError| RuntimeError::Invalid(format!("subscribing to NATS: {e}"));
     let mut sub = client
         .queue_subscribe(format!("{prefix}.rpc.*"), format!("{prefix}-orchestrator"))
         .await
-        .map_err(|e| RuntimeError::Invalid(format!("subscribing to NATS: {e}")))?;
-    let room = room(client.server_info().max_payload);
+        .map_err(nats)?;
+    // Not a queue group: every server of the name answers, so a worker sees them all.
+    let mut hello = client
+        .subscribe(Channel::hello_subject(&channel.name))
+        .await
+        .map_err(nats)?;
+    handle.set_channel(channel.clone());
+    let room =
+        room(client.server_info().max_payload).saturating_sub(mayfly_trust::channel::OVERHEAD);
     let stash = Stash::default();
+    let channel = channel.clone();
     Ok(tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let handle = handle.clone();
-            let client = client.clone();
-            let stash = stash.clone();
-            tokio::spawn(async move {
-                let verb = msg.subject.rsplit('.').next().unwrap_or("").to_owned();
-                let body = answer(&handle, &verb, &msg.payload, room, &stash).await;
-                if let (Some(reply), Some(body)) = (msg.reply, body)
-                    && let Err(e) = client.publish(reply, body).await
-                {
-                    tracing::warn!(error = %e, verb, "could not answer a worker");
+        loop {
+            tokio::select! {
+                msg = sub.next() => {
+                    let Some(msg) = msg else { return };
+                    let (handle, client, stash, channel) =
+                        (handle.clone(), client.clone(), stash.clone(), channel.clone());
+                    tokio::spawn(async move {
+                        let verb = msg.subject.rsplit('.').next().unwrap_or("").to_owned();
+                        let payload = match channel.key.open(Kind::Request, &verb, &msg.payload) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                channel.stats.refuse(
+                                    "unauthenticated_request",
+                                    format!("`{verb}` request not answered: {e}"),
+                                );
+                                return;
+                            }
+                        };
+                        let body = answer(&handle, &verb, payload, room, &stash).await;
+                        if let (Some(reply), Some(body)) = (msg.reply, body) {
+                            let sealed = channel.key.seal(Kind::Answer, &reply, &body);
+                            if let Err(e) = client.publish(reply, sealed.into()).await {
+                                tracing::warn!(error = %e, verb, "could not answer a worker");
+                            }
+                        }
+                    });
                 }
-            });
+                msg = hello.next() => {
+                    let Some(msg) = msg else { return };
+                    if let Some(reply) = msg.reply {
+                        let body = encode(&Hello { log_id: channel.log_id().to_owned() });
+                        let sealed = channel.key.seal(Kind::Hello, &reply, &body);
+                        if let Err(e) = client.publish(reply, sealed.into()).await {
+                            tracing::warn!(error = %e, "could not answer a worker's hello");
+                        }
+                    }
+                }
+            }
         }
     }))
 }
@@ -265,7 +580,10 @@ async fn answer(
             };
             // All sent to the orchestrator before any is awaited: they share its cycle and
             // its commit.
-            let ids: Vec<String> = reqs.iter().map(|r| r.block.command_id.clone()).collect();
+            let ids: Vec<(String, mayfly_types::ExecutionId)> = reqs
+                .iter()
+                .map(|r| (r.block.command_id.clone(), r.block.execution_id.clone()))
+                .collect();
             let claims = futures_util::future::join_all(
                 reqs.into_iter()
                     .map(|r| async move { h.claim(r.block, &r.worker).await }),
@@ -273,7 +591,24 @@ async fn answer(
             .await;
             let mut used = 2;
             let mut parts = Vec::with_capacity(claims.len());
-            for (c, command_id) in claims.into_iter().zip(ids) {
+            for (c, (command_id, execution)) in claims.into_iter().zip(ids) {
+                // `Done` for an execution this log never had is not ours to ack: refused.
+                let c = match c {
+                    Ok(Claim::Done) => {
+                        match h.store.get_execution(&execution).await {
+                            Ok(Some(_)) => Ok(Claim::Done),
+                            Ok(None) => {
+                                h.channel_refused(
+                                "not_owned",
+                                format!("claim of {command_id}: this log has no execution {execution}"),
+                            );
+                                Err(RuntimeError::NotOwned(execution.to_string()))
+                            }
+                            Err(e) => Err(e.into()),
+                        }
+                    }
+                    other => other,
+                };
                 let mut a: Answer<ClaimWire> = match c {
                     Ok(Claim::Granted(x)) => Ok(ClaimWire::Granted {
                         attempt: x.attempt,
@@ -614,42 +949,53 @@ struct Inner {
     /// Idle slots ask the fetcher for a delivery here.
     wants: mpsc::UnboundedSender<oneshot::Sender<(Block, Ticket)>>,
     fetcher: JoinHandle<()>,
-    prefix: String,
+    channel: Channel,
     /// Parsed playbooks by (digest, extra workload keys): workers fetch each version once.
     playbooks: Mutex<HashMap<PlaybookKey, Arc<Playbook>>>,
 }
 
 impl RemoteCoordinator {
-    /// Connect to the queue `prefix` on the NATS server at `url`.
+    /// Connect to `channel` (see [`discover`]) on the NATS server at `url`.
     pub async fn connect(
         url: &str,
-        prefix: &str,
+        channel: &Channel,
         cfg: mayfly_queue::QueueConfig,
     ) -> Result<Self, RuntimeError> {
-        let client = async_nats::ConnectOptions::new()
-            .request_timeout(Some(RPC_TIMEOUT))
-            .connect(url)
+        Self::connect_to(&mayfly_queue::NatsConnect::url(url), channel, cfg).await
+    }
+
+    /// [`RemoteCoordinator::connect`] with credentials.
+    pub async fn connect_to(
+        nats: &mayfly_queue::NatsConnect,
+        channel: &Channel,
+        cfg: mayfly_queue::QueueConfig,
+    ) -> Result<Self, RuntimeError> {
+        let prefix = &channel.prefix();
+        let client = nats
+            .connect_with(|o| o.request_timeout(Some(RPC_TIMEOUT)))
             .await
-            .map_err(|e| RuntimeError::Invalid(format!("connecting to NATS at {url}: {e}")))?;
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let ack_wait = cfg.ack_wait;
-        let queue = NatsQueue::connect(url, prefix, cfg)
+        let queue = NatsQueue::connect_to(nats, prefix, cfg)
             .await
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let queue_client = queue.client();
+        let queue = channel.seal(queue);
         let (wants, rx) = mpsc::unbounded_channel();
         let draining = tokio::sync::watch::Sender::new(false);
         let fetcher = tokio::spawn(fetcher(queue, rx, draining.subscribe(), ack_wait));
-        let room = room(client.server_info().max_payload);
+        let room =
+            room(client.server_info().max_payload).saturating_sub(mayfly_trust::channel::OVERHEAD);
         Ok(RemoteCoordinator {
             inner: Arc::new(Inner {
-                claims: Batcher::start(client.clone(), format!("{prefix}.rpc.claims"), room),
-                completes: Batcher::start(client.clone(), format!("{prefix}.rpc.completes"), room),
+                claims: Batcher::start(client.clone(), channel.clone(), "claims", room),
+                completes: Batcher::start(client.clone(), channel.clone(), "completes", room),
                 client,
                 queue_client,
                 draining,
                 wants,
                 fetcher,
-                prefix: prefix.to_owned(),
+                channel: channel.clone(),
                 playbooks: Mutex::new(HashMap::new()),
             }),
         })
@@ -688,12 +1034,16 @@ impl RemoteCoordinator {
         verb: &str,
         req: &Req,
     ) -> Result<T, RuntimeError> {
-        let subject = format!("{}.rpc.{verb}", self.inner.prefix);
+        let channel = &self.inner.channel;
+        let subject = format!("{}.rpc.{verb}", channel.prefix());
         let began = std::time::Instant::now();
         let msg = self
             .inner
             .client
-            .request(subject, encode(req))
+            .request(
+                subject,
+                channel.key.seal(Kind::Request, verb, &encode(req)).into(),
+            )
             .await
             // No responder or no answer: the orchestrator is down or restarting.
             .map_err(|e| {
@@ -702,7 +1052,8 @@ impl RemoteCoordinator {
             })?;
         metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.to_owned())
             .record(began.elapsed().as_secs_f64());
-        let a: Answer<T> = serde_json::from_slice(&msg.payload)
+        let body = channel.open_answer(verb, &msg)?;
+        let a: Answer<T> = serde_json::from_slice(body)
             .map_err(|e| RuntimeError::Invalid(format!("malformed answer to {verb}: {e}")))?;
         a.map_err(RuntimeError::from)
     }
@@ -763,9 +1114,9 @@ struct Batcher<T> {
 }
 
 impl<T: for<'de> Deserialize<'de> + Send + 'static> Batcher<T> {
-    fn start(client: async_nats::Client, subject: String, room: usize) -> Self {
+    fn start(client: async_nats::Client, channel: Channel, verb: &str, room: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(batch_loop(client, subject, room, rx));
+        let task = tokio::spawn(batch_loop(client, channel, verb.to_owned(), room, rx));
         Batcher { tx, task }
     }
 
@@ -788,11 +1139,12 @@ impl<T> Drop for Batcher<T> {
 
 async fn batch_loop<T: for<'de> Deserialize<'de> + Send + 'static>(
     client: async_nats::Client,
-    subject: String,
+    channel: Channel,
+    verb: String,
     room: usize,
     mut rx: mpsc::UnboundedReceiver<Pending<T>>,
 ) {
-    let verb = subject.rsplit('.').next().unwrap_or_default().to_owned();
+    let subject = format!("{}.rpc.{verb}", channel.prefix());
     let slots = Arc::new(tokio::sync::Semaphore::new(RPC_BATCHES_IN_FLIGHT));
     let mut carry: Option<Pending<T>> = None;
     loop {
@@ -821,12 +1173,18 @@ async fn batch_loop<T: for<'de> Deserialize<'de> + Send + 'static>(
                 Err(_) => break,
             }
         }
-        let (client, subject, verb) = (client.clone(), subject.clone(), verb.clone());
+        let (client, subject, verb, channel) = (
+            client.clone(),
+            subject.clone(),
+            verb.clone(),
+            channel.clone(),
+        );
         tokio::spawn(async move {
             let _permit = permit;
             let body = join_array(batch.iter().map(|p| p.body.as_slice()));
+            let sealed = channel.key.seal(Kind::Request, &verb, &body);
             let began = std::time::Instant::now();
-            let answers = match client.request(subject, body).await {
+            let answers = match client.request(subject, sealed.into()).await {
                 // No responder or no answer: the orchestrator is down or restarting.
                 Err(e) => {
                     tracing::debug!(error = %e, verb, "orchestrator unreachable");
@@ -835,16 +1193,18 @@ async fn batch_loop<T: for<'de> Deserialize<'de> + Send + 'static>(
                 Ok(msg) => {
                     metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.clone())
                         .record(began.elapsed().as_secs_f64());
-                    match serde_json::from_slice::<Vec<Answer<T>>>(&msg.payload) {
+                    match channel.open_answer(&verb, &msg).and_then(|b| {
+                        serde_json::from_slice::<Vec<Answer<T>>>(b).map_err(|e| {
+                            RuntimeError::Invalid(format!("malformed answer to {verb}: {e}"))
+                        })
+                    }) {
                         Ok(v) if v.len() == batch.len() => Ok(v),
                         Ok(v) => Err(RuntimeError::Invalid(format!(
                             "{} answers to {} {verb} requests",
                             v.len(),
                             batch.len()
                         ))),
-                        Err(e) => Err(RuntimeError::Invalid(format!(
-                            "malformed answer to {verb}: {e}"
-                        ))),
+                        Err(e) => Err(e),
                     }
                 }
             };
@@ -938,7 +1298,7 @@ impl Ticket {
 /// worker costs one pending pull request. Buffered blocks are kept in progress, and go
 /// back to the queue when the worker drains.
 async fn fetcher(
-    queue: NatsQueue,
+    queue: Sealed<NatsQueue>,
     mut wants: mpsc::UnboundedReceiver<oneshot::Sender<(Block, Ticket)>>,
     mut draining: tokio::sync::watch::Receiver<bool>,
     ack_wait: Duration,
@@ -1149,8 +1509,10 @@ impl Coordinator for RemoteCoordinator {
             command_id: command_id.to_owned(),
             attempt,
         };
-        let subject = format!("{}.rpc.extend", self.inner.prefix);
-        if let Err(e) = self.inner.client.publish(subject, encode(&req)).await {
+        let channel = &self.inner.channel;
+        let subject = format!("{}.rpc.extend", channel.prefix());
+        let sealed = channel.key.seal(Kind::Request, "extend", &encode(&req));
+        if let Err(e) = self.inner.client.publish(subject, sealed.into()).await {
             tracing::warn!(error = %e, command = command_id, "heartbeat failed");
         }
     }

@@ -90,10 +90,18 @@ pub async fn worker_loop<C: Coordinator>(
                 continue;
             }
             Err(e) => {
+                // Never acked: a refused block (not this log's) stays visible as lag and
+                // in the server's refusals; anything else comes back soon.
+                let pause = match &e {
+                    RuntimeError::NotOwned(_) => {
+                        metrics::counter!("mayfly_worker_claims_refused_total", "reason" => "not_owned")
+                            .increment(1);
+                        Duration::from_secs(30)
+                    }
+                    _ => Duration::from_secs(1),
+                };
                 tracing::warn!(error = %e, "claim failed; the block will be delivered again");
-                coord
-                    .settle(ticket, Settle::Retry(Duration::from_secs(1)))
-                    .await;
+                coord.settle(ticket, Settle::Retry(pause)).await;
                 continue;
             }
         };

@@ -6,11 +6,12 @@
 use mayfly_dsl::ParseOptions;
 use mayfly_engine::{Report, Status};
 use mayfly_queue::{NatsQueue, QueueConfig};
-use mayfly_runtime::remote::{RemoteCoordinator, serve};
+use mayfly_runtime::remote::{Channel, RemoteCoordinator, discover, serve};
 use mayfly_runtime::worker::worker_loop;
 use mayfly_runtime::{Runtime, RuntimeConfig, load_file};
 use mayfly_store::{PostgresStore, Store};
 use mayfly_tools::{Tools, ToolsConfig};
+use mayfly_trust::channel::ChannelKey;
 use mayfly_types::EventKind;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeSet;
@@ -40,8 +41,12 @@ fn queue_config() -> QueueConfig {
 /// A server half (orchestrator + RPC) and `workers` remote worker "processes" with
 /// `slots` block loops each, every one on its own NATS connection.
 struct Cluster {
+    /// The queue name (the channel's prefix without the log id).
+    name: String,
     schema: String,
     stream: String,
+    channel: Channel,
+    channel_key: ChannelKey,
     bucket: String,
     cache: Arc<mayfly_cache::Payloads>,
     store: Arc<PostgresStore>,
@@ -55,13 +60,31 @@ impl Cluster {
         slots: usize,
         key: Option<mayfly_trust::keychain::MasterKey>,
     ) -> Cluster {
+        let name = unique("MAYFLY_DIST");
+        Self::start_on(&name, &name, ChannelKey::generate(), workers, slots, key).await
+    }
+
+    /// A deployment on queue `name` with channel key `channel_key` (two deployments may
+    /// share both); its workers pin its log and sign their claims `w{n}/{slot}@{tag}`.
+    async fn start_on(
+        name: &str,
+        tag: &str,
+        channel_key: ChannelKey,
+        workers: usize,
+        slots: usize,
+        key: Option<mayfly_trust::keychain::MasterKey>,
+    ) -> Cluster {
         let schema = unique("mayfly_dist");
-        let stream = unique("MAYFLY_DIST");
         let store = Arc::new(
             PostgresStore::connect_schema(PG, &schema)
                 .await
                 .expect("postgres"),
         );
+        let channel = Channel::new(
+            name,
+            channel_key.for_log(&store.log_id().await.expect("id")),
+        );
+        let stream = channel.prefix();
         let queue = NatsQueue::connect(NATS, &stream, queue_config())
             .await
             .expect("queue");
@@ -78,7 +101,7 @@ impl Cluster {
         let cfg = RuntimeConfig {
             workers: 0,
             lease: Duration::from_secs(5),
-            queue: Some(Arc::new(queue)),
+            queue: Some(Arc::new(channel.seal(queue))),
             // The orchestrator holds no master key: only workers open secrets.
             keychain: None,
             cache: Some(cache.clone()),
@@ -86,12 +109,23 @@ impl Cluster {
         };
         let rt = Runtime::start(store.clone(), cfg).expect("runtime");
         let mut tasks = vec![
-            serve(rt.handle(), client.clone(), &stream)
+            serve(rt.handle(), client.clone(), &channel)
                 .await
                 .expect("serve"),
         ];
         for w in 0..workers {
-            let coord = RemoteCoordinator::connect(NATS, &stream, queue_config())
+            // As `mayfly worker` finds its channel: the log it names, authenticated.
+            let found = discover(
+                &client,
+                name,
+                &channel_key,
+                Some(channel.log_id()),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("the worker finds its log");
+            assert_eq!(found.prefix(), stream);
+            let coord = RemoteCoordinator::connect(NATS, &found, queue_config())
                 .await
                 .expect("worker connects");
             let tools = Arc::new(
@@ -108,13 +142,16 @@ impl Cluster {
                     key.clone(),
                     Some(cache.clone()),
                     None,
-                    format!("w{w}/{s}"),
+                    format!("w{w}/{s}@{tag}"),
                 )));
             }
         }
         Cluster {
+            name: name.to_owned(),
             schema,
             stream,
+            channel,
+            channel_key,
             bucket,
             cache,
             store,
@@ -317,7 +354,7 @@ workflow:
     tool: {kind: python, input: {i: "{{ i }}"}, code: "result = i * 10"}
 "#;
     let pb = mayfly_dsl::parse("grouped.yaml", src, &ParseOptions::default()).expect("parse");
-    let coord = RemoteCoordinator::connect(NATS, &c.stream, queue_config())
+    let coord = RemoteCoordinator::connect(NATS, &c.channel, queue_config())
         .await
         .expect("worker connects");
     let by_hand = async {
@@ -564,7 +601,7 @@ async fn remote_agents_fetch_verify_apply_and_acknowledge_bundles_over_nats() {
         .await
         .expect("rollout");
 
-    let coord = RemoteCoordinator::connect(NATS, &c.stream, queue_config())
+    let coord = RemoteCoordinator::connect(NATS, &c.channel, queue_config())
         .await
         .expect("worker connects");
     let agent = Arc::new(Agent::new(AgentConfig {
@@ -592,5 +629,175 @@ async fn remote_agents_fetch_verify_apply_and_acknowledge_bundles_over_nats() {
     assert_eq!(r.status, Status::Failed, "the shell step is refused");
     let e = r.error.expect("error");
     assert_eq!(e.code, "policy_denied", "{e:?}");
+    c.stop().await;
+}
+
+/// Every worker claim recorded in `store`'s log, by worker id.
+async fn claimants(store: &PostgresStore) -> BTreeSet<String> {
+    let mut who = BTreeSet::new();
+    for x in store.list_executions(None, 100).await.expect("list") {
+        for e in store.read_all(&x.execution_id).await.expect("events") {
+            if e.kind == EventKind::CommandClaimed {
+                who.insert(e.payload["worker"].as_str().expect("worker").to_owned());
+            }
+        }
+    }
+    who
+}
+
+/// Two deployments on one NATS with the same queue name and the same channel key (one
+/// MAYFLY_HOME): each log has its own stream and subjects and its own message key, so each
+/// runs its own work to the end and neither's workers ever claim the other's blocks; a worker
+/// told neither log refuses to guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_deployments_on_one_nats_never_touch_each_others_work() {
+    if !services() {
+        return;
+    }
+    let name = unique("MAYFLY_TWO");
+    let key = ChannelKey::generate();
+    let a = Cluster::start_on(&name, "a", key.clone(), 1, 2, None).await;
+    let b = Cluster::start_on(&name, "b", key.clone(), 1, 2, None).await;
+    assert_ne!(a.stream, b.stream);
+    let (ra, rb) = tokio::join!(a.run("loop.yaml", json!({})), b.run("loop.yaml", json!({})));
+    assert_eq!(ra.status, Status::Completed, "{:?}", ra.error);
+    assert_eq!(rb.status, Status::Completed, "{:?}", rb.error);
+    let (wa, wb) = (claimants(&a.store).await, claimants(&b.store).await);
+    assert!(
+        !wa.is_empty() && wa.iter().all(|w| w.ends_with("@a")),
+        "{wa:?}"
+    );
+    assert!(
+        !wb.is_empty() && wb.iter().all(|w| w.ends_with("@b")),
+        "{wb:?}"
+    );
+    // Nothing was refused: neither saw the other's traffic at all.
+    for c in [&a, &b] {
+        let ch = c.rt.handle().channel().expect("a channel");
+        assert_eq!(ch.refused, 0, "{ch:?}");
+        assert_eq!(ch.stream, c.stream);
+    }
+    // Unpinned, a worker sees two logs answer on the name and refuses to pick one.
+    let client = async_nats::connect(NATS).await.expect("nats");
+    let e = discover(&client, &name, &key, None, Duration::from_secs(5))
+        .await
+        .expect_err("ambiguous");
+    assert!(e.to_string().contains("--log-id"), "{e}");
+    // A worker holding another deployment's key finds nothing it can trust.
+    let e = discover(
+        &client,
+        &name,
+        &ChannelKey::generate(),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect_err("foreign key");
+    assert!(e.to_string().contains("did not verify"), "{e}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Forgeries on the channel: a command in the stream that is not sealed with the log's key
+/// is terminated by the worker (never run, counted); a request that is not sealed gets no
+/// answer (counted on the server); a sealed command for an execution this log never had is
+/// refused `not_owned` — never acknowledged — and shows in the server's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_and_foreign_messages_are_refused_and_counted() {
+    use mayfly_queue::CommandQueue;
+    if !services() {
+        return;
+    }
+    let c = Cluster::start(0, 0, None).await;
+    let client = async_nats::connect(NATS).await.expect("nats");
+    let block = |exec: &str| {
+        serde_json::to_vec(&json!([{
+            "execution_id": exec, "command_id": format!("{exec}-c1"), "step": "start", "index": null
+        }]))
+        .expect("json")
+    };
+    // 1. A forged command: published straight into the stream, without the log's tag.
+    let raw = NatsQueue::connect(NATS, &c.stream, queue_config())
+        .await
+        .expect("queue");
+    raw.publish("forged-1", &block("forged"))
+        .await
+        .expect("publish");
+    // The worker's own view of the channel (its refusals are its own).
+    let mine = discover(
+        &client,
+        &c.name,
+        &c.channel_key,
+        Some(c.channel.log_id()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("discover");
+    let coord = RemoteCoordinator::connect(NATS, &mine, queue_config())
+        .await
+        .expect("worker connects");
+    use mayfly_runtime::worker::Coordinator;
+    let next = tokio::time::timeout(Duration::from_secs(3), coord.next()).await;
+    assert!(next.is_err(), "a forged command reached a slot");
+    let worker_side = mine.reading();
+    assert_eq!(worker_side.refused, 1, "{worker_side:?}");
+    assert!(
+        worker_side
+            .last_refusal
+            .as_ref()
+            .is_some_and(|(_, why)| why.starts_with("unauthenticated_command")),
+        "{worker_side:?}"
+    );
+    assert_eq!(
+        raw.depth().await.expect("depth"),
+        0,
+        "terminated, not left to loop"
+    );
+    // 2. A forged request: no answer, counted by the server.
+    let asked = client
+        .request(format!("{}.rpc.claims", c.stream), "[]".into())
+        .await;
+    assert!(asked.is_err(), "a forged request was answered");
+    let server = c.rt.handle().channel().expect("channel");
+    assert_eq!(server.refused, 1, "{server:?}");
+    // 3. A sealed command for an execution this log does not have: refused, never acked.
+    let sealed = c.channel.seal(
+        NatsQueue::connect(NATS, &c.stream, queue_config())
+            .await
+            .expect("queue"),
+    );
+    sealed
+        .publish("ghost-1", &block("ghost"))
+        .await
+        .expect("publish");
+    let (b, ticket) = tokio::time::timeout(Duration::from_secs(10), coord.next())
+        .await
+        .expect("delivered")
+        .expect("a block");
+    let e = coord.claim(b, "by-hand").await.expect_err("refused");
+    assert!(
+        matches!(e, mayfly_runtime::RuntimeError::NotOwned(_)),
+        "{e}"
+    );
+    coord
+        .settle(
+            ticket,
+            mayfly_runtime::worker::Settle::Retry(Duration::from_secs(30)),
+        )
+        .await;
+    let server = c.rt.handle().channel().expect("channel");
+    assert_eq!(server.refused, 2, "{server:?}");
+    assert!(
+        server
+            .last_refusal
+            .as_ref()
+            .is_some_and(|(_, why)| why.starts_with("not_owned") && why.contains("ghost")),
+        "{server:?}"
+    );
+    assert_eq!(
+        raw.depth().await.expect("depth"),
+        1,
+        "still in the queue, not acked"
+    );
     c.stop().await;
 }

@@ -78,6 +78,77 @@ pub fn bubblewrap() -> bool {
     )
 }
 
+/// A NATS server of the test's own (JetStream on, `conf` appended to its configuration) on
+/// a free loopback port, stopped when dropped; None (skipped loudly, a failure under
+/// `CI=true`) without `nats-server`.
+pub fn nats_server(conf: &str) -> Option<NatsServer> {
+    let bin = [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .map(str::to_owned)
+    .or_else(|| {
+        runs(
+            "nats-server",
+            &["--version"],
+            "nats-server is not installed",
+        )
+        .then(|| "nats-server".to_owned())
+    });
+    let bin = bin?;
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let file = dir.path().join("nats.conf");
+    std::fs::write(
+        &file,
+        format!(
+            "host: 127.0.0.1\nport: {port}\njetstream {{ store_dir: \"{}\" }}\n{conf}\n",
+            dir.path().join("js").display()
+        ),
+    )
+    .expect("conf");
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "nats-server did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Some(NatsServer {
+        child,
+        port,
+        _dir: dir,
+    })
+}
+
+/// A NATS server a test started (see [`nats_server`]).
+pub struct NatsServer {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Make KV bucket `bucket` on the NATS of `js` (idempotent). Its stream is made by hand:
 /// async-nats' `create_key_value` sends fields that the NATS 2.9 of Debian does not parse.
 pub async fn nats_kv_bucket(js: &async_nats::jetstream::Context, bucket: &str) {

@@ -471,5 +471,6 @@ mod tests {
         ));
     }
 }
+pub mod channel;
 pub mod keychain;
 pub mod sign;

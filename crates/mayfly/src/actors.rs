@@ -44,9 +44,7 @@ pub struct DataplaneOpts {
 pub async fn snapshot_store(spec: Option<&str>) -> Result<Arc<dyn Cache>> {
     match spec {
         Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => {
-            let client = async_nats::connect(u)
-                .await
-                .with_context(|| format!("connecting to NATS at {u}"))?;
+            let client = mayfly_queue::NatsConnect::url(u).connect().await?;
             Ok(Arc::new(
                 mayfly_cache::NatsCache::open(client, "mayfly-snapshots").await?,
             ))

@@ -948,7 +948,8 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe()?;
     let tag = format!("{}_{}", std::process::id(), workers);
-    let stream = format!("MAYFLY_BENCH_{tag}");
+    let name = format!("MAYFLY_BENCH_{tag}");
+    let stream = name.clone();
     let dir = tempfile::tempdir()?;
     let (db, schema) = match &a.db {
         Some(url) => {
@@ -960,7 +961,7 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
     };
     let mut server = service(&exe)
         .args(["server", "--db", &db, "--listen", "127.0.0.1:0"])
-        .args(["--queue", queue, "--queue-name", &stream])
+        .args(["--queue", queue, "--queue-name", &name])
         .env("MAYFLY_LOG", "error")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -983,6 +984,8 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
         }
     }
     let (token, url) = (banner.token, banner.url);
+    // The queue's stream is scoped by the log's identity: the server says which.
+    let stream = banner.stream.unwrap_or(stream);
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a
@@ -993,7 +996,7 @@ async fn distributed(a: &BenchArgs, queue: &str, workers: usize) -> Result<serde
     for i in 0..workers {
         procs.push(
             service(&exe)
-                .args(["worker", "--queue", queue, "--queue-name", &stream])
+                .args(["worker", "--queue", queue, "--queue-name", &name])
                 .args(["--id", &format!("bench{i}")])
                 .args(["--slots", &a.worker_slots.to_string()])
                 .args(["--threads", &threads.to_string()])

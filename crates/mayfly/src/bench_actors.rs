@@ -101,6 +101,27 @@ pub async fn run(
 ) -> Result<ExitCode> {
     let dir = tempfile::tempdir()?;
     let mut rig = rig(dir.path(), (wasm_actors as u32).max(64) + 64).await?;
+    // Both process providers run the same interpreter binary (a `python3` on PATH may be a
+    // shim on the host but the system's own inside a sandbox).
+    let python = mayfly_tools::sandbox::python_layout("python3")
+        .map(|(exe, _)| exe.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "python3".into());
+    let process_workload = || match mayfly_actors::conformance::process_workload() {
+        Workload::Process {
+            args,
+            env,
+            durable_dirs,
+            readiness,
+            ..
+        } => Workload::Process {
+            command: python.clone(),
+            args,
+            env,
+            durable_dirs,
+            readiness,
+        },
+        other => other,
+    };
     let wasm_module = mayfly_actors::conformance::WASM_ACTOR.as_bytes();
     let module = mayfly_trust::sha256_digest(wasm_module);
     rig.store
@@ -109,11 +130,11 @@ pub async fn run(
     let mut docs = vec![
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "pcounter", "tenant": "bench"},
-               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0,
+               "spec": {"workload": process_workload(), "idleTimeoutMs": 0,
                         "selector": {"contained": "no"}}}),
         json!({"apiVersion": "mayfly.dev/v1", "kind": "ActorTemplate",
                "metadata": {"name": "ccounter", "tenant": "bench"},
-               "spec": {"workload": mayfly_actors::conformance::process_workload(), "idleTimeoutMs": 0,
+               "spec": {"workload": process_workload(), "idleTimeoutMs": 0,
                         "selector": {"contained": "yes"}}}),
         json!({"apiVersion": "mayfly.dev/v1", "kind": "Actor",
                "metadata": {"name": "c1", "tenant": "bench"}, "spec": {"template": "ccounter"}}),
@@ -198,7 +219,7 @@ pub async fn run(
                         actor: a.clone(),
                         tenant: "bench".into(),
                         template: "pcounter".into(),
-                        workload: mayfly_actors::conformance::process_workload(),
+                        workload: process_workload(),
                     },
                 },
                 delivery: Some(Delivery {

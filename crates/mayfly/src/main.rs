@@ -259,6 +259,11 @@ struct WorkerArgs {
     /// Worker id recorded on its claims (default: host-pid).
     #[arg(long)]
     id: Option<String>,
+    /// The event log whose commands this worker runs (its id, as the server's banner and
+    /// `/v1/status` show it). Without it the worker asks the servers of `--queue-name`,
+    /// and refuses to guess when servers of several logs answer.
+    #[arg(long, env = "MAYFLY_LOG_ID")]
+    log_id: Option<String>,
     #[command(flatten)]
     key: keychain::KeyOpts,
     #[command(flatten)]
@@ -366,12 +371,43 @@ struct DistOpts {
     /// Command queue: a nats:// URL (JetStream). Without it the server runs blocks itself.
     #[arg(long, env = "MAYFLY_QUEUE")]
     queue: Option<String>,
-    /// JetStream stream (and subject prefix) of the command queue.
+    /// The command queue's name: its JetStream stream and subjects are
+    /// `{name}_{log id}` (scoped by the event log's identity).
     #[arg(long, default_value = "mayfly")]
     queue_name: String,
     /// Seconds a claim stays valid without a heartbeat (the queue's ack_wait).
     #[arg(long, default_value_t = 30.0)]
     lease: f64,
+    #[command(flatten)]
+    channel_key: rollout::ChannelKeyOpts,
+    #[command(flatten)]
+    nats_auth: NatsAuthOpts,
+}
+
+/// Credentials for NATS beyond those in the URL (`nats://user:password@…`, `nats://token@…`).
+#[derive(Args, Clone, Default)]
+struct NatsAuthOpts {
+    /// A NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, env = "MAYFLY_NATS_CREDS", value_name = "FILE")]
+    nats_creds: Option<PathBuf>,
+    /// A file holding a NATS nkey seed (`SU…`) to authenticate with.
+    #[arg(long, env = "MAYFLY_NATS_NKEY", value_name = "FILE")]
+    nats_nkey: Option<PathBuf>,
+    /// A CA certificate (PEM) to verify the NATS server's TLS certificate with; TLS is then
+    /// required.
+    #[arg(long, env = "MAYFLY_NATS_CA", value_name = "FILE")]
+    nats_ca: Option<PathBuf>,
+}
+
+impl NatsAuthOpts {
+    fn to(&self, url: &str) -> mayfly_queue::NatsConnect {
+        mayfly_queue::NatsConnect {
+            url: url.to_owned(),
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
+            ca: self.nats_ca.clone(),
+        }
+    }
 }
 
 impl DistOpts {
@@ -396,10 +432,19 @@ impl DistOpts {
         })
     }
 
-    fn nats_url(&self) -> Result<Option<&str>> {
+    /// The NATS server of `--queue`, with its credentials.
+    fn nats(&self) -> Result<Option<mayfly_queue::NatsConnect>> {
         match self.queue.as_deref() {
-            None => Ok(None),
-            Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => Ok(Some(u)),
+            None => {
+                let a = &self.nats_auth;
+                if a.nats_creds.is_some() || a.nats_nkey.is_some() || a.nats_ca.is_some() {
+                    bail!("--nats-creds, --nats-nkey and --nats-ca need --queue nats://…");
+                }
+                Ok(None)
+            }
+            Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => {
+                Ok(Some(self.nats_auth.to(u)))
+            }
             Some(u) => bail!("--queue must be a nats:// URL, not `{u}`"),
         }
     }
@@ -511,8 +556,8 @@ impl CacheOpts {
         ))
     }
 
-    /// Distributed: the JetStream object store bucket `<queue name>-cache`, shared by the
-    /// server's workers wherever they run.
+    /// Distributed: the JetStream object store bucket `<channel prefix>-cache`, shared by
+    /// the server's workers wherever they run.
     async fn nats(
         &self,
         client: async_nats::Client,
@@ -946,10 +991,10 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
     };
     let payloads = match queue.as_deref() {
         Some(url) => {
-            let client = async_nats::connect(url)
-                .await
-                .with_context(|| format!("connecting to NATS at {url}"))?;
-            opts.nats(client, &queue_name).await?
+            let client = mayfly_queue::NatsConnect::url(url).connect().await?;
+            // The bucket of this log's channel.
+            opts.nats(client, &format!("{queue_name}_{}", store.log_id().await?))
+                .await?
         }
         None => opts.local(&db),
     };
@@ -1082,17 +1127,23 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
     let agent = agent_opts.agent(cfg.worker_id.clone(), Some(key.public().clone()))?;
     cfg.agent = Some(agent.clone());
     let mut nats = None;
-    if let Some(url) = dist.nats_url()? {
-        let queue = mayfly_queue::NatsQueue::connect(url, &dist.queue_name, dist.queue_config()?)
-            .await
-            .with_context(|| format!("connecting to the queue at {url}"))?;
-        cfg.queue = Some(Arc::new(queue));
+    if let Some(nc) = dist.nats()? {
+        // The channel of this log: its own stream and subjects, its own message key.
+        let channel = mayfly_runtime::remote::Channel::new(
+            &dist.queue_name,
+            dist.channel_key
+                .load_or_create()?
+                .for_log(&store.log_id().await?),
+        );
+        let queue =
+            mayfly_queue::NatsQueue::connect_to(&nc, &channel.prefix(), dist.queue_config()?)
+                .await
+                .context("connecting to the queue")?;
+        cfg.queue = Some(Arc::new(channel.seal(queue)));
         cfg.workers = 0;
-        let client = async_nats::connect(url)
-            .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
-        cfg.cache = Some(opts.cache.nats(client.clone(), &dist.queue_name).await?);
-        nats = Some(client);
+        let client = nc.connect().await?;
+        cfg.cache = Some(opts.cache.nats(client.clone(), &channel.prefix()).await?);
+        nats = Some((client, channel));
     }
     // The shared cache's retention (a mark from the log, a sweep of the cache).
     let _retention = match (retain, &cfg.cache) {
@@ -1105,9 +1156,18 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
         _ => None,
     };
     let runtime = Runtime::start(store.clone(), cfg)?;
+    let mode = match &nats {
+        Some((_, channel)) => format!(
+            "queue {}, stream {}, log {}",
+            dist.nats()?.map(|n| n.shown()).unwrap_or_default(),
+            channel.prefix(),
+            channel.log_id()
+        ),
+        None => "in-process workers".into(),
+    };
     let _rpc = match nats {
-        Some(client) => {
-            Some(mayfly_runtime::remote::serve(runtime.handle(), client, &dist.queue_name).await?)
+        Some((client, channel)) => {
+            Some(mayfly_runtime::remote::serve(runtime.handle(), client, &channel).await?)
         }
         None => None,
     };
@@ -1149,10 +1209,6 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    let mode = match &dist.queue {
-        Some(q) => format!("queue {q}, stream {}", dist.queue_name),
-        None => "in-process workers".into(),
-    };
     eprintln!(
         "{}",
         mayfly_gateway::banner::ready_line(
@@ -1181,23 +1237,31 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
         agent: agent_opts,
         threads: _,
         drain_timeout,
+        log_id,
     } = w;
     let drain_timeout = *drain_timeout;
     let (slots, python_pool, metrics_listen, id) =
         (*slots, *python_pool, metrics_listen.as_deref(), id.clone());
-    let Some(url) = dist.nats_url()? else {
+    let Some(nc) = dist.nats()? else {
         bail!("a worker needs --queue nats://… (or MAYFLY_QUEUE)");
     };
-    let coord = mayfly_runtime::remote::RemoteCoordinator::connect(
-        url,
+    let url = nc.shown();
+    let channel_key = dist.channel_key.load()?;
+    let client = nc.connect().await?;
+    // Which log's commands: the one the servers of this queue name introduce (waiting for
+    // one to start), or the pinned one.
+    let channel = mayfly_runtime::remote::discover(
+        &client,
         &dist.queue_name,
-        dist.queue_config()?,
+        &channel_key,
+        log_id.as_deref(),
+        std::time::Duration::from_secs(60),
     )
     .await?;
-    let client = async_nats::connect(url)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))?;
-    let payloads = cache.nats(client, &dist.queue_name).await?;
+    let coord =
+        mayfly_runtime::remote::RemoteCoordinator::connect_to(&nc, &channel, dist.queue_config()?)
+            .await?;
+    let payloads = cache.nats(client, &channel.prefix()).await?;
     let mut tools_cfg = RuntimeConfig::default().tools;
     if let Some(n) = python_pool {
         tools_cfg.python_pool = n.max(1);
@@ -1232,8 +1296,9 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
         });
     }
     eprintln!(
-        "mayfly worker {id}: {slots} slots on {url} (stream {})",
-        dist.queue_name
+        "mayfly worker {id}: {slots} slots on {url} (stream {}, log {})",
+        channel.prefix(),
+        channel.log_id()
     );
     let agent = agent_opts.agent(id.clone(), None)?;
     let _agent = tokio::spawn(agent.clone().run(Arc::new(coord.clone())));

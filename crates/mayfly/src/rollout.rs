@@ -42,45 +42,17 @@ impl ControlKeyOpts {
             ControlKey::from_base64(&text)
                 .with_context(|| format!("control key {}", path.display()))
         };
-        let key = if path.exists() {
-            read(&path)?
-        } else {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+        let key = match create_secret_file(&path, || ControlKey::generate().to_base64())? {
+            Some(text) => {
+                let key = ControlKey::from_base64(&text)?;
+                eprintln!(
+                    "created control plane key {} ({})",
+                    path.display(),
+                    key.public().id
+                );
+                key
             }
-            // Written whole under a private name, then linked into place: a server starting
-            // at the same moment either wins the link or reads the complete winner.
-            let key = ControlKey::generate();
-            let tmp = path.with_extension(format!("key.{}", std::process::id()));
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600);
-            }
-            let mut f = opts
-                .open(&tmp)
-                .with_context(|| format!("creating control key {}", tmp.display()))?;
-            std::io::Write::write_all(&mut f, key.to_base64().as_bytes())?;
-            f.sync_all()?;
-            let linked = std::fs::hard_link(&tmp, &path);
-            let _ = std::fs::remove_file(&tmp);
-            match linked {
-                Ok(()) => {
-                    eprintln!(
-                        "created control plane key {} ({})",
-                        path.display(),
-                        key.public().id
-                    );
-                    key
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path)?,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("creating {}", path.display()));
-                }
-            }
+            None => read(&path)?,
         };
         let public = path.with_extension("pub");
         if std::fs::read_to_string(&public).ok().as_deref() != Some(key.public().key.as_str()) {
@@ -90,6 +62,102 @@ impl ControlKeyOpts {
                 .with_context(|| format!("writing {}", public.display()))?;
         }
         Ok(key)
+    }
+}
+
+/// Create `path` (mode 0600) holding `make()` unless it exists: `Some(contents)` when this
+/// call created it, `None` when it was there (or another process created it meanwhile).
+/// Written whole under a private name, then linked into place: a process starting at the
+/// same moment either wins the link or reads the complete winner.
+pub(crate) fn create_secret_file(
+    path: &std::path::Path,
+    make: impl FnOnce() -> String,
+) -> Result<Option<String>> {
+    if path.exists() {
+        return Ok(None);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = make();
+    let tmp = path.with_extension(format!("new.{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    f.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// The command channel's shared key (README "Distributed mode").
+#[derive(Args, Clone, Debug)]
+pub struct ChannelKeyOpts {
+    /// The command channel's key, shared by a deployment's server and workers (default:
+    /// $MAYFLY_HOME/channel.key, created by the first server; MAYFLY_CHANNEL_KEY overrides).
+    #[arg(long)]
+    pub channel_key_file: Option<PathBuf>,
+}
+
+impl ChannelKeyOpts {
+    fn path(&self) -> PathBuf {
+        self.channel_key_file
+            .clone()
+            .unwrap_or_else(|| crate::keychain::mayfly_home().join("channel.key"))
+    }
+
+    fn read(path: &std::path::Path) -> Result<mayfly_trust::channel::ChannelKey> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading channel key {}", path.display()))?;
+        mayfly_trust::channel::ChannelKey::from_base64(&text)
+            .with_context(|| format!("channel key {}", path.display()))
+    }
+
+    /// A server's key: created (0600) when missing.
+    pub fn load_or_create(&self) -> Result<mayfly_trust::channel::ChannelKey> {
+        if let Ok(v) = std::env::var("MAYFLY_CHANNEL_KEY") {
+            return mayfly_trust::channel::ChannelKey::from_base64(&v)
+                .context("MAYFLY_CHANNEL_KEY");
+        }
+        let path = self.path();
+        match create_secret_file(&path, || {
+            mayfly_trust::channel::ChannelKey::generate().to_base64()
+        })? {
+            Some(text) => {
+                let key = mayfly_trust::channel::ChannelKey::from_base64(&text)?;
+                eprintln!(
+                    "created command channel key {} ({}): give your workers a copy",
+                    path.display(),
+                    key.fingerprint()
+                );
+                Ok(key)
+            }
+            None => Self::read(&path),
+        }
+    }
+
+    /// A worker's key: it must be there (a worker never makes one up).
+    pub fn load(&self) -> Result<mayfly_trust::channel::ChannelKey> {
+        if let Ok(v) = std::env::var("MAYFLY_CHANNEL_KEY") {
+            return mayfly_trust::channel::ChannelKey::from_base64(&v)
+                .context("MAYFLY_CHANNEL_KEY");
+        }
+        let path = self.path();
+        Self::read(&path).with_context(|| {
+            "a worker needs its server's command channel key: copy the server's channel.key here, pass --channel-key-file, or set MAYFLY_CHANNEL_KEY"
+        })
     }
 }
 

@@ -145,13 +145,23 @@ impl Running {
     }
 }
 
+/// The JetStream stream of queue `queue` for the log in `schema`: `{queue}_{log id}`.
+async fn stream_of(queue: &str, schema: &str) -> String {
+    use mayfly_store::Store;
+    let store = mayfly_store::PostgresStore::connect_schema(PG, schema)
+        .await
+        .expect("postgres");
+    format!("{queue}_{}", store.log_id().await.expect("log id"))
+}
+
 /// Delete a test's stream, its cache bucket and its schema.
-fn teardown(stream: &str, schema: &str) {
+fn teardown(queue: &str, schema: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(async {
+        let stream = &stream_of(queue, schema).await;
         mayfly_queue::NatsQueue::delete(NATS, stream)
             .await
             .expect("delete stream");
@@ -212,13 +222,15 @@ fn a_worker_killed_mid_step_is_replaced_and_the_step_finishes_exactly_once() {
     r.cleanup();
 }
 
-/// Messages of `stream` not yet acknowledged: waiting plus delivered-but-unacked.
-fn unacked(stream: &str) -> u64 {
+/// Messages of queue `queue` (of the log in `schema`) not yet acknowledged: waiting plus
+/// delivered-but-unacked.
+fn unacked(queue: &str, schema: &str) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(async {
+        let stream = stream_of(queue, schema).await;
         let js = async_nats::jetstream::new(async_nats::connect(NATS).await.expect("nats"));
         let s = js.get_stream(stream).await.expect("stream");
         let mut c: async_nats::jetstream::consumer::PullConsumer =
@@ -269,7 +281,11 @@ fn a_worker_told_to_stop_finishes_its_running_step_then_exits() {
         "a draining worker takes no new block"
     );
     // A's ack reached JetStream before it exited: only the next step's command is left.
-    assert_eq!(unacked(&r.stream), 1, "the `end` command and nothing else");
+    assert_eq!(
+        unacked(&r.stream, &r.schema),
+        1,
+        "the `end` command and nothing else"
+    );
 
     // The next step waits for another worker.
     procs.0.push(worker(&r.stream, "B", "1"));

@@ -338,6 +338,14 @@ async fn one_trace_from_request_to_tool_across_the_queue_and_json_logs() {
     }
 
     drop(worker);
+    // The stream is the queue name scoped by the log's identity.
+    let stream = {
+        use mayfly_store::Store;
+        let store = mayfly_store::PostgresStore::connect_schema(PG, &schema)
+            .await
+            .expect("postgres");
+        format!("{stream}_{}", store.log_id().await.expect("log id"))
+    };
     mayfly_queue::NatsQueue::delete(NATS, &stream)
         .await
         .expect("delete stream");
