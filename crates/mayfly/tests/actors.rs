@@ -102,6 +102,17 @@ impl Env<'_> {
     }
 
     fn provider_of(&self, id: &str, class: &str, labels: &[&str]) -> (ProviderProc, u16) {
+        self.provider_with(id, class, labels, &[])
+    }
+
+    /// Enroll provider `id` and serve it with `extra` flags.
+    fn provider_with(
+        &self,
+        id: &str,
+        class: &str,
+        labels: &[&str],
+        extra: &[&str],
+    ) -> (ProviderProc, u16) {
         let port = free_port();
         let dir = self.home.join(id);
         let o = self.cli(
@@ -118,7 +129,7 @@ impl Env<'_> {
             ],
         );
         assert!(o.status.success(), "enroll: {}", out(&o));
-        (self.serve(id, class, labels), port)
+        (self.serve_with(id, class, labels, extra), port)
     }
 
     /// Start (or restart) the enrolled provider `id`.
@@ -703,22 +714,7 @@ fn a_provider_killed_during_an_actor_start_leaves_no_orphan() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     for (i, mode) in ["on", "off"].into_iter().enumerate() {
         let id = format!("p{i}");
-        let port = free_port();
-        let o = env.cli(
-            &env.admin,
-            &[
-                "provider",
-                "enroll",
-                "--id",
-                &id,
-                "--endpoint",
-                &format!("https://127.0.0.1:{port}"),
-                "--dir",
-                home.join(&id).to_str().expect("dir"),
-            ],
-        );
-        assert!(o.status.success(), "enroll: {}", out(&o));
-        let mut provider = env.serve_with(&id, "process", &[], &["--sandbox", mode]);
+        let (mut provider, port) = env.provider_with(&id, "process", &[], &["--sandbox", mode]);
         let pki = home.join("pki");
         let ca = std::fs::read_to_string(pki.join("ca.crt")).expect("ca");
         let identity = mayfly_pki::Identity::load(&pki, "control").expect("control identity");

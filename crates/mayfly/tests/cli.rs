@@ -161,6 +161,29 @@ fn count(file: &Path, word: &str) -> usize {
         .count()
 }
 
+/// `mayfly run PLAYBOOK --db DB` in the background, once `mark` exists (a step of it has
+/// started), within `limit`.
+fn run_until(pb: &Path, db: &Path, mark: &Path, limit: Duration) -> std::process::Child {
+    let mut run = bin()
+        .arg("run")
+        .arg(pb)
+        .arg("--db")
+        .arg(db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    let t = Instant::now();
+    while !mark.exists() {
+        assert!(t.elapsed() < limit, "{} never appeared", mark.display());
+        if let Some(st) = run.try_wait().expect("try_wait") {
+            panic!("the run exited early with {st}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run
+}
+
 #[test]
 fn kill_dash_nine_then_resume_completes_without_rerunning_recorded_steps() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -201,28 +224,8 @@ workflow:
         ),
     )
     .expect("write");
-    let mut child = bin()
-        .arg("run")
-        .arg(&pb)
-        .arg("--db")
-        .arg(&db)
-        .arg("--json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
     // Wait until the slow step is running (it created its flag), then SIGKILL.
-    let t = Instant::now();
-    while !flag.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "slow step never started"
-        );
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            panic!("run exited early with {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = run_until(&pb, &db, &flag, Duration::from_secs(60));
     child.kill().expect("kill -9");
     let status = child.wait().expect("wait");
     assert!(!status.success());
@@ -379,23 +382,12 @@ fn a_crash_inside_a_child_playbook_resumes_through_the_child_or_the_parent() {
         ),
     )
     .expect("write");
-    let mut child = bin()
-        .arg("run")
-        .arg(dir.path().join("parent.yaml"))
-        .arg("--db")
-        .arg(&db)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let t = Instant::now();
-    while !flag.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "child step never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = run_until(
+        &dir.path().join("parent.yaml"),
+        &db,
+        &flag,
+        Duration::from_secs(60),
+    );
     child.kill().expect("kill -9");
     child.wait().expect("wait");
     let o = bin()
@@ -1581,23 +1573,12 @@ fn a_killed_run_takes_its_interpreters_and_commands_with_it() {
             format!("apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: pdeath}}\nworkflow:\n  - step: start\n    tool: {tool}\n"),
         )
         .expect("write");
-        let mut run = bin()
-            .arg("run")
-            .arg(&pb)
-            .arg("--db")
-            .arg(dir.path().join("m.db"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run");
-        let t = std::time::Instant::now();
-        while !started.exists() {
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(30),
-                "{kind}: the step never started"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let mut run = run_until(
+            &pb,
+            &dir.path().join("m.db"),
+            &started,
+            Duration::from_secs(30),
+        );
         run.kill().expect("SIGKILL");
         run.wait().expect("reaped");
         std::thread::sleep(std::time::Duration::from_secs(4));
@@ -1652,23 +1633,7 @@ fn crash_trials_repeat_at_most_the_block_in_flight() {
         )
         .expect("write");
         let db = dir.path().join("t.db");
-        let mut run = bin()
-            .arg("run")
-            .arg(&pb)
-            .arg("--db")
-            .arg(&db)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run");
-        let t = Instant::now();
-        while !marks.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the chain never started"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut run = run_until(&pb, &db, &marks, Duration::from_secs(30));
         // Spread the kills over the whole chain (~6 × 150 ms), a different point per trial.
         std::thread::sleep(Duration::from_millis(trial * 997 % 900));
         run.kill().expect("SIGKILL");
@@ -1770,6 +1735,67 @@ fn a_tenant_author_cannot_reach_the_servers_files_or_ports() {
     let text = format!("{}{}", out(&o), err(&o));
     assert!(!o.status.success(), "{text}");
     assert!(text.contains("egress_denied"), "{text}");
+    // Python, the same author: the server's process is not in its PID namespace, and the
+    // host's Postgres, NATS and the gateway are not on its loopback.
+    let pyprobe = dir.path().join("pyprobe.yaml");
+    std::fs::write(
+        &pyprobe,
+        format!(
+            r#"apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {{name: pyprobe, path: t/pyprobe}}
+workflow:
+  - step: start
+    tool:
+      kind: python
+      code: |
+        import os, socket
+        def connect(port):
+            s = socket.socket()
+            s.settimeout(1)
+            try:
+                s.connect(("127.0.0.1", port))
+                return "connected"
+            except Exception as e:
+                return type(e).__name__
+            finally:
+                s.close()
+        def environ(pid):
+            try:
+                open("/proc/%d/environ" % pid, "rb").read()
+                return "read"
+            except Exception as e:
+                return type(e).__name__
+        result = {{"verdict": "probe-{{}}-{{}}-{{}}-{{}}-{{}}".format(
+            environ({pid}), connect(5432), connect(4222), connect({port}),
+            len([p for p in os.listdir("/proc") if p.isdigit()]) < 10)}}
+"#,
+            pid = server.0.id(),
+        ),
+    )
+    .expect("write");
+    let o = author(&["register", pyprobe.to_str().expect("path")]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = author(&["exec", "start", "t/pyprobe", "--watch"]);
+    let text = format!("{}{}", out(&o), err(&o));
+    assert!(o.status.success(), "{text}");
+    let verdict = text
+        .split("probe-")
+        .nth(1)
+        .and_then(|v| v.split('"').next())
+        .unwrap_or_else(|| panic!("no verdict: {text}"));
+    let parts: Vec<&str> = verdict.split('-').collect();
+    assert_eq!(
+        parts[0], "FileNotFoundError",
+        "the server's environ: {verdict}"
+    );
+    for (what, r) in ["postgres", "nats", "gateway"].iter().zip(&parts[1..4]) {
+        assert_ne!(
+            *r, "connected",
+            "{what} reachable from tenant python: {verdict}"
+        );
+    }
+    assert_eq!(parts[4], "True", "host processes visible: {verdict}");
     server.kill().expect("stop");
     server.wait().expect("wait");
 }
