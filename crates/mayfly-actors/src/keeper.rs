@@ -4,16 +4,18 @@
 //! of its own, where nothing outside can reach that port and it can reach nothing. The
 //! keeper is the one way in and the actor-side end of the lease:
 //!
-//! * it listens on a Unix socket in a directory bound from the provider and relays each
-//!   connection to `127.0.0.1:$PORT` inside the namespace — the provider (which checks the
-//!   epoch of every request) is the only ingress;
+//! * it accepts on the provider's Unix socket, inherited as a descriptor (the socket's
+//!   directory is not in the sandbox, so the actor can neither swap it nor reach it), and
+//!   relays each connection to `127.0.0.1:$PORT` inside the namespace — the provider (which
+//!   checks the epoch of every request) is the only ingress;
 //! * it reads the provider's lease (`until` in a directory the provider rewrites on every
 //!   renewed heartbeat, bound read-only) and ends the sandbox once the lease has run out: an
 //!   actor whose provider froze stops serving before the control plane gives its epoch to
 //!   another worker. A provider that dies takes the sandbox with it (`--die-with-parent`);
 //! * when the actor exits, the keeper exits with its status, and the PID namespace ends.
 //!
-//! std only and single-purpose, so it starts in a millisecond inside the sandbox.
+//! Small and single-purpose (std and one `fcntl`), so it starts in a millisecond inside the
+//! sandbox.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -26,10 +28,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const LEASE_EXPIRED: i32 = 75;
 
 /// What the keeper is told on its command line:
-/// `--listen SOCK --port N [--lease FILE] -- COMMAND ARGS…`.
+/// `--listen-fd N --port N [--lease FILE] -- COMMAND ARGS…`.
 #[derive(Debug, PartialEq)]
 pub struct Args {
-    pub listen: PathBuf,
+    /// The inherited listening Unix socket.
+    pub listen_fd: i32,
     pub port: u16,
     pub lease: Option<PathBuf>,
     pub command: Vec<OsString>,
@@ -48,7 +51,16 @@ impl Args {
             }
             let value = it.next().ok_or_else(|| format!("`{flag}` needs a value"))?;
             match flag.as_str() {
-                "--listen" => listen = Some(PathBuf::from(value)),
+                "--listen-fd" => {
+                    listen = Some(
+                        value
+                            .to_string_lossy()
+                            .parse::<i32>()
+                            .ok()
+                            .filter(|fd| *fd > 2)
+                            .ok_or("--listen-fd: a descriptor number above 2")?,
+                    )
+                }
                 "--port" => {
                     port = Some(
                         value
@@ -66,7 +78,7 @@ impl Args {
             return Err("nothing to run after `--`".into());
         }
         Ok(Args {
-            listen: listen.ok_or("missing --listen")?,
+            listen_fd: listen.ok_or("missing --listen-fd")?,
             port: port.ok_or("missing --port")?,
             lease,
             command,
@@ -87,16 +99,19 @@ pub fn main(args: impl Iterator<Item = OsString>) -> i32 {
         eprintln!("mayfly actor keeper: the provider's lease has run out; not starting");
         return LEASE_EXPIRED;
     }
-    let _ = std::fs::remove_file(&args.listen);
-    let listener = match UnixListener::bind(&args.listen) {
-        Ok(l) => l,
-        Err(e) => {
+    // SAFETY: the provider hands this descriptor over for the keeper alone; nothing else in
+    // this process owns it. It is kept from the actor (close-on-exec).
+    let listener = unsafe {
+        use std::os::fd::FromRawFd;
+        if libc::fcntl(args.listen_fd, libc::F_SETFD, libc::FD_CLOEXEC) != 0 {
             eprintln!(
-                "mayfly actor keeper: listen on {}: {e}",
-                args.listen.display()
+                "mayfly actor keeper: descriptor {} is not open: {}",
+                args.listen_fd,
+                std::io::Error::last_os_error()
             );
             return 1;
         }
+        UnixListener::from_raw_fd(args.listen_fd)
     };
     let mut child = match Command::new(&args.command[0])
         .args(&args.command[1..])
@@ -112,12 +127,35 @@ pub fn main(args: impl Iterator<Item = OsString>) -> i32 {
         }
     };
     let port = args.port;
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || relay(conn, port));
+    // Ingress lost (the accept loop ended) ends the keeper too: an actor nobody can reach
+    // must not look alive.
+    let deaf = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = deaf.clone();
+    let accept = std::thread::Builder::new().spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                // A connection the keeper has no thread for is dropped (the provider sees
+                // the actor unreachable for that request), not a reason to stop listening.
+                Ok(conn) => {
+                    let _ = std::thread::Builder::new().spawn(move || relay(conn, port));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("mayfly actor keeper: accept: {e}");
+                    break;
+                }
+            }
         }
+        flag.store(true, std::sync::atomic::Ordering::Release);
     });
+    if let Err(e) = accept {
+        eprintln!("mayfly actor keeper: no accept thread: {e}");
+        return stop(&mut child, 1);
+    }
     loop {
+        if deaf.load(std::sync::atomic::Ordering::Acquire) {
+            return stop(&mut child, 1);
+        }
         match child.try_wait() {
             Ok(Some(status)) => {
                 use std::os::unix::process::ExitStatusExt;
@@ -169,10 +207,12 @@ fn relay(mut outer: UnixStream, port: u16) {
     let (Ok(mut outer2), Ok(mut inner2)) = (outer.try_clone(), inner.try_clone()) else {
         return;
     };
-    let up = std::thread::spawn(move || {
+    let Ok(up) = std::thread::Builder::new().spawn(move || {
         let _ = copy(&mut outer2, &mut inner2);
         let _ = inner2.shutdown(std::net::Shutdown::Write);
-    });
+    }) else {
+        return;
+    };
     let _ = copy(&mut inner, &mut outer);
     let _ = outer.shutdown(std::net::Shutdown::Write);
     let _ = up.join();
@@ -200,17 +240,27 @@ mod tests {
     #[test]
     fn arguments_are_strict() {
         let a = parse(&[
-            "--listen", "/s", "--port", "8080", "--lease", "/l", "--", "python3", "-c", "x",
+            "--listen-fd",
+            "3",
+            "--port",
+            "8080",
+            "--lease",
+            "/l",
+            "--",
+            "python3",
+            "-c",
+            "x",
         ])
         .unwrap();
-        assert_eq!(a.port, 8080);
+        assert_eq!((a.listen_fd, a.port), (3, 8080));
         assert_eq!(a.lease, Some(PathBuf::from("/l")));
         assert_eq!(a.command.len(), 3);
-        assert!(parse(&["--listen", "/s", "--port", "8080", "--"]).is_err());
-        assert!(parse(&["--listen", "/s", "--", "x"]).is_err());
-        assert!(parse(&["--listen", "/s", "--port", "x", "--", "x"]).is_err());
+        assert!(parse(&["--listen-fd", "3", "--port", "8080", "--"]).is_err());
+        assert!(parse(&["--listen-fd", "3", "--", "x"]).is_err());
+        assert!(parse(&["--listen-fd", "1", "--port", "1", "--", "x"]).is_err());
+        assert!(parse(&["--listen-fd", "3", "--port", "x", "--", "x"]).is_err());
         assert!(
-            parse(&["--listen", "/s", "--port", "1", "--bogus", "1", "--", "x"])
+            parse(&["--listen-fd", "3", "--port", "1", "--bogus", "1", "--", "x"])
                 .unwrap_err()
                 .contains("--bogus")
         );

@@ -435,24 +435,27 @@ impl Provider {
                 let format = self.sandbox.format(scope).ok_or_else(|| {
                     Refusal::new(RefusalCode::UnsupportedScope, format!("{scope:?}"))
                 })?;
+                let mut drained = None;
                 if teardown {
                     // The route goes first: no request reaches an actor being torn down;
                     // those already being served are answered first.
                     let gone = self.running.write().await.remove(&k);
-                    if let Some(r) = gone
-                        && tokio::time::timeout(DRAIN_WAIT, r.drain.write())
-                            .await
-                            .is_err()
-                    {
-                        tracing::warn!(
-                            actor = %req.actor,
-                            "requests still in flight after {DRAIN_WAIT:?}: torn down anyway"
-                        );
+                    if let Some(r) = gone {
+                        match tokio::time::timeout(DRAIN_WAIT, r.drain.clone().write_owned()).await
+                        {
+                            // Held until the actor is stopped: nothing is served meanwhile.
+                            Ok(g) => drained = Some(g),
+                            Err(_) => tracing::warn!(
+                                actor = %req.actor,
+                                "requests still in flight after {DRAIN_WAIT:?}: torn down anyway"
+                            ),
+                        }
                     }
                 }
                 let captured = instance.capture(scope, teardown).await;
                 if teardown {
                     instance.stop().await;
+                    drop(drained);
                     self.bind(&req.actor, &req.tenant, epoch).await?;
                 }
                 let streams = captured?;
@@ -648,7 +651,7 @@ impl Provider {
         req: DataRequest,
     ) -> Result<DataResponse, Refusal> {
         self.check_lease()?;
-        let (instance, drain) = {
+        let (instance, _serving) = {
             let running = self.running.read().await;
             let r = running.get(&akey(tenant, actor)).ok_or_else(|| {
                 Refusal::new(
@@ -662,9 +665,13 @@ impl Provider {
                     format!("request epoch {epoch}, actor epoch {}", r.epoch),
                 ));
             }
-            (r.instance.clone(), r.drain.clone())
+            // Taken while the route is still there: a teardown (which removes the route
+            // first, then waits for these) cannot slip in between.
+            let serving = r.drain.clone().try_read_owned().map_err(|_| {
+                Refusal::new(RefusalCode::UnknownActor, "the actor is being torn down")
+            })?;
+            (r.instance.clone(), serving)
         };
-        let _serving = drain.read_owned().await;
         instance.handle(req).await
     }
 

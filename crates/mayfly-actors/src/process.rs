@@ -11,7 +11,9 @@
 //!   no capabilities, rlimits, and (run by root) the tenant's own uid. It sees nothing of the
 //!   provider (key, journal, snapshot store), of other actors or of the host's processes,
 //!   and has no network: the [`crate::keeper`] relays the provider's requests from a Unix
-//!   socket to `$PORT` and ends the sandbox when the provider's lease runs out.
+//!   socket the provider listens on (in a directory the sandbox never sees; the keeper
+//!   inherits the listening descriptor) to `$PORT`, and ends the sandbox when the provider's
+//!   lease runs out.
 //! * Uncontained (`--sandbox off`, development only): a plain child process in the run dir's
 //!   sibling `work`, on a loopback port.
 //! * Data scope = the durable dirs as one tar stream, zstd-compressed. Full scope (process
@@ -48,6 +50,9 @@ pub fn data_format() -> Format {
 /// Where the keeper's binary is inside a sandbox (its host path may be under `/work` or
 /// `/tmp`, which every sandbox has private).
 pub const KEEPER_INSIDE: &str = "/run/mayfly-keeper";
+
+/// The descriptor the keeper finds the provider's listening socket on.
+const KEEPER_FD: i32 = 3;
 
 /// The port an actor serves on inside its own network namespace.
 const CONTAINED_PORT: u16 = 8080;
@@ -214,9 +219,13 @@ impl Sandbox for ProcessSandbox {
         let (w, r, k) = (work.clone(), run.clone(), sock.clone());
         tokio::task::spawn_blocking(move || {
             prepare(&w, &r, &dirs, data, &identity, &secrets)?;
+            // The provider's alone (the sandbox never sees it): nobody but the provider
+            // connects to an actor, and no actor can swap the socket for another.
             recreate(&k)?;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| failed(format!("socket dir: {e}")))?;
             match owner {
-                Some(uid) => give(&[&w, &r, &k], uid),
+                Some(uid) => give(&[&w, &r], uid),
                 None => Ok(()),
             }
         })
@@ -226,6 +235,8 @@ impl Sandbox for ProcessSandbox {
         let nonce = uuid::Uuid::now_v7().simple().to_string();
         let log = std::fs::File::create(dir.join("log")).map_err(|e| failed(e.to_string()))?;
         let log2 = log.try_clone().map_err(|e| failed(e.to_string()))?;
+        // The contained actor's listening socket, held until the keeper has it.
+        let mut listening = None;
         let (std_cmd, ingress) = match &self.contain {
             Some(c) => {
                 let mut profile =
@@ -248,11 +259,6 @@ impl Sandbox for ProcessSandbox {
                         writable: false,
                     },
                     Bind {
-                        host: sock.clone(),
-                        inside: "/run/mayfly-sock".into(),
-                        writable: true,
-                    },
-                    Bind {
                         host: self.root.join("lease"),
                         inside: "/run/mayfly-lease".into(),
                         writable: false,
@@ -267,8 +273,8 @@ impl Sandbox for ProcessSandbox {
                 argv.extend(c.keeper_args.iter().cloned());
                 argv.extend(
                     [
-                        "--listen",
-                        "/run/mayfly-sock/http.sock",
+                        "--listen-fd",
+                        &KEEPER_FD.to_string(),
                         "--port",
                         &CONTAINED_PORT.to_string(),
                         "--lease",
@@ -293,7 +299,7 @@ impl Sandbox for ProcessSandbox {
                     ]
                     .map(|(k, v)| (k.to_owned(), v)),
                 );
-                let cmd = c
+                let mut cmd = c
                     .sandbox
                     .command_with(&profile, &argv, &envs, &binds)
                     .map_err(|e| failed(e.to_string()))?;
@@ -301,6 +307,27 @@ impl Sandbox for ProcessSandbox {
                 // descriptor of its directory names it in a few.
                 let dir_fd = std::fs::File::open(&sock).map_err(|e| failed(e.to_string()))?;
                 let via = format!("/proc/self/fd/{}/http.sock", dir_fd.as_raw_fd());
+                // The provider listens; the keeper inherits the listening socket as
+                // KEEPER_FD. Moved high first, clear of the descriptors the sandbox's own
+                // setup places (stdio, the seccomp programs at 10 and up).
+                let listener = std::os::unix::net::UnixListener::bind(&via)
+                    .map_err(|e| failed(format!("actor socket: {e}")))?;
+                let high = rustix::io::fcntl_dupfd_cloexec(&listener, 100)
+                    .map_err(|e| failed(format!("actor socket: {e}")))?;
+                let raw = high.as_raw_fd();
+                {
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            if libc::dup2(raw, KEEPER_FD) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                }
+                listening = Some((listener, high));
                 let http = reqwest::Client::builder()
                     .unix_socket(via.as_str())
                     .pool_idle_timeout(Duration::from_secs(30))
@@ -354,6 +381,7 @@ impl Sandbox for ProcessSandbox {
         let mut child = cmd
             .spawn()
             .map_err(|e| failed(format!("spawn `{command}`: {e}")))?;
+        drop(listening);
         let pid = child.id().map(i64::from);
         let pgid_file = dir.join("pgid");
         if let Some(p) = pid {
@@ -418,9 +446,15 @@ impl Sandbox for ProcessSandbox {
 
 /// The last kilobyte of an actor's log, for a failed start's message.
 fn tail(log: &Path) -> String {
-    let bytes = std::fs::read(log).unwrap_or_default();
-    let from = bytes.len().saturating_sub(1024);
-    let text = String::from_utf8_lossy(&bytes[from..]);
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        let _ = f
+            .seek(SeekFrom::End(-1024))
+            .or_else(|_| f.seek(SeekFrom::Start(0)));
+        let _ = f.take(1024).read_to_end(&mut bytes);
+    }
+    let text = String::from_utf8_lossy(&bytes);
     match text.trim() {
         "" => "(nothing)".to_owned(),
         t => t.to_owned(),
@@ -659,67 +693,163 @@ impl Instance for ProcessInstance {
 
 /// The durable dirs as a tar stream (paths relative to the work dir), zstd level 3.
 /// Deterministic for identical trees: entries sorted, times and owners zeroed.
+///
+/// A live capture reads while the actor runs, so every name is opened relative to its
+/// directory's descriptor without following links (`openat`, `O_NOFOLLOW`), and each file
+/// is read from the descriptor it was checked on: an actor that swaps a file or a
+/// directory for a link (to a provider key, say) mid-capture gets an error, never the
+/// link's target. Anything but regular files and directories is left out.
 fn pack(work: &Path, dirs: &[String]) -> Result<Vec<u8>, Refusal> {
     let io = |e: std::io::Error| failed(format!("pack durable dirs: {e}"));
-    let mut files = Vec::new();
+    let root = open_dir(None, work.as_os_str()).map_err(|e| io(e.into()))?;
+    let mut entries = Vec::new();
     for d in dirs {
-        // A durable dir (or any directory on its way) that is a symlink could point the
-        // capture at the run dir (secrets) or anywhere on the host: refused.
-        let mut at = work.to_path_buf();
+        let mut at = root.try_clone().map_err(io)?;
+        let mut missing = false;
         for part in d.split('/') {
-            at.push(part);
-            if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
-                return Err(failed(format!(
-                    "durable dir `{d}` goes through a symlink; it is not captured"
-                )));
+            match open_dir(Some(&at), std::ffi::OsStr::new(part)) {
+                Ok(next) => at = next,
+                Err(rustix::io::Errno::NOENT) => {
+                    missing = true;
+                    break;
+                }
+                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                    return Err(failed(format!(
+                        "durable dir `{d}` goes through a symlink; it is not captured"
+                    )));
+                }
+                Err(e) => return Err(io(e.into())),
             }
         }
-        walk(work, &work.join(d), &mut files).map_err(io)?;
+        if !missing {
+            collect(at, d.clone(), &mut entries).map_err(io)?;
+        }
     }
-    files.sort();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
     let enc = zstd::stream::write::Encoder::new(Vec::new(), 3).map_err(io)?;
     let mut ar = tar::Builder::new(enc);
-    for (rel, path, is_dir) in files {
+    for (rel, bytes) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
-        if is_dir {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            ar.append_data(&mut h, &rel, std::io::empty()).map_err(io)?;
-        } else {
-            let bytes = std::fs::read(&path).map_err(io)?;
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o644);
-            h.set_size(bytes.len() as u64);
-            ar.append_data(&mut h, &rel, &bytes[..]).map_err(io)?;
+        match bytes {
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                ar.append_data(&mut h, &rel, std::io::empty()).map_err(io)?;
+            }
+            Some(bytes) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(bytes.len() as u64);
+                ar.append_data(&mut h, &rel, &bytes[..]).map_err(io)?;
+            }
         }
     }
     ar.into_inner().map_err(io)?.finish().map_err(io)
 }
 
-/// Regular files and dirs under `dir` (symlinks and specials are not durable data).
-fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf, bool)>) -> std::io::Result<()> {
-    if !dir.exists() {
-        return Ok(());
+/// A directory, opened without following a link (relative to `at` when given).
+fn open_dir(
+    at: Option<&std::os::fd::OwnedFd>,
+    name: &std::ffi::OsStr,
+) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match at {
+        Some(dir) => rustix::fs::openat(dir, name, flags, Mode::empty()),
+        None => rustix::fs::openat(CWD, name, flags, Mode::empty()),
     }
-    let rel = |p: &Path| {
-        p.strip_prefix(base)
-            .map(|r| r.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    out.push((rel(dir), dir.to_path_buf(), true));
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let ft = e.file_type()?;
-        let p = e.path();
-        if ft.is_dir() {
-            walk(base, &p, out)?;
-        } else if ft.is_file() {
-            out.push((rel(&p), p, false));
+}
+
+/// `dir` (named `rel`) and everything under it: (relative path, None for a directory or the
+/// bytes of a regular file).
+fn collect(
+    dir: std::os::fd::OwnedFd,
+    rel: String,
+    out: &mut Vec<(String, Option<Vec<u8>>)>,
+) -> std::io::Result<()> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::os::unix::ffi::OsStrExt;
+    out.push((rel.clone(), None));
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    for name in names {
+        let name = std::ffi::OsStr::from_bytes(&name);
+        let child = format!("{rel}/{}", name.to_string_lossy());
+        // Opened as a non-blocking, link-refusing descriptor first; what it *is* comes from
+        // that descriptor, not from the name (which the actor may have swapped meanwhile).
+        let fd = match rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            // A link (ELOOP), a socket (ENXIO) or something gone meanwhile: not durable data.
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NXIO | rustix::io::Errno::NOENT) => {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) {
+            FileType::Directory => collect(fd, child, out)?,
+            FileType::RegularFile => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)?;
+                out.push((child, Some(bytes)));
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a capture takes: regular files and directories, read through descriptors opened
+    /// without following links — never a link's target, never a FIFO (which would block),
+    /// never a socket; a durable dir that is itself a link is refused.
+    #[test]
+    fn a_capture_takes_files_and_dirs_never_what_links_point_at() {
+        let d = tempfile::tempdir().unwrap();
+        let work = d.path().join("work");
+        let data = work.join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        std::fs::write(data.join("a"), "A").unwrap();
+        std::fs::write(data.join("sub/b"), "B").unwrap();
+        let secret = d.path().join("provider.key");
+        std::fs::write(&secret, "PROVIDER-SECRET").unwrap();
+        std::os::unix::fs::symlink(&secret, data.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.path(), data.join("dirlink")).unwrap();
+        let fifo = std::ffi::CString::new(data.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let _sock = std::os::unix::net::UnixListener::bind(data.join("sock")).unwrap();
+        let packed = pack(&work, &["data".into()]).unwrap();
+        let tar = zstd::decode_all(&packed[..]).unwrap();
+        let mut ar = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["data", "data/a", "data/sub", "data/sub/b"]);
+        assert!(!tar.windows(15).any(|w| w == b"PROVIDER-SECRET"));
+        std::os::unix::fs::symlink(d.path(), work.join("evil")).unwrap();
+        let e = pack(&work, &["evil".into()]).unwrap_err();
+        assert!(e.message.contains("symlink"), "{e}");
+        let e = pack(&work, &["data/dirlink/work".into()]).unwrap_err();
+        assert!(e.message.contains("symlink"), "{e}");
+    }
 }

@@ -474,6 +474,12 @@ async fn a_contained_actor_sees_only_its_own_dirs_and_reaches_nothing() {
     }
     assert_eq!(v["snapshots"], "FileNotFoundError", "{v}");
     assert_eq!(v["root"], "FileNotFoundError", "{v}");
+    // Its socket is the provider's: not in the sandbox, so it cannot be swapped.
+    assert_eq!(
+        v["run"],
+        serde_json::json!(["mayfly", "mayfly-keeper", "mayfly-lease"]),
+        "{v}"
+    );
     assert_eq!(v["own_secret"], "PLANTED-SECRET-7f3a9", "{v}");
     assert_eq!(
         v["write_run"], "OSError",
@@ -591,6 +597,7 @@ def probe():
         "other_secret": read(P["other_secret"]),
         "snapshots": ls(P["snapshots"]) if isinstance(ls(P["snapshots"]), str) else "listed",
         "root": ls(P["root"]) if isinstance(ls(P["root"]), str) else "listed",
+        "run": sorted(os.listdir("/run")),
         "own_secret": open(os.path.join(run, "secrets", "token")).read(),
         "write_run": write(os.path.join(run, "secrets", "token")),
         "work": sorted(os.listdir("/work")),

@@ -1248,16 +1248,28 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
     let url = nc.shown();
     let channel_key = dist.channel_key.load()?;
     let client = nc.connect().await?;
-    // Which log's commands: the one the servers of this queue name introduce (waiting for
-    // one to start), or the pinned one.
-    let channel = mayfly_runtime::remote::discover(
-        &client,
-        &dist.queue_name,
-        &channel_key,
-        log_id.as_deref(),
-        std::time::Duration::from_secs(60),
-    )
-    .await?;
+    // Which log's commands: the pinned one (its messages authenticate themselves; no
+    // server needs to be up yet), or the one the servers of this queue name introduce
+    // (waiting up to a minute for one).
+    let channel = match log_id.as_deref() {
+        Some(id) if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            mayfly_runtime::remote::Channel::new(
+                &dist.queue_name,
+                channel_key.for_log(&id.to_ascii_lowercase()),
+            )
+        }
+        Some(id) => bail!("--log-id `{id}` is not a log id (32 hex digits)"),
+        None => {
+            mayfly_runtime::remote::discover(
+                &client,
+                &dist.queue_name,
+                &channel_key,
+                None,
+                std::time::Duration::from_secs(60),
+            )
+            .await?
+        }
+    };
     let coord =
         mayfly_runtime::remote::RemoteCoordinator::connect_to(&nc, &channel, dist.queue_config()?)
             .await?;
