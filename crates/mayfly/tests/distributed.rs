@@ -326,10 +326,20 @@ fn spawn_server_in(
     cwd: Option<&std::path::Path>,
     args: &[&str],
 ) -> (Child, String, Option<String>) {
+    spawn_server_with(cwd, &[], args)
+}
+
+/// [`spawn_server_in`] with environment variables `envs`.
+fn spawn_server_with(
+    cwd: Option<&std::path::Path>,
+    envs: &[(&str, &str)],
+    args: &[&str],
+) -> (Child, String, Option<String>) {
     let mut cmd = bin();
     if let Some(d) = cwd {
         cmd.current_dir(d);
     }
+    cmd.envs(envs.iter().copied());
     let mut server = cmd
         .args(["server", "--listen", "127.0.0.1:0"])
         .args(args)
@@ -615,4 +625,95 @@ fn a_remote_worker_starts_a_pipeline_child_through_the_server() {
     );
     drop(procs);
     teardown(&stream, &schema);
+}
+
+/// A worker pinned to its log (`--log-id`) needs no server to start: started first, it waits,
+/// then runs the work once the server is up. A malformed id is refused at once.
+#[test]
+fn a_worker_pinned_to_its_log_starts_before_the_server() {
+    if !(mayfly_testkit::postgres() && mayfly_testkit::nats()) {
+        return;
+    }
+    let schema = unique("mayfly_pin");
+    let queue = unique("MAYFLY_PIN");
+    let db = format!("{PG}?schema={schema}");
+    // The log (and its identity) exists before any server runs.
+    let log = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt")
+        .block_on(async {
+            use mayfly_store::Store;
+            mayfly_store::PostgresStore::connect_schema(PG, &schema)
+                .await
+                .expect("postgres")
+                .log_id()
+                .await
+                .expect("log id")
+        });
+    let key = mayfly_trust::channel::ChannelKey::generate().to_base64();
+    let worker_cmd = |log: &str| {
+        let mut c = bin();
+        c.args(["worker", "--queue", NATS, "--queue-name", &queue])
+            .args(["--log-id", log, "--lease", "2", "--slots", "2"])
+            .args(["--python-pool", "1", "--id", "P"])
+            .env("MAYFLY_CHANNEL_KEY", &key);
+        c
+    };
+    let o = worker_cmd("not-a-log").output().expect("worker");
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && text.contains("is not a log id"),
+        "{text}"
+    );
+    let mut procs = Procs(Vec::new());
+    procs.0.push(
+        worker_cmd(&log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        procs.0[0].try_wait().expect("try_wait").is_none(),
+        "the pinned worker waits for its server"
+    );
+    let (server, url, token) = spawn_server_with(
+        None,
+        &[("MAYFLY_CHANNEL_KEY", &key)],
+        &[
+            "--db",
+            &db,
+            "--queue",
+            NATS,
+            "--queue-name",
+            &queue,
+            "--lease",
+            "2",
+        ],
+    );
+    procs.0.push(server);
+    let token = token.expect("admin token");
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("pin.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: pin, path: tests/pin}\nworkflow:\n  - step: start\n    tool: {kind: python, code: \"result = 7\"}\n",
+    )
+    .expect("write");
+    remote(&url, &token, &["register", file.to_str().expect("path")]);
+    let id = remote(&url, &token, &["exec", "start", "tests/pin"]);
+    wait_for("the execution to complete", Duration::from_secs(60), || {
+        status(&url, &token, &id)["status"] == "completed"
+    });
+    let evs = events(&db, &id);
+    let claims = of(&evs, "command.claimed", "start");
+    assert!(
+        claims.iter().all(|e| e["payload"]["worker"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("P/"))),
+        "{claims:?}"
+    );
+    drop(procs);
+    teardown(&queue, &schema);
 }
