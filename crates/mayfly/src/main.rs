@@ -385,8 +385,8 @@ struct DistOpts {
 }
 
 /// Credentials for NATS beyond those in the URL (`nats://user:password@…`, `nats://token@…`).
-#[derive(Args, Clone, Default)]
-struct NatsAuthOpts {
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct NatsAuthOpts {
     /// A NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
     #[arg(long, env = "MAYFLY_NATS_CREDS", value_name = "FILE")]
     nats_creds: Option<PathBuf>,
@@ -983,7 +983,15 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
         json,
         queue,
         queue_name,
+        nats_auth,
     } = cmd;
+    if queue.is_none()
+        && (nats_auth.nats_creds.is_some()
+            || nats_auth.nats_nkey.is_some()
+            || nats_auth.nats_ca.is_some())
+    {
+        bail!("--nats-creds, --nats-nkey and --nats-ca need --queue nats://…");
+    }
     // Must exist: an empty log marks nothing, and the sweep would take every payload.
     let (store, _) = open_db(&db, true, false).await?;
     let opts = CacheOpts {
@@ -991,7 +999,7 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
     };
     let payloads = match queue.as_deref() {
         Some(url) => {
-            let client = mayfly_queue::NatsConnect::url(url).connect().await?;
+            let client = nats_auth.to(url).connect().await?;
             // The bucket of this log's channel.
             opts.nats(client, &format!("{queue_name}_{}", store.log_id().await?))
                 .await?

@@ -76,9 +76,11 @@ pub enum CacheCmd {
         /// Distributed mode: the NATS server holding the cache bucket.
         #[arg(long, env = "MAYFLY_QUEUE")]
         queue: Option<String>,
-        /// The server's `--queue-name` (its bucket is `<name>-cache`).
+        /// The server's `--queue-name` (its bucket is `<name>_<log id>-cache`).
         #[arg(long, default_value = "mayfly")]
         queue_name: String,
+        #[command(flatten)]
+        nats_auth: crate::NatsAuthOpts,
     },
 }
 

@@ -1298,6 +1298,17 @@ fn cache_gc_collects_the_payloads_of_ended_executions() {
         .expect("gc");
     assert!(!o.status.success());
     assert!(!dir.path().join("typo.db").exists());
+    // NATS credentials without a NATS server to use them on: refused, not ignored.
+    let o = bin()
+        .args(["cache", "gc", "--nats-ca", "/nowhere.pem", "--db"])
+        .arg(&db)
+        .output()
+        .expect("gc");
+    assert!(
+        !o.status.success() && err(&o).contains("need --queue"),
+        "{}",
+        err(&o)
+    );
     let v = gc(&["--keep", "1h", "--grace", "0s"]);
     assert_eq!(v["report"]["deleted"], 0, "{v}");
     assert_eq!(v["report"]["referenced"], stored, "{v}");
