@@ -432,7 +432,8 @@ pub async fn discover(
     }
 }
 
-fn is_log_id(s: &str) -> bool {
+/// Whether `s` is a log id (32 hex digits).
+pub fn is_log_id(s: &str) -> bool {
     s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

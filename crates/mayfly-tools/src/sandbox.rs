@@ -242,19 +242,9 @@ impl Sandbox {
             c.arg("--symlink").arg(target).arg(link);
         }
         for p in &self.ro {
-            // Parents bwrap would otherwise create unreadable for the tenant's uid.
-            let mut parents: Vec<&Path> = p.ancestors().skip(1).collect();
-            parents.reverse();
-            for a in parents {
-                if a == Path::new("/")
-                    || made.iter().any(|m| m == a)
-                    || self.ro.iter().any(|r| a.starts_with(r))
-                {
-                    continue;
-                }
-                c.args(["--perms", "0755", "--dir"]).arg(a);
-                made.push(a.to_owned());
-            }
+            parents(&mut c, p, &mut made, |a| {
+                self.ro.iter().any(|r| a.starts_with(r))
+            });
             c.arg("--ro-bind").arg(p).arg(p);
         }
         let size = (profile.disk_mb.saturating_mul(1 << 20)).to_string();
@@ -281,20 +271,10 @@ impl Sandbox {
                     ),
                 ));
             }
-            // Parents readable by the tenant's uid (bwrap would make them root's, 0700).
-            let mut parents: Vec<&Path> = b.inside.ancestors().skip(1).collect();
-            parents.reverse();
-            for a in parents {
-                if a == Path::new("/")
-                    || a.starts_with("/work")
-                    || a.starts_with("/tmp")
-                    || made.iter().any(|m| m == a)
-                {
-                    continue;
-                }
-                c.args(["--perms", "0755", "--dir"]).arg(a);
-                made.push(a.to_owned());
-            }
+            // `/work` and `/tmp` are the sandbox's own tmpfs: their dirs need no making.
+            parents(&mut c, &b.inside, &mut made, |a| {
+                a.starts_with("/work") || a.starts_with("/tmp")
+            });
             c.arg(if b.writable { "--bind" } else { "--ro-bind" })
                 .arg(&b.host)
                 .arg(&b.inside);
@@ -401,6 +381,26 @@ impl Sandbox {
     /// Read-only binds (for docs and tests).
     pub fn binds(&self) -> &[PathBuf] {
         &self.ro
+    }
+}
+
+/// Make `path`'s parent dirs readable by the tenant's uid (bwrap would otherwise create them
+/// root's, 0700), outermost first; `made` remembers those already made, `skip` those that
+/// exist anyway.
+fn parents(
+    c: &mut std::process::Command,
+    path: &Path,
+    made: &mut Vec<PathBuf>,
+    skip: impl Fn(&Path) -> bool,
+) {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for a in ancestors {
+        if a == Path::new("/") || made.iter().any(|m| m == a) || skip(a) {
+            continue;
+        }
+        c.args(["--perms", "0755", "--dir"]).arg(a);
+        made.push(a.to_owned());
     }
 }
 

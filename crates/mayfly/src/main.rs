@@ -400,6 +400,14 @@ pub(crate) struct NatsAuthOpts {
 }
 
 impl NatsAuthOpts {
+    /// Refused when any is given: there is no NATS server to use them on.
+    fn unused(&self) -> Result<()> {
+        if self.nats_creds.is_some() || self.nats_nkey.is_some() || self.nats_ca.is_some() {
+            bail!("--nats-creds, --nats-nkey and --nats-ca need --queue nats://…");
+        }
+        Ok(())
+    }
+
     fn to(&self, url: &str) -> mayfly_queue::NatsConnect {
         mayfly_queue::NatsConnect {
             url: url.to_owned(),
@@ -436,10 +444,7 @@ impl DistOpts {
     fn nats(&self) -> Result<Option<mayfly_queue::NatsConnect>> {
         match self.queue.as_deref() {
             None => {
-                let a = &self.nats_auth;
-                if a.nats_creds.is_some() || a.nats_nkey.is_some() || a.nats_ca.is_some() {
-                    bail!("--nats-creds, --nats-nkey and --nats-ca need --queue nats://…");
-                }
+                self.nats_auth.unused()?;
                 Ok(None)
             }
             Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => {
@@ -985,12 +990,8 @@ async fn cache_cmd(cmd: retention::CacheCmd) -> Result<ExitCode> {
         queue_name,
         nats_auth,
     } = cmd;
-    if queue.is_none()
-        && (nats_auth.nats_creds.is_some()
-            || nats_auth.nats_nkey.is_some()
-            || nats_auth.nats_ca.is_some())
-    {
-        bail!("--nats-creds, --nats-nkey and --nats-ca need --queue nats://…");
+    if queue.is_none() {
+        nats_auth.unused()?;
     }
     // Must exist: an empty log marks nothing, and the sweep would take every payload.
     let (store, _) = open_db(&db, true, false).await?;
@@ -1260,12 +1261,10 @@ async fn worker(w: &WorkerArgs) -> Result<ExitCode> {
     // server needs to be up yet), or the one the servers of this queue name introduce
     // (waiting up to a minute for one).
     let channel = match log_id.as_deref() {
-        Some(id) if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            mayfly_runtime::remote::Channel::new(
-                &dist.queue_name,
-                channel_key.for_log(&id.to_ascii_lowercase()),
-            )
-        }
+        Some(id) if mayfly_runtime::remote::is_log_id(id) => mayfly_runtime::remote::Channel::new(
+            &dist.queue_name,
+            channel_key.for_log(&id.to_ascii_lowercase()),
+        ),
         Some(id) => bail!("--log-id `{id}` is not a log id (32 hex digits)"),
         None => {
             mayfly_runtime::remote::discover(
