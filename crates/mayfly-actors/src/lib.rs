@@ -37,7 +37,7 @@ pub mod dataplane;
 pub mod heartbeat;
 pub mod http;
 pub mod journal;
-pub mod keeper;
+pub use mayfly_tools::keeper;
 pub mod local;
 pub mod process;
 

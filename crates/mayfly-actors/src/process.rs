@@ -47,9 +47,7 @@ pub fn data_format() -> Format {
     }
 }
 
-/// Where the keeper's binary is inside a sandbox (its host path may be under `/work` or
-/// `/tmp`, which every sandbox has private).
-pub const KEEPER_INSIDE: &str = "/run/mayfly-keeper";
+pub use mayfly_tools::sandbox::KEEPER_INSIDE;
 
 /// The descriptor the keeper finds the provider's listening socket on.
 const KEEPER_FD: i32 = 3;
@@ -63,7 +61,7 @@ pub struct Contain {
     pub sandbox: Arc<mayfly_tools::sandbox::Sandbox>,
     /// The binary that runs [`crate::keeper`] (bound read-only into each sandbox at
     /// [`KEEPER_INSIDE`]) and the arguments that make it the keeper (`mayfly
-    /// __actor-keeper`).
+    /// __keeper`).
     pub keeper: PathBuf,
     pub keeper_args: Vec<String>,
     /// Bounds of every actor (platform defaults where unset; CPU time is not bounded: an

@@ -33,8 +33,14 @@ impl Guard {
         self.policy.unrestricted()
     }
 
+    /// No connection at all (`none`).
+    pub fn denies_all(&self) -> bool {
+        self.policy.denies_all()
+    }
+
     /// Tenant code may share the host's network only when nothing restricts it: a sandbox
-    /// cannot check the addresses its code connects to, so any rule gives it none.
+    /// cannot check the addresses its code connects to, so under any rule it reaches the
+    /// network only through the egress proxy ([`crate::proxy`]), which checks them.
     pub fn sandbox_network(&self) -> bool {
         self.unrestricted()
     }

@@ -8,8 +8,10 @@
 mod duckdb;
 pub mod egress;
 mod http;
+pub mod keeper;
 mod nats;
 mod postgres;
+pub mod proxy;
 mod python;
 pub mod sandbox;
 mod shell;
@@ -24,6 +26,7 @@ use python::Launch;
 use sandbox::{Profile, Sandbox};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -204,6 +207,10 @@ pub struct ToolsConfig {
     pub sandbox: bool,
     /// Egress rules for tenants whose policies set none (empty: unrestricted).
     pub default_egress: Vec<Egress>,
+    /// The keeper program (`mayfly __keeper`): sandboxed code under a restricted egress
+    /// policy reaches the network only through it and the egress proxy. Without one, such
+    /// code fails `sandbox_unavailable` (never silently without network).
+    pub keeper: Option<sandbox::Keeper>,
 }
 
 impl Default for ToolsConfig {
@@ -214,6 +221,7 @@ impl Default for ToolsConfig {
             default_timeout: Duration::from_secs(300),
             sandbox: false,
             default_egress: Vec::new(),
+            keeper: None,
         }
     }
 }
@@ -237,6 +245,11 @@ impl Default for Scope<'_> {
 /// Python pools kept per sandbox profile (tenant and bounds) at once; beyond it the least
 /// recently used pool is closed (its interpreters stop once their steps finish).
 const BOXED_POOLS: usize = 8;
+/// Egress proxies kept (one per tenant and rule set) at once; beyond it the least recently
+/// used one stops (sandboxes still using it lose their network: they are far older than
+/// this many other tenants' steps).
+const PROXIES: usize = 256;
+static NEXT_PROXY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct Boxed {
     sandbox: Arc<Sandbox>,
@@ -244,6 +257,10 @@ struct Boxed {
     python: Result<String, ToolError>,
     /// Most recently used last.
     pools: Mutex<Vec<(Profile, Arc<PythonPool>)>>,
+    /// Egress proxies by tenant and rules, most recently used last; their sockets live in
+    /// `dir` (0700: only this runtime and the sandboxes they are bound into reach them).
+    proxies: Mutex<Vec<(String, Arc<proxy::EgressProxy>)>>,
+    dir: tempfile::TempDir,
 }
 
 /// Runs tools. One per worker process; cheap to share.
@@ -267,10 +284,22 @@ impl Tools {
         let boxed = config.sandbox.then(|| {
             let layout = sandbox::python_layout(&config.python);
             let dirs = layout.as_ref().map(|(_, d)| d.clone()).unwrap_or_default();
-            Sandbox::detect(&dirs).map(|sb| Boxed {
+            let sb = Sandbox::detect(&dirs)?.with_keeper(config.keeper.clone());
+            let dir = tempfile::Builder::new()
+                .prefix("mayfly-egress-")
+                .tempdir()
+                .map_err(|e| {
+                    ToolError::new(
+                        "sandbox_unavailable",
+                        format!("no directory for the egress proxy's sockets: {e}"),
+                    )
+                })?;
+            Ok(Boxed {
                 sandbox: Arc::new(sb),
                 python: layout.map(|(exe, _)| exe.display().to_string()),
                 pools: Mutex::new(Vec::new()),
+                proxies: Mutex::new(Vec::new()),
+                dir,
             })
         });
         Ok(Tools {
@@ -295,14 +324,19 @@ impl Tools {
         matches!(self.boxed, Some(Ok(_)))
     }
 
-    /// The egress guard of `scope`: its policies' rules, else this host's default.
-    pub fn guard(&self, scope: &Scope<'_>) -> Result<Guard, ToolError> {
+    /// The egress rules in force for `scope`: its policies' rules, else this host's default.
+    fn layers<'s>(&'s self, scope: &Scope<'s>) -> &'s [Egress] {
         let layers = scope.limits.map(|l| &l.egress[..]).unwrap_or_default();
-        let layers = if layers.is_empty() {
+        if layers.is_empty() {
             &self.config.default_egress[..]
         } else {
             layers
-        };
+        }
+    }
+
+    /// The egress guard of `scope`: its policies' rules, else this host's default.
+    pub fn guard(&self, scope: &Scope<'_>) -> Result<Guard, ToolError> {
+        let layers = self.layers(scope);
         if layers.is_empty() {
             // Nothing to compile (the usual `mayfly run` case, on every task).
             return Ok(Guard::open());
@@ -318,7 +352,10 @@ impl Tools {
             Some(Err(e)) => return Err(e.clone()),
             Some(Ok(b)) => b,
         };
-        let profile = Profile::new(scope.tenant, scope.limits, guard.sandbox_network());
+        let mut profile = Profile::new(scope.tenant, scope.limits, guard.sandbox_network());
+        if !profile.network && !guard.denies_all() {
+            profile.egress = Some(self.proxy(b, scope, guard)?);
+        }
         let exe = b.python.clone()?;
         let mut pools = b
             .pools
@@ -343,6 +380,40 @@ impl Tools {
         ));
         pools.push((profile, pool.clone()));
         Ok(Some(pool))
+    }
+
+    /// The socket of the egress proxy serving `scope`'s tenant under its rules (started on
+    /// first use).
+    fn proxy(&self, b: &Boxed, scope: &Scope<'_>, guard: &Guard) -> Result<PathBuf, ToolError> {
+        let rules = serde_json::to_string(self.layers(scope)).unwrap_or_default();
+        let key = format!("{}\0{rules}", scope.tenant);
+        let mut proxies = b
+            .proxies
+            .lock()
+            .map_err(|_| ToolError::new("sandbox_unavailable", "proxy registry poisoned"))?;
+        if let Some(i) = proxies.iter().position(|(k, _)| *k == key) {
+            let entry = proxies.remove(i);
+            let path = entry.1.path().to_owned();
+            proxies.push(entry);
+            return Ok(path);
+        }
+        if proxies.len() >= PROXIES {
+            proxies.remove(0);
+        }
+        // A name of its own per start: a socket being torn down is never reused.
+        let name = format!(
+            "{:016x}.sock",
+            NEXT_PROXY.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let p = proxy::EgressProxy::start(guard.clone(), b.dir.path().join(name)).map_err(|e| {
+            ToolError::new(
+                "sandbox_unavailable",
+                format!("cannot start the egress proxy: {e}"),
+            )
+        })?;
+        let path = p.path().to_owned();
+        proxies.push((key, Arc::new(p)));
+        Ok(path)
     }
 
     /// Run one task for the default tenant under this host's defaults.

@@ -40,6 +40,9 @@ pub struct Profile {
     pub disk_mb: u64,
     /// Share the host's network (only when no egress rule applies).
     pub network: bool,
+    /// Without the host's network: the egress proxy's socket the sandbox reaches the
+    /// network through (its keeper relays `127.0.0.1:3128` to it), if its rules allow any.
+    pub egress: Option<PathBuf>,
 }
 
 impl Profile {
@@ -54,6 +57,7 @@ impl Profile {
             open_files: l.open_files.unwrap_or(1024).max(32),
             disk_mb: l.disk_mb.unwrap_or(256).max(1),
             network,
+            egress: None,
         }
     }
 
@@ -77,6 +81,18 @@ pub struct Bind {
     pub writable: bool,
 }
 
+/// Where the keeper's binary is inside a sandbox (its host path may be under `/work` or
+/// `/tmp`, which the sandbox replaces).
+pub const KEEPER_INSIDE: &str = "/run/mayfly-keeper";
+
+/// The program that runs [`crate::keeper`]: a binary, and the arguments that make it the
+/// keeper (`mayfly __keeper`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Keeper {
+    pub exe: PathBuf,
+    pub args: Vec<String>,
+}
+
 /// A working bubblewrap and what every sandbox binds.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -89,6 +105,8 @@ pub struct Sandbox {
     /// Seccomp programs, each on its own descriptor from [`SECCOMP_FD`] on.
     bpf: Arc<Vec<Vec<u8>>>,
     root: bool,
+    /// Runs first in sandboxes that reach the network through the egress proxy.
+    keeper: Option<Keeper>,
 }
 
 /// `/etc` entries a program may need: the dynamic linker's cache, TLS roots, name service
@@ -161,6 +179,7 @@ impl Sandbox {
             links,
             bpf: Arc::new(seccomp_programs()?),
             root,
+            keeper: None,
         };
         // Prove it: a sandbox that cannot start is reported now, not at the first step.
         let mut probe = sandbox.command(
@@ -180,6 +199,12 @@ impl Sandbox {
             )));
         }
         Ok(sandbox)
+    }
+
+    /// The keeper sandboxes with an egress proxy start their command under.
+    pub fn with_keeper(mut self, keeper: Option<Keeper>) -> Sandbox {
+        self.keeper = keeper;
+        self
     }
 
     /// A command that runs `argv` in a fresh sandbox of `profile`, in `/work`, with exactly
@@ -206,6 +231,48 @@ impl Sandbox {
         if argv.is_empty() {
             return Err(ToolError::new("bad_config", "nothing to run"));
         }
+        // Network through the egress proxy: the keeper first, listening where the proxy
+        // variables point, relaying to the proxy's socket.
+        let mut proxied: Vec<Bind> = Vec::new();
+        let mut wrapped: Vec<String> = Vec::new();
+        let mut proxy_env: Vec<(String, String)> = Vec::new();
+        if let (false, Some(sock)) = (profile.network, &profile.egress) {
+            let keeper = self.keeper.as_ref().ok_or_else(|| {
+                unavailable("network for sandboxed code goes through the egress proxy, and this runtime has no keeper to reach it (set `ToolsConfig::keeper`)")
+            })?;
+            proxied.push(Bind {
+                host: keeper.exe.clone(),
+                inside: KEEPER_INSIDE.into(),
+                writable: false,
+            });
+            proxied.push(Bind {
+                host: sock.clone(),
+                inside: crate::proxy::SOCKET_INSIDE.into(),
+                writable: true,
+            });
+            wrapped.push(KEEPER_INSIDE.into());
+            wrapped.extend(keeper.args.iter().cloned());
+            wrapped.extend([
+                "--egress-port".into(),
+                crate::proxy::PORT_INSIDE.to_string(),
+                "--egress-sock".into(),
+                crate::proxy::SOCKET_INSIDE.into(),
+                "--".into(),
+            ]);
+            let url = format!("http://127.0.0.1:{}", crate::proxy::PORT_INSIDE);
+            for k in [
+                "http_proxy",
+                "https_proxy",
+                "all_proxy",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "ALL_PROXY",
+            ] {
+                proxy_env.push((k.into(), url.clone()));
+            }
+        }
+        let argv: Vec<String> = wrapped.into_iter().chain(argv.iter().cloned()).collect();
+        let binds: Vec<Bind> = proxied.into_iter().chain(binds.iter().cloned()).collect();
         let mut c = std::process::Command::new(&self.bwrap);
         let arg = |c: &mut std::process::Command, a: &[&str]| {
             c.args(a);
@@ -257,7 +324,7 @@ impl Sandbox {
             &mut c,
             &["--perms", "1777", "--size", &size, "--tmpfs", "/work"],
         );
-        for b in binds {
+        for b in &binds {
             if !b.inside.is_absolute()
                 || b.inside
                     .components()
@@ -295,14 +362,14 @@ impl Sandbox {
                 "--".into(),
             ]);
         }
-        c.args(argv);
+        c.args(&argv);
         c.env_clear();
         c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
         c.env("HOME", "/work");
         c.env("TMPDIR", "/tmp");
         c.env("LANG", "C.UTF-8");
         c.env("USER", "sandbox");
-        for (k, v) in env {
+        for (k, v) in proxy_env.iter().chain(env) {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return Err(ToolError::new(
                     "bad_config",

@@ -20,6 +20,10 @@ fn boxed() -> Option<Tools> {
         python_pool: 1,
         sandbox: true,
         default_egress: vec![Egress::Public],
+        keeper: Some(mayfly_tools::sandbox::Keeper {
+            exe: env!("CARGO_BIN_EXE_mayfly-sandbox-keeper").into(),
+            args: Vec::new(),
+        }),
         ..Default::default()
     })
     .expect("tools");
@@ -92,13 +96,21 @@ async fn shell_sees_none_of_the_servers_files_or_processes() {
     for name in &top {
         assert!(
             [
-                "bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root", "sbin",
-                "tmp", "usr", "work"
+                "bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root", "run",
+                "sbin", "tmp", "usr", "work"
             ]
             .contains(name),
             "unexpected /{name} in the sandbox: {top:?}"
         );
     }
+    // /run holds the keeper (read-only) and the tenant's egress proxy socket, nothing else.
+    let o = sh(&t, &s, "ls /run; touch /run/mayfly-keeper 2>&1; true").await;
+    let out = stdout(&o);
+    assert!(
+        out.starts_with("mayfly-egress.sock\nmayfly-keeper\ntouch: ")
+            && (out.contains("Read-only file system") || out.contains("Permission denied")),
+        "{o:?}"
+    );
     // /root holds only the python prefix's path (read-only), never the host's /root.
     let o = sh(
         &t,
@@ -132,6 +144,8 @@ async fn shell_sees_none_of_the_servers_files_or_processes() {
                 "python3",
                 "python3.11",
                 "python",
+                // The keeper, under the name it is bound at.
+                "mayfly-keeper",
                 "sh",
                 "cat",
                 "sort",
@@ -246,6 +260,121 @@ result = out
     };
     let o = py(&t, &s, code).await;
     assert_eq!(o.data["5432"], json!("CONNECTED"), "{o:?}");
+}
+
+#[tokio::test]
+async fn sandboxed_code_reaches_the_network_only_through_the_egress_proxy() {
+    use axum::{Router, routing::get};
+    let Some(t) = boxed() else { return };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let app = Router::new().route("/hello", get(|| async { "hello from the host" }));
+        axum::serve(l, app).await
+    });
+    // Plain http through the proxy variables, a CONNECT tunnel, and a raw socket.
+    let code = format!(
+        r#"
+import os, socket, http.client, urllib.request, urllib.error
+out = {{"proxy": os.environ.get("https_proxy")}}
+def attempt(name, f):
+    try:
+        out[name] = f()
+    except urllib.error.HTTPError as e:
+        out[name] = "HTTP %d %s" % (e.code, e.read().decode().strip())
+    except OSError as e:
+        out[name] = "%s: %s" % (type(e).__name__, e)
+attempt("http", lambda: urllib.request.urlopen("http://127.0.0.1:{port}/hello", timeout=5).read().decode())
+def tunnel(host, port):
+    c = http.client.HTTPConnection("127.0.0.1", 3128, timeout=5)
+    c.set_tunnel(host, port)
+    c.request("GET", "/hello")
+    return c.getresponse().read().decode()
+attempt("connect", lambda: tunnel("127.0.0.1", {port}))
+attempt("connect_pg", lambda: tunnel("127.0.0.1", 5432))
+attempt("metadata", lambda: urllib.request.urlopen("http://169.254.169.254/latest/", timeout=5).read().decode())
+def raw():
+    socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+    return "CONNECTED"
+attempt("raw", raw)
+result = out
+"#
+    );
+    let listed = Limits {
+        egress: vec![Egress::Allow(vec![format!("127.0.0.1:{port}")])],
+        ..Limits::default()
+    };
+    let s = Scope {
+        tenant: "acme",
+        limits: Some(&listed),
+    };
+    let o = py(&t, &s, &code).await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(o.data["proxy"], json!("http://127.0.0.1:3128"), "{o:?}");
+    assert_eq!(o.data["http"], json!("hello from the host"), "{o:?}");
+    assert_eq!(o.data["connect"], json!("hello from the host"), "{o:?}");
+    let refused = |k: &str| o.data[k].as_str().unwrap_or_default().to_owned();
+    assert!(
+        refused("connect_pg").contains("Tunnel connection failed: 403 egress_denied"),
+        "{o:?}"
+    );
+    assert!(
+        refused("metadata").starts_with("HTTP 403 egress_denied: ")
+            && refused("metadata").contains("169.254.169.254"),
+        "{o:?}"
+    );
+    // The proxy is the only way out: the sandbox's own loopback has nothing of the host's.
+    assert!(
+        refused("raw").starts_with("ConnectionRefusedError"),
+        "{o:?}"
+    );
+
+    // `public` (the server default): the same loopback origin is refused with the reason.
+    let o = py(&t, &tenant("acme"), &code).await;
+    assert!(o.ok, "{o:?}");
+    assert!(
+        refused_of(&o, "http").starts_with("HTTP 403 egress_denied: ")
+            && refused_of(&o, "http").contains("not a public address"),
+        "{o:?}"
+    );
+    assert!(
+        refused_of(&o, "connect").contains("403 egress_denied"),
+        "{o:?}"
+    );
+
+    // Shell commands of the same pool see the same proxy.
+    let o = sh(&t, &s, "echo $http_proxy $HTTPS_PROXY").await;
+    assert_eq!(
+        stdout(&o),
+        "http://127.0.0.1:3128 http://127.0.0.1:3128\n",
+        "{o:?}"
+    );
+
+    // `none`: no proxy at all, nothing reachable.
+    let none = Limits {
+        egress: vec![Egress::None],
+        ..Limits::default()
+    };
+    let s = Scope {
+        tenant: "acme",
+        limits: Some(&none),
+    };
+    let o = py(&t, &s, &code).await;
+    assert!(o.ok, "{o:?}");
+    assert_eq!(o.data["proxy"], json!(null), "{o:?}");
+    for k in ["http", "connect", "raw"] {
+        assert!(
+            refused_of(&o, k).starts_with("URLError")
+                || refused_of(&o, k).starts_with("ConnectionRefusedError"),
+            "{k}: {o:?}"
+        );
+    }
+}
+
+fn refused_of(o: &ToolOutput, k: &str) -> String {
+    o.data[k].as_str().unwrap_or_default().to_owned()
 }
 
 #[tokio::test]

@@ -317,9 +317,10 @@ pub enum ActorSandbox {
     Off,
 }
 
-/// The argument that makes this binary the keeper of a contained actor (it runs inside the
-/// actor's sandbox; `main` hands it over before anything else starts).
-pub const KEEPER_ARG: &str = "__actor-keeper";
+/// The argument that makes this binary a sandbox's keeper (it runs inside a contained actor's
+/// sandbox, or a python pool's that reaches the network through the egress proxy; `main`
+/// hands it over before anything else starts).
+pub const KEEPER_ARG: &str = "__keeper";
 
 /// How this provider contains `process` actors: bubblewrap with this binary (bound
 /// read-only) as each sandbox's keeper, and python3's prefix bound when there is one (actors are often

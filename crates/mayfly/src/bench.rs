@@ -211,6 +211,12 @@ async fn measure_with(
     };
     let mut cfg = cfg;
     cfg.tools.sandbox = sandbox;
+    if sandbox {
+        // As a server runs tenant code: `public` egress, so the interpreter starts under
+        // the keeper with the egress proxy in reach.
+        cfg.tools.default_egress = vec![mayfly_types::Egress::Public];
+        cfg.tools.keeper = Some(bench_keeper()?);
+    }
     let rt = Runtime::start(store, cfg)?;
     if let Some(e) = rt.tools.sandbox_error() {
         bail!("{}", e.message);
@@ -237,6 +243,80 @@ async fn measure_with(
         }
     }
     Ok(median(times))
+}
+
+fn bench_keeper() -> Result<mayfly_tools::sandbox::Keeper> {
+    Ok(mayfly_tools::sandbox::Keeper {
+        exe: std::env::current_exe()?,
+        args: vec![crate::actors::KEEPER_ARG.into()],
+    })
+}
+
+/// Python in the sandbox, `n` HTTP GETs to a local origin: through the tenant's egress
+/// proxy (an allow-list naming the origin) against the host's network (`host`), each the
+/// median of `runs` steps; ms per request.
+async fn egress_proxy_round(n: usize, runs: usize) -> Result<(f64, f64)> {
+    use mayfly_types::{Egress, Limits};
+    let origin = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = origin.local_addr()?.port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in origin.incoming() {
+            let Ok(mut c) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+    let tools = mayfly_tools::Tools::new(mayfly_tools::ToolsConfig {
+        python_pool: 1,
+        sandbox: true,
+        keeper: Some(bench_keeper()?),
+        ..Default::default()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let code = format!(
+        "import time, urllib.request\nt = time.perf_counter()\nfor _ in range({n}):\n    urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=5).read()\nresult = (time.perf_counter() - t) * 1000 / {n}"
+    );
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("code".into(), json!(code));
+    let per = |limits: Limits| {
+        let tools = &tools;
+        let cfg = cfg.clone();
+        async move {
+            let scope = mayfly_tools::Scope {
+                tenant: "bench",
+                limits: Some(&limits),
+            };
+            let mut lat = Vec::new();
+            for _ in 0..runs.max(1) + 1 {
+                let o = tools
+                    .run_in(&scope, "python", &cfg, &Map::new(), None)
+                    .await;
+                if !o.ok {
+                    bail!("egress bench step failed: {:?}", o.error);
+                }
+                lat.push(o.data.as_f64().unwrap_or(f64::NAN));
+            }
+            lat.remove(0);
+            Ok::<f64, anyhow::Error>(percentile(lat, 0.5))
+        }
+    };
+    let proxied = per(Limits {
+        egress: vec![Egress::Allow(vec![format!("127.0.0.1:{port}")])],
+        ..Limits::default()
+    })
+    .await?;
+    let direct = per(Limits {
+        egress: vec![Egress::Host],
+        ..Limits::default()
+    })
+    .await?;
+    Ok((proxied, direct))
 }
 
 pub async fn run(a: BenchArgs) -> Result<ExitCode> {
@@ -290,6 +370,11 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
     } else {
         (None, None)
     };
+    let egress = if which("bwrap") {
+        Some(egress_proxy_round(200, a.runs).await?)
+    } else {
+        None
+    };
     let codec = table_codec(a.rows)?;
     // DuckDB runs through python3's `duckdb` package; a machine without it has no figure.
     let duck = if duckdb_available() {
@@ -320,6 +405,7 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
         "shell_chain": {"steps": a.steps, "seconds": sh_chain, "ms_per_step": sh_chain * 1000.0 / a.steps as f64},
         "sandboxed_python_chain": {"steps": a.steps, "ms_per_step": py_boxed.map(|s| s * 1000.0 / a.steps as f64)},
         "sandboxed_shell_chain": {"steps": a.steps, "ms_per_step": sh_boxed.map(|s| s * 1000.0 / a.steps as f64)},
+        "sandboxed_http_get": {"requests": 200, "proxy_ms": egress.map(|e| e.0), "host_network_ms": egress.map(|e| e.1)},
         "keychain_python_chain": {"steps": a.steps, "seconds": kc_chain, "ms_per_step": kc_chain * 1000.0 / a.steps as f64},
         "table_handoff": {"rows": a.rows, "by_ref_ms": by_ref * 1000.0, "inline_ms": inline * 1000.0},
         "table_codec": codec,
@@ -364,6 +450,12 @@ pub async fn run(a: BenchArgs) -> Result<ExitCode> {
                 "  {:<44} {:>10}",
                 "sandboxed chains", "no bwrap on this machine"
             ),
+        }
+        if let Some((proxied, direct)) = egress {
+            println!(
+                "  {:<44} {:>10.3} ms/req (host network {:.3})",
+                "sandboxed python GET via the egress proxy", proxied, direct
+            );
         }
         println!(
             "  {:<44} {:>10.0} steps/s",

@@ -483,6 +483,13 @@ impl ContainOpts {
             SandboxChoice::On => true,
             SandboxChoice::Off => false,
         };
+        if cfg.sandbox {
+            // Sandboxed code reaches the network through this binary as its keeper.
+            cfg.keeper = Some(mayfly_tools::sandbox::Keeper {
+                exe: std::env::current_exe().context("the runtime's own executable")?,
+                args: vec![actors::KEEPER_ARG.into()],
+            });
+        }
         use mayfly_types::Egress;
         cfg.default_egress = match self.egress.as_deref() {
             None if served => vec![Egress::Public],
@@ -590,8 +597,8 @@ impl CacheOpts {
 
 fn main() -> ExitCode {
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(actors::KEEPER_ARG)) {
-        // Inside a contained actor's sandbox: no telemetry, no runtime, nothing else.
-        let code = mayfly_actors::keeper::main(std::env::args_os().skip(2));
+        // Inside a sandbox: no telemetry, no runtime, nothing else.
+        let code = mayfly_tools::keeper::main(std::env::args_os().skip(2));
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();

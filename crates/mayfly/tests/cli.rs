@@ -1680,7 +1680,8 @@ fn crash_trials_repeat_at_most_the_block_in_flight() {
 
 /// Red team through the API: a tenant's author registers and starts playbooks on a
 /// multi-tenant server; its shell step cannot read the server's log, keys or home, and its
-/// http step cannot reach the server's own gateway (egress `public` by default).
+/// http step cannot reach the server's own gateway (egress `public` by default), nor can its
+/// python, directly or through the egress proxy.
 #[test]
 fn a_tenant_author_cannot_reach_the_servers_files_or_ports() {
     if !mayfly_testkit::bubblewrap() {
@@ -1777,9 +1778,18 @@ workflow:
                 return "read"
             except Exception as e:
                 return type(e).__name__
-        result = {{"verdict": "probe-{{}}-{{}}-{{}}-{{}}-{{}}".format(
+        def proxied(port):
+            import urllib.request, urllib.error
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/v1/executions" % port, timeout=5)
+                return "connected"
+            except urllib.error.HTTPError as e:
+                return "HTTP%d%s" % (e.code, e.reason)
+            except Exception as e:
+                return type(e).__name__
+        result = {{"verdict": "probe-{{}}-{{}}-{{}}-{{}}-{{}}-{{}}".format(
             environ({pid}), connect(5432), connect(4222), connect({port}),
-            len([p for p in os.listdir("/proc") if p.isdigit()]) < 10)}}
+            len([p for p in os.listdir("/proc") if p.isdigit()]) < 10, proxied({port}))}}
 "#,
             pid = server.0.id(),
         ),
@@ -1807,6 +1817,8 @@ workflow:
         );
     }
     assert_eq!(parts[4], "True", "host processes visible: {verdict}");
+    // Through the egress proxy (the sandbox's http_proxy), the gateway is refused by policy.
+    assert_eq!(parts[5], "HTTP403egress_denied", "{verdict}");
     server.kill().expect("stop");
     server.wait().expect("wait");
 }

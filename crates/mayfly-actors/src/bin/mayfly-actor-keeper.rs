@@ -1,5 +1,5 @@
 //! The keeper of a contained `process` actor as a binary of its own, for providers built on
-//! this crate (the `mayfly` binary runs the same code as `mayfly __actor-keeper`).
+//! this crate (the `mayfly` binary runs the same code as `mayfly __keeper`).
 
 fn main() -> std::process::ExitCode {
     let code = mayfly_actors::keeper::main(std::env::args_os().skip(1));
