@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-pub use loader::{LoadError, PlaybookIndex, load_file, resolve_child};
+pub use loader::{LoadError, PlaybookIndex, Registered, load_file, resolve_child};
 
 /// Runtime failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -170,11 +170,10 @@ pub struct RuntimeConfig {
     /// The process's data-plane agent: in-process workers enforce the policy bundle it
     /// applied (None: no bundle enforcement, as for a one-shot `mayfly run`).
     pub agent: Option<Arc<agent::Agent>>,
-    /// Child playbooks by catalog path (`mayfly run --playbooks DIR`): a child's `path` is
-    /// looked up here first, then beside its parent's file.
-    pub playbooks: Option<Arc<PlaybookIndex>>,
     /// Children come from the parent tenant's catalog only, never from files of this host
-    /// (a server; `playbooks` must then be None). Looked up off the appender.
+    /// (a server). Otherwise (`mayfly run`, which registers its playbook tree into the
+    /// catalog first: [`PlaybookIndex::register`]) a child not in the catalog is looked for
+    /// as a file beside its parent's. Looked up off the appender either way.
     pub children_from_catalog: bool,
     /// Most child executions one root execution may start, its whole tree counted (a
     /// playbook that calls itself in a loop grows exponentially long before it is deep).
@@ -202,7 +201,6 @@ impl Default for RuntimeConfig {
             queue: None,
             cache: None,
             agent: None,
-            playbooks: None,
             max_children: DEFAULT_MAX_CHILDREN,
             max_events: DEFAULT_MAX_EVENTS,
             children_from_catalog: false,
@@ -570,18 +568,12 @@ impl Runtime {
             config.cache.clone(),
             config.max_attempts,
         );
-        if config.children_from_catalog && config.playbooks.is_some() {
-            return Err(RuntimeError::Invalid(
-                "children come from the tenant catalog: a playbook directory cannot be given too"
-                    .into(),
-            ));
-        }
         let mut orch = orch
-            .with_playbooks(config.playbooks.clone())
+            .with_inbox(tx.downgrade())
             .with_max_children(config.max_children)
             .with_max_events(config.max_events);
         if config.children_from_catalog {
-            orch = orch.with_catalog_children(tx.downgrade());
+            orch = orch.with_catalog_children();
         }
         let orchestrator = tokio::spawn(orch.run(rx));
         let mut background = Vec::new();

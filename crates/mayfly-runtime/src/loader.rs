@@ -15,6 +15,8 @@ pub enum LoadError {
     Invalid(#[from] mayfly_dsl::DslError),
     #[error("playbook `{path}` not found (looked for {tried})")]
     NotFound { path: String, tried: String },
+    #[error("the local catalog: {0}")]
+    Catalog(#[source] mayfly_store::StoreError),
 }
 
 /// Read and validate a playbook file.
@@ -75,6 +77,14 @@ pub fn resolve_child(parent_source: Option<&str>, child: &str) -> Result<PathBuf
 pub struct PlaybookIndex {
     root: PathBuf,
     by_path: std::collections::BTreeMap<String, Vec<PathBuf>>,
+}
+
+/// What [`PlaybookIndex::register`] did: each catalog entry (and whether it is a new
+/// version), and the catalog paths left out because several files claim them.
+#[derive(Debug, Default)]
+pub struct Registered {
+    pub entries: Vec<(mayfly_store::CatalogEntry, bool)>,
+    pub ambiguous: Vec<(String, Vec<PathBuf>)>,
 }
 
 /// Most files a playbook root may hold (a root of the wrong size is a mistake, not a tree
@@ -163,6 +173,38 @@ impl PlaybookIndex {
 
     pub fn len(&self) -> usize {
         self.by_path.len()
+    }
+
+    /// Register every playbook of the tree into `tenant`'s catalog in `store` — a new
+    /// version where a file's content changed since it was last registered there, else the
+    /// version it has: how `mayfly run` gives its children a catalog of its own (versions
+    /// included, kept across runs with `--db`). A catalog path claimed by several files is
+    /// registered for none of them; those come back in [`Registered::ambiguous`].
+    pub async fn register(
+        &self,
+        store: &dyn mayfly_store::Store,
+        tenant: &str,
+    ) -> Result<Registered, LoadError> {
+        let mut out = Registered::default();
+        for (path, files) in &self.by_path {
+            let [file] = files.as_slice() else {
+                out.ambiguous.push((path.clone(), files.clone()));
+                continue;
+            };
+            let pb = load_file(file, &ParseOptions::default())?;
+            let stored = mayfly_store::StoredPlaybook {
+                digest: pb.digest.clone(),
+                path: pb.path.clone(),
+                source_name: pb.file.clone(),
+                content: pb.source.clone(),
+            };
+            let (entry, created) = store
+                .register(tenant, stored)
+                .await
+                .map_err(LoadError::Catalog)?;
+            out.entries.push((entry, created));
+        }
+        Ok(out)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -229,10 +229,10 @@ pub(crate) struct Orchestrator {
     cache: Option<Arc<mayfly_cache::Payloads>>,
     /// Claims of one command after which it fails with `worker_lost`.
     max_attempts: u32,
-    /// Children by catalog path (see `RuntimeConfig::playbooks`).
-    playbooks: Option<Arc<crate::PlaybookIndex>>,
-    /// Children come from the parent tenant's catalog only (a server): looked up by a task
-    /// off the appender, which answers on `me` (`Msg::ChildResolved`).
+    /// Children come from the parent tenant's catalog only (a server); otherwise (`mayfly
+    /// run`, which registers its tree there) a child not in the catalog is looked for as a
+    /// file beside its parent's. Either way by a task off the appender, which answers on
+    /// `me` (`Msg::ChildResolved`).
     catalog_children: bool,
     me: Option<mpsc::WeakUnboundedSender<Msg>>,
     /// Child executions started per root execution in this process's life, and the most
@@ -273,7 +273,6 @@ impl Orchestrator {
             reload: std::collections::BTreeSet::new(),
             cache,
             max_attempts: max_attempts.max(1),
-            playbooks: None,
             catalog_children: false,
             me: None,
             children_started: HashMap::new(),
@@ -295,16 +294,15 @@ impl Orchestrator {
         self
     }
 
-    pub(crate) fn with_playbooks(mut self, playbooks: Option<Arc<crate::PlaybookIndex>>) -> Self {
-        self.playbooks = playbooks;
+    /// `me` reaches this orchestrator's own inbox (lookups off the appender answer there).
+    pub(crate) fn with_inbox(mut self, me: mpsc::WeakUnboundedSender<Msg>) -> Self {
+        self.me = Some(me);
         self
     }
 
-    /// Resolve children in the tenant catalog (never on this host's disk); `me` reaches
-    /// this orchestrator's own inbox.
-    pub(crate) fn with_catalog_children(mut self, me: mpsc::WeakUnboundedSender<Msg>) -> Self {
+    /// Resolve children in the tenant catalog only (never on this host's disk).
+    pub(crate) fn with_catalog_children(mut self) -> Self {
         self.catalog_children = true;
-        self.me = Some(me);
         self
     }
 
@@ -1061,65 +1059,32 @@ impl Orchestrator {
     }
 
     /// Start the child `ask` names: check the depth and count limits and the path, then
-    /// find the playbook — in the parent tenant's catalog by a task off the appender (a
-    /// server: the answer comes back as `Msg::ChildResolved`), or among the local files
-    /// (`mayfly run`) — and launch it.
+    /// find the playbook by a task off the appender — in the parent tenant's catalog (a
+    /// server: only there), else beside the parent's file (`mayfly run`) — whose answer
+    /// comes back as `Msg::ChildResolved` and launches it.
     fn request_child(&mut self, c: &mut Cycle, ask: ChildAsk, then: ChildThen) {
         if let Err(e) = self.child_allowed(&ask.parent, &ask.path) {
             return self.child_outcome(c, ask, then, Err(e));
         }
-        if !self.catalog_children {
-            let found = self.child_from_files(&ask);
-            let r = found.and_then(|pb| self.launch_child(c, &ask, pb));
-            return self.child_outcome(c, ask, then, r);
-        }
-        let tenant = self
-            .execs
-            .get(&ask.parent)
-            .map(|x| x.st.tenant.clone())
-            .unwrap_or_else(|| mayfly_types::DEFAULT_TENANT.to_owned());
+        let (tenant, source) = match self.execs.get(&ask.parent) {
+            Some(x) => (x.st.tenant.clone(), x.source.clone()),
+            None => (mayfly_types::DEFAULT_TENANT.to_owned(), None),
+        };
+        // Files beside the parent's: never on a server.
+        let beside = (!self.catalog_children).then_some(source);
         let Some(me) = self.me.as_ref().and_then(|m| m.upgrade()) else {
             let e = ErrorInfo::new("child_load_failed", "the runtime is stopping");
             return self.child_outcome(c, ask, then, Err(e));
         };
         let store = self.store.clone();
         tokio::spawn(async move {
-            let found = child_from_catalog(store.as_ref(), &tenant, &ask).await;
+            let found = find_child(store.as_ref(), &tenant, &ask, beside).await;
             let _ = me.send(Msg::ChildResolved {
                 ask: Box::new(ask),
                 then,
                 found,
             });
         });
-    }
-
-    /// The child `ask` names among the local files: `--playbooks` by catalog path, else
-    /// beside the parent's file (`mayfly run` only).
-    fn child_from_files(&self, ask: &ChildAsk) -> Result<Arc<Playbook>, ErrorInfo> {
-        if let (path, Some(v)) = mayfly_dsl::split_child_version(&ask.path) {
-            return Err(ErrorInfo::new(
-                "child_load_failed",
-                format!(
-                    "child `{path}` version {v}: `mayfly run` finds children among files, which have no versions; register them and run on a server, or drop the version"
-                ),
-            ));
-        }
-        let source = self.execs.get(&ask.parent).and_then(|x| x.source.clone());
-        let found = match self.playbooks.as_ref().and_then(|i| i.find(&ask.path)) {
-            Some(f) => f,
-            None => resolve_child(source.as_deref(), &ask.path),
-        };
-        found
-            .and_then(|p| {
-                load_file(
-                    &p,
-                    &ParseOptions {
-                        extra_vars: ask.input.keys().cloned().collect(),
-                    },
-                )
-            })
-            .map(Arc::new)
-            .map_err(|e| ErrorInfo::new("child_load_failed", e.to_string()))
     }
 
     /// The execution tree of live execution `parent` (its root) and how deep it is (the
@@ -1935,39 +1900,64 @@ fn stored(pb: &Playbook) -> StoredPlaybook {
     }
 }
 
-/// The child `ask` names in `tenant`'s catalog (the version its path names with `@N`, else
-/// the latest), parsed with the input keys
-/// as extra variables — never a file of this host.
-async fn child_from_catalog(
+/// The child `ask` names: in `tenant`'s catalog (the version its path names with `@N`,
+/// else the latest), else — when `beside` is given (`mayfly run`: the parent's file, if it
+/// has one) — a file beside the parent's, read off the appender. Parsed with the input keys
+/// as extra variables.
+async fn find_child(
     store: &dyn Store,
     tenant: &str,
     ask: &ChildAsk,
+    beside: Option<Option<String>>,
 ) -> Result<Arc<Playbook>, ErrorInfo> {
     let failed = |m: String| ErrorInfo::new("child_load_failed", m);
+    let opts = ParseOptions {
+        extra_vars: ask.input.keys().cloned().collect(),
+    };
     let (path, version) = mayfly_dsl::split_child_version(&ask.path);
     let path = path.trim_start_matches("./");
     let what = match version {
         Some(v) => format!("child playbook `{path}` version {v}"),
         None => format!("child playbook `{path}`"),
     };
-    let (_, stored) = store
-        .resolve(tenant, path, version)
+    let key = path.trim_end_matches(".yaml").trim_end_matches(".yml");
+    let mut found = store
+        .resolve(tenant, key, version)
         .await
-        .map_err(|e| failed(format!("{what}: the catalog did not answer: {e}")))?
-        .ok_or_else(|| {
-            failed(format!(
-                "{what} is not in tenant `{tenant}`'s catalog (register it: mayfly register FILE)"
-            ))
-        })?;
-    parse(
-        &stored.source_name,
-        &stored.content,
-        &ParseOptions {
-            extra_vars: ask.input.keys().cloned().collect(),
-        },
-    )
+        .map_err(|e| failed(format!("{what}: the catalog did not answer: {e}")))?;
+    if found.is_none() && key != path {
+        found = store
+            .resolve(tenant, path, version)
+            .await
+            .map_err(|e| failed(format!("{what}: the catalog did not answer: {e}")))?;
+    }
+    if let Some((_, stored)) = found {
+        return parse(&stored.source_name, &stored.content, &opts)
+            .map(Arc::new)
+            .map_err(|e| failed(e.to_string()));
+    }
+    let Some(source) = beside else {
+        return Err(failed(format!(
+            "{what} is not in tenant `{tenant}`'s catalog (register it: mayfly register FILE)"
+        )));
+    };
+    if version.is_some() {
+        return Err(failed(format!(
+            "{what} is not in the local catalog (the playbooks this run registered: those under --playbooks, or beside the file run, as they were in each run against this --db); files have no versions"
+        )));
+    }
+    let child = ask.path.clone();
+    tokio::task::spawn_blocking(move || {
+        resolve_child(source.as_deref(), &child).and_then(|p| load_file(&p, &opts))
+    })
+    .await
+    .map_err(|e| failed(format!("{what}: the lookup stopped: {e}")))?
     .map(Arc::new)
-    .map_err(|e| failed(e.to_string()))
+    .map_err(|e| {
+        failed(format!(
+            "{what} is not in the local catalog, nor a file beside its parent: {e}"
+        ))
+    })
 }
 
 /// `child.requested` events of an execution that nothing answered yet: no `child.started`

@@ -399,32 +399,97 @@ async fn catalog_children_come_from_the_tenants_catalog_only() {
     }
 }
 
-/// `mayfly run` finds children among files: a version cannot be honoured there, and it is
-/// refused, never ignored.
+/// `mayfly run` registers its playbook tree into a local catalog: children resolve there by
+/// catalog path and version (kept across runs against one log), a child that is not there
+/// is looked for beside its parent's file, and a version nothing registered is refused.
 #[tokio::test]
-async fn a_versioned_child_is_refused_among_files() {
+async fn a_local_tree_is_a_catalog_with_versions() {
     let dir = tempfile::tempdir().expect("tmp");
-    std::fs::write(
-        dir.path().join("parent.yaml"),
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: parent}\nworkflow:\n  - step: start\n    tool: {kind: playbook, path: child, version: 2, return_result: true}\n",
-    )
-    .expect("write");
-    std::fs::write(
-        dir.path().join("child.yaml"),
-        "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: child}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n",
-    )
-    .expect("write");
-    let (_store, rt, pb) = start(&dir, "parent.yaml", RuntimeConfig::default()).await;
-    let r = rt.run(pb, Map::new()).await.expect("run");
-    let e = r.error.expect("refused");
-    assert_eq!(
-        (r.status, e.code.as_str()),
-        (Status::Failed, "child_load_failed"),
-        "{e:?}"
+    let child = |v: u32| {
+        format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: child, path: lib/child}}\nworkflow:\n  - step: start\n    tool: {{kind: noop, result: {{v: {v}}}}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("child.yaml"), child(1)).expect("write");
+    // Two files claiming one catalog path: neither is registered, and the run is told.
+    for f in ["twin_a.yaml", "twin_b.yaml"] {
+        std::fs::write(
+            dir.path().join(f),
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: twin, path: lib/twin}\nworkflow:\n  - step: start\n    tool: {kind: noop}\n",
+        )
+        .expect("write");
+    }
+    let store = Arc::new(
+        SqliteStore::open(dir.path().join("m.db"))
+            .await
+            .expect("store"),
     );
-    assert!(
-        e.message.contains("version 2") && e.message.contains("no versions"),
-        "{}",
-        e.message
-    );
+    let register = || async {
+        mayfly_runtime::PlaybookIndex::scan(dir.path())
+            .expect("scan")
+            .register(store.as_ref(), "default")
+            .await
+            .expect("register")
+    };
+    let r = register().await;
+    assert_eq!(r.ambiguous.len(), 1, "{r:?}");
+    assert_eq!(r.ambiguous[0].0, "lib/twin");
+    assert_eq!(r.entries.len(), 1, "{r:?}");
+    assert!(r.entries[0].1, "a new version");
+    // Unchanged: the same version again; changed: a new one.
+    assert!(!register().await.entries[0].1);
+    std::fs::write(dir.path().join("child.yaml"), child(2)).expect("write");
+    let r = register().await;
+    assert_eq!((r.entries[0].0.version, r.entries[0].1), (2, true));
+
+    let rt = Runtime::start(store.clone(), RuntimeConfig::default()).expect("rt");
+    let run = |child: &str| {
+        let src = format!(
+            "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: parent}}\nworkflow:\n  - step: start\n    tool: {{kind: playbook, path: {child}, return_result: true}}\n"
+        );
+        let mut pb = mayfly_dsl::parse("parent.yaml", &src, &ParseOptions::default()).expect("pb");
+        pb.file = dir.path().join("parent.yaml").display().to_string();
+        let h = rt.handle();
+        async move {
+            let id = h
+                .start(Arc::new(pb), Map::new(), None)
+                .await
+                .expect("start");
+            h.wait(&id).await.expect("wait")
+        }
+    };
+    for (child, v) in [
+        ("lib/child", 2),
+        ("lib/child, version: 1", 1),
+        ("lib/child@2", 2),
+        // Not a catalog path: the file beside the parent (as it is now).
+        ("./child.yaml", 2),
+    ] {
+        let r = run(child).await;
+        assert_eq!(r.status, Status::Completed, "{child}: {:?}", r.error);
+        assert_eq!(r.result, serde_json::json!({"v": v}), "{child}");
+    }
+    for (child, why) in [
+        (
+            "lib/child, version: 9",
+            "`lib/child` version 9 is not in the local catalog",
+        ),
+        (
+            "nowhere",
+            "is not in the local catalog, nor a file beside its parent",
+        ),
+        (
+            "lib/twin",
+            "is not in the local catalog, nor a file beside its parent",
+        ),
+    ] {
+        let r = run(child).await;
+        let e = r.error.expect("refused");
+        assert_eq!(
+            (r.status, e.code.as_str()),
+            (Status::Failed, "child_load_failed"),
+            "{e:?}"
+        );
+        assert!(e.message.contains(why), "{child}: {}", e.message);
+    }
 }

@@ -534,8 +534,9 @@ struct RunOpts {
     /// step fails with `worker_lost`.
     #[arg(long, default_value_t = mayfly_runtime::DEFAULT_MAX_ATTEMPTS)]
     max_attempts: u32,
-    /// Where child playbooks are found by catalog path (`metadata.path`), as NoETL names
-    /// them: every playbook under DIR (default: the directory of the playbook run).
+    /// Child playbooks, as NoETL names them (catalog path `metadata.path`, optional
+    /// `version`): every playbook under DIR is registered into this run's catalog first
+    /// (default: the directory of the playbook run, when it has child steps).
     #[arg(long, value_name = "DIR")]
     playbooks: Option<PathBuf>,
     #[command(flatten)]
@@ -919,7 +920,7 @@ async fn run(
     if !opts.json {
         print_warnings(&pb, ov.keys());
     }
-    let mut cfg = runtime_config(opts, &db_path, false)?;
+    let cfg = runtime_config(opts, &db_path, false)?;
     // Children by catalog path: the playbooks under --playbooks, or beside the file run.
     let root = opts.playbooks.clone().or_else(|| {
         (playbook.exists() && pb.steps.iter().any(|s| s.playbook_task().is_some()))
@@ -934,8 +935,27 @@ async fn run(
             })
     });
     if let Some(root) = root {
-        match mayfly_runtime::PlaybookIndex::scan(&root) {
-            Ok(idx) => cfg.playbooks = Some(Arc::new(idx)),
+        // Registered into this run's catalog (the tenant's, in --db when given): children
+        // resolve there by catalog path and version, as on a server.
+        let registered = match mayfly_runtime::PlaybookIndex::scan(&root) {
+            Ok(idx) => idx.register(store.as_ref(), &opts.key.tenant).await,
+            Err(e) => Err(e),
+        };
+        match registered {
+            Ok(r) => {
+                for (path, files) in &r.ambiguous {
+                    eprintln!(
+                        "warning: catalog path `{path}` is claimed by {} files under {} and is not registered: {}",
+                        files.len(),
+                        root.display(),
+                        files
+                            .iter()
+                            .map(|f| f.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
             Err(e) => {
                 eprintln!("{e}");
                 return Ok(ExitCode::from(2));

@@ -1489,7 +1489,8 @@ fn children_resolve_by_catalog_path() {
     let o = run(&["run", "--json"], &local);
     assert!(o.status.success(), "{}", err(&o));
     assert_eq!(json(&o)["result"], json!({"score": 20}));
-    // Two files claiming one catalog path: refused, both named.
+    // Two files claiming one catalog path: neither is registered, both are named, and the
+    // child is not found.
     std::fs::write(
         dir.path().join("lib/twin.yaml"),
         "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {name: twin, path: shared/scorer}\nworkflow:\n  - step: start\n",
@@ -1503,7 +1504,14 @@ fn children_resolve_by_catalog_path() {
     let report = json(&o);
     assert_eq!(report["status"], "failed");
     let msg = report["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("is claimed by 2 files"), "{msg}");
+    assert!(msg.contains("is not in the local catalog"), "{msg}");
+    let warning = err(&o);
+    assert!(
+        warning.contains("catalog path `shared/scorer` is claimed by 2 files")
+            && warning.contains("twin.yaml")
+            && warning.contains("whatever_file_name.yaml"),
+        "{warning}"
+    );
 }
 
 /// A child started without `return_step`/`return_result` runs detached (NoETL's default):
