@@ -284,10 +284,67 @@ pub struct OpRequest {
     pub op: Op,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
+    /// The control plane's signed [`BlobGrant`] for this op's snapshot blobs (a provider
+    /// under a control plane reaches the snapshot store only with it). Fresh on every send,
+    /// so not part of the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<Signed>,
+}
+
+/// What one op may do in the snapshot store, signed by the control plane
+/// ([`mayfly_trust::sign::Purpose::BlobGrant`]): the blobs of `tenant` it may read, how many
+/// bytes it may write there, for which provider, until when. The blob broker refuses
+/// anything else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobGrant {
+    /// The enrolled provider's id (the broker checks the caller's certificate is its).
+    pub provider: String,
+    pub tenant: String,
+    pub op_id: String,
+    /// Digests it may read.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Bytes it may write in all (0: none).
+    #[serde(default)]
+    pub write_bytes: u64,
+    /// Wall-clock ms after which it is refused.
+    pub expires_ms: u64,
 }
 
 impl OpRequest {
-    /// sha256 of everything but `op_id` and `delivery`: "the same payload".
+    /// The snapshot blobs this op may need: what a [`BlobGrant`] for it names — the
+    /// workload's assets (a wasm module) and a restored manifest's blobs to read, and
+    /// whether it writes (an external checkpoint). The manifest is read unverified: the
+    /// provider verifies the envelope before it reads a byte, and the grant only narrows.
+    pub fn blob_needs(&self) -> (Vec<String>, bool) {
+        let mut read = Vec::new();
+        let mut write = false;
+        let assets = |spec: &ActorSpec, read: &mut Vec<String>| {
+            if let Workload::Wasm { module, .. } = &spec.workload {
+                read.push(module.clone());
+            }
+        };
+        match &self.op {
+            Op::Assign {
+                spec,
+                desired: Desired::Running,
+            } => assets(spec, &mut read),
+            Op::Assign { .. } => {}
+            Op::Restore { snapshot, spec } => {
+                assets(spec, &mut read);
+                if let Ok(m) = serde_json::from_value::<Manifest>(snapshot.body.clone()) {
+                    read.extend(m.blobs.into_iter().map(|b| b.digest));
+                }
+            }
+            Op::Checkpoint { kind, .. } => write = *kind == CheckpointKind::External,
+        }
+        read.sort();
+        read.dedup();
+        (read, write)
+    }
+
+    /// sha256 of everything but `op_id`, `delivery` and `grant`: "the same payload".
     pub fn payload_digest(&self) -> String {
         #[derive(Serialize)]
         struct P<'a> {
@@ -379,6 +436,9 @@ pub enum RefusalCode {
     /// durable (a retry under a new op id is safe).
     Interrupted,
     Unauthenticated,
+    /// The snapshot store refused the op's blob grant (none, expired, another provider's or
+    /// tenant's, a blob it does not name, over its write budget).
+    BlobAccessDenied,
 }
 
 impl RefusalCode {
@@ -400,6 +460,7 @@ impl RefusalCode {
             RefusalCode::SandboxFailed => "sandbox_failed",
             RefusalCode::Interrupted => "interrupted",
             RefusalCode::Unauthenticated => "unauthenticated",
+            RefusalCode::BlobAccessDenied => "blob_access_denied",
         }
     }
 
@@ -411,6 +472,7 @@ impl RefusalCode {
             | RefusalCode::UnsupportedScope
             | RefusalCode::UnsupportedKind => 400,
             RefusalCode::Unauthenticated => 401,
+            RefusalCode::BlobAccessDenied => 403,
             RefusalCode::UnknownActor => 404,
             RefusalCode::StaleEpoch | RefusalCode::OpIdConflict => 409,
             RefusalCode::SnapshotUntrusted

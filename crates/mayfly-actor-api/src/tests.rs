@@ -28,6 +28,7 @@ fn assign(op_id: &str, epoch: u64) -> OpRequest {
             spec: spec("a1", "t1"),
         },
         delivery: None,
+        grant: None,
     }
 }
 

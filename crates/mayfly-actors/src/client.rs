@@ -32,6 +32,8 @@ impl ClientError {
 pub struct ProviderClient {
     base: String,
     http: reqwest::Client,
+    /// The enrolled provider's id, when the control plane calls it (its ops get blob grants).
+    provider: Option<String>,
 }
 
 /// A data-path answer.
@@ -50,7 +52,18 @@ impl ProviderClient {
         ProviderClient {
             base: base.into().trim_end_matches('/').to_owned(),
             http,
+            provider: None,
         }
+    }
+
+    /// This client calls enrolled provider `id`.
+    pub fn with_provider(mut self, id: &str) -> Self {
+        self.provider = Some(id.to_owned());
+        self
+    }
+
+    pub fn provider(&self) -> Option<&str> {
+        self.provider.as_deref()
     }
 
     pub fn base(&self) -> &str {

@@ -202,6 +202,8 @@ struct Run {
     cfg: Config,
     run: String,
     wait: Duration,
+    /// The provider's id: the suite grants its ops' blobs to it, as the control plane does.
+    provider: String,
 }
 
 /// Run every check against one provider.
@@ -220,6 +222,7 @@ pub async fn run(cfg: Config) -> Report {
         cfg,
         run: uuid::Uuid::now_v7().simple().to_string()[20..].to_owned(),
         wait: Duration::from_secs(60),
+        provider: info.id.clone(),
     };
     report
         .checks
@@ -407,7 +410,7 @@ impl Run {
     }
 
     fn op(&self, actor: &str, id: &str, epoch: u64, op: Op) -> OpRequest {
-        OpRequest {
+        let mut req = OpRequest {
             op_id: format!("{actor}.{id}"),
             actor: actor.into(),
             tenant: self.cfg.tenant.clone(),
@@ -417,7 +420,19 @@ impl Run {
                 identity: format!("identity-{actor}-{epoch}"),
                 secrets: BTreeMap::from([("token".into(), format!("secret-{actor}-{epoch}"))]),
             }),
-        }
+            grant: None,
+        };
+        // As the control plane does: a provider under one reaches blobs only with it.
+        req.grant = crate::broker::grant_for(
+            &self.cfg.key,
+            &self.provider,
+            &req,
+            self.wait + Duration::from_secs(60),
+            crate::dataplane::DEFAULT_MAX_SNAPSHOT_BYTES,
+        )
+        .ok()
+        .flatten();
+        req
     }
 
     fn assign(&self, actor: &str, id: &str, epoch: u64, w: &Workload, d: Desired) -> OpRequest {

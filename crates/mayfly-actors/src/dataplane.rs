@@ -159,7 +159,13 @@ pub struct DataplaneConfig {
     pub provider_endpoint: Option<String>,
     /// That endpoint's certificate fingerprint: providers pin it.
     pub provider_endpoint_fingerprint: Option<String>,
+    /// Most bytes one external checkpoint may write through the blob broker (its grant's
+    /// write budget).
+    pub max_snapshot_bytes: u64,
 }
+
+/// The default write budget of one external checkpoint (8 GiB).
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: u64 = 8 << 30;
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
@@ -169,6 +175,7 @@ impl Default for DataplaneConfig {
             networks: Networks::private(),
             provider_endpoint: None,
             provider_endpoint_fingerprint: None,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 }
@@ -258,6 +265,8 @@ pub struct Dataplane {
     ca: Ca,
     identity: Identity,
     store: Arc<dyn Cache>,
+    /// Providers reach `store` only through it, op by op.
+    broker: crate::broker::Broker,
     cfg: DataplaneConfig,
     leases: std::sync::Mutex<BTreeMap<String, Lease>>,
     clients: std::sync::Mutex<HashMap<String, (String, ProviderClient)>>,
@@ -342,7 +351,9 @@ impl Dataplane {
                     .collect()
             })
             .await?;
+        let broker = crate::broker::Broker::new(store.clone(), vec![key.public().clone()]);
         Ok(Arc::new(Dataplane {
+            broker,
             secrets: std::sync::OnceLock::new(),
             control,
             key,
@@ -536,7 +547,7 @@ impl Dataplane {
             Some(p.fingerprint.clone()),
         )
         .map_err(|e| DataplaneError::Unavailable(e.to_string()))?;
-        let c = ProviderClient::new(p.endpoint.clone(), http);
+        let c = ProviderClient::new(p.endpoint.clone(), http).with_provider(&p.id);
         clients.insert(p.id.clone(), (p.fingerprint.clone(), c.clone()));
         Ok(c)
     }
@@ -994,6 +1005,7 @@ impl Dataplane {
             assignment_epoch: epoch,
             op,
             delivery: Some(delivery),
+            grant: None,
         };
         let client = self.client_of_worker(&worker).await;
         let outcome = match client {
@@ -1068,7 +1080,19 @@ impl Dataplane {
         c: &ProviderClient,
         req: &OpRequest,
     ) -> Result<OpStatus, DataplaneError> {
-        let st = c.run(req, self.cfg.op_timeout).await?;
+        // The op's blobs, granted to the provider that runs it for this send only.
+        let mut req = req.clone();
+        if let Some(p) = c.provider() {
+            req.grant = crate::broker::grant_for(
+                &self.key,
+                p,
+                &req,
+                self.cfg.op_timeout + Duration::from_secs(60),
+                self.cfg.max_snapshot_bytes,
+            )
+            .map_err(|e| DataplaneError::Unavailable(format!("blob grant: {e}")))?;
+        }
+        let st = c.run(&req, self.cfg.op_timeout).await?;
         match st.state {
             OpState::Succeeded => Ok(st),
             _ => Err(DataplaneError::Refused(st.error.unwrap_or_else(|| {
@@ -1156,6 +1180,7 @@ impl Dataplane {
                         identity: format!("golden:{}", key(tenant, template)),
                         secrets: BTreeMap::new(),
                     }),
+                    grant: None,
                 },
             )
             .await?;
@@ -1202,6 +1227,7 @@ impl Dataplane {
                         teardown: true,
                     },
                     delivery: None,
+                    grant: None,
                 },
             )
             .await?;
@@ -1389,6 +1415,7 @@ impl Dataplane {
                             spec,
                         },
                         delivery: None,
+                        grant: None,
                     };
                     let _ = c.run(&stop, self.cfg.op_timeout).await;
                 }
@@ -1532,6 +1559,7 @@ impl Dataplane {
                         spec: Self::spec(tenant, name, &template, &tpl),
                     },
                     delivery: None,
+                    grant: None,
                 };
                 let _ = c.run(&stop, self.cfg.op_timeout).await;
             }
@@ -1658,11 +1686,105 @@ fn identity_body(tenant: &str, name: &str, epoch: u64) -> Value {
 /// identifies the provider.
 ///
 /// * `POST /v1/providers/heartbeat` — [`Heartbeat`] → [`HeartbeatAnswer`]
+/// * `GET`/`PUT /v1/blobs/{digest}` — the blob broker: one snapshot blob, under the op's
+///   grant in [`crate::broker::GRANT_HEADER`] (the caller must be the grant's provider)
 pub fn provider_router(dp: Arc<Dataplane>) -> axum::Router {
-    use axum::routing::post;
+    use axum::routing::{get, post};
     axum::Router::new()
         .route("/v1/providers/heartbeat", post(heartbeat_handler))
+        .route("/v1/blobs/{digest}", get(blob_get).put(blob_put))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            mayfly_actor_api::BLOB_CHUNK + 64 * 1024,
+        ))
         .with_state(dp)
+}
+
+/// The enrolled provider a certificate fingerprint is, and the grant a request carries.
+async fn blob_caller(
+    dp: &Dataplane,
+    peer: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<(String, Signed), crate::broker::BrokerError> {
+    use crate::broker::BrokerError;
+    let provider = dp
+        .control
+        .read(|st| {
+            st.providers
+                .values()
+                .find(|p| p.fingerprint == peer)
+                .map(|p| p.id.clone())
+        })
+        .await
+        .map_err(|e| BrokerError::Store(e.to_string()))?
+        .ok_or_else(|| {
+            BrokerError::Denied("this certificate is not an enrolled provider".into())
+        })?;
+    let grant = headers
+        .get(crate::broker::GRANT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::broker::decode)
+        .ok_or_else(|| {
+            BrokerError::Denied(format!(
+                "no readable grant in `{}`",
+                crate::broker::GRANT_HEADER
+            ))
+        })?;
+    Ok((provider, grant))
+}
+
+fn broker_answer(
+    r: Result<axum::response::Response, crate::broker::BrokerError>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match r {
+        Ok(r) => r,
+        Err(e) => {
+            let status = axum::http::StatusCode::from_u16(e.http_status())
+                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+            (
+                status,
+                [("content-type", "application/problem+json")],
+                json!({"title": e.code(), "code": e.code(), "status": status.as_u16(), "detail": e.to_string()})
+                    .to_string(),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn blob_get(
+    axum::extract::State(dp): axum::extract::State<Arc<Dataplane>>,
+    axum::Extension(peer): axum::Extension<mayfly_pki::PeerIdentity>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    broker_answer(
+        async {
+            let (provider, grant) = blob_caller(&dp, &peer.0, &headers).await?;
+            let bytes = dp.broker.get(&provider, &grant, &digest).await?;
+            Ok(([("content-type", "application/octet-stream")], bytes).into_response())
+        }
+        .await,
+    )
+}
+
+async fn blob_put(
+    axum::extract::State(dp): axum::extract::State<Arc<Dataplane>>,
+    axum::Extension(peer): axum::Extension<mayfly_pki::PeerIdentity>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    broker_answer(
+        async {
+            let (provider, grant) = blob_caller(&dp, &peer.0, &headers).await?;
+            dp.broker.put(&provider, &grant, &digest, body).await?;
+            Ok(axum::http::StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
 }
 
 async fn heartbeat_handler(

@@ -10,7 +10,8 @@
 //!   raise it, `restore` must raise it, `checkpoint` must match it; anything older is
 //!   refused `stale_epoch`, and the data path refuses a request carrying any other epoch.
 //! * **Snapshots** — captures are cut into [`mayfly_actor_api::BLOB_CHUNK`] blobs stored by
-//!   content digest in the tenant's scope of the snapshot store (local or external); the
+//!   content digest in the tenant's scope of the snapshot store (local, or external: under
+//!   a control plane only through its blob broker, with the op's grant — [`broker`]); the
 //!   manifest goes back to the control plane to be signed. A restore verifies the envelope
 //!   ([`mayfly_actor_api::verify_snapshot`]) and every blob's digest before the sandbox sees
 //!   a byte.
@@ -24,13 +25,14 @@ use mayfly_actor_api::{
     Delivery, Desired, Format, Manifest, Op, OpRequest, OpResult, OpState, OpStatus, ProviderInfo,
     ProviderPhase, Refusal, RefusalCode, Scope, WorkerInfo,
 };
-use mayfly_cache::{Cache, CacheError};
+use mayfly_cache::Cache;
 use mayfly_trust::sign::TrustedKey;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, RwLock, watch};
 
+pub mod broker;
 pub mod client;
 pub mod conformance;
 pub mod dataplane;
@@ -149,7 +151,7 @@ pub struct Provider {
     sandbox: Arc<dyn Sandbox>,
     journal: Journal,
     local: Arc<dyn Cache>,
-    external: Arc<dyn Cache>,
+    external: broker::Blobs,
     /// Serializes ops per actor.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Running actors (the data path reads this without waiting behind an op).
@@ -171,14 +173,15 @@ pub enum ProviderError {
 
 impl Provider {
     /// A provider over `sandbox`, journaling to `journal`, keeping local checkpoints in
-    /// `local` and external ones in `external` (the shared snapshot store). (Building the
-    /// sandbox reaps what an earlier incarnation left running.)
+    /// `local` and external ones in `external` (the shared snapshot store, or the control
+    /// plane's broker: [`broker::Blobs`]). (Building the sandbox reaps what an earlier
+    /// incarnation left running.)
     pub async fn new(
         cfg: ProviderConfig,
         sandbox: Arc<dyn Sandbox>,
         journal: Journal,
         local: Arc<dyn Cache>,
-        external: Arc<dyn Cache>,
+        external: impl Into<broker::Blobs>,
     ) -> Result<Arc<Provider>, ProviderError> {
         Ok(Arc::new(Provider {
             cfg,
@@ -186,7 +189,7 @@ impl Provider {
             sandbox,
             journal,
             local,
-            external,
+            external: external.into(),
             locks: Default::default(),
             running: Default::default(),
             inflight: Default::default(),
@@ -376,6 +379,7 @@ impl Provider {
             )
         };
         let epoch = req.assignment_epoch;
+        let grant = req.grant.clone();
         match req.op {
             Op::Assign { desired, spec } => {
                 if epoch < current {
@@ -408,6 +412,7 @@ impl Provider {
                         };
                         if !same {
                             self.stop(&k).await;
+                            self.stage(&spec, grant.as_ref()).await?;
                             let delivery = req.delivery.unwrap_or_default();
                             self.start(spec, epoch, &delivery, None).await?;
                         }
@@ -459,11 +464,12 @@ impl Provider {
                     self.bind(&req.actor, &req.tenant, epoch).await?;
                 }
                 let streams = captured?;
+                let local = broker::Blobs::Direct(self.local.clone());
                 let store = match kind {
-                    CheckpointKind::Local => &self.local,
+                    CheckpointKind::Local => &local,
                     CheckpointKind::External => &self.external,
                 };
-                let blobs = put_streams(store.as_ref(), &req.tenant, &streams).await?;
+                let blobs = put_streams(store, &req.tenant, &streams, grant.as_ref()).await?;
                 let manifest = Manifest {
                     format,
                     scope,
@@ -501,7 +507,8 @@ impl Provider {
                     &caps.formats,
                     &spec,
                 )?;
-                let streams = self.fetch(&req.tenant, &manifest).await?;
+                let streams = self.fetch(&req.tenant, &manifest, grant.as_ref()).await?;
+                self.stage(&spec, grant.as_ref()).await?;
                 self.stop(&k).await;
                 self.bind(&req.actor, &req.tenant, epoch).await?;
                 let delivery = req.delivery.unwrap_or_default();
@@ -510,6 +517,28 @@ impl Provider {
                 self.running_result(&k).await
             }
         }
+    }
+
+    /// The workload's assets (a wasm module) in this provider's local store, fetched from
+    /// the shared store under the op's `grant` when they are not there yet: sandboxes read
+    /// them locally, never from the shared store.
+    async fn stage(
+        &self,
+        spec: &ActorSpec,
+        grant: Option<&mayfly_trust::sign::Signed>,
+    ) -> Result<(), Refusal> {
+        let mayfly_actor_api::Workload::Wasm { module, .. } = &spec.workload else {
+            return Ok(());
+        };
+        let local = broker::Blobs::Direct(self.local.clone());
+        if local.get(&spec.tenant, module, None).await?.is_some() {
+            return Ok(());
+        }
+        // Absent from the shared store too: the sandbox reports it, as it always has.
+        if let Some(bytes) = self.external.get(&spec.tenant, module, grant).await? {
+            local.put(&spec.tenant, module, bytes, None).await?;
+        }
+        Ok(())
     }
 
     async fn bind(&self, actor: &str, tenant: &str, epoch: u64) -> Result<(), Refusal> {
@@ -578,28 +607,19 @@ impl Provider {
     }
 
     /// Every blob of `manifest`, verified, reassembled into streams. Local checkpoints are
-    /// looked up first, then the shared store.
-    async fn fetch(&self, tenant: &str, manifest: &Manifest) -> Result<Streams, Refusal> {
+    /// looked up first, then the shared store (under the op's `grant`).
+    async fn fetch(
+        &self,
+        tenant: &str,
+        manifest: &Manifest,
+        grant: Option<&mayfly_trust::sign::Signed>,
+    ) -> Result<Streams, Refusal> {
         let mut streams = Streams::new();
+        let local = broker::Blobs::Direct(self.local.clone());
         for b in &manifest.blobs {
-            let mut bytes = None;
-            for store in [&self.local, &self.external] {
-                match store.get(tenant, &b.digest).await {
-                    Ok(Some(x)) => {
-                        bytes = Some(x);
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(CacheError::Corrupt { digest, detail }) => {
-                        return Err(Refusal::new(
-                            RefusalCode::BlobDigestMismatch,
-                            format!("blob {digest}: {detail}"),
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(Refusal::new(RefusalCode::SandboxFailed, e.to_string()));
-                    }
-                }
+            let mut bytes = local.get(tenant, &b.digest, None).await?;
+            if bytes.is_none() {
+                bytes = self.external.get(tenant, &b.digest, grant).await?;
             }
             let bytes = bytes.ok_or_else(|| {
                 Refusal::new(
@@ -721,20 +741,18 @@ impl Provider {
 
 /// Cut streams into chunks, store each by digest in `tenant`'s scope, and list them.
 async fn put_streams(
-    store: &dyn Cache,
+    store: &broker::Blobs,
     tenant: &str,
     streams: &Streams,
+    grant: Option<&mayfly_trust::sign::Signed>,
 ) -> Result<Vec<BlobRef>, Refusal> {
     let mut blobs = Vec::new();
     for (name, data) in streams {
         for chunk in data.chunks(BLOB_CHUNK) {
             let digest = mayfly_trust::sha256_digest(chunk);
             store
-                .put(tenant, &digest, Bytes::copy_from_slice(chunk))
-                .await
-                .map_err(|e| {
-                    Refusal::new(RefusalCode::SandboxFailed, format!("snapshot store: {e}"))
-                })?;
+                .put(tenant, &digest, Bytes::copy_from_slice(chunk), grant)
+                .await?;
             blobs.push(BlobRef {
                 name: name.clone(),
                 digest,

@@ -149,7 +149,15 @@ impl LocalDataplane {
         };
         let pdir = self.dir.join(id);
         std::fs::create_dir_all(&pdir).map_err(err)?;
-        let sandbox = make(self.store.clone(), &pdir).map_err(DataplaneError::Refused)?;
+        // As a provider under a real control plane: it holds no snapshot store, reaching
+        // blobs through the broker with each op's grant; sandboxes read its local store
+        // (wasm modules are staged there).
+        let local: Arc<dyn Cache> = Arc::new(LocalCache::new(pdir.join("local")));
+        let control_http =
+            mayfly_pki::client(&e.ca, &identity, e.control_endpoint_fingerprint.clone())
+                .map_err(err)?;
+        let control_endpoint = e.control_endpoint.clone().unwrap_or_default();
+        let sandbox = make(local.clone(), &pdir).map_err(DataplaneError::Refused)?;
         let provider = Provider::new(
             ProviderConfig {
                 id: id.into(),
@@ -160,8 +168,11 @@ impl LocalDataplane {
             },
             sandbox,
             Journal::open(&pdir.join("journal.db")).await.map_err(err)?,
-            Arc::new(LocalCache::new(pdir.join("local"))),
-            self.store.clone(),
+            local,
+            crate::broker::Blobs::Brokered(crate::broker::BrokerClient::new(
+                &control_endpoint,
+                control_http.clone(),
+            )),
         )
         .await
         .map_err(err)?;
@@ -178,9 +189,8 @@ impl LocalDataplane {
         });
         let beat = tokio::spawn(crate::heartbeat::run(
             provider.clone(),
-            mayfly_pki::client(&e.ca, &identity, e.control_endpoint_fingerprint.clone())
-                .map_err(err)?,
-            e.control_endpoint.clone().unwrap_or_default(),
+            control_http,
+            control_endpoint,
             Duration::from_millis(200),
         ));
         self.providers.push(LocalProvider {

@@ -409,3 +409,152 @@ async fn idle_suspension_never_tears_down_a_request_in_flight() {
     assert_eq!(v["counter"], 2, "{v}");
     rig.shutdown().await;
 }
+
+/// A provider holds no snapshot store: it reaches blobs through the control plane's broker,
+/// only with the grant the control plane signed for the op at hand. Red team with the
+/// provider's own certificate: no grant, a forged or foreign grant, another tenant's scope,
+/// another provider's grant, a write under a read grant, an unenrolled certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_reaches_snapshot_blobs_only_under_its_ops_grant() {
+    use mayfly_actor_api::{BlobGrant, CheckpointKind, Op, OpRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rig, key) = rig(dir.path(), Arc::new(AtomicBool::new(false)), false).await;
+    rig.get("t", "c").await.unwrap();
+    let snap = rig.dp.suspend("t", "c", "Test").await.unwrap().unwrap();
+    let manifest: mayfly_actor_api::Manifest =
+        serde_json::from_value(snap.envelope.body.clone()).unwrap();
+    let digest = manifest.blobs[0].digest.clone();
+    // The checkpoint went through the broker into the control plane's store, not the
+    // provider's.
+    let stored = rig
+        .store
+        .get("t", &digest)
+        .await
+        .unwrap()
+        .expect("in the store");
+    // And the resume came back through it (fetched under the restore's grant).
+    rig.get("t", "c").await.unwrap();
+    assert_eq!(record(&rig).await.phase, ActorPhase::Running);
+
+    let endpoint = rig.dp.config().provider_endpoint.clone().unwrap();
+    let me = &rig.providers[0].identity;
+    let http = mayfly_pki::client(rig.ca.cert_pem(), me, None).unwrap();
+    let url = format!("{endpoint}/v1/blobs/{digest}");
+    let restore = |tenant: &str| OpRequest {
+        op_id: "restore.e9.x".into(),
+        actor: "c".into(),
+        tenant: tenant.into(),
+        assignment_epoch: 9,
+        op: Op::Restore {
+            snapshot: snap.envelope.clone(),
+            spec: ActorSpec {
+                actor: "c".into(),
+                tenant: tenant.into(),
+                template: "counter".into(),
+                workload: process_workload(),
+            },
+        },
+        delivery: None,
+        grant: None,
+    };
+    let grant = |k: &ControlKey, provider: &str, req: &OpRequest| {
+        mayfly_actors::broker::grant_for(k, provider, req, Duration::from_secs(60), 0)
+            .unwrap()
+            .unwrap()
+    };
+    let get = |g: Option<&mayfly_trust::sign::Signed>| {
+        let mut r = http.get(&url);
+        if let Some(g) = g {
+            r = r.header(
+                mayfly_actors::broker::GRANT_HEADER,
+                mayfly_actors::broker::encode(g),
+            );
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        }
+    };
+    let refused = |(status, body): (u16, bytes::Bytes)| {
+        let text = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(status, 403, "{text}");
+        assert!(text.contains("blob_access_denied"), "{text}");
+        text
+    };
+    // The grant the control plane would sign for a restore of this snapshot: served.
+    let good = grant(&key, "faulty", &restore("t"));
+    let (status, body) = get(Some(&good)).await;
+    assert_eq!((status, body), (200, stored));
+    // No grant.
+    assert!(refused(get(None).await).contains("no readable grant"));
+    // Signed by a key the control plane does not hold.
+    let stranger_key = ControlKey::generate();
+    assert!(
+        refused(get(Some(&grant(&stranger_key, "faulty", &restore("t")))).await)
+            .contains("unknown_key")
+    );
+    // Another provider's grant, presented with this provider's certificate.
+    assert!(
+        refused(get(Some(&grant(&key, "elsewhere", &restore("t")))).await)
+            .contains("provider elsewhere's")
+    );
+    // A genuine grant in another tenant's scope: that tenant holds no such blob.
+    let (status, _) = get(Some(&grant(&key, "faulty", &restore("other")))).await;
+    assert_eq!(status, 404);
+    // A grant whose body was edited after signing (its tenant, its reads).
+    let mut edited = good.clone();
+    edited.body = serde_json::to_value(BlobGrant {
+        read: vec![digest.clone(), "sha256:".to_owned() + &"0".repeat(64)],
+        ..serde_json::from_value(good.body.clone()).unwrap()
+    })
+    .unwrap();
+    assert!(refused(get(Some(&edited)).await).contains("digest_mismatch"));
+    // Writing under a read grant; and under a write grant, beyond its budget.
+    let put = |g: &mayfly_trust::sign::Signed, body: &'static [u8]| {
+        let d = mayfly_trust::sha256_digest(body);
+        let r = http
+            .put(format!("{endpoint}/v1/blobs/{d}"))
+            .header(
+                mayfly_actors::broker::GRANT_HEADER,
+                mayfly_actors::broker::encode(g),
+            )
+            .body(body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        }
+    };
+    assert!(refused(put(&good, b"planted").await).contains("allows 0 bytes"));
+    let checkpoint = OpRequest {
+        op: Op::Checkpoint {
+            kind: CheckpointKind::External,
+            scope: Scope::Data,
+            teardown: false,
+        },
+        ..restore("t")
+    };
+    let w =
+        mayfly_actors::broker::grant_for(&key, "faulty", &checkpoint, Duration::from_secs(60), 8)
+            .unwrap()
+            .unwrap();
+    assert_eq!(put(&w, b"12345678").await.0, 204);
+    assert!(refused(put(&w, b"9").await).contains("allows 8 bytes"));
+    // A certificate of the control plane's CA that no enrollment recorded.
+    let stranger = rig
+        .ca
+        .issue(&[], mayfly_pki::Usage::Provider, "provider:stranger")
+        .unwrap();
+    let http = mayfly_pki::client(rig.ca.cert_pem(), &stranger, None).unwrap();
+    let r = http
+        .get(&url)
+        .header(
+            mayfly_actors::broker::GRANT_HEADER,
+            mayfly_actors::broker::encode(&good),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.unwrap().contains("not an enrolled provider"));
+    rig.shutdown().await;
+}

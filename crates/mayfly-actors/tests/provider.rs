@@ -116,6 +116,7 @@ fn op(actor: &str, id: &str, epoch: u64, op: Op) -> OpRequest {
             identity: format!("id-{actor}-{epoch}"),
             secrets: BTreeMap::from([("token".into(), "PLANTED-SECRET-7f3a9".into())]),
         }),
+        grant: None,
     }
 }
 

@@ -87,6 +87,7 @@ fn req(actor: &str, id: &str, epoch: u64, op: Op, identity: &str) -> OpRequest {
             identity: identity.into(),
             secrets: BTreeMap::new(),
         }),
+        grant: None,
     }
 }
 

@@ -19,6 +19,8 @@ pub enum Purpose {
     Snapshot,
     /// An actor's identity for one assignment epoch (the credential path checks it).
     ActorIdentity,
+    /// A provider's capability to snapshot blobs for one operation (the blob broker checks it).
+    BlobGrant,
 }
 
 impl Purpose {
@@ -27,6 +29,7 @@ impl Purpose {
             Purpose::PolicyBundle => b"mayfly.policy-bundle.v1\0",
             Purpose::Snapshot => b"mayfly.snapshot.v1\0",
             Purpose::ActorIdentity => b"mayfly.actor-identity.v1\0",
+            Purpose::BlobGrant => b"mayfly.blob-grant.v1\0",
         }
     }
 }

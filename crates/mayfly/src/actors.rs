@@ -199,8 +199,11 @@ pub enum ProviderCmd {
         /// Worker labels, `k=v` (repeatable).
         #[arg(long = "label")]
         labels: Vec<String>,
-        /// The snapshot store (the control plane's): a directory or nats://….
-        #[arg(long, env = "MAYFLY_SNAPSHOTS")]
+        /// Only for a provider enrolled without a control endpoint: its snapshot store (a
+        /// directory or nats://…). Under a control plane a provider holds no store: it
+        /// reads and writes snapshot blobs through the control plane's blob broker, under a
+        /// grant signed for each op.
+        #[arg(long)]
         snapshots: Option<String>,
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
@@ -375,9 +378,33 @@ async fn serve(
         labels: label_map,
         platform: mayfly_actors::ProviderConfig::platform_of_host(),
     };
-    let external = snapshot_store(snapshots).await?;
+    // The control plane's client (heartbeats, the blob broker), pinned to its certificate.
+    let control_http = match &e.control_endpoint {
+        Some(_) => Some(mayfly_pki::client(
+            &ca,
+            &identity,
+            e.control_endpoint_fingerprint.clone(),
+        )?),
+        None => None,
+    };
+    let external: mayfly_actors::broker::Blobs = match (
+        &e.control_endpoint,
+        &control_http,
+        snapshots,
+    ) {
+        (Some(_), _, Some(_)) => bail!(
+            "this provider is enrolled under a control plane: it reaches snapshot blobs only through the control plane, under a grant for each op, and holds no store of its own; drop --snapshots"
+        ),
+        (Some(control), Some(http), None) => mayfly_actors::broker::Blobs::Brokered(
+            mayfly_actors::broker::BrokerClient::new(control, http.clone()),
+        ),
+        _ => mayfly_actors::broker::Blobs::Direct(snapshot_store(snapshots).await?),
+    };
+    let local: Arc<dyn mayfly_cache::Cache> =
+        Arc::new(mayfly_cache::LocalCache::new(dir.join("local")));
     let sandbox: Arc<dyn mayfly_actors::Sandbox> = if class == "wasm" {
-        Arc::new(mayfly_provider_wasm::WasmSandbox::new(external.clone())?)
+        // Modules are staged into the local store (under the op's grant) before a start.
+        Arc::new(mayfly_provider_wasm::WasmSandbox::new(local.clone())?)
     } else {
         let root = dir.join("sandbox");
         Arc::new(match contain {
@@ -396,7 +423,7 @@ async fn serve(
         cfg,
         sandbox,
         mayfly_actors::Journal::open(&dir.join("journal.db")).await?,
-        Arc::new(mayfly_cache::LocalCache::new(dir.join("local"))),
+        local,
         external,
     )
     .await?;
@@ -410,8 +437,7 @@ async fn serve(
     let app = mayfly_actors::http::router(provider.clone());
     let admit = Admit::Only([e.control_fingerprint.clone()].into());
     let server = tokio::spawn(mayfly_pki::serve(listener, app, tls, admit));
-    if let Some(control) = e.control_endpoint.clone() {
-        let http = mayfly_pki::client(&ca, &identity, e.control_endpoint_fingerprint.clone())?;
+    if let (Some(control), Some(http)) = (e.control_endpoint.clone(), control_http) {
         tokio::spawn(mayfly_actors::heartbeat::run(
             provider.clone(),
             http,

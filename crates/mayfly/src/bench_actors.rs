@@ -226,6 +226,7 @@ pub async fn run(
                     identity: a.clone(),
                     secrets: BTreeMap::new(),
                 }),
+                grant: None,
             };
             let t = Instant::now();
             let st = client.run(&req, Duration::from_secs(30)).await?;
@@ -294,6 +295,7 @@ pub async fn run(
                 identity: a.clone(),
                 secrets: BTreeMap::new(),
             }),
+            grant: None,
         };
         let t = Instant::now();
         let st = wasm_client.run(&req, Duration::from_secs(30)).await?;
@@ -376,6 +378,7 @@ pub async fn run(
                     identity: a.clone(),
                     secrets: BTreeMap::new(),
                 }),
+                grant: None,
             };
             tasks.push(tokio::spawn(async move {
                 c.run(&req, Duration::from_secs(30)).await

@@ -146,8 +146,6 @@ impl Env<'_> {
             .args(extra)
             .arg("--dir")
             .arg(&dir)
-            .arg("--snapshots")
-            .arg(self.home.join("snapshots"))
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::options()
@@ -751,6 +749,7 @@ fn a_provider_killed_during_an_actor_start_leaves_no_orphan() {
                 },
             },
             delivery: None,
+            grant: None,
         };
         let submit = {
             let client = client.clone();
