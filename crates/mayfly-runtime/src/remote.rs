@@ -172,6 +172,44 @@ pub struct Channel {
     name: String,
     key: LogKey,
     stats: Arc<ChannelStats>,
+    /// Requests seen lately (by tag), so a captured one is never acted on twice.
+    seen: Arc<std::sync::Mutex<Seen>>,
+}
+
+/// How far a request's stamp may be from the server's clock (workers' and servers' clocks
+/// must agree within it). A request is remembered long enough that it cannot come back
+/// inside this window.
+pub const REQUEST_WINDOW_MS: u64 = 60_000;
+
+/// How long a worker waits for a verified answer to a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tags of requests opened in the last three windows (rotated every window: a request is
+/// remembered for at least two, and its stamp admits it for at most two after it arrived).
+#[derive(Debug, Default)]
+struct Seen {
+    generations: [std::collections::HashSet<[u8; 16]>; 3],
+    rotated_ms: u64,
+}
+
+impl Seen {
+    /// True when `tag` is new (and is now remembered).
+    fn first(&mut self, tag: [u8; 16], now: u64) -> bool {
+        if now.saturating_sub(self.rotated_ms) >= REQUEST_WINDOW_MS {
+            self.generations.rotate_right(1);
+            self.generations[0].clear();
+            self.rotated_ms = now;
+        }
+        if self.generations.iter().any(|g| g.contains(&tag)) {
+            return false;
+        }
+        self.generations[0].insert(tag)
+    }
+}
+
+/// A request's binding: its verb and the inbox its answer goes to (none: fire and forget).
+fn request_binding(verb: &str, reply: Option<&str>) -> String {
+    format!("{verb}\n{}", reply.unwrap_or(""))
 }
 
 /// Refusals on a channel (exported as `mayfly_channel_refused_total{reason}` too): what
@@ -214,6 +252,109 @@ impl Channel {
             name: name.to_owned(),
             key,
             stats: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    /// A `verb` request, stamped with this clock and bound to the inbox `reply` its answer
+    /// goes to.
+    pub(crate) fn seal_request(&self, verb: &str, reply: Option<&str>, body: &[u8]) -> Vec<u8> {
+        let mut stamped = Vec::with_capacity(8 + body.len());
+        stamped.extend_from_slice(&mayfly_types::now_ms().to_be_bytes());
+        stamped.extend_from_slice(body);
+        self.key
+            .seal(Kind::Request, &request_binding(verb, reply), &stamped)
+    }
+
+    /// The body of a `verb` request that came with reply inbox `reply`, if it verifies, is
+    /// stamped within [`REQUEST_WINDOW_MS`] of this clock and was not seen before; else the
+    /// refusal's reason and text.
+    pub(crate) fn open_request<'a>(
+        &self,
+        verb: &str,
+        reply: Option<&str>,
+        frame: &'a [u8],
+    ) -> Result<&'a [u8], (&'static str, String)> {
+        let stamped = self
+            .key
+            .open(Kind::Request, &request_binding(verb, reply), frame)
+            .map_err(|e| {
+                (
+                    "unauthenticated_request",
+                    format!("`{verb}` request not answered: {e}"),
+                )
+            })?;
+        let (stamp, body) = stamped.split_at_checked(8).ok_or((
+            "unauthenticated_request",
+            format!("`{verb}` request not answered: no stamp"),
+        ))?;
+        let stamp = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+        let now = mayfly_types::now_ms();
+        if now.abs_diff(stamp) > REQUEST_WINDOW_MS {
+            return Err((
+                "stale_request",
+                format!(
+                    "`{verb}` request not answered: stamped {} s from this server's clock (replayed, or the clocks differ by more than {} s)",
+                    now.abs_diff(stamp) / 1000,
+                    REQUEST_WINDOW_MS / 1000
+                ),
+            ));
+        }
+        let tag = mayfly_trust::channel::tag_prefix(frame).unwrap_or_default();
+        let first = self
+            .seen
+            .lock()
+            .map(|mut s| s.first(tag, now))
+            .unwrap_or(true);
+        if !first {
+            return Err((
+                "replayed_request",
+                format!("`{verb}` request not answered: it was answered before (replayed)"),
+            ));
+        }
+        Ok(body)
+    }
+
+    /// Send a `verb` request on `subject` and wait for the first answer that verifies;
+    /// answers that do not (anyone may publish to an inbox) are counted and skipped.
+    pub(crate) async fn ask(
+        &self,
+        client: &async_nats::Client,
+        subject: String,
+        verb: &str,
+        body: &[u8],
+    ) -> Result<bytes::Bytes, RuntimeError> {
+        let closed = |e: &dyn std::fmt::Display| {
+            tracing::debug!(error = %e, verb, "orchestrator unreachable");
+            RuntimeError::Closed
+        };
+        let inbox = client.new_inbox();
+        let mut sub = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| closed(&e))?;
+        let sealed = self.seal_request(verb, Some(&inbox), body);
+        client
+            .publish_with_reply(subject, inbox.clone(), sealed.into())
+            .await
+            .map_err(|e| closed(&e))?;
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            // No answer in time: the orchestrator is down or restarting.
+            let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) => m,
+                _ => return Err(closed(&"no answer")),
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Err(closed(&"no responders"));
+            }
+            match self.key.open(Kind::Answer, &inbox, &msg.payload) {
+                Ok(b) => return Ok(bytes::Bytes::copy_from_slice(b)),
+                Err(e) => self.stats.refuse(
+                    "unauthenticated_answer",
+                    format!("an answer to `{verb}` was skipped: {e}"),
+                ),
+            }
         }
     }
 
@@ -246,24 +387,6 @@ impl Channel {
 
     fn hello_subject(name: &str) -> String {
         format!("{name}.hello")
-    }
-
-    /// The body of an answer to a `verb` request, if it verifies (bound to the subject it
-    /// came on: this request's reply inbox). One that does not is never acted on.
-    fn open_answer<'a>(
-        &self,
-        verb: &str,
-        msg: &'a async_nats::Message,
-    ) -> Result<&'a [u8], RuntimeError> {
-        self.key
-            .open(Kind::Answer, msg.subject.as_str(), &msg.payload)
-            .map_err(|e| {
-                self.stats.refuse(
-                    "unauthenticated_answer",
-                    format!("answer to `{verb}` ignored: {e}"),
-                );
-                RuntimeError::Closed
-            })
     }
 }
 
@@ -523,13 +646,11 @@ pub async fn serve(
                         (handle.clone(), client.clone(), stash.clone(), channel.clone());
                     tokio::spawn(async move {
                         let verb = msg.subject.rsplit('.').next().unwrap_or("").to_owned();
-                        let payload = match channel.key.open(Kind::Request, &verb, &msg.payload) {
+                        let reply = msg.reply.as_ref().map(|r| r.as_str());
+                        let payload = match channel.open_request(&verb, reply, &msg.payload) {
                             Ok(p) => p,
-                            Err(e) => {
-                                channel.stats.refuse(
-                                    "unauthenticated_request",
-                                    format!("`{verb}` request not answered: {e}"),
-                                );
+                            Err((reason, why)) => {
+                                channel.stats.refuse(reason, why);
                                 return;
                             }
                         };
@@ -1038,23 +1159,12 @@ impl RemoteCoordinator {
         let channel = &self.inner.channel;
         let subject = format!("{}.rpc.{verb}", channel.prefix());
         let began = std::time::Instant::now();
-        let msg = self
-            .inner
-            .client
-            .request(
-                subject,
-                channel.key.seal(Kind::Request, verb, &encode(req)).into(),
-            )
-            .await
-            // No responder or no answer: the orchestrator is down or restarting.
-            .map_err(|e| {
-                tracing::debug!(error = %e, verb, "orchestrator unreachable");
-                RuntimeError::Closed
-            })?;
+        let body = channel
+            .ask(&self.inner.client, subject, verb, &encode(req))
+            .await?;
         metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.to_owned())
             .record(began.elapsed().as_secs_f64());
-        let body = channel.open_answer(verb, &msg)?;
-        let a: Answer<T> = serde_json::from_slice(body)
+        let a: Answer<T> = serde_json::from_slice(&body)
             .map_err(|e| RuntimeError::Invalid(format!("malformed answer to {verb}: {e}")))?;
         a.map_err(RuntimeError::from)
     }
@@ -1183,21 +1293,14 @@ async fn batch_loop<T: for<'de> Deserialize<'de> + Send + 'static>(
         tokio::spawn(async move {
             let _permit = permit;
             let body = join_array(batch.iter().map(|p| p.body.as_slice()));
-            let sealed = channel.key.seal(Kind::Request, &verb, &body);
             let began = std::time::Instant::now();
-            let answers = match client.request(subject, sealed.into()).await {
-                // No responder or no answer: the orchestrator is down or restarting.
-                Err(e) => {
-                    tracing::debug!(error = %e, verb, "orchestrator unreachable");
-                    Err(RuntimeError::Closed)
-                }
-                Ok(msg) => {
+            let answers = match channel.ask(&client, subject, &verb, &body).await {
+                Err(e) => Err(e),
+                Ok(answer) => {
                     metrics::histogram!("mayfly_worker_rpc_seconds", "verb" => verb.clone())
                         .record(began.elapsed().as_secs_f64());
-                    match channel.open_answer(&verb, &msg).and_then(|b| {
-                        serde_json::from_slice::<Vec<Answer<T>>>(b).map_err(|e| {
-                            RuntimeError::Invalid(format!("malformed answer to {verb}: {e}"))
-                        })
+                    match serde_json::from_slice::<Vec<Answer<T>>>(&answer).map_err(|e| {
+                        RuntimeError::Invalid(format!("malformed answer to {verb}: {e}"))
                     }) {
                         Ok(v) if v.len() == batch.len() => Ok(v),
                         Ok(v) => Err(RuntimeError::Invalid(format!(
@@ -1512,7 +1615,7 @@ impl Coordinator for RemoteCoordinator {
         };
         let channel = &self.inner.channel;
         let subject = format!("{}.rpc.extend", channel.prefix());
-        let sealed = channel.key.seal(Kind::Request, "extend", &encode(&req));
+        let sealed = channel.seal_request("extend", None, &encode(&req));
         if let Err(e) = self.inner.client.publish(subject, sealed.into()).await {
             tracing::warn!(error = %e, command = command_id, "heartbeat failed");
         }

@@ -799,5 +799,94 @@ async fn forged_and_foreign_messages_are_refused_and_counted() {
         1,
         "still in the queue, not acked"
     );
+    // 4. Anyone on NATS answers a worker's request first, with garbage: the worker skips
+    // it (counted) and takes the server's verified answer. The request is captured too.
+    use futures_util::StreamExt;
+    let mut tap = client
+        .subscribe(format!("{}.rpc.claims", c.stream))
+        .await
+        .expect("tap");
+    let spoofer = client.clone();
+    let captured = tokio::spawn(async move {
+        let m = tap.next().await.expect("a claim request");
+        if let Some(r) = &m.reply {
+            let _ = spoofer.publish(r.clone(), "garbage first".into()).await;
+        }
+        m
+    });
+    sealed
+        .publish("ghost-2", &block("ghost2"))
+        .await
+        .expect("publish");
+    let worker_refusals = mine.reading().refused;
+    let (b, ticket) = tokio::time::timeout(Duration::from_secs(10), coord.next())
+        .await
+        .expect("delivered")
+        .expect("a block");
+    let e = coord.claim(b, "by-hand").await.expect_err("refused");
+    assert!(
+        matches!(e, mayfly_runtime::RuntimeError::NotOwned(_)),
+        "the server's answer, not the garbage: {e}"
+    );
+    coord
+        .settle(
+            ticket,
+            mayfly_runtime::worker::Settle::Retry(Duration::from_secs(30)),
+        )
+        .await;
+    let worker_side = mine.reading();
+    assert_eq!(worker_side.refused, worker_refusals + 1, "{worker_side:?}");
+    assert!(
+        worker_side
+            .last_refusal
+            .as_ref()
+            .is_some_and(|(_, why)| why.starts_with("unauthenticated_answer")),
+        "{worker_side:?}"
+    );
+    let captured = captured.await.expect("captured");
+    let subject = captured.subject.to_string();
+    let reply = captured.reply.clone().expect("a reply inbox").to_string();
+    // 5. The captured request replayed, to its own inbox and to a fresh one: not answered.
+    let refusal = |before: u64| {
+        let c = &c;
+        async move {
+            for _ in 0..100 {
+                let r = c.rt.handle().channel().expect("channel");
+                if r.refused > before {
+                    return r.last_refusal.expect("a refusal").1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("nothing refused");
+        }
+    };
+    let before = c.rt.handle().channel().expect("channel").refused;
+    client
+        .publish_with_reply(subject.clone(), reply, captured.payload.clone())
+        .await
+        .expect("replay");
+    assert!(refusal(before).await.starts_with("replayed_request"));
+    let before = c.rt.handle().channel().expect("channel").refused;
+    let asked = client
+        .request(subject.clone(), captured.payload.clone())
+        .await;
+    assert!(asked.is_err(), "a replayed request was answered");
+    assert!(refusal(before).await.starts_with("unauthenticated_request"));
+    // 6. Sealed with the log's key but stamped two minutes ago: not answered.
+    let key = c.channel_key.for_log(c.channel.log_id());
+    let inbox = client.new_inbox();
+    let mut stamped = (mayfly_types::now_ms() - 120_000).to_be_bytes().to_vec();
+    stamped.extend_from_slice(b"[]");
+    let frame = key.seal(
+        mayfly_trust::channel::Kind::Request,
+        &format!("claims\n{inbox}"),
+        &stamped,
+    );
+    let before = c.rt.handle().channel().expect("channel").refused;
+    client
+        .publish_with_reply(subject, inbox, frame.into())
+        .await
+        .expect("publish");
+    assert!(refusal(before).await.starts_with("stale_request"));
     c.stop().await;
 }

@@ -170,6 +170,15 @@ impl LogKey {
     }
 }
 
+/// The first 16 bytes of a frame's tag: what a replay cache remembers it by (None for
+/// something that is not a frame).
+pub fn tag_prefix(frame: &[u8]) -> Option<[u8; 16]> {
+    if frame.len() < OVERHEAD || &frame[..MAGIC.len()] != MAGIC {
+        return None;
+    }
+    frame[MAGIC.len()..MAGIC.len() + 16].try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
