@@ -28,7 +28,8 @@ pub struct DataplaneOpts {
     #[arg(long, env = "MAYFLY_PROVIDER_LISTEN")]
     pub provider_listen: Option<String>,
     /// The snapshot store: a directory (default $MAYFLY_HOME/snapshots) or nats://… (the
-    /// JetStream object store bucket `mayfly-snapshots`). Providers must use the same.
+    /// JetStream object store bucket `mayfly-snapshots`; the NATS credential flags apply).
+    /// Providers reach it only through this server.
     #[arg(long, env = "MAYFLY_SNAPSHOTS")]
     pub snapshots: Option<String>,
     /// Networks provider endpoints (route targets) may be in, comma-separated CIDRs
@@ -40,11 +41,19 @@ pub struct DataplaneOpts {
     pub lease_ms: u64,
 }
 
-/// The snapshot store named by `spec` (see [`DataplaneOpts::snapshots`]).
-pub async fn snapshot_store(spec: Option<&str>) -> Result<Arc<dyn Cache>> {
+pub fn is_nats_url(u: &str) -> bool {
+    u.starts_with("nats://") || u.starts_with("tls://")
+}
+
+/// The snapshot store named by `spec` (see [`DataplaneOpts::snapshots`]); a NATS one
+/// authenticates with the URL's credentials and `auth`'s.
+pub async fn snapshot_store(
+    spec: Option<&str>,
+    auth: &crate::NatsAuthOpts,
+) -> Result<Arc<dyn Cache>> {
     match spec {
-        Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => {
-            let client = mayfly_queue::NatsConnect::url(u).connect().await?;
+        Some(u) if is_nats_url(u) => {
+            let client = auth.to(u).connect().await?;
             Ok(Arc::new(
                 mayfly_cache::NatsCache::open(client, "mayfly-snapshots").await?,
             ))
@@ -100,6 +109,7 @@ impl mayfly_actors::dataplane::Secrets for KeychainSecrets {
 /// keychain.
 pub async fn start(
     opts: &DataplaneOpts,
+    nats_auth: &crate::NatsAuthOpts,
     control: Arc<mayfly_control::Control>,
     key: &ControlKey,
     keychain: Option<(
@@ -137,7 +147,7 @@ pub async fn start(
         Some(n) => Networks::parse(n).map_err(anyhow::Error::msg)?,
         None => Networks::private(),
     };
-    let store = snapshot_store(opts.snapshots.as_deref()).await?;
+    let store = snapshot_store(opts.snapshots.as_deref(), nats_auth).await?;
     let dp = Dataplane::new(
         control,
         ControlKey::from_base64(&key.to_base64())?,
@@ -398,7 +408,10 @@ async fn serve(
         (Some(control), Some(http), None) => mayfly_actors::broker::Blobs::Brokered(
             mayfly_actors::broker::BrokerClient::new(control, http.clone()),
         ),
-        _ => mayfly_actors::broker::Blobs::Direct(snapshot_store(snapshots).await?),
+        // No control plane (a development provider): a store of its own, URL credentials.
+        _ => mayfly_actors::broker::Blobs::Direct(
+            snapshot_store(snapshots, &crate::NatsAuthOpts::default()).await?,
+        ),
     };
     let local: Arc<dyn mayfly_cache::Cache> =
         Arc::new(mayfly_cache::LocalCache::new(dir.join("local")));

@@ -408,7 +408,7 @@ impl NatsAuthOpts {
         Ok(())
     }
 
-    fn to(&self, url: &str) -> mayfly_queue::NatsConnect {
+    pub(crate) fn to(&self, url: &str) -> mayfly_queue::NatsConnect {
         mayfly_queue::NatsConnect {
             url: url.to_owned(),
             creds: self.nats_creds.clone(),
@@ -442,9 +442,17 @@ impl DistOpts {
 
     /// The NATS server of `--queue`, with its credentials.
     fn nats(&self) -> Result<Option<mayfly_queue::NatsConnect>> {
+        self.nats_for(false)
+    }
+
+    /// [`DistOpts::nats`]; `other`: something else uses the credentials (a server's
+    /// `--snapshots nats://…`), so they are not refused without `--queue`.
+    fn nats_for(&self, other: bool) -> Result<Option<mayfly_queue::NatsConnect>> {
         match self.queue.as_deref() {
             None => {
-                self.nats_auth.unused()?;
+                if !other {
+                    self.nats_auth.unused()?;
+                }
                 Ok(None)
             }
             Some(u) if u.starts_with("nats://") || u.starts_with("tls://") => {
@@ -1163,7 +1171,12 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
     let agent = agent_opts.agent(cfg.worker_id.clone(), Some(key.public().clone()))?;
     cfg.agent = Some(agent.clone());
     let mut nats = None;
-    if let Some(nc) = dist.nats()? {
+    // The snapshot store on NATS authenticates with the same credentials.
+    let nats_snapshots = dataplane_opts
+        .snapshots
+        .as_deref()
+        .is_some_and(actors::is_nats_url);
+    if let Some(nc) = dist.nats_for(nats_snapshots)? {
         // The channel of this log: its own stream and subjects, its own message key.
         let channel = mayfly_runtime::remote::Channel::new(
             &dist.queue_name,
@@ -1226,7 +1239,14 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
             .with_signer(ControlKey::from_base64(&key.to_base64())?),
     );
     let secrets = keychain::master_key(&opts.key, false)?.map(|k| (store.clone(), k));
-    let dataplane = actors::start(dataplane_opts, control.clone(), &key, secrets).await?;
+    let dataplane = actors::start(
+        dataplane_opts,
+        &dist.nats_auth,
+        control.clone(),
+        &key,
+        secrets,
+    )
+    .await?;
     runtime.handle().set_agent_hub(control.clone());
     let _controller = control.run_controller(std::time::Duration::from_millis(500));
     if dist.queue.is_none() {

@@ -776,3 +776,76 @@ fn a_provider_killed_during_an_actor_start_leaves_no_orphan() {
         drop(restarted);
     }
 }
+
+/// A server's snapshot store on NATS authenticates with the NATS credential flags (no
+/// `--queue` needed): with an nkey seed it starts and a module upload lands in the bucket;
+/// without credentials it does not start, and says why.
+#[test]
+fn a_nats_snapshot_store_takes_the_nats_credential_flags() {
+    let user = nkeys::KeyPair::new_user();
+    let Some(nats) = mayfly_testkit::nats_server(&format!(
+        "authorization {{ users = [ {{nkey: {}}} ] }}",
+        user.public_key()
+    )) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path();
+    let seed = home.join("user.nk");
+    std::fs::write(&seed, user.seed().expect("seed")).expect("write");
+    let url = format!("nats://127.0.0.1:{}", nats.port);
+    let server = |with_seed: bool| {
+        let mut c = bin();
+        c.env("MAYFLY_HOME", home)
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(["--provider-listen", "127.0.0.1:0", "--snapshots", &url])
+            .arg("--db")
+            .arg(home.join(if with_seed { "m.db" } else { "refused.db" }));
+        if with_seed {
+            c.arg("--nats-nkey").arg(&seed);
+        }
+        c
+    };
+    // No credentials: the store cannot be opened, the server does not start.
+    let o = server(false)
+        .stdout(Stdio::null())
+        .output()
+        .expect("server");
+    assert!(!o.status.success());
+    let text = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(text.contains("auth"), "{text}");
+    let (_server, banner) = start_server_banner(&mut server(true));
+    let o = bin()
+        .env("MAYFLY_HOME", home)
+        .env("MAYFLY_URL", banner.url.expect("url"))
+        .env("MAYFLY_TOKEN", banner.token.expect("token"))
+        .args(["actors", "upload-module"])
+        .arg({
+            let wat = home.join("m.wat");
+            std::fs::write(&wat, mayfly_actors::conformance::WASM_ACTOR).expect("write");
+            wat
+        })
+        .output()
+        .expect("upload");
+    assert!(o.status.success(), "{}", out(&o));
+    let up: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let digest = up["digest"].as_str().expect("digest").to_owned();
+    // In the bucket, read back with the same credentials.
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let found = rt.block_on(async {
+        let client = mayfly_queue::NatsConnect {
+            url: url.clone(),
+            nkey: Some(seed.clone()),
+            ..Default::default()
+        }
+        .connect()
+        .await
+        .expect("connect");
+        let cache = mayfly_cache::NatsCache::open(client, "mayfly-snapshots")
+            .await
+            .expect("bucket");
+        use mayfly_cache::Cache;
+        cache.get("system", &digest).await.expect("get")
+    });
+    assert!(found.is_some(), "the module is not in the NATS bucket");
+}
