@@ -1830,3 +1830,102 @@ workflow:
     server.kill().expect("stop");
     server.wait().expect("wait");
 }
+
+/// Red team through the API, tenant against tenant on one server: globex's author cannot
+/// resolve acme's keychain credential (the same alias is simply not globex's), and a globex
+/// step running while an acme step holds files in its work dir sees none of them, nor
+/// acme's processes.
+#[test]
+fn a_tenant_reaches_neither_another_tenants_secrets_nor_its_work() {
+    if !mayfly_testkit::bubblewrap() {
+        return;
+    }
+    const SECRET: &str = "acme-only-secret-5521";
+    let dir = tempfile::tempdir().expect("tmp");
+    let home = dir.path().join("home");
+    let db = dir.path().join("srv.db");
+    let mut set = bin()
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .args(["keychain", "set", "api", "--tenant", "acme", "--db"])
+        .arg(&db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("set");
+    std::io::Write::write_all(
+        set.stdin.as_mut().expect("stdin"),
+        format!("{{\"token\": \"{SECRET}\"}}").as_bytes(),
+    )
+    .expect("write");
+    let o = set.wait_with_output().expect("set");
+    assert!(o.status.success(), "{}", err(&o));
+    let mut server = bin();
+    server
+        .env("MAYFLY_HOME", &home)
+        .env_remove("MAYFLY_MASTER_KEY")
+        .args(["server", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .arg("--control-key-file")
+        .arg(db.with_extension("control.key"));
+    let (mut server, url, token) = start_server(server);
+    let admin = remote_cli(&url, &token);
+    let author = |tenant: &str| {
+        let o = admin(&[
+            "token", "--tenant", tenant, "--role", "author", "--name", "dev",
+        ]);
+        assert!(o.status.success(), "{}", err(&o));
+        out(&o).trim().to_owned()
+    };
+    let (acme, globex) = (author("acme"), author("globex"));
+    let register = |token: &str, name: &str, body: &str| {
+        let f = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &f,
+            format!(
+                "apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: {name}, path: t/{name}}}\n{body}"
+            ),
+        )
+        .expect("write");
+        let o = remote_cli(&url, token)(&["register", f.to_str().expect("path")]);
+        assert!(o.status.success(), "{}", err(&o));
+    };
+    // The same playbook in both tenants: it resolves for acme, is missing for globex.
+    let uses = "keychain:\n  - {name: api, kind: secret}\nworkflow:\n  - step: start\n    tool:\n      kind: python\n      input: {tok: \"{{ keychain.api.token }}\"}\n      code: |\n        result = {\"ok\": tok == \"acme-only-secret-5521\"}\n";
+    register(&acme, "uses", uses);
+    register(&globex, "uses", uses);
+    let o = remote_cli(&url, &acme)(&["exec", "start", "t/uses", "--watch"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(out(&o).contains("\"ok\": true"), "{}", out(&o));
+    let o = remote_cli(&url, &globex)(&["exec", "start", "t/uses", "--watch"]);
+    let text = format!("{}{}", out(&o), err(&o));
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("keychain_missing"), "{text}");
+    assert!(!text.contains(SECRET), "{text}");
+
+    // acme's step holds a file in its work dir (and /tmp) for a while; globex looks for it.
+    register(
+        &acme,
+        "holder",
+        "workflow:\n  - step: start\n    tool:\n      kind: python\n      code: |\n        import time\n        open('/work/acme-private', 'w').write('x')\n        open('/tmp/acme-private', 'w').write('x')\n        time.sleep(6)\n        result = 'held'\n",
+    );
+    register(
+        &globex,
+        "seeker",
+        "workflow:\n  - step: start\n    tool:\n      kind: python\n      code: |\n        import os\n        found = []\n        for top in ('/work', '/tmp', '/run', '/proc'):\n            for root, dirs, files in os.walk(top):\n                if root.startswith('/proc/') and root.count('/') > 2:\n                    dirs[:] = []\n                found += [os.path.join(root, f) for f in files if 'acme' in f]\n        cmdlines = []\n        for p in os.listdir('/proc'):\n            if p.isdigit():\n                try:\n                    cmdlines.append(open('/proc/%s/cmdline' % p, 'rb').read().decode(errors='replace'))\n                except OSError:\n                    pass\n        result = {'found': found, 'sleepers': [c for c in cmdlines if 'acme' in c or 'holder' in c]}\n",
+    );
+    let o = remote_cli(&url, &acme)(&["exec", "start", "t/holder"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    // The holder has written its files by the time the seeker looks (2 s into its 6 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let o = remote_cli(&url, &globex)(&["exec", "start", "t/seeker", "--watch"]);
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    let text = out(&o);
+    assert!(
+        text.contains("\"found\": []") && text.contains("\"sleepers\": []"),
+        "globex saw acme's work: {text}"
+    );
+    server.kill().expect("stop");
+    server.wait().expect("wait");
+}
