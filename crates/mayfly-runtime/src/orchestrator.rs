@@ -1109,6 +1109,39 @@ impl Orchestrator {
         Some((root, depth))
     }
 
+    /// When the chain of playbooks above `parent` already holds `path` (by catalog path):
+    /// how the cycle reads, for the depth error (an unbounded recursion is the usual cause).
+    fn cycle_of(&self, parent: &ExecutionId, path: &str) -> String {
+        let key = |p: &str| {
+            let (p, _) = mayfly_dsl::split_child_version(p);
+            p.trim_start_matches("./")
+                .trim_end_matches(".yaml")
+                .trim_end_matches(".yml")
+                .to_owned()
+        };
+        let mut chain = Vec::new();
+        let mut up = Some(parent.clone());
+        while let Some(id) = up {
+            let Some(x) = self.execs.get(&id) else { break };
+            chain.push(key(&x.pb.path));
+            up = x.st.parent.as_ref().map(|p| p.execution_id.clone());
+        }
+        chain.reverse();
+        let wanted = key(path);
+        match chain.iter().rposition(|p| *p == wanted) {
+            Some(i) => {
+                let mut cycle: Vec<&str> = chain[i..].iter().map(String::as_str).collect();
+                cycle.push(&wanted);
+                format!(
+                    ": a cycle — `{}` starts itself again ({}), each level one deeper",
+                    wanted,
+                    cycle.join(" → ")
+                )
+            }
+            None => String::new(),
+        }
+    }
+
     /// May `parent` start child `path`: its tree's count and depth limits (a playbook that
     /// calls itself must end somewhere), and the path as rendered (checked like a literal
     /// one at validation). Counts the start.
@@ -1134,8 +1167,9 @@ impl Orchestrator {
             return Err(ErrorInfo::new(
                 "child_depth_exceeded",
                 format!(
-                    "child playbook `{path}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest",
-                    depth + 1
+                    "child playbook `{path}` would be {} levels deep; at most {MAX_CHILD_DEPTH} executions may nest{}",
+                    depth + 1,
+                    self.cycle_of(parent, path)
                 ),
             ));
         }

@@ -192,6 +192,38 @@ async fn a_fire_and_forget_self_call_stops_at_the_depth_limit() {
     );
 }
 
+/// Two playbooks that wait on each other: the depth limit ends the chain, and its error
+/// names the cycle.
+#[tokio::test]
+async fn an_awaited_cycle_stops_at_the_depth_limit_and_is_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (me, other) in [("ping", "pong"), ("pong", "ping")] {
+        std::fs::write(
+            dir.path().join(format!("{me}.yaml")),
+            format!("apiVersion: noetl.io/v2\nkind: Playbook\nmetadata: {{name: {me}, path: lib/{me}}}\nworkflow:\n  - step: start\n    tool: {{kind: playbook, path: lib/{other}, return_result: true}}\n"),
+        )
+        .expect("write");
+    }
+    let (store, rt, pb) = start(&dir, "ping.yaml", RuntimeConfig::default()).await;
+    mayfly_runtime::PlaybookIndex::scan(dir.path())
+        .expect("scan")
+        .register(store.as_ref(), "default")
+        .await
+        .expect("register");
+    let report = rt.run(pb, Map::new()).await.expect("run");
+    assert_eq!(report.status, Status::Failed);
+    let e = report.error.expect("an error");
+    assert!(
+        e.message.contains("child_depth_exceeded") || e.code == "child_depth_exceeded",
+        "{e:?}"
+    );
+    assert!(
+        e.message
+            .contains("a cycle — `lib/ping` starts itself again (lib/ping → lib/pong → lib/ping)"),
+        "{e:?}"
+    );
+}
+
 /// Fire-and-forget children that fan out are counted against the tree's child limit even
 /// after the executions that started them have ended.
 #[tokio::test]
