@@ -239,20 +239,23 @@ impl BrokerClient {
         Refusal::new(code, format!("snapshot store (broker): {detail}"))
     }
 
+    async fn send(r: reqwest::RequestBuilder) -> Result<reqwest::Response, Refusal> {
+        r.send().await.map_err(|e| {
+            Refusal::new(
+                RefusalCode::SandboxFailed,
+                format!("snapshot store (broker) unreachable: {e}"),
+            )
+        })
+    }
+
     /// Blob `digest` under `grant` (None when the store does not hold it).
     pub async fn get(&self, grant: &Signed, digest: &str) -> Result<Option<Bytes>, Refusal> {
-        let r = self
-            .http
-            .get(format!("{}/v1/blobs/{digest}", self.base))
-            .header(GRANT_HEADER, encode(grant))
-            .send()
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    RefusalCode::SandboxFailed,
-                    format!("snapshot store (broker) unreachable: {e}"),
-                )
-            })?;
+        let r = Self::send(
+            self.http
+                .get(format!("{}/v1/blobs/{digest}", self.base))
+                .header(GRANT_HEADER, encode(grant)),
+        )
+        .await?;
         let status = r.status().as_u16();
         let body = r.bytes().await.map_err(|e| {
             Refusal::new(RefusalCode::SandboxFailed, format!("snapshot store: {e}"))
@@ -266,19 +269,13 @@ impl BrokerClient {
 
     /// Store `bytes` (whose digest is `digest`) under `grant`.
     pub async fn put(&self, grant: &Signed, digest: &str, bytes: Bytes) -> Result<(), Refusal> {
-        let r = self
-            .http
-            .put(format!("{}/v1/blobs/{digest}", self.base))
-            .header(GRANT_HEADER, encode(grant))
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|e| {
-                Refusal::new(
-                    RefusalCode::SandboxFailed,
-                    format!("snapshot store (broker) unreachable: {e}"),
-                )
-            })?;
+        let r = Self::send(
+            self.http
+                .put(format!("{}/v1/blobs/{digest}", self.base))
+                .header(GRANT_HEADER, encode(grant))
+                .body(bytes),
+        )
+        .await?;
         let status = r.status().as_u16();
         if status == 204 || status == 200 {
             return Ok(());

@@ -1735,21 +1735,24 @@ async fn blob_caller(
 fn broker_answer(
     r: Result<axum::response::Response, crate::broker::BrokerError>,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
     match r {
         Ok(r) => r,
-        Err(e) => {
-            let status = axum::http::StatusCode::from_u16(e.http_status())
-                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-            (
-                status,
-                [("content-type", "application/problem+json")],
-                json!({"title": e.code(), "code": e.code(), "status": status.as_u16(), "detail": e.to_string()})
-                    .to_string(),
-            )
-                .into_response()
-        }
+        Err(e) => problem(e.http_status(), e.code(), &e.to_string()),
     }
+}
+
+/// A problem+json answer of the provider listener.
+fn problem(status: u16, code: &str, detail: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = axum::http::StatusCode::from_u16(status)
+        .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [("content-type", "application/problem+json")],
+        json!({"title": code, "code": code, "status": status.as_u16(), "detail": detail})
+            .to_string(),
+    )
+        .into_response()
 }
 
 async fn blob_get(
@@ -1799,16 +1802,6 @@ async fn heartbeat_handler(
     };
     match answer {
         Ok(a) => axum::Json(a).into_response(),
-        Err(e) => {
-            let status = axum::http::StatusCode::from_u16(e.http_status())
-                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-            (
-                status,
-                [("content-type", "application/problem+json")],
-                json!({"title": e.code(), "code": e.code(), "status": status.as_u16(), "detail": e.to_string()})
-                    .to_string(),
-            )
-                .into_response()
-        }
+        Err(e) => problem(e.http_status(), e.code(), &e.to_string()),
     }
 }

@@ -513,18 +513,10 @@ fn keychain_secrets_resolve_inside_steps_and_never_reach_the_log_or_output() {
             .arg(&db);
         c
     };
-    let mut set = kc(&["set", "api"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("set");
-    std::io::Write::write_all(
-        set.stdin.as_mut().expect("stdin"),
-        format!("{{\"token\": \"{SECRET}\", \"user\": \"bob\"}}").as_bytes(),
-    )
-    .expect("write");
-    let o = set.wait_with_output().expect("set");
+    let o = with_stdin(
+        kc(&["set", "api"]),
+        &format!("{{\"token\": \"{SECRET}\", \"user\": \"bob\"}}"),
+    );
     assert!(o.status.success(), "{}", err(&o));
     assert!(
         home.join("master.key").exists(),
@@ -831,6 +823,19 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
 
 /// An embedded `mayfly server` on `db`: (child, base url, the admin token it printed).
 /// The CLI against the server at `url`, as `token`.
+/// Run `cmd` with `input` on its standard input; its output.
+fn with_stdin(mut cmd: Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), input.as_bytes())
+        .expect("write");
+    child.wait_with_output().expect("wait")
+}
+
 fn remote_cli<'a>(url: &'a str, token: &'a str) -> impl Fn(&[&str]) -> std::process::Output + 'a {
     move |args| {
         bin()
@@ -1844,22 +1849,12 @@ fn a_tenant_reaches_neither_another_tenants_secrets_nor_its_work() {
     let dir = tempfile::tempdir().expect("tmp");
     let home = dir.path().join("home");
     let db = dir.path().join("srv.db");
-    let mut set = bin()
-        .env("MAYFLY_HOME", &home)
+    let mut set = bin();
+    set.env("MAYFLY_HOME", &home)
         .env_remove("MAYFLY_MASTER_KEY")
         .args(["keychain", "set", "api", "--tenant", "acme", "--db"])
-        .arg(&db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("set");
-    std::io::Write::write_all(
-        set.stdin.as_mut().expect("stdin"),
-        format!("{{\"token\": \"{SECRET}\"}}").as_bytes(),
-    )
-    .expect("write");
-    let o = set.wait_with_output().expect("set");
+        .arg(&db);
+    let o = with_stdin(set, &format!("{{\"token\": \"{SECRET}\"}}"));
     assert!(o.status.success(), "{}", err(&o));
     let mut server = bin();
     server
