@@ -1083,14 +1083,7 @@ impl Dataplane {
         // The op's blobs, granted to the provider that runs it for this send only.
         let mut req = req.clone();
         if let Some(p) = c.provider() {
-            req.grant = crate::broker::grant_for(
-                &self.key,
-                p,
-                &req,
-                self.cfg.op_timeout + Duration::from_secs(60),
-                self.cfg.max_snapshot_bytes,
-            )
-            .map_err(|e| DataplaneError::Unavailable(format!("blob grant: {e}")))?;
+            req.grant = self.grant_for(p, &req)?;
         }
         let st = c.run(&req, self.cfg.op_timeout).await?;
         match st.state {
@@ -1099,6 +1092,23 @@ impl Dataplane {
                 Refusal::new(RefusalCode::SandboxFailed, "the op failed without a reason")
             }))),
         }
+    }
+
+    /// The blob grant enrolled provider `provider` needs to run `req` (None: it touches no
+    /// blob), valid for this send: the op timeout and a minute.
+    pub fn grant_for(
+        &self,
+        provider: &str,
+        req: &OpRequest,
+    ) -> Result<Option<mayfly_trust::sign::Signed>, DataplaneError> {
+        crate::broker::grant_for(
+            &self.key,
+            provider,
+            req,
+            self.cfg.op_timeout + Duration::from_secs(60),
+            self.cfg.max_snapshot_bytes,
+        )
+        .map_err(|e| DataplaneError::Unavailable(format!("blob grant: {e}")))
     }
 
     /// No request in flight, and none for `timeout_ms` (checked under the actor's lock,

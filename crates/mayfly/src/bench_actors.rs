@@ -297,6 +297,11 @@ pub async fn run(
             }),
             grant: None,
         };
+        // As the control plane sends it: with the grant for its blobs.
+        let req = OpRequest {
+            grant: rig.dp.grant_for("bench-wasm", &req)?,
+            ..req
+        };
         let t = Instant::now();
         let st = wasm_client.run(&req, Duration::from_secs(30)).await?;
         op_samples.push(ms(t.elapsed()));
@@ -379,6 +384,10 @@ pub async fn run(
                     secrets: BTreeMap::new(),
                 }),
                 grant: None,
+            };
+            let req = OpRequest {
+                grant: rig.dp.grant_for("bench-wasm", &req)?,
+                ..req
             };
             tasks.push(tokio::spawn(async move {
                 c.run(&req, Duration::from_secs(30)).await
