@@ -82,7 +82,10 @@ pub(crate) async fn apply(
     let report = control
         .apply(&c.control(), &manifests)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(|e| match e {
+            mayfly_control::ControlError::Store(e) => Problem::store(e),
+            e => Problem::internal(e),
+        })?;
     gw.view.poke();
     if report.denied() {
         let reasons: Vec<String> = report
@@ -332,7 +335,7 @@ pub(crate) async fn verify(
     };
     match control.verify().await {
         Ok(v) => Ok(Json(json!({"ok": true, "verified": v})).into_response()),
-        Err(mayfly_control::ControlError::Store(e)) => Err(Problem::internal(e)),
+        Err(mayfly_control::ControlError::Store(e)) => Err(Problem::store(e)),
         Err(e) => Ok((
             StatusCode::CONFLICT,
             Json(json!({"ok": false, "error": e.to_string()})),
@@ -401,7 +404,7 @@ pub(crate) async fn admit(
         .store
         .list_executions(Some(&c.tenant), 10_000)
         .await
-        .map_err(Problem::internal)?
+        .map_err(Problem::store)?
         .iter()
         .filter(|x| matches!(x.status.as_str(), "pending" | "running"))
         .count() as u64;
@@ -523,7 +526,7 @@ pub(crate) async fn explain(
         .store
         .resolve(&c.tenant, &q.path, version)
         .await
-        .map_err(Problem::internal)?
+        .map_err(Problem::store)?
         .ok_or_else(|| Problem::not_found(format!("no playbook `{}` in the catalog", q.path)))?;
     let pb = mayfly_dsl::parse(
         &format!("{}@{}", entry.path, entry.version),
@@ -554,6 +557,7 @@ fn control_error(c: &Caller, e: mayfly_control::ControlError) -> Problem {
         E::Forbidden(m) => c.deny(StatusCode::FORBIDDEN, "forbidden", "denied", m),
         E::NotFound(m) => Problem::not_found(m),
         E::Invalid(m) => Problem::new(StatusCode::CONFLICT, "invalid_state", m),
+        E::Store(e) => Problem::store(e),
         e => Problem::internal(e),
     }
 }

@@ -8,6 +8,7 @@
 mod actors;
 mod control;
 mod reads;
+pub mod tokens;
 mod ui;
 
 pub use control::Admissions;
@@ -80,6 +81,8 @@ pub struct Gateway {
     /// The actor dataplane driver (None: `/v1/providers`, `/v1/actors` and `/actors/…`
     /// answer `dataplane_disabled`).
     pub dataplane: Option<Arc<mayfly_actors::dataplane::Dataplane>>,
+    /// Tokens the store verified lately: authentication without the store for that long.
+    pub tokens: Arc<tokens::TokenCache>,
 }
 
 /// Install the process-wide Prometheus recorder (once) and return its handle.
@@ -120,6 +123,19 @@ impl Problem {
     }
     fn internal(e: impl std::fmt::Display) -> Self {
         Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    }
+    /// A store failure: `503 root_unavailable` when the store could not be reached (or did
+    /// not answer within its bound), else internal.
+    pub(crate) fn store(e: mayfly_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "root_unavailable",
+                format!("the log's store is unavailable; retry later ({e})"),
+            )
+        } else {
+            Problem::internal(e)
+        }
     }
     fn not_found(what: impl Into<String>) -> Self {
         Problem::new(StatusCode::NOT_FOUND, "not_found", what)
@@ -310,6 +326,29 @@ pub(crate) fn not_leader() -> Problem {
     )
 }
 
+/// The grant of token `hash`: verified by the store lately, or asked of it now. A store
+/// that cannot answer (within its bound) is `503 root_unavailable` for tokens not verified
+/// within the cache's time; an unknown token is `401`, and forgotten.
+pub(crate) async fn verify_token(gw: &Gateway, hash: &str) -> ApiResult<mayfly_store::TokenGrant> {
+    if let Some(g) = gw.tokens.fresh(hash) {
+        return Ok(g);
+    }
+    match gw.store.find_token(hash).await.map_err(Problem::store)? {
+        Some(g) => {
+            gw.tokens.verified(hash, g.clone());
+            Ok(g)
+        }
+        None => {
+            gw.tokens.forget(hash);
+            Err(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "unknown token",
+            ))
+        }
+    }
+}
+
 /// Authenticate every `/v1` request; attach the request id to the response.
 async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -> Response {
     let rid = request_id(req.headers());
@@ -402,14 +441,7 @@ async fn authenticate(State(gw): State<Gateway>, mut req: Request, next: Next) -
                 ));
             }
         };
-        let grant = gw
-            .store
-            .find_token(&hash)
-            .await
-            .map_err(Problem::internal)?
-            .ok_or_else(|| {
-                Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "unknown token")
-            })?;
+        let grant = verify_token(&gw, &hash).await?;
         let role = Role::parse(&grant.role)
             .ok_or_else(|| Problem::internal("token has an unknown role"))?;
         Ok(Caller {
@@ -580,7 +612,7 @@ async fn register(
         .store
         .register(&c.tenant, stored)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -597,7 +629,7 @@ async fn list_playbooks(
         .store
         .list_catalog(&c.tenant)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     Ok(Json(json!({"playbooks": list})))
 }
 
@@ -616,7 +648,7 @@ async fn get_playbook(
         .store
         .resolve(&c.tenant, &path, q.version)
         .await
-        .map_err(Problem::internal)?
+        .map_err(Problem::store)?
         .ok_or_else(|| Problem::not_found(format!("no playbook `{path}` in the catalog")))?;
     Ok(Json(
         json!({"path": e.path, "version": e.version, "digest": e.digest, "content": pb.content}),
@@ -655,7 +687,7 @@ async fn start(
         .store
         .resolve(&c.tenant, &req.path, version)
         .await
-        .map_err(Problem::internal)?
+        .map_err(Problem::store)?
         .ok_or_else(|| Problem::not_found(format!("no playbook `{}` in the catalog", req.path)))?;
     let opts = ParseOptions {
         extra_vars: req.workload.keys().cloned().collect(),
@@ -726,7 +758,7 @@ async fn list_executions(
         .store
         .list_executions(Some(&c.tenant), if filtered { 1000 } else { limit as u32 })
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     rows.retain(|r| {
         status.as_ref().is_none_or(|s| &r.status == s)
             && path.as_ref().is_none_or(|p| r.path.contains(p.as_str()))
@@ -738,12 +770,7 @@ async fn list_executions(
 /// The execution, if it belongs to the caller's tenant (else 404: existence is not leaked).
 async fn owned(gw: &Gateway, c: &Caller, id: &str) -> ApiResult<ExecutionId> {
     let id = ExecutionId::from(id);
-    match gw
-        .store
-        .get_execution(&id)
-        .await
-        .map_err(Problem::internal)?
-    {
+    match gw.store.get_execution(&id).await.map_err(Problem::store)? {
         Some(row) if row.tenant == c.tenant => Ok(id),
         // Recorded as a cross-tenant attempt, answered exactly like a missing execution.
         Some(_) => Err(c.deny(
@@ -762,7 +789,7 @@ async fn status(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let id = owned(&gw, &c, &id).await?;
-    let evs = gw.store.read_all(&id).await.map_err(Problem::internal)?;
+    let evs = gw.store.read_all(&id).await.map_err(Problem::store)?;
     mayfly_trust::verify_chain(&evs).map_err(Problem::internal)?;
     let st = ExecState::fold(id, &evs).map_err(Problem::internal)?;
     Ok(Json(
@@ -782,7 +809,7 @@ async fn events(
         .store
         .read(&id, p.from.unwrap_or(1), limit)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     let next = (evs.len() as u32 == limit)
         .then(|| evs.last().map(|e| e.seq + 1))
         .flatten();
@@ -1025,7 +1052,7 @@ async fn list_audit(
         .store
         .list_audit(tenant.as_deref(), limit)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     Ok(Json(json!({"audit": rows})))
 }
 
@@ -1067,7 +1094,7 @@ async fn create_token(
     gw.store
         .put_token(&token_hash(&token), &grant)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     let body = json!({"token": token, "tenant": tenant, "role": req.role});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

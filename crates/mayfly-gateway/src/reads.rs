@@ -30,7 +30,7 @@ async fn resolve(
     gw.store
         .resolve(&c.tenant, path, version)
         .await
-        .map_err(Problem::internal)?
+        .map_err(Problem::store)?
         .ok_or_else(|| {
             Problem::not_found(match version {
                 Some(v) => format!("no playbook `{path}` version {v} in the catalog"),
@@ -122,7 +122,7 @@ pub(crate) async fn keychain(
         .store
         .list_secrets(&c.tenant)
         .await
-        .map_err(Problem::internal)?;
+        .map_err(Problem::store)?;
     Ok(Json(json!({"aliases": list})))
 }
 

@@ -4,8 +4,9 @@
 //!
 //! A session is a gateway-issued cookie (`HttpOnly`, `SameSite=Strict`) that names the API
 //! token it was opened with by the token's hash, an expiry, and an HMAC under a key this
-//! gateway draws at start. Every request re-checks the token (a revoked token ends its
-//! sessions at once); the token itself never reaches the cookie or the page's scripts.
+//! gateway draws at start. Every request re-checks the token as API requests do (through the
+//! token cache: a token the store no longer knows ends its sessions within the cache's
+//! time); the token itself never reaches the cookie or the page's scripts.
 //! Writes made with a session must carry `x-mayfly-ui: 1`, which a cross-site form cannot
 //! send, so a session cannot be ridden by another site (CSRF).
 
@@ -160,12 +161,12 @@ pub(crate) async fn login(
         )
     })?;
     let hash = token_hash(req.token.trim());
-    let Some(grant) = gw
-        .store
-        .find_token(&hash)
-        .await
-        .map_err(Problem::internal)?
-    else {
+    let grant = match crate::verify_token(&gw, &hash).await {
+        Ok(g) => Some(g),
+        Err(p) if p.code == "unauthenticated" => None,
+        Err(p) => return Err(p),
+    };
+    let Some(grant) = grant else {
         audit.record(AuditRecord {
             id: 0,
             at_ms: mayfly_types::now_ms(),

@@ -57,6 +57,9 @@ async fn server_on(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
         dataplane: None,
+        tokens: std::sync::Arc::new(mayfly_gateway::tokens::TokenCache::new(
+            mayfly_gateway::tokens::DEFAULT_TTL,
+        )),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -9,11 +9,13 @@ use mayfly_types::{Event, ExecutionId};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+mod bounded;
 mod common;
 pub mod conformance;
 mod postgres;
 mod sqlite;
 
+pub use bounded::{Bounded, DEFAULT_STORE_TIMEOUT};
 pub use postgres::{AppenderLock, PostgresStore};
 pub use sqlite::SqliteStore;
 
@@ -82,6 +84,30 @@ fn split_schema(url: &str) -> (String, Option<String>) {
 }
 
 #[cfg(test)]
+mod error_tests {
+    use super::StoreError;
+
+    #[test]
+    fn a_store_that_cannot_be_reached_is_unavailable_not_an_error() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        for e in [
+            sqlx::Error::Io(io),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+        ] {
+            assert!(StoreError::from(e).is_unavailable());
+        }
+        for e in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+        ] {
+            assert!(!StoreError::from(e).is_unavailable());
+        }
+    }
+}
+
+#[cfg(test)]
 mod url_tests {
     #[test]
     fn schema_is_taken_out_of_the_query() {
@@ -118,6 +144,17 @@ pub enum StoreError {
     /// Another process took over the log (a higher appender epoch): this one writes nothing.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The store cannot be reached (connection refused, reset or timed out, the pool has no
+    /// connection to give, the server is shutting down): the request may succeed later.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// The store could not be reached (as opposed to answering with an error).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -126,14 +163,25 @@ impl From<sqlx::Error> for StoreError {
             if d.is_unique_violation() {
                 return StoreError::Conflict(d.message().to_owned());
             }
-            // Raised by Postgres' `mayfly_append` (migration 0010).
             match d.code().as_deref() {
+                // Raised by Postgres' `mayfly_append` (migration 0010).
                 Some("MF001") => return StoreError::Fenced(d.message().to_owned()),
                 Some("MF002") => return StoreError::Conflict(d.message().to_owned()),
+                // Connection exceptions; the server shutting down or not accepting yet.
+                Some(c) if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03") => {
+                    return StoreError::Unavailable(d.message().to_owned());
+                }
                 _ => {}
             }
         }
-        StoreError::Db(e.to_string())
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            e => StoreError::Db(e.to_string()),
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+pub mod fault;
+
 /// The Postgres every test uses (`MAYFLY_TEST_POSTGRES` overrides).
 pub fn postgres_url() -> String {
     std::env::var("MAYFLY_TEST_POSTGRES")

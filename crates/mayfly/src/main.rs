@@ -363,6 +363,42 @@ struct ServerArgs {
     dataplane: actors::DataplaneOpts,
     #[command(flatten)]
     retention: retention::RetentionOpts,
+    #[command(flatten)]
+    api: ApiOpts,
+}
+
+/// How the API answers when its store is slow or gone (README "Operations").
+#[derive(Args, Clone, Copy)]
+struct ApiOpts {
+    /// The most an API request waits on the store (connect, pool and query alike) before it
+    /// answers `503 root_unavailable`.
+    #[arg(long, default_value_t = 2000, value_name = "MS")]
+    store_timeout_ms: u64,
+    /// How long a token the store verified is trusted without asking it again (revocations
+    /// and role changes take effect within it; 0: ask every time).
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    token_cache_ms: u64,
+}
+
+impl ApiOpts {
+    /// The gateway's view of `store` (every call bounded) and its token cache.
+    fn gateway_parts(
+        &self,
+        store: &Arc<dyn mayfly_store::Store>,
+    ) -> (
+        Arc<dyn mayfly_store::Store>,
+        Arc<mayfly_gateway::tokens::TokenCache>,
+    ) {
+        (
+            Arc::new(mayfly_store::Bounded::new(
+                store.clone(),
+                std::time::Duration::from_millis(self.store_timeout_ms.max(1)),
+            )),
+            Arc::new(mayfly_gateway::tokens::TokenCache::new(
+                std::time::Duration::from_millis(self.token_cache_ms),
+            )),
+        )
+    }
 }
 
 /// Distributed mode: where commands go and how long a claim lives.
@@ -692,7 +728,7 @@ async fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         } => resume(&db, &execution_id, &opts).await,
         Cmd::Executions { db, limit } => executions(&db, limit).await,
         Cmd::Bench(args) => bench::run(args).await,
-        Cmd::Server(a) if a.replica => replica(&a.db, &a.listen).await,
+        Cmd::Server(a) if a.replica => replica(&a.db, &a.listen, &a.api).await,
         Cmd::Server(a) => server(&a).await,
         Cmd::Cache { cmd } => cache_cmd(cmd).await,
         Cmd::Provider { cmd } => actors::provider(cmd).await,
@@ -1109,12 +1145,13 @@ fn validate(playbook: &Path, vars: Vec<String>) -> Result<ExitCode> {
 }
 
 /// `mayfly server --replica`: reads only, from this node's own view of a shared log.
-async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
+async fn replica(db: &Path, listen: &str, api: &ApiOpts) -> Result<ExitCode> {
     if !is_postgres(db) {
         bail!("a replica serves a shared Postgres log (--db postgres://…), not a SQLite file");
     }
     let (store, _) = open_db(db, true, false).await?;
     let view = mayfly_control::View::start(store.clone(), true);
+    let (store, tokens) = api.gateway_parts(&store);
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
         control: None,
         view,
@@ -1123,6 +1160,7 @@ async fn replica(db: &Path, listen: &str) -> Result<ExitCode> {
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
         dataplane: None,
+        tokens,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -1253,6 +1291,7 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
         tokio::spawn(agent.run(control.clone()));
     }
     let view = mayfly_control::View::start(store.clone(), false);
+    let (store, tokens) = a.api.gateway_parts(&store);
     let app = mayfly_gateway::router(mayfly_gateway::Gateway {
         control: Some(control),
         view,
@@ -1261,6 +1300,7 @@ async fn server(a: &ServerArgs) -> Result<ExitCode> {
         admissions: Default::default(),
         metrics: mayfly_gateway::install_metrics(),
         dataplane,
+        tokens,
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
