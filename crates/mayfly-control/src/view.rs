@@ -260,6 +260,17 @@ impl View {
             round: tokio::sync::Mutex::new(()),
         });
         let tail = tokio::spawn(tail(inner.clone()));
+        // Learn the log's identity early, so answers never wait on the store for it.
+        let learner = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(i) = learner.upgrade() {
+                if learn_log_id(&i).await.is_some() {
+                    return;
+                }
+                drop(i);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
         View {
             inner,
             tail: Arc::new(tail),
@@ -323,7 +334,12 @@ impl View {
             && c > i.served.load(Ordering::SeqCst)
         {
             let held = i.state.read().map(|s| s.seq).unwrap_or(0);
-            if let Ok(next) = i.store.read(&ExecutionId::from(STREAM), held + 1, 1).await
+            let next = tokio::time::timeout_at(
+                deadline.into(),
+                i.store.read(&ExecutionId::from(STREAM), held + 1, 1),
+            )
+            .await;
+            if let Ok(Ok(next)) = next
                 && let Some(e) = next.first()
                 && e.seq > held + 1
             {
@@ -357,8 +373,16 @@ impl View {
                     };
                     let mut f = self.freshness(req.class, served, current);
                     if f.log_id.is_none() {
-                        // Not learnt by the tail yet (a young log): ask the store once.
-                        f.log_id = self.log_id().await;
+                        // Not learnt by the tail yet (a young log): ask the store once,
+                        // within the read's deadline (a store that does not answer leaves
+                        // it unknown; the read is still served).
+                        let wait = deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(300));
+                        f.log_id = tokio::time::timeout(wait, self.log_id())
+                            .await
+                            .ok()
+                            .flatten();
                     }
                     return Ok((out, f));
                 }
@@ -426,18 +450,15 @@ impl View {
         }
     }
 
+    /// The log's identity if this view has learnt it (never asks the store).
+    pub fn known_log_id(&self) -> Option<String> {
+        self.inner.log_id.lock().ok().and_then(|l| l.clone())
+    }
+
     /// The identity of the log this view follows: the hash of its first event (None while
     /// the log is empty or the store does not answer).
     pub async fn log_id(&self) -> Option<String> {
-        if let Some(id) = self.inner.log_id.lock().ok().and_then(|l| l.clone()) {
-            return Some(id);
-        }
-        let first = self.inner.store.read_since(0, 1).await.ok()?;
-        let id = first.first().map(|e| e.hash.clone())?;
-        if let Ok(mut l) = self.inner.log_id.lock() {
-            *l = Some(id.clone());
-        }
-        Some(id)
+        learn_log_id(&self.inner).await
     }
 
     /// Why the view stopped folding, if it did (a record that does not verify).
@@ -456,6 +477,23 @@ impl Drop for View {
             self.tail.abort();
         }
     }
+}
+
+/// The log's identity (the hash of its first event), remembered once known; asked of the
+/// store within 2 s (callers put it on answers that must not hang on a silent store).
+async fn learn_log_id(i: &Inner) -> Option<String> {
+    if let Some(id) = i.log_id.lock().ok().and_then(|l| l.clone()) {
+        return Some(id);
+    }
+    let first = tokio::time::timeout(Duration::from_secs(2), i.store.read_since(0, 1))
+        .await
+        .ok()?
+        .ok()?;
+    let id = first.first().map(|e| e.hash.clone())?;
+    if let Ok(mut l) = i.log_id.lock() {
+        *l = Some(id.clone());
+    }
+    Some(id)
 }
 
 fn note_head(i: &Inner, r: Result<u64, String>) {

@@ -265,9 +265,10 @@ async fn fresh_read(
             let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string());
             p.extra.insert("reason".into(), json!(r.code()));
             p.extra.insert("serving_class".into(), json!(req.class));
-            // A client whose floor was set on another log learns it here and starts over.
+            // A client whose floor was set on another log learns it here and starts over
+            // (when this view knows it: a rejection never waits on the store).
             p.extra
-                .insert("log_id".into(), json!(gw.view.log_id().await));
+                .insert("log_id".into(), json!(gw.view.known_log_id()));
             Err(p)
         }
     }
@@ -324,16 +325,19 @@ pub(crate) async fn history(
     .await
 }
 
-/// `GET /v1/audit/verify`: re-read and verify the control stream (operator).
+/// `GET /v1/audit/verify`: re-read and verify the control stream (operator). A read: the
+/// appender also checks the stored stream ends where it appended; a replica verifies the
+/// stored chain on its own.
 pub(crate) async fn verify(
     State(gw): State<Gateway>,
     axum::Extension(c): axum::Extension<Caller>,
 ) -> ApiResult<Response> {
     c.require_system()?;
-    let Some(control) = &gw.control else {
-        return Err(not_leader());
+    let verified = match &gw.control {
+        Some(control) => control.verify().await,
+        None => mayfly_control::verify_stored(gw.store.as_ref()).await,
     };
-    match control.verify().await {
+    match verified {
         Ok(v) => Ok(Json(json!({"ok": true, "verified": v})).into_response()),
         Err(mayfly_control::ControlError::Store(e)) => Err(Problem::store(e)),
         Err(e) => Ok((

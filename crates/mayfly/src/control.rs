@@ -283,19 +283,23 @@ pub async fn apply(paths: &[PathBuf]) -> Result<ExitCode> {
             }
             if let Some(results) = v["results"].as_array() {
                 for r in results {
-                    println!(
-                        "{}/{} {}{} (generation {}, {})",
+                    let what = format!(
+                        "{}/{} {}",
                         r["kind"].as_str().unwrap_or_default().to_lowercase(),
                         r["name"].as_str().unwrap_or_default(),
                         r["outcome"].as_str().unwrap_or_default(),
-                        match r["outcome"].as_str() {
-                            Some("denied") | Some("skipped") =>
-                                format!(": {}", r["reason"].as_str().unwrap_or_default()),
-                            _ => String::new(),
-                        },
-                        r["generation"],
-                        r["version"].as_str().unwrap_or_default()
                     );
+                    match r["outcome"].as_str() {
+                        // Nothing was written: no generation or version to show.
+                        Some("denied") | Some("skipped") => {
+                            println!("{what}: {}", r["reason"].as_str().unwrap_or_default())
+                        }
+                        _ => println!(
+                            "{what} (generation {}, {})",
+                            r["generation"],
+                            r["version"].as_str().unwrap_or_default()
+                        ),
+                    }
                 }
             }
             if !status.is_success() {

@@ -647,6 +647,38 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
+    // A command that only prints (to a pager, `head`, a closed pipe) ends quietly when its
+    // reader goes away, as Unix tools do, instead of panicking on the write. Commands that
+    // run tools keep SIGPIPE ignored: a dead interpreter's pipe must not kill the runtime.
+    let printer = matches!(
+        cli.cmd,
+        Cmd::Validate { .. }
+            | Cmd::Events { .. }
+            | Cmd::Replay { .. }
+            | Cmd::Executions { .. }
+            | Cmd::Apply { .. }
+            | Cmd::Get { .. }
+            | Cmd::Describe { .. }
+            | Cmd::History { .. }
+            | Cmd::Policy { .. }
+            | Cmd::Compact
+            | Cmd::Bundle { .. }
+            | Cmd::Actors { .. }
+            | Cmd::Rollout { .. }
+            | Cmd::Status
+            | Cmd::Token { .. }
+            | Cmd::Audit { .. }
+            | Cmd::Register { .. }
+            | Cmd::Catalog { .. }
+            | Cmd::Exec { .. }
+    );
+    if printer {
+        // SAFETY: setting a signal's disposition to its default has no preconditions; no
+        // other thread exists yet.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let service = match &cli.cmd {
         Cmd::Server(_) => "mayfly-server",
         Cmd::Worker(_) => "mayfly-worker",

@@ -1040,6 +1040,12 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
         out(&o),
         err(&o)
     );
+    // Nothing was written: no generation, no digest.
+    assert!(
+        !out(&o).contains("generation") && !out(&o).contains("sha256:"),
+        "{}",
+        out(&o)
+    );
     let o = remote(&author, &["get", "environments"]);
     assert!(!out(&o).contains("qa"), "nothing of a refused apply exists");
 
@@ -1923,4 +1929,34 @@ fn a_tenant_reaches_neither_another_tenants_secrets_nor_its_work() {
     );
     server.kill().expect("stop");
     server.wait().expect("wait");
+}
+
+/// A printing command whose reader goes away (`| head`, a closed pipe) ends quietly — killed
+/// by SIGPIPE as Unix tools are — and never panics on the write.
+#[test]
+fn a_closed_pipe_ends_a_printing_command_quietly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("m.db");
+    let report = run_json(&examples().join("hello.yaml"), &db);
+    let id = report["execution_id"].as_str().expect("id").to_owned();
+    for _ in 0..3 {
+        let mut child = bin()
+            .args(["events", &id, "--json", "--db"])
+            .arg(&db)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("events");
+        // The reader is gone before the first line is written.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            o.status.success() || o.status.signal() == Some(libc::SIGPIPE),
+            "{:?}: {stderr}",
+            o.status
+        );
+    }
 }

@@ -528,6 +528,14 @@ fn a_replica_process_serves_reads_from_its_own_view_and_refuses_writes() {
     );
     assert!(o.status.success(), "{err}");
     assert!(out.contains("gpu"), "{out}");
+    // Verifying the audit chain is a read: a replica does it on its own.
+    let o = cli(&replica_url, &["audit", "verify"]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(
         err.contains("ViewOnly"),
         "the replica says what it is: {err}"
