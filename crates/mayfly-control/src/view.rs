@@ -18,6 +18,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// The consistency a read asks for.
+/// How long a confirmation of the current token may take before the store counts as
+/// unavailable for the whole node (a request's own, shorter, deadline counts only for it).
+pub const STORE_BOUND: Duration = Duration::from_secs(2);
+
+/// What a view knows of the store before its first answer (not a failure).
+const NOT_YET_CONFIRMED: &str = "not yet confirmed";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
@@ -127,6 +134,10 @@ pub enum Rejection {
         "the log was compacted past this view (it holds control record #{held}; the stream resumes at #{resumes}): it must bootstrap from the snapshot, which it has not done within the deadline"
     )]
     BootstrapRequired { held: u64, resumes: u64 },
+    /// The request's own deadline passed before the store answered: that request only (the
+    /// node's view of the store is what the store answers, not this).
+    #[error("the request's deadline ({0} ms) passed before the store confirmed the current token")]
+    DeadlineExceeded(u64),
 }
 
 impl Rejection {
@@ -137,6 +148,7 @@ impl Rejection {
             Rejection::MinTokenNotReached { .. } => "min_token_not_reached",
             Rejection::RootUnavailable(_) => "root_unavailable",
             Rejection::BootstrapRequired { .. } => "bootstrap_required",
+            Rejection::DeadlineExceeded(_) => "deadline_exceeded",
         }
     }
 }
@@ -246,7 +258,7 @@ impl View {
             head: Mutex::new(HeadSeen {
                 token: 0,
                 at: Instant::now(),
-                error: Some("not yet confirmed".into()),
+                error: Some(NOT_YET_CONFIRMED.into()),
             }),
             fresh_at: Mutex::new(Instant::now()),
             tail_at: Mutex::new(Instant::now()),
@@ -307,23 +319,46 @@ impl View {
         f: impl FnOnce(&ControlState) -> T,
     ) -> Result<(T, Freshness), Rejection> {
         let i = &self.inner;
-        let deadline = Instant::now() + req.deadline.unwrap_or(Duration::from_secs(2));
+        // Without a deadline of its own a request waits out the store's bound (and a little
+        // more, so the probe's verdict, not the clock, decides).
+        let deadline = Instant::now()
+            + req
+                .deadline
+                .unwrap_or(STORE_BOUND + Duration::from_millis(100));
         // Strong and bounded reads confirm the current token at the store themselves.
         let confirm = req.class != Class::BestEffort;
         let current = if confirm {
-            match tokio::time::timeout_at(deadline.into(), i.store.head()).await {
-                Ok(Ok(h)) => {
-                    note_head(i, Ok(h));
-                    Some(h)
-                }
-                Ok(Err(e)) => {
-                    note_head(i, Err(e.to_string()));
-                    return Err(Rejection::RootUnavailable(e.to_string()));
-                }
+            // The probe runs on its own (up to the store's bound, STORE_BOUND) and what the
+            // store answers is what the node notes; a request whose own deadline passes
+            // first is refused `deadline_exceeded`, and nobody else is told anything.
+            let store = i.store.clone();
+            let inner = self.inner.clone();
+            let mut probe = tokio::spawn(async move {
+                let r = match tokio::time::timeout(STORE_BOUND, store.head()).await {
+                    Ok(Ok(h)) => Ok(h),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "the store did not answer within {} ms",
+                        STORE_BOUND.as_millis()
+                    )),
+                };
+                note_head(&inner, r.clone());
+                r
+            });
+            match tokio::time::timeout_at(deadline.into(), &mut probe).await {
+                Ok(Ok(Ok(h))) => Some(h),
+                Ok(Ok(Err(e))) => return Err(Rejection::RootUnavailable(e)),
+                Ok(Err(e)) => return Err(Rejection::RootUnavailable(e.to_string())),
                 Err(_) => {
-                    let e = "the store did not answer before the deadline".to_owned();
-                    note_head(i, Err(e.clone()));
-                    return Err(Rejection::RootUnavailable(e));
+                    // Known down already (the tail or an earlier probe saw it): say so.
+                    let known = i.head.lock().ok().and_then(|h| h.error.clone());
+                    if let Some(e) = known
+                        && e != NOT_YET_CONFIRMED
+                    {
+                        return Err(Rejection::RootUnavailable(e));
+                    }
+                    let ms = req.deadline.unwrap_or(STORE_BOUND).as_millis() as u64;
+                    return Err(Rejection::DeadlineExceeded(ms));
                 }
             }
         } else {

@@ -254,3 +254,45 @@ async fn freshness_rules_across_two_nodes() {
         )
     );
 }
+
+/// A client's own deadline is that request's: `deadline_ms=0` is refused
+/// `deadline_exceeded` (never `root_unavailable`), and nobody else's reads see the node
+/// degraded because of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_is_that_requests_only() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store: Arc<dyn Store> = Arc::new(
+        mayfly_store::SqliteStore::open(dir.path().join("c.db"))
+            .await
+            .expect("store"),
+    );
+    let view = View::start(store, false);
+    // Healthy first: a strong read confirms the head.
+    view.read(&req(Class::Strong), |_| ())
+        .await
+        .expect("strong");
+    for _ in 0..20 {
+        let zero = ReadRequest {
+            class: Class::Strong,
+            deadline: Some(Duration::ZERO),
+            ..Default::default()
+        };
+        match view.read(&zero, |_| ()).await {
+            Ok(_) => {}
+            Err(Rejection::DeadlineExceeded(0)) => {}
+            Err(e) => panic!("a zero deadline answered {}: {e}", e.code()),
+        }
+        let (_, f) = view
+            .read(&req(Class::BestEffort), |_| ())
+            .await
+            .expect("best_effort");
+        assert_eq!(f.degraded_mode, Degraded::Healthy, "{f:?}");
+    }
+    let strong = ReadRequest {
+        class: Class::Strong,
+        ..Default::default()
+    };
+    view.read(&strong, |_| ())
+        .await
+        .expect("strong still served");
+}

@@ -262,7 +262,12 @@ async fn fresh_read(
             Ok(resp)
         }
         Err(r) => {
-            let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string());
+            let status = match r {
+                // The caller's own deadline: not the node's state.
+                mayfly_control::Rejection::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut p = Problem::new(status, r.code(), r.to_string());
             p.extra.insert("reason".into(), json!(r.code()));
             p.extra.insert("serving_class".into(), json!(req.class));
             // A client whose floor was set on another log learns it here and starts over

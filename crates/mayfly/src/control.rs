@@ -24,6 +24,10 @@ pub struct FreshArgs {
     /// The answer must include at least this token (e.g. an apply's accepted token).
     #[arg(long)]
     min_token: Option<u64>,
+    /// How long the server may wait to meet the class (default 2000, at most 30000); past
+    /// it the read is refused `deadline_exceeded` (this request only).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
     /// Which tenant's object, when you see several (system tenant callers).
     #[arg(long)]
     tenant: Option<String>,
@@ -130,7 +134,7 @@ impl FreshArgs {
             max_lag: self.max_lag,
             max_staleness_ms: self.max_staleness_ms,
             min_token: (min > 0).then_some(min),
-            deadline: None,
+            deadline: self.deadline_ms.map(std::time::Duration::from_millis),
         })
     }
 }
@@ -144,6 +148,7 @@ fn query(req: &ReadRequest, tenant: Option<&str>) -> String {
         ("max_lag", req.max_lag),
         ("max_staleness_ms", req.max_staleness_ms),
         ("min_token", req.min_token),
+        ("deadline_ms", req.deadline.map(|d| d.as_millis() as u64)),
     ] {
         if let Some(v) = v {
             q.push(format!("{k}={v}"));

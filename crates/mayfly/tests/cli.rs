@@ -1048,6 +1048,19 @@ fn cli_applies_desired_state_and_verifies_the_audit() {
     );
     let o = remote(&author, &["get", "environments"]);
     assert!(!out(&o).contains("qa"), "nothing of a refused apply exists");
+    // A strong read with a deadline of the caller's own.
+    let o = remote(
+        &author,
+        &[
+            "get",
+            "environments",
+            "--consistency",
+            "strong",
+            "--deadline-ms",
+            "30000",
+        ],
+    );
+    assert!(o.status.success(), "{}", err(&o));
 
     // Explain: which layer decides for a catalog playbook.
     let pol = dir.path().join("policy.yaml");

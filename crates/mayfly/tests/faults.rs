@@ -68,11 +68,7 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
         // needs the store and says so, within its deadline.
         let (st, body, _) = get(&url, &token, "/v1/objects/environments");
         assert_eq!(st, 200, "{fault:?} best_effort: {body}");
-        let (st, body, took) = get(
-            &url,
-            &token,
-            "/v1/objects/environments?consistency=strong&deadline_ms=1000",
-        );
+        let (st, body, took) = get(&url, &token, "/v1/objects/environments?consistency=strong");
         assert_eq!(
             (st, body["code"].as_str()),
             (503, Some("root_unavailable")),
