@@ -474,10 +474,15 @@ pub(crate) async fn status(
         .read(&ReadRequest::default(), |_| ())
         .await
         .map_err(|r| Problem::new(StatusCode::SERVICE_UNAVAILABLE, r.code(), r.to_string()))?;
-    let degraded: Vec<&str> = [(!store_up, "store"), (!queue_up, "queue")]
-        .into_iter()
-        .filter_map(|(down, what)| down.then_some(what))
-        .collect();
+    let view_failed = gw.view.failure().is_some();
+    let degraded: Vec<&str> = [
+        (!store_up, "store"),
+        (!queue_up, "queue"),
+        (view_failed, "view"),
+    ]
+    .into_iter()
+    .filter_map(|(down, what)| down.then_some(what))
+    .collect();
     Ok(Json(json!({
         "state": if degraded.is_empty() { "ready" } else { "degraded" },
         "down": degraded,

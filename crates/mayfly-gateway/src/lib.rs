@@ -579,6 +579,7 @@ pub fn router(gw: Gateway) -> Router {
         .merge(ui_routes)
         .route("/actor-credentials", post(actors::credentials))
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
         .route("/callbacks/{token}", post(callback))
@@ -1153,14 +1154,28 @@ fn forged_ref<'a>(mut values: impl Iterator<Item = &'a Value>) -> ApiResult<()> 
 /// Liveness and dependencies: 200 `ok`, or 503 `degraded` naming what is down (the store,
 /// or the command queue in distributed mode). Degraded is not lossy: appends fail without
 /// effect and commands are retried until the queue takes them.
-async fn health(State(gw): State<Gateway>) -> Response {
-    let store_up = gw.store.head().await.is_ok();
+/// `GET /healthz`: liveness — the process answers (200 `alive`); restart it only when this
+/// fails. What it depends on is readiness (`/readyz`).
+async fn health() -> Response {
+    Json(json!({"status": "alive"})).into_response()
+}
+
+/// `GET /readyz`: readiness — 200 `ready` when the store answers (within the store bound),
+/// the queue takes publishes and the control view folds; else 503 `degraded` naming what
+/// is down and why. Asked on each call, so it reflects a change at once.
+async fn ready(State(gw): State<Gateway>) -> Response {
+    let store = gw.store.head().await.err().map(|e| e.to_string());
     let queue_up = gw.runtime.as_ref().is_none_or(RuntimeHandle::queue_up);
-    let ok = store_up && queue_up;
+    let view = gw.view.failure();
+    let ok = store.is_none() && queue_up && view.is_none();
     let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
-        "store": if store_up { "up" } else { "down" },
+        "status": if ok { "ready" } else { "degraded" },
+        "store": if store.is_none() { "up" } else { "down" },
+        "store_error": store,
         "queue": if queue_up { "up" } else { "down" },
+        "view": if view.is_none() { "folding" } else { "failed" },
+        "view_failure": view,
+        "pending_publishes": gw.runtime.as_ref().map_or(0, |r| r.pending_publishes()),
     });
     let code = if ok {
         StatusCode::OK
@@ -1227,7 +1242,8 @@ pub fn openapi() -> Value {
             "/v1/rollouts/{name}/cancel": {"post": {"summary": "Cancel an in-progress rollout; agents return to the previous bundle (system admins)", "responses": {"200": ok("{rollout, accepted_token}"), "404": problem, "409": problem}}},
             "/v1/control/compact": {"post": {"summary": "Snapshot the control stream and delete the records it summarizes (system admins); views behind it report bootstrap_required until they fold the snapshot", "responses": {"200": ok("{snapshot_seq, compacted, deleted, accepted_token}"), "403": problem}}},
             "/v1/tokens": {"post": {"summary": "Create an API token {tenant?, role, name} (admin)", "responses": {"201": ok("the token, shown once"), "403": problem}}},
-            "/healthz": {"get": {"security": [], "summary": "Liveness", "responses": {"200": ok("ok")}}},
+            "/healthz": {"get": {"security": [], "summary": "Liveness: the process answers", "responses": {"200": ok("{status: alive}")}}},
+            "/readyz": {"get": {"security": [], "summary": "Readiness: store, queue and control view (503 degraded, naming what is down)", "responses": {"200": ok("{status: ready, ...}"), "503": ok("{status: degraded, ...}")}}},
             "/callbacks/{token}": {"post": {"security": [], "summary": "Resume a parked (`wait`) step; the JSON body becomes its result", "responses": {"200": ok("resumed"), "404": problem, "409": problem}}},
             "/metrics": {"get": {"security": [], "summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition"}}}},
             "/openapi.json": {"get": {"security": [], "summary": "This document", "responses": {"200": ok("OpenAPI")}}}

@@ -801,8 +801,13 @@ fn server_prints_an_admin_token_once_and_serves_the_api() {
     );
     let health = http_get(port, "/healthz");
     assert!(
-        health.starts_with("HTTP/1.1 200") && health.contains("\"ok\""),
+        health.starts_with("HTTP/1.1 200") && health.contains("\"alive\""),
         "{health}"
+    );
+    let ready = http_get(port, "/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("\"ready\""),
+        "{ready}"
     );
     let unauth = http_get(port, "/v1/executions");
     assert!(

@@ -81,6 +81,20 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
         assert_eq!(body["state"], "degraded", "{fault:?}: {body}");
         assert_eq!(body["down"], serde_json::json!(["store"]), "{body}");
         assert!(took < Duration::from_millis(2_500), "{fault:?}: {took:?}");
+        // Liveness is the process; readiness names the store.
+        let (st, body, _) = get(&url, "", "/healthz");
+        assert_eq!(
+            (st, body["status"].as_str()),
+            (200, Some("alive")),
+            "{body}"
+        );
+        let (st, body, took) = get(&url, "", "/readyz");
+        assert_eq!(
+            (st, body["status"].as_str(), body["store"].as_str()),
+            (503, Some("degraded"), Some("down")),
+            "{fault:?}: {body}"
+        );
+        assert!(took < Duration::from_millis(2_500), "{fault:?}: {took:?}");
         // A token the store never verified cannot be checked: 503, not 401 or 500.
         let (st, body, _) = get(&url, "never-seen-token", "/v1/executions");
         assert_eq!(
@@ -93,7 +107,8 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
         let healed = Instant::now();
         loop {
             let (st, body, _) = get(&url, &token, "/v1/executions");
-            if st == 200 {
+            let (ready, _, _) = get(&url, "", "/readyz");
+            if st == 200 && ready == 200 {
                 break;
             }
             assert!(
