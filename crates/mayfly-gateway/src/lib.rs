@@ -194,12 +194,17 @@ impl Auditor {
                     audit,
                     ..Default::default()
                 });
-                // Records written while the store is briefly away (the very moments markers
-                // matter) are retried for up to a minute before being dropped, counted.
+                // Records written while the store is away (the very moments fail-open
+                // markers matter) wait for it, however long: the queue behind them is
+                // bounded (a full one drops new records, counted). A store that answers
+                // with an error of another kind gets a few more tries, then they are
+                // dropped, counted.
                 let mut tries = 0;
                 while let Err(e) = store.append(batch.clone()).await {
-                    tries += 1;
-                    if tries >= 30 {
+                    if !e.is_unavailable() {
+                        tries += 1;
+                    }
+                    if tries >= 5 {
                         metrics::counter!("mayfly_audit_dropped_total").increment(n as u64);
                         tracing::error!(target: "mayfly::audit", error = %e, records = n, "audit records could not be stored");
                         break;

@@ -64,10 +64,9 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
                 "{fault:?} {path}: answered after {took:?}"
             );
         }
-        // Control-plane reads come from the node's view: best_effort is served; strong
-        // needs the store and says so, within its deadline.
-        let (st, body, _) = get(&url, &token, "/v1/objects/environments");
-        assert_eq!(st, 200, "{fault:?} best_effort: {body}");
+        // Control-plane reads come from the node's view: strong needs the store and says
+        // so, within its bound; best_effort is then served, flagged fail-open with the
+        // reason (and the marker is recorded once the store is back, below).
         let (st, body, took) = get(&url, &token, "/v1/objects/environments?consistency=strong");
         assert_eq!(
             (st, body["code"].as_str()),
@@ -75,6 +74,16 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
             "{fault:?} strong: {body}"
         );
         assert!(took < Duration::from_millis(2_500), "{fault:?}: {took:?}");
+        let (st, body, _) = get(&url, &token, "/v1/objects/environments");
+        assert_eq!(st, 200, "{fault:?} best_effort: {body}");
+        assert_eq!(
+            body["fail_open"]["degraded_mode"], "root_unavailable",
+            "{fault:?} best_effort: {body}"
+        );
+        assert_eq!(
+            body["freshness"]["degraded_mode"], "root_unavailable",
+            "{body}"
+        );
         // The status page answers, and says what is down.
         let (st, body, took) = get(&url, &token, "/v1/status");
         assert_eq!(st, 200, "{fault:?}: {body}");
@@ -117,6 +126,25 @@ fn a_store_outage_answers_root_unavailable_within_the_bound_and_heals() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+    // The fail-open markers of reads served during the outages reached the audit once the
+    // store was back: durable, not only on stderr.
+    let marked = Instant::now();
+    loop {
+        let (st, body, _) = get(&url, &token, "/v1/audit?limit=1000");
+        assert_eq!(st, 200, "{body}");
+        let n = body["audit"]
+            .as_array()
+            .map(|a| a.iter().filter(|r| r["outcome"] == "fail_open").count())
+            .unwrap_or(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(
+            marked.elapsed() < Duration::from_secs(30),
+            "{n} fail_open markers stored: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
     }
     server.kill().expect("stop");
     server.wait().expect("wait");
