@@ -104,17 +104,8 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, mode: Arc<watch:
 async fn connection(client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<Fault>) {
     // Held until the fault lets traffic through (a blackholed connect hangs), dropped on
     // a cut.
-    loop {
-        let f = *mode.borrow_and_update();
-        match f {
-            Fault::Cut => return,
-            Fault::Blackhole => {
-                if mode.changed().await.is_err() {
-                    return;
-                }
-            }
-            Fault::Pass | Fault::Delay(_) => break,
-        }
+    if passable(&mut mode).await.is_none() {
+        return;
     }
     let Ok(upstream) = TcpStream::connect(target).await else {
         return;
@@ -129,6 +120,19 @@ async fn connection(client: TcpStream, target: SocketAddr, mut mode: watch::Rece
     tokio::select! {
         _ = up => {}
         _ = down => {}
+    }
+}
+
+/// Wait while traffic is held (blackhole); the fault that lets it through (pass or delay),
+/// or None on a cut (or the proxy stopping).
+async fn passable(mode: &mut watch::Receiver<Fault>) -> Option<Fault> {
+    loop {
+        let f = *mode.borrow_and_update();
+        match f {
+            Fault::Cut => return None,
+            Fault::Blackhole => mode.changed().await.ok()?,
+            Fault::Pass | Fault::Delay(_) => return Some(f),
+        }
     }
 }
 
@@ -153,21 +157,10 @@ async fn pump(
             }
         };
         // The chunk waits while the traffic is held; a cut drops it and the connection.
-        loop {
-            let f = *mode.borrow_and_update();
-            match f {
-                Fault::Cut => return,
-                Fault::Blackhole => {
-                    if mode.changed().await.is_err() {
-                        return;
-                    }
-                }
-                Fault::Delay(d) => {
-                    tokio::time::sleep(d).await;
-                    break;
-                }
-                Fault::Pass => break,
-            }
+        match passable(&mut mode).await {
+            None => return,
+            Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
+            Some(_) => {}
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
