@@ -698,6 +698,27 @@ async fn two_deployments_on_one_nats_never_touch_each_others_work() {
     b.stop().await;
 }
 
+/// The next block `coord` is handed is claimed and refused `not_owned` (the server's
+/// verified answer), then given back for a later delivery (never acked).
+async fn claim_refused_not_owned(coord: &RemoteCoordinator) {
+    use mayfly_runtime::worker::Coordinator;
+    let (b, ticket) = tokio::time::timeout(Duration::from_secs(10), coord.next())
+        .await
+        .expect("delivered")
+        .expect("a block");
+    let e = coord.claim(b, "by-hand").await.expect_err("refused");
+    assert!(
+        matches!(e, mayfly_runtime::RuntimeError::NotOwned(_)),
+        "the server's answer: {e}"
+    );
+    coord
+        .settle(
+            ticket,
+            mayfly_runtime::worker::Settle::Retry(Duration::from_secs(30)),
+        )
+        .await;
+}
+
 /// Forgeries on the channel: a command in the stream that is not sealed with the log's key
 /// is terminated by the worker (never run, counted); a request that is not sealed gets no
 /// answer (counted on the server); a sealed command for an execution this log never had is
@@ -770,21 +791,7 @@ async fn forged_and_foreign_messages_are_refused_and_counted() {
         .publish("ghost-1", &block("ghost"))
         .await
         .expect("publish");
-    let (b, ticket) = tokio::time::timeout(Duration::from_secs(10), coord.next())
-        .await
-        .expect("delivered")
-        .expect("a block");
-    let e = coord.claim(b, "by-hand").await.expect_err("refused");
-    assert!(
-        matches!(e, mayfly_runtime::RuntimeError::NotOwned(_)),
-        "{e}"
-    );
-    coord
-        .settle(
-            ticket,
-            mayfly_runtime::worker::Settle::Retry(Duration::from_secs(30)),
-        )
-        .await;
+    claim_refused_not_owned(&coord).await;
     let server = c.rt.handle().channel().expect("channel");
     assert_eq!(server.refused, 2, "{server:?}");
     assert!(
@@ -819,21 +826,7 @@ async fn forged_and_foreign_messages_are_refused_and_counted() {
         .await
         .expect("publish");
     let worker_refusals = mine.reading().refused;
-    let (b, ticket) = tokio::time::timeout(Duration::from_secs(10), coord.next())
-        .await
-        .expect("delivered")
-        .expect("a block");
-    let e = coord.claim(b, "by-hand").await.expect_err("refused");
-    assert!(
-        matches!(e, mayfly_runtime::RuntimeError::NotOwned(_)),
-        "the server's answer, not the garbage: {e}"
-    );
-    coord
-        .settle(
-            ticket,
-            mayfly_runtime::worker::Settle::Retry(Duration::from_secs(30)),
-        )
-        .await;
+    claim_refused_not_owned(&coord).await;
     let worker_side = mine.reading();
     assert_eq!(worker_side.refused, worker_refusals + 1, "{worker_side:?}");
     assert!(
